@@ -1,0 +1,69 @@
+//! Constants and map layouts shared by the eBPF programs (`strait-ebpf`) and the node proxy.
+//!
+//! Both sides must agree bit for bit, so everything the kernel and userspace exchange is defined
+//! here once: socket marks, listener slots, pod states and counter indices.
+#![no_std]
+
+/// `SO_MARK` on every socket the node proxy opens. Packets carrying it are never steered, so the
+/// proxy's own upstream connections cannot loop back into it (CAP-3).
+pub const PROXY_MARK: u32 = 0x539;
+
+/// skb mark the capture program sets on packets it hands to a local socket. `strait node`
+/// installs `ip rule fwmark STEER_MARK lookup STEER_TABLE` with `local 0.0.0.0/0 dev lo` in that
+/// table, so a packet for a non-local destination is delivered to the assigned socket instead of
+/// being forwarded.
+pub const STEER_MARK: u32 = 0x5e0;
+/// Routing table holding the `local 0.0.0.0/0 dev lo` route for steered packets.
+pub const STEER_TABLE: u32 = 150;
+/// Priority of the policy-routing rule; below the main table's 32766.
+pub const STEER_RULE_PRIORITY: u32 = 1050;
+
+/// Ports of the node proxy's listeners (SPEC conventions).
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub const HBONE_PORT: u16 = 15008;
+
+/// Slots of the `LISTENERS` sockmap.
+pub const LISTENER_OUTBOUND: u32 = 0;
+pub const LISTENER_INBOUND_PLAINTEXT: u32 = 1;
+pub const LISTENER_HBONE: u32 = 2;
+pub const LISTENER_SLOTS: u32 = 4;
+
+/// Value of a pod in the `POD_STATE` map (keyed by the pod's IPv4 address in network byte order).
+/// New connections of a `POD_CAPTURED` pod are steered to the outbound listener.
+pub const POD_CAPTURED: u8 = 1;
+/// The pod was un-enrolled: its new connections go out untouched, but packets of connections the
+/// proxy already holds keep reaching their sockets until they end (CAP-5).
+pub const POD_DRAINING: u8 = 2;
+
+/// Indices of the per-CPU `STATS` counters.
+pub mod stat {
+    /// Packets seen by the pod-ingress program from pods in `POD_STATE`.
+    pub const POD_PACKETS: u32 = 0;
+    /// New outbound connections (SYN) handed to the outbound listener.
+    pub const OUTBOUND_NEW: u32 = 1;
+    /// Packets handed to an existing proxy socket.
+    pub const ESTABLISHED: u32 = 2;
+    /// Packets skipped because they carry the proxy's own mark.
+    pub const PROXY_MARKED: u32 = 3;
+    /// SYNs of a draining pod let through untouched.
+    pub const DRAINING_PASSED: u32 = 4;
+    /// Packets dropped because no proxy listener was registered (fail closed).
+    pub const NO_LISTENER: u32 = 5;
+    /// `bpf_sk_assign` failures (packet dropped).
+    pub const ASSIGN_ERRORS: u32 = 6;
+    /// Number of counters; the size of the `STATS` map.
+    pub const COUNT: u32 = 8;
+
+    /// Counter names as exported by the proxy, indexed like the constants above.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pod_packets",
+        "outbound_new",
+        "established",
+        "proxy_marked",
+        "draining_passed",
+        "no_listener",
+        "assign_errors",
+        "reserved",
+    ];
+}

@@ -1,0 +1,14 @@
+//! strait: an ambient (sidecarless) service-mesh data plane.
+//!
+//! Data flows one way: `config` parses the resources users write, `model` compiles them into an
+//! immutable snapshot, and the consumers (`capture` keeping the eBPF maps in step, `node`
+//! proxying connections, `admin` reporting) read the snapshot in force.
+
+pub mod admin;
+pub mod capture;
+pub mod config;
+pub mod demo;
+pub mod model;
+pub mod node;
+pub mod sys;
+pub mod telemetry;

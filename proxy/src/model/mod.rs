@@ -1,0 +1,229 @@
+//! The compiled model: what the data path needs to know, derived from the resources by a pure
+//! function so that every decision it encodes is testable without sockets.
+//!
+//! A `Model` is immutable; a new configuration produces a new one that replaces the old
+//! atomically (see `ModelHandle`), and a configuration with errors never replaces a good one.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::{Diagnostic, Located, Origin, Resource};
+
+/// Label that enrols a namespace (or a pod) in the mesh, and its values.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
+pub const DATAPLANE_MODE_NONE: &str = "none";
+
+/// A workload: one pod, as the mesh sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// The node the pod runs on (`spec.nodeName`).
+    pub node: Option<String>,
+    pub ip: IpAddr,
+    pub labels: BTreeMap<String, String>,
+    pub host_network: bool,
+    /// Captured by the mesh: enrolled namespace or pod, not opted out, not hostNetwork.
+    pub captured: bool,
+}
+
+impl Workload {
+    /// `namespace/name`, the way access logs name a workload.
+    pub fn display_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Everything the data path reads, derived from one consistent set of resources.
+#[derive(Debug, Default, Serialize)]
+pub struct Model {
+    pub workloads: Vec<Arc<Workload>>,
+    /// Workloads by IP. hostNetwork pods share their node's IP and are not indexed.
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+}
+
+impl Model {
+    /// The workload owning `ip`, if the mesh knows one.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// Workloads scheduled on `node`.
+    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads.iter().filter(move |w| w.node.as_deref() == Some(node))
+    }
+}
+
+/// Compiles resources into a model. Diagnostics with errors mean the model must not be used.
+pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
+    let mut diagnostics = Vec::new();
+    let mut namespaces: HashMap<&str, &BTreeMap<String, String>> = HashMap::new();
+    for located in resources {
+        if let Resource::Namespace(ns) = &located.resource {
+            namespaces.insert(ns.metadata.name.as_str(), &ns.metadata.labels);
+        }
+    }
+
+    let mut model = Model::default();
+    let mut first_owner: HashMap<IpAddr, &Origin> = HashMap::new();
+    for located in resources {
+        let Resource::Pod(pod) = &located.resource else { continue };
+        let Some(ip) = pod.status.pod_ip else {
+            // A pod without an IP is not running yet; nothing can talk to it.
+            continue;
+        };
+        let namespace = pod.metadata.namespace_or_default();
+        let ns_labels = namespaces.get(namespace).copied();
+        if ns_labels.is_none() {
+            diagnostics.push(Diagnostic::warning(
+                located.origin.clone(),
+                Some("metadata.namespace"),
+                format!("namespace `{namespace}` is not declared; the pod is treated as not enrolled"),
+            ));
+        }
+        let host_network = pod.spec.host_network;
+        let workload = Workload {
+            name: pod.metadata.name.clone(),
+            namespace: namespace.to_owned(),
+            service_account: pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+            node: pod.spec.node_name.clone(),
+            ip,
+            labels: pod.metadata.labels.clone(),
+            host_network,
+            captured: !host_network && is_enrolled(&pod.metadata.labels, ns_labels),
+        };
+        if !host_network {
+            if let Some(previous) = first_owner.get(&ip) {
+                diagnostics.push(Diagnostic::error(
+                    located.origin.clone(),
+                    Some("status.podIP"),
+                    format!("address {ip} is already used by the pod at {previous}"),
+                ));
+                continue;
+            }
+            first_owner.insert(ip, &located.origin);
+        }
+        let workload = Arc::new(workload);
+        if !host_network {
+            model.by_ip.insert(ip, workload.clone());
+        }
+        model.workloads.push(workload);
+    }
+    (model, diagnostics)
+}
+
+/// Istio ambient's enrolment rule: a pod label wins (`none` opts out, `ambient` opts in),
+/// otherwise the namespace label decides.
+fn is_enrolled(pod_labels: &BTreeMap<String, String>, ns_labels: Option<&BTreeMap<String, String>>) -> bool {
+    match pod_labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+        Some(DATAPLANE_MODE_NONE) => false,
+        Some(DATAPLANE_MODE_AMBIENT) => true,
+        _ => ns_labels
+            .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+            .is_some_and(|v| v == DATAPLANE_MODE_AMBIENT),
+    }
+}
+
+/// The current model, shared by every consumer; replaced atomically on reload.
+#[derive(Clone)]
+pub struct ModelHandle {
+    rx: watch::Receiver<Arc<Model>>,
+}
+
+/// The writing side of a `ModelHandle`, held by the configuration source.
+pub struct ModelPublisher {
+    tx: watch::Sender<Arc<Model>>,
+}
+
+pub fn channel(initial: Model) -> (ModelPublisher, ModelHandle) {
+    let (tx, rx) = watch::channel(Arc::new(initial));
+    (ModelPublisher { tx }, ModelHandle { rx })
+}
+
+impl ModelPublisher {
+    pub fn publish(&self, model: Model) {
+        self.tx.send_replace(Arc::new(model));
+    }
+}
+
+impl ModelHandle {
+    /// The model in force now. Cheap: one reference-count increment.
+    pub fn current(&self) -> Arc<Model> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until a new model is published; `false` when the publisher is gone.
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::parse_file;
+
+    fn model(yaml: &str) -> (Model, Vec<Diagnostic>) {
+        let (resources, d) = parse_file(Path::new("t.yaml"), yaml);
+        assert!(d.is_empty(), "{d:?}");
+        compile(&resources)
+    }
+
+    fn ns(name: &str, label: Option<&str>) -> String {
+        let labels = label.map_or(String::new(), |v| format!("\n  labels:\n    istio.io/dataplane-mode: {v}"));
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n---\n")
+    }
+
+    fn pod(name: &str, ns: &str, ip: &str, extra_labels: &str, host_network: bool) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{app: {name}{extra_labels}}}\nspec:\n  nodeName: n1\n  serviceAccountName: sa-{name}\n  hostNetwork: {host_network}\nstatus:\n  podIP: {ip}\n---\n"
+        )
+    }
+
+    // CAP-1, CAP-3: who is captured.
+    #[test]
+    fn enrolment_follows_namespace_and_pod_labels() {
+        let yaml = [
+            ns("mesh", Some("ambient")),
+            ns("plain", None),
+            pod("a", "mesh", "10.1.0.10", "", false),
+            pod("optout", "mesh", "10.1.0.11", ", istio.io/dataplane-mode: none", false),
+            pod("hostnet", "mesh", "10.255.0.1", "", true),
+            pod("b", "plain", "10.1.0.12", "", false),
+            pod("optin", "plain", "10.1.0.13", ", istio.io/dataplane-mode: ambient", false),
+        ]
+        .concat();
+        let (m, d) = model(&yaml);
+        assert!(d.is_empty(), "{d:?}");
+        let captured: Vec<&str> = m.workloads.iter().filter(|w| w.captured).map(|w| w.name.as_str()).collect();
+        assert_eq!(captured, ["a", "optin"]);
+        let a = m.workload_by_ip("10.1.0.10".parse().expect("ip")).expect("a");
+        assert_eq!(a.service_account, "sa-a");
+        assert!(m.workload_by_ip("10.255.0.1".parse().expect("ip")).is_none(), "hostNetwork not indexed");
+    }
+
+    #[test]
+    fn duplicate_pod_ip_is_an_error() {
+        let yaml = [ns("mesh", Some("ambient")), pod("a", "mesh", "10.1.0.10", "", false), pod("b", "mesh", "10.1.0.10", "", false)].concat();
+        let (_, d) = model(&yaml);
+        assert!(d.iter().any(|d| d.is_error() && d.field.as_deref() == Some("status.podIP")), "{d:?}");
+    }
+
+    #[test]
+    fn undeclared_namespace_warns_and_does_not_enrol() {
+        let (m, d) = model(&pod("a", "ghost", "10.1.0.10", "", false));
+        assert!(!m.workloads[0].captured);
+        assert!(d.iter().all(|d| !d.is_error()) && !d.is_empty());
+    }
+}

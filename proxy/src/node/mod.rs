@@ -1,0 +1,168 @@
+//! `strait node`: the per-node proxy. It loads the capture programs, keeps them in step with
+//! the configuration, and proxies every connection they hand it.
+
+mod copy;
+mod outbound;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow};
+use strait_ebpf_common::OUTBOUND_PORT;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin,
+    capture::{self, Capture, SteerRouting},
+    config::{ConfigDir, Loaded},
+    model::{self, Model, ModelHandle, ModelPublisher},
+    sys,
+    telemetry::AccessLog,
+};
+
+/// How often the configuration directory is checked for changes (CFG-1: applied within 1 s).
+const CONFIG_POLL: Duration = Duration::from_millis(200);
+/// How often capture is reconciled with the routing table even without a config change, so a
+/// pod whose veth appears after its YAML is captured promptly.
+const RECONCILE_EVERY: Duration = Duration::from_millis(300);
+
+/// Command-line settings of `strait node`.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub config_dir: PathBuf,
+    pub node_name: String,
+    pub admin_addr: SocketAddr,
+}
+
+/// What every connection handler needs.
+pub struct NodeContext {
+    pub model: ModelHandle,
+    pub access_log: AccessLog,
+    pub node_name: String,
+}
+
+pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
+    sys::check_node_privileges().map_err(|e| anyhow!(e))?;
+
+    let mut config_dir = ConfigDir::new(&options.config_dir);
+    let loaded = config_dir.poll().unwrap_or_default();
+    let initial = compile_or_report(&loaded).map_err(|n| {
+        anyhow!("the configuration in {} has {n} error(s), listed above; fix them and start again", options.config_dir.display())
+    })?;
+    let (publisher, model) = model::channel(initial);
+
+    let mut capture = Capture::load()?;
+    let routing = SteerRouting::install().map_err(|e| anyhow!("cannot install policy routing for captured traffic: {e}"))?;
+    let listener = sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, OUTBOUND_PORT)))
+        .with_context(|| format!("cannot listen on the outbound capture port {OUTBOUND_PORT}"))?;
+    capture.set_outbound_listener(&listener)?;
+    let capture = Arc::new(Mutex::new(capture));
+    reconcile(&capture, &model.current(), &options.node_name);
+
+    std::thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || watch_config(config_dir, publisher))
+        .context("cannot start the configuration watcher")?;
+    tokio::spawn(keep_capture_in_step(capture.clone(), model.clone(), options.node_name.clone()));
+    let admin_listener = tokio::net::TcpListener::bind(options.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on the admin address {}", options.admin_addr))?;
+    tokio::spawn(admin::serve(admin_listener, admin::AdminState {
+        model: model.clone(),
+        capture: capture.clone(),
+    }));
+
+    let ctx = Arc::new(NodeContext {
+        model,
+        access_log: AccessLog,
+        node_name: options.node_name.clone(),
+    });
+    info!(node = %options.node_name, config = %options.config_dir.display(), "strait node ready; capturing on port {OUTBOUND_PORT}");
+
+    let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(outbound::handle(ctx.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!("accept on the outbound listener failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    info!("shutting down: detaching capture and removing policy routing");
+    drop(listener);
+    match capture.lock() {
+        Ok(c) => info!(stats = ?c.stats(), "final capture counters; detaching from {:?}", c.attached_interfaces()),
+        Err(_) => error!("capture state was poisoned"),
+    }
+    drop(capture);
+    drop(routing);
+    Ok(())
+}
+
+/// Compiles loaded resources; on errors prints every diagnostic and returns their count.
+fn compile_or_report(loaded: &Loaded) -> Result<Model, usize> {
+    let (model, compile_diagnostics) = model::compile(&loaded.resources);
+    let all = loaded.diagnostics.iter().chain(compile_diagnostics.iter());
+    let mut errors = 0;
+    for diagnostic in all {
+        if diagnostic.is_error() {
+            errors += 1;
+            error!("{diagnostic}");
+        } else {
+            warn!("{diagnostic}");
+        }
+    }
+    if errors == 0 { Ok(model) } else { Err(errors) }
+}
+
+fn watch_config(mut dir: ConfigDir, publisher: ModelPublisher) {
+    loop {
+        std::thread::sleep(CONFIG_POLL);
+        let Some(loaded) = dir.poll() else { continue };
+        match compile_or_report(&loaded) {
+            Ok(model) => {
+                info!(workloads = model.workloads.len(), "configuration applied");
+                publisher.publish(model);
+            }
+            Err(n) => error!("configuration rejected ({n} error(s) above); the previous configuration stays in force"),
+        }
+    }
+}
+
+async fn keep_capture_in_step(capture: Arc<Mutex<Capture>>, mut model: ModelHandle, node: String) {
+    loop {
+        tokio::select! {
+            changed = model.changed() => if !changed { return },
+            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+        }
+        reconcile(&capture, &model.current(), &node);
+    }
+}
+
+fn reconcile(capture: &Mutex<Capture>, model: &Model, node: &str) {
+    let interfaces = match capture::pod_interfaces() {
+        Ok(i) => i,
+        Err(e) => {
+            warn!("cannot read the routing table: {e}");
+            return;
+        }
+    };
+    match capture.lock() {
+        Ok(mut c) => c.reconcile(model, node, &interfaces),
+        Err(_) => error!("capture state was poisoned; capture is no longer updated"),
+    }
+}

@@ -1,0 +1,67 @@
+//! Operating-system facts and socket set-up the proxy needs: privilege checks, transparent
+//! listeners, marked upstream sockets.
+
+use std::{fs, io, net::SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use strait_ebpf_common::PROXY_MARK;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Linux capability numbers (linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// Checks that the process may load eBPF programs and change routing; the error says what is
+/// missing and what to do.
+pub fn check_node_privileges() -> Result<(), String> {
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or("cannot read the process capabilities from /proc/self/status")?;
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "strait node must run as root (or with CAP_BPF and CAP_NET_ADMIN) to load its eBPF programs \
+             and set up policy routing; this process lacks {}",
+            missing.join(" and ")
+        ))
+    }
+}
+
+/// A listener that accepts connections addressed to any IP: `IP_TRANSPARENT` lets a socket the
+/// capture program assigned packets to answer from the original destination address.
+pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_ip_transparent_v4(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // A large backlog: bursts of new connections must queue, not be refused.
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Connects to `addr` from a socket carrying the proxy's mark, so that its packets are never
+/// captured again.
+pub async fn connect_marked(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_mark(PROXY_MARK)?;
+    socket.set_nonblocking(true)?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    let stream = socket.connect(addr).await?;
+    // Proxied traffic is mostly request/response: never hold a small write back.
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

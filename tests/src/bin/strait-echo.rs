@@ -1,0 +1,111 @@
+//! `strait-echo`: the servers and clients end-to-end tests run inside pods (see
+//! `strait_testbed::echo`). Exit status 0 means success, 1 a failed check, 2 a usage error.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use strait_testbed::echo::{http, tcp};
+
+const USAGE: &str = "usage:
+  strait-echo http PORT [--name NAME]
+  strait-echo tcp PORT
+  strait-echo probe IP:PORT [--timeout-ms N]
+  strait-echo send IP:PORT --bytes N [--timeout-secs N]
+  strait-echo hold IP:PORT --secs S";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("strait-echo: {message}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the subcommand; `Err` is a usage error.
+fn run(args: &[String]) -> Result<ExitCode, String> {
+    let (command, rest) = args.split_first().ok_or("missing subcommand")?;
+    let (positional, rest) = rest.split_first().ok_or("missing PORT or IP:PORT")?;
+    match command.as_str() {
+        "http" => {
+            let opts = Options::parse(rest, &["--name"])?;
+            let name = opts.get("--name").unwrap_or("strait-echo");
+            Ok(serve_result(http::serve(parse(positional, "PORT")?, name)))
+        }
+        "tcp" => {
+            Options::parse(rest, &[])?;
+            Ok(serve_result(tcp::serve(parse(positional, "PORT")?)))
+        }
+        "probe" => {
+            let opts = Options::parse(rest, &["--timeout-ms"])?;
+            let millis = opts.parse_or("--timeout-ms", 1000)?;
+            Ok(exit(tcp::probe(positional, Duration::from_millis(millis))))
+        }
+        "send" => {
+            let opts = Options::parse(rest, &["--bytes", "--timeout-secs"])?;
+            let bytes = parse(opts.get("--bytes").ok_or("send needs --bytes N")?, "--bytes")?;
+            let secs = opts.parse_or("--timeout-secs", 30)?;
+            let result = tcp::send(positional, bytes, Duration::from_secs(secs));
+            match &result {
+                Ok(report) => println!("{}", report.summary()),
+                Err(message) => println!("send failed: {message}"),
+            }
+            Ok(exit(result.is_ok()))
+        }
+        "hold" => {
+            let opts = Options::parse(rest, &["--secs"])?;
+            let secs: f64 = parse(opts.get("--secs").ok_or("hold needs --secs S")?, "--secs")?;
+            let duration = Duration::try_from_secs_f64(secs).map_err(|e| format!("bad --secs: {e}"))?;
+            let result = tcp::hold(positional, duration);
+            if let Err(message) = &result {
+                println!("{message}");
+            }
+            Ok(exit(result.is_ok()))
+        }
+        other => Err(format!("unknown subcommand {other:?}")),
+    }
+}
+
+fn exit(success: bool) -> ExitCode {
+    if success { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// Servers only return on a bind or accept failure.
+fn serve_result(result: std::io::Result<()>) -> ExitCode {
+    if let Err(err) = &result {
+        eprintln!("strait-echo: {err}");
+    }
+    exit(result.is_ok())
+}
+
+fn parse<T: std::str::FromStr>(value: &str, what: &str) -> Result<T, String> {
+    value.parse().map_err(|_| format!("bad {what} {value:?}"))
+}
+
+/// `--flag VALUE` pairs after the positional argument.
+struct Options<'a>(Vec<(&'a str, &'a str)>);
+
+impl<'a> Options<'a> {
+    fn parse(args: &'a [String], known: &[&str]) -> Result<Options<'a>, String> {
+        let mut pairs = Vec::new();
+        for pair in args.chunks(2) {
+            let flag = pair[0].as_str();
+            if !known.contains(&flag) {
+                return Err(format!("unexpected argument {flag:?}"));
+            }
+            let value = pair.get(1).ok_or_else(|| format!("{flag} needs a value"))?;
+            pairs.push((flag, value.as_str()));
+        }
+        Ok(Options(pairs))
+    }
+
+    fn get(&self, flag: &str) -> Option<&'a str> {
+        self.0.iter().rev().find(|(f, _)| *f == flag).map(|(_, v)| *v)
+    }
+
+    fn parse_or<T: std::str::FromStr>(&self, flag: &str, default: T) -> Result<T, String> {
+        self.get(flag).map_or(Ok(default), |v| parse(v, flag))
+    }
+}

@@ -1,0 +1,220 @@
+//! Developer commands for strait, run as `cargo xtask <command>`:
+//!
+//! - `setup`: installs what building and testing need (Debian packages, bpf-linker); does
+//!   nothing when everything is present.
+//! - `test`: setup, then formatting, clippy with warnings denied, and every test, end to end
+//!   included. This is what CI runs.
+//! - `demo`: setup, build, then `strait demo`.
+//!
+//! std only: this crate is the first thing compiled on a fresh machine.
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+/// Debian packages the build and the tests need. rustc-web/cargo-web provide Debian's rustc
+/// with LLVM 22, libstd-rust-web-dev-bpf a prebuilt `core` for bpfel-unknown-none, llvm-22-dev
+/// the library bpf-linker links against; the rest are tools the tests and demo drive.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "bpftool",
+    "iproute2",
+    "curl",
+    "tcpdump",
+    "util-linux",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("test") => setup().and_then(|()| test(&args[1..])),
+        Some("demo") => setup().and_then(|()| demo()),
+        _ => Err(usage()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage() -> String {
+    "usage: cargo xtask <setup | test [TEST-FILTER...] | demo>".to_owned()
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/ sits directly under the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+/// PATH with cargo's bin directory first: aya-build runs `rustup` and `bpf-linker` from PATH.
+fn path_with_cargo_bin() -> OsString {
+    let mut dirs = vec![cargo_home().join("bin")];
+    if let Some(path) = env::var_os("PATH") {
+        dirs.extend(env::split_paths(&path));
+    }
+    env::join_paths(dirs).unwrap_or_default()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root()).env("PATH", path_with_cargo_bin());
+    cmd
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result {
+    let status = cmd.status().map_err(|e| format!("{what}: cannot start {:?}: {e}", cmd.get_program()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn have(program: &str) -> bool {
+    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+fn setup() -> Result {
+    let started = Instant::now();
+    let missing = missing_packages()?;
+    if !missing.is_empty() {
+        if !have("apt-get") {
+            return Err(format!(
+                "this machine has no apt-get; install these Debian packages (or their equivalents) by hand: {}",
+                missing.join(" ")
+            ));
+        }
+        if !is_root() {
+            return Err(format!(
+                "packages missing ({}); apt-get needs root: run `sudo -E cargo xtask setup` once",
+                missing.join(" ")
+            ));
+        }
+        println!("xtask: installing Debian packages: {}", missing.join(" "));
+        run(Command::new("apt-get").arg("update").arg("-q"), "apt-get update")?;
+        run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            "apt-get install",
+        )?;
+    }
+    ensure_bpf_linker()?;
+    if !have("rustup") {
+        return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".into());
+    }
+    println!("xtask: setup complete ({:.1}s)", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn missing_packages() -> Result<Vec<String>> {
+    if !have("dpkg-query") {
+        return Err(format!(
+            "this is not a Debian-based machine (no dpkg-query); install by hand: {}",
+            DEBIAN_PACKAGES.join(" ")
+        ));
+    }
+    let output = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Package} ${db:Status-Status}\\n"])
+        .args(DEBIAN_PACKAGES)
+        .output()
+        .map_err(|e| format!("dpkg-query: {e}"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let installed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_suffix(" installed"))
+        .map(|p| p.split(':').next().unwrap_or(p))
+        .collect();
+    Ok(DEBIAN_PACKAGES
+        .iter()
+        .filter(|p| !installed.contains(p))
+        .map(|p| (*p).to_owned())
+        .collect())
+}
+
+fn ensure_bpf_linker() -> Result {
+    let linker = cargo_home().join("bin").join("bpf-linker");
+    let version = Command::new(&linker).arg("--version").output();
+    if let Ok(out) = version {
+        if String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+    }
+    println!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a minute or two)");
+    run(
+        cargo()
+            .args(["install", "--locked", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
+            .args(["--no-default-features", "--features", "llvm-22", "--force"])
+            // Without it bpf-linker's build finds the system's older LLVM and fails to link.
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+        "cargo install bpf-linker",
+    )
+}
+
+fn test(filters: &[String]) -> Result {
+    if !is_root() {
+        return Err("the end-to-end tests build network namespaces and load eBPF programs: run as root".into());
+    }
+    let started = Instant::now();
+    println!("xtask: cargo fmt --check");
+    run(cargo().args(["fmt", "--all", "--", "--check"]), "formatting check (run `cargo fmt --all`)")?;
+    println!("xtask: cargo clippy -D warnings");
+    run(
+        cargo().args(["clippy", "--workspace", "--exclude", "strait-ebpf", "--all-targets", "--", "-D", "warnings"]),
+        "clippy",
+    )?;
+    println!("xtask: building binaries");
+    run(cargo().args(["build", "--bins"]), "build")?;
+    println!("xtask: running unit and end-to-end tests");
+    run(
+        cargo()
+            .args(["test", "--workspace", "--exclude", "strait-ebpf", "--"])
+            .args(filters),
+        "tests",
+    )?;
+    println!("xtask: all checks passed in {:.0}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn demo() -> Result {
+    if !is_root() {
+        return Err("the demo builds network namespaces and loads eBPF programs: run as root".into());
+    }
+    run(cargo().args(["build", "--bins"]), "build")?;
+    let strait = workspace_root().join("target").join("debug").join("strait");
+    run(Command::new(strait).arg("demo").env("PATH", path_with_cargo_bin()), "strait demo")
+}
