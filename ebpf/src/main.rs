@@ -135,7 +135,13 @@ fn assign_established(ctx: &TcContext, pkt: &TcpPacket) -> Option<i32> {
     let tuple_len = mem::size_of::<[u32; 3]>() as u32; // sizeof(tuple->ipv4)
     // SAFETY: helper call with a valid context and tuple; the result is released below.
     let sk = unsafe {
-        bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0)
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            tuple_len,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
     };
     if sk.is_null() {
         return None;

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "strait", version, about = "An ambient (sidecarless) service-mesh data plane")]
+#[command(
+    name = "strait",
+    version,
+    about = "An ambient (sidecarless) service-mesh data plane"
+)]
 struct Cli {
     /// Log filter, as RUST_LOG takes it (`info`, `strait=debug`, ...).
     #[arg(long, global = true, default_value = "info", env = "STRAIT_LOG")]
@@ -44,7 +48,11 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Node { config, node, admin_addr } => runtime().and_then(|rt| {
+        Command::Node {
+            config,
+            node,
+            admin_addr,
+        } => runtime().and_then(|rt| {
             rt.block_on(strait::node::run(strait::node::NodeOptions {
                 config_dir: config,
                 node_name: node,
@@ -63,5 +71,7 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

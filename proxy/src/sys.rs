@@ -15,7 +15,8 @@ const CAP_BPF: u32 = 39;
 /// Checks that the process may load eBPF programs and change routing; the error says what is
 /// missing and what to do.
 pub fn check_node_privileges() -> Result<(), String> {
-    let status = fs::read_to_string("/proc/self/status").map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+    let status = fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
     let effective = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))

@@ -83,12 +83,15 @@ fn path_with_cargo_bin() -> OsString {
 
 fn cargo() -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root()).env("PATH", path_with_cargo_bin());
+    cmd.current_dir(workspace_root())
+        .env("PATH", path_with_cargo_bin());
     cmd
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result {
-    let status = cmd.status().map_err(|e| format!("{what}: cannot start {:?}: {e}", cmd.get_program()))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{what}: cannot start {:?}: {e}", cmd.get_program()))?;
     if status.success() {
         Ok(())
     } else {
@@ -99,12 +102,19 @@ fn run(cmd: &mut Command, what: &str) -> Result {
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 fn have(program: &str) -> bool {
-    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn setup() -> Result {
@@ -124,7 +134,10 @@ fn setup() -> Result {
             ));
         }
         println!("xtask: installing Debian packages: {}", missing.join(" "));
-        run(Command::new("apt-get").arg("update").arg("-q"), "apt-get update")?;
+        run(
+            Command::new("apt-get").arg("update").arg("-q"),
+            "apt-get update",
+        )?;
         run(
             Command::new("apt-get")
                 .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -137,7 +150,10 @@ fn setup() -> Result {
     if !have("rustup") {
         return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".into());
     }
-    println!("xtask: setup complete ({:.1}s)", started.elapsed().as_secs_f64());
+    println!(
+        "xtask: setup complete ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -177,7 +193,11 @@ fn ensure_bpf_linker() -> Result {
     println!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a minute or two)");
     run(
         cargo()
-            .args(["install", "--locked", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
+            .args([
+                "install",
+                "--locked",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            ])
             .args(["--no-default-features", "--features", "llvm-22", "--force"])
             // Without it bpf-linker's build finds the system's older LLVM and fails to link.
             .env("LLVM_PREFIX", LLVM_PREFIX),
@@ -187,14 +207,29 @@ fn ensure_bpf_linker() -> Result {
 
 fn test(filters: &[String]) -> Result {
     if !is_root() {
-        return Err("the end-to-end tests build network namespaces and load eBPF programs: run as root".into());
+        return Err(
+            "the end-to-end tests build network namespaces and load eBPF programs: run as root"
+                .into(),
+        );
     }
     let started = Instant::now();
     println!("xtask: cargo fmt --check");
-    run(cargo().args(["fmt", "--all", "--", "--check"]), "formatting check (run `cargo fmt --all`)")?;
+    run(
+        cargo().args(["fmt", "--all", "--", "--check"]),
+        "formatting check (run `cargo fmt --all`)",
+    )?;
     println!("xtask: cargo clippy -D warnings");
     run(
-        cargo().args(["clippy", "--workspace", "--exclude", "strait-ebpf", "--all-targets", "--", "-D", "warnings"]),
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "strait-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
         "clippy",
     )?;
     println!("xtask: building binaries");
@@ -206,15 +241,25 @@ fn test(filters: &[String]) -> Result {
             .args(filters),
         "tests",
     )?;
-    println!("xtask: all checks passed in {:.0}s", started.elapsed().as_secs_f64());
+    println!(
+        "xtask: all checks passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 fn demo() -> Result {
     if !is_root() {
-        return Err("the demo builds network namespaces and loads eBPF programs: run as root".into());
+        return Err(
+            "the demo builds network namespaces and loads eBPF programs: run as root".into(),
+        );
     }
     run(cargo().args(["build", "--bins"]), "build")?;
     let strait = workspace_root().join("target").join("debug").join("strait");
-    run(Command::new(strait).arg("demo").env("PATH", path_with_cargo_bin()), "strait demo")
+    run(
+        Command::new(strait)
+            .arg("demo")
+            .env("PATH", path_with_cargo_bin()),
+        "strait demo",
+    )
 }

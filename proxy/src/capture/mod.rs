@@ -76,7 +76,9 @@ impl Capture {
             .ok_or(CaptureError::Missing("pod_ingress program"))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))?;
-        program.load().map_err(|e| CaptureError::Load(e.to_string()))?;
+        program
+            .load()
+            .map_err(|e| CaptureError::Load(e.to_string()))?;
         let pod_state = take_map(&mut ebpf, "POD_STATE")?;
         let listeners = take_map(&mut ebpf, "LISTENERS")?;
         let stats = take_map(&mut ebpf, "STATS")?;
@@ -103,10 +105,17 @@ impl Capture {
 
     /// Brings maps and attachments in line with the model for the pods of `node`.
     /// `interfaces` maps pod IPs to their host-side interfaces (see `pod_interfaces`).
-    pub fn reconcile(&mut self, model: &Model, node: &str, interfaces: &HashMap<Ipv4Addr, Interface>) {
+    pub fn reconcile(
+        &mut self,
+        model: &Model,
+        node: &str,
+        interfaces: &HashMap<Ipv4Addr, Interface>,
+    ) {
         let mut desired: HashMap<Ipv4Addr, u8> = HashMap::new();
         for workload in model.workloads_on(node) {
-            let IpAddr::V4(ip) = workload.ip else { continue };
+            let IpAddr::V4(ip) = workload.ip else {
+                continue;
+            };
             if workload.host_network {
                 continue;
             }
@@ -140,7 +149,12 @@ impl Capture {
             }
         }
 
-        let gone: Vec<Ipv4Addr> = self.states.keys().filter(|ip| !desired.contains_key(ip)).copied().collect();
+        let gone: Vec<Ipv4Addr> = self
+            .states
+            .keys()
+            .filter(|ip| !desired.contains_key(ip))
+            .copied()
+            .collect();
         for ip in gone {
             let key = u32::from_ne_bytes(ip.octets());
             if let Err(e) = self.pod_state.remove(&key) {
@@ -155,7 +169,12 @@ impl Capture {
             .filter_map(|ip| interfaces.get(ip))
             .map(|i| (i.name.as_str(), ()))
             .collect();
-        let stale: Vec<String> = self.attached.keys().filter(|n| !wanted.contains_key(n.as_str())).cloned().collect();
+        let stale: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|n| !wanted.contains_key(n.as_str()))
+            .cloned()
+            .collect();
         for name in stale {
             self.detach(&name);
         }
@@ -177,12 +196,15 @@ impl Capture {
                 reason: e.to_string(),
             })?;
         info!(interface = %interface.name, "capture attached (TC ingress)");
-        self.attached.insert(interface.name.clone(), (interface.index, link));
+        self.attached
+            .insert(interface.name.clone(), (interface.index, link));
         Ok(())
     }
 
     fn detach(&mut self, name: &str) {
-        let Some((_, link)) = self.attached.remove(name) else { return };
+        let Some((_, link)) = self.attached.remove(name) else {
+            return;
+        };
         match self.pod_program() {
             // Fails harmlessly when the device is already gone.
             Ok(program) => {

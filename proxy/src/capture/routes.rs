@@ -50,6 +50,9 @@ mod tests {
             vp10\t0A00010A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
             eth0\t0B00020A\t0200FF0A\t0007\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
         let routes = parse_host_routes(table);
-        assert_eq!(routes, vec![(Ipv4Addr::new(10, 1, 0, 10), "vp10".to_owned())]);
+        assert_eq!(
+            routes,
+            vec![(Ipv4Addr::new(10, 1, 0, 10), "vp10".to_owned())]
+        );
     }
 }

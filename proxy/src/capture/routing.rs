@@ -21,8 +21,19 @@ impl SteerRouting {
         let mark = format!("{STEER_MARK:#x}");
         let table = STEER_TABLE.to_string();
         let priority = STEER_RULE_PRIORITY.to_string();
-        ip(&["rule", "add", "fwmark", &mark, "lookup", &table, "priority", &priority])?;
-        ip(&["route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
+        ip(&[
+            "rule", "add", "fwmark", &mark, "lookup", &table, "priority", &priority,
+        ])?;
+        ip(&[
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table,
+        ])?;
         Ok(Self { _private: () })
     }
 }

@@ -28,7 +28,10 @@ pub struct Origin {
 
 impl Origin {
     pub fn new(file: &Path, line: usize) -> Self {
-        Self { file: file.to_path_buf(), line }
+        Self {
+            file: file.to_path_buf(),
+            line,
+        }
     }
 }
 

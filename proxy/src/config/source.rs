@@ -42,7 +42,11 @@ impl ConfigDir {
         let fingerprint = match fingerprint(&self.dir) {
             Ok(f) => f,
             Err(e) => {
-                let d = Diagnostic::error(Origin::new(&self.dir, 0), None, format!("cannot read the directory: {e}"));
+                let d = Diagnostic::error(
+                    Origin::new(&self.dir, 0),
+                    None,
+                    format!("cannot read the directory: {e}"),
+                );
                 let changed = self.last.take().is_some();
                 return changed.then(|| Loaded::failed(d));
             }
@@ -79,8 +83,14 @@ fn yaml_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
-        let is_yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
-        let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        let is_yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
         if is_yaml && !hidden && path.is_file() {
             files.push(path);
         }
@@ -120,9 +130,11 @@ pub fn load_dir(dir: &Path) -> Loaded {
                 loaded.resources.extend(resources);
                 loaded.diagnostics.extend(diagnostics);
             }
-            Err(e) => loaded
-                .diagnostics
-                .push(Diagnostic::error(Origin::new(&file, 0), None, format!("cannot read: {e}"))),
+            Err(e) => loaded.diagnostics.push(Diagnostic::error(
+                Origin::new(&file, 0),
+                None,
+                format!("cannot read: {e}"),
+            )),
         }
     }
     loaded

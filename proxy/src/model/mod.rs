@@ -58,8 +58,13 @@ impl Model {
     }
 
     /// Workloads scheduled on `node`.
-    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
-        self.workloads.iter().filter(move |w| w.node.as_deref() == Some(node))
+    pub fn workloads_on<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads
+            .iter()
+            .filter(move |w| w.node.as_deref() == Some(node))
     }
 }
 
@@ -76,7 +81,9 @@ pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
     let mut model = Model::default();
     let mut first_owner: HashMap<IpAddr, &Origin> = HashMap::new();
     for located in resources {
-        let Resource::Pod(pod) = &located.resource else { continue };
+        let Resource::Pod(pod) = &located.resource else {
+            continue;
+        };
         let Some(ip) = pod.status.pod_ip else {
             // A pod without an IP is not running yet; nothing can talk to it.
             continue;
@@ -87,14 +94,20 @@ pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
             diagnostics.push(Diagnostic::warning(
                 located.origin.clone(),
                 Some("metadata.namespace"),
-                format!("namespace `{namespace}` is not declared; the pod is treated as not enrolled"),
+                format!(
+                    "namespace `{namespace}` is not declared; the pod is treated as not enrolled"
+                ),
             ));
         }
         let host_network = pod.spec.host_network;
         let workload = Workload {
             name: pod.metadata.name.clone(),
             namespace: namespace.to_owned(),
-            service_account: pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+            service_account: pod
+                .spec
+                .service_account_name
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             node: pod.spec.node_name.clone(),
             ip,
             labels: pod.metadata.labels.clone(),
@@ -123,7 +136,10 @@ pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
 
 /// Istio ambient's enrolment rule: a pod label wins (`none` opts out, `ambient` opts in),
 /// otherwise the namespace label decides.
-fn is_enrolled(pod_labels: &BTreeMap<String, String>, ns_labels: Option<&BTreeMap<String, String>>) -> bool {
+fn is_enrolled(
+    pod_labels: &BTreeMap<String, String>,
+    ns_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
     match pod_labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
         Some(DATAPLANE_MODE_NONE) => false,
         Some(DATAPLANE_MODE_AMBIENT) => true,
@@ -181,7 +197,9 @@ mod tests {
     }
 
     fn ns(name: &str, label: Option<&str>) -> String {
-        let labels = label.map_or(String::new(), |v| format!("\n  labels:\n    istio.io/dataplane-mode: {v}"));
+        let labels = label.map_or(String::new(), |v| {
+            format!("\n  labels:\n    istio.io/dataplane-mode: {v}")
+        });
         format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n---\n")
     }
 
@@ -198,26 +216,58 @@ mod tests {
             ns("mesh", Some("ambient")),
             ns("plain", None),
             pod("a", "mesh", "10.1.0.10", "", false),
-            pod("optout", "mesh", "10.1.0.11", ", istio.io/dataplane-mode: none", false),
+            pod(
+                "optout",
+                "mesh",
+                "10.1.0.11",
+                ", istio.io/dataplane-mode: none",
+                false,
+            ),
             pod("hostnet", "mesh", "10.255.0.1", "", true),
             pod("b", "plain", "10.1.0.12", "", false),
-            pod("optin", "plain", "10.1.0.13", ", istio.io/dataplane-mode: ambient", false),
+            pod(
+                "optin",
+                "plain",
+                "10.1.0.13",
+                ", istio.io/dataplane-mode: ambient",
+                false,
+            ),
         ]
         .concat();
         let (m, d) = model(&yaml);
         assert!(d.is_empty(), "{d:?}");
-        let captured: Vec<&str> = m.workloads.iter().filter(|w| w.captured).map(|w| w.name.as_str()).collect();
+        let captured: Vec<&str> = m
+            .workloads
+            .iter()
+            .filter(|w| w.captured)
+            .map(|w| w.name.as_str())
+            .collect();
         assert_eq!(captured, ["a", "optin"]);
-        let a = m.workload_by_ip("10.1.0.10".parse().expect("ip")).expect("a");
+        let a = m
+            .workload_by_ip("10.1.0.10".parse().expect("ip"))
+            .expect("a");
         assert_eq!(a.service_account, "sa-a");
-        assert!(m.workload_by_ip("10.255.0.1".parse().expect("ip")).is_none(), "hostNetwork not indexed");
+        assert!(
+            m.workload_by_ip("10.255.0.1".parse().expect("ip"))
+                .is_none(),
+            "hostNetwork not indexed"
+        );
     }
 
     #[test]
     fn duplicate_pod_ip_is_an_error() {
-        let yaml = [ns("mesh", Some("ambient")), pod("a", "mesh", "10.1.0.10", "", false), pod("b", "mesh", "10.1.0.10", "", false)].concat();
+        let yaml = [
+            ns("mesh", Some("ambient")),
+            pod("a", "mesh", "10.1.0.10", "", false),
+            pod("b", "mesh", "10.1.0.10", "", false),
+        ]
+        .concat();
         let (_, d) = model(&yaml);
-        assert!(d.iter().any(|d| d.is_error() && d.field.as_deref() == Some("status.podIP")), "{d:?}");
+        assert!(
+            d.iter()
+                .any(|d| d.is_error() && d.field.as_deref() == Some("status.podIP")),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -52,14 +52,21 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     let mut config_dir = ConfigDir::new(&options.config_dir);
     let loaded = config_dir.poll().unwrap_or_default();
     let initial = compile_or_report(&loaded).map_err(|n| {
-        anyhow!("the configuration in {} has {n} error(s), listed above; fix them and start again", options.config_dir.display())
+        anyhow!(
+            "the configuration in {} has {n} error(s), listed above; fix them and start again",
+            options.config_dir.display()
+        )
     })?;
     let (publisher, model) = model::channel(initial);
 
     let mut capture = Capture::load()?;
-    let routing = SteerRouting::install().map_err(|e| anyhow!("cannot install policy routing for captured traffic: {e}"))?;
-    let listener = sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, OUTBOUND_PORT)))
-        .with_context(|| format!("cannot listen on the outbound capture port {OUTBOUND_PORT}"))?;
+    let routing = SteerRouting::install()
+        .map_err(|e| anyhow!("cannot install policy routing for captured traffic: {e}"))?;
+    let listener =
+        sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, OUTBOUND_PORT)))
+            .with_context(|| {
+                format!("cannot listen on the outbound capture port {OUTBOUND_PORT}")
+            })?;
     capture.set_outbound_listener(&listener)?;
     let capture = Arc::new(Mutex::new(capture));
     reconcile(&capture, &model.current(), &options.node_name);
@@ -68,14 +75,21 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
         .name("config-watch".into())
         .spawn(move || watch_config(config_dir, publisher))
         .context("cannot start the configuration watcher")?;
-    tokio::spawn(keep_capture_in_step(capture.clone(), model.clone(), options.node_name.clone()));
+    tokio::spawn(keep_capture_in_step(
+        capture.clone(),
+        model.clone(),
+        options.node_name.clone(),
+    ));
     let admin_listener = tokio::net::TcpListener::bind(options.admin_addr)
         .await
         .with_context(|| format!("cannot listen on the admin address {}", options.admin_addr))?;
-    tokio::spawn(admin::serve(admin_listener, admin::AdminState {
-        model: model.clone(),
-        capture: capture.clone(),
-    }));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin::AdminState {
+            model: model.clone(),
+            capture: capture.clone(),
+        },
+    ));
 
     let ctx = Arc::new(NodeContext {
         model,
@@ -84,8 +98,10 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     });
     info!(node = %options.node_name, config = %options.config_dir.display(), "strait node ready; capturing on port {OUTBOUND_PORT}");
 
-    let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -105,7 +121,9 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     info!("shutting down: detaching capture and removing policy routing");
     drop(listener);
     match capture.lock() {
-        Ok(c) => info!(stats = ?c.stats(), "final capture counters; detaching from {:?}", c.attached_interfaces()),
+        Ok(c) => {
+            info!(stats = ?c.stats(), "final capture counters; detaching from {:?}", c.attached_interfaces())
+        }
         Err(_) => error!("capture state was poisoned"),
     }
     drop(capture);
@@ -138,7 +156,9 @@ fn watch_config(mut dir: ConfigDir, publisher: ModelPublisher) {
                 info!(workloads = model.workloads.len(), "configuration applied");
                 publisher.publish(model);
             }
-            Err(n) => error!("configuration rejected ({n} error(s) above); the previous configuration stays in force"),
+            Err(n) => error!(
+                "configuration rejected ({n} error(s) above); the previous configuration stays in force"
+            ),
         }
     }
 }

@@ -37,7 +37,9 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
         source_addr: peer,
         source_workload: model.workload_by_ip(peer.ip()).map(|w| w.display_name()),
         destination_addr: destination,
-        destination_workload: model.workload_by_ip(destination.ip()).map(|w| w.display_name()),
+        destination_workload: model
+            .workload_by_ip(destination.ip())
+            .map(|w| w.display_name()),
         bytes_sent: 0,
         bytes_received: 0,
         started,
@@ -47,7 +49,10 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
     drop(model);
 
     if PROXY_PORTS.contains(&destination.port()) {
-        record.outcome = Outcome::Refused(format!("port {} is reserved for the mesh proxy", destination.port()));
+        record.outcome = Outcome::Refused(format!(
+            "port {} is reserved for the mesh proxy",
+            destination.port()
+        ));
         record.duration = clock.elapsed();
         ctx.access_log.record(&record);
         return;
