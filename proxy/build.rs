@@ -5,19 +5,14 @@ use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
 
 fn main() -> anyhow::Result<()> {
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("reading cargo metadata")?;
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("reading cargo metadata")?;
     let package = metadata
         .packages
         .into_iter()
         .find(|p| p.name.as_str() == "strait-ebpf")
         .ok_or_else(|| anyhow!("the strait-ebpf package is missing from the workspace"))?;
-    let root_dir = package
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent directory", package.manifest_path))?;
+    let root_dir =
+        package.manifest_path.parent().ok_or_else(|| anyhow!("{} has no parent directory", package.manifest_path))?;
 
     println!("cargo:rerun-if-env-changed=STRAIT_EBPF_TOOLCHAIN");
     let toolchain_name = std::env::var("STRAIT_EBPF_TOOLCHAIN").unwrap_or_else(|_| "/usr".into());
@@ -27,10 +22,6 @@ fn main() -> anyhow::Result<()> {
         // SAFETY: the build script is single-threaded here.
         unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
     }
-    let package = aya_build::Package {
-        name: package.name.as_str(),
-        root_dir: root_dir.as_str(),
-        ..Default::default()
-    };
+    let package = aya_build::Package { name: package.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() };
     aya_build::build_ebpf([package], Toolchain::Custom(&toolchain_name))
 }

@@ -52,6 +52,9 @@ pub mod stat {
     pub const NO_LISTENER: u32 = 5;
     /// `bpf_sk_assign` failures (packet dropped).
     pub const ASSIGN_ERRORS: u32 = 6;
+    /// New HBONE connections (SYN to port 15008 of a captured pod) from the uplink, handed to
+    /// the HBONE listener.
+    pub const INBOUND_HBONE_NEW: u32 = 7;
     /// Number of counters; the size of the `STATS` map.
     pub const COUNT: u32 = 8;
 
@@ -64,6 +67,6 @@ pub mod stat {
         "draining_passed",
         "no_listener",
         "assign_errors",
-        "reserved",
+        "inbound_hbone_new",
     ];
 }

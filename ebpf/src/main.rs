@@ -5,6 +5,10 @@
 //! listener with `bpf_sk_assign` (CAP-1), so the proxy accepts them with the original destination
 //! as its local address. Later packets of a flow go to the socket that owns it. Which pods are
 //! captured is decided by the `POD_STATE` map that the proxy keeps in sync with its model.
+//!
+//! `uplink_ingress` runs at TC ingress on the node's uplink: HBONE (TCP to port 15008) for a
+//! captured pod of this node is handed to the proxy's HBONE listener (CAP-2), since the pod
+//! itself does not listen there.
 #![no_std]
 #![no_main]
 
@@ -12,17 +16,15 @@ use core::{ffi::c_void, mem, ptr};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
-        tcx_action_base::TCX_NEXT,
-    },
+    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple, tcx_action_base::TCX_NEXT},
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, map},
     maps::{HashMap, PerCpuArray, SockMap},
     programs::TcContext,
 };
 use strait_ebpf_common::{
-    LISTENER_OUTBOUND, LISTENER_SLOTS, POD_CAPTURED, POD_DRAINING, PROXY_MARK, STEER_MARK, stat,
+    HBONE_PORT, LISTENER_HBONE, LISTENER_OUTBOUND, LISTENER_SLOTS, POD_CAPTURED, POD_DRAINING, PROXY_MARK, STEER_MARK,
+    stat,
 };
 
 const ETH_HLEN: usize = 14;
@@ -123,6 +125,34 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
     }
 }
 
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is the live __sk_buff of this invocation.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark == PROXY_MARK {
+        bump(stat::PROXY_MARKED);
+        return TCX_NEXT;
+    }
+    let Some(pkt) = parse_tcp(&ctx) else {
+        return TCX_NEXT;
+    };
+    if u16::from_be(pkt.dport) != HBONE_PORT {
+        return TCX_NEXT;
+    }
+    // SAFETY: plain lookup; the value is copied out before the map can change.
+    let Some(state) = (unsafe { POD_STATE.get(&pkt.daddr) }).copied() else {
+        return TCX_NEXT;
+    };
+    if let Some(verdict) = assign_established(&ctx, &pkt) {
+        return verdict;
+    }
+    let is_new = pkt.flags & TCP_FLAG_SYN != 0 && pkt.flags & TCP_FLAG_ACK == 0;
+    if is_new && state == POD_CAPTURED {
+        return assign_listener(&ctx, LISTENER_HBONE, stat::INBOUND_HBONE_NEW);
+    }
+    TCX_NEXT
+}
+
 /// Hands the packet to the established (or half-open) socket of its 4-tuple, if one exists.
 #[inline(always)]
 fn assign_established(ctx: &TcContext, pkt: &TcpPacket) -> Option<i32> {
@@ -134,15 +164,7 @@ fn assign_established(ctx: &TcContext, pkt: &TcpPacket) -> Option<i32> {
     tuple.__bindgen_anon_1.ipv4.dport = pkt.dport;
     let tuple_len = mem::size_of::<[u32; 3]>() as u32; // sizeof(tuple->ipv4)
     // SAFETY: helper call with a valid context and tuple; the result is released below.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.as_ptr(),
-            &mut tuple,
-            tuple_len,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
+    let sk = unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0) };
     if sk.is_null() {
         return None;
     }
@@ -171,10 +193,7 @@ fn assign_established(ctx: &TcContext, pkt: &TcpPacket) -> Option<i32> {
 fn assign_listener(ctx: &TcContext, slot: u32, counter: u32) -> i32 {
     // SAFETY: sockmap lookup from a TC program returns a referenced socket or null.
     let sk = unsafe {
-        bpf_map_lookup_elem(
-            ptr::addr_of!(LISTENERS).cast_mut().cast::<c_void>(),
-            ptr::addr_of!(slot).cast::<c_void>(),
-        )
+        bpf_map_lookup_elem(ptr::addr_of!(LISTENERS).cast_mut().cast::<c_void>(), ptr::addr_of!(slot).cast::<c_void>())
     }
     .cast::<bpf_sock>();
     if sk.is_null() {

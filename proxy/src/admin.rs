@@ -60,11 +60,7 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
         ("GET", "/config_dump") => ("200 OK", "application/json", config_dump(state)),
         ("GET", "/healthz/ready") => ("200 OK", "text/plain", "ready\n".to_owned()),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_owned(),
-        ),
+        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_owned()),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -80,11 +76,7 @@ fn stats(state: &AdminState) -> String {
         for (name, value) in capture.stats() {
             let _ = writeln!(out, "strait.capture.{name}: {value}");
         }
-        let _ = writeln!(
-            out,
-            "strait.capture.attached_interfaces: {}",
-            capture.attached_interfaces().len()
-        );
+        let _ = writeln!(out, "strait.capture.attached_interfaces: {}", capture.attached_interfaces().len());
     }
     out
 }

@@ -1,16 +1,12 @@
 //! The `strait` command line: one binary, one subcommand per role.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(
-    name = "strait",
-    version,
-    about = "An ambient (sidecarless) service-mesh data plane"
-)]
+#[command(name = "strait", version, about = "An ambient (sidecarless) service-mesh data plane")]
 struct Cli {
     /// Log filter, as RUST_LOG takes it (`info`, `strait=debug`, ...).
     #[arg(long, global = true, default_value = "info", env = "STRAIT_LOG")]
@@ -32,6 +28,19 @@ enum Command {
         /// Admin endpoint (config dump, stats).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
+        /// Trust domain of workload identities.
+        #[arg(long, default_value = strait::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Directory of the built-in CA (Istio's plug-in CA layout); created if empty. Proxies
+        /// given the same directory share one trust root.
+        #[arg(long, default_value = "/var/lib/strait/ca")]
+        ca_dir: PathBuf,
+        /// Lifetime of workload certificates (renewed at half life).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        cert_ttl: Duration,
+        /// The node's uplink interface (default: from the routing table).
+        #[arg(long)]
+        uplink: Option<String>,
     },
     /// Build a two-node mesh out of network namespaces on this machine and show it working.
     Demo,
@@ -41,24 +50,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 
     let result = match cli.command {
-        Command::Node {
-            config,
-            node,
-            admin_addr,
-        } => runtime().and_then(|rt| {
-            rt.block_on(strait::node::run(strait::node::NodeOptions {
-                config_dir: config,
-                node_name: node,
-                admin_addr,
-            }))
-        }),
+        Command::Node { config, node, admin_addr, trust_domain, ca_dir, cert_ttl, uplink } => {
+            runtime().and_then(|rt| {
+                rt.block_on(strait::node::run(strait::node::NodeOptions {
+                    config_dir: config,
+                    node_name: node,
+                    admin_addr,
+                    trust_domain,
+                    ca_dir,
+                    cert_ttl,
+                    uplink,
+                }))
+            })
+        }
         Command::Demo => strait::demo::run(),
     };
     match result {
@@ -70,8 +77,10 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    strait::config::parse_duration(text)
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

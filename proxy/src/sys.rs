@@ -15,8 +15,7 @@ const CAP_BPF: u32 = 39;
 /// Checks that the process may load eBPF programs and change routing; the error says what is
 /// missing and what to do.
 pub fn check_node_privileges() -> Result<(), String> {
-    let status = fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
     let effective = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -63,6 +62,21 @@ pub async fn connect_marked(addr: SocketAddr) -> io::Result<TcpStream> {
     let socket = TcpSocket::from_std_stream(socket.into());
     let stream = socket.connect(addr).await?;
     // Proxied traffic is mostly request/response: never hold a small write back.
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Connects to `addr` from `source` (an address that need not be local), so the destination
+/// sees the original client's IP (L4-6). Replies come back through the capture program, which
+/// hands them to this socket.
+pub async fn connect_transparent(source: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_mark(PROXY_MARK)?;
+    socket.set_ip_transparent_v4(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

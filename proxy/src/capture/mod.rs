@@ -21,11 +21,11 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockMap},
     programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
-use strait_ebpf_common::{LISTENER_OUTBOUND, POD_CAPTURED, POD_DRAINING, stat};
+use strait_ebpf_common::{POD_CAPTURED, POD_DRAINING, stat};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-pub use routes::pod_interfaces;
+pub use routes::{pod_interfaces, uplink_interface};
 pub use routing::SteerRouting;
 
 use crate::model::Model;
@@ -34,6 +34,7 @@ use crate::model::Model;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/strait-ebpf"));
 
 const POD_INGRESS_PROGRAM: &str = "pod_ingress";
+const UPLINK_INGRESS_PROGRAM: &str = "uplink_ingress";
 
 #[derive(Debug, Error)]
 pub enum CaptureError {
@@ -58,6 +59,8 @@ pub struct Capture {
     stats: PerCpuArray<MapData, u64>,
     /// Host-side interface → (ifindex it had when attached, link).
     attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    /// The uplink the HBONE steering program is attached to.
+    uplink: Option<(String, SchedClassifierLinkId)>,
     /// What `POD_STATE` holds, mirrored to avoid reading the map back.
     states: HashMap<Ipv4Addr, u8>,
     /// Pods whose route was missing at the last reconcile, to warn once per pod.
@@ -71,14 +74,9 @@ impl Capture {
     /// Loads the eBPF object and the pod-ingress program into the kernel.
     pub fn load() -> Result<Self, CaptureError> {
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| CaptureError::Load(e.to_string()))?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(POD_INGRESS_PROGRAM)
-            .ok_or(CaptureError::Missing("pod_ingress program"))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))?;
-        program
-            .load()
-            .map_err(|e| CaptureError::Load(e.to_string()))?;
+        for name in [POD_INGRESS_PROGRAM, UPLINK_INGRESS_PROGRAM] {
+            program(&mut ebpf, name)?.load().map_err(|e| CaptureError::Load(format!("{name}: {e}")))?;
+        }
         let pod_state = take_map(&mut ebpf, "POD_STATE")?;
         let listeners = take_map(&mut ebpf, "LISTENERS")?;
         let stats = take_map(&mut ebpf, "STATS")?;
@@ -88,29 +86,30 @@ impl Capture {
             listeners,
             stats,
             attached: BTreeMap::new(),
+            uplink: None,
             states: HashMap::new(),
             missing_route: HashMap::new(),
         })
     }
 
-    /// Registers the outbound listener: new connections of captured pods are handed to it.
-    pub fn set_outbound_listener(&mut self, listener: &impl AsRawFd) -> Result<(), CaptureError> {
-        self.listeners
-            .set(LISTENER_OUTBOUND, listener, 0)
-            .map_err(|e| CaptureError::Map {
-                map: "LISTENERS",
-                reason: e.to_string(),
-            })
+    /// Registers one of the proxy's listeners (`LISTENER_*` slot) with the programs.
+    pub fn set_listener(&mut self, slot: u32, listener: &impl AsRawFd) -> Result<(), CaptureError> {
+        self.listeners.set(slot, listener, 0).map_err(|e| CaptureError::Map { map: "LISTENERS", reason: e.to_string() })
+    }
+
+    /// Attaches HBONE steering to the node's uplink (CAP-2).
+    pub fn attach_uplink(&mut self, interface: &str) -> Result<(), CaptureError> {
+        let link = program(&mut self.ebpf, UPLINK_INGRESS_PROGRAM)?
+            .attach(interface, TcAttachType::Ingress)
+            .map_err(|e| CaptureError::Attach { interface: interface.to_owned(), reason: e.to_string() })?;
+        info!(interface, "HBONE steering attached to the uplink (TC ingress)");
+        self.uplink = Some((interface.to_owned(), link));
+        Ok(())
     }
 
     /// Brings maps and attachments in line with the model for the pods of `node`.
     /// `interfaces` maps pod IPs to their host-side interfaces (see `pod_interfaces`).
-    pub fn reconcile(
-        &mut self,
-        model: &Model,
-        node: &str,
-        interfaces: &HashMap<Ipv4Addr, Interface>,
-    ) {
+    pub fn reconcile(&mut self, model: &Model, node: &str, interfaces: &HashMap<Ipv4Addr, Interface>) {
         let mut desired: HashMap<Ipv4Addr, u8> = HashMap::new();
         for workload in model.workloads_on(node) {
             let IpAddr::V4(ip) = workload.ip else {
@@ -149,12 +148,7 @@ impl Capture {
             }
         }
 
-        let gone: Vec<Ipv4Addr> = self
-            .states
-            .keys()
-            .filter(|ip| !desired.contains_key(ip))
-            .copied()
-            .collect();
+        let gone: Vec<Ipv4Addr> = self.states.keys().filter(|ip| !desired.contains_key(ip)).copied().collect();
         for ip in gone {
             let key = u32::from_ne_bytes(ip.octets());
             if let Err(e) = self.pod_state.remove(&key) {
@@ -164,17 +158,9 @@ impl Capture {
             info!(pod = %ip, "capture removed: pod deleted");
         }
 
-        let wanted: HashMap<&str, ()> = desired
-            .keys()
-            .filter_map(|ip| interfaces.get(ip))
-            .map(|i| (i.name.as_str(), ()))
-            .collect();
-        let stale: Vec<String> = self
-            .attached
-            .keys()
-            .filter(|n| !wanted.contains_key(n.as_str()))
-            .cloned()
-            .collect();
+        let wanted: HashMap<&str, ()> =
+            desired.keys().filter_map(|ip| interfaces.get(ip)).map(|i| (i.name.as_str(), ())).collect();
+        let stale: Vec<String> = self.attached.keys().filter(|n| !wanted.contains_key(n.as_str())).cloned().collect();
         for name in stale {
             self.detach(&name);
         }
@@ -191,13 +177,9 @@ impl Capture {
         let program = self.pod_program()?;
         let link = program
             .attach(&interface.name, TcAttachType::Ingress)
-            .map_err(|e| CaptureError::Attach {
-                interface: interface.name.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| CaptureError::Attach { interface: interface.name.clone(), reason: e.to_string() })?;
         info!(interface = %interface.name, "capture attached (TC ingress)");
-        self.attached
-            .insert(interface.name.clone(), (interface.index, link));
+        self.attached.insert(interface.name.clone(), (interface.index, link));
         Ok(())
     }
 
@@ -218,17 +200,12 @@ impl Capture {
     }
 
     fn pod_program(&mut self) -> Result<&mut SchedClassifier, CaptureError> {
-        self.ebpf
-            .program_mut(POD_INGRESS_PROGRAM)
-            .ok_or(CaptureError::Missing("pod_ingress program"))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))
+        program(&mut self.ebpf, POD_INGRESS_PROGRAM)
     }
 
     /// The capture program's counters, summed over CPUs.
     pub fn stats(&self) -> CaptureStats {
         (0..stat::COUNT)
-            .filter(|&i| stat::NAMES[i as usize] != "reserved")
             .map(|i| {
                 let total = self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
                 (stat::NAMES[i as usize], total)
@@ -242,15 +219,19 @@ impl Capture {
     }
 }
 
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, CaptureError> {
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::Missing(name))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))
+}
+
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
     let map = ebpf.take_map(name).ok_or(CaptureError::Missing(name))?;
-    T::try_from(map).map_err(|e| CaptureError::Map {
-        map: name,
-        reason: e.to_string(),
-    })
+    T::try_from(map).map_err(|e| CaptureError::Map { map: name, reason: e.to_string() })
 }
 
 fn state_name(state: u8) -> &'static str {

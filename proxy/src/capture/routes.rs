@@ -10,14 +10,23 @@ pub fn pod_interfaces() -> io::Result<HashMap<Ipv4Addr, Interface>> {
     let table = fs::read_to_string("/proc/net/route")?;
     let mut out = HashMap::new();
     for (ip, name) in parse_host_routes(&table) {
-        let index = fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
+        let index =
+            fs::read_to_string(format!("/sys/class/net/{name}/ifindex")).ok().and_then(|s| s.trim().parse().ok());
         if let Some(index) = index {
             out.insert(ip, Interface { name, index });
         }
     }
     Ok(out)
+}
+
+/// The node's uplink: the interface of its default route, or else of the first route through a
+/// gateway (the underlay towards other nodes).
+pub fn uplink_interface() -> io::Result<Option<String>> {
+    let table = fs::read_to_string("/proc/net/route")?;
+    let routes: Vec<Vec<&str>> = table.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    let default = routes.iter().find(|f| f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000"));
+    let gatewayed = routes.iter().find(|f| f.get(2).is_some_and(|g| *g != "00000000"));
+    Ok(default.or(gatewayed).and_then(|f| f.first()).map(|s| (*s).to_owned()))
 }
 
 /// `/32` routes of the main table that go straight out of an interface (no gateway).
@@ -50,9 +59,6 @@ mod tests {
             vp10\t0A00010A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
             eth0\t0B00020A\t0200FF0A\t0007\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
         let routes = parse_host_routes(table);
-        assert_eq!(
-            routes,
-            vec![(Ipv4Addr::new(10, 1, 0, 10), "vp10".to_owned())]
-        );
+        assert_eq!(routes, vec![(Ipv4Addr::new(10, 1, 0, 10), "vp10".to_owned())]);
     }
 }

@@ -21,19 +21,8 @@ impl SteerRouting {
         let mark = format!("{STEER_MARK:#x}");
         let table = STEER_TABLE.to_string();
         let priority = STEER_RULE_PRIORITY.to_string();
-        ip(&[
-            "rule", "add", "fwmark", &mark, "lookup", &table, "priority", &priority,
-        ])?;
-        ip(&[
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ])?;
+        ip(&["rule", "add", "fwmark", &mark, "lookup", &table, "priority", &priority])?;
+        ip(&["route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
         Ok(Self { _private: () })
     }
 }
@@ -53,10 +42,8 @@ fn remove() {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `ip` (iproute2 is required): {e}"))?;
+    let output =
+        Command::new("ip").args(args).output().map_err(|e| format!("cannot run `ip` (iproute2 is required): {e}"))?;
     if output.status.success() {
         Ok(())
     } else {

@@ -4,6 +4,7 @@
 //! Every resource remembers the file and line it came from, so any later complaint about it
 //! can point the user at the exact place.
 
+mod duration;
 mod parse;
 mod source;
 
@@ -16,6 +17,7 @@ use std::{
 
 use serde::Deserialize;
 
+pub use duration::parse_duration;
 pub use parse::parse_file;
 pub use source::{ConfigDir, Loaded, load_dir};
 
@@ -28,10 +30,7 @@ pub struct Origin {
 
 impl Origin {
     pub fn new(file: &Path, line: usize) -> Self {
-        Self {
-            file: file.to_path_buf(),
-            line,
-        }
+        Self { file: file.to_path_buf(), line }
     }
 }
 
@@ -60,19 +59,11 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn error(origin: Origin, field: Option<&str>, message: impl Into<String>) -> Self {
-        Self {
-            severity: Severity::Error,
-            origin,
-            field: field.map(str::to_owned),
-            message: message.into(),
-        }
+        Self { severity: Severity::Error, origin, field: field.map(str::to_owned), message: message.into() }
     }
 
     pub fn warning(origin: Origin, field: Option<&str>, message: impl Into<String>) -> Self {
-        Self {
-            severity: Severity::Warning,
-            ..Self::error(origin, field, message)
-        }
+        Self { severity: Severity::Warning, ..Self::error(origin, field, message) }
     }
 
     pub fn is_error(&self) -> bool {

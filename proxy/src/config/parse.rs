@@ -72,26 +72,14 @@ fn is_blank(doc: &str) -> bool {
     })
 }
 
-fn parse_document(
-    file: &Path,
-    first_line: usize,
-    doc: &str,
-) -> Result<Option<Resource>, Diagnostic> {
+fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<Option<Resource>, Diagnostic> {
     let meta: TypeMeta = from_yaml(file, first_line, doc)?;
     let origin = Origin::new(file, first_line);
     let api_version = meta.api_version.ok_or_else(|| {
-        Diagnostic::error(
-            origin.clone(),
-            Some("apiVersion"),
-            "missing; every document needs `apiVersion` and `kind`",
-        )
+        Diagnostic::error(origin.clone(), Some("apiVersion"), "missing; every document needs `apiVersion` and `kind`")
     })?;
     let kind = meta.kind.ok_or_else(|| {
-        Diagnostic::error(
-            origin.clone(),
-            Some("kind"),
-            "missing; every document needs `apiVersion` and `kind`",
-        )
+        Diagnostic::error(origin.clone(), Some("kind"), "missing; every document needs `apiVersion` and `kind`")
     })?;
     let resource = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Namespace") => Resource::Namespace(from_yaml(file, first_line, doc)?),
@@ -104,19 +92,14 @@ fn parse_document(
                 "`List` documents are not supported; write one document per resource, separated by `---`",
             ));
         }
-        (group, _)
-            if ISTIO_GROUPS.contains(&group) || group == "v1" || group.starts_with("apps/") =>
-        {
+        (group, _) if ISTIO_GROUPS.contains(&group) || group == "v1" || group.starts_with("apps/") => {
             Resource::Other { api_version, kind }
         }
         (group, _) if group.contains("istio.io") => {
             return Err(Diagnostic::error(
                 origin,
                 Some("apiVersion"),
-                format!(
-                    "unknown API version `{group}`; strait reads {}",
-                    ISTIO_GROUPS.join(", ")
-                ),
+                format!("unknown API version `{group}`; strait reads {}", ISTIO_GROUPS.join(", ")),
             ));
         }
         _ => Resource::Other { api_version, kind },
@@ -126,15 +109,9 @@ fn parse_document(
 
 /// Deserializes a document, turning serde_yaml_ng's error into a diagnostic whose line is
 /// relative to the file, not to the document.
-fn from_yaml<T: DeserializeOwned>(
-    file: &Path,
-    first_line: usize,
-    doc: &str,
-) -> Result<T, Diagnostic> {
+fn from_yaml<T: DeserializeOwned>(file: &Path, first_line: usize, doc: &str) -> Result<T, Diagnostic> {
     serde_yaml_ng::from_str(doc).map_err(|e| {
-        let line = e
-            .location()
-            .map_or(first_line, |l| first_line + l.line().saturating_sub(1));
+        let line = e.location().map_or(first_line, |l| first_line + l.line().saturating_sub(1));
         let message = strip_location(&e.to_string());
         let (field, message) = split_field(&message);
         Diagnostic::error(Origin::new(file, line), field.as_deref(), message)
@@ -152,10 +129,7 @@ fn strip_location(message: &str) -> String {
 /// serde_yaml_ng prefixes errors inside a structure with the dotted path (`spec.ports[0]: ...`).
 fn split_field(message: &str) -> (Option<String>, String) {
     if let Some((path, rest)) = message.split_once(": ") {
-        let looks_like_path = !path.contains(' ')
-            && path
-                .chars()
-                .all(|c| c.is_alphanumeric() || "._[]-".contains(c));
+        let looks_like_path = !path.contains(' ') && path.chars().all(|c| c.is_alphanumeric() || "._[]-".contains(c));
         if looks_like_path {
             return (Some(path.to_owned()), rest.to_owned());
         }
@@ -179,9 +153,7 @@ mod tests {
         assert_eq!(resources.len(), 2);
         assert_eq!(resources[0].origin.line, 1);
         assert_eq!(resources[1].origin.line, 7);
-        let Resource::Pod(pod) = &resources[1].resource else {
-            panic!("not a pod")
-        };
+        let Resource::Pod(pod) = &resources[1].resource else { panic!("not a pod") };
         assert_eq!(pod.status.pod_ip, Some("10.1.0.10".parse().expect("ip")));
         assert_eq!(pod.spec.node_name.as_deref(), Some("n1"));
     }
@@ -196,11 +168,7 @@ mod tests {
         assert!(d.is_error());
         assert_eq!(d.origin.line, 11, "{d}");
         assert_eq!(d.field.as_deref(), Some("status.podIP"), "{d}");
-        assert!(
-            d.to_string()
-                .starts_with("c.yaml:11: error: field `status.podIP`"),
-            "{d}"
-        );
+        assert!(d.to_string().starts_with("c.yaml:11: error: field `status.podIP`"), "{d}");
     }
 
     #[test]
@@ -214,9 +182,7 @@ mod tests {
     fn missing_kind_and_unknown_istio_version_are_errors() {
         let (_, d) = parse("apiVersion: v1\nmetadata:\n  name: x\n");
         assert_eq!(d[0].field.as_deref(), Some("kind"));
-        let (_, d) = parse(
-            "apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata:\n  name: x\n",
-        );
+        let (_, d) = parse("apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata:\n  name: x\n");
         assert_eq!(d[0].field.as_deref(), Some("apiVersion"));
     }
 
@@ -232,16 +198,8 @@ mod tests {
         let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: s\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: a}\n  ports:\n  - port: 80\n    targetPort: 8080\n  - port: 81\n    targetPort: http\n";
         let (r, d) = parse(text);
         assert!(d.is_empty(), "{d:?}");
-        let Resource::Service(s) = &r[0].resource else {
-            panic!("not a service")
-        };
-        assert_eq!(
-            s.spec.ports[0].target_port,
-            Some(super::super::PortRef::Number(8080))
-        );
-        assert_eq!(
-            s.spec.ports[1].target_port,
-            Some(super::super::PortRef::Name("http".into()))
-        );
+        let Resource::Service(s) = &r[0].resource else { panic!("not a service") };
+        assert_eq!(s.spec.ports[0].target_port, Some(super::super::PortRef::Number(8080)));
+        assert_eq!(s.spec.ports[1].target_port, Some(super::super::PortRef::Name("http".into())));
     }
 }

@@ -26,10 +26,7 @@ pub struct ConfigDir {
 
 impl ConfigDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self {
-            dir: dir.into(),
-            last: None,
-        }
+        Self { dir: dir.into(), last: None }
     }
 
     pub fn path(&self) -> &Path {
@@ -42,11 +39,7 @@ impl ConfigDir {
         let fingerprint = match fingerprint(&self.dir) {
             Ok(f) => f,
             Err(e) => {
-                let d = Diagnostic::error(
-                    Origin::new(&self.dir, 0),
-                    None,
-                    format!("cannot read the directory: {e}"),
-                );
+                let d = Diagnostic::error(Origin::new(&self.dir, 0), None, format!("cannot read the directory: {e}"));
                 let changed = self.last.take().is_some();
                 return changed.then(|| Loaded::failed(d));
             }
@@ -68,10 +61,7 @@ pub struct Loaded {
 
 impl Loaded {
     fn failed(d: Diagnostic) -> Self {
-        Self {
-            resources: Vec::new(),
-            diagnostics: vec![d],
-        }
+        Self { resources: Vec::new(), diagnostics: vec![d] }
     }
 
     pub fn has_errors(&self) -> bool {
@@ -83,14 +73,8 @@ fn yaml_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
-        let is_yaml = matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        );
-        let hidden = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
+        let is_yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+        let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
         if is_yaml && !hidden && path.is_file() {
             files.push(path);
         }
@@ -130,11 +114,9 @@ pub fn load_dir(dir: &Path) -> Loaded {
                 loaded.resources.extend(resources);
                 loaded.diagnostics.extend(diagnostics);
             }
-            Err(e) => loaded.diagnostics.push(Diagnostic::error(
-                Origin::new(&file, 0),
-                None,
-                format!("cannot read: {e}"),
-            )),
+            Err(e) => {
+                loaded.diagnostics.push(Diagnostic::error(Origin::new(&file, 0), None, format!("cannot read: {e}")))
+            }
         }
     }
     loaded

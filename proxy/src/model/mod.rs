@@ -13,7 +13,14 @@ use std::{
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::config::{Diagnostic, Located, Origin, Resource};
+use crate::{
+    config::{Diagnostic, Located, Origin, Resource},
+    identity::Identity,
+};
+
+mod services;
+
+pub use services::{Endpoint, Service, ServicePort};
 
 /// Label that enrols a namespace (or a pod) in the mesh, and its values.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -40,15 +47,23 @@ impl Workload {
     pub fn display_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The SPIFFE identity the pod's service account gives it.
+    pub fn identity(&self, trust_domain: &str) -> Identity {
+        Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
 }
 
 /// Everything the data path reads, derived from one consistent set of resources.
 #[derive(Debug, Default, Serialize)]
 pub struct Model {
     pub workloads: Vec<Arc<Workload>>,
+    pub services: Vec<Arc<Service>>,
     /// Workloads by IP. hostNetwork pods share their node's IP and are not indexed.
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    #[serde(skip)]
+    services_by_vip: HashMap<IpAddr, Arc<Service>>,
 }
 
 impl Model {
@@ -57,14 +72,14 @@ impl Model {
         self.by_ip.get(&ip)
     }
 
+    /// The service whose virtual IP is `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services_by_vip.get(&ip)
+    }
+
     /// Workloads scheduled on `node`.
-    pub fn workloads_on<'a>(
-        &'a self,
-        node: &'a str,
-    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
-        self.workloads
-            .iter()
-            .filter(move |w| w.node.as_deref() == Some(node))
+    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads.iter().filter(move |w| w.node.as_deref() == Some(node))
     }
 }
 
@@ -79,6 +94,7 @@ pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
     }
 
     let mut model = Model::default();
+    let mut pod_ports: BTreeMap<(String, String), BTreeMap<String, u16>> = BTreeMap::new();
     let mut first_owner: HashMap<IpAddr, &Origin> = HashMap::new();
     for located in resources {
         let Resource::Pod(pod) = &located.resource else {
@@ -94,20 +110,22 @@ pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
             diagnostics.push(Diagnostic::warning(
                 located.origin.clone(),
                 Some("metadata.namespace"),
-                format!(
-                    "namespace `{namespace}` is not declared; the pod is treated as not enrolled"
-                ),
+                format!("namespace `{namespace}` is not declared; the pod is treated as not enrolled"),
             ));
         }
         let host_network = pod.spec.host_network;
+        let named_ports = pod
+            .spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+            .collect();
+        pod_ports.insert((namespace.to_owned(), pod.metadata.name.clone()), named_ports);
         let workload = Workload {
             name: pod.metadata.name.clone(),
             namespace: namespace.to_owned(),
-            service_account: pod
-                .spec
-                .service_account_name
-                .clone()
-                .unwrap_or_else(|| "default".into()),
+            service_account: pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
             node: pod.spec.node_name.clone(),
             ip,
             labels: pod.metadata.labels.clone(),
@@ -131,21 +149,28 @@ pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
         }
         model.workloads.push(workload);
     }
+    model.services = services::compile_services(resources, &model.workloads, &pod_ports, &mut diagnostics);
+    for service in &model.services {
+        if let Some(vip) = service.vip {
+            if model.services_by_vip.insert(vip, service.clone()).is_some() {
+                diagnostics.push(Diagnostic::error(
+                    Origin::new(std::path::Path::new("<services>"), 0),
+                    Some("spec.clusterIP"),
+                    format!("cluster IP {vip} is used by more than one service ({})", service.hostname),
+                ));
+            }
+        }
+    }
     (model, diagnostics)
 }
 
 /// Istio ambient's enrolment rule: a pod label wins (`none` opts out, `ambient` opts in),
 /// otherwise the namespace label decides.
-fn is_enrolled(
-    pod_labels: &BTreeMap<String, String>,
-    ns_labels: Option<&BTreeMap<String, String>>,
-) -> bool {
+fn is_enrolled(pod_labels: &BTreeMap<String, String>, ns_labels: Option<&BTreeMap<String, String>>) -> bool {
     match pod_labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
         Some(DATAPLANE_MODE_NONE) => false,
         Some(DATAPLANE_MODE_AMBIENT) => true,
-        _ => ns_labels
-            .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
-            .is_some_and(|v| v == DATAPLANE_MODE_AMBIENT),
+        _ => ns_labels.and_then(|l| l.get(DATAPLANE_MODE_LABEL)).is_some_and(|v| v == DATAPLANE_MODE_AMBIENT),
     }
 }
 
@@ -197,9 +222,7 @@ mod tests {
     }
 
     fn ns(name: &str, label: Option<&str>) -> String {
-        let labels = label.map_or(String::new(), |v| {
-            format!("\n  labels:\n    istio.io/dataplane-mode: {v}")
-        });
+        let labels = label.map_or(String::new(), |v| format!("\n  labels:\n    istio.io/dataplane-mode: {v}"));
         format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n---\n")
     }
 
@@ -216,42 +239,46 @@ mod tests {
             ns("mesh", Some("ambient")),
             ns("plain", None),
             pod("a", "mesh", "10.1.0.10", "", false),
-            pod(
-                "optout",
-                "mesh",
-                "10.1.0.11",
-                ", istio.io/dataplane-mode: none",
-                false,
-            ),
+            pod("optout", "mesh", "10.1.0.11", ", istio.io/dataplane-mode: none", false),
             pod("hostnet", "mesh", "10.255.0.1", "", true),
             pod("b", "plain", "10.1.0.12", "", false),
-            pod(
-                "optin",
-                "plain",
-                "10.1.0.13",
-                ", istio.io/dataplane-mode: ambient",
-                false,
-            ),
+            pod("optin", "plain", "10.1.0.13", ", istio.io/dataplane-mode: ambient", false),
         ]
         .concat();
         let (m, d) = model(&yaml);
         assert!(d.is_empty(), "{d:?}");
-        let captured: Vec<&str> = m
-            .workloads
-            .iter()
-            .filter(|w| w.captured)
-            .map(|w| w.name.as_str())
-            .collect();
+        let captured: Vec<&str> = m.workloads.iter().filter(|w| w.captured).map(|w| w.name.as_str()).collect();
         assert_eq!(captured, ["a", "optin"]);
-        let a = m
-            .workload_by_ip("10.1.0.10".parse().expect("ip"))
-            .expect("a");
+        let a = m.workload_by_ip("10.1.0.10".parse().expect("ip")).expect("a");
         assert_eq!(a.service_account, "sa-a");
-        assert!(
-            m.workload_by_ip("10.255.0.1".parse().expect("ip"))
-                .is_none(),
-            "hostNetwork not indexed"
-        );
+        assert!(m.workload_by_ip("10.255.0.1".parse().expect("ip")).is_none(), "hostNetwork not indexed");
+    }
+
+    // L4-3: selector, targetPort by number and by name, round robin.
+    #[test]
+    fn services_select_pods_and_spread_round_robin() {
+        let pod_with_port = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: mesh\n  labels: {{app: web}}\nspec:\n  nodeName: n1\n  containers:\n  - name: c\n    ports:\n    - name: http\n      containerPort: 8080\nstatus:\n  podIP: {ip}\n---\n"
+            )
+        };
+        let svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: mesh\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports:\n  - port: 80\n    targetPort: http\n  - port: 81\n    targetPort: 9000\n";
+        let yaml = [
+            ns("mesh", Some("ambient")),
+            pod_with_port("w1", "10.1.0.10"),
+            pod_with_port("w2", "10.2.0.10"),
+            pod("other", "mesh", "10.1.0.11", "", false),
+            svc.to_owned(),
+        ]
+        .concat();
+        let (m, d) = model(&yaml);
+        assert!(d.iter().all(|d| !d.is_error()), "{d:?}");
+        let s = m.service_by_vip("10.96.0.10".parse().expect("ip")).expect("service");
+        assert_eq!(s.hostname, "web.mesh.svc.cluster.local");
+        let p80 = s.port(80).expect("port 80");
+        let picks: Vec<String> = (0..4).map(|_| p80.pick().expect("endpoint").addr().to_string()).collect();
+        assert_eq!(picks, ["10.1.0.10:8080", "10.2.0.10:8080", "10.1.0.10:8080", "10.2.0.10:8080"]);
+        assert_eq!(s.port(81).expect("port 81").pick().expect("endpoint").port, 9000);
     }
 
     #[test]
@@ -263,11 +290,7 @@ mod tests {
         ]
         .concat();
         let (_, d) = model(&yaml);
-        assert!(
-            d.iter()
-                .any(|d| d.is_error() && d.field.as_deref() == Some("status.podIP")),
-            "{d:?}"
-        );
+        assert!(d.iter().any(|d| d.is_error() && d.field.as_deref() == Some("status.podIP")), "{d:?}");
     }
 
     #[test]

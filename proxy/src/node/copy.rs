@@ -24,10 +24,7 @@ pub struct Copied {
 /// finishes. Returns the byte counts and the first error, if any.
 pub async fn bidirectional(a: &TcpStream, b: &TcpStream) -> (Copied, Option<io::Error>) {
     let (ab, ba) = tokio::join!(one_way(a, b), one_way(b, a));
-    let copied = Copied {
-        a_to_b: ab.0,
-        b_to_a: ba.0,
-    };
+    let copied = Copied { a_to_b: ab.0, b_to_a: ba.0 };
     (copied, ab.1.or(ba.1))
 }
 

@@ -1,7 +1,8 @@
 //! `strait node`: the per-node proxy. It loads the capture programs, keeps them in step with
 //! the configuration, and proxies every connection they hand it.
 
-mod copy;
+pub(crate) mod copy;
+mod inbound;
 mod outbound;
 
 use std::{
@@ -12,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use strait_ebpf_common::OUTBOUND_PORT;
+use strait_ebpf_common::{HBONE_PORT, LISTENER_HBONE, LISTENER_OUTBOUND, OUTBOUND_PORT};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -20,6 +21,8 @@ use crate::{
     admin,
     capture::{self, Capture, SteerRouting},
     config::{ConfigDir, Loaded},
+    hbone::HbonePool,
+    identity::{CertStore, CertificateProvider, LocalCa},
     model::{self, Model, ModelHandle, ModelPublisher},
     sys,
     telemetry::AccessLog,
@@ -37,6 +40,13 @@ pub struct NodeOptions {
     pub config_dir: PathBuf,
     pub node_name: String,
     pub admin_addr: SocketAddr,
+    pub trust_domain: String,
+    /// Directory of the built-in CA (created if empty).
+    pub ca_dir: PathBuf,
+    /// Lifetime of workload certificates.
+    pub cert_ttl: Duration,
+    /// The node's uplink; found from the routing table when not given.
+    pub uplink: Option<String>,
 }
 
 /// What every connection handler needs.
@@ -44,6 +54,9 @@ pub struct NodeContext {
     pub model: ModelHandle,
     pub access_log: AccessLog,
     pub node_name: String,
+    pub trust_domain: String,
+    pub certs: Arc<CertStore>,
+    pub pool: Arc<HbonePool>,
 }
 
 pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
@@ -59,17 +72,33 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     })?;
     let (publisher, model) = model::channel(initial);
 
+    let provider: Arc<dyn CertificateProvider> =
+        Arc::new(LocalCa::load_or_create(&options.ca_dir, &options.trust_domain)?);
+    let certs = CertStore::new(provider, options.cert_ttl);
+
     let mut capture = Capture::load()?;
-    let routing = SteerRouting::install()
-        .map_err(|e| anyhow!("cannot install policy routing for captured traffic: {e}"))?;
-    let listener =
-        sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, OUTBOUND_PORT)))
-            .with_context(|| {
-                format!("cannot listen on the outbound capture port {OUTBOUND_PORT}")
-            })?;
-    capture.set_outbound_listener(&listener)?;
+    let routing =
+        SteerRouting::install().map_err(|e| anyhow!("cannot install policy routing for captured traffic: {e}"))?;
+    let listener = sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, OUTBOUND_PORT)))
+        .with_context(|| format!("cannot listen on the outbound capture port {OUTBOUND_PORT}"))?;
+    capture.set_listener(LISTENER_OUTBOUND, &listener)?;
+    let hbone_listener = sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)))
+        .with_context(|| format!("cannot listen on the HBONE port {HBONE_PORT}"))?;
+    capture.set_listener(LISTENER_HBONE, &hbone_listener)?;
+    let uplink = match &options.uplink {
+        Some(name) => Some(name.clone()),
+        None => capture::uplink_interface().context("cannot read the routing table")?,
+    };
+    match &uplink {
+        Some(name) => capture.attach_uplink(name)?,
+        None => warn!(
+            "no uplink found (no default route nor any route through a gateway): \
+             HBONE from other nodes will not reach this proxy; pass --uplink"
+        ),
+    }
     let capture = Arc::new(Mutex::new(capture));
     reconcile(&capture, &model.current(), &options.node_name);
+    prefetch_certificates(&certs, &model.current(), &options.node_name, &options.trust_domain);
 
     std::thread::Builder::new()
         .name("config-watch".into())
@@ -79,40 +108,39 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
         capture.clone(),
         model.clone(),
         options.node_name.clone(),
+        certs.clone(),
+        options.trust_domain.clone(),
     ));
     let admin_listener = tokio::net::TcpListener::bind(options.admin_addr)
         .await
         .with_context(|| format!("cannot listen on the admin address {}", options.admin_addr))?;
-    tokio::spawn(admin::serve(
-        admin_listener,
-        admin::AdminState {
-            model: model.clone(),
-            capture: capture.clone(),
-        },
-    ));
+    tokio::spawn(admin::serve(admin_listener, admin::AdminState { model: model.clone(), capture: capture.clone() }));
 
     let ctx = Arc::new(NodeContext {
         model,
         access_log: AccessLog,
         node_name: options.node_name.clone(),
+        trust_domain: options.trust_domain.clone(),
+        pool: HbonePool::new(certs.clone()),
+        certs,
     });
     info!(node = %options.node_name, config = %options.config_dir.display(), "strait node ready; capturing on port {OUTBOUND_PORT}");
 
-    let mut terminate =
-        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     tokio::spawn(outbound::handle(ctx.clone(), stream, peer));
                 }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!("accept on the outbound listener failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(e) => accept_failed("outbound", e).await,
+            },
+            accepted = hbone_listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(inbound::serve_hbone(ctx.clone(), stream, peer));
                 }
+                Err(e) => accept_failed("HBONE", e).await,
             },
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -120,6 +148,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     }
     info!("shutting down: detaching capture and removing policy routing");
     drop(listener);
+    drop(hbone_listener);
     match capture.lock() {
         Ok(c) => {
             info!(stats = ?c.stats(), "final capture counters; detaching from {:?}", c.attached_interfaces())
@@ -129,6 +158,18 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     drop(capture);
     drop(routing);
     Ok(())
+}
+
+/// Out of file descriptors and the like: back off instead of spinning.
+async fn accept_failed(listener: &str, e: std::io::Error) {
+    warn!("accept on the {listener} listener failed: {e}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Issues certificates for this node's captured workloads before their first connection, so
+/// that no connection waits for the CA.
+fn prefetch_certificates(certs: &Arc<CertStore>, model: &Model, node: &str, trust_domain: &str) {
+    certs.prefetch(model.workloads_on(node).filter(|w| w.captured).map(|w| w.identity(trust_domain)));
 }
 
 /// Compiles loaded resources; on errors prints every diagnostic and returns their count.
@@ -156,17 +197,24 @@ fn watch_config(mut dir: ConfigDir, publisher: ModelPublisher) {
                 info!(workloads = model.workloads.len(), "configuration applied");
                 publisher.publish(model);
             }
-            Err(n) => error!(
-                "configuration rejected ({n} error(s) above); the previous configuration stays in force"
-            ),
+            Err(n) => error!("configuration rejected ({n} error(s) above); the previous configuration stays in force"),
         }
     }
 }
 
-async fn keep_capture_in_step(capture: Arc<Mutex<Capture>>, mut model: ModelHandle, node: String) {
+async fn keep_capture_in_step(
+    capture: Arc<Mutex<Capture>>,
+    mut model: ModelHandle,
+    node: String,
+    certs: Arc<CertStore>,
+    trust_domain: String,
+) {
     loop {
         tokio::select! {
-            changed = model.changed() => if !changed { return },
+            changed = model.changed() => {
+                if !changed { return }
+                prefetch_certificates(&certs, &model.current(), &node, &trust_domain);
+            }
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
         }
         reconcile(&capture, &model.current(), &node);

@@ -1,79 +1,156 @@
-//! Outbound: a connection an enrolled pod opened, handed to the proxy by the capture program.
-//! The socket's local address is the pod's original destination. For now the proxy forwards it
-//! as plain TCP (mTLS over HBONE replaces this for mesh destinations).
+//! Outbound: a connection an enrolled pod opened, handed to the proxy by the capture program
+//! with the pod's original destination as the socket's local address.
+//!
+//! The destination decides the journey: a service VIP is first resolved to one endpoint
+//! (round robin, L4-3); a captured workload is reached over HBONE as the source's identity
+//! (or, on this same node, through the inbound logic in-process with the same checks); anything
+//! else is plain TCP passthrough (L4-5).
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Instant, SystemTime},
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use strait_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{NodeContext, copy};
+use super::{NodeContext, copy, inbound};
 use crate::{
+    hbone::{self, ConnectRequest},
+    model::{Model, Workload},
     sys,
     telemetry::{ConnectionRecord, Outcome},
 };
 
 /// Ports of the proxy's own listeners; a connection to them would loop through the proxy.
-const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
+pub const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
+
+/// Where the outbound connection goes, decided from the model.
+enum Route {
+    /// Over HBONE (or in-process when on this node) to a captured workload.
+    Mesh { target: Arc<Workload>, addr: SocketAddr },
+    /// Plain TCP to an address outside the mesh.
+    Passthrough(SocketAddr),
+    /// Nowhere: the reason is logged.
+    Refuse(String),
+}
 
 pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAddr) {
-    let started = SystemTime::now();
     let clock = Instant::now();
-    let destination = match downstream.local_addr() {
-        Ok(addr) => addr,
-        Err(e) => {
-            debug!("outbound connection from {peer} closed before it could be read: {e}");
-            return;
-        }
+    let Ok(destination) = downstream.local_addr() else {
+        debug!("outbound connection from {peer} closed before it could be read");
+        return;
     };
+    let _ = downstream.set_nodelay(true);
     let model = ctx.model.current();
-    let mut record = ConnectionRecord {
-        direction: "outbound",
-        source_addr: peer,
-        source_workload: model.workload_by_ip(peer.ip()).map(|w| w.display_name()),
-        destination_addr: destination,
-        destination_workload: model
-            .workload_by_ip(destination.ip())
-            .map(|w| w.display_name()),
-        bytes_sent: 0,
-        bytes_received: 0,
-        started,
-        duration: Default::default(),
-        outcome: Outcome::Completed,
-    };
+    let mut record = ConnectionRecord::start("outbound", peer, destination);
+    let source = model.workload_by_ip(peer.ip()).cloned();
+    if let Some(source) = &source {
+        record.source_workload = Some(source.display_name());
+        record.source_identity = Some(source.identity(&ctx.trust_domain).to_string());
+    }
+    let route = route(&model, destination, &mut record);
     drop(model);
 
-    if PROXY_PORTS.contains(&destination.port()) {
-        record.outcome = Outcome::Refused(format!(
-            "port {} is reserved for the mesh proxy",
-            destination.port()
-        ));
-        record.duration = clock.elapsed();
-        ctx.access_log.record(&record);
-        return;
-    }
-    let _ = downstream.set_nodelay(true);
-
-    let upstream = match sys::connect_marked(destination).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            record.outcome = Outcome::UpstreamConnectFailed(e.to_string());
-            record.duration = clock.elapsed();
-            ctx.access_log.record(&record);
-            return;
+    match (route, source) {
+        (Route::Refuse(reason), _) => record.outcome = Outcome::Refused(reason),
+        (Route::Mesh { .. }, None) => {
+            // Without a known source there is no identity to speak for: fail closed.
+            record.outcome = Outcome::Refused("the source is not a known workload of this node".into());
         }
-    };
-    let (copied, error) = copy::bidirectional(&downstream, &upstream).await;
-    record.bytes_sent = copied.a_to_b;
-    record.bytes_received = copied.b_to_a;
-    record.duration = clock.elapsed();
-    if let Some(e) = error {
-        record.outcome = Outcome::Broken(e.to_string());
+        (Route::Passthrough(addr), _) => passthrough(&downstream, addr, &mut record).await,
+        (Route::Mesh { target, addr }, Some(source)) => {
+            record.destination_workload = Some(target.display_name());
+            record.destination_identity = Some(target.identity(&ctx.trust_domain).to_string());
+            record.security = "mutual_tls";
+            if target.node.as_deref() == Some(ctx.node_name.as_str()) {
+                inbound::deliver_local(&ctx, &downstream, peer, &source, &target, addr, &mut record).await;
+            } else {
+                over_hbone(&ctx, &downstream, peer, &source, &target, addr, &mut record).await;
+            }
+        }
     }
+    record.duration = clock.elapsed();
     ctx.access_log.record(&record);
+}
+
+fn route(model: &Model, destination: SocketAddr, record: &mut ConnectionRecord) -> Route {
+    if PROXY_PORTS.contains(&destination.port()) {
+        return Route::Refuse(format!("port {} is reserved for the mesh proxy", destination.port()));
+    }
+    let (target, addr) = if let Some(service) = model.service_by_vip(destination.ip()) {
+        record.destination_service = Some(service.hostname.clone());
+        let Some(port) = service.port(destination.port()) else {
+            return Route::Refuse(format!("service {} has no port {}", service.hostname, destination.port()));
+        };
+        let Some(endpoint) = port.pick() else {
+            return Route::Refuse(format!("service {} has no ready endpoint for port {}", service.hostname, port.port));
+        };
+        (Some(endpoint.workload.clone()), endpoint.addr())
+    } else {
+        (model.workload_by_ip(destination.ip()).cloned(), destination)
+    };
+    match target {
+        Some(target) if target.captured => Route::Mesh { target, addr },
+        Some(target) => {
+            record.destination_workload = Some(target.display_name());
+            Route::Passthrough(addr)
+        }
+        None => Route::Passthrough(addr),
+    }
+}
+
+async fn passthrough(downstream: &TcpStream, addr: SocketAddr, record: &mut ConnectionRecord) {
+    record.destination_addr = addr;
+    match sys::connect_marked(addr).await {
+        Ok(upstream) => {
+            let (copied, error) = copy::bidirectional(downstream, &upstream).await;
+            record.bytes_sent = copied.a_to_b;
+            record.bytes_received = copied.b_to_a;
+            if let Some(e) = error {
+                record.outcome = Outcome::Broken(e.to_string());
+            }
+        }
+        Err(e) => record.outcome = Outcome::UpstreamConnectFailed(e.to_string()),
+    }
+}
+
+async fn over_hbone(
+    ctx: &NodeContext,
+    downstream: &TcpStream,
+    peer: SocketAddr,
+    source: &Workload,
+    target: &Workload,
+    addr: SocketAddr,
+    record: &mut ConnectionRecord,
+) {
+    record.destination_addr = addr;
+    let request = ConnectRequest {
+        source: source.identity(&ctx.trust_domain),
+        destination: target.identity(&ctx.trust_domain),
+        destination_node: target.node.clone().unwrap_or_default(),
+        connect_addr: SocketAddr::new(target.ip, HBONE_PORT),
+        authority: addr,
+        client_ip: peer.ip(),
+        baggage: baggage(source),
+    };
+    match ctx.pool.connect(&request).await {
+        Ok(tunnel) => {
+            let (copied, error) = hbone::stream::copy(downstream, tunnel.send, tunnel.recv).await;
+            record.bytes_sent = copied.a_to_b;
+            record.bytes_received = copied.b_to_a;
+            if let Some(e) = error {
+                record.outcome = Outcome::Broken(e.to_string());
+            }
+        }
+        Err(e) => record.outcome = Outcome::UpstreamConnectFailed(e.to_string()),
+    }
+}
+
+/// W3C baggage describing the source, as Istio's ztunnel sends it.
+fn baggage(source: &Workload) -> String {
+    let app = source.labels.get("app").or_else(|| source.labels.get("app.kubernetes.io/name")).unwrap_or(&source.name);
+    let version = source.labels.get("version").map_or("latest", String::as_str);
+    format!(
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={app},service.version={version}",
+        source.namespace, source.name
+    )
 }

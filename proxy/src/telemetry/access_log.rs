@@ -24,6 +24,28 @@ pub enum Outcome {
     Refused(String),
 }
 
+impl ConnectionRecord {
+    /// A record for a connection that starts now; the caller fills in what it learns.
+    pub fn start(direction: &'static str, source_addr: SocketAddr, destination_addr: SocketAddr) -> Self {
+        Self {
+            direction,
+            source_addr,
+            source_workload: None,
+            source_identity: None,
+            destination_addr,
+            destination_workload: None,
+            destination_identity: None,
+            destination_service: None,
+            security: "none",
+            bytes_sent: 0,
+            bytes_received: 0,
+            started: SystemTime::now(),
+            duration: Duration::ZERO,
+            outcome: Outcome::Completed,
+        }
+    }
+}
+
 impl Outcome {
     fn fields(&self) -> (&'static str, Option<&str>) {
         match self {
@@ -42,8 +64,15 @@ pub struct ConnectionRecord {
     pub direction: &'static str,
     pub source_addr: SocketAddr,
     pub source_workload: Option<String>,
+    /// SPIFFE identity of the source, when known (proven by mTLS inbound).
+    pub source_identity: Option<String>,
     pub destination_addr: SocketAddr,
     pub destination_workload: Option<String>,
+    pub destination_identity: Option<String>,
+    /// `name.namespace.svc.cluster.local` when the client addressed a service.
+    pub destination_service: Option<String>,
+    /// `mutual_tls` (HBONE) or `none` (plain TCP).
+    pub security: &'static str,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub started: SystemTime,
@@ -65,14 +94,19 @@ impl AccessLog {
 
 fn format_line(r: &ConnectionRecord) -> String {
     let (result, reason) = r.outcome.fields();
+    let dash = |v: &Option<String>| v.as_deref().unwrap_or("-").to_owned();
     let mut line = format!(
-        "[{}] {} tcp src.addr={} src.workload={} dst.addr={} dst.workload={} sent={} received={} duration_ms={} result={}",
+        "[{}] {} tcp src.addr={} src.workload={} src.identity={} dst.addr={} dst.service={} dst.workload={} dst.identity={} security={} sent={} received={} duration_ms={} result={}",
         rfc3339(r.started),
         r.direction,
         r.source_addr,
-        r.source_workload.as_deref().unwrap_or("-"),
+        dash(&r.source_workload),
+        dash(&r.source_identity),
         r.destination_addr,
-        r.destination_workload.as_deref().unwrap_or("-"),
+        dash(&r.destination_service),
+        dash(&r.destination_workload),
+        dash(&r.destination_identity),
+        r.security,
         r.bytes_sent,
         r.bytes_received,
         r.duration.as_millis(),
@@ -91,22 +125,23 @@ mod tests {
 
     #[test]
     fn line_names_both_ends_bytes_and_result() {
-        let r = ConnectionRecord {
-            direction: "outbound",
-            source_addr: "10.1.0.10:40000".parse().expect("addr"),
-            source_workload: Some("mesh/client".into()),
-            destination_addr: "10.2.0.10:80".parse().expect("addr"),
-            destination_workload: None,
-            bytes_sent: 78,
-            bytes_received: 300,
-            started: std::time::UNIX_EPOCH,
-            duration: Duration::from_millis(12),
-            outcome: Outcome::UpstreamConnectFailed("connection refused".into()),
-        };
+        let mut r = ConnectionRecord::start(
+            "outbound",
+            "10.1.0.10:40000".parse().expect("addr"),
+            "10.2.0.10:80".parse().expect("addr"),
+        );
+        r.source_workload = Some("mesh/client".into());
+        r.source_identity = Some("spiffe://cluster.local/ns/mesh/sa/client".into());
+        r.bytes_sent = 78;
+        r.bytes_received = 300;
+        r.started = std::time::UNIX_EPOCH;
+        r.duration = Duration::from_millis(12);
+        r.outcome = Outcome::UpstreamConnectFailed("connection refused".into());
         assert_eq!(
             format_line(&r),
             "[1970-01-01T00:00:00.000Z] outbound tcp src.addr=10.1.0.10:40000 src.workload=mesh/client \
-             dst.addr=10.2.0.10:80 dst.workload=- sent=78 received=300 duration_ms=12 \
+             src.identity=spiffe://cluster.local/ns/mesh/sa/client dst.addr=10.2.0.10:80 dst.service=- \
+             dst.workload=- dst.identity=- security=none sent=78 received=300 duration_ms=12 \
              result=upstream_connect_failed reason=\"connection refused\"\n"
         );
     }

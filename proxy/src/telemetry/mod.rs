@@ -6,9 +6,7 @@ pub use access_log::{AccessLog, ConnectionRecord, Outcome};
 
 /// RFC 3339 UTC timestamp with milliseconds, for log lines.
 pub fn rfc3339(time: std::time::SystemTime) -> String {
-    let since_epoch = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let since_epoch = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since_epoch.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);

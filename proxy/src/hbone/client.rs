@@ -1,0 +1,250 @@
+//! The HBONE client: a pool of mutual-TLS HTTP/2 connections and CONNECT streams over them.
+//!
+//! Connections are keyed by (source identity, destination identity, destination node): every
+//! stream on a connection is sent as one workload to workloads of one identity behind one node
+//! proxy, which is exactly what one TLS session proves (L4-2). Many streams share a connection;
+//! a connection with no stream for `IDLE_TIMEOUT` is closed.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream, client::SendRequest};
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use thiserror::Error;
+use tokio::sync::Mutex as AsyncMutex;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+
+use super::{
+    BAGGAGE, CONNECTION_WINDOW, FORWARDED, MAX_FRAME, STREAM_WINDOW, TRACEPARENT, forwarded_for, new_traceparent,
+};
+use crate::{
+    identity::{CertStore, Identity, IdentityError, peer_identity},
+    sys,
+};
+
+/// How long an unused pooled connection stays open.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum HboneError {
+    #[error("no certificate for {0}: {1}")]
+    Certificate(Identity, IdentityError),
+    #[error("cannot reach {0} (is HBONE port 15008 reachable, or blocked by a network policy?): {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("TLS handshake with {0} failed: {1}")]
+    Tls(SocketAddr, std::io::Error),
+    #[error("{addr} presented identity {got}, but {expected} was expected: refusing to send (secure naming)")]
+    WrongIdentity { addr: SocketAddr, expected: Identity, got: String },
+    #[error("HTTP/2 with {0} failed: {1}")]
+    Http2(SocketAddr, h2::Error),
+    #[error("{0} refused the tunnel with HTTP status {1}")]
+    Refused(SocketAddr, StatusCode),
+    #[error("cannot build the CONNECT request: {0}")]
+    BadRequest(String),
+    #[error("timed out connecting to {0}")]
+    Timeout(SocketAddr),
+}
+
+/// What one tunnel is for.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub source: Identity,
+    pub destination: Identity,
+    /// The node the destination runs on; part of the pool key.
+    pub destination_node: String,
+    /// Where to open the TLS connection if the pool has none: the pod's IP and port 15008.
+    pub connect_addr: SocketAddr,
+    /// The CONNECT target: the pod's `ip:port` (or a service VIP:port via a waypoint).
+    pub authority: SocketAddr,
+    /// The original client's IP, sent in `forwarded`.
+    pub client_ip: IpAddr,
+    pub baggage: String,
+}
+
+/// An open CONNECT stream. Dropping it ends the stream; the pooled connection stays.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    /// The identity the server proved in TLS.
+    pub peer: Identity,
+    _active: ActiveGuard,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: Identity,
+    destination: Identity,
+    node: String,
+}
+
+struct PooledConnection {
+    sender: SendRequest<Bytes>,
+    peer: Identity,
+    addr: SocketAddr,
+    active: Arc<AtomicUsize>,
+    idle_since: Mutex<Instant>,
+}
+
+struct ActiveGuard(Arc<PooledConnection>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+type Slot = Arc<AsyncMutex<Option<Arc<PooledConnection>>>>;
+
+/// The node's HBONE connections.
+pub struct HbonePool {
+    certs: Arc<CertStore>,
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+}
+
+impl HbonePool {
+    pub fn new(certs: Arc<CertStore>) -> Arc<Self> {
+        let pool = Arc::new(Self { certs, slots: Mutex::new(HashMap::new()) });
+        tokio::spawn(close_idle(Arc::downgrade(&pool)));
+        pool
+    }
+
+    /// Opens a CONNECT stream for `request`, reusing a pooled connection when one exists.
+    pub async fn connect(&self, request: &ConnectRequest) -> Result<Tunnel, HboneError> {
+        let key = PoolKey {
+            source: request.source.clone(),
+            destination: request.destination.clone(),
+            node: request.destination_node.clone(),
+        };
+        let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
+        // Held only while finding or creating the connection, so that concurrent first
+        // connections to one destination share a single handshake.
+        let connection = {
+            let mut held = slot.lock().await;
+            match held.as_ref() {
+                Some(c) if !c.sender.clone().ready().await.is_err() => c.clone(),
+                _ => {
+                    let fresh = tokio::time::timeout(CONNECT_TIMEOUT, self.open(request))
+                        .await
+                        .map_err(|_| HboneError::Timeout(request.connect_addr))??;
+                    *held = Some(fresh.clone());
+                    fresh
+                }
+            }
+        };
+        connection.active.fetch_add(1, Ordering::AcqRel);
+        let guard = ActiveGuard(connection.clone());
+        let (send, recv) = self.open_stream(&connection, request).await?;
+        Ok(Tunnel { send, recv, peer: connection.peer.clone(), _active: guard })
+    }
+
+    async fn open(&self, request: &ConnectRequest) -> Result<Arc<PooledConnection>, HboneError> {
+        let addr = request.connect_addr;
+        let tls_settings =
+            self.certs.get(&request.source).await.map_err(|e| HboneError::Certificate(request.source.clone(), e))?;
+        let tcp = sys::connect_marked(addr).await.map_err(|e| HboneError::Connect(addr, e))?;
+        // The name is not checked: peers are verified by SPIFFE identity below.
+        let name = ServerName::IpAddress(addr.ip().into());
+        let tls = TlsConnector::from(tls_settings.client.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| HboneError::Tls(addr, e))?;
+        let peer = peer_identity(tls.get_ref().1.peer_certificates());
+        if peer.as_ref() != Some(&request.destination) {
+            return Err(HboneError::WrongIdentity {
+                addr,
+                expected: request.destination.clone(),
+                got: peer.map_or_else(|| "none".to_owned(), |p| p.to_string()),
+            });
+        }
+        let peer = request.destination.clone();
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .enable_push(false)
+            .handshake(tls)
+            .await
+            .map_err(|e| HboneError::Http2(addr, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%addr, "HBONE connection ended: {e}");
+            }
+        });
+        info!(%addr, source = %request.source, destination = %peer, "HBONE connection established");
+        Ok(Arc::new(PooledConnection {
+            sender,
+            peer,
+            addr,
+            active: Arc::new(AtomicUsize::new(0)),
+            idle_since: Mutex::new(Instant::now()),
+        }))
+    }
+
+    async fn open_stream(
+        &self,
+        connection: &PooledConnection,
+        request: &ConnectRequest,
+    ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
+        let addr = connection.addr;
+        let h2 = |e| HboneError::Http2(addr, e);
+        let mut sender = connection.sender.clone().ready().await.map_err(h2)?;
+        let connect = Request::builder()
+            .method(Method::CONNECT)
+            .uri(request.authority.to_string())
+            .header(FORWARDED, forwarded_for(request.client_ip))
+            .header(BAGGAGE, request.baggage.as_str())
+            .header(TRACEPARENT, new_traceparent())
+            .body(())
+            .map_err(|e| HboneError::BadRequest(e.to_string()))?;
+        let (response, send) = sender.send_request(connect, false).map_err(h2)?;
+        let response = response.await.map_err(h2)?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused(addr, response.status()));
+        }
+        Ok((send, response.into_body()))
+    }
+
+    /// Number of pooled connections (for the admin API and tests).
+    pub fn connections(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn close_idle_now(&self) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|key, slot| {
+            let Ok(mut held) = slot.try_lock() else { return true };
+            let idle = held.as_ref().is_none_or(|c| {
+                c.active.load(Ordering::Acquire) == 0
+                    && c.idle_since.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= IDLE_TIMEOUT
+            });
+            if idle {
+                if held.take().is_some() {
+                    debug!(source = %key.source, destination = %key.destination, "closing idle HBONE connection");
+                }
+                return false;
+            }
+            true
+        });
+    }
+}
+
+async fn close_idle(pool: std::sync::Weak<HbonePool>) {
+    loop {
+        tokio::time::sleep(IDLE_TIMEOUT / 4).await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.close_idle_now();
+    }
+}

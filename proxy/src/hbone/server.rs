@@ -1,0 +1,94 @@
+//! The HBONE server side of one TLS connection: handshake, peer identity, then one task per
+//! CONNECT stream. What a stream may reach is the caller's decision (`node::inbound`).
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{Request, Response, StatusCode};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
+
+use super::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME, STREAM_WINDOW};
+use crate::identity::{Identity, peer_identity};
+
+/// A client that opens TCP and never finishes the handshake must not hold resources for long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One CONNECT stream and who sent it.
+pub struct InboundStream {
+    pub request: Request<RecvStream>,
+    pub respond: SendResponse<Bytes>,
+    /// The client's SPIFFE identity, proven by its certificate.
+    pub peer_identity: Identity,
+    pub peer_addr: SocketAddr,
+}
+
+/// Answers a stream with an error status and ends it.
+pub fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder().status(status).body(()).unwrap_or_default();
+    let _ = respond.send_response(response, true);
+}
+
+/// Why a connection ended before carrying any stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("TLS handshake timed out")]
+    Timeout,
+    #[error("the client presented no SPIFFE identity")]
+    NoIdentity,
+    #[error("HTTP/2: {0}")]
+    Http2(h2::Error),
+}
+
+/// Serves one HBONE connection: TLS with `config`, then HTTP/2; every stream goes to `handle`.
+pub async fn serve_connection<F, Fut>(
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    handle: F,
+) -> Result<(), ServeError>
+where
+    F: Fn(InboundStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
+        .await
+        .map_err(|_| ServeError::Timeout)?
+        .map_err(ServeError::Tls)?;
+    let peer_identity = peer_identity(tls.get_ref().1.peer_certificates()).ok_or(ServeError::NoIdentity)?;
+    let mut connection = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .handshake::<_, Bytes>(tls),
+    )
+    .await
+    .map_err(|_| ServeError::Timeout)?
+    .map_err(ServeError::Http2)?;
+    // Accepting also drives the connection's I/O; streams run in their own tasks.
+    while let Some(next) = connection.accept().await {
+        match next {
+            Ok((request, respond)) => {
+                tokio::spawn(handle(InboundStream {
+                    request,
+                    respond,
+                    peer_identity: peer_identity.clone(),
+                    peer_addr,
+                }));
+            }
+            Err(e) => {
+                // A protocol error ends this connection only, never the process.
+                debug!(%peer_addr, "HBONE connection closed: {e}");
+                return Err(ServeError::Http2(e));
+            }
+        }
+    }
+    Ok(())
+}

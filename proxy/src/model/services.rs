@@ -1,0 +1,164 @@
+//! Services (L4-3): a virtual IP and ports in front of the pods its selector matches.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use serde::Serialize;
+
+use super::Workload;
+use crate::config::{Diagnostic, Located, PortRef, Resource, Service as ServiceResource};
+
+/// One ready backend of a service port: a pod and the port to reach it on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub port: u16,
+}
+
+impl Endpoint {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.workload.ip, self.port)
+    }
+}
+
+/// A service port and its endpoints, with the round-robin cursor that spreads connections.
+#[derive(Debug, Serialize)]
+pub struct ServicePort {
+    pub port: u16,
+    pub name: Option<String>,
+    pub app_protocol: Option<String>,
+    pub endpoints: Vec<Endpoint>,
+    #[serde(skip)]
+    next: AtomicUsize,
+}
+
+impl ServicePort {
+    /// The next endpoint in round-robin order, if the port has any.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        self.endpoints.get(i)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub hostname: String,
+    pub vip: Option<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+}
+
+impl Service {
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+/// Builds services and their endpoints from the resources and the compiled workloads.
+pub fn compile_services(
+    resources: &[Located<Resource>],
+    workloads: &[Arc<Workload>],
+    pod_ports: &BTreeMap<(String, String), BTreeMap<String, u16>>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<Arc<Service>> {
+    let mut services = Vec::new();
+    for located in resources {
+        let Resource::Service(svc) = &located.resource else { continue };
+        services.push(Arc::new(compile_one(located, svc, workloads, pod_ports, diagnostics)));
+    }
+    services
+}
+
+fn compile_one(
+    located: &Located<Resource>,
+    svc: &ServiceResource,
+    workloads: &[Arc<Workload>],
+    pod_ports: &BTreeMap<(String, String), BTreeMap<String, u16>>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Service {
+    let namespace = svc.metadata.namespace_or_default().to_owned();
+    let vip = match svc.spec.cluster_ip.as_deref() {
+        None | Some("None") | Some("") => None,
+        Some(text) => match text.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                diagnostics.push(Diagnostic::error(
+                    located.origin.clone(),
+                    Some("spec.clusterIP"),
+                    format!("`{text}` is not an IP address (or `None` for a headless service)"),
+                ));
+                None
+            }
+        },
+    };
+    let selected: Vec<&Arc<Workload>> = if svc.spec.selector.is_empty() {
+        Vec::new()
+    } else {
+        workloads
+            .iter()
+            .filter(|w| w.namespace == namespace && svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .collect()
+    };
+    let ports = svc
+        .spec
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let endpoints = selected
+                .iter()
+                .filter_map(|w| {
+                    let port = match &p.target_port {
+                        None => p.port,
+                        Some(PortRef::Number(n)) => *n,
+                        Some(PortRef::Name(name)) => {
+                            let found = pod_ports.get(&(w.namespace.clone(), w.name.clone())).and_then(|ports| ports.get(name));
+                            match found {
+                                Some(port) => *port,
+                                None => {
+                                    diagnostics.push(Diagnostic::warning(
+                                        located.origin.clone(),
+                                        Some(&format!("spec.ports[{i}].targetPort")),
+                                        format!("pod {}/{} has no container port named `{name}`; it is not an endpoint of this port", w.namespace, w.name),
+                                    ));
+                                    return None;
+                                }
+                            }
+                        }
+                    };
+                    Some(Endpoint {
+                        workload: (*w).clone(),
+                        port,
+                    })
+                })
+                .collect();
+            ServicePort {
+                port: p.port,
+                name: p.name.clone(),
+                app_protocol: p.app_protocol.clone(),
+                endpoints,
+                next: AtomicUsize::new(0),
+            }
+        })
+        .collect();
+    Service {
+        hostname: format!("{}.{namespace}.svc.cluster.local", svc.metadata.name),
+        name: svc.metadata.name.clone(),
+        namespace,
+        vip,
+        labels: svc.metadata.labels.clone(),
+        ports,
+    }
+}

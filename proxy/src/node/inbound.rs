@@ -1,0 +1,225 @@
+//! Inbound: HBONE tunnels to pods of this node (CAP-2, L4-1), and the in-process hop that
+//! same-node traffic takes, under the same checks.
+//!
+//! The TLS identity a connection is served with is the one of the pod it was addressed to (the
+//! capture program keeps the original destination as the socket's local address). Each CONNECT
+//! stream must target a pod of this node with that same identity; the pod is dialled from the
+//! original client's IP when the client's certificate proves it owns that IP (L4-6).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Instant,
+};
+
+use http::{Method, Response, StatusCode};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{NodeContext, copy, outbound::PROXY_PORTS};
+use crate::{
+    hbone::{
+        self, FORWARDED,
+        server::{InboundStream, refuse},
+    },
+    identity::Identity,
+    model::{Model, Workload},
+    sys,
+    telemetry::{ConnectionRecord, Outcome},
+};
+
+/// Accepts one TCP connection on the HBONE port and serves its streams.
+pub async fn serve_hbone(ctx: Arc<NodeContext>, tcp: TcpStream, peer: SocketAddr) {
+    let Ok(local) = tcp.local_addr() else { return };
+    let served = {
+        let model = ctx.model.current();
+        model
+            .workload_by_ip(local.ip())
+            .filter(|w| w.captured && w.node.as_deref() == Some(ctx.node_name.as_str()))
+            .cloned()
+    };
+    let Some(served) = served else {
+        refused_connection(&ctx, peer, local, "HBONE connection to an address that is not a captured pod of this node");
+        return;
+    };
+    let identity = served.identity(&ctx.trust_domain);
+    let settings = match ctx.certs.get(&identity).await {
+        Ok(s) => s,
+        Err(e) => {
+            refused_connection(&ctx, peer, local, &format!("no certificate to serve {identity}: {e}"));
+            return;
+        }
+    };
+    let stream_ctx = ctx.clone();
+    let result = hbone::server::serve_connection(tcp, peer, settings.server.clone(), move |stream| {
+        handle_stream(stream_ctx.clone(), identity.clone(), stream)
+    })
+    .await;
+    if let Err(e) = result {
+        refused_connection(&ctx, peer, local, &e.to_string());
+    }
+}
+
+fn refused_connection(ctx: &NodeContext, peer: SocketAddr, local: SocketAddr, reason: &str) {
+    let mut record = ConnectionRecord::start("inbound", peer, local);
+    record.security = "mutual_tls";
+    record.outcome = Outcome::Refused(reason.to_owned());
+    ctx.access_log.record(&record);
+}
+
+async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundStream) {
+    let clock = Instant::now();
+    let InboundStream { request, mut respond, peer_identity, peer_addr } = stream;
+    let authority = request.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+    let target: Option<SocketAddr> = authority.parse().ok();
+    let mut record = ConnectionRecord::start("inbound", peer_addr, target.unwrap_or(peer_addr));
+    record.security = "mutual_tls";
+    record.source_identity = Some(peer_identity.to_string());
+    record.destination_identity = Some(served.to_string());
+
+    let model = ctx.model.current();
+    let claimed_ip =
+        request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
+    let checked = if request.method() != Method::CONNECT {
+        Err((StatusCode::BAD_REQUEST, format!("method {} is not CONNECT", request.method())))
+    } else if let Some(target) = target {
+        check_target(&model, &ctx.node_name, &ctx.trust_domain, target, &served).map(|w| (w, target))
+    } else {
+        Err((StatusCode::BAD_REQUEST, format!("CONNECT target `{authority}` is not ip:port")))
+    };
+    let (workload, target) = match checked {
+        Ok(ok) => ok,
+        Err((status, reason)) => {
+            refuse(respond, status);
+            record.outcome = Outcome::Refused(format!("{} {reason}", status.as_u16()));
+            record.duration = clock.elapsed();
+            ctx.access_log.record(&record);
+            return;
+        }
+    };
+    record.destination_workload = Some(workload.display_name());
+    let client_ip = claimed_ip.filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity));
+    if let Some(ip) = client_ip {
+        record.source_addr = SocketAddr::new(ip, 0);
+        record.source_workload = model.workload_by_ip(ip).map(|w| w.display_name());
+    }
+    drop(model);
+
+    let upstream = match dial_pod(client_ip, target).await {
+        Ok(s) => s,
+        Err(e) => {
+            refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+            record.outcome = Outcome::UpstreamConnectFailed(e.to_string());
+            record.duration = clock.elapsed();
+            ctx.access_log.record(&record);
+            return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            debug!("HBONE stream reset before it was answered: {e}");
+            return;
+        }
+    };
+    let (copied, error) = hbone::stream::copy(&upstream, send, request.into_body()).await;
+    // Seen from the client: what it sent went into the stream, what it received came out.
+    record.bytes_sent = copied.b_to_a;
+    record.bytes_received = copied.a_to_b;
+    if let Some(e) = error {
+        record.outcome = Outcome::Broken(e.to_string());
+    }
+    record.duration = clock.elapsed();
+    ctx.access_log.record(&record);
+}
+
+/// The pod a tunnel may reach: a captured pod of this node, with the identity the connection
+/// was served as, on a port that is not one of the proxy's.
+fn check_target(
+    model: &Model,
+    node: &str,
+    trust_domain: &str,
+    target: SocketAddr,
+    served: &Identity,
+) -> Result<Arc<Workload>, (StatusCode, String)> {
+    if PROXY_PORTS.contains(&target.port()) {
+        return Err((StatusCode::BAD_REQUEST, format!("port {} is reserved for the mesh proxy", target.port())));
+    }
+    let workload = model
+        .workload_by_ip(target.ip())
+        .filter(|w| w.captured && w.node.as_deref() == Some(node))
+        .ok_or_else(|| (StatusCode::BAD_REQUEST, format!("{} is not a captured pod of this node", target.ip())))?;
+    if &workload.identity(trust_domain) != served {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("{} runs as {}, not as {served}", target.ip(), workload.identity(trust_domain)),
+        ));
+    }
+    Ok(workload.clone())
+}
+
+/// A client may only claim a source IP of a workload running as the identity it proved.
+fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &Identity) -> bool {
+    model.workload_by_ip(ip).is_some_and(|w| &w.identity(trust_domain) == identity)
+}
+
+async fn dial_pod(client_ip: Option<IpAddr>, target: SocketAddr) -> std::io::Result<TcpStream> {
+    match client_ip {
+        Some(ip) => sys::connect_transparent(ip, target).await,
+        None => sys::connect_marked(target).await,
+    }
+}
+
+/// Same-node traffic: the outbound connection is delivered to the local pod here, with the
+/// checks an HBONE stream gets and an inbound access line of its own. The source's identity is
+/// the one this proxy holds a certificate for and would have presented over TLS.
+pub async fn deliver_local(
+    ctx: &NodeContext,
+    downstream: &TcpStream,
+    peer: SocketAddr,
+    source: &Workload,
+    target: &Workload,
+    addr: SocketAddr,
+    record: &mut ConnectionRecord,
+) {
+    let clock = Instant::now();
+    let source_identity = source.identity(&ctx.trust_domain);
+    let served = target.identity(&ctx.trust_domain);
+    record.destination_addr = addr;
+    let mut inbound = ConnectionRecord::start("inbound", peer, addr);
+    inbound.security = "mutual_tls";
+    inbound.source_workload = Some(source.display_name());
+    inbound.source_identity = Some(source_identity.to_string());
+    inbound.destination_workload = Some(target.display_name());
+    inbound.destination_identity = Some(served.to_string());
+
+    let checked = {
+        let model = ctx.model.current();
+        check_target(&model, &ctx.node_name, &ctx.trust_domain, addr, &served)
+    };
+    match checked {
+        Err((status, reason)) => {
+            let reason = format!("{} {reason}", status.as_u16());
+            inbound.outcome = Outcome::Refused(reason.clone());
+            record.outcome = Outcome::Refused(reason);
+        }
+        Ok(_) => match dial_pod(Some(peer.ip()), addr).await {
+            Ok(upstream) => {
+                let (copied, error) = copy::bidirectional(downstream, &upstream).await;
+                for r in [&mut *record, &mut inbound] {
+                    r.bytes_sent = copied.a_to_b;
+                    r.bytes_received = copied.b_to_a;
+                    if let Some(e) = &error {
+                        r.outcome = Outcome::Broken(e.to_string());
+                    }
+                }
+            }
+            Err(e) => {
+                inbound.outcome = Outcome::UpstreamConnectFailed(e.to_string());
+                record.outcome = Outcome::UpstreamConnectFailed(e.to_string());
+            }
+        },
+    }
+    inbound.duration = clock.elapsed();
+    ctx.access_log.record(&inbound);
+}
