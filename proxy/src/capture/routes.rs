@@ -10,13 +10,20 @@ pub fn pod_interfaces() -> io::Result<HashMap<Ipv4Addr, Interface>> {
     let table = fs::read_to_string("/proc/net/route")?;
     let mut out = HashMap::new();
     for (ip, name) in parse_host_routes(&table) {
-        let index =
-            fs::read_to_string(format!("/sys/class/net/{name}/ifindex")).ok().and_then(|s| s.trim().parse().ok());
-        if let Some(index) = index {
+        if let Some(index) = interface_index(&name) {
             out.insert(ip, Interface { name, index });
         }
     }
     Ok(out)
+}
+
+/// The interface's index in the current network namespace. (Not from /sys: sysfs shows the
+/// namespace it was mounted in, which need not be ours.)
+fn interface_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated name; the call only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// The node's uplink: the interface of its default route, or else of the first route through a
