@@ -1,0 +1,324 @@
+//! End to end: the mesh data path between node proxies (issue 3; SPEC ID-1, ID-3, L4-1, L4-2,
+//! L4-3, L4-5, L4-6, CAP-2): HBONE in mutual TLS, identities, source IP, services, passthrough,
+//! certificate rotation and refusal of anything that is not a valid peer. Needs root.
+
+mod common;
+
+use std::{collections::BTreeMap, fs, io, path::Path, process::Command, thread, time::Duration};
+
+use common::{
+    TIMEOUT, UnderlayCapture, access_lines, ca_dir, pcap, start_node, start_node_with_config, wait_access_line,
+};
+use strait_testbed::{EchoKind, Node, Pod, Process, Topology, bin_path, k8s};
+
+const MESH: &str = "mesh";
+const PLAIN: &str = "plain";
+const HBONE_PORT: u16 = 15008;
+
+fn namespaces() -> String {
+    [k8s::namespace_yaml(MESH, &[("istio.io/dataplane-mode", "ambient")]), k8s::namespace_yaml(PLAIN, &[])].concat()
+}
+
+/// Two nodes, an enrolled client on node 1 and an enrolled server on node 2, proxies on both
+/// sharing one CA directory.
+struct TwoNodes {
+    topo: Topology,
+    n1: Node,
+    n2: Node,
+    client: Pod,
+    server: Pod,
+}
+
+fn two_nodes(name: &str) -> io::Result<TwoNodes> {
+    let topo = Topology::new(name)?;
+    let (n1, n2) = (topo.add_node("node1")?, topo.add_node("node2")?);
+    let client = topo.add_pod(&n1, "client")?;
+    let server = topo.add_pod(&n2, "server")?;
+    Ok(TwoNodes { topo, n1, n2, client, server })
+}
+
+impl TwoNodes {
+    fn config(&self, server_sa: &str) -> String {
+        [
+            namespaces(),
+            k8s::pod_yaml(&self.client, MESH, "client", &[("app", "client")]),
+            k8s::pod_yaml(&self.server, MESH, server_sa, &[("app", "server")]),
+        ]
+        .concat()
+    }
+
+    fn start_proxies(&self, extra: &[&str]) -> io::Result<(Process, Process)> {
+        let ca = ca_dir(&self.topo, "ca");
+        Ok((start_node(&self.topo, &self.n1, &ca, extra)?, start_node(&self.topo, &self.n2, &ca, extra)?))
+    }
+}
+
+// L4-1, ID-3: across nodes the request travels only inside TLS 1.3 on port 15008; the server
+// sees the client's own IP (L4-6); both access lines name both SPIFFE identities.
+#[test]
+fn cross_node_traffic_is_tls13_hbone_with_identities_and_source_ip() -> io::Result<()> {
+    let t = two_nodes("mesh::hbone")?;
+    t.topo.write_config("c.yaml", &t.config("server"))?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let (p1, p2) = t.start_proxies(&[])?;
+
+    let marker = "x-marker: never-in-clear-7f3a9c";
+    let capture = UnderlayCapture::start(&t.topo)?;
+    let url = format!("http://{}:8080/", t.server.ip());
+    let reply = t.client.curl_args(&["-H", marker, &url])?;
+    let segments = capture.finish()?;
+
+    assert!(reply.ok(), "{reply:?}");
+    assert!(reply.body.contains(&format!("peer={}:", t.client.ip())), "source IP preserved: {}", reply.body);
+    let (client_id, server_id) =
+        ("spiffe://cluster.local/ns/mesh/sa/client", "spiffe://cluster.local/ns/mesh/sa/server");
+    for (proxy, direction) in [(&p1, "outbound"), (&p2, "inbound")] {
+        let line = wait_access_line(proxy, &[direction, &format!("dst.addr={}:8080", t.server.ip())], TIMEOUT)?;
+        assert!(line.contains(&format!("src.identity={client_id}")), "{line}");
+        assert!(line.contains(&format!("dst.identity={server_id}")), "{line}");
+        assert!(line.contains("security=mutual_tls") && line.contains("result=ok"), "{line}");
+    }
+
+    let with_payload: Vec<&pcap::Segment> = segments.iter().filter(|s| !s.payload.is_empty()).collect();
+    assert!(!with_payload.is_empty(), "the capture saw the traffic");
+    for s in &with_payload {
+        assert!(s.src.port() == HBONE_PORT || s.dst.port() == HBONE_PORT, "only HBONE crosses the underlay: {s:?}");
+        assert!(!pcap::contains(&s.payload, b"never-in-clear"), "request header in clear: {s:?}");
+        assert!(!pcap::contains(&s.payload, b"hello from"), "response body in clear: {s:?}");
+    }
+    let client_hello = with_payload.iter().find(|s| s.dst.port() == HBONE_PORT).expect("a ClientHello");
+    assert_eq!(&client_hello.payload[..1], [0x16], "a TLS handshake record");
+    assert!(pcap::contains(&client_hello.payload, b"\x02h2"), "ALPN h2 offered");
+    let server_hello = with_payload.iter().find(|s| s.src.port() == HBONE_PORT).expect("a ServerHello");
+    assert_eq!(server_hello.payload.get(5), Some(&0x02), "ServerHello");
+    // supported_versions (43) = TLS 1.3 (0x0304) in the ServerHello: the negotiated version.
+    assert!(pcap::contains(&server_hello.payload, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]), "TLS 1.3 negotiated");
+    Ok(())
+}
+
+// ID-3 (secure naming): a server presenting another identity than the destination's is refused
+// by the client, and nothing reaches the server pod.
+#[test]
+fn server_with_another_identity_is_refused() -> io::Result<()> {
+    let t = two_nodes("mesh::wrong_identity")?;
+    t.topo.write_config("c.yaml", &t.config("server"))?;
+    // Node 2 believes the server pod runs as `impostor`, so it proves that identity.
+    let node2_config = t.topo.dir().join("node2-config");
+    fs::create_dir_all(&node2_config)?;
+    fs::write(node2_config.join("c.yaml"), t.config("impostor"))?;
+    let ca = ca_dir(&t.topo, "ca");
+    let p1 = start_node(&t.topo, &t.n1, &ca, &[])?;
+    let _p2 = start_node_with_config(&t.topo, &t.n2, &node2_config, &ca, &[])?;
+    let http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+
+    let reply = t.client.curl(&format!("http://{}:8080/", t.server.ip()), TIMEOUT)?;
+    assert_eq!(reply.status, 0, "no response may come back: {reply:?}");
+    let line = wait_access_line(&p1, &["outbound", "result=upstream_connect_failed"], TIMEOUT)?;
+    assert!(line.contains("sa/impostor") && line.contains("sa/server was expected"), "{line}");
+    assert_eq!(http.count_log_lines("request peer="), 0);
+    Ok(())
+}
+
+// ID-3: a client whose certificate chains to another root is refused by the server. Node 1
+// trusts node 2's root (its root bundle holds both) but signs with its own; node 2 trusts only
+// its own.
+#[test]
+fn client_signed_by_another_root_is_refused_by_the_server() -> io::Result<()> {
+    let t = two_nodes("mesh::foreign_root")?;
+    t.topo.write_config("c.yaml", &t.config("server"))?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let (ca1, ca2) = (ca_dir(&t.topo, "ca1"), ca_dir(&t.topo, "ca2"));
+    let p2 = start_node(&t.topo, &t.n2, &ca2, &[])?;
+    // Create node 1's CA, then add node 2's root to what node 1 trusts.
+    drop(start_node(&t.topo, &t.n1, &ca1, &[])?);
+    let bundle =
+        [fs::read_to_string(ca1.join("root-cert.pem"))?, fs::read_to_string(ca2.join("root-cert.pem"))?].concat();
+    fs::write(ca1.join("root-cert.pem"), bundle)?;
+    let p1 = start_node(&t.topo, &t.n1, &ca1, &[])?;
+
+    let reply = t.client.curl(&format!("http://{}:8080/", t.server.ip()), TIMEOUT)?;
+    assert_eq!(reply.status, 0, "{reply:?}");
+    let refused = wait_access_line(&p2, &["inbound", "result=refused"], TIMEOUT)?;
+    assert!(refused.contains("TLS handshake failed"), "{refused}");
+    let failed = wait_access_line(&p1, &["outbound", "result=upstream_connect_failed"], TIMEOUT)?;
+    assert!(failed.contains("alert") || failed.contains("TLS"), "{failed}");
+    assert!(refused.contains("invalid peer certificate"), "{refused}");
+    Ok(())
+}
+
+// L4-3: a Service with one endpoint on each node gets about half of 200 connections each.
+#[test]
+fn service_connections_spread_over_endpoints_on_two_nodes() -> io::Result<()> {
+    let t = two_nodes("mesh::service")?;
+    let local = t.topo.add_pod(&t.n1, "server-b")?;
+    let config = [
+        namespaces(),
+        k8s::pod_yaml(&t.client, MESH, "client", &[("app", "client")]),
+        k8s::pod_yaml(&t.server, MESH, "server", &[("app", "server")]),
+        k8s::pod_yaml(&local, MESH, "server", &[("app", "server")]),
+        k8s::service_yaml("server", MESH, "10.96.0.20", &[(80, 8080)], &[("app", "server")]),
+    ]
+    .concat();
+    t.topo.write_config("c.yaml", &config)?;
+    let _servers = [t.server.start_echo_server(EchoKind::Http, 8080)?, local.start_echo_server(EchoKind::Http, 8080)?];
+    let (p1, _p2) = t.start_proxies(&[])?;
+
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..200 {
+        let reply = t.client.curl("http://10.96.0.20/", TIMEOUT)?;
+        assert!(reply.ok(), "{reply:?}");
+        let who = reply.body.split_whitespace().nth(2).unwrap_or("?").to_owned();
+        *answers.entry(who).or_default() += 1;
+    }
+    let (remote, near) = (answers.get("server").copied().unwrap_or(0), answers.get("server-b").copied().unwrap_or(0));
+    assert_eq!(remote + near, 200, "{answers:?}");
+    assert!((70..=130).contains(&remote), "about half each: {answers:?}");
+    let line = wait_access_line(&p1, &["outbound", "dst.service=server.mesh.svc.cluster.local"], TIMEOUT)?;
+    assert!(line.contains(":8080") && line.contains("security=mutual_tls"), "targetPort applied: {line}");
+    Ok(())
+}
+
+// L4-5: a destination outside the mesh is reached in plain TCP.
+#[test]
+fn destination_outside_the_mesh_gets_plain_tcp() -> io::Result<()> {
+    let t = two_nodes("mesh::passthrough")?;
+    let config =
+        [namespaces(), k8s::pod_yaml(&t.client, MESH, "client", &[]), k8s::pod_yaml(&t.server, PLAIN, "server", &[])]
+            .concat();
+    t.topo.write_config("c.yaml", &config)?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let (p1, _p2) = t.start_proxies(&[])?;
+    let capture = UnderlayCapture::start(&t.topo)?;
+    let reply = t.client.curl(&format!("http://{}:8080/", t.server.ip()), TIMEOUT)?;
+    let segments = capture.finish()?;
+    assert!(reply.ok(), "{reply:?}");
+    let line = wait_access_line(&p1, &["outbound", &format!("dst.addr={}:8080", t.server.ip())], TIMEOUT)?;
+    assert!(line.contains("security=none") && line.contains("result=ok"), "{line}");
+    assert!(
+        segments.iter().any(|s| s.dst.port() == 8080 && pcap::contains(&s.payload, b"GET / HTTP/1.1")),
+        "plain TCP"
+    );
+    assert!(segments.iter().all(|s| s.dst.port() != HBONE_PORT), "no HBONE for a non-mesh destination");
+    Ok(())
+}
+
+// ID-1: certificates with a 10 s lifetime are renewed at half life during a 30 s connection,
+// which completes intact; new connections afterwards use the new certificates.
+#[test]
+fn certificates_rotate_during_a_long_transfer() -> io::Result<()> {
+    let t = two_nodes("mesh::rotation")?;
+    t.topo.write_config("c.yaml", &t.config("server"))?;
+    let _tcp = t.server.start_echo_server(EchoKind::Tcp, 9000)?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let (p1, p2) = t.start_proxies(&["--cert-ttl", "10s"])?;
+    let echo = bin_path("strait-echo");
+    let target = format!("{}:9000", t.server.ip());
+    let hold = t.client.spawn("hold", &echo, &["hold", &target, "--secs", "30"], &[])?;
+    let status = hold.wait_exit(Duration::from_secs(45)).expect("the transfer finishes");
+    assert!(status.success(), "the connection broke during rotation: {}", hold.log_tail());
+    assert!(hold.count_log_lines("ok ") >= 100, "{}", hold.log_tail());
+
+    let issued = |p: &Process, sa: &str| {
+        p.count_log_lines(&format!("certificate issued identity=spiffe://cluster.local/ns/mesh/sa/{sa}"))
+    };
+    assert!(issued(&p1, "client") >= 5, "client certificate renewed every ~5 s:\n{}", p1.log_tail());
+    assert!(issued(&p2, "server") >= 5, "server certificate renewed every ~5 s:\n{}", p2.log_tail());
+    let line = wait_access_line(&p1, &["outbound", &format!("dst.addr={target}")], TIMEOUT)?;
+    assert!(line.contains("result=ok"), "{line}");
+    let reply = t.client.curl(&format!("http://{}:8080/", t.server.ip()), TIMEOUT)?;
+    assert!(reply.ok(), "a new connection after rotation: {reply:?}");
+    Ok(())
+}
+
+/// Writes a client certificate for `identity` signed by the CA in `ca`, with openssl, the way
+/// any foreign HBONE client would hold one.
+fn openssl_client_cert(ca: &Path, dir: &Path, identity: &str) -> io::Result<(String, String)> {
+    let (key, csr, cert, ext) = (dir.join("k.pem"), dir.join("r.csr"), dir.join("c.pem"), dir.join("ext.cnf"));
+    fs::write(
+        &ext,
+        format!("subjectAltName=URI:{identity}\nextendedKeyUsage=clientAuth,serverAuth\nkeyUsage=digitalSignature\n"),
+    )?;
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let steps: [Vec<String>; 3] = [
+        vec![
+            "ecparam".into(),
+            "-name".into(),
+            "prime256v1".into(),
+            "-genkey".into(),
+            "-noout".into(),
+            "-out".into(),
+            s(&key),
+        ],
+        vec![
+            "req".into(),
+            "-new".into(),
+            "-key".into(),
+            s(&key),
+            "-subj".into(),
+            "/O=test".into(),
+            "-out".into(),
+            s(&csr),
+        ],
+        vec![
+            "x509".into(),
+            "-req".into(),
+            "-in".into(),
+            s(&csr),
+            "-CA".into(),
+            s(&ca.join("ca-cert.pem")),
+            "-CAkey".into(),
+            s(&ca.join("ca-key.pem")),
+            "-CAcreateserial".into(),
+            "-days".into(),
+            "1".into(),
+            "-extfile".into(),
+            s(&ext),
+            "-out".into(),
+            s(&cert),
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl").args(&args).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+    }
+    Ok((s(&cert), s(&key)))
+}
+
+// L4-1: garbage on 15008 (not TLS, TLS without a client certificate, HTTP/2 without CONNECT) is
+// refused, and an open mesh connection is not disturbed.
+#[test]
+fn garbage_on_the_hbone_port_is_refused_without_harm() -> io::Result<()> {
+    let t = two_nodes("mesh::garbage")?;
+    let outsider = t.topo.add_pod(&t.n1, "outsider")?;
+    let config = [t.config("server"), k8s::pod_yaml(&outsider, PLAIN, "default", &[])].concat();
+    t.topo.write_config("c.yaml", &config)?;
+    let _tcp = t.server.start_echo_server(EchoKind::Tcp, 9000)?;
+    let (_p1, p2) = t.start_proxies(&[])?;
+    let echo = bin_path("strait-echo");
+    let hold = t.client.spawn("hold", &echo, &["hold", &format!("{}:9000", t.server.ip()), "--secs", "6"], &[])?;
+    hold.wait_for_log("ok 2", TIMEOUT)?;
+
+    let hbone = format!("{}:{HBONE_PORT}", t.server.ip());
+    // Plain HTTP where TLS is expected.
+    let reply = outsider.curl(&format!("http://{hbone}/"), TIMEOUT)?;
+    assert_eq!(reply.status, 0, "{reply:?}");
+    // TLS without a client certificate.
+    let reply = outsider.curl_args(&["-k", "--http2", &format!("https://{hbone}/")])?;
+    assert_eq!(reply.status, 0, "{reply:?}");
+    // A valid mesh certificate, but HTTP/2 GET instead of CONNECT.
+    let (cert, key) =
+        openssl_client_cert(&ca_dir(&t.topo, "ca"), t.topo.dir(), "spiffe://cluster.local/ns/plain/sa/default")?;
+    let reply = outsider.curl_args(&["-k", "--http2", "--cert", &cert, "--key", &key, &format!("https://{hbone}/")])?;
+    assert_eq!(reply.status, 400, "{reply:?}");
+
+    let refusals = access_lines(&p2, &["inbound", "result=refused"]);
+    assert!(refusals.iter().filter(|l| l.contains("TLS handshake failed")).count() >= 2, "{refusals:#?}");
+    assert!(refusals.iter().any(|l| l.contains("is not CONNECT")), "{refusals:#?}");
+    let status = hold.wait_exit(TIMEOUT).expect("hold finishes");
+    assert!(status.success(), "the mesh connection was disturbed: {}", hold.log_tail());
+    assert!(p2.is_running());
+    thread::sleep(Duration::from_millis(10));
+    Ok(())
+}
