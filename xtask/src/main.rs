@@ -28,6 +28,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "tcpdump",
+    "openssl",
     "util-linux",
 ];
 
@@ -59,10 +60,7 @@ fn usage() -> String {
 
 fn workspace_root() -> PathBuf {
     // xtask/ sits directly under the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn cargo_home() -> PathBuf {
@@ -83,38 +81,24 @@ fn path_with_cargo_bin() -> OsString {
 
 fn cargo() -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root())
-        .env("PATH", path_with_cargo_bin());
+    cmd.current_dir(workspace_root()).env("PATH", path_with_cargo_bin());
     cmd
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result {
-    let status = cmd
-        .status()
-        .map_err(|e| format!("{what}: cannot start {:?}: {e}", cmd.get_program()))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{what} failed ({status})"))
-    }
+    let status = cmd.status().map_err(|e| format!("{what}: cannot start {:?}: {e}", cmd.get_program()))?;
+    if status.success() { Ok(()) } else { Err(format!("{what} failed ({status})")) }
 }
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
         .unwrap_or(false)
 }
 
 fn have(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 fn setup() -> Result {
@@ -134,10 +118,7 @@ fn setup() -> Result {
             ));
         }
         println!("xtask: installing Debian packages: {}", missing.join(" "));
-        run(
-            Command::new("apt-get").arg("update").arg("-q"),
-            "apt-get update",
-        )?;
+        run(Command::new("apt-get").arg("update").arg("-q"), "apt-get update")?;
         run(
             Command::new("apt-get")
                 .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -150,10 +131,7 @@ fn setup() -> Result {
     if !have("rustup") {
         return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".into());
     }
-    println!(
-        "xtask: setup complete ({:.1}s)",
-        started.elapsed().as_secs_f64()
-    );
+    println!("xtask: setup complete ({:.1}s)", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -170,16 +148,9 @@ fn missing_packages() -> Result<Vec<String>> {
         .output()
         .map_err(|e| format!("dpkg-query: {e}"))?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let installed: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_suffix(" installed"))
-        .map(|p| p.split(':').next().unwrap_or(p))
-        .collect();
-    Ok(DEBIAN_PACKAGES
-        .iter()
-        .filter(|p| !installed.contains(p))
-        .map(|p| (*p).to_owned())
-        .collect())
+    let installed: Vec<&str> =
+        text.lines().filter_map(|l| l.strip_suffix(" installed")).map(|p| p.split(':').next().unwrap_or(p)).collect();
+    Ok(DEBIAN_PACKAGES.iter().filter(|p| !installed.contains(p)).map(|p| (*p).to_owned()).collect())
 }
 
 fn ensure_bpf_linker() -> Result {
@@ -193,11 +164,7 @@ fn ensure_bpf_linker() -> Result {
     println!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a minute or two)");
     run(
         cargo()
-            .args([
-                "install",
-                "--locked",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            ])
+            .args(["install", "--locked", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
             .args(["--no-default-features", "--features", "llvm-22", "--force"])
             // Without it bpf-linker's build finds the system's older LLVM and fails to link.
             .env("LLVM_PREFIX", LLVM_PREFIX),
@@ -207,59 +174,29 @@ fn ensure_bpf_linker() -> Result {
 
 fn test(filters: &[String]) -> Result {
     if !is_root() {
-        return Err(
-            "the end-to-end tests build network namespaces and load eBPF programs: run as root"
-                .into(),
-        );
+        return Err("the end-to-end tests build network namespaces and load eBPF programs: run as root".into());
     }
     let started = Instant::now();
     println!("xtask: cargo fmt --check");
-    run(
-        cargo().args(["fmt", "--all", "--", "--check"]),
-        "formatting check (run `cargo fmt --all`)",
-    )?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]), "formatting check (run `cargo fmt --all`)")?;
     println!("xtask: cargo clippy -D warnings");
     run(
-        cargo().args([
-            "clippy",
-            "--workspace",
-            "--exclude",
-            "strait-ebpf",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]),
+        cargo().args(["clippy", "--workspace", "--exclude", "strait-ebpf", "--all-targets", "--", "-D", "warnings"]),
         "clippy",
     )?;
     println!("xtask: building binaries");
     run(cargo().args(["build", "--bins"]), "build")?;
     println!("xtask: running unit and end-to-end tests");
-    run(
-        cargo()
-            .args(["test", "--workspace", "--exclude", "strait-ebpf", "--"])
-            .args(filters),
-        "tests",
-    )?;
-    println!(
-        "xtask: all checks passed in {:.0}s",
-        started.elapsed().as_secs_f64()
-    );
+    run(cargo().args(["test", "--workspace", "--exclude", "strait-ebpf", "--"]).args(filters), "tests")?;
+    println!("xtask: all checks passed in {:.0}s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
 fn demo() -> Result {
     if !is_root() {
-        return Err(
-            "the demo builds network namespaces and loads eBPF programs: run as root".into(),
-        );
+        return Err("the demo builds network namespaces and loads eBPF programs: run as root".into());
     }
     run(cargo().args(["build", "--bins"]), "build")?;
     let strait = workspace_root().join("target").join("debug").join("strait");
-    run(
-        Command::new(strait)
-            .arg("demo")
-            .env("PATH", path_with_cargo_bin()),
-        "strait demo",
-    )
+    run(Command::new(strait).arg("demo").env("PATH", path_with_cargo_bin()), "strait demo")
 }

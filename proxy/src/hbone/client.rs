@@ -92,6 +92,8 @@ struct PooledConnection {
     sender: SendRequest<Bytes>,
     peer: Identity,
     addr: SocketAddr,
+    /// When the client certificate this connection proved expires: no new streams after it.
+    expires: std::time::SystemTime,
     active: Arc<AtomicUsize>,
     idle_since: Mutex<Instant>,
 }
@@ -134,7 +136,9 @@ impl HbonePool {
         let connection = {
             let mut held = slot.lock().await;
             match held.as_ref() {
-                Some(c) if !c.sender.clone().ready().await.is_err() => c.clone(),
+                Some(c) if c.expires > std::time::SystemTime::now() && c.sender.clone().ready().await.is_ok() => {
+                    c.clone()
+                }
                 _ => {
                     let fresh = tokio::time::timeout(CONNECT_TIMEOUT, self.open(request))
                         .await
@@ -188,6 +192,7 @@ impl HbonePool {
             sender,
             peer,
             addr,
+            expires: tls_settings.cert.not_after,
             active: Arc::new(AtomicUsize::new(0)),
             idle_since: Mutex::new(Instant::now()),
         }))

@@ -68,6 +68,10 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
             }
         }
     }
+    if matches!(record.outcome, Outcome::Refused(_) | Outcome::UpstreamConnectFailed(_)) {
+        // Reset rather than close: the client must see a failed connection, not an empty reply.
+        let _ = socket2::SockRef::from(&downstream).set_linger(Some(std::time::Duration::ZERO));
+    }
     record.duration = clock.elapsed();
     ctx.access_log.record(&record);
 }
