@@ -80,3 +80,26 @@ pub async fn connect_transparent(source: std::net::IpAddr, addr: SocketAddr) -> 
     stream.set_nodelay(true)?;
     Ok(stream)
 }
+
+/// Raises the open-file limit as far as allowed: a node proxy holds two sockets per proxied
+/// connection, and the usual soft limit of 1024 would cap it at a few hundred connections.
+pub fn raise_fd_limit() -> u64 {
+    const WANTED: libc::rlim_t = 1 << 20;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_max < WANTED {
+            // Needs CAP_SYS_RESOURCE; keep the old hard limit if refused.
+            let raised = libc::rlimit { rlim_cur: WANTED, rlim_max: WANTED };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return WANTED;
+            }
+        }
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        limit.rlim_cur
+    }
+}

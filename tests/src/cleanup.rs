@@ -103,7 +103,9 @@ fn process_start_time(pid: u32) -> Option<u64> {
 /// Whether the run that used `pid` in its names is gone: no such process, or a process that
 /// started at a different time than the one recorded by the run.
 fn owner_is_gone(pid: u32) -> bool {
-    let Some(start) = process_start_time(pid) else { return true };
+    let Some(start) = process_start_time(pid) else {
+        return true;
+    };
     match fs::read_to_string(owners_dir().join(pid.to_string())) {
         Ok(recorded) => recorded.trim().parse::<u64>().is_ok_and(|r| r != start),
         // No record: written by something else, or before records existed; trust liveness.
@@ -116,13 +118,13 @@ fn owner_is_gone(pid: u32) -> bool {
 /// and skipped, because another process may be sweeping the same items at the same time.
 pub fn cleanup_stale() -> io::Result<usize> {
     let mut deleted = 0;
-    let mut gone_pids = Vec::new();
     for name in list_dir(Path::new(NETNS_DIR)) {
-        let Some(pid) = owner_pid(&name) else { continue };
+        let Some(pid) = owner_pid(&name) else {
+            continue;
+        };
         if pid == std::process::id() || !owner_is_gone(pid) {
             continue;
         }
-        gone_pids.push(pid);
         match delete_netns(&name) {
             Ok(()) => deleted += 1,
             Err(err) => eprintln!("strait-testbed: cannot delete stale namespace {name}: {err}"),
@@ -132,20 +134,22 @@ pub fn cleanup_stale() -> io::Result<usize> {
     let keep_dirs = keep_requested();
     let tmp = env::temp_dir();
     for name in list_dir(&tmp) {
-        let Some(pid) = name.strip_prefix("strait-").and_then(owner_pid) else { continue };
+        let Some(pid) = name.strip_prefix("strait-").and_then(owner_pid) else {
+            continue;
+        };
         if pid == std::process::id() || !owner_is_gone(pid) {
             continue;
         }
-        gone_pids.push(pid);
         if !keep_dirs {
             let _ = fs::remove_dir_all(tmp.join(&name));
         }
     }
 
-    for pid in gone_pids {
-        // Only once its start time no longer matters: the process is gone, not merely reused.
-        if process_start_time(pid).is_none() {
-            let _ = fs::remove_file(owners_dir().join(pid.to_string()));
+    // Records of exited processes; a record whose pid was reused stays, since it is what marks
+    // that pid's leftovers (if any could not be deleted above) as stale.
+    for record in list_dir(&owners_dir()) {
+        if record.parse().is_ok_and(|pid| process_start_time(pid).is_none()) {
+            let _ = fs::remove_file(owners_dir().join(record));
         }
     }
     Ok(deleted)

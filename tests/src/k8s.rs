@@ -100,6 +100,7 @@ fn quote(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn namespace_with_and_without_labels() {
@@ -109,6 +110,19 @@ mod tests {
              \"istio.io/dataplane-mode\": \"ambient\"\n"
         );
         assert!(namespace_yaml("plain", &[]).ends_with("  labels: {}\n"));
+    }
+
+    #[test]
+    fn pod_carries_node_account_and_addresses() {
+        let pod = Pod::detached("client", Ipv4Addr::new(10, 1, 0, 10), "node1", false);
+        assert_eq!(
+            pod_yaml(&pod, "demo", "sleep", &[("app", "client")]),
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: \"client\"\n  namespace: \"demo\"\n  labels:\n    \
+             \"app\": \"client\"\nspec:\n  nodeName: \"node1\"\n  serviceAccountName: \"sleep\"\n  \
+             hostNetwork: false\nstatus:\n  hostIP: \"10.255.0.1\"\n  podIP: \"10.1.0.10\"\n  podIPs:\n  - ip: \"10.1.0.10\"\n"
+        );
+        let host = Pod::detached("agent", Ipv4Addr::new(10, 255, 0, 1), "node1", true);
+        assert!(pod_yaml(&host, "kube-system", "default", &[]).contains("  hostNetwork: true\n"));
     }
 
     #[test]

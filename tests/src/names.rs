@@ -18,22 +18,14 @@ const TAG_LEN: usize = 8;
 /// make two topologies' prefixes equal.
 pub fn topology_prefix(pid: u32, counter: u32, test_name: &str) -> String {
     let tag = test_tag(test_name);
-    if tag.is_empty() {
-        format!("st{pid}x{counter}")
-    } else {
-        format!("st{pid}x{counter}-{tag}")
-    }
+    if tag.is_empty() { format!("st{pid}x{counter}") } else { format!("st{pid}x{counter}-{tag}") }
 }
 
 /// A short alphanumeric tag from a test name; only the last `::` segment matters because the
 /// module path is the same for every test in a file.
 fn test_tag(test_name: &str) -> String {
     let last = test_name.rsplit("::").next().unwrap_or(test_name);
-    last.chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .take(TAG_LEN)
-        .collect()
+    last.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).take(TAG_LEN).collect()
 }
 
 /// The namespace name for a node or pod: `<prefix>-<sanitized name>`, cut to
@@ -48,12 +40,20 @@ pub fn netns_name(prefix: &str, name: &str) -> String {
 /// Lowercase ASCII letters, digits and `-`; anything else becomes `-`, which is safe both in
 /// file names and in sysctl paths (no `.` or `/`).
 pub fn sanitize(name: &str) -> String {
-    let cleaned: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
-        .collect();
+    let cleaned: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
     let trimmed = cleaned.trim_matches('-');
     if trimmed.is_empty() { "x".to_string() } else { trimmed.to_string() }
+}
+
+/// The log file name for a process named `name`: the name itself, so tests can compute the
+/// path, except for characters a file name cannot hold.
+pub fn log_file_name(name: &str) -> String {
+    let name: String = name.chars().map(|c| if c == '/' || c == '\0' { '-' } else { c }).collect();
+    match name.as_str() {
+        "" | "." | ".." => format!("process{name}.log"),
+        _ => format!("{name}.log"),
+    }
 }
 
 /// The pid that created a namespace or temp dir named `st<pid>x...`, if the name is ours.
@@ -102,6 +102,13 @@ mod tests {
         assert_eq!(sanitize("Node_1"), "node-1");
         assert_eq!(sanitize("..."), "x");
         assert_eq!(sanitize("-a-"), "a");
+    }
+
+    #[test]
+    fn log_names_are_kept_unless_unsafe() {
+        assert_eq!(log_file_name("strait-Node_1"), "strait-Node_1.log");
+        assert_eq!(log_file_name("a/b"), "a-b.log");
+        assert_eq!(log_file_name(".."), "process...log");
     }
 
     #[test]

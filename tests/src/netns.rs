@@ -83,7 +83,8 @@ impl Netns {
     }
 
     /// Starts `program args...` in the background inside this namespace, with `envs` added to
-    /// the environment; stdout and stderr are appended to `<topology dir>/<name_for_logs>.log`.
+    /// the environment; stdout and stderr are appended to `<topology dir>/<name_for_logs>.log`
+    /// (`/` in the name becomes `-`). The process keeps the caller's mount namespace.
     pub fn spawn(
         &self,
         name_for_logs: &str,
@@ -93,7 +94,7 @@ impl Netns {
     ) -> io::Result<Process> {
         let program = program.as_ref();
         let line = format!("[netns {}] {}", self.name, command_line(program, args));
-        let log_path = self.dir().join(format!("{}.log", crate::names::sanitize(name_for_logs)));
+        let log_path = self.dir().join(crate::names::log_file_name(name_for_logs));
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -104,20 +105,12 @@ impl Netns {
         let netns_fd = netns_file.as_raw_fd();
 
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(stderr);
+        cmd.args(args).envs(envs.iter().copied()).stdin(Stdio::null()).stdout(log).stderr(stderr);
         // SAFETY: the closure runs in the forked child before exec and only makes one system
         // call, which is async-signal-safe; `netns_file` outlives the spawn below.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
             });
         }
         let child = cmd.spawn().map_err(|e| spawn_error(&line, e))?;

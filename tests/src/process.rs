@@ -137,11 +137,11 @@ impl Process {
     }
 
     fn reap(&self, state: &mut ChildState) -> Option<ExitStatus> {
-        if state.exit.is_none() {
-            if let Ok(Some(status)) = state.child.try_wait() {
-                state.exit = Some(status);
-                self.shared.forget_pid(self.pid);
-            }
+        if state.exit.is_none()
+            && let Ok(Some(status)) = state.child.try_wait()
+        {
+            state.exit = Some(status);
+            self.shared.forget_pid(self.pid);
         }
         state.exit
     }

@@ -152,18 +152,11 @@ impl Topology {
         // Before any interface exists, so that new interfaces inherit rp_filter=0 too.
         node.run_ok(
             "sysctl",
-            &[
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            ],
+            &["-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"],
         )?;
         command::ip(&["-n", ns, "link", "set", "lo", "up"])?;
         // Both ends are created inside their namespaces: names never meet in the root namespace.
-        command::ip(&[
-            "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &fabric_port, "netns", fab,
-        ])?;
+        command::ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &fabric_port, "netns", fab])?;
         command::ip(&["-n", fab, "link", "set", &fabric_port, "master", "br0", "up"])?;
         command::ip(&["-n", ns, "addr", "add", &underlay, "dev", "eth0"])?;
         command::ip(&["-n", ns, "link", "set", "eth0", "up"])?;

@@ -20,7 +20,9 @@ use crate::topology::{Pod, log_name};
 pub struct CurlResult {
     /// The HTTP status, 0 when no response arrived.
     pub status: u16,
+    /// The body as text (invalid UTF-8 replaced); see `body_bytes` for binary bodies.
     pub body: String,
+    pub body_bytes: Vec<u8>,
     pub stderr: String,
     /// curl's exit code (7 could not connect, 28 timeout, 52 empty reply, 56 reset), if any.
     pub exit_code: Option<i32>,
@@ -63,11 +65,13 @@ impl Pod {
         let mut args = vec!["-sS", "-o", &body_arg, "-w", "%{http_code}", "--max-time", DEFAULT_CURL_TIMEOUT];
         args.extend_from_slice(extra);
         let output = self.run("curl", &args)?;
-        let body = fs::read(&body_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        // No file when no response came: an empty body then.
+        let body_bytes = fs::read(&body_path).unwrap_or_default();
         let _ = fs::remove_file(&body_path);
         Ok(CurlResult {
             status: String::from_utf8_lossy(&output.stdout).trim().parse().unwrap_or(0),
-            body,
+            body: String::from_utf8_lossy(&body_bytes).into_owned(),
+            body_bytes,
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
             exit_code: output.status.code(),
         })

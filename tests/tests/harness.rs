@@ -140,6 +140,7 @@ fn held_connection_keeps_working() -> io::Result<()> {
 fn panic_inside_a_test_still_cleans_up() {
     let mut names = Vec::new();
     let mut pids = Vec::new();
+    let mut strays = Vec::new();
     let result = catch_unwind(AssertUnwindSafe(|| {
         let topo = Topology::new("harness::panics").expect("topology");
         let node = topo.add_node("node1").expect("node");
@@ -153,7 +154,7 @@ fn panic_inside_a_test_still_cleans_up() {
             .args(["netns", "exec", pod.netns().name(), "sleep", "300"])
             .spawn()
             .expect("spawn stray");
-        pids.push(stray.id());
+        strays.push(stray);
         names = topo.namespaces();
         panic!("deliberate panic with the topology alive");
     }));
@@ -163,6 +164,13 @@ fn panic_inside_a_test_still_cleans_up() {
     std::thread::sleep(Duration::from_millis(100));
     for pid in pids {
         assert!(!pid_alive(pid), "process {pid} survived the topology");
+    }
+    for mut stray in strays {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while stray.try_wait().expect("try_wait").is_none() {
+            assert!(std::time::Instant::now() < deadline, "stray process {} survived", stray.id());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -61,6 +61,7 @@ pub struct NodeContext {
 
 pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     sys::check_node_privileges().map_err(|e| anyhow!(e))?;
+    let fd_limit = sys::raise_fd_limit();
 
     let mut config_dir = ConfigDir::new(&options.config_dir);
     let loaded = config_dir.poll().unwrap_or_default();
@@ -124,7 +125,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
         pool: HbonePool::new(certs.clone()),
         certs,
     });
-    info!(node = %options.node_name, config = %options.config_dir.display(), "strait node ready; capturing on port {OUTBOUND_PORT}");
+    info!(node = %options.node_name, config = %options.config_dir.display(), "strait node ready; capturing on port {OUTBOUND_PORT} (open-file limit {fd_limit})");
 
     let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;

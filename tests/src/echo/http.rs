@@ -241,7 +241,8 @@ fn serve_connection(stream: TcpStream, name: &str) -> io::Result<()> {
             Err(BadRequest(reason)) => return reject(&mut writer, peer, &reason),
         };
         let keep_alive = request.keep_alive();
-        let status = respond(&mut writer, &request, Received { length, digest }, Peers { name, peer, local }, keep_alive)?;
+        let status =
+            respond(&mut writer, &request, Received { length, digest }, Peers { name, peer, local }, keep_alive)?;
         writer.flush()?;
         println!("request peer={peer} {} {} {status}", request.method, request.target);
         if !keep_alive {
@@ -290,7 +291,9 @@ fn respond(
     let (status, body) = if matches!(request.method.as_str(), "POST" | "PUT" | "PATCH") {
         (200, format!("received {} bytes fnv1a64={}\n", received.length, received.digest.hex()))
     } else if let Some(n) = path.strip_prefix("/bytes/") {
-        let Ok(n) = n.parse::<u64>() else { return simple(writer, 400, "bad byte count\n", keep_alive, head_only) };
+        let Ok(n) = n.parse::<u64>() else {
+            return simple(writer, 400, "bad byte count\n", keep_alive, head_only);
+        };
         write_head(writer, 200, n, keep_alive)?;
         if !head_only {
             let mut sent = 0;
@@ -302,7 +305,9 @@ fn respond(
         }
         return Ok(200);
     } else if let Some(ms) = path.strip_prefix("/delay/") {
-        let Ok(ms) = ms.parse::<u64>() else { return simple(writer, 400, "bad delay\n", keep_alive, head_only) };
+        let Ok(ms) = ms.parse::<u64>() else {
+            return simple(writer, 400, "bad delay\n", keep_alive, head_only);
+        };
         thread::sleep(Duration::from_millis(ms));
         (200, hello)
     } else if let Some(code) = path.strip_prefix("/status/") {
@@ -377,7 +382,13 @@ mod tests {
 
     #[test]
     fn rejects_malformed_requests() {
-        for raw in ["GET /\r\n\r\n", "get / HTTP/1.1\r\n\r\n", "GET / HTTP/2\r\n\r\n", "GET / HTTP/1.1\r\nNoColon\r\n\r\n", "GET  / HTTP/1.1\r\n\r\n"] {
+        for raw in [
+            "GET /\r\n\r\n",
+            "get / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/2\r\n\r\n",
+            "GET / HTTP/1.1\r\nNoColon\r\n\r\n",
+            "GET  / HTTP/1.1\r\n\r\n",
+        ] {
             assert!(parse_head(raw).is_err(), "{raw:?}");
         }
         let req = parse_head("POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n").expect("parses");

@@ -82,7 +82,8 @@ impl SendReport {
 /// checks that the echo is exactly what was sent. `timeout` bounds each read.
 pub fn send(target: &str, bytes: u64, timeout: Duration) -> Result<SendReport, String> {
     let addr = resolve(target).map_err(|e| format!("cannot resolve {target}: {e}"))?;
-    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let stream =
+        TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let start = Instant::now();
@@ -116,7 +117,9 @@ pub fn send(target: &str, bytes: u64, timeout: Duration) -> Result<SendReport, S
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(format!("reading the echo failed after {received} bytes: {e}")),
+            Err(e) => {
+                break Err(format!("reading the echo failed after {received} bytes: {e}"));
+            }
         }
     };
     let elapsed = start.elapsed();
