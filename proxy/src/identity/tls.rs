@@ -244,7 +244,10 @@ mod tests {
     fn ca(tag: &str, td: &str) -> LocalCa {
         let dir = std::env::temp_dir().join(format!("strait-tls-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        LocalCa::load_or_create(&dir, td).expect("ca")
+        let ca = LocalCa::load_or_create(&dir, td).expect("ca");
+        // Everything is in memory now.
+        let _ = std::fs::remove_dir_all(&dir);
+        ca
     }
 
     fn settings(ca: &LocalCa, ns: &str, sa: &str) -> TlsSettings {
@@ -305,6 +308,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("strait-tls-test-td-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let ca = LocalCa::load_or_create(&dir, "cluster.local").expect("ca");
+        let _ = std::fs::remove_dir_all(&dir);
         let foreign = ca.issue_local(&Identity::new("evil.local", "a", "b"), Duration::from_secs(60)).expect("issue");
         let mut foreign = foreign;
         foreign.identity = Identity::new("cluster.local", "a", "b"); // settings use our TD
