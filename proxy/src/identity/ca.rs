@@ -8,15 +8,16 @@
 
 use std::{
     fs::{self, File, OpenOptions},
+    net::IpAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
+    SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 
@@ -44,42 +45,21 @@ pub struct LocalCa {
 impl LocalCa {
     /// Loads the CA from `dir`, creating a new self-signed root there if it holds none.
     pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, IdentityError> {
-        let err = |reason: String| IdentityError::CaDirectory {
-            dir: dir.display().to_string(),
-            reason,
-        };
+        let err = |reason: String| IdentityError::CaDirectory { dir: dir.display().to_string(), reason };
         fs::create_dir_all(dir).map_err(|e| err(format!("cannot create it: {e}")))?;
         let _lock = DirLock::acquire(dir).map_err(|e| err(format!("cannot lock it: {e}")))?;
         if !dir.join(CA_KEY).exists() {
             create_root(dir, trust_domain).map_err(err)?;
         }
-        let read = |name: &str| {
-            fs::read_to_string(dir.join(name)).map_err(|e| err(format!("cannot read {name}: {e}")))
-        };
-        let key = KeyPair::from_pem(&read(CA_KEY)?)
-            .map_err(|e| err(format!("{CA_KEY} is not a usable key: {e}")))?;
+        let read = |name: &str| fs::read_to_string(dir.join(name)).map_err(|e| err(format!("cannot read {name}: {e}")));
+        let key = KeyPair::from_pem(&read(CA_KEY)?).map_err(|e| err(format!("{CA_KEY} is not a usable key: {e}")))?;
         let ca_cert_pem = read(CA_CERT)?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, key)
-            .map_err(|e| err(format!("{CA_CERT}: {e}")))?;
-        let chain_pem = if dir.join(CERT_CHAIN).exists() {
-            read(CERT_CHAIN)?
-        } else {
-            ca_cert_pem.clone()
-        };
-        let root_pem = if dir.join(ROOT_CERT).exists() {
-            read(ROOT_CERT)?
-        } else {
-            ca_cert_pem
-        };
+        let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, key).map_err(|e| err(format!("{CA_CERT}: {e}")))?;
+        let chain_pem = if dir.join(CERT_CHAIN).exists() { read(CERT_CHAIN)? } else { ca_cert_pem.clone() };
+        let root_pem = if dir.join(ROOT_CERT).exists() { read(ROOT_CERT)? } else { ca_cert_pem };
         let chain = parse_certs(&chain_pem).map_err(|e| err(format!("{CERT_CHAIN}: {e}")))?;
         let roots = parse_certs(&root_pem).map_err(|e| err(format!("{ROOT_CERT}: {e}")))?;
-        Ok(Self {
-            trust_domain: trust_domain.to_owned(),
-            issuer,
-            chain,
-            roots,
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { trust_domain: trust_domain.to_owned(), issuer, chain, roots, dir: dir.to_path_buf() })
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -97,17 +77,9 @@ impl LocalCa {
     }
 
     /// Issues a certificate and a fresh ECDSA P-256 key for `identity`.
-    pub fn issue_local(
-        &self,
-        identity: &Identity,
-        ttl: Duration,
-    ) -> Result<IssuedCert, IdentityError> {
-        let fail = |reason: String| IdentityError::Issue {
-            identity: identity.to_string(),
-            reason,
-        };
-        let key =
-            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
+    pub fn issue_local(&self, identity: &Identity, ttl: Duration) -> Result<IssuedCert, IdentityError> {
+        let fail = |reason: String| IdentityError::Issue { identity: identity.to_string(), reason };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
         let (leaf, not_before, not_after, serial) = self.sign(identity, ttl, &key).map_err(fail)?;
         Ok(IssuedCert {
             identity: identity.clone(),
@@ -123,20 +95,47 @@ impl LocalCa {
     /// Signs a CSR (PEM) for `identity`. Only the CSR's public key is used: the identity, the
     /// validity and the usages are the CA's decision, never the requester's. Returns the chain
     /// in PEM, leaf first, as Istio's CA API answers.
-    pub fn sign_csr(
-        &self,
-        csr_pem: &str,
-        identity: &Identity,
-        ttl: Duration,
-    ) -> Result<Vec<String>, IdentityError> {
-        let fail = |reason: String| IdentityError::Issue {
-            identity: identity.to_string(),
-            reason,
-        };
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| fail(format!("bad CSR: {e}")))?;
+    pub fn sign_csr(&self, csr_pem: &str, identity: &Identity, ttl: Duration) -> Result<Vec<String>, IdentityError> {
+        let fail = |reason: String| IdentityError::Issue { identity: identity.to_string(), reason };
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| fail(format!("bad CSR: {e}")))?;
         let (leaf, ..) = self.sign(identity, ttl, &csr.public_key).map_err(fail)?;
         Ok(self.full_chain(leaf).iter().map(|c| to_pem(c)).collect())
+    }
+
+    /// Issues a TLS server certificate and a fresh ECDSA P-256 key for one of strait's own
+    /// endpoints (the CA API): DNS and IP names, no SPIFFE identity, so no workload can pass it
+    /// off as a peer and no CA endpoint certificate is mistaken for a workload's.
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), IdentityError> {
+        let fail = |reason: String| IdentityError::Issue { identity: dns_names.join(","), reason };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        if let Some(first) = dns_names.first() {
+            name.push(DnType::CommonName, *first);
+        }
+        params.distinguished_name = name;
+        let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
+        for dns in dns_names {
+            let dns = (*dns).try_into().map_err(|e| fail(format!("`{dns}` is not a DNS name: {e}")))?;
+            sans.push(SanType::DnsName(dns));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names = sans;
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ttl).into();
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial().map_err(fail)?));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(|e| fail(e.to_string()))?;
+        Ok((self.full_chain(cert.der().clone()), PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
 
     fn sign(
@@ -152,27 +151,16 @@ impl LocalCa {
         let mut params = CertificateParams::default();
         // Istio's workload certificates: empty subject, the SPIFFE URI as the only name.
         params.distinguished_name = DistinguishedName::new();
-        let uri = identity
-            .to_string()
-            .try_into()
-            .map_err(|e| format!("identity is not a valid URI: {e}"))?;
+        let uri = identity.to_string().try_into().map_err(|e| format!("identity is not a valid URI: {e}"))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        let cert = params
-            .signed_by(public_key, &self.issuer)
-            .map_err(|e| e.to_string())?;
+        let cert = params.signed_by(public_key, &self.issuer).map_err(|e| e.to_string())?;
         let hex = serial.iter().map(|b| format!("{b:02x}")).collect();
         Ok((cert.der().clone(), not_before, not_after, hex))
     }
@@ -189,36 +177,26 @@ impl LocalCa {
 }
 
 impl CertificateProvider for LocalCa {
-    fn issue<'a>(
-        &'a self,
-        identity: &'a Identity,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<IssuedCert, IdentityError>> {
+    fn issue<'a>(&'a self, identity: &'a Identity, ttl: Duration) -> BoxFuture<'a, Result<IssuedCert, IdentityError>> {
         Box::pin(async move { self.issue_local(identity, ttl) })
     }
 }
 
 fn create_root(dir: &Path, trust_domain: &str) -> Result<(), String> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| format!("cannot generate the root key: {e}"))?;
+    let key =
+        KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| format!("cannot generate the root key: {e}"))?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
     name.push(DnType::OrganizationName, trust_domain);
     name.push(DnType::CommonName, "strait root CA");
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let now = SystemTime::now();
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + ROOT_LIFETIME).into();
     params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| format!("cannot sign the root: {e}"))?;
+    let cert = params.self_signed(&key).map_err(|e| format!("cannot sign the root: {e}"))?;
     let pem = cert.pem();
     for name in [CA_CERT, ROOT_CERT, CERT_CHAIN] {
         write_new(&dir.join(name), &pem, 0o644)?;
@@ -261,7 +239,7 @@ pub(crate) fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Str
     Ok(certs)
 }
 
-fn to_pem(cert: &CertificateDer<'_>) -> String {
+pub(crate) fn to_pem(cert: &CertificateDer<'_>) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()))
 }
 
@@ -270,11 +248,7 @@ struct DirLock(File);
 
 impl DirLock {
     fn acquire(dir: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(".lock"))?;
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(".lock"))?;
         // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error());
@@ -305,25 +279,14 @@ mod tests {
         let dir = temp_dir("issue");
         let ca = LocalCa::load_or_create(&dir, "cluster.local").expect("create");
         let again = LocalCa::load_or_create(&dir, "cluster.local").expect("load");
-        assert_eq!(
-            ca.roots(),
-            again.roots(),
-            "a second proxy on the same directory shares the root"
-        );
+        assert_eq!(ca.roots(), again.roots(), "a second proxy on the same directory shares the root");
         let id = Identity::new("cluster.local", "ns1", "sa1");
-        let cert = ca
-            .issue_local(&id, Duration::from_secs(3600))
-            .expect("issue");
+        let cert = ca.issue_local(&id, Duration::from_secs(3600)).expect("issue");
         assert_eq!(cert.chain.len(), 1);
         let (_, x509) = x509_parser::parse_x509_certificate(&cert.chain[0]).expect("parse");
         assert!(x509.subject().iter().next().is_none(), "empty subject");
         let san = x509.subject_alternative_name().expect("ext").expect("san");
-        let names: Vec<String> = san
-            .value
-            .general_names
-            .iter()
-            .map(|n| format!("{n:?}"))
-            .collect();
+        let names: Vec<String> = san.value.general_names.iter().map(|n| format!("{n:?}")).collect();
         assert_eq!(names, [format!("URI(\"{id}\")")]);
         assert!(cert.refresh_at() < cert.not_after && cert.refresh_at() > SystemTime::now());
         let _ = fs::remove_dir_all(&dir);
@@ -336,23 +299,13 @@ mod tests {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
         let mut params = CertificateParams::new(vec!["evil.example".to_owned()]).expect("params");
         params.distinguished_name = DistinguishedName::new();
-        let csr = params
-            .serialize_request(&key)
-            .expect("csr")
-            .pem()
-            .expect("pem");
+        let csr = params.serialize_request(&key).expect("csr").pem().expect("pem");
         let id = Identity::new("cluster.local", "ns1", "sa1");
-        let chain = ca
-            .sign_csr(&csr, &id, Duration::from_secs(60))
-            .expect("sign");
+        let chain = ca.sign_csr(&csr, &id, Duration::from_secs(60)).expect("sign");
         let der = parse_certs(&chain[0]).expect("pem");
         let (_, x509) = x509_parser::parse_x509_certificate(&der[0]).expect("parse");
         let san = x509.subject_alternative_name().expect("ext").expect("san");
-        assert_eq!(
-            san.value.general_names.len(),
-            1,
-            "the requested DNS name is dropped"
-        );
+        assert_eq!(san.value.general_names.len(), 1, "the requested DNS name is dropped");
         let _ = fs::remove_dir_all(&dir);
     }
 }

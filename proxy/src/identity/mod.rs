@@ -2,6 +2,8 @@
 //! certificates come from (a local CA or Istio's CA API), and the TLS settings that check them.
 
 mod ca;
+mod caclient;
+mod caserver;
 mod store;
 mod tls;
 
@@ -11,6 +13,8 @@ use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use thiserror::Error;
 
 pub use ca::LocalCa;
+pub use caclient::{CaClientOptions, DEFAULT_CA_PORT, IstioCaClient};
+pub use caserver::{CA_SERVER_NAMES, CaServerOptions, IMPERSONATED_IDENTITY, serve_ca};
 pub use store::CertStore;
 pub use tls::{TlsSettings, peer_identity};
 
@@ -36,20 +40,13 @@ impl Identity {
 
     /// The principal form used by AuthorizationPolicy: `<td>/ns/<ns>/sa/<sa>`.
     pub fn principal(&self) -> String {
-        format!(
-            "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -61,9 +58,7 @@ impl FromStr for Identity {
         let rest = uri.strip_prefix("spiffe://").ok_or_else(bad)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
-                Ok(Self::new(td, ns, sa))
-            }
+            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Ok(Self::new(td, ns, sa)),
             _ => Err(bad()),
         }
     }
@@ -71,9 +66,7 @@ impl FromStr for Identity {
 
 #[derive(Debug, Error)]
 pub enum IdentityError {
-    #[error(
-        "`{0}` is not a SPIFFE workload identity (spiffe://<trust domain>/ns/<namespace>/sa/<service account>)"
-    )]
+    #[error("`{0}` is not a SPIFFE workload identity (spiffe://<trust domain>/ns/<namespace>/sa/<service account>)")]
     BadSpiffeId(String),
     #[error("CA directory {dir}: {reason}")]
     CaDirectory { dir: String, reason: String },
@@ -102,10 +95,7 @@ pub struct IssuedCert {
 impl IssuedCert {
     /// When to renew: at half life (ID-1).
     pub fn refresh_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
+        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
         self.not_before + life / 2
     }
 }
@@ -127,18 +117,11 @@ mod tests {
 
     #[test]
     fn spiffe_ids_round_trip_and_reject_junk() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep"
-            .parse()
-            .expect("valid");
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep".parse().expect("valid");
         assert_eq!(id, Identity::new("cluster.local", "default", "sleep"));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/sleep");
         assert_eq!(id.principal(), "cluster.local/ns/default/sa/sleep");
-        for junk in [
-            "spiffe://td/ns/a",
-            "http://td/ns/a/sa/b",
-            "spiffe:///ns/a/sa/b",
-            "spiffe://td/ns/a/sa/b/c",
-        ] {
+        for junk in ["spiffe://td/ns/a", "http://td/ns/a/sa/b", "spiffe:///ns/a/sa/b", "spiffe://td/ns/a/sa/b/c"] {
             assert!(junk.parse::<Identity>().is_err(), "{junk}");
         }
     }

@@ -28,11 +28,7 @@ pub struct CertStore {
 
 impl CertStore {
     pub fn new(provider: Arc<dyn CertificateProvider>, ttl: Duration) -> Arc<Self> {
-        let store = Arc::new(Self {
-            provider,
-            ttl,
-            slots: Mutex::new(HashMap::new()),
-        });
+        let store = Arc::new(Self { provider, ttl, slots: Mutex::new(HashMap::new()) });
         tokio::spawn(renew_forever(Arc::downgrade(&store)));
         store
     }
@@ -46,10 +42,10 @@ impl CertStore {
     pub async fn get(&self, identity: &Identity) -> Result<Arc<TlsSettings>, IdentityError> {
         let slot = self.slot(identity);
         let mut held = slot.lock().await;
-        if let Some(settings) = held.as_ref() {
-            if settings.cert.not_after > SystemTime::now() {
-                return Ok(settings.clone());
-            }
+        if let Some(settings) = held.as_ref()
+            && settings.cert.not_after > SystemTime::now()
+        {
+            return Ok(settings.clone());
         }
         let settings = self.issue(identity).await?;
         *held = Some(settings.clone());
@@ -70,17 +66,8 @@ impl CertStore {
 
     /// The certificates held now (for the admin API and tests).
     pub fn held(&self) -> Vec<Arc<TlsSettings>> {
-        let slots: Vec<Slot> = self
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        slots
-            .iter()
-            .filter_map(|s| s.try_lock().ok().and_then(|g| g.clone()))
-            .collect()
+        let slots: Vec<Slot> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        slots.iter().filter_map(|s| s.try_lock().ok().and_then(|g| g.clone())).collect()
     }
 
     async fn issue(&self, identity: &Identity) -> Result<Arc<TlsSettings>, IdentityError> {
@@ -93,13 +80,8 @@ impl CertStore {
     async fn renew_due(&self) -> SystemTime {
         let now = SystemTime::now();
         let mut next = now + self.ttl / 2;
-        let slots: Vec<(Identity, Slot)> = self
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let slots: Vec<(Identity, Slot)> =
+            self.slots.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         for (identity, slot) in slots {
             let due = match slot.lock().await.as_ref() {
                 Some(s) => s.cert.refresh_at(),
@@ -158,10 +140,7 @@ mod tests {
         assert_eq!(first.cert.serial, again.cert.serial);
         tokio::time::sleep(Duration::from_millis(1600)).await;
         let renewed = store.get(&id).await.expect("renewed");
-        assert_ne!(
-            first.cert.serial, renewed.cert.serial,
-            "renewed after half life"
-        );
+        assert_ne!(first.cert.serial, renewed.cert.serial, "renewed after half life");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

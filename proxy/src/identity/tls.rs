@@ -7,8 +7,7 @@
 use std::{fmt, sync::Arc};
 
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, RootCertStore,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, RootCertStore, SignatureScheme,
     client::{
         WebPkiServerVerifier,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -34,9 +33,7 @@ pub struct TlsSettings {
 
 impl fmt::Debug for TlsSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsSettings")
-            .field("identity", &self.cert.identity.to_string())
-            .finish()
+        f.debug_struct("TlsSettings").field("identity", &self.cert.identity.to_string()).finish()
     }
 }
 
@@ -44,10 +41,8 @@ impl fmt::Debug for TlsSettings {
 /// here; ChaCha20 would be slower on this hardware and Istio peers do not offer it first.
 fn provider() -> Arc<CryptoProvider> {
     let mut provider = ring::default_provider();
-    provider.cipher_suites = vec![
-        ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-    ];
+    provider.cipher_suites =
+        vec![ring::cipher_suite::TLS13_AES_128_GCM_SHA256, ring::cipher_suite::TLS13_AES_256_GCM_SHA384];
     Arc::new(provider)
 }
 
@@ -63,10 +58,9 @@ impl TlsSettings {
         let trust_domain = cert.identity.trust_domain.clone();
         let key = || PrivateKeyDer::Pkcs8(cert.key.clone_key());
 
-        let server_verifier =
-            WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| IdentityError::Tls(e.to_string()))?;
+        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| IdentityError::Tls(e.to_string()))?;
         let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls)?
@@ -89,20 +83,13 @@ impl TlsSettings {
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls)?
-            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier {
-                inner: client_verifier,
-                trust_domain,
-            }))
+            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier { inner: client_verifier, trust_domain }))
             .with_single_cert(cert.chain.clone(), key())
             .map_err(tls)?;
         server.alpn_protocols = vec![ALPN_H2.to_vec()];
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
-        Ok(Self {
-            cert,
-            client: Arc::new(client),
-            server: Arc::new(server),
-        })
+        Ok(Self { cert, client: Arc::new(client), server: Arc::new(server) })
     }
 }
 
@@ -112,14 +99,13 @@ pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
     identity_of(leaf).ok()
 }
 
-fn identity_of(leaf: &CertificateDer<'_>) -> Result<Identity, TlsError> {
+pub(super) fn identity_of(leaf: &CertificateDer<'_>) -> Result<Identity, TlsError> {
     let bad = |why: &str| {
-        TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-            IdentityError::Tls(why.to_owned()),
-        ))))
+        TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(IdentityError::Tls(
+            why.to_owned(),
+        )))))
     };
-    let (_, x509) =
-        x509_parser::parse_x509_certificate(leaf).map_err(|_| bad("unparsable certificate"))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf).map_err(|_| bad("unparsable certificate"))?;
     let san = x509
         .subject_alternative_name()
         .map_err(|_| bad("malformed subjectAltName"))?
@@ -128,14 +114,11 @@ fn identity_of(leaf: &CertificateDer<'_>) -> Result<Identity, TlsError> {
         x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
         _ => None,
     });
-    let uri = uris
-        .next()
-        .ok_or_else(|| bad("no SPIFFE URI in subjectAltName"))?;
+    let uri = uris.next().ok_or_else(|| bad("no SPIFFE URI in subjectAltName"))?;
     if uris.next().is_some() {
         return Err(bad("more than one URI in subjectAltName"));
     }
-    uri.parse()
-        .map_err(|_| bad("subjectAltName URI is not a SPIFFE workload identity"))
+    uri.parse().map_err(|_| bad("subjectAltName URI is not a SPIFFE workload identity"))
 }
 
 fn check_trust_domain(leaf: &CertificateDer<'_>, trust_domain: &str) -> Result<(), TlsError> {
@@ -143,9 +126,7 @@ fn check_trust_domain(leaf: &CertificateDer<'_>, trust_domain: &str) -> Result<(
     if identity.trust_domain == trust_domain {
         Ok(())
     } else {
-        Err(TlsError::InvalidCertificate(
-            CertificateError::NotValidForName,
-        ))
+        Err(TlsError::InvalidCertificate(CertificateError::NotValidForName))
     }
 }
 
@@ -221,8 +202,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
         check_trust_domain(end_entity, &self.trust_domain)?;
         Ok(ClientCertVerified::assertion())
     }
@@ -262,29 +242,21 @@ mod tests {
     use crate::identity::LocalCa;
 
     fn ca(tag: &str, td: &str) -> LocalCa {
-        let dir =
-            std::env::temp_dir().join(format!("strait-tls-test-{tag}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("strait-tls-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         LocalCa::load_or_create(&dir, td).expect("ca")
     }
 
     fn settings(ca: &LocalCa, ns: &str, sa: &str) -> TlsSettings {
         let id = Identity::new(ca.trust_domain(), ns, sa);
-        TlsSettings::new(Arc::new(
-            ca.issue_local(&id, Duration::from_secs(600))
-                .expect("issue"),
-        ))
-        .expect("tls")
+        TlsSettings::new(Arc::new(ca.issue_local(&id, Duration::from_secs(600)).expect("issue"))).expect("tls")
     }
 
     /// Runs a handshake over an in-memory pipe; returns what each side saw of the other.
     async fn handshake(
         client: &TlsSettings,
         server: &TlsSettings,
-    ) -> (
-        Result<Option<Identity>, String>,
-        Result<Option<Identity>, String>,
-    ) {
+    ) -> (Result<Option<Identity>, String>, Result<Option<Identity>, String>) {
         let (c, s) = tokio::io::duplex(64 * 1024);
         let acceptor = TlsAcceptor::from(server.server.clone());
         let connector = TlsConnector::from(client.client.clone());
@@ -297,10 +269,7 @@ mod tests {
             Ok(peer)
         };
         let client_side = async move {
-            let mut tls = connector
-                .connect(name, c)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut tls = connector.connect(name, c).await.map_err(|e| e.to_string())?;
             let peer = peer_identity(tls.get_ref().1.peer_certificates());
             assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_H2));
             tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
@@ -324,21 +293,10 @@ mod tests {
     #[tokio::test]
     async fn foreign_root_is_refused_both_ways() {
         let (ours, theirs) = (ca("ours", "cluster.local"), ca("theirs", "cluster.local"));
-        let (c, s) = handshake(
-            &settings(&theirs, "x", "intruder"),
-            &settings(&ours, "b", "server"),
-        )
-        .await;
-        assert!(
-            c.is_err() || s.is_err(),
-            "a foreign client must fail: {c:?} {s:?}"
-        );
+        let (c, s) = handshake(&settings(&theirs, "x", "intruder"), &settings(&ours, "b", "server")).await;
+        assert!(c.is_err() || s.is_err(), "a foreign client must fail: {c:?} {s:?}");
         assert!(s.is_err());
-        let (c, _) = handshake(
-            &settings(&ours, "a", "client"),
-            &settings(&theirs, "b", "fake"),
-        )
-        .await;
+        let (c, _) = handshake(&settings(&ours, "a", "client"), &settings(&theirs, "b", "fake")).await;
         assert!(c.is_err(), "a foreign server must fail");
     }
 
@@ -347,19 +305,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("strait-tls-test-td-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let ca = LocalCa::load_or_create(&dir, "cluster.local").expect("ca");
-        let foreign = ca
-            .issue_local(
-                &Identity::new("evil.local", "a", "b"),
-                Duration::from_secs(60),
-            )
-            .expect("issue");
+        let foreign = ca.issue_local(&Identity::new("evil.local", "a", "b"), Duration::from_secs(60)).expect("issue");
         let mut foreign = foreign;
         foreign.identity = Identity::new("cluster.local", "a", "b"); // settings use our TD
         let client = TlsSettings::new(Arc::new(foreign)).expect("tls");
         let (_, s) = handshake(&client, &settings(&ca, "b", "server")).await;
-        assert!(
-            s.is_err(),
-            "identity outside the trust domain must be refused"
-        );
+        assert!(s.is_err(), "identity outside the trust domain must be refused");
     }
 }
