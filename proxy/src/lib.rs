@@ -8,6 +8,7 @@ pub mod admin;
 pub mod capture;
 pub mod config;
 pub mod demo;
+pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod model;

@@ -8,6 +8,7 @@
 
 use std::{
     fs::{self, File, OpenOptions},
+    net::IpAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
@@ -99,6 +100,42 @@ impl LocalCa {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| fail(format!("bad CSR: {e}")))?;
         let (leaf, ..) = self.sign(identity, ttl, &csr.public_key).map_err(fail)?;
         Ok(self.full_chain(leaf).iter().map(|c| to_pem(c)).collect())
+    }
+
+    /// Issues a TLS server certificate and a fresh ECDSA P-256 key for one of strait's own
+    /// endpoints (the CA API): DNS and IP names, no SPIFFE identity, so no workload can pass it
+    /// off as a peer and no CA endpoint certificate is mistaken for a workload's.
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), IdentityError> {
+        let fail = |reason: String| IdentityError::Issue { identity: dns_names.join(","), reason };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        if let Some(first) = dns_names.first() {
+            name.push(DnType::CommonName, *first);
+        }
+        params.distinguished_name = name;
+        let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
+        for dns in dns_names {
+            let dns = (*dns).try_into().map_err(|e| fail(format!("`{dns}` is not a DNS name: {e}")))?;
+            sans.push(SanType::DnsName(dns));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names = sans;
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ttl).into();
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial().map_err(fail)?));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(|e| fail(e.to_string()))?;
+        Ok((self.full_chain(cert.der().clone()), PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
 
     fn sign(
@@ -202,7 +239,7 @@ pub(crate) fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Str
     Ok(certs)
 }
 
-fn to_pem(cert: &CertificateDer<'_>) -> String {
+pub(crate) fn to_pem(cert: &CertificateDer<'_>) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()))
 }
 

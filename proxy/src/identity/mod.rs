@@ -2,6 +2,8 @@
 //! certificates come from (a local CA or Istio's CA API), and the TLS settings that check them.
 
 mod ca;
+mod caclient;
+mod caserver;
 mod store;
 mod tls;
 
@@ -11,6 +13,8 @@ use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use thiserror::Error;
 
 pub use ca::LocalCa;
+pub use caclient::{CaClientOptions, DEFAULT_CA_PORT, IstioCaClient};
+pub use caserver::{CA_SERVER_NAMES, CaServerOptions, IMPERSONATED_IDENTITY, serve_ca};
 pub use store::CertStore;
 pub use tls::{TlsSettings, peer_identity};
 

@@ -42,10 +42,10 @@ impl CertStore {
     pub async fn get(&self, identity: &Identity) -> Result<Arc<TlsSettings>, IdentityError> {
         let slot = self.slot(identity);
         let mut held = slot.lock().await;
-        if let Some(settings) = held.as_ref() {
-            if settings.cert.not_after > SystemTime::now() {
-                return Ok(settings.clone());
-            }
+        if let Some(settings) = held.as_ref()
+            && settings.cert.not_after > SystemTime::now()
+        {
+            return Ok(settings.clone());
         }
         let settings = self.issue(identity).await?;
         *held = Some(settings.clone());

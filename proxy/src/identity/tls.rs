@@ -99,7 +99,7 @@ pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
     identity_of(leaf).ok()
 }
 
-fn identity_of(leaf: &CertificateDer<'_>) -> Result<Identity, TlsError> {
+pub(super) fn identity_of(leaf: &CertificateDer<'_>) -> Result<Identity, TlsError> {
     let bad = |why: &str| {
         TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(IdentityError::Tls(
             why.to_owned(),
