@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
+use strait::node::CaSource;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -35,6 +36,24 @@ enum Command {
         /// given the same directory share one trust root.
         #[arg(long, default_value = "/var/lib/strait/ca")]
         ca_dir: PathBuf,
+        /// Also serve the built-in CA over Istio's CA API on this address (e.g. 0.0.0.0:15012).
+        #[arg(long, conflicts_with = "ca_address")]
+        ca_listen: Option<SocketAddr>,
+        /// File holding the bearer token callers of the CA API must present (serving), or that
+        /// this proxy presents to a remote CA (with --ca-address).
+        #[arg(long)]
+        ca_token_file: Option<PathBuf>,
+        /// Get certificates from a CA speaking Istio's CA API instead (istiod, or another strait
+        /// node started with --ca-listen), e.g. https://10.255.0.1:15012.
+        #[arg(long, requires = "ca_root")]
+        ca_address: Option<String>,
+        /// PEM root certificate(s) the remote CA's endpoint and issued certificates chain to.
+        #[arg(long)]
+        ca_root: Option<PathBuf>,
+        /// Name to verify in the remote CA's certificate, when it differs from the address's host
+        /// (strait's CA endpoint presents `strait-ca` and `istiod.istio-system.svc`).
+        #[arg(long)]
+        ca_server_name: Option<String>,
         /// Lifetime of workload certificates (renewed at half life).
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         cert_ttl: Duration,
@@ -56,19 +75,37 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 
     let result = match cli.command {
-        Command::Node { config, node, admin_addr, trust_domain, ca_dir, cert_ttl, uplink, workers } => {
+        Command::Node {
+            config,
+            node,
+            admin_addr,
+            trust_domain,
+            ca_dir,
+            ca_listen,
+            ca_token_file,
+            ca_address,
+            ca_root,
+            ca_server_name,
+            cert_ttl,
+            uplink,
+            workers,
+        } => read_token(ca_token_file.as_deref()).and_then(|token| {
+            let ca = match (ca_address, ca_root) {
+                (Some(address), Some(root)) => CaSource::Remote { address, root, token, server_name: ca_server_name },
+                _ => CaSource::Local { dir: ca_dir, listen: ca_listen, token },
+            };
             runtime(workers).and_then(|rt| {
                 rt.block_on(strait::node::run(strait::node::NodeOptions {
                     config_dir: config,
                     node_name: node,
                     admin_addr,
                     trust_domain,
-                    ca_dir,
+                    ca,
                     cert_ttl,
                     uplink,
                 }))
             })
-        }
+        }),
         Command::Demo => strait::demo::run(),
     };
     match result {
@@ -78,6 +115,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let Some(path) = path else { return Ok(None) };
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the CA token file {}: {e}", path.display()))?;
+    Ok(Some(token.trim().to_owned()))
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -322,3 +322,44 @@ fn garbage_on_the_hbone_port_is_refused_without_harm() -> io::Result<()> {
     thread::sleep(Duration::from_millis(10));
     Ok(())
 }
+
+// ID-2: a second node proxy obtains its certificates from the first one's CA, over Istio's CA
+// API, and the two interoperate.
+#[test]
+fn second_proxy_gets_certificates_from_the_first_ones_ca_api() -> io::Result<()> {
+    let t = two_nodes("mesh::ca_api")?;
+    t.topo.write_config("c.yaml", &t.config("server"))?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let token = t.topo.dir().join("ca-token");
+    fs::write(&token, "s3cret-bootstrap-token\n")?;
+    let token = token.to_string_lossy().into_owned();
+    let ca1 = ca_dir(&t.topo, "ca1");
+    let p1 = start_node(&t.topo, &t.n1, &ca1, &["--ca-listen", "0.0.0.0:15012", "--ca-token-file", &token])?;
+    let root = ca1.join("root-cert.pem").to_string_lossy().into_owned();
+    let address = format!("https://{}:15012", t.n1.ip());
+    let unused = ca_dir(&t.topo, "never-created");
+    let remote =
+        ["--ca-address", &address, "--ca-root", &root, "--ca-token-file", &token, "--ca-server-name", "strait-ca"];
+    let p2 = start_node(&t.topo, &t.n2, &unused, &remote)?;
+
+    let reply = t.client.curl(&format!("http://{}:8080/", t.server.ip()), TIMEOUT)?;
+    assert!(reply.ok(), "{reply:?}");
+    p2.wait_for_log("certificate issued identity=spiffe://cluster.local/ns/mesh/sa/server", TIMEOUT)?;
+    let inbound = wait_access_line(&p2, &["inbound", "result=ok"], TIMEOUT)?;
+    assert!(inbound.contains("src.identity=spiffe://cluster.local/ns/mesh/sa/client"), "{inbound}");
+    wait_access_line(&p1, &["outbound", "result=ok", "security=mutual_tls"], TIMEOUT)?;
+    assert!(!unused.exists(), "node 2 must not have made a CA of its own");
+
+    // A proxy with the wrong token gets nothing.
+    fs::write(t.topo.dir().join("bad-token"), "wrong\n")?;
+    let bad = t.topo.dir().join("bad-token").to_string_lossy().into_owned();
+    let n3 = t.topo.add_node("node3")?;
+    let lonely = t.topo.add_pod(&n3, "lonely")?;
+    t.topo.write_config("c3.yaml", &k8s::pod_yaml(&lonely, MESH, "lonely", &[]))?;
+    let refused =
+        ["--ca-address", &address, "--ca-root", &root, "--ca-token-file", &bad, "--ca-server-name", "strait-ca"];
+    let p3 = start_node(&t.topo, &n3, &unused, &refused)?;
+    let line = p3.wait_for_log("cannot obtain a certificate", TIMEOUT)?;
+    assert!(line.to_lowercase().contains("unauthenticated") || line.contains("token"), "{line}");
+    Ok(())
+}

@@ -22,7 +22,7 @@ use crate::{
     capture::{self, Capture, SteerRouting},
     config::{ConfigDir, Loaded},
     hbone::HbonePool,
-    identity::{CertStore, CertificateProvider, LocalCa},
+    identity::{CaClientOptions, CaServerOptions, CertStore, CertificateProvider, IstioCaClient, LocalCa, serve_ca},
     model::{self, Model, ModelHandle, ModelPublisher},
     sys,
     telemetry::AccessLog,
@@ -41,12 +41,22 @@ pub struct NodeOptions {
     pub node_name: String,
     pub admin_addr: SocketAddr,
     pub trust_domain: String,
-    /// Directory of the built-in CA (created if empty).
-    pub ca_dir: PathBuf,
+    /// Where workload certificates come from.
+    pub ca: CaSource,
     /// Lifetime of workload certificates.
     pub cert_ttl: Duration,
     /// The node's uplink; found from the routing table when not given.
     pub uplink: Option<String>,
+}
+
+/// Where the node proxy gets workload certificates (ID-1, ID-2).
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// The built-in CA, kept in `dir`; with `listen`, also served over Istio's CA API to other
+    /// proxies presenting `token`.
+    Local { dir: PathBuf, listen: Option<SocketAddr>, token: Option<String> },
+    /// A remote CA speaking Istio's CA API (istiod, or another strait node).
+    Remote { address: String, root: PathBuf, token: Option<String>, server_name: Option<String> },
 }
 
 /// What every connection handler needs.
@@ -73,8 +83,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     })?;
     let (publisher, model) = model::channel(initial);
 
-    let provider: Arc<dyn CertificateProvider> =
-        Arc::new(LocalCa::load_or_create(&options.ca_dir, &options.trust_domain)?);
+    let provider = certificate_provider(&options).await?;
     let certs = CertStore::new(provider, options.cert_ttl);
 
     let mut capture = Capture::load()?;
@@ -159,6 +168,46 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     drop(capture);
     drop(routing);
     Ok(())
+}
+
+async fn certificate_provider(options: &NodeOptions) -> anyhow::Result<Arc<dyn CertificateProvider>> {
+    match &options.ca {
+        CaSource::Local { dir, listen, token } => {
+            let ca = Arc::new(LocalCa::load_or_create(dir, &options.trust_domain)?);
+            if let Some(addr) = listen {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for the CA API on {addr}"))?;
+                if token.is_none() {
+                    warn!("the CA API on {addr} has no token (--ca-token-file): it will refuse every request");
+                }
+                let ip_sans = if addr.ip().is_unspecified() { Vec::new() } else { vec![addr.ip()] };
+                let server_options = CaServerOptions {
+                    token: token.clone(),
+                    default_ttl: options.cert_ttl,
+                    ip_sans,
+                    ..Default::default()
+                };
+                let serving = ca.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_ca(listener, serving, server_options).await {
+                        error!("the CA API stopped: {e}");
+                    }
+                });
+                info!(%addr, "serving Istio's CA API (istio.v1.auth.IstioCertificateService)");
+            }
+            Ok(ca)
+        }
+        CaSource::Remote { address, root, token, server_name } => {
+            let client = IstioCaClient::new(
+                address,
+                root,
+                CaClientOptions { token: token.clone(), server_name: server_name.clone() },
+            )?;
+            info!(%address, "workload certificates come from a remote CA");
+            Ok(Arc::new(client))
+        }
+    }
 }
 
 /// Out of file descriptors and the like: back off instead of spinning.
