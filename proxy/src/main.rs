@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use strait::node::CaSource;
 use tracing_subscriber::EnvFilter;
 
@@ -19,53 +19,56 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the per-node proxy: capture enrolled pods' traffic with eBPF and proxy it.
-    Node {
-        /// Directory of Kubernetes and Istio YAML resources, watched for changes.
-        #[arg(long)]
-        config: PathBuf,
-        /// This node's name, as pods' `spec.nodeName` gives it.
-        #[arg(long)]
-        node: String,
-        /// Admin endpoint (config dump, stats).
-        #[arg(long, default_value = "127.0.0.1:15000")]
-        admin_addr: SocketAddr,
-        /// Trust domain of workload identities.
-        #[arg(long, default_value = strait::identity::DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
-        /// Directory of the built-in CA (Istio's plug-in CA layout); created if empty. Proxies
-        /// given the same directory share one trust root.
-        #[arg(long, default_value = "/var/lib/strait/ca")]
-        ca_dir: PathBuf,
-        /// Also serve the built-in CA over Istio's CA API on this address (e.g. 0.0.0.0:15012).
-        #[arg(long, conflicts_with = "ca_address")]
-        ca_listen: Option<SocketAddr>,
-        /// File holding the bearer token callers of the CA API must present (serving), or that
-        /// this proxy presents to a remote CA (with --ca-address).
-        #[arg(long)]
-        ca_token_file: Option<PathBuf>,
-        /// Get certificates from a CA speaking Istio's CA API instead (istiod, or another strait
-        /// node started with --ca-listen), e.g. https://10.255.0.1:15012.
-        #[arg(long, requires = "ca_root")]
-        ca_address: Option<String>,
-        /// PEM root certificate(s) the remote CA's endpoint and issued certificates chain to.
-        #[arg(long)]
-        ca_root: Option<PathBuf>,
-        /// Name to verify in the remote CA's certificate, when it differs from the address's host
-        /// (strait's CA endpoint presents `strait-ca` and `istiod.istio-system.svc`).
-        #[arg(long)]
-        ca_server_name: Option<String>,
-        /// Lifetime of workload certificates (renewed at half life).
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        cert_ttl: Duration,
-        /// The node's uplink interface (default: from the routing table).
-        #[arg(long)]
-        uplink: Option<String>,
-        /// Data-plane worker threads (default: half the CPUs, at least one).
-        #[arg(long)]
-        workers: Option<usize>,
-    },
+    Node(Box<NodeArgs>),
     /// Build a two-node mesh out of network namespaces on this machine and show it working.
     Demo,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Directory of Kubernetes and Istio YAML resources, watched for changes.
+    #[arg(long)]
+    config: PathBuf,
+    /// This node's name, as pods' `spec.nodeName` gives it.
+    #[arg(long)]
+    node: String,
+    /// Admin endpoint (config dump, stats).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = strait::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Directory of the built-in CA (Istio's plug-in CA layout); created if empty. Proxies
+    /// given the same directory share one trust root.
+    #[arg(long, default_value = "/var/lib/strait/ca")]
+    ca_dir: PathBuf,
+    /// Also serve the built-in CA over Istio's CA API on this address (e.g. 0.0.0.0:15012).
+    #[arg(long, conflicts_with = "ca_address")]
+    ca_listen: Option<SocketAddr>,
+    /// File holding the bearer token callers of the CA API must present (serving), or that
+    /// this proxy presents to a remote CA (with --ca-address).
+    #[arg(long)]
+    ca_token_file: Option<PathBuf>,
+    /// Get certificates from a CA speaking Istio's CA API instead (istiod, or another strait
+    /// node started with --ca-listen), e.g. https://10.255.0.1:15012.
+    #[arg(long, requires = "ca_root")]
+    ca_address: Option<String>,
+    /// PEM root certificate(s) the remote CA's endpoint and issued certificates chain to.
+    #[arg(long)]
+    ca_root: Option<PathBuf>,
+    /// Name to verify in the remote CA's certificate, when it differs from the address's host
+    /// (strait's CA endpoint presents `strait-ca` and `istiod.istio-system.svc`).
+    #[arg(long)]
+    ca_server_name: Option<String>,
+    /// Lifetime of workload certificates (renewed at half life).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// The node's uplink interface (default: from the routing table).
+    #[arg(long)]
+    uplink: Option<String>,
+    /// Data-plane worker threads (default: half the CPUs, at least one).
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -75,37 +78,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 
     let result = match cli.command {
-        Command::Node {
-            config,
-            node,
-            admin_addr,
-            trust_domain,
-            ca_dir,
-            ca_listen,
-            ca_token_file,
-            ca_address,
-            ca_root,
-            ca_server_name,
-            cert_ttl,
-            uplink,
-            workers,
-        } => read_token(ca_token_file.as_deref()).and_then(|token| {
-            let ca = match (ca_address, ca_root) {
-                (Some(address), Some(root)) => CaSource::Remote { address, root, token, server_name: ca_server_name },
-                _ => CaSource::Local { dir: ca_dir, listen: ca_listen, token },
-            };
-            runtime(workers).and_then(|rt| {
-                rt.block_on(strait::node::run(strait::node::NodeOptions {
-                    config_dir: config,
-                    node_name: node,
-                    admin_addr,
-                    trust_domain,
-                    ca,
-                    cert_ttl,
-                    uplink,
-                }))
-            })
-        }),
+        Command::Node(args) => run_node(*args),
         Command::Demo => strait::demo::run(),
     };
     match result {
@@ -115,6 +88,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let token = read_token(args.ca_token_file.as_deref())?;
+    let ca = match (args.ca_address, args.ca_root) {
+        (Some(address), Some(root)) => CaSource::Remote { address, root, token, server_name: args.ca_server_name },
+        _ => CaSource::Local { dir: args.ca_dir, listen: args.ca_listen, token },
+    };
+    let rt = runtime(args.workers)?;
+    rt.block_on(strait::node::run(strait::node::NodeOptions {
+        config_dir: args.config,
+        node_name: args.node,
+        admin_addr: args.admin_addr,
+        trust_domain: args.trust_domain,
+        ca,
+        cert_ttl: args.cert_ttl,
+        uplink: args.uplink,
+    }))
 }
 
 fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {

@@ -156,10 +156,8 @@ fn missing_packages() -> Result<Vec<String>> {
 fn ensure_bpf_linker() -> Result {
     let linker = cargo_home().join("bin").join("bpf-linker");
     let version = Command::new(&linker).arg("--version").output();
-    if let Ok(out) = version {
-        if String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
-            return Ok(());
-        }
+    if version.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)) {
+        return Ok(());
     }
     println!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a minute or two)");
     run(

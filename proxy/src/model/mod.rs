@@ -151,14 +151,13 @@ pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
     }
     model.services = services::compile_services(resources, &model.workloads, &pod_ports, &mut diagnostics);
     for service in &model.services {
-        if let Some(vip) = service.vip {
-            if model.services_by_vip.insert(vip, service.clone()).is_some() {
-                diagnostics.push(Diagnostic::error(
-                    Origin::new(std::path::Path::new("<services>"), 0),
-                    Some("spec.clusterIP"),
-                    format!("cluster IP {vip} is used by more than one service ({})", service.hostname),
-                ));
-            }
+        let Some(vip) = service.vip else { continue };
+        if let Some(previous) = model.services_by_vip.insert(vip, service.clone()) {
+            diagnostics.push(Diagnostic::error(
+                service.origin.clone(),
+                Some("spec.clusterIP"),
+                format!("cluster IP {vip} is already used by service {} at {}", previous.hostname, previous.origin),
+            ));
         }
     }
     (model, diagnostics)

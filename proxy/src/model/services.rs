@@ -12,7 +12,7 @@ use std::{
 use serde::Serialize;
 
 use super::Workload;
-use crate::config::{Diagnostic, Located, PortRef, Resource, Service as ServiceResource};
+use crate::config::{Diagnostic, Located, Origin, PortRef, Resource, Service as ServiceResource};
 
 /// One ready backend of a service port: a pod and the port to reach it on.
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +58,9 @@ pub struct Service {
     pub vip: Option<IpAddr>,
     pub labels: BTreeMap<String, String>,
     pub ports: Vec<ServicePort>,
+    /// Where the Service was written, for diagnostics.
+    #[serde(skip)]
+    pub origin: Origin,
 }
 
 impl Service {
@@ -160,5 +163,6 @@ fn compile_one(
         vip,
         labels: svc.metadata.labels.clone(),
         ports,
+        origin: located.origin.clone(),
     }
 }
