@@ -5,6 +5,8 @@
 //! - `test`: setup, then formatting, clippy with warnings denied, and every test, end to end
 //!   included. This is what CI runs.
 //! - `demo`: setup, build, then `strait demo`.
+//! - `bench [SCENARIO...]`: setup, release build, then `strait-bench`, which measures strait
+//!   against direct traffic and writes `target/bench/report.{md,json}` and `chart.png`.
 //!
 //! std only: this crate is the first thing compiled on a fresh machine.
 
@@ -30,6 +32,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "openssl",
     "util-linux",
+    "fonts-dejavu-core",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("test") => setup().and_then(|()| test(&args[1..])),
         Some("demo") => setup().and_then(|()| demo()),
+        Some("bench") => setup().and_then(|()| bench(&args[1..])),
         _ => Err(usage()),
     };
     match result {
@@ -55,7 +59,7 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> String {
-    "usage: cargo xtask <setup | test [TEST-FILTER...] | demo>".to_owned()
+    "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO...]>".to_owned()
 }
 
 fn workspace_root() -> PathBuf {
@@ -197,4 +201,17 @@ fn demo() -> Result {
     run(cargo().args(["build", "--bins"]), "build")?;
     let strait = workspace_root().join("target").join("debug").join("strait");
     run(Command::new(strait).arg("demo").env("PATH", path_with_cargo_bin()), "strait demo")
+}
+
+fn bench(args: &[String]) -> Result {
+    if !is_root() {
+        return Err("the benchmark builds network namespaces and loads eBPF programs: run as root".into());
+    }
+    run(cargo().args(["build", "--release", "--bins"]), "release build")?;
+    let root = workspace_root();
+    let bench = root.join("target").join("release").join("strait-bench");
+    run(
+        Command::new(bench).current_dir(&root).args(["--out", "target/bench"]).args(args).env("PATH", path_with_cargo_bin()),
+        "strait-bench",
+    )
 }
