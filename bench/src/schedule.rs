@@ -84,6 +84,28 @@ impl Schedule {
     }
 }
 
+/// One connection's requests replayed as an exact timer would have sent them.
+///
+/// The real timer sends late (see [`crate::rate`]); this keeps, per connection, when the previous
+/// request would have finished had every send been on time and every response taken the service
+/// time it really took. A request then starts at its due time or at that finish, whichever is
+/// later, so waiting behind a slow response counts and timer lag does not.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdealTimeline {
+    /// When the previous request would have finished, as an offset from t0.
+    free_at: Duration,
+}
+
+impl IdealTimeline {
+    /// Takes the next request of the connection, due at `due`, whose response came `service`
+    /// after it was actually sent; returns its latency counted from `due`.
+    pub fn latency(&mut self, due: Duration, service: Duration) -> Duration {
+        let start = self.free_at.max(due);
+        self.free_at = start + service;
+        self.free_at - due
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +149,20 @@ mod tests {
         assert_eq!(s.requests_of(1).collect::<Vec<_>>(), [1, 4, 7]);
         assert_eq!(s.requests_of(2).collect::<Vec<_>>(), [2, 5, 8]);
         assert!((0..10).all(|k| s.requests_of(s.connection_of(k)).any(|j| j == k)));
+    }
+
+    #[test]
+    fn queueing_behind_a_slow_response_counts_from_the_due_time() {
+        let ms = Duration::from_millis;
+        let mut timeline = IdealTimeline::default();
+        // Requests due every 10 ms; the first takes 25 ms, so the next two wait behind it.
+        assert_eq!(timeline.latency(ms(0), ms(25)), ms(25));
+        assert_eq!(timeline.latency(ms(10), ms(1)), ms(16));
+        assert_eq!(timeline.latency(ms(20), ms(1)), ms(7));
+        // By 30 ms the backlog is gone: latency is the service time again.
+        assert_eq!(timeline.latency(ms(30), ms(1)), ms(1));
+        // However late the timer really sent it, only the service time counts.
+        assert_eq!(timeline.latency(ms(40), Duration::from_micros(120)), Duration::from_micros(120));
     }
 
     #[test]

@@ -29,16 +29,41 @@ pub const LISTENER_INBOUND_PLAINTEXT: u32 = 1;
 pub const LISTENER_HBONE: u32 = 2;
 pub const LISTENER_SLOTS: u32 = 4;
 
-/// Value of a pod in the `POD_STATE` map (keyed by the pod's IPv4 address in network byte order).
-/// New connections of a `POD_CAPTURED` pod are steered to the outbound listener.
+/// Flags of a pod in the `POD_STATE` map (keyed by the pod's IPv4 address in network byte
+/// order). New connections of a `POD_CAPTURED` pod are steered to the outbound listener, and
+/// connections to it to the inbound ones.
 pub const POD_CAPTURED: u8 = 1;
 /// The pod was un-enrolled: its new connections go out untouched, but packets of connections the
 /// proxy already holds keep reaching their sockets until they end (CAP-5).
 pub const POD_DRAINING: u8 = 2;
+/// PeerAuthentication makes the pod STRICT (by default, for ports without their own mode): no
+/// plaintext may reach it, and when the proxy is down its traffic is dropped, not let through.
+pub const POD_STRICT: u8 = 4;
+
+/// `PORT_MTLS` values: a port-level PeerAuthentication mode that overrides the pod's.
+pub const MTLS_STRICT: u8 = 1;
+pub const MTLS_PERMISSIVE: u8 = 2;
+pub const MTLS_DISABLE: u8 = 3;
+
+/// Key of `PORT_MTLS`: a pod's IPv4 address and a target port, both in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortKey {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Data of a `DENY_SOURCES` LPM key: destination pod (32 bits), destination port (16 bits, 0 for
+/// any port) and source address, matched on `48 + source prefix` bits. Network byte order.
+pub type DenyKeyData = [u8; 10];
+
+/// Bits of `DenyKeyData` before the source address.
+pub const DENY_KEY_FIXED_BITS: u32 = 48;
 
 /// Indices of the per-CPU `STATS` counters.
 pub mod stat {
-    /// Packets seen by the pod-ingress program from pods in `POD_STATE`.
+    /// Packets seen by the pod-ingress program from or to pods in `POD_STATE`.
     pub const POD_PACKETS: u32 = 0;
     /// New outbound connections (SYN) handed to the outbound listener.
     pub const OUTBOUND_NEW: u32 = 1;
@@ -52,11 +77,18 @@ pub mod stat {
     pub const NO_LISTENER: u32 = 5;
     /// `bpf_sk_assign` failures (packet dropped).
     pub const ASSIGN_ERRORS: u32 = 6;
-    /// New HBONE connections (SYN to port 15008 of a captured pod) from the uplink, handed to
-    /// the HBONE listener.
+    /// New HBONE connections (SYN to port 15008 of a captured pod), handed to the HBONE listener.
     pub const INBOUND_HBONE_NEW: u32 = 7;
+    /// New plaintext connections to a captured pod, handed to the inbound plaintext listener.
+    pub const INBOUND_PLAINTEXT_NEW: u32 = 8;
+    /// Packets let through without a proxy listener (the pod is not STRICT: fail open).
+    pub const NO_LISTENER_PASSED: u32 = 9;
+    /// XDP drops: plaintext to a STRICT pod from outside the node (CAP-4).
+    pub const XDP_DROP_STRICT_PLAINTEXT: u32 = 10;
+    /// XDP drops: source denied by a DENY policy on ipBlocks/ports (CAP-4).
+    pub const XDP_DROP_DENY_POLICY: u32 = 11;
     /// Number of counters; the size of the `STATS` map.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 12;
 
     /// Counter names as exported by the proxy, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -68,5 +100,13 @@ pub mod stat {
         "no_listener",
         "assign_errors",
         "inbound_hbone_new",
+        "inbound_plaintext_new",
+        "no_listener_passed",
+        "xdp_drop_strict_plaintext",
+        "xdp_drop_deny_policy",
     ];
 }
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data with no padding holes the kernel would misread.
+unsafe impl aya::Pod for PortKey {}

@@ -1,14 +1,19 @@
 //! strait's eBPF programs.
 //!
-//! `pod_ingress` runs at TC ingress on the host-side veth of every enrolled pod: it sees each
-//! packet the pod sends and hands new outbound TCP connections to the node proxy's transparent
-//! listener with `bpf_sk_assign` (CAP-1), so the proxy accepts them with the original destination
-//! as its local address. Later packets of a flow go to the socket that owns it. Which pods are
-//! captured is decided by the `POD_STATE` map that the proxy keeps in sync with its model.
+//! - `pod_ingress`, at TC ingress on the host-side veth of every pod of the node, sees each
+//!   packet a pod sends. A captured pod's new connections go to the outbound listener (CAP-1);
+//!   a connection *to* a captured pod from a pod outside the mesh goes to the inbound listeners
+//!   (HBONE on 15008, anything else to the plaintext listener where PeerAuthentication decides).
+//! - `uplink_ingress`, at TC ingress on the node's uplink, does the same for connections to
+//!   captured pods arriving from other nodes (CAP-2).
+//! - `uplink_guard`, XDP on the uplink, drops before any allocation what policy already denies
+//!   without needing an identity: plaintext to a STRICT pod, and sources a DENY policy names by
+//!   address and port (CAP-4).
 //!
-//! `uplink_ingress` runs at TC ingress on the node's uplink: HBONE (TCP to port 15008) for a
-//! captured pod of this node is handed to the proxy's HBONE listener (CAP-2), since the pod
-//! itself does not listen there.
+//! Later packets of every steered flow go to the socket that owns it (`bpf_skc_lookup_tcp`),
+//! including a pod's replies to connections the proxy opened from the client's own address. All
+//! decisions come from maps the proxy keeps in step with its model; maps and programs are pinned
+//! so a proxy restart changes nothing for traffic (CAP-6).
 #![no_std]
 #![no_main]
 
@@ -16,15 +21,18 @@ use core::{ffi::c_void, mem, ptr};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple, tcx_action_base::TCX_NEXT},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple, tcx_action_base::TCX_NEXT,
+        xdp_action,
+    },
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
-    macros::{classifier, map},
-    maps::{HashMap, PerCpuArray, SockMap},
-    programs::TcContext,
+    macros::{classifier, map, xdp},
+    maps::{HashMap, LpmTrie, PerCpuArray, SockMap, lpm_trie::Key},
+    programs::{TcContext, XdpContext},
 };
 use strait_ebpf_common::{
-    HBONE_PORT, LISTENER_HBONE, LISTENER_OUTBOUND, LISTENER_SLOTS, POD_CAPTURED, POD_DRAINING, PROXY_MARK, STEER_MARK,
-    stat,
+    DENY_KEY_FIXED_BITS, DenyKeyData, HBONE_PORT, LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT, LISTENER_OUTBOUND,
+    LISTENER_SLOTS, MTLS_STRICT, POD_CAPTURED, POD_DRAINING, POD_STRICT, PROXY_MARK, PortKey, STEER_MARK, stat,
 };
 
 const ETH_HLEN: usize = 14;
@@ -33,18 +41,26 @@ const IPPROTO_TCP: u8 = 6;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
-/// Pods this node captures, keyed by IPv4 address in network byte order; values are
-/// `POD_CAPTURED` or `POD_DRAINING`.
+/// Pods of this node in the mesh, by IPv4 address (network byte order): `POD_*` flags.
 #[map]
-static POD_STATE: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+static POD_STATE: HashMap<u32, u8> = HashMap::pinned(4096, 0);
+
+/// Port-level PeerAuthentication modes that override a pod's (`MTLS_*`).
+#[map]
+static PORT_MTLS: HashMap<PortKey, u8> = HashMap::pinned(4096, 0);
+
+/// Sources denied by DENY policies that need no identity, keyed by destination pod, port (0 =
+/// any) and source prefix.
+#[map]
+static DENY_SOURCES: LpmTrie<DenyKeyData, u8> = LpmTrie::pinned(16384, 0);
 
 /// The proxy's listening sockets, by `LISTENER_*` slot.
 #[map]
-static LISTENERS: SockMap = SockMap::with_max_entries(LISTENER_SLOTS, 0);
+static LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 
 /// Counters, indexed by `stat::*`; per CPU so the hot path never contends on a cache line.
 #[map]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 
 #[inline(always)]
 fn bump(idx: u32) {
@@ -54,14 +70,20 @@ fn bump(idx: u32) {
     }
 }
 
-/// The parts of an IPv4/TCP packet the capture decision needs. Addresses and ports stay in
-/// network byte order, as `bpf_sock_tuple` wants them.
+/// The parts of an IPv4/TCP packet the decisions need. Addresses and ports stay in network
+/// byte order, as `bpf_sock_tuple` and the map keys want them.
 struct TcpPacket {
     saddr: u32,
     daddr: u32,
     sport: u16,
     dport: u16,
     flags: u8,
+}
+
+impl TcpPacket {
+    fn is_syn(&self) -> bool {
+        self.flags & TCP_FLAG_SYN != 0 && self.flags & TCP_FLAG_ACK == 0
+    }
 }
 
 #[inline(always)]
@@ -87,70 +109,82 @@ fn parse_tcp(ctx: &TcContext) -> Option<TcpPacket> {
     })
 }
 
-#[classifier]
-pub fn pod_ingress(ctx: TcContext) -> i32 {
+#[inline(always)]
+fn marked_by_proxy(ctx: &TcContext) -> bool {
     // SAFETY: the context pointer is the live __sk_buff of this invocation.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if mark == PROXY_MARK {
         bump(stat::PROXY_MARKED);
+        return true;
+    }
+    false
+}
+
+#[inline(always)]
+fn pod_state(ip: u32) -> Option<u8> {
+    // SAFETY: plain lookup; the value is copied out before the map can change.
+    unsafe { POD_STATE.get(&ip) }.copied()
+}
+
+#[classifier]
+pub fn pod_ingress(ctx: TcContext) -> i32 {
+    if marked_by_proxy(&ctx) {
         return TCX_NEXT;
     }
     let Some(pkt) = parse_tcp(&ctx) else {
         return TCX_NEXT;
     };
-    // SAFETY: plain lookup; the value is copied out before the map can change.
-    let Some(state) = (unsafe { POD_STATE.get(&pkt.saddr) }).copied() else {
-        return TCX_NEXT;
-    };
-    bump(stat::POD_PACKETS);
-
-    // Packets of a flow the proxy already holds (its accepted socket for an outbound
-    // connection, or its upstream socket when it dials a pod on this node) go to that socket.
-    // This runs for draining pods too, which is what keeps their open connections alive.
-    if let Some(verdict) = assign_established(&ctx, &pkt) {
-        return verdict;
-    }
-
-    let is_new = pkt.flags & TCP_FLAG_SYN != 0 && pkt.flags & TCP_FLAG_ACK == 0;
-    if !is_new {
-        return TCX_NEXT;
-    }
-    match state {
-        POD_CAPTURED => assign_listener(&ctx, LISTENER_OUTBOUND, stat::OUTBOUND_NEW),
-        POD_DRAINING => {
-            bump(stat::DRAINING_PASSED);
-            TCX_NEXT
+    if let Some(state) = pod_state(pkt.saddr) {
+        bump(stat::POD_PACKETS);
+        // Flows the proxy holds: the pod's captured connections, and its replies to the
+        // connections the proxy opened to it. Draining pods keep theirs this way (CAP-5).
+        if let Some(verdict) = assign_established(&ctx, &pkt) {
+            return verdict;
         }
-        _ => TCX_NEXT,
+        if !pkt.is_syn() {
+            return TCX_NEXT;
+        }
+        if state & POD_CAPTURED != 0 {
+            return assign_listener(&ctx, LISTENER_OUTBOUND, stat::OUTBOUND_NEW, state);
+        }
+        if state & POD_DRAINING != 0 {
+            bump(stat::DRAINING_PASSED);
+        }
+        return TCX_NEXT;
     }
+    // A pod outside the mesh calling a captured pod of this node.
+    inbound(&ctx, &pkt)
 }
 
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    // SAFETY: the context pointer is the live __sk_buff of this invocation.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    if mark == PROXY_MARK {
-        bump(stat::PROXY_MARKED);
+    if marked_by_proxy(&ctx) {
         return TCX_NEXT;
     }
     let Some(pkt) = parse_tcp(&ctx) else {
         return TCX_NEXT;
     };
-    if u16::from_be(pkt.dport) != HBONE_PORT {
-        return TCX_NEXT;
-    }
-    // SAFETY: plain lookup; the value is copied out before the map can change.
-    let Some(state) = (unsafe { POD_STATE.get(&pkt.daddr) }).copied() else {
+    inbound(&ctx, &pkt)
+}
+
+/// A packet addressed to a captured pod of this node: its flow's socket if the proxy holds
+/// it, else a new connection for the HBONE or the plaintext listener.
+#[inline(always)]
+fn inbound(ctx: &TcContext, pkt: &TcpPacket) -> i32 {
+    let Some(state) = pod_state(pkt.daddr) else {
         return TCX_NEXT;
     };
-    if let Some(verdict) = assign_established(&ctx, &pkt) {
+    if let Some(verdict) = assign_established(ctx, pkt) {
         return verdict;
     }
-    let is_new = pkt.flags & TCP_FLAG_SYN != 0 && pkt.flags & TCP_FLAG_ACK == 0;
-    if is_new && state == POD_CAPTURED {
-        return assign_listener(&ctx, LISTENER_HBONE, stat::INBOUND_HBONE_NEW);
+    if !pkt.is_syn() || state & POD_CAPTURED == 0 {
+        return TCX_NEXT;
     }
-    TCX_NEXT
+    if u16::from_be(pkt.dport) == HBONE_PORT {
+        assign_listener(ctx, LISTENER_HBONE, stat::INBOUND_HBONE_NEW, state)
+    } else {
+        assign_listener(ctx, LISTENER_INBOUND_PLAINTEXT, stat::INBOUND_PLAINTEXT_NEW, state)
+    }
 }
 
 /// Hands the packet to the established (or half-open) socket of its 4-tuple, if one exists.
@@ -187,24 +221,22 @@ fn assign_established(ctx: &TcContext, pkt: &TcpPacket) -> Option<i32> {
     Some(TCX_NEXT)
 }
 
-/// Hands a new connection to one of the proxy's listeners; drops it if the proxy has none
-/// registered, so an enrolled pod's traffic never bypasses the mesh (fail closed, CAP-6).
+/// Hands a new connection to one of the proxy's listeners. Without one (the proxy is down),
+/// a STRICT pod's connection is dropped, never let past the mesh; others pass (CAP-6).
 #[inline(always)]
-fn assign_listener(ctx: &TcContext, slot: u32, counter: u32) -> i32 {
+fn assign_listener(ctx: &TcContext, slot: u32, counter: u32, state: u8) -> i32 {
     // SAFETY: sockmap lookup from a TC program returns a referenced socket or null.
     let sk = unsafe {
         bpf_map_lookup_elem(ptr::addr_of!(LISTENERS).cast_mut().cast::<c_void>(), ptr::addr_of!(slot).cast::<c_void>())
     }
     .cast::<bpf_sock>();
     if sk.is_null() {
-        bump(stat::NO_LISTENER);
-        return TC_ACT_SHOT as i32;
+        return no_listener(state);
     }
     // SAFETY: sk is non-null and referenced until released.
     if unsafe { (*sk).state } != BPF_TCP_LISTEN {
         unsafe { bpf_sk_release(sk.cast()) };
-        bump(stat::NO_LISTENER);
-        return TC_ACT_SHOT as i32;
+        return no_listener(state);
     }
     ctx.skb.set_mark(STEER_MARK);
     let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
@@ -215,6 +247,75 @@ fn assign_listener(ctx: &TcContext, slot: u32, counter: u32) -> i32 {
     }
     bump(counter);
     TCX_NEXT
+}
+
+#[inline(always)]
+fn no_listener(state: u8) -> i32 {
+    if state & POD_STRICT != 0 {
+        bump(stat::NO_LISTENER);
+        TC_ACT_SHOT as i32
+    } else {
+        bump(stat::NO_LISTENER_PASSED);
+        TCX_NEXT
+    }
+}
+
+#[xdp]
+pub fn uplink_guard(ctx: XdpContext) -> u32 {
+    match guard(&ctx) {
+        Some(verdict) => verdict,
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn xdp_load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    if start + offset + mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bounds checked against data_end just above, as the verifier requires.
+    Some(unsafe { ptr::read_unaligned((start + offset) as *const T) })
+}
+
+fn guard(ctx: &XdpContext) -> Option<u32> {
+    if u16::from_be(xdp_load::<u16>(ctx, 12)?) != ETH_P_IP {
+        return None;
+    }
+    let vihl: u8 = xdp_load(ctx, ETH_HLEN)?;
+    if xdp_load::<u8>(ctx, ETH_HLEN + 9)? != IPPROTO_TCP {
+        return None;
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    let saddr: u32 = xdp_load(ctx, ETH_HLEN + 12)?;
+    let daddr: u32 = xdp_load(ctx, ETH_HLEN + 16)?;
+    let dport: u16 = xdp_load(ctx, ETH_HLEN + ihl + 2)?;
+    let state = pod_state(daddr)?;
+    if state & POD_CAPTURED == 0 || u16::from_be(dport) == HBONE_PORT {
+        // HBONE carries the real client inside TLS: the proxy decides on it.
+        return None;
+    }
+    let port_key = PortKey { ip: daddr, port: dport, _pad: 0 };
+    // SAFETY: plain lookup, value copied out.
+    let strict = match unsafe { PORT_MTLS.get(&port_key) }.copied() {
+        Some(mode) => mode == MTLS_STRICT,
+        None => state & POD_STRICT != 0,
+    };
+    if strict {
+        bump(stat::XDP_DROP_STRICT_PLAINTEXT);
+        return Some(xdp_action::XDP_DROP);
+    }
+    for port in [dport, 0] {
+        let mut data: DenyKeyData = [0; 10];
+        data[..4].copy_from_slice(&daddr.to_ne_bytes());
+        data[4..6].copy_from_slice(&port.to_ne_bytes());
+        data[6..].copy_from_slice(&saddr.to_ne_bytes());
+        if DENY_SOURCES.get(Key::new(DENY_KEY_FIXED_BITS + 32, data)).is_some() {
+            bump(stat::XDP_DROP_DENY_POLICY);
+            return Some(xdp_action::XDP_DROP);
+        }
+    }
+    None
 }
 
 #[cfg(not(test))]

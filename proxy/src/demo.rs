@@ -48,6 +48,7 @@ pub fn run() -> anyhow::Result<()> {
     let config_dir = topo.config_dir();
     let mut proxies = Vec::new();
     for node in [&node1, &node2] {
+        let pins = node.bpf_pin_dir();
         let args = [
             "node",
             "--config",
@@ -56,6 +57,9 @@ pub fn run() -> anyhow::Result<()> {
             node.name(),
             "--ca-dir",
             ca_dir.to_str().unwrap_or_default(),
+            "--bpf-pin-dir",
+            pins.to_str().unwrap_or_default(),
+            "--detach-on-exit",
         ];
         let proxy = node.spawn(&format!("strait-{}", node.name()), &strait, &args, &[])?;
         proxy.wait_for_log("strait node ready", TIMEOUT).context("the node proxy did not start")?;

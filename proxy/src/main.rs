@@ -66,6 +66,13 @@ struct NodeArgs {
     /// The node's uplink interface (default: from the routing table).
     #[arg(long)]
     uplink: Option<String>,
+    /// Directory on bpffs where the eBPF maps and links are pinned, so a restart keeps capture.
+    #[arg(long, default_value = "/sys/fs/bpf/strait")]
+    bpf_pin_dir: PathBuf,
+    /// On exit, detach the eBPF programs and delete the pins (default: leave them for the next
+    /// run; STRICT pods' traffic is then dropped until the proxy is back).
+    #[arg(long)]
+    detach_on_exit: bool,
     /// Data-plane worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
@@ -105,6 +112,8 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         ca,
         cert_ttl: args.cert_ttl,
         uplink: args.uplink,
+        bpf_pin_dir: args.bpf_pin_dir,
+        detach_on_exit: args.detach_on_exit,
     }))
 }
 

@@ -145,6 +145,15 @@ pub fn cleanup_stale() -> io::Result<usize> {
         }
     }
 
+    for name in list_dir(Path::new(BPF_PIN_ROOT)) {
+        let Some(pid) = owner_pid(&name) else {
+            continue;
+        };
+        if pid != std::process::id() && owner_is_gone(pid) {
+            remove_bpf_pins(&name);
+        }
+    }
+
     // Records of exited processes; a record whose pid was reused stays, since it is what marks
     // that pid's leftovers (if any could not be deleted above) as stale.
     for record in list_dir(&owners_dir()) {
@@ -153,6 +162,23 @@ pub fn cleanup_stale() -> io::Result<usize> {
         }
     }
     Ok(deleted)
+}
+
+/// Where a node proxy started by tests or the demo pins its eBPF maps and links: one directory
+/// per node namespace, so parallel runs never share kernel objects.
+pub const BPF_PIN_ROOT: &str = "/sys/fs/bpf/strait-test";
+
+/// Deletes the pins of one node namespace's proxy (its links detach once unpinned, and a
+/// crashed proxy leaves them behind).
+pub fn remove_bpf_pins(netns_name: &str) {
+    let dir = Path::new(BPF_PIN_ROOT).join(netns_name);
+    for sub in [dir.join("links"), dir.clone()] {
+        for name in list_dir(&sub) {
+            let _ = fs::remove_file(sub.join(name));
+        }
+    }
+    let _ = fs::remove_dir(dir.join("links"));
+    let _ = fs::remove_dir(&dir);
 }
 
 /// `STRAIT_KEEP=1` keeps temp dirs (logs, config) for a look after the run.

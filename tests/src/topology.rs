@@ -318,6 +318,7 @@ impl Drop for Topology {
             if let Err(err) = delete_netns(&ns) {
                 eprintln!("strait-testbed: cannot delete namespace {ns}: {err}");
             }
+            cleanup::remove_bpf_pins(&ns);
         }
         if keep_requested() {
             eprintln!("strait-testbed: STRAIT_KEEP=1, keeping {}", self.dir().display());
@@ -368,6 +369,12 @@ impl Node {
     }
 
     /// The pod CIDR, `10.<index>.0.0/24`.
+    /// Where a node proxy on this node should pin its eBPF objects (`strait node --bpf-pin-dir`);
+    /// removed with the topology.
+    pub fn bpf_pin_dir(&self) -> std::path::PathBuf {
+        Path::new(cleanup::BPF_PIN_ROOT).join(self.netns.name())
+    }
+
     pub fn pod_cidr(&self) -> String {
         format!("10.{}.0.0/24", self.index)
     }

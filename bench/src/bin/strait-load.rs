@@ -1,1 +1,180 @@
-fn main(){}
+//! `strait-load`: load generator and test server for `cargo xtask bench`.
+//!
+//! Every client mode prints one JSON object on stdout when it ends and talks to people on
+//! stderr; a failed run prints no JSON and exits non-zero with the reason.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use strait_bench::{connections, hold, limits, rate, runtime, server, stream};
+
+#[derive(Parser)]
+#[command(name = "strait-load", version, about = "Load generator and test server for strait's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve HTTP/1.1 (`GET /bytes/N`) and the byte-count sink on each port until killed.
+    Server {
+        /// Port to listen on; repeat for several. 0 picks a free port.
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+        /// Address to listen on.
+        #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+        bind: IpAddr,
+        /// Runtime worker threads.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+    },
+    /// Open-loop keep-alive HTTP load at a fixed rate; latency counts from each request's due time.
+    Rate {
+        #[arg(long)]
+        target: SocketAddr,
+        /// Requests per second over all connections.
+        #[arg(long)]
+        rps: u64,
+        /// Measured window, in seconds (after the warm-up).
+        #[arg(long, value_parser = seconds)]
+        duration: Duration,
+        /// Keep-alive connections, one request outstanding on each.
+        #[arg(long, default_value_t = 8)]
+        connections: u64,
+        #[arg(long, default_value = "/bytes/1024")]
+        path: String,
+        /// Load before the measured window, in seconds, not recorded.
+        #[arg(long, value_parser = seconds, default_value = "2")]
+        warmup: Duration,
+        /// Seconds to wait for one response before it counts as an error.
+        #[arg(long, value_parser = seconds, default_value = "10")]
+        timeout: Duration,
+        /// Runtime threads; 1 is a current-thread runtime, the cheapest.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Closed loop of new connections, each one `GET /bytes/64` with `Connection: close`.
+    Connections {
+        #[arg(long)]
+        target: SocketAddr,
+        /// Seconds to keep starting connections.
+        #[arg(long, value_parser = seconds)]
+        duration: Duration,
+        /// Connections in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Seconds one connection may take before it counts as an error.
+        #[arg(long, value_parser = seconds, default_value = "10")]
+        timeout: Duration,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Bulk throughput: K parallel connections to the sink, N bytes in all, each count checked.
+    Stream {
+        #[arg(long)]
+        target: SocketAddr,
+        /// Total bytes; K, M and G suffixes are KiB, MiB and GiB.
+        #[arg(long, value_parser = byte_count)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        streams: u64,
+        /// Seconds the whole run may take.
+        #[arg(long, value_parser = seconds, default_value = "120")]
+        timeout: Duration,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Open N idle connections, write `holding N` to the ready file, hold them until SIGTERM/SIGINT.
+    Hold {
+        /// Target; repeat to spread connections round-robin (one target's local ports end near 28,000).
+        #[arg(long = "target", required = true)]
+        targets: Vec<SocketAddr>,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        ready_file: PathBuf,
+        /// Connects in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strait-load: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Server { ports, bind, workers } => {
+            raise_fd_limit();
+            runtime(workers)?.block_on(server::run(server::ServerConfig { bind, ports }))
+        }
+        Command::Rate { target, rps, duration, connections, path, warmup, timeout, threads } => {
+            let config = rate::RateConfig { target, rps, duration, warmup, connections, path, timeout };
+            print(&runtime(threads)?.block_on(rate::run(config))?)
+        }
+        Command::Connections { target, duration, concurrency, timeout, threads } => {
+            let config = connections::ConnectionsConfig { target, duration, concurrency, timeout };
+            print(&runtime(threads)?.block_on(connections::run(config))?)
+        }
+        Command::Stream { target, bytes, streams, timeout, threads } => {
+            let config = stream::StreamConfig { target, bytes, streams, timeout };
+            print(&runtime(threads)?.block_on(stream::run(config))?)
+        }
+        Command::Hold { targets, count, ready_file, concurrency, threads } => {
+            raise_fd_limit();
+            let config = hold::HoldConfig { targets, count, ready_file, concurrency };
+            print(&runtime(threads)?.block_on(hold::run(config))?)
+        }
+    }
+}
+
+/// Raises the open-file limit; a failure only caps how many sockets fit, so it is a warning.
+fn raise_fd_limit() {
+    match limits::raise_nofile_limit() {
+        Ok(n) => eprintln!("strait-load: open-file limit {n}"),
+        Err(e) => eprintln!("strait-load: warning: could not raise the open-file limit: {e}"),
+    }
+}
+
+fn print(report: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(report).context("serializing the report")?);
+    Ok(())
+}
+
+/// A non-negative number of seconds, fractions allowed.
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a non-negative, finite number of seconds"))
+}
+
+/// A byte count with an optional binary suffix: `1048576`, `64M`, `1G`.
+fn byte_count(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("`{s}` is not a byte count (digits, optionally followed by K, M or G)"))
+}

@@ -1,27 +1,45 @@
 //! Traffic capture: loads the eBPF programs into the kernel and keeps their maps in step with
-//! the model (CAP-1, CAP-3, CAP-5).
+//! the model (CAP-1 to CAP-6).
 //!
-//! The pod-ingress program is attached to the host-side veth of every captured pod on this
-//! node, found from the node's `/32` pod routes as routed CNIs install them. Whether a pod's new
-//! connections are steered is decided by the `POD_STATE` map alone, so enrolling or
-//! un-enrolling is one map write, and a pod being un-enrolled keeps its open connections: it
-//! moves to "draining", where only packets of connections the proxy already holds are steered.
+//! Restarts (CAP-6): the maps are pinned in bpffs, and the classifiers are attached as netlink
+//! `clsact` filters at a fixed priority and handle, which the kernel keeps after the process
+//! exits. A new run swaps its programs into those filters in place (netlink replace), so capture
+//! never has a gap; while no proxy listens, a STRICT pod's traffic is dropped, others pass.
+//! (TCX links would be the modern hook, but pinning them is refused in this environment, and an
+//! unpinned link dies with the process.) The XDP guard is a link and is re-created by each run;
+//! STRICT pods stay protected meanwhile by the classifiers, which fail closed.
+//!
+//! The pod-ingress program is attached to the host-side veth of every pod of this node, found
+//! from the node's `/32` pod routes as routed CNIs install them; the uplink gets the inbound
+//! classifier and the XDP guard. Which pods are captured, which are STRICT and which sources are
+//! denied is decided by maps alone, so enrolling, un-enrolling or a policy change is a map
+//! write. A pod being un-enrolled keeps its open connections: it moves to "draining", where only
+//! packets of connections the proxy already holds are steered.
 
+mod pin;
 mod routes;
 mod routing;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
     os::fd::AsRawFd,
+    path::{Path, PathBuf},
 };
 
 use aya::{
-    Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockMap},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockMap, lpm_trie::Key, lpm_trie::LpmTrie},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        xdp::XdpLink,
+    },
 };
-use strait_ebpf_common::{POD_CAPTURED, POD_DRAINING, stat};
+use strait_ebpf_common::{
+    DENY_KEY_FIXED_BITS, DenyKeyData, MTLS_DISABLE, MTLS_PERMISSIVE, MTLS_STRICT, POD_CAPTURED, POD_DRAINING,
+    POD_STRICT, PortKey, stat,
+};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
@@ -33,8 +51,9 @@ use crate::model::Model;
 /// The eBPF object built by `build.rs` from `ebpf/`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/strait-ebpf"));
 
-const POD_INGRESS_PROGRAM: &str = "pod_ingress";
-const UPLINK_INGRESS_PROGRAM: &str = "uplink_ingress";
+const POD_INGRESS: &str = "pod_ingress";
+const UPLINK_INGRESS: &str = "uplink_ingress";
+const UPLINK_GUARD: &str = "uplink_guard";
 
 #[derive(Debug, Error)]
 pub enum CaptureError {
@@ -45,50 +64,113 @@ pub enum CaptureError {
     Load(String),
     #[error("the eBPF object has no {0}; the binary was built from mismatched sources")]
     Missing(&'static str),
-    #[error("cannot attach capture to interface {interface}: {reason}")]
-    Attach { interface: String, reason: String },
+    #[error("cannot attach {program} to interface {interface}: {reason}")]
+    Attach { program: &'static str, interface: String, reason: String },
     #[error("cannot update the eBPF map {map}: {reason}")]
     Map { map: &'static str, reason: String },
+    #[error(
+        "cannot pin eBPF objects under {dir}: {reason}; strait node needs the kernel's BPF file system (bpffs) and root on the host"
+    )]
+    Pin { dir: String, reason: String },
+}
+
+/// PeerAuthentication and DENY policy as the kernel applies them, per pod of this node.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KernelPolicy {
+    /// Pods whose default mTLS mode is STRICT.
+    pub strict: BTreeSet<Ipv4Addr>,
+    /// Port-level modes overriding the pod's: (pod, target port) → mode.
+    pub port_modes: BTreeMap<(Ipv4Addr, u16), PortMode>,
+    /// Sources denied by address: (pod, port or 0 for any, source network, prefix length).
+    pub deny_sources: BTreeSet<(Ipv4Addr, u16, Ipv4Addr, u8)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortMode {
+    Strict,
+    Permissive,
+    Disable,
+}
+
+impl PortMode {
+    fn value(self) -> u8 {
+        match self {
+            PortMode::Strict => MTLS_STRICT,
+            PortMode::Permissive => MTLS_PERMISSIVE,
+            PortMode::Disable => MTLS_DISABLE,
+        }
+    }
+}
+
+/// Priority and handle of strait's `clsact` ingress filters: fixed, so that a new run finds and
+/// replaces the filter an earlier run left.
+const FILTER_PRIORITY: u16 = 0x5e;
+const FILTER_HANDLE: TcHandle = TcHandle::new(0, 0x5e);
+
+enum Link {
+    Tc(SchedClassifierLink),
+    Xdp(XdpLink),
+}
+
+struct AttachedLink {
+    /// Interface index when attached: a re-created device with the same name needs a new link.
+    index: u32,
+    link: Link,
 }
 
 /// The loaded programs, their maps, and what is attached where.
 pub struct Capture {
     ebpf: Ebpf,
+    pin_dir: PathBuf,
     pod_state: BpfHashMap<MapData, u32, u8>,
+    port_mtls: BpfHashMap<MapData, PortKey, u8>,
+    deny_sources: LpmTrie<MapData, DenyKeyData, u8>,
     listeners: SockMap<MapData>,
     stats: PerCpuArray<MapData, u64>,
-    /// Host-side interface → (ifindex it had when attached, link).
-    attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
-    /// The uplink the HBONE steering program is attached to.
-    uplink: Option<(String, SchedClassifierLinkId)>,
-    /// What `POD_STATE` holds, mirrored to avoid reading the map back.
+    /// Pod interfaces with the pod-ingress program, by name.
+    pod_links: BTreeMap<String, AttachedLink>,
+    uplink_links: Vec<AttachedLink>,
+    /// Mirrors of the policy maps, to write only differences.
     states: HashMap<Ipv4Addr, u8>,
+    policy: KernelPolicy,
     /// Pods whose route was missing at the last reconcile, to warn once per pod.
-    missing_route: HashMap<Ipv4Addr, ()>,
+    missing_route: BTreeSet<Ipv4Addr>,
 }
 
-/// Counters of the capture program, summed over CPUs.
+/// Counters of the capture programs, summed over CPUs.
 pub type CaptureStats = Vec<(&'static str, u64)>;
 
 impl Capture {
-    /// Loads the eBPF object and the pod-ingress program into the kernel.
-    pub fn load() -> Result<Self, CaptureError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| CaptureError::Load(e.to_string()))?;
-        for name in [POD_INGRESS_PROGRAM, UPLINK_INGRESS_PROGRAM] {
-            program(&mut ebpf, name)?.load().map_err(|e| CaptureError::Load(format!("{name}: {e}")))?;
+    /// Loads the programs, reusing the maps (and later the links) pinned under `pin_dir`.
+    pub fn load(pin_dir: &Path) -> Result<Self, CaptureError> {
+        let pin_err =
+            |e: std::io::Error| CaptureError::Pin { dir: pin_dir.display().to_string(), reason: e.to_string() };
+        pin::prepare(pin_dir).map_err(pin_err)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|e| CaptureError::Load(e.to_string()))?;
+        for name in [POD_INGRESS, UPLINK_INGRESS] {
+            classifier(&mut ebpf, name)?.load().map_err(|e| CaptureError::Load(format!("{name}: {e}")))?;
         }
-        let pod_state = take_map(&mut ebpf, "POD_STATE")?;
-        let listeners = take_map(&mut ebpf, "LISTENERS")?;
-        let stats = take_map(&mut ebpf, "STATS")?;
+        xdp(&mut ebpf)?.load().map_err(|e| CaptureError::Load(format!("{UPLINK_GUARD}: {e}")))?;
+        let pod_state: BpfHashMap<MapData, u32, u8> = take_map(&mut ebpf, "POD_STATE")?;
+        // What an earlier run left is the starting point: only differences are written.
+        let states =
+            pod_state.iter().filter_map(Result::ok).map(|(k, v)| (Ipv4Addr::from(k.to_ne_bytes()), v)).collect();
         Ok(Self {
-            ebpf,
             pod_state,
-            listeners,
-            stats,
-            attached: BTreeMap::new(),
-            uplink: None,
-            states: HashMap::new(),
-            missing_route: HashMap::new(),
+            port_mtls: take_map(&mut ebpf, "PORT_MTLS")?,
+            deny_sources: take_map(&mut ebpf, "DENY_SOURCES")?,
+            listeners: take_map(&mut ebpf, "LISTENERS")?,
+            stats: take_map(&mut ebpf, "STATS")?,
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            pod_links: BTreeMap::new(),
+            uplink_links: Vec::new(),
+            states,
+            policy: KernelPolicy::default(),
+            missing_route: BTreeSet::new(),
         })
     }
 
@@ -97,48 +179,81 @@ impl Capture {
         self.listeners.set(slot, listener, 0).map_err(|e| CaptureError::Map { map: "LISTENERS", reason: e.to_string() })
     }
 
-    /// Attaches HBONE steering to the node's uplink (CAP-2).
+    /// Attaches the inbound classifier (CAP-2) and the XDP guard (CAP-4) to the node's uplink.
     pub fn attach_uplink(&mut self, interface: &str) -> Result<(), CaptureError> {
-        let link = program(&mut self.ebpf, UPLINK_INGRESS_PROGRAM)?
-            .attach(interface, TcAttachType::Ingress)
-            .map_err(|e| CaptureError::Attach { interface: interface.to_owned(), reason: e.to_string() })?;
-        info!(interface, "HBONE steering attached to the uplink (TC ingress)");
-        self.uplink = Some((interface.to_owned(), link));
+        let index = routes::interface_index(interface).ok_or_else(|| CaptureError::Attach {
+            program: UPLINK_INGRESS,
+            interface: interface.to_owned(),
+            reason: "no such interface".into(),
+        })?;
+        let tc = self.attach_classifier(UPLINK_INGRESS, interface, index)?;
+        let guard = self.attach_xdp(interface, index)?;
+        info!(interface, "inbound capture and the XDP guard attached to the uplink");
+        self.uplink_links.extend([tc, guard]);
         Ok(())
     }
 
     /// Brings maps and attachments in line with the model for the pods of `node`.
     /// `interfaces` maps pod IPs to their host-side interfaces (see `pod_interfaces`).
-    pub fn reconcile(&mut self, model: &Model, node: &str, interfaces: &HashMap<Ipv4Addr, Interface>) {
+    pub fn reconcile(
+        &mut self,
+        model: &Model,
+        node: &str,
+        interfaces: &HashMap<Ipv4Addr, Interface>,
+        policy: &KernelPolicy,
+    ) {
         let mut desired: HashMap<Ipv4Addr, u8> = HashMap::new();
+        let mut local_pods = BTreeSet::new();
         for workload in model.workloads_on(node) {
-            let IpAddr::V4(ip) = workload.ip else {
-                continue;
-            };
+            let IpAddr::V4(ip) = workload.ip else { continue };
             if workload.host_network {
                 continue;
             }
+            local_pods.insert(ip);
+            let strict = if policy.strict.contains(&ip) { POD_STRICT } else { 0 };
             if workload.captured {
-                desired.insert(ip, POD_CAPTURED);
+                desired.insert(ip, POD_CAPTURED | strict);
             } else if self.states.contains_key(&ip) {
                 // Was captured: keep steering the connections the proxy holds (CAP-5).
                 desired.insert(ip, POD_DRAINING);
             }
         }
 
-        for (&ip, &state) in &desired {
-            if let Some(interface) = interfaces.get(&ip) {
-                self.missing_route.remove(&ip);
-                if let Err(e) = self.ensure_attached(interface) {
-                    warn!(pod = %ip, "{e}");
-                    continue;
+        // Every pod's interface gets the program: a pod outside the mesh calling a captured pod
+        // of this node is steered to the inbound listener from there.
+        for ip in &local_pods {
+            match interfaces.get(ip) {
+                Some(interface) => {
+                    self.missing_route.remove(ip);
+                    if let Err(e) = self.ensure_pod_link(interface) {
+                        warn!(pod = %ip, "{e}");
+                    }
                 }
-            } else if self.missing_route.insert(ip, ()).is_none() {
-                warn!(pod = %ip, "no /32 route to this pod on the node; its traffic cannot be captured until one appears");
+                None => {
+                    if self.missing_route.insert(*ip) {
+                        warn!(pod = %ip, "no /32 route to this pod on the node; its traffic cannot be captured until one appears");
+                    }
+                }
             }
+        }
+        self.write_states(&desired);
+        self.write_policy(policy);
+
+        let wanted: BTreeSet<&str> =
+            local_pods.iter().filter_map(|ip| interfaces.get(ip)).map(|i| i.name.as_str()).collect();
+        let stale: Vec<String> = self.pod_links.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+        for name in stale {
+            if let Some(link) = self.pod_links.remove(&name) {
+                drop(link);
+                info!(interface = name, "capture detached: pod gone");
+            }
+        }
+    }
+
+    fn write_states(&mut self, desired: &HashMap<Ipv4Addr, u8>) {
+        for (&ip, &state) in desired {
             if self.states.get(&ip) != Some(&state) {
-                let key = u32::from_ne_bytes(ip.octets());
-                match self.pod_state.insert(key, state, 0) {
+                match self.pod_state.insert(u32::from_ne_bytes(ip.octets()), state, 0) {
                     Ok(()) => {
                         info!(pod = %ip, state = state_name(state), "capture updated");
                         self.states.insert(ip, state);
@@ -147,63 +262,113 @@ impl Capture {
                 }
             }
         }
-
         let gone: Vec<Ipv4Addr> = self.states.keys().filter(|ip| !desired.contains_key(ip)).copied().collect();
         for ip in gone {
-            let key = u32::from_ne_bytes(ip.octets());
-            if let Err(e) = self.pod_state.remove(&key) {
+            if let Err(e) = self.pod_state.remove(&u32::from_ne_bytes(ip.octets())) {
                 debug!(pod = %ip, "removing from POD_STATE: {e}");
             }
             self.states.remove(&ip);
             info!(pod = %ip, "capture removed: pod deleted");
         }
-
-        let wanted: HashMap<&str, ()> =
-            desired.keys().filter_map(|ip| interfaces.get(ip)).map(|i| (i.name.as_str(), ())).collect();
-        let stale: Vec<String> = self.attached.keys().filter(|n| !wanted.contains_key(n.as_str())).cloned().collect();
-        for name in stale {
-            self.detach(&name);
-        }
     }
 
-    fn ensure_attached(&mut self, interface: &Interface) -> Result<(), CaptureError> {
-        if let Some((index, _)) = self.attached.get(&interface.name) {
-            if *index == interface.index {
+    fn write_policy(&mut self, policy: &KernelPolicy) {
+        if &self.policy == policy {
+            return;
+        }
+        let port_key =
+            |(ip, port): (Ipv4Addr, u16)| PortKey { ip: u32::from_ne_bytes(ip.octets()), port: port.to_be(), _pad: 0 };
+        for (key, mode) in &policy.port_modes {
+            if self.policy.port_modes.get(key) != Some(mode) {
+                if let Err(e) = self.port_mtls.insert(port_key(*key), mode.value(), 0) {
+                    warn!("cannot update PORT_MTLS: {e}");
+                }
+            }
+        }
+        for key in self.policy.port_modes.keys().filter(|k| !policy.port_modes.contains_key(k)) {
+            let _ = self.port_mtls.remove(&port_key(*key));
+        }
+        for entry in policy.deny_sources.difference(&self.policy.deny_sources) {
+            if let Err(e) = self.deny_sources.insert(&deny_key(entry), 1, 0) {
+                warn!("cannot update DENY_SOURCES: {e}");
+            }
+        }
+        for entry in self.policy.deny_sources.difference(&policy.deny_sources) {
+            let _ = self.deny_sources.remove(&deny_key(entry));
+        }
+        info!(
+            strict = policy.strict.len(),
+            port_modes = policy.port_modes.len(),
+            denied_sources = policy.deny_sources.len(),
+            "kernel policy updated"
+        );
+        self.policy = policy.clone();
+    }
+
+    fn ensure_pod_link(&mut self, interface: &Interface) -> Result<(), CaptureError> {
+        if let Some(link) = self.pod_links.get(&interface.name) {
+            if link.index == interface.index {
                 return Ok(());
             }
-            // Same name, new device: the old attachment went away with the old device.
-            self.detach(&interface.name.clone());
         }
-        let program = self.pod_program()?;
-        let link = program
-            .attach(&interface.name, TcAttachType::Ingress)
-            .map_err(|e| CaptureError::Attach { interface: interface.name.clone(), reason: e.to_string() })?;
+        if let Some(old) = self.pod_links.remove(&interface.name) {
+            // Same name, new device: the old filter went away with the old device.
+            drop(old);
+        }
+        let link = self.attach_classifier(POD_INGRESS, &interface.name, interface.index)?;
         info!(interface = %interface.name, "capture attached (TC ingress)");
-        self.attached.insert(interface.name.clone(), (interface.index, link));
+        self.pod_links.insert(interface.name.clone(), link);
         Ok(())
     }
 
-    fn detach(&mut self, name: &str) {
-        let Some((_, link)) = self.attached.remove(name) else {
-            return;
-        };
-        match self.pod_program() {
-            // Fails harmlessly when the device is already gone.
-            Ok(program) => {
-                if let Err(e) = program.detach(link) {
-                    debug!(interface = name, "detach: {e}");
-                }
+    /// Attaches a classifier as strait's `clsact` ingress filter on `interface`, replacing in
+    /// place the program of the filter an earlier run left there, if any.
+    fn attach_classifier(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        index: u32,
+    ) -> Result<AttachedLink, CaptureError> {
+        let err = |reason: String| CaptureError::Attach { program: name, interface: interface.to_owned(), reason };
+        // Fails harmlessly when the qdisc is already there.
+        let _ = tc::qdisc_add_clsact(interface);
+        let program = classifier(&mut self.ebpf, name)?;
+        let existing =
+            SchedClassifierLink::attached(interface, TcAttachType::Ingress, FILTER_PRIORITY, FILTER_HANDLE, None)
+                .map_err(|e| err(e.to_string()))?;
+        let id = match program.attach_to_link(existing) {
+            Ok(id) => {
+                debug!(interface, program = name, "took over the filter of an earlier run");
+                id
             }
-            Err(e) => warn!("{e}"),
-        }
-        info!(interface = name, "capture detached");
+            Err(_) => {
+                let options = NlOptions { priority: FILTER_PRIORITY, handle: FILTER_HANDLE, ..Default::default() };
+                program
+                    .attach_with_options(interface, TcAttachType::Ingress, TcAttachOptions::Netlink(options))
+                    .map_err(|e| err(e.to_string()))?
+            }
+        };
+        let link = program.take_link(id).map_err(|e| err(e.to_string()))?;
+        Ok(AttachedLink { index, link: Link::Tc(link) })
     }
 
-    fn pod_program(&mut self) -> Result<&mut SchedClassifier, CaptureError> {
-        program(&mut self.ebpf, POD_INGRESS_PROGRAM)
+    fn attach_xdp(&mut self, interface: &str, index: u32) -> Result<AttachedLink, CaptureError> {
+        let err =
+            |reason: String| CaptureError::Attach { program: UPLINK_GUARD, interface: interface.to_owned(), reason };
+        let program = xdp(&mut self.ebpf)?;
+        let id = match program.attach(interface, XdpMode::Default) {
+            Ok(id) => id,
+            Err(e) => {
+                // Native XDP needs driver support; the generic hook works everywhere.
+                debug!(interface, "native XDP refused ({e}); using generic XDP");
+                program.attach(interface, XdpMode::Skb).map_err(|e| err(e.to_string()))?
+            }
+        };
+        let link = program.take_link(id).map_err(|e| err(e.to_string()))?;
+        Ok(AttachedLink { index, link: Link::Xdp(link) })
     }
 
-    /// The capture program's counters, summed over CPUs.
+    /// The capture programs' counters, summed over CPUs.
     pub fn stats(&self) -> CaptureStats {
         (0..stat::COUNT)
             .map(|i| {
@@ -215,13 +380,50 @@ impl Capture {
 
     /// Interfaces the pod-ingress program is attached to.
     pub fn attached_interfaces(&self) -> Vec<String> {
-        self.attached.keys().cloned().collect()
+        self.pod_links.keys().cloned().collect()
+    }
+
+    /// Ends this run. By default the classifiers stay attached and the maps pinned, so traffic
+    /// keeps its treatment until the next run takes over (CAP-6); with `detach`, all of it is
+    /// removed and the node's traffic flows as without a mesh.
+    pub fn release(&mut self, detach: bool) {
+        let links = std::mem::take(&mut self.pod_links).into_values().chain(std::mem::take(&mut self.uplink_links));
+        if detach {
+            // Dropping a link detaches it.
+            drop(links.collect::<Vec<_>>());
+            pin::remove_all(&self.pin_dir);
+            info!(dir = %self.pin_dir.display(), "capture removed: programs detached and pins deleted");
+        } else {
+            for link in links {
+                match link.link {
+                    // The filter stays; forgetting the handle keeps it from being detached.
+                    Link::Tc(tc) => std::mem::forget(tc),
+                    Link::Xdp(xdp) => drop(xdp),
+                }
+            }
+            info!(dir = %self.pin_dir.display(), "capture stays in place for the next run (--detach-on-exit removes it)");
+        }
     }
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, CaptureError> {
+fn deny_key(&(pod, port, source, prefix): &(Ipv4Addr, u16, Ipv4Addr, u8)) -> Key<DenyKeyData> {
+    let mut data: DenyKeyData = [0; 10];
+    data[..4].copy_from_slice(&pod.octets());
+    data[4..6].copy_from_slice(&port.to_be_bytes());
+    data[6..].copy_from_slice(&source.octets());
+    Key::new(DENY_KEY_FIXED_BITS + u32::from(prefix.min(32)), data)
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, CaptureError> {
     ebpf.program_mut(name)
         .ok_or(CaptureError::Missing(name))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))
+}
+
+fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, CaptureError> {
+    ebpf.program_mut(UPLINK_GUARD)
+        .ok_or(CaptureError::Missing(UPLINK_GUARD))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))
 }
@@ -235,9 +437,10 @@ where
 }
 
 fn state_name(state: u8) -> &'static str {
-    match state {
-        POD_CAPTURED => "captured",
-        POD_DRAINING => "draining",
+    match (state & POD_CAPTURED != 0, state & POD_STRICT != 0) {
+        (true, true) => "captured (strict)",
+        (true, false) => "captured",
+        _ if state & POD_DRAINING != 0 => "draining",
         _ => "unknown",
     }
 }

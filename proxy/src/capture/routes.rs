@@ -19,7 +19,7 @@ pub fn pod_interfaces() -> io::Result<HashMap<Ipv4Addr, Interface>> {
 
 /// The interface's index in the current network namespace. (Not from /sys: sysfs shows the
 /// namespace it was mounted in, which need not be ours.)
-fn interface_index(name: &str) -> Option<u32> {
+pub(crate) fn interface_index(name: &str) -> Option<u32> {
     let name = std::ffi::CString::new(name).ok()?;
     // SAFETY: a valid NUL-terminated name; the call only reads it.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };

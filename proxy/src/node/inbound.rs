@@ -223,3 +223,52 @@ pub async fn deliver_local(
     inbound.duration = clock.elapsed();
     ctx.access_log.record(&inbound);
 }
+
+/// Plaintext to a captured pod from outside the mesh (CAP-2), handed over on port 15006 with
+/// the pod's address as the local address. PeerAuthentication decides (L4-4): STRICT refuses,
+/// PERMISSIVE and DISABLE let it through to the pod, from the client's own address.
+pub async fn serve_plaintext(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAddr) {
+    let clock = Instant::now();
+    let Ok(target) = downstream.local_addr() else { return };
+    let mut record = ConnectionRecord::start("inbound", peer, target);
+    let decision = {
+        let model = ctx.model.current();
+        record.source_workload = model.workload_by_ip(peer.ip()).map(|w| w.display_name());
+        match model
+            .workload_by_ip(target.ip())
+            .filter(|w| w.captured && w.node.as_deref() == Some(ctx.node_name.as_str()))
+        {
+            None => Err(format!("{} is not a captured pod of this node", target.ip())),
+            Some(workload) => {
+                record.destination_workload = Some(workload.display_name());
+                record.destination_identity = Some(workload.identity(&ctx.trust_domain).to_string());
+                if PROXY_PORTS.contains(&target.port()) {
+                    Err(format!("port {} is reserved for the mesh proxy", target.port()))
+                } else if super::plaintext_allowed(&model, workload, target.port()) {
+                    Ok(())
+                } else {
+                    Err("plaintext to a STRICT workload (PeerAuthentication)".to_owned())
+                }
+            }
+        }
+    };
+    match decision {
+        Err(reason) => {
+            let _ = socket2::SockRef::from(&downstream).set_linger(Some(std::time::Duration::ZERO));
+            record.outcome = Outcome::Refused(reason);
+        }
+        Ok(()) => match dial_pod(Some(peer.ip()), target).await {
+            Ok(upstream) => {
+                let (copied, error) = copy::bidirectional(&downstream, &upstream).await;
+                record.bytes_sent = copied.a_to_b;
+                record.bytes_received = copied.b_to_a;
+                if let Some(e) = error {
+                    record.outcome = Outcome::Broken(e.to_string());
+                }
+            }
+            Err(e) => record.outcome = Outcome::UpstreamConnectFailed(e.to_string()),
+        },
+    }
+    record.duration = clock.elapsed();
+    ctx.access_log.record(&record);
+}

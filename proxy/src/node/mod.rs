@@ -13,7 +13,9 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use strait_ebpf_common::{HBONE_PORT, LISTENER_HBONE, LISTENER_OUTBOUND, OUTBOUND_PORT};
+use strait_ebpf_common::{
+    HBONE_PORT, INBOUND_PLAINTEXT_PORT, LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT, LISTENER_OUTBOUND, OUTBOUND_PORT,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -47,6 +49,10 @@ pub struct NodeOptions {
     pub cert_ttl: Duration,
     /// The node's uplink; found from the routing table when not given.
     pub uplink: Option<String>,
+    /// Where the eBPF maps and links are pinned (a directory on bpffs).
+    pub bpf_pin_dir: PathBuf,
+    /// Remove capture when stopping, instead of leaving it pinned for the next run.
+    pub detach_on_exit: bool,
 }
 
 /// Where the node proxy gets workload certificates (ID-1, ID-2).
@@ -86,7 +92,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     let provider = certificate_provider(&options).await?;
     let certs = CertStore::new(provider, options.cert_ttl);
 
-    let mut capture = Capture::load()?;
+    let mut capture = Capture::load(&options.bpf_pin_dir)?;
     let routing =
         SteerRouting::install().map_err(|e| anyhow!("cannot install policy routing for captured traffic: {e}"))?;
     let listener = sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, OUTBOUND_PORT)))
@@ -95,6 +101,10 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     let hbone_listener = sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)))
         .with_context(|| format!("cannot listen on the HBONE port {HBONE_PORT}"))?;
     capture.set_listener(LISTENER_HBONE, &hbone_listener)?;
+    let plaintext_listener =
+        sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT)))
+            .with_context(|| format!("cannot listen on the inbound plaintext port {INBOUND_PLAINTEXT_PORT}"))?;
+    capture.set_listener(LISTENER_INBOUND_PLAINTEXT, &plaintext_listener)?;
     let uplink = match &options.uplink {
         Some(name) => Some(name.clone()),
         None => capture::uplink_interface().context("cannot read the routing table")?,
@@ -146,6 +156,12 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
                 }
                 Err(e) => accept_failed("outbound", e).await,
             },
+            accepted = plaintext_listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(inbound::serve_plaintext(ctx.clone(), stream, peer));
+                }
+                Err(e) => accept_failed("inbound plaintext", e).await,
+            },
             accepted = hbone_listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     tokio::spawn(inbound::serve_hbone(ctx.clone(), stream, peer));
@@ -156,12 +172,14 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
         }
     }
-    info!("shutting down: detaching capture and removing policy routing");
+    info!("shutting down");
     drop(listener);
     drop(hbone_listener);
+    drop(plaintext_listener);
     match capture.lock() {
-        Ok(c) => {
-            info!(stats = ?c.stats(), "final capture counters; detaching from {:?}", c.attached_interfaces())
+        Ok(mut c) => {
+            info!(stats = ?c.stats(), "final capture counters");
+            c.release(options.detach_on_exit);
         }
         Err(_) => error!("capture state was poisoned"),
     }
@@ -271,6 +289,16 @@ async fn keep_capture_in_step(
     }
 }
 
+/// Whether plaintext may reach `workload` on `port` (PeerAuthentication, L4-4).
+pub(crate) fn plaintext_allowed(_model: &Model, _workload: &crate::model::Workload, _port: u16) -> bool {
+    true
+}
+
+/// The part of PeerAuthentication and AuthorizationPolicy the kernel enforces for this node's pods.
+fn kernel_policy(_model: &Model, _node: &str) -> capture::KernelPolicy {
+    capture::KernelPolicy::default()
+}
+
 fn reconcile(capture: &Mutex<Capture>, model: &Model, node: &str) {
     let interfaces = match capture::pod_interfaces() {
         Ok(i) => i,
@@ -280,7 +308,7 @@ fn reconcile(capture: &Mutex<Capture>, model: &Model, node: &str) {
         }
     };
     match capture.lock() {
-        Ok(mut c) => c.reconcile(model, node, &interfaces),
+        Ok(mut c) => c.reconcile(model, node, &interfaces, &kernel_policy(model, node)),
         Err(_) => error!("capture state was poisoned; capture is no longer updated"),
     }
 }

@@ -31,7 +31,19 @@ pub fn start_node_with_config(
 ) -> io::Result<Process> {
     let strait = bin_path("strait");
     let (config, ca) = (config_dir.to_string_lossy(), ca_dir.to_string_lossy());
-    let mut args = vec!["node", "--config", &config, "--node", node.name(), "--ca-dir", &ca];
+    let pins = node.bpf_pin_dir().to_string_lossy().into_owned();
+    let mut args = vec![
+        "node",
+        "--config",
+        &config,
+        "--node",
+        node.name(),
+        "--ca-dir",
+        &ca,
+        "--bpf-pin-dir",
+        &pins,
+        "--detach-on-exit",
+    ];
     args.extend_from_slice(extra);
     // A restarted proxy appends to the same log: wait for a new "ready" line, not an old one.
     let log_name = format!("strait-{}", node.name());
