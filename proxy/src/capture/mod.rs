@@ -279,10 +279,10 @@ impl Capture {
         let port_key =
             |(ip, port): (Ipv4Addr, u16)| PortKey { ip: u32::from_ne_bytes(ip.octets()), port: port.to_be(), _pad: 0 };
         for (key, mode) in &policy.port_modes {
-            if self.policy.port_modes.get(key) != Some(mode) {
-                if let Err(e) = self.port_mtls.insert(port_key(*key), mode.value(), 0) {
-                    warn!("cannot update PORT_MTLS: {e}");
-                }
+            if self.policy.port_modes.get(key) != Some(mode)
+                && let Err(e) = self.port_mtls.insert(port_key(*key), mode.value(), 0)
+            {
+                warn!("cannot update PORT_MTLS: {e}");
             }
         }
         for key in self.policy.port_modes.keys().filter(|k| !policy.port_modes.contains_key(k)) {
@@ -306,10 +306,8 @@ impl Capture {
     }
 
     fn ensure_pod_link(&mut self, interface: &Interface) -> Result<(), CaptureError> {
-        if let Some(link) = self.pod_links.get(&interface.name) {
-            if link.index == interface.index {
-                return Ok(());
-            }
+        if self.pod_links.get(&interface.name).is_some_and(|link| link.index == interface.index) {
+            return Ok(());
         }
         if let Some(old) = self.pod_links.remove(&interface.name) {
             // Same name, new device: the old filter went away with the old device.

@@ -31,6 +31,9 @@ use crate::{
 /// Accepts one TCP connection on the HBONE port and serves its streams.
 pub async fn serve_hbone(ctx: Arc<NodeContext>, tcp: TcpStream, peer: SocketAddr) {
     let Ok(local) = tcp.local_addr() else { return };
+    // Frames must leave as soon as they are written: Nagle would hold a small response back
+    // until the previous segment is acknowledged.
+    let _ = tcp.set_nodelay(true);
     let served = {
         let model = ctx.model.current();
         model
@@ -230,6 +233,7 @@ pub async fn deliver_local(
 pub async fn serve_plaintext(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAddr) {
     let clock = Instant::now();
     let Ok(target) = downstream.local_addr() else { return };
+    let _ = downstream.set_nodelay(true);
     let mut record = ConnectionRecord::start("inbound", peer, target);
     let decision = {
         let model = ctx.model.current();

@@ -1,0 +1,65 @@
+//! `strait-bench`: measures what the mesh costs (issue 4). It builds two nodes and their pods
+//! out of network namespaces (the test harness), runs strait's node proxies on them, and sends
+//! every workload twice in the same run: through the proxies over HBONE, and direct between
+//! pods outside the mesh on the same nodes, the physical limit of this machine. Results go to
+//! `report.md`, `report.json` and `chart.png` in the output directory.
+//!
+//! Benchmarks, not tests: nothing here fails because the machine is slow; a missed target is a
+//! figure in the report.
+
+mod chart;
+mod report;
+mod scenarios;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+
+/// Measure strait against direct traffic on network namespaces.
+#[derive(Parser)]
+#[command(name = "strait-bench")]
+struct Cli {
+    /// Where to write report.md, report.json and chart.png.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Shorter runs (a few seconds each), for a quick look rather than figures to publish.
+    #[arg(long)]
+    quick: bool,
+    /// Scenarios to run: throughput, latency, max-rps, connections, cpu, memory (default: all).
+    scenarios: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let all = scenarios::ALL.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let wanted = if cli.scenarios.is_empty() { all } else { cli.scenarios.clone() };
+    for name in &wanted {
+        if !scenarios::ALL.contains(&name.as_str()) {
+            eprintln!("strait-bench: unknown scenario `{name}`; choose from {}", scenarios::ALL.join(", "));
+            return ExitCode::FAILURE;
+        }
+    }
+    match run(&cli, &wanted) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strait-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli, wanted: &[String]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cli.out)?;
+    let bed = scenarios::Bed::build(cli.quick)?;
+    let mut results = report::Results::new(cli.quick);
+    for name in wanted {
+        eprintln!("strait-bench: running {name}");
+        scenarios::run(&bed, name, &mut results)?;
+    }
+    drop(bed);
+    report::write(&cli.out, &results)?;
+    chart::draw(&cli.out.join("chart.png"), &results)?;
+    println!("{}", report::markdown(&results));
+    eprintln!("strait-bench: wrote {}/report.md, report.json and chart.png", cli.out.display());
+    Ok(())
+}
