@@ -5,8 +5,10 @@
 //! proxying connections, `admin` reporting) read the snapshot in force.
 
 pub mod admin;
+pub mod authz;
 pub mod capture;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod grpc;
 pub mod hbone;

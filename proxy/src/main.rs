@@ -22,6 +22,9 @@ enum Command {
     Node(Box<NodeArgs>),
     /// Build a two-node mesh out of network namespaces on this machine and show it working.
     Demo,
+    /// Operator tools that work on a configuration directory.
+    #[command(subcommand)]
+    Ctl(strait::ctl::CtlCommand),
 }
 
 #[derive(Args)]
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Node(args) => run_node(*args),
         Command::Demo => strait::demo::run(),
+        Command::Ctl(command) => strait::ctl::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

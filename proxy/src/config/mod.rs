@@ -6,6 +6,7 @@
 
 mod duration;
 mod parse;
+mod security;
 mod source;
 
 use std::{
@@ -19,6 +20,11 @@ use serde::Deserialize;
 
 pub use duration::parse_duration;
 pub use parse::parse_file;
+pub use security::{
+    AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, Cidr, Condition, ExtensionProvider, JwtHeader,
+    JwtRule, MtlsModeSetting, MutualTls, Operation, PeerAuthentication, PeerAuthenticationSpec, PolicyTargetRef,
+    RequestAuthentication, RequestAuthenticationSpec, Rule, RuleFrom, RuleTo, Source, WorkloadSelector, parse_port,
+};
 pub use source::{ConfigDir, Loaded, load_dir};
 
 /// Where a resource or a problem is: file and 1-based line.
@@ -99,7 +105,27 @@ pub enum Resource {
     Namespace(Namespace),
     Pod(Pod),
     Service(Service),
+    AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
+    RequestAuthentication(RequestAuthentication),
     Other { api_version: String, kind: String },
+}
+
+impl Resource {
+    /// Kind, namespace (empty for cluster-scoped kinds) and name: what makes a resource unique,
+    /// as the API server sees it. `None` for kinds strait does not read.
+    pub fn key(&self) -> Option<(&'static str, &str, &str)> {
+        let (kind, meta) = match self {
+            Resource::Namespace(ns) => return Some(("Namespace", "", &ns.metadata.name)),
+            Resource::Pod(r) => ("Pod", &r.metadata),
+            Resource::Service(r) => ("Service", &r.metadata),
+            Resource::AuthorizationPolicy(r) => ("AuthorizationPolicy", &r.metadata),
+            Resource::PeerAuthentication(r) => ("PeerAuthentication", &r.metadata),
+            Resource::RequestAuthentication(r) => ("RequestAuthentication", &r.metadata),
+            Resource::Other { .. } => return None,
+        };
+        Some((kind, meta.namespace_or_default(), &meta.name))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -110,6 +136,9 @@ pub struct ObjectMeta {
     pub namespace: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Kept for the annotations that change behaviour, such as `istio.io/dry-run`.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl ObjectMeta {

@@ -22,9 +22,11 @@ const ISTIO_GROUPS: [&str; 5] = [
     "networking.istio.io/v1alpha3",
     "networking.istio.io/v1beta1",
     "networking.istio.io/v1",
-    "security.istio.io/v1beta1",
-    "security.istio.io/v1",
+    SECURITY_V1BETA1,
+    SECURITY_V1,
 ];
+const SECURITY_V1BETA1: &str = "security.istio.io/v1beta1";
+const SECURITY_V1: &str = "security.istio.io/v1";
 
 /// Parses one file's text. Returns the resources and the diagnostics found; a file with any
 /// error diagnostic must not be applied.
@@ -85,6 +87,25 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<Option<Re
         ("v1", "Namespace") => Resource::Namespace(from_yaml(file, first_line, doc)?),
         ("v1", "Pod") => Resource::Pod(from_yaml(file, first_line, doc)?),
         ("v1", "Service") => Resource::Service(from_yaml(file, first_line, doc)?),
+        (SECURITY_V1BETA1 | SECURITY_V1, "AuthorizationPolicy") => {
+            Resource::AuthorizationPolicy(from_yaml(file, first_line, doc)?)
+        }
+        (SECURITY_V1BETA1 | SECURITY_V1, "PeerAuthentication") => {
+            Resource::PeerAuthentication(from_yaml(file, first_line, doc)?)
+        }
+        (SECURITY_V1BETA1 | SECURITY_V1, "RequestAuthentication") => {
+            Resource::RequestAuthentication(from_yaml(file, first_line, doc)?)
+        }
+        (SECURITY_V1BETA1 | SECURITY_V1, other) => {
+            return Err(Diagnostic::error(
+                origin,
+                Some("kind"),
+                format!(
+                    "unknown kind `{other}` in {api_version}; it has AuthorizationPolicy, PeerAuthentication and \
+                     RequestAuthentication"
+                ),
+            ));
+        }
         ("v1", "List") => {
             return Err(Diagnostic::error(
                 origin,
@@ -201,5 +222,15 @@ mod tests {
         let Resource::Service(s) = &r[0].resource else { panic!("not a service") };
         assert_eq!(s.spec.ports[0].target_port, Some(super::super::PortRef::Number(8080)));
         assert_eq!(s.spec.ports[1].target_port, Some(super::super::PortRef::Name("http".into())));
+    }
+
+    #[test]
+    fn security_kinds_are_typed_and_misspelt_kinds_rejected() {
+        let (r, d) =
+            parse("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\nspec: {}\n");
+        assert!(d.is_empty(), "{d:?}");
+        assert!(matches!(r[0].resource, Resource::AuthorizationPolicy(_)));
+        let (_, d) = parse("apiVersion: security.istio.io/v1beta1\nkind: AuthorisationPolicy\nmetadata:\n  name: x\n");
+        assert_eq!(d[0].field.as_deref(), Some("kind"), "{d:?}");
     }
 }

@@ -14,13 +14,32 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
+    authz::{self, peer_authn::PeerAuthnChain},
     config::{Diagnostic, Located, Origin, Resource},
     identity::Identity,
 };
 
+mod security;
 mod services;
 
+pub use security::{RequestAuthn, Security};
 pub use services::{Endpoint, Service, ServicePort};
+
+/// Istio's default root namespace: policies there apply mesh-wide (AUTHZ-1, L4-4).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// Settings of compilation that come from the mesh, not from the resources.
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    /// The namespace whose policies apply to the whole mesh (Istio's `rootNamespace`).
+    pub root_namespace: String,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        Self { root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned() }
+    }
+}
 
 /// Label that enrols a namespace (or a pod) in the mesh, and its values.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -59,6 +78,8 @@ impl Workload {
 pub struct Model {
     pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Arc<Service>>,
+    /// AuthorizationPolicies, PeerAuthentications and RequestAuthentications, scoped.
+    pub security: Security,
     /// Workloads by IP. hostNetwork pods share their node's IP and are not indexed.
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -77,15 +98,34 @@ impl Model {
         self.services_by_vip.get(&ip)
     }
 
+    /// The AuthorizationPolicies applying to `workload` at the node proxy (AUTHZ-1), ready for
+    /// `authz::evaluate`.
+    pub fn authorization_for<'a>(&'a self, workload: &Workload) -> impl Iterator<Item = &'a authz::Policy> + 'a {
+        self.security.authorization_for(workload).iter().map(Arc::as_ref)
+    }
+
+    /// The PeerAuthentications in force for `workload`, one per level (see
+    /// `authz::peer_authn::mode_for`).
+    pub fn peer_authn_for(&self, workload: &Workload) -> PeerAuthnChain<'_> {
+        self.security.peer_authn_for(workload)
+    }
+
     /// Workloads scheduled on `node`.
     pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
         self.workloads.iter().filter(move |w| w.node.as_deref() == Some(node))
     }
 }
 
-/// Compiles resources into a model. Diagnostics with errors mean the model must not be used.
+/// Compiles resources into a model with the default options. Diagnostics with errors mean the
+/// model must not be used.
 pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
+    compile_with(resources, &CompileOptions::default())
+}
+
+/// Compiles resources into a model. Diagnostics with errors mean the model must not be used.
+pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -> (Model, Vec<Diagnostic>) {
     let mut diagnostics = Vec::new();
+    check_duplicates(resources, &mut diagnostics);
     let mut namespaces: HashMap<&str, &BTreeMap<String, String>> = HashMap::new();
     for located in resources {
         if let Resource::Namespace(ns) = &located.resource {
@@ -150,6 +190,7 @@ pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
         model.workloads.push(workload);
     }
     model.services = services::compile_services(resources, &model.workloads, &pod_ports, &mut diagnostics);
+    model.security = security::compile_security(resources, &model.workloads, &options.root_namespace, &mut diagnostics);
     for service in &model.services {
         let Some(vip) = service.vip else { continue };
         if let Some(previous) = model.services_by_vip.insert(vip, service.clone()) {
@@ -161,6 +202,25 @@ pub fn compile(resources: &[Located<Resource>]) -> (Model, Vec<Diagnostic>) {
         }
     }
     (model, diagnostics)
+}
+
+/// Two resources of one kind, namespace and name: the API server would keep only the last
+/// applied, so which one the user meant is unknowable.
+fn check_duplicates(resources: &[Located<Resource>], diagnostics: &mut Vec<Diagnostic>) {
+    let mut seen: HashMap<(&str, &str, &str), &Origin> = HashMap::new();
+    for located in resources {
+        let Some(key @ (kind, namespace, name)) = located.resource.key() else { continue };
+        if let Some(first) = seen.get(&key) {
+            let what = if namespace.is_empty() { name.to_owned() } else { format!("{namespace}/{name}") };
+            diagnostics.push(Diagnostic::error(
+                located.origin.clone(),
+                Some("metadata.name"),
+                format!("duplicate {kind} {what}: already defined at {first}"),
+            ));
+        } else {
+            seen.insert(key, &located.origin);
+        }
+    }
 }
 
 /// Istio ambient's enrolment rule: a pod label wins (`none` opts out, `ambient` opts in),

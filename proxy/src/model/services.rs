@@ -120,33 +120,42 @@ fn compile_one(
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let endpoints = selected
+            let mut missing = Vec::new();
+            let endpoints: Vec<Endpoint> = selected
                 .iter()
                 .filter_map(|w| {
                     let port = match &p.target_port {
                         None => p.port,
                         Some(PortRef::Number(n)) => *n,
                         Some(PortRef::Name(name)) => {
-                            let found = pod_ports.get(&(w.namespace.clone(), w.name.clone())).and_then(|ports| ports.get(name));
+                            let found =
+                                pod_ports.get(&(w.namespace.clone(), w.name.clone())).and_then(|ports| ports.get(name));
                             match found {
                                 Some(port) => *port,
                                 None => {
-                                    diagnostics.push(Diagnostic::warning(
-                                        located.origin.clone(),
-                                        Some(&format!("spec.ports[{i}].targetPort")),
-                                        format!("pod {}/{} has no container port named `{name}`; it is not an endpoint of this port", w.namespace, w.name),
-                                    ));
+                                    missing.push(w.display_name());
                                     return None;
                                 }
                             }
                         }
                     };
-                    Some(Endpoint {
-                        workload: (*w).clone(),
-                        port,
-                    })
+                    Some(Endpoint { workload: (*w).clone(), port })
                 })
                 .collect();
+            if let (Some(PortRef::Name(name)), false) = (&p.target_port, missing.is_empty()) {
+                let field = format!("spec.ports[{i}].targetPort");
+                let message = if endpoints.is_empty() {
+                    format!(
+                        "no pod selected by the service has a container port named `{name}`; the port has no endpoints"
+                    )
+                } else {
+                    format!(
+                        "pods {} have no container port named `{name}`; they are not endpoints of this port",
+                        missing.join(", ")
+                    )
+                };
+                diagnostics.push(Diagnostic::warning(located.origin.clone(), Some(&field), message));
+            }
             ServicePort {
                 port: p.port,
                 name: p.name.clone(),

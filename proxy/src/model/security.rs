@@ -1,0 +1,220 @@
+//! Security resources in the model: AuthorizationPolicies scoped to the workloads they apply
+//! to, PeerAuthentications indexed by level, RequestAuthentications stored for the waypoint.
+//!
+//! Scoping happens once per configuration, so the data path looks up a workload's policies
+//! instead of testing every policy's selector on every connection.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+use super::Workload;
+use crate::authz::{
+    Policy, Scope, compile_policy,
+    peer_authn::{PeerAuthn, PeerAuthnChain, PeerAuthnScope, compile_peer_authn},
+};
+use crate::config::{Diagnostic, JwtRule, Located, Origin, RequestAuthentication, Resource};
+
+/// A RequestAuthentication, kept for the waypoint (L7-10); the node proxy does not use it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestAuthn {
+    pub name: String,
+    pub namespace: String,
+    pub selector: BTreeMap<String, String>,
+    pub jwt_rules: Vec<JwtRule>,
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+/// Everything security-related the model holds.
+#[derive(Debug, Default, Serialize)]
+pub struct Security {
+    pub authorization_policies: Vec<Arc<Policy>>,
+    pub peer_authentications: Vec<Arc<PeerAuthn>>,
+    pub request_authentications: Vec<Arc<RequestAuthn>>,
+    /// Policies applying to each workload, by namespace then pod name, in file order.
+    #[serde(skip)]
+    authz_by_workload: HashMap<String, HashMap<String, Vec<Arc<Policy>>>>,
+    #[serde(skip)]
+    peer_mesh: Option<Arc<PeerAuthn>>,
+    #[serde(skip)]
+    peer_by_namespace: HashMap<String, Arc<PeerAuthn>>,
+    #[serde(skip)]
+    peer_by_workload: HashMap<String, HashMap<String, Arc<PeerAuthn>>>,
+}
+
+impl Security {
+    pub fn authorization_for(&self, workload: &Workload) -> &[Arc<Policy>] {
+        self.authz_by_workload
+            .get(&workload.namespace)
+            .and_then(|pods| pods.get(&workload.name))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    pub fn peer_authn_for(&self, workload: &Workload) -> PeerAuthnChain<'_> {
+        PeerAuthnChain {
+            mesh: self.peer_mesh.as_deref(),
+            namespace: self.peer_by_namespace.get(&workload.namespace).map(Arc::as_ref),
+            workload: self
+                .peer_by_workload
+                .get(&workload.namespace)
+                .and_then(|pods| pods.get(&workload.name))
+                .map(Arc::as_ref),
+        }
+    }
+}
+
+pub fn compile_security(
+    resources: &[Located<Resource>],
+    workloads: &[Arc<Workload>],
+    root_namespace: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Security {
+    let mut security = Security::default();
+    for located in resources {
+        match &located.resource {
+            Resource::AuthorizationPolicy(policy) => {
+                if let Some(policy) = compile_policy(&located.origin, policy, root_namespace, diagnostics) {
+                    security.authorization_policies.push(Arc::new(policy));
+                }
+            }
+            Resource::PeerAuthentication(pa) => {
+                if let Some(pa) = compile_peer_authn(&located.origin, pa, root_namespace, diagnostics) {
+                    security.peer_authentications.push(Arc::new(pa));
+                }
+            }
+            Resource::RequestAuthentication(ra) => {
+                if let Some(ra) = compile_request_authn(&located.origin, ra, diagnostics) {
+                    security.request_authentications.push(Arc::new(ra));
+                }
+            }
+            _ => {}
+        }
+    }
+    scope_authorization(&mut security, workloads, diagnostics);
+    index_peer_authn(&mut security, workloads, diagnostics);
+    for ra in &security.request_authentications {
+        let selects =
+            |w: &Workload| w.namespace == ra.namespace && ra.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v));
+        if !ra.selector.is_empty() && !workloads.iter().any(|w| selects(w)) {
+            diagnostics.push(selects_nothing(&ra.origin, &ra.selector));
+        }
+    }
+    security
+}
+
+fn scope_authorization(security: &mut Security, workloads: &[Arc<Workload>], diagnostics: &mut Vec<Diagnostic>) {
+    for policy in &security.authorization_policies {
+        let mut selected = false;
+        for w in workloads.iter().filter(|w| policy.selects(w)) {
+            selected = true;
+            let pods = security.authz_by_workload.entry(w.namespace.clone()).or_default();
+            pods.entry(w.name.clone()).or_default().push(policy.clone());
+        }
+        if let (Scope::Selector { labels, .. }, false) = (&policy.scope, selected) {
+            diagnostics.push(selects_nothing(&policy.origin, labels));
+        }
+    }
+}
+
+/// One policy per level, the first in file order where Istio would keep the oldest, with a
+/// warning for each one shadowed.
+fn index_peer_authn(security: &mut Security, workloads: &[Arc<Workload>], diagnostics: &mut Vec<Diagnostic>) {
+    let shadowed = |pa: &PeerAuthn, winner: &PeerAuthn, what: &str| {
+        Diagnostic::warning(
+            pa.origin.clone(),
+            Some("metadata.name"),
+            format!(
+                "{what} is already set by PeerAuthentication {} at {}; this one is ignored (Istio keeps the oldest)",
+                winner.key(),
+                winner.origin
+            ),
+        )
+    };
+    for pa in &security.peer_authentications {
+        match &pa.scope {
+            PeerAuthnScope::Mesh => match &security.peer_mesh {
+                Some(winner) => diagnostics.push(shadowed(pa, winner, "the mesh-wide mTLS mode")),
+                None => security.peer_mesh = Some(pa.clone()),
+            },
+            PeerAuthnScope::Namespace => match security.peer_by_namespace.get(&pa.namespace) {
+                Some(winner) => {
+                    diagnostics.push(shadowed(pa, winner, &format!("the mTLS mode of namespace `{}`", pa.namespace)))
+                }
+                None => {
+                    security.peer_by_namespace.insert(pa.namespace.clone(), pa.clone());
+                }
+            },
+            PeerAuthnScope::Selector(labels) => {
+                let selected = workloads
+                    .iter()
+                    .filter(|w| w.namespace == pa.namespace && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
+                let mut any = false;
+                for w in selected {
+                    any = true;
+                    let pods = security.peer_by_workload.entry(w.namespace.clone()).or_default();
+                    match pods.get(&w.name) {
+                        Some(winner) => diagnostics.push(shadowed(
+                            pa,
+                            winner,
+                            &format!("the mTLS mode of pod {}", w.display_name()),
+                        )),
+                        None => {
+                            pods.insert(w.name.clone(), pa.clone());
+                        }
+                    }
+                }
+                if !any {
+                    diagnostics.push(selects_nothing(&pa.origin, labels));
+                }
+            }
+        }
+    }
+}
+
+fn compile_request_authn(
+    origin: &Origin,
+    ra: &RequestAuthentication,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<RequestAuthn> {
+    let mut errors = 0;
+    for (i, rule) in ra.spec.jwt_rules.iter().enumerate() {
+        let mut error = |field: String, message: String| {
+            errors += 1;
+            diagnostics.push(Diagnostic::error(origin.clone(), Some(&field), message));
+        };
+        if rule.issuer.is_empty() {
+            error(format!("spec.jwtRules[{i}].issuer"), "must be set".to_owned());
+        }
+        if let Some(uri) = &rule.jwks_uri
+            && !(uri.starts_with("https://") || uri.starts_with("http://"))
+        {
+            error(format!("spec.jwtRules[{i}].jwksUri"), format!("`{uri}` is not an http:// or https:// URL"));
+        }
+    }
+    diagnostics.push(Diagnostic::warning(
+        origin.clone(),
+        None,
+        "RequestAuthentication is stored but not enforced yet: JWTs are checked by the waypoint (L7-10)",
+    ));
+    (errors == 0).then(|| RequestAuthn {
+        name: ra.metadata.name.clone(),
+        namespace: ra.metadata.namespace_or_default().to_owned(),
+        selector: ra.spec.selector.as_ref().map(|s| s.match_labels.clone()).unwrap_or_default(),
+        jwt_rules: ra.spec.jwt_rules.clone(),
+        origin: origin.clone(),
+    })
+}
+
+/// Istio's IST0127 (NoMatchingWorkloadsFound), as a warning: the policy may be ahead of its pods.
+fn selects_nothing(origin: &Origin, labels: &BTreeMap<String, String>) -> Diagnostic {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    Diagnostic::warning(
+        origin.clone(),
+        Some("spec.selector.matchLabels"),
+        format!("no workload has the labels {}; the policy applies to nothing", labels.join(",")),
+    )
+}
