@@ -8,7 +8,7 @@
 
 mod compile;
 pub mod peer_authn;
-mod policy;
+pub mod policy;
 #[cfg(test)]
 mod tests;
 

@@ -16,7 +16,12 @@ use http::{Method, Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{NodeContext, copy, outbound::PROXY_PORTS};
+use super::{
+    NodeContext, copy,
+    live::{Admitted, Registration},
+    outbound::PROXY_PORTS,
+    policy,
+};
 use crate::{
     hbone::{
         self, FORWARDED,
@@ -106,7 +111,16 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
         record.source_addr = SocketAddr::new(ip, 0);
         record.source_workload = model.workload_by_ip(ip).map(|w| w.display_name());
     }
+    let source_ip = client_ip.unwrap_or(peer_addr.ip());
+    let decision = policy::authorize(&model, &workload, Some(&peer_identity), source_ip, target);
     drop(model);
+    if !decision.allowed {
+        refuse(respond, StatusCode::UNAUTHORIZED);
+        record.outcome = Outcome::Refused(format!("401 {}", policy::denial_reason(&decision)));
+        record.duration = clock.elapsed();
+        ctx.access_log.record(&record);
+        return;
+    }
 
     let upstream = match dial_pod(client_ip, target).await {
         Ok(s) => s,
@@ -125,12 +139,22 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
             return;
         }
     };
-    let (copied, error) = hbone::stream::copy(&upstream, send, request.into_body()).await;
-    // Seen from the client: what it sent went into the stream, what it received came out.
-    record.bytes_sent = copied.b_to_a;
-    record.bytes_received = copied.a_to_b;
-    if let Some(e) = error {
-        record.outcome = Outcome::Broken(e.to_string());
+    let mut registration =
+        ctx.live.register(Admitted { source: Some(peer_identity.clone()), source_ip, destination: target });
+    match until_rejected(hbone::stream::copy(&upstream, send, request.into_body()), &mut registration).await {
+        Ok((copied, error)) => {
+            // Seen from the client: what it sent went into the stream, what it received came out.
+            record.bytes_sent = copied.b_to_a;
+            record.bytes_received = copied.a_to_b;
+            if let Some(e) = error {
+                record.outcome = Outcome::Broken(e.to_string());
+            }
+        }
+        Err(reason) => {
+            // Dropping the stream unfinished resets it for the client.
+            reset(&upstream);
+            record.outcome = Outcome::Refused(reason);
+        }
     }
     record.duration = clock.elapsed();
     ctx.access_log.record(&record);
@@ -198,7 +222,14 @@ pub async fn deliver_local(
 
     let checked = {
         let model = ctx.model.current();
-        check_target(&model, &ctx.node_name, &ctx.trust_domain, addr, &served)
+        check_target(&model, &ctx.node_name, &ctx.trust_domain, addr, &served).and_then(|workload| {
+            let decision = policy::authorize(&model, &workload, Some(&source_identity), peer.ip(), addr);
+            if decision.allowed {
+                Ok(workload)
+            } else {
+                Err((StatusCode::UNAUTHORIZED, policy::denial_reason(&decision)))
+            }
+        })
     };
     match checked {
         Err((status, reason)) => {
@@ -208,12 +239,24 @@ pub async fn deliver_local(
         }
         Ok(_) => match dial_pod(Some(peer.ip()), addr).await {
             Ok(upstream) => {
-                let (copied, error) = copy::bidirectional(downstream, &upstream).await;
-                for r in [&mut *record, &mut inbound] {
-                    r.bytes_sent = copied.a_to_b;
-                    r.bytes_received = copied.b_to_a;
-                    if let Some(e) = &error {
-                        r.outcome = Outcome::Broken(e.to_string());
+                let admitted =
+                    Admitted { source: Some(source_identity.clone()), source_ip: peer.ip(), destination: addr };
+                let mut registration = ctx.live.register(admitted);
+                match until_rejected(copy::bidirectional(downstream, &upstream), &mut registration).await {
+                    Ok((copied, error)) => {
+                        for r in [&mut *record, &mut inbound] {
+                            r.bytes_sent = copied.a_to_b;
+                            r.bytes_received = copied.b_to_a;
+                            if let Some(e) = &error {
+                                r.outcome = Outcome::Broken(e.to_string());
+                            }
+                        }
+                    }
+                    Err(reason) => {
+                        reset(downstream);
+                        reset(&upstream);
+                        inbound.outcome = Outcome::Refused(reason.clone());
+                        record.outcome = Outcome::Refused(reason);
                     }
                 }
             }
@@ -248,10 +291,11 @@ pub async fn serve_plaintext(ctx: Arc<NodeContext>, downstream: TcpStream, peer:
                 record.destination_identity = Some(workload.identity(&ctx.trust_domain).to_string());
                 if PROXY_PORTS.contains(&target.port()) {
                     Err(format!("port {} is reserved for the mesh proxy", target.port()))
-                } else if super::plaintext_allowed(&model, workload, target.port()) {
-                    Ok(())
-                } else {
+                } else if !policy::plaintext_allowed(&model, workload, target.port()) {
                     Err("plaintext to a STRICT workload (PeerAuthentication)".to_owned())
+                } else {
+                    let decision = policy::authorize(&model, workload, None, peer.ip(), target);
+                    if decision.allowed { Ok(()) } else { Err(policy::denial_reason(&decision)) }
                 }
             }
         }
@@ -263,11 +307,21 @@ pub async fn serve_plaintext(ctx: Arc<NodeContext>, downstream: TcpStream, peer:
         }
         Ok(()) => match dial_pod(Some(peer.ip()), target).await {
             Ok(upstream) => {
-                let (copied, error) = copy::bidirectional(&downstream, &upstream).await;
-                record.bytes_sent = copied.a_to_b;
-                record.bytes_received = copied.b_to_a;
-                if let Some(e) = error {
-                    record.outcome = Outcome::Broken(e.to_string());
+                let mut registration =
+                    ctx.live.register(Admitted { source: None, source_ip: peer.ip(), destination: target });
+                match until_rejected(copy::bidirectional(&downstream, &upstream), &mut registration).await {
+                    Ok((copied, error)) => {
+                        record.bytes_sent = copied.a_to_b;
+                        record.bytes_received = copied.b_to_a;
+                        if let Some(e) = error {
+                            record.outcome = Outcome::Broken(e.to_string());
+                        }
+                    }
+                    Err(reason) => {
+                        reset(&downstream);
+                        reset(&upstream);
+                        record.outcome = Outcome::Refused(reason);
+                    }
                 }
             }
             Err(e) => record.outcome = Outcome::UpstreamConnectFailed(e.to_string()),
@@ -275,4 +329,20 @@ pub async fn serve_plaintext(ctx: Arc<NodeContext>, downstream: TcpStream, peer:
     }
     record.duration = clock.elapsed();
     ctx.access_log.record(&record);
+}
+
+/// Runs a copy until it ends or a policy change rejects the connection (`Err` with the reason).
+async fn until_rejected<F, T>(copy: F, registration: &mut Registration) -> Result<T, String>
+where
+    F: std::future::Future<Output = T>,
+{
+    tokio::select! {
+        done = copy => Ok(done),
+        Ok(reason) = &mut registration.rejected => Err(reason),
+    }
+}
+
+/// Makes the socket's close an RST, so the peer sees the connection cut, not finished.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }

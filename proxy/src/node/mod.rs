@@ -3,7 +3,9 @@
 
 pub(crate) mod copy;
 mod inbound;
+mod live;
 mod outbound;
+mod policy;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -73,6 +75,8 @@ pub struct NodeContext {
     pub trust_domain: String,
     pub certs: Arc<CertStore>,
     pub pool: Arc<HbonePool>,
+    /// Open inbound connections, decided again when policy changes.
+    pub live: Arc<live::LiveConnections>,
 }
 
 pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
@@ -143,7 +147,9 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
         trust_domain: options.trust_domain.clone(),
         pool: HbonePool::new(certs.clone()),
         certs,
+        live: Arc::default(),
     });
+    tokio::spawn(recheck_on_change(ctx.clone()));
     info!(node = %options.node_name, config = %options.config_dir.display(), "strait node ready; capturing on port {OUTBOUND_PORT} (open-file limit {fd_limit})");
 
     let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
@@ -228,6 +234,14 @@ async fn certificate_provider(options: &NodeOptions) -> anyhow::Result<Arc<dyn C
     }
 }
 
+/// Late rejection (L4-7): every new configuration is applied to the open connections too.
+async fn recheck_on_change(ctx: Arc<NodeContext>) {
+    let mut model = ctx.model.clone();
+    while model.changed().await {
+        ctx.live.recheck(&model.current());
+    }
+}
+
 /// Out of file descriptors and the like: back off instead of spinning.
 async fn accept_failed(listener: &str, e: std::io::Error) {
     warn!("accept on the {listener} listener failed: {e}");
@@ -289,16 +303,6 @@ async fn keep_capture_in_step(
     }
 }
 
-/// Whether plaintext may reach `workload` on `port` (PeerAuthentication, L4-4).
-pub(crate) fn plaintext_allowed(_model: &Model, _workload: &crate::model::Workload, _port: u16) -> bool {
-    true
-}
-
-/// The part of PeerAuthentication and AuthorizationPolicy the kernel enforces for this node's pods.
-fn kernel_policy(_model: &Model, _node: &str) -> capture::KernelPolicy {
-    capture::KernelPolicy::default()
-}
-
 fn reconcile(capture: &Mutex<Capture>, model: &Model, node: &str) {
     let interfaces = match capture::pod_interfaces() {
         Ok(i) => i,
@@ -308,7 +312,7 @@ fn reconcile(capture: &Mutex<Capture>, model: &Model, node: &str) {
         }
     };
     match capture.lock() {
-        Ok(mut c) => c.reconcile(model, node, &interfaces, &kernel_policy(model, node)),
+        Ok(mut c) => c.reconcile(model, node, &interfaces, &policy::kernel_policy(model, node)),
         Err(_) => error!("capture state was poisoned; capture is no longer updated"),
     }
 }

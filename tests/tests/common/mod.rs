@@ -29,21 +29,28 @@ pub fn start_node_with_config(
     ca_dir: &Path,
     extra: &[&str],
 ) -> io::Result<Process> {
+    let mut extra = extra.to_vec();
+    extra.push("--detach-on-exit");
+    start_node_raw(topo, node, config_dir, ca_dir, &extra)
+}
+
+/// Like `start_node`, but capture stays in place when the proxy stops (the production default),
+/// for restart tests.
+pub fn start_node_keeping_capture(topo: &Topology, node: &Node, ca_dir: &Path) -> io::Result<Process> {
+    start_node_raw(topo, node, &topo.config_dir(), ca_dir, &[])
+}
+
+fn start_node_raw(
+    topo: &Topology,
+    node: &Node,
+    config_dir: &Path,
+    ca_dir: &Path,
+    extra: &[&str],
+) -> io::Result<Process> {
     let strait = bin_path("strait");
     let (config, ca) = (config_dir.to_string_lossy(), ca_dir.to_string_lossy());
     let pins = node.bpf_pin_dir().to_string_lossy().into_owned();
-    let mut args = vec![
-        "node",
-        "--config",
-        &config,
-        "--node",
-        node.name(),
-        "--ca-dir",
-        &ca,
-        "--bpf-pin-dir",
-        &pins,
-        "--detach-on-exit",
-    ];
+    let mut args = vec!["node", "--config", &config, "--node", node.name(), "--ca-dir", &ca, "--bpf-pin-dir", &pins];
     args.extend_from_slice(extra);
     // A restarted proxy appends to the same log: wait for a new "ready" line, not an old one.
     let log_name = format!("strait-{}", node.name());
@@ -137,4 +144,20 @@ impl UnderlayCapture {
 
 fn libc_sigint() -> i32 {
     2
+}
+
+/// Writes `file` into the topology's config directory and waits until every proxy applied it.
+pub fn apply(topo: &Topology, proxies: &[&Process], file: &str, yaml: &str) -> io::Result<()> {
+    let before: Vec<usize> = proxies.iter().map(|p| p.count_log_lines("configuration applied")).collect();
+    topo.write_config(file, yaml)?;
+    let deadline = Instant::now() + TIMEOUT;
+    for (proxy, before) in proxies.iter().zip(before) {
+        while proxy.count_log_lines("configuration applied") <= before {
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!("configuration {file} not applied:\n{}", proxy.log_tail())));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
 }
