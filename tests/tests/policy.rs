@@ -228,7 +228,7 @@ fn restart_keeps_capture_and_fails_closed_meanwhile() -> io::Result<()> {
     p1.wait_for_log("strait node ready", TIMEOUT)?;
     thread::sleep(Duration::from_millis(300));
     assert!(b.reaches(&b.client, 8080)?, "captured again by the new run");
-    assert!(stat(&b.n1, "outbound_new") >= captured + 1, "counters carried over");
+    assert!(stat(&b.n1, "outbound_new") > captured, "counters carried over");
     assert!(stat(&b.n1, "no_listener") >= 1, "the dropped SYNs were counted");
     Ok(())
 }

@@ -211,7 +211,11 @@ fn bench(args: &[String]) -> Result {
     let root = workspace_root();
     let bench = root.join("target").join("release").join("strait-bench");
     run(
-        Command::new(bench).current_dir(&root).args(["--out", "target/bench"]).args(args).env("PATH", path_with_cargo_bin()),
+        Command::new(bench)
+            .current_dir(&root)
+            .args(["--out", "target/bench"])
+            .args(args)
+            .env("PATH", path_with_cargo_bin()),
         "strait-bench",
     )
 }
