@@ -64,7 +64,7 @@ fn refused_connection(ctx: &NodeContext, peer: SocketAddr, local: SocketAddr, re
     let mut record = ConnectionRecord::start("inbound", peer, local);
     record.security = "mutual_tls";
     record.outcome = Outcome::Refused(reason.to_owned());
-    ctx.access_log.record(&record);
+    ctx.telemetry.closed(&record);
 }
 
 async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundStream) {
@@ -93,17 +93,18 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
             refuse(respond, status);
             record.outcome = Outcome::Refused(format!("{} {reason}", status.as_u16()));
             record.duration = clock.elapsed();
-            ctx.access_log.record(&record);
+            ctx.telemetry.closed(&record);
             return;
         }
     };
-    record.destination_workload = Some(workload.display_name());
+    record.destination_workload = Some(workload);
     let client_ip = claimed_ip.filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity));
     if let Some(ip) = client_ip {
         record.source_addr = SocketAddr::new(ip, 0);
-        record.source_workload = model.workload_by_ip(ip).map(|w| w.display_name());
+        record.source_workload = model.workload_by_ip(ip).cloned();
     }
     drop(model);
+    ctx.telemetry.opened(&mut record);
 
     let upstream = match dial_pod(client_ip, target).await {
         Ok(s) => s,
@@ -111,7 +112,7 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
             refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
             record.outcome = Outcome::UpstreamConnectFailed(e.to_string());
             record.duration = clock.elapsed();
-            ctx.access_log.record(&record);
+            ctx.telemetry.closed(&record);
             return;
         }
     };
@@ -130,7 +131,7 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
         record.outcome = Outcome::Broken(e.to_string());
     }
     record.duration = clock.elapsed();
-    ctx.access_log.record(&record);
+    ctx.telemetry.closed(&record);
 }
 
 /// The pod a tunnel may reach: a captured pod of this node, with the identity the connection
@@ -177,8 +178,8 @@ pub async fn deliver_local(
     ctx: &NodeContext,
     downstream: &TcpStream,
     peer: SocketAddr,
-    source: &Workload,
-    target: &Workload,
+    source: &Arc<Workload>,
+    target: &Arc<Workload>,
     addr: SocketAddr,
     record: &mut ConnectionRecord,
 ) {
@@ -188,10 +189,11 @@ pub async fn deliver_local(
     record.destination_addr = addr;
     let mut inbound = ConnectionRecord::start("inbound", peer, addr);
     inbound.security = "mutual_tls";
-    inbound.source_workload = Some(source.display_name());
+    inbound.source_workload = Some(source.clone());
     inbound.source_identity = Some(source_identity.to_string());
-    inbound.destination_workload = Some(target.display_name());
+    inbound.destination_workload = Some(target.clone());
     inbound.destination_identity = Some(served.to_string());
+    ctx.telemetry.opened(&mut inbound);
 
     let checked = {
         let model = ctx.model.current();
@@ -221,5 +223,5 @@ pub async fn deliver_local(
         },
     }
     inbound.duration = clock.elapsed();
-    ctx.access_log.record(&inbound);
+    ctx.telemetry.closed(&inbound);
 }
