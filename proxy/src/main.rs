@@ -2,9 +2,11 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
-use strait::node::CaSource;
-use tracing_subscriber::EnvFilter;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use strait::{
+    node::CaSource,
+    telemetry::{AccessLogFormat, logging::LogControl},
+};
 
 #[derive(Parser)]
 #[command(name = "strait", version, about = "An ambient (sidecarless) service-mesh data plane")]
@@ -35,9 +37,21 @@ struct NodeArgs {
     /// This node's name, as pods' `spec.nodeName` gives it.
     #[arg(long)]
     node: String,
-    /// Admin endpoint (config dump, stats).
+    /// Admin API (/config_dump, /workloads, /certs, /stats, /logging, /healthz/ready).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// Prometheus metrics (/metrics), with Istio's names and labels.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness probe (/healthz/ready answers 200 once the proxy is ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Access line format: Envoy-like `key=value` text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    access_log_format: LogFormat,
+    /// Append access lines to this file instead of writing them to stdout.
+    #[arg(long)]
+    access_log: Option<PathBuf>,
     /// Trust domain of workload identities.
     #[arg(long, default_value = strait::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -81,14 +95,18 @@ struct NodeArgs {
     workers: Option<usize>,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    let logging = strait::telemetry::logging::init(&cli.log_level);
 
     let result = match cli.command {
-        Command::Node(args) => run_node(*args),
+        Command::Node(args) => run_node(*args, logging),
         Command::Demo => strait::demo::run(),
         Command::Ctl(command) => strait::ctl::run(command),
     };
@@ -101,7 +119,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
     let token = read_token(args.ca_token_file.as_deref())?;
     let ca = match (args.ca_address, args.ca_root) {
         (Some(address), Some(root)) => CaSource::Remote { address, root, token, server_name: args.ca_server_name },
@@ -112,6 +130,14 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         config_dir: args.config,
         node_name: args.node,
         admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
+        readiness_addr: args.readiness_addr,
+        access_log_format: match args.access_log_format {
+            LogFormat::Text => AccessLogFormat::Text,
+            LogFormat::Json => AccessLogFormat::Json,
+        },
+        access_log: args.access_log,
+        logging: Some(logging),
         trust_domain: args.trust_domain,
         ca,
         cert_ttl: args.cert_ttl,

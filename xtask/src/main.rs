@@ -132,6 +132,7 @@ fn setup() -> Result {
         )?;
     }
     ensure_bpf_linker()?;
+    ensure_python_module("prometheus_client", "prometheus-client")?;
     if !have("rustup") {
         return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".into());
     }
@@ -155,6 +156,16 @@ fn missing_packages() -> Result<Vec<String>> {
     let installed: Vec<&str> =
         text.lines().filter_map(|l| l.strip_suffix(" installed")).map(|p| p.split(':').next().unwrap_or(p)).collect();
     Ok(DEBIAN_PACKAGES.iter().filter(|p| !installed.contains(p)).map(|p| (*p).to_owned()).collect())
+}
+
+/// The observability test checks `/metrics` with a real Prometheus parser, Python's.
+fn ensure_python_module(module: &str, package: &str) -> Result {
+    let present = Command::new("python3").args(["-c", &format!("import {module}")]).output();
+    if present.is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    println!("xtask: installing the Python package {package}");
+    run(Command::new("python3").args(["-m", "pip", "install", "-q", package]), "pip install")
 }
 
 fn ensure_bpf_linker() -> Result {

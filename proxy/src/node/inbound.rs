@@ -72,7 +72,7 @@ fn refused_connection(ctx: &NodeContext, peer: SocketAddr, local: SocketAddr, re
     let mut record = ConnectionRecord::start("inbound", peer, local);
     record.security = "mutual_tls";
     record.outcome = Outcome::Refused(reason.to_owned());
-    ctx.access_log.record(&record);
+    ctx.telemetry.closed(&record);
 }
 
 async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundStream) {
@@ -101,15 +101,15 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
             refuse(respond, status);
             record.outcome = Outcome::Refused(format!("{} {reason}", status.as_u16()));
             record.duration = clock.elapsed();
-            ctx.access_log.record(&record);
+            ctx.telemetry.closed(&record);
             return;
         }
     };
-    record.destination_workload = Some(workload.display_name());
+    record.destination_workload = Some(workload.clone());
     let client_ip = claimed_ip.filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity));
     if let Some(ip) = client_ip {
         record.source_addr = SocketAddr::new(ip, 0);
-        record.source_workload = model.workload_by_ip(ip).map(|w| w.display_name());
+        record.source_workload = model.workload_by_ip(ip).cloned();
     }
     let source_ip = client_ip.unwrap_or(peer_addr.ip());
     let decision = policy::authorize(&model, &workload, Some(&peer_identity), source_ip, target);
@@ -118,9 +118,10 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
         refuse(respond, StatusCode::UNAUTHORIZED);
         record.outcome = Outcome::Refused(format!("401 {}", policy::denial_reason(&decision)));
         record.duration = clock.elapsed();
-        ctx.access_log.record(&record);
+        ctx.telemetry.closed(&record);
         return;
     }
+    ctx.telemetry.opened(&mut record);
 
     let upstream = match dial_pod(client_ip, target).await {
         Ok(s) => s,
@@ -128,7 +129,7 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
             refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
             record.outcome = Outcome::UpstreamConnectFailed(e.to_string());
             record.duration = clock.elapsed();
-            ctx.access_log.record(&record);
+            ctx.telemetry.closed(&record);
             return;
         }
     };
@@ -157,7 +158,7 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
         }
     }
     record.duration = clock.elapsed();
-    ctx.access_log.record(&record);
+    ctx.telemetry.closed(&record);
 }
 
 /// The pod a tunnel may reach: a captured pod of this node, with the identity the connection
@@ -204,8 +205,8 @@ pub async fn deliver_local(
     ctx: &NodeContext,
     downstream: &TcpStream,
     peer: SocketAddr,
-    source: &Workload,
-    target: &Workload,
+    source: &Arc<Workload>,
+    target: &Arc<Workload>,
     addr: SocketAddr,
     record: &mut ConnectionRecord,
 ) {
@@ -215,10 +216,11 @@ pub async fn deliver_local(
     record.destination_addr = addr;
     let mut inbound = ConnectionRecord::start("inbound", peer, addr);
     inbound.security = "mutual_tls";
-    inbound.source_workload = Some(source.display_name());
+    inbound.source_workload = Some(source.clone());
     inbound.source_identity = Some(source_identity.to_string());
-    inbound.destination_workload = Some(target.display_name());
+    inbound.destination_workload = Some(target.clone());
     inbound.destination_identity = Some(served.to_string());
+    ctx.telemetry.opened(&mut inbound);
 
     let checked = {
         let model = ctx.model.current();
@@ -267,7 +269,7 @@ pub async fn deliver_local(
         },
     }
     inbound.duration = clock.elapsed();
-    ctx.access_log.record(&inbound);
+    ctx.telemetry.closed(&inbound);
 }
 
 /// Plaintext to a captured pod from outside the mesh (CAP-2), handed over on port 15006 with
@@ -280,14 +282,14 @@ pub async fn serve_plaintext(ctx: Arc<NodeContext>, downstream: TcpStream, peer:
     let mut record = ConnectionRecord::start("inbound", peer, target);
     let decision = {
         let model = ctx.model.current();
-        record.source_workload = model.workload_by_ip(peer.ip()).map(|w| w.display_name());
+        record.source_workload = model.workload_by_ip(peer.ip()).cloned();
         match model
             .workload_by_ip(target.ip())
             .filter(|w| w.captured && w.node.as_deref() == Some(ctx.node_name.as_str()))
         {
             None => Err(format!("{} is not a captured pod of this node", target.ip())),
             Some(workload) => {
-                record.destination_workload = Some(workload.display_name());
+                record.destination_workload = Some(workload.clone());
                 record.destination_identity = Some(workload.identity(&ctx.trust_domain).to_string());
                 if PROXY_PORTS.contains(&target.port()) {
                     Err(format!("port {} is reserved for the mesh proxy", target.port()))
@@ -307,6 +309,7 @@ pub async fn serve_plaintext(ctx: Arc<NodeContext>, downstream: TcpStream, peer:
         }
         Ok(()) => match dial_pod(Some(peer.ip()), target).await {
             Ok(upstream) => {
+                ctx.telemetry.opened(&mut record);
                 let mut registration =
                     ctx.live.register(Admitted { source: None, source_ip: peer.ip(), destination: target });
                 match until_rejected(copy::bidirectional(&downstream, &upstream), &mut registration).await {
@@ -328,7 +331,7 @@ pub async fn serve_plaintext(ctx: Arc<NodeContext>, downstream: TcpStream, peer:
         },
     }
     record.duration = clock.elapsed();
-    ctx.access_log.record(&record);
+    ctx.telemetry.closed(&record);
 }
 
 /// Runs a copy until it ends or a policy change rejects the connection (`Err` with the reason).

@@ -9,7 +9,7 @@ mod policy;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -22,14 +22,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin,
+    admin::{self, AdminState, Readiness},
     capture::{self, Capture, SteerRouting},
     config::{ConfigDir, Loaded},
     hbone::HbonePool,
     identity::{CaClientOptions, CaServerOptions, CertStore, CertificateProvider, IstioCaClient, LocalCa, serve_ca},
     model::{self, Model, ModelHandle, ModelPublisher},
     sys,
-    telemetry::AccessLog,
+    telemetry::{AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, Telemetry, logging::LogControl},
 };
 
 /// How often the configuration directory is checked for changes (CFG-1: applied within 1 s).
@@ -44,6 +44,15 @@ pub struct NodeOptions {
     pub config_dir: PathBuf,
     pub node_name: String,
     pub admin_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`).
+    pub metrics_addr: SocketAddr,
+    /// Readiness probe (`/healthz/ready`).
+    pub readiness_addr: SocketAddr,
+    pub access_log_format: AccessLogFormat,
+    /// File the access lines are appended to; stdout when `None`.
+    pub access_log: Option<PathBuf>,
+    /// The process's log filter, for the admin API's `/logging`.
+    pub logging: Option<LogControl>,
     pub trust_domain: String,
     /// Where workload certificates come from.
     pub ca: CaSource,
@@ -70,7 +79,8 @@ pub enum CaSource {
 /// What every connection handler needs.
 pub struct NodeContext {
     pub model: ModelHandle,
-    pub access_log: AccessLog,
+    /// Access lines and metrics: `opened`/`closed` once per connection.
+    pub telemetry: Telemetry,
     pub node_name: String,
     pub trust_domain: String,
     pub certs: Arc<CertStore>,
@@ -135,14 +145,11 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
         certs.clone(),
         options.trust_domain.clone(),
     ));
-    let admin_listener = tokio::net::TcpListener::bind(options.admin_addr)
-        .await
-        .with_context(|| format!("cannot listen on the admin address {}", options.admin_addr))?;
-    tokio::spawn(admin::serve(admin_listener, admin::AdminState { model: model.clone(), capture: capture.clone() }));
+    let (telemetry, ready) = serve_operator_endpoints(&options, &model, &capture, &certs).await?;
 
     let ctx = Arc::new(NodeContext {
         model,
-        access_log: AccessLog,
+        telemetry,
         node_name: options.node_name.clone(),
         trust_domain: options.trust_domain.clone(),
         pool: HbonePool::new(certs.clone()),
@@ -150,6 +157,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
         live: Arc::default(),
     });
     tokio::spawn(recheck_on_change(ctx.clone()));
+    ready.set_ready();
     info!(node = %options.node_name, config = %options.config_dir.display(), "strait node ready; capturing on port {OUTBOUND_PORT} (open-file limit {fd_limit})");
 
     let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
@@ -240,6 +248,57 @@ async fn recheck_on_change(ctx: Arc<NodeContext>) {
     while model.changed().await {
         ctx.live.recheck(&model.current());
     }
+}
+
+/// Opens the access log and serves the admin API, metrics and readiness (OBS-1 to OBS-3).
+async fn serve_operator_endpoints(
+    options: &NodeOptions,
+    model: &ModelHandle,
+    capture: &Arc<Mutex<Capture>>,
+    certs: &Arc<CertStore>,
+) -> anyhow::Result<(Telemetry, Readiness)> {
+    let access_log = AccessLog::new(options.access_log_format, options.access_log.as_deref()).with_context(|| {
+        format!("cannot open the access log {}", options.access_log.as_deref().unwrap_or(Path::new("-")).display())
+    })?;
+    let mut metrics = MetricsRegistry::new();
+    let reader = capture.clone();
+    metrics.register(ScrapedCounters::each("strait_capture", "Counter of the eBPF capture programs", move || {
+        reader.lock().map(|c| c.stats()).unwrap_or_default()
+    }));
+    let reader = capture.clone();
+    metrics.register(ScrapedCounters::by_label(
+        "strait_xdp_drops",
+        "Packets the XDP guard on the uplink dropped, by reason (CAP-4)",
+        "reason",
+        move || {
+            let stats = reader.lock().map(|c| c.stats()).unwrap_or_default();
+            stats.into_iter().filter_map(|(name, v)| Some((name.strip_prefix("xdp_drop_")?, v))).collect::<Vec<_>>()
+        },
+    ));
+    let telemetry = Telemetry::new(access_log, metrics.traffic());
+    let ready = Readiness::default();
+
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on the {what} address {addr}"))
+    };
+    let admin_listener = bind(options.admin_addr, "admin").await?;
+    let metrics_listener = bind(options.metrics_addr, "metrics").await?;
+    let readiness_listener = bind(options.readiness_addr, "readiness").await?;
+    tokio::spawn(admin::serve_admin(
+        admin_listener,
+        AdminState {
+            model: model.clone(),
+            capture: capture.clone(),
+            certs: certs.clone(),
+            node_name: options.node_name.clone(),
+            trust_domain: options.trust_domain.clone(),
+            logging: options.logging.clone(),
+            ready: ready.clone(),
+        },
+    ));
+    tokio::spawn(admin::serve_metrics(metrics_listener, Arc::new(metrics)));
+    tokio::spawn(admin::serve_readiness(readiness_listener, ready.clone()));
+    Ok((telemetry, ready))
 }
 
 /// Out of file descriptors and the like: back off instead of spinning.

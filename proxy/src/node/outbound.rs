@@ -17,7 +17,7 @@ use crate::{
     hbone::{self, ConnectRequest},
     model::{Model, Workload},
     sys,
-    telemetry::{ConnectionRecord, Outcome},
+    telemetry::{ConnectionRecord, DEFAULT_CLUSTER, Outcome, canonical_revision, canonical_service},
 };
 
 /// Ports of the proxy's own listeners; a connection to them would loop through the proxy.
@@ -44,11 +44,12 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
     let mut record = ConnectionRecord::start("outbound", peer, destination);
     let source = model.workload_by_ip(peer.ip()).cloned();
     if let Some(source) = &source {
-        record.source_workload = Some(source.display_name());
+        record.source_workload = Some(source.clone());
         record.source_identity = Some(source.identity(&ctx.trust_domain).to_string());
     }
-    let route = route(&model, destination, &mut record);
+    let route = route(&model, destination, &ctx.trust_domain, &mut record);
     drop(model);
+    ctx.telemetry.opened(&mut record);
 
     match (route, source) {
         (Route::Refuse(reason), _) => record.outcome = Outcome::Refused(reason),
@@ -58,9 +59,6 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
         }
         (Route::Passthrough(addr), _) => passthrough(&downstream, addr, &mut record).await,
         (Route::Mesh { target, addr }, Some(source)) => {
-            record.destination_workload = Some(target.display_name());
-            record.destination_identity = Some(target.identity(&ctx.trust_domain).to_string());
-            record.security = "mutual_tls";
             if target.node.as_deref() == Some(ctx.node_name.as_str()) {
                 inbound::deliver_local(&ctx, &downstream, peer, &source, &target, addr, &mut record).await;
             } else {
@@ -73,15 +71,16 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
         let _ = socket2::SockRef::from(&downstream).set_linger(Some(std::time::Duration::ZERO));
     }
     record.duration = clock.elapsed();
-    ctx.access_log.record(&record);
+    ctx.telemetry.closed(&record);
 }
 
-fn route(model: &Model, destination: SocketAddr, record: &mut ConnectionRecord) -> Route {
+/// Decides where the connection goes, noting in `record` the service and workload it reaches.
+fn route(model: &Model, destination: SocketAddr, trust_domain: &str, record: &mut ConnectionRecord) -> Route {
     if PROXY_PORTS.contains(&destination.port()) {
         return Route::Refuse(format!("port {} is reserved for the mesh proxy", destination.port()));
     }
     let (target, addr) = if let Some(service) = model.service_by_vip(destination.ip()) {
-        record.destination_service = Some(service.hostname.clone());
+        record.destination_service = Some(service.clone());
         let Some(port) = service.port(destination.port()) else {
             return Route::Refuse(format!("service {} has no port {}", service.hostname, destination.port()));
         };
@@ -92,13 +91,14 @@ fn route(model: &Model, destination: SocketAddr, record: &mut ConnectionRecord) 
     } else {
         (model.workload_by_ip(destination.ip()).cloned(), destination)
     };
-    match target {
-        Some(target) if target.captured => Route::Mesh { target, addr },
-        Some(target) => {
-            record.destination_workload = Some(target.display_name());
-            Route::Passthrough(addr)
-        }
-        None => Route::Passthrough(addr),
+    let Some(target) = target else { return Route::Passthrough(addr) };
+    record.destination_workload = Some(target.clone());
+    if target.captured {
+        record.destination_identity = Some(target.identity(trust_domain).to_string());
+        record.security = "mutual_tls";
+        Route::Mesh { target, addr }
+    } else {
+        Route::Passthrough(addr)
     }
 }
 
@@ -149,12 +149,14 @@ async fn over_hbone(
     }
 }
 
-/// W3C baggage describing the source, as Istio's ztunnel sends it.
+/// W3C baggage describing the source, as Istio's ztunnel sends it (a ztunnel at the
+/// destination labels its metrics with the source's canonical service and revision from it).
 fn baggage(source: &Workload) -> String {
-    let app = source.labels.get("app").or_else(|| source.labels.get("app.kubernetes.io/name")).unwrap_or(&source.name);
-    let version = source.labels.get("version").map_or("latest", String::as_str);
     format!(
-        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={app},service.version={version}",
-        source.namespace, source.name
+        "k8s.cluster.name={DEFAULT_CLUSTER},k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
+        source.namespace,
+        source.name,
+        canonical_service(source),
+        canonical_revision(source),
     )
 }

@@ -1,15 +1,22 @@
-//! One access line per proxied connection (OBS-2), written to stdout.
+//! One access line per proxied connection (OBS-2), on stdout or appended to a file.
 //!
-//! The format follows the spirit of Envoy's default: a timestamp, then `key=value` fields an
-//! operator can grep. Workloads are named `namespace/name`; `-` stands for unknown.
+//! The text format follows the spirit of Envoy's default: a timestamp, then `key=value` fields
+//! an operator can grep. Workloads are named `namespace/name`; `-` stands for unknown. The JSON
+//! format carries the same fields, one object per line, for log pipelines that parse.
 
 use std::{
-    io::Write as _,
+    fs::File,
+    io::{self, Write as _},
     net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use super::rfc3339;
+use serde::Serialize;
+
+use super::{metrics::ConnectionCounters, rfc3339};
+use crate::model::{Service, Workload};
 
 /// How a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +29,46 @@ pub enum Outcome {
     UpstreamConnectFailed(String),
     /// The proxy refused the connection, with the reason.
     Refused(String),
+}
+
+impl Outcome {
+    fn fields(&self) -> (&'static str, Option<&str>) {
+        match self {
+            Outcome::Completed => ("ok", None),
+            Outcome::Broken(r) => ("broken", Some(r)),
+            Outcome::UpstreamConnectFailed(r) => ("upstream_connect_failed", Some(r)),
+            Outcome::Refused(r) => ("refused", Some(r)),
+        }
+    }
+}
+
+/// Everything an access line and the metrics say about one connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionRecord {
+    /// `outbound` or `inbound`; inbound connections are reported by the destination.
+    pub direction: &'static str,
+    pub source_addr: SocketAddr,
+    /// The source pod, when the mesh knows it (metrics derive workload, namespace and
+    /// canonical service from it).
+    pub source_workload: Option<Arc<Workload>>,
+    /// SPIFFE identity of the source, when known (proven by mTLS inbound).
+    pub source_identity: Option<String>,
+    pub destination_addr: SocketAddr,
+    pub destination_workload: Option<Arc<Workload>>,
+    pub destination_identity: Option<String>,
+    /// The service the client addressed, if it addressed one.
+    pub destination_service: Option<Arc<Service>>,
+    /// `mutual_tls` (HBONE) or `none` (plain TCP).
+    pub security: &'static str,
+    /// Bytes the client sent (request direction).
+    pub bytes_sent: u64,
+    /// Bytes the client received (response direction).
+    pub bytes_received: u64,
+    pub started: SystemTime,
+    pub duration: Duration,
+    pub outcome: Outcome,
+    /// Metric handles resolved when the connection was counted as opened.
+    pub(super) counters: Option<ConnectionCounters>,
 }
 
 impl ConnectionRecord {
@@ -42,69 +89,70 @@ impl ConnectionRecord {
             started: SystemTime::now(),
             duration: Duration::ZERO,
             outcome: Outcome::Completed,
+            counters: None,
         }
     }
 }
 
-impl Outcome {
-    fn fields(&self) -> (&'static str, Option<&str>) {
-        match self {
-            Outcome::Completed => ("ok", None),
-            Outcome::Broken(r) => ("broken", Some(r)),
-            Outcome::UpstreamConnectFailed(r) => ("upstream_connect_failed", Some(r)),
-            Outcome::Refused(r) => ("refused", Some(r)),
-        }
-    }
+/// How access lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// `key=value` fields after a timestamp.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
-/// Everything an access line says about one connection.
-#[derive(Debug, Clone)]
-pub struct ConnectionRecord {
-    /// `outbound`, `inbound`, `passthrough`.
-    pub direction: &'static str,
-    pub source_addr: SocketAddr,
-    pub source_workload: Option<String>,
-    /// SPIFFE identity of the source, when known (proven by mTLS inbound).
-    pub source_identity: Option<String>,
-    pub destination_addr: SocketAddr,
-    pub destination_workload: Option<String>,
-    pub destination_identity: Option<String>,
-    /// `name.namespace.svc.cluster.local` when the client addressed a service.
-    pub destination_service: Option<String>,
-    /// `mutual_tls` (HBONE) or `none` (plain TCP).
-    pub security: &'static str,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub started: SystemTime,
-    pub duration: Duration,
-    pub outcome: Outcome,
+/// Writes access lines. Shared by every connection.
+#[derive(Debug, Default)]
+pub struct AccessLog {
+    format: AccessLogFormat,
+    /// `None` writes to stdout.
+    file: Option<Mutex<File>>,
 }
-
-/// Writes access lines. Cheap to clone and share.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AccessLog;
 
 impl AccessLog {
+    /// Lines in `format`, appended to `path` (created if missing) or written to stdout.
+    pub fn new(format: AccessLogFormat, path: Option<&Path>) -> io::Result<Self> {
+        let file = match path {
+            Some(path) => Some(Mutex::new(File::options().create(true).append(true).open(path)?)),
+            None => None,
+        };
+        Ok(Self { format, file })
+    }
+
     pub fn record(&self, r: &ConnectionRecord) {
-        let line = format_line(r);
+        let line = match self.format {
+            AccessLogFormat::Text => format_line(r),
+            AccessLogFormat::Json => json_line(r),
+        };
         // One write per line so concurrent connections never interleave within a line.
-        let _ = std::io::stdout().lock().write_all(line.as_bytes());
+        match &self.file {
+            Some(file) => {
+                let _ = file.lock().unwrap_or_else(|p| p.into_inner()).write_all(line.as_bytes());
+            }
+            None => {
+                let _ = io::stdout().lock().write_all(line.as_bytes());
+            }
+        }
     }
 }
 
 fn format_line(r: &ConnectionRecord) -> String {
     let (result, reason) = r.outcome.fields();
+    let workload = |w: &Option<Arc<Workload>>| w.as_ref().map_or_else(|| "-".to_owned(), |w| w.display_name());
     let dash = |v: &Option<String>| v.as_deref().unwrap_or("-").to_owned();
     let mut line = format!(
         "[{}] {} tcp src.addr={} src.workload={} src.identity={} dst.addr={} dst.service={} dst.workload={} dst.identity={} security={} sent={} received={} duration_ms={} result={}",
         rfc3339(r.started),
         r.direction,
         r.source_addr,
-        dash(&r.source_workload),
+        workload(&r.source_workload),
         dash(&r.source_identity),
         r.destination_addr,
-        dash(&r.destination_service),
-        dash(&r.destination_workload),
+        r.destination_service.as_ref().map_or("-", |s| s.hostname.as_str()),
+        workload(&r.destination_workload),
         dash(&r.destination_identity),
         r.security,
         r.bytes_sent,
@@ -119,30 +167,144 @@ fn format_line(r: &ConnectionRecord) -> String {
     line
 }
 
+/// The JSON line: the text line's fields, nested where the text uses dots (`src.addr` is
+/// `.src.addr` in jq), `null` where the text writes `-` (an unknown service is left out).
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    start_time: String,
+    direction: &'a str,
+    protocol: &'a str,
+    src: JsonEnd<'a>,
+    dst: JsonEnd<'a>,
+    security: &'a str,
+    sent: u64,
+    received: u64,
+    duration_ms: u128,
+    result: &'a str,
+    reason: Option<&'a str>,
+    response_flags: &'a str,
+}
+
+#[derive(Serialize)]
+struct JsonEnd<'a> {
+    addr: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<&'a str>,
+    workload: Option<String>,
+    identity: Option<&'a str>,
+}
+
+fn json_line(r: &ConnectionRecord) -> String {
+    let (result, reason) = r.outcome.fields();
+    let line = JsonLine {
+        start_time: rfc3339(r.started),
+        direction: r.direction,
+        protocol: "tcp",
+        src: JsonEnd {
+            addr: r.source_addr,
+            service: None,
+            workload: r.source_workload.as_ref().map(|w| w.display_name()),
+            identity: r.source_identity.as_deref(),
+        },
+        dst: JsonEnd {
+            addr: r.destination_addr,
+            service: r.destination_service.as_ref().map(|s| s.hostname.as_str()),
+            workload: r.destination_workload.as_ref().map(|w| w.display_name()),
+            identity: r.destination_identity.as_deref(),
+        },
+        security: r.security,
+        sent: r.bytes_sent,
+        received: r.bytes_received,
+        duration_ms: r.duration.as_millis(),
+        result,
+        reason,
+        response_flags: r.outcome.response_flags(),
+    };
+    // Serializing plain strings and numbers cannot fail; the fallback keeps the line count right.
+    let mut text = serde_json::to_string(&line).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    text.push('\n');
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn line_names_both_ends_bytes_and_result() {
+    fn record() -> ConnectionRecord {
         let mut r = ConnectionRecord::start(
             "outbound",
             "10.1.0.10:40000".parse().expect("addr"),
             "10.2.0.10:80".parse().expect("addr"),
         );
-        r.source_workload = Some("mesh/client".into());
+        r.source_workload = Some(Arc::new(Workload {
+            name: "client".into(),
+            namespace: "mesh".into(),
+            service_account: "client".into(),
+            node: None,
+            ip: "10.1.0.10".parse().expect("ip"),
+            labels: Default::default(),
+            host_network: false,
+            captured: true,
+        }));
         r.source_identity = Some("spiffe://cluster.local/ns/mesh/sa/client".into());
         r.bytes_sent = 78;
         r.bytes_received = 300;
         r.started = std::time::UNIX_EPOCH;
         r.duration = Duration::from_millis(12);
-        r.outcome = Outcome::UpstreamConnectFailed("connection refused".into());
+        r.outcome = Outcome::UpstreamConnectFailed("connection \"refused\"".into());
+        r
+    }
+
+    #[test]
+    fn line_names_both_ends_bytes_and_result() {
         assert_eq!(
-            format_line(&r),
+            format_line(&record()),
             "[1970-01-01T00:00:00.000Z] outbound tcp src.addr=10.1.0.10:40000 src.workload=mesh/client \
              src.identity=spiffe://cluster.local/ns/mesh/sa/client dst.addr=10.2.0.10:80 dst.service=- \
              dst.workload=- dst.identity=- security=none sent=78 received=300 duration_ms=12 \
-             result=upstream_connect_failed reason=\"connection refused\"\n"
+             result=upstream_connect_failed reason=\"connection 'refused'\"\n"
         );
+    }
+
+    #[test]
+    fn json_line_has_the_same_fields() {
+        let line = json_line(&record());
+        assert!(line.ends_with('\n') && !line.trim_end().contains('\n'), "one line: {line}");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("valid JSON");
+        assert_eq!(v["start_time"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["direction"], "outbound");
+        assert_eq!(v["src"]["addr"], "10.1.0.10:40000");
+        assert_eq!(v["src"]["workload"], "mesh/client");
+        assert_eq!(v["src"]["identity"], "spiffe://cluster.local/ns/mesh/sa/client");
+        assert_eq!(v["dst"]["addr"], "10.2.0.10:80");
+        assert!(v["dst"]["identity"].is_null() && v["dst"]["workload"].is_null(), "{v}");
+        assert!(v["dst"].get("service").is_none(), "{v}");
+        assert_eq!((v["sent"].as_u64(), v["received"].as_u64()), (Some(78), Some(300)));
+        assert_eq!(v["duration_ms"], 12);
+        assert_eq!(v["security"], "none");
+        assert_eq!(v["result"], "upstream_connect_failed");
+        assert_eq!(v["reason"], "connection \"refused\"");
+        assert_eq!(v["response_flags"], "CONNECT");
+
+        let mut ok = record();
+        ok.outcome = Outcome::Completed;
+        let v: serde_json::Value = serde_json::from_str(&json_line(&ok)).expect("valid JSON");
+        assert!(v["reason"].is_null(), "{v}");
+        assert_eq!((v["result"].as_str(), v["response_flags"].as_str()), (Some("ok"), Some("-")));
+    }
+
+    #[test]
+    fn file_sink_appends() {
+        let path = std::env::temp_dir().join(format!("strait-access-{}.log", std::process::id()));
+        std::fs::write(&path, "earlier\n").expect("seed");
+        let log = AccessLog::new(AccessLogFormat::Json, Some(&path)).expect("open");
+        log.record(&record());
+        log.record(&record());
+        let text = std::fs::read_to_string(&path).expect("read");
+        let _ = std::fs::remove_file(&path);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0], "earlier");
+        assert!(lines[1..].iter().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{text}");
     }
 }

@@ -1,8 +1,54 @@
-//! What the proxy tells its operator: access logs (OBS-2) and timestamps for them.
+//! What the proxy tells its operator: access logs (OBS-2), Istio's metrics (OBS-1) and the
+//! run-time log filter, fed by one `ConnectionRecord` per connection.
 
 mod access_log;
+mod labels;
+pub mod logging;
+mod metrics;
 
-pub use access_log::{AccessLog, ConnectionRecord, Outcome};
+use std::sync::Arc;
+
+pub use access_log::{AccessLog, AccessLogFormat, ConnectionRecord, Outcome};
+pub use labels::{DEFAULT_CLUSTER, TrafficLabels, canonical_revision, canonical_service, workload_name};
+pub use metrics::{Exposition, MetricsRegistry, ScrapedCounters, TrafficMetrics};
+
+/// Where connection handlers report: `opened` once a connection's ends are known, `closed`
+/// when it is over. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    access_log: Arc<AccessLog>,
+    metrics: Arc<TrafficMetrics>,
+}
+
+impl Telemetry {
+    pub fn new(access_log: AccessLog, metrics: Arc<TrafficMetrics>) -> Self {
+        Self { access_log: Arc::new(access_log), metrics }
+    }
+
+    /// Counts the connection as opened (`istio_tcp_connections_opened_total`). Call once, when
+    /// the connection is accepted and its source and destination are known: the label set is
+    /// resolved here, once, and kept in the record for `closed`.
+    pub fn opened(&self, record: &mut ConnectionRecord) {
+        record.counters = Some(self.metrics.open(TrafficLabels::of(record)));
+    }
+
+    /// Writes the access line and counts the connection as closed, with its bytes. Call once,
+    /// when the connection is over. A connection refused before `opened` is counted as opened
+    /// here too, so that opened ≥ closed always holds.
+    pub fn closed(&self, record: &ConnectionRecord) {
+        self.access_log.record(record);
+        let opened;
+        let counters = match &record.counters {
+            Some(c) => c,
+            None => {
+                opened = self.metrics.open(TrafficLabels::of(record));
+                &opened
+            }
+        };
+        // Istio counts request bytes as "received" and response bytes as "sent", whoever reports.
+        self.metrics.close(counters, record.outcome.response_flags(), record.bytes_sent, record.bytes_received);
+    }
+}
 
 /// RFC 3339 UTC timestamp with milliseconds, for log lines.
 pub fn rfc3339(time: std::time::SystemTime) -> String {
@@ -37,6 +83,8 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
+    use super::*;
+
     #[test]
     fn formats_utc_timestamps() {
         assert_eq!(super::rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
@@ -44,5 +92,34 @@ mod tests {
         assert_eq!(super::rfc3339(t), "2026-11-22T04:30:45.123Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(super::rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    // A connection refused before `opened` still counts as opened, and never twice.
+    #[test]
+    fn opened_and_closed_balance() {
+        let path = std::env::temp_dir().join(format!("strait-telemetry-{}.log", std::process::id()));
+        let registry = MetricsRegistry::new();
+        let telemetry =
+            Telemetry::new(AccessLog::new(AccessLogFormat::Text, Some(&path)).expect("log"), registry.traffic());
+        let start =
+            || ConnectionRecord::start("outbound", "10.1.0.1:1".parse().expect("a"), "10.2.0.1:2".parse().expect("a"));
+        let mut served = start();
+        telemetry.opened(&mut served);
+        served.bytes_sent = 5;
+        telemetry.closed(&served);
+        let mut refused = start();
+        refused.outcome = Outcome::Refused("reserved port".into());
+        telemetry.closed(&refused);
+        let text = registry.encode(Exposition::OpenMetrics);
+        let _ = std::fs::remove_file(&path);
+        let total = |family: &str| -> u64 {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{family}_total{{")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        };
+        assert_eq!(total("istio_tcp_connections_opened"), 2, "{text}");
+        assert_eq!(total("istio_tcp_connections_closed"), 2, "{text}");
+        assert_eq!(total("istio_tcp_received_bytes"), 5, "{text}");
     }
 }

@@ -1,0 +1,201 @@
+//! The operator's HTTP endpoints (OBS-1, OBS-3): the admin API on 127.0.0.1:15000, Prometheus
+//! metrics on :15020 and readiness on :15021, as Istio's proxies lay them out.
+//!
+//! All three are small HTTP/1.1 servers on hyper; their handlers only read shared state (the
+//! model, the certificate store, counters), so they answer synchronously and never touch the
+//! data path's tasks.
+
+mod views;
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{
+    Method, Request, Response, StatusCode,
+    header::{ACCEPT, CONTENT_TYPE},
+};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::{
+    capture::Capture,
+    identity::CertStore,
+    model::ModelHandle,
+    telemetry::{Exposition, MetricsRegistry, logging::LogControl},
+};
+
+/// A request must send its headers within this time, so idle clients cannot pile up.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Admin endpoints and what they show, listed on unknown paths.
+const ADMIN_ENDPOINTS: &[(&str, &str)] = &[
+    ("/certs", "certificates held: identity, serial, validity (JSON)"),
+    ("/config_dump", "the compiled configuration in force (JSON)"),
+    ("/healthz/ready", "200 once the proxy is ready"),
+    ("/logging", "the log filter; ?level=<filter> (GET or POST) changes it"),
+    ("/stats", "capture counters (text)"),
+    ("/workloads", "workloads the mesh knows, with identity and capture state (JSON)"),
+];
+const METRICS_ENDPOINTS: &[(&str, &str)] = &[
+    ("/metrics", "Prometheus metrics (OpenMetrics text)"),
+    ("/stats/prometheus", "the same, where Istio's sidecars serve it"),
+];
+const READINESS_ENDPOINTS: &[(&str, &str)] = &[("/healthz/ready", "200 once the proxy is ready")];
+
+/// Whether the proxy is ready to serve: set once, when its listeners and capture are in place.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// What the admin endpoint reads.
+#[derive(Clone)]
+pub struct AdminState {
+    pub model: ModelHandle,
+    pub capture: Arc<Mutex<Capture>>,
+    pub certs: Arc<CertStore>,
+    pub node_name: String,
+    pub trust_domain: String,
+    /// `None` when the process installed no reloadable log filter.
+    pub logging: Option<LogControl>,
+    pub ready: Readiness,
+}
+
+/// A response before it becomes HTTP.
+struct Reply {
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Reply {
+    fn text(status: StatusCode, body: impl Into<String>) -> Self {
+        Self { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+    }
+
+    fn json(body: String) -> Self {
+        Self { status: StatusCode::OK, content_type: "application/json", body }
+    }
+
+    fn not_found(path: &str, endpoints: &[(&str, &str)]) -> Self {
+        let mut body = format!("no endpoint {path}; try:\n");
+        for (path, what) in endpoints {
+            body.push_str(&format!("  {path:<18} {what}\n"));
+        }
+        Self::text(StatusCode::NOT_FOUND, body)
+    }
+
+    fn readiness(ready: &Readiness) -> Self {
+        if ready.is_ready() {
+            Self::text(StatusCode::OK, "ready\n")
+        } else {
+            Self::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        }
+    }
+}
+
+pub async fn serve_admin(listener: TcpListener, state: AdminState) {
+    let state = Arc::new(state);
+    serve(listener, "admin", move |request| admin(&state, request)).await
+}
+
+/// Serves `/metrics` in the format the scraper asks for; the registry is read-only from here on.
+pub async fn serve_metrics(listener: TcpListener, metrics: Arc<MetricsRegistry>) {
+    serve(listener, "metrics", move |request| match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics" | "/stats/prometheus") => {
+            let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+            let format = Exposition::negotiate(accept);
+            Reply { status: StatusCode::OK, content_type: format.content_type(), body: metrics.encode(format) }
+        }
+        (_, "/metrics" | "/stats/prometheus") => Reply::text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"),
+        (_, path) => Reply::not_found(path, METRICS_ENDPOINTS),
+    })
+    .await
+}
+
+/// Serves `/healthz/ready`, for kubelet's readiness probe.
+pub async fn serve_readiness(listener: TcpListener, ready: Readiness) {
+    serve(listener, "readiness", move |request| match request.uri().path() {
+        "/healthz/ready" => Reply::readiness(&ready),
+        path => Reply::not_found(path, READINESS_ENDPOINTS),
+    })
+    .await
+}
+
+fn admin(state: &AdminState, request: &Request<Incoming>) -> Reply {
+    let (method, path, query) = (request.method(), request.uri().path(), request.uri().query());
+    let get = method == Method::GET;
+    match path {
+        "/logging" if get || method == Method::POST => views::logging(state.logging.as_ref(), query),
+        "/stats" if get => Reply::text(StatusCode::OK, views::stats(&state.capture)),
+        "/config_dump" if get => Reply::json(views::config_dump(&state.model.current())),
+        "/workloads" if get => {
+            Reply::json(views::workloads(&state.model.current(), &state.node_name, &state.trust_domain))
+        }
+        "/certs" if get => Reply::json(views::certs(&state.certs.held())),
+        "/healthz/ready" if get => Reply::readiness(&state.ready),
+        _ if ADMIN_ENDPOINTS.iter().any(|(p, _)| *p == path) => {
+            Reply::text(StatusCode::METHOD_NOT_ALLOWED, "only GET (and POST on /logging)\n")
+        }
+        _ => Reply::not_found(path, ADMIN_ENDPOINTS),
+    }
+}
+
+/// Accepts connections forever, answering each request with `handler`.
+async fn serve<H>(listener: TcpListener, name: &'static str, handler: H)
+where
+    H: Fn(&Request<Incoming>) -> Reply + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                debug!("accept on the {name} endpoint failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                debug!(endpoint = name, method = %request.method(), path = request.uri().path(), "request");
+                let reply = handler(&request);
+                async move { Ok::<_, Infallible>(response(reply)) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                debug!("{name} connection ended: {e}");
+            }
+        });
+    }
+}
+
+fn response(reply: Reply) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(reply.body)));
+    *response.status_mut() = reply.status;
+    response.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static(reply.content_type));
+    response
+}

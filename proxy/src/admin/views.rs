@@ -1,0 +1,248 @@
+//! What the admin endpoints answer, built from the proxy's state by plain functions so each view
+//! is testable without a server.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use http::StatusCode;
+use serde::Serialize;
+
+use super::Reply;
+use crate::{
+    capture::Capture,
+    identity::TlsSettings,
+    model::Model,
+    telemetry::{canonical_revision, canonical_service, logging::LogControl, rfc3339, workload_name},
+};
+
+/// `/logging`: shows the filter, or sets it from `?level=<filter>`.
+pub(super) fn logging(control: Option<&LogControl>, query: Option<&str>) -> Reply {
+    let Some(control) = control else {
+        return Reply::text(StatusCode::SERVICE_UNAVAILABLE, "this process has no run-time log control\n");
+    };
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return Reply::text(StatusCode::OK, format!("{}\n", control.current()));
+    };
+    let Some(level) = query_param(query, "level") else {
+        return Reply::text(
+            StatusCode::BAD_REQUEST,
+            "usage: /logging?level=<filter>, e.g. level=debug or level=info,strait=trace\n",
+        );
+    };
+    match control.set(&level) {
+        Ok(()) => Reply::text(StatusCode::OK, format!("{}\n", control.current())),
+        Err(e) => Reply::text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    }
+}
+
+/// The value of `key` in a query string, percent-decoded.
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| percent_decode(v))
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `/stats`: the capture programs' counters, one `name: value` line each.
+pub(super) fn stats(capture: &Mutex<Capture>) -> String {
+    let mut out = String::new();
+    if let Ok(capture) = capture.lock() {
+        for (name, value) in capture.stats() {
+            let _ = writeln!(out, "strait.capture.{name}: {value}");
+        }
+        let _ = writeln!(out, "strait.capture.attached_interfaces: {}", capture.attached_interfaces().len());
+    }
+    out
+}
+
+/// `/config_dump`: the compiled model.
+pub(super) fn config_dump(model: &Model) -> String {
+    serde_json::to_string_pretty(model).unwrap_or_else(|e| error_json(&e))
+}
+
+#[derive(Serialize)]
+struct WorkloadView<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    /// The workload as metrics name it (a Deployment's name for its pods).
+    workload_name: &'a str,
+    canonical_service: &'a str,
+    canonical_revision: &'a str,
+    service_account: &'a str,
+    identity: String,
+    ip: IpAddr,
+    node: Option<&'a str>,
+    /// Runs on this node, so this proxy captures it when it is enrolled.
+    local: bool,
+    /// `captured`, `not_enrolled` or `host_network` (hostNetwork pods are never captured).
+    capture: &'static str,
+    labels: &'a BTreeMap<String, String>,
+}
+
+/// `/workloads`: every workload of the model, this node's first.
+pub(super) fn workloads(model: &Model, node: &str, trust_domain: &str) -> String {
+    let mut views: Vec<WorkloadView> = model
+        .workloads
+        .iter()
+        .map(|w| WorkloadView {
+            name: &w.name,
+            namespace: &w.namespace,
+            workload_name: workload_name(w),
+            canonical_service: canonical_service(w),
+            canonical_revision: canonical_revision(w),
+            service_account: &w.service_account,
+            identity: w.identity(trust_domain).to_string(),
+            ip: w.ip,
+            node: w.node.as_deref(),
+            local: w.node.as_deref() == Some(node),
+            capture: if w.host_network {
+                "host_network"
+            } else if w.captured {
+                "captured"
+            } else {
+                "not_enrolled"
+            },
+            labels: &w.labels,
+        })
+        .collect();
+    views.sort_by(|a, b| (!a.local, a.namespace, a.name).cmp(&(!b.local, b.namespace, b.name)));
+    serde_json::to_string_pretty(&views).unwrap_or_else(|e| error_json(&e))
+}
+
+#[derive(Serialize)]
+struct CertView<'a> {
+    identity: String,
+    serial: &'a str,
+    not_before: String,
+    not_after: String,
+    /// When the certificate is renewed (half life, ID-1).
+    refresh_at: String,
+    /// `valid` or `expired`.
+    state: &'static str,
+    /// Certificates in the chain presented to peers, leaf included.
+    chain_length: usize,
+}
+
+/// `/certs`: the workload certificates held, by identity.
+pub(super) fn certs(held: &[Arc<TlsSettings>]) -> String {
+    let now = SystemTime::now();
+    let mut views: Vec<CertView> = held
+        .iter()
+        .map(|s| {
+            let cert = &s.cert;
+            CertView {
+                identity: cert.identity.to_string(),
+                serial: &cert.serial,
+                not_before: rfc3339(cert.not_before),
+                not_after: rfc3339(cert.not_after),
+                refresh_at: rfc3339(cert.refresh_at()),
+                state: if cert.not_after > now { "valid" } else { "expired" },
+                chain_length: cert.chain.len(),
+            }
+        })
+        .collect();
+    views.sort_by(|a, b| a.identity.cmp(&b.identity));
+    serde_json::to_string_pretty(&views).unwrap_or_else(|e| error_json(&e))
+}
+
+fn error_json(e: &serde_json::Error) -> String {
+    serde_json::json!({ "error": e.to_string() }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        config::parse_file,
+        identity::{Identity, LocalCa},
+    };
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(query_param("level=debug", "level").as_deref(), Some("debug"));
+        assert_eq!(query_param("x=1&level=info%2Cstrait%3Dtrace", "level").as_deref(), Some("info,strait=trace"));
+        assert_eq!(query_param("levels=debug", "level"), None);
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+
+    fn model(yaml: &str) -> Model {
+        let (resources, diagnostics) = parse_file(std::path::Path::new("test.yaml"), yaml);
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        let (model, diagnostics) = crate::model::compile(&resources);
+        assert!(!diagnostics.iter().any(|d| d.is_error()), "{diagnostics:?}");
+        model
+    }
+
+    #[test]
+    fn workloads_show_identity_and_capture_state() {
+        let model = model(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: web-5f7c9-abcde, namespace: shop, labels: {pod-template-hash: 5f7c9, app: web}}\n\
+             spec: {nodeName: node1, serviceAccountName: web}\nstatus: {podIP: 10.1.0.10}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: shop, labels: {istio.io/dataplane-mode: none}}\n\
+             spec: {nodeName: node2}\nstatus: {podIP: 10.2.0.10}\n",
+        );
+        let json: serde_json::Value = serde_json::from_str(&workloads(&model, "node1", "cluster.local")).expect("JSON");
+        let list = json.as_array().expect("a list");
+        assert_eq!(list.len(), 2, "{json}");
+        let web = &list[0];
+        assert_eq!(web["name"], "web-5f7c9-abcde");
+        assert_eq!(web["workload_name"], "web");
+        assert_eq!(web["canonical_service"], "web");
+        assert_eq!(web["identity"], "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!((web["local"].as_bool(), web["capture"].as_str()), (Some(true), Some("captured")));
+        let db = &list[1];
+        assert_eq!(db["identity"], "spiffe://cluster.local/ns/shop/sa/default");
+        assert_eq!((db["local"].as_bool(), db["capture"].as_str()), (Some(false), Some("not_enrolled")));
+    }
+
+    #[test]
+    fn certs_show_serial_and_validity() {
+        let dir = std::env::temp_dir().join(format!("strait-admin-certs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = LocalCa::load_or_create(&dir, "cluster.local").expect("ca");
+        let issued =
+            ca.issue_local(&Identity::new("cluster.local", "shop", "web"), Duration::from_secs(3600)).expect("cert");
+        let serial = issued.serial.clone();
+        let settings = Arc::new(TlsSettings::new(Arc::new(issued)).expect("tls"));
+        let json: serde_json::Value = serde_json::from_str(&certs(&[settings])).expect("JSON");
+        let _ = std::fs::remove_dir_all(&dir);
+        let cert = &json[0];
+        assert_eq!(cert["identity"], "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(cert["serial"], serial.as_str());
+        assert_eq!(cert["state"], "valid");
+        for field in ["not_before", "not_after", "refresh_at"] {
+            assert!(cert[field].as_str().is_some_and(|t| t.ends_with('Z')), "{field}: {cert}");
+        }
+        assert!(cert["not_before"].as_str() < cert["refresh_at"].as_str());
+        assert!(cert["refresh_at"].as_str() < cert["not_after"].as_str());
+    }
+}
