@@ -159,6 +159,21 @@ fn peer_authentication_strict_permissive_and_port_level() -> io::Result<()> {
     let line = wait_access_line(&p2, &["inbound", "security=none", "result=ok"], TIMEOUT)?;
     assert!(line.contains("dst.workload=mesh/server"), "{line}");
 
+    // A DENY on the outsider's address needs no identity: the XDP guard drops it.
+    let deny_outsider = policy(
+        "deny-outsider",
+        &format!(
+            "{ON_SERVER}  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{}/32\"]\n",
+            b.outsider.ip()
+        ),
+    );
+    apply(&b.topo, &proxies, "policy.yaml", &deny_outsider)?;
+    let denied_before = stat(&b.n2, "xdp_drop_deny_policy");
+    assert!(!b.reaches(&b.outsider, 8080)?, "denied by address");
+    assert!(stat(&b.n2, "xdp_drop_deny_policy") > denied_before, "dropped by the XDP guard");
+    assert!(b.reaches(&b.client, 8080)?, "other sources pass");
+    apply(&b.topo, &proxies, "policy.yaml", "")?;
+
     apply(&b.topo, &proxies, "pa.yaml", &peer_authentication("  mtls: {mode: STRICT}\n"))?;
     let drops_before = stat(&b.n2, "xdp_drop_strict_plaintext");
     assert!(!b.reaches(&b.outsider, 8080)?, "plaintext to a STRICT workload");
