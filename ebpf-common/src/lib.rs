@@ -87,8 +87,12 @@ pub mod stat {
     pub const XDP_DROP_STRICT_PLAINTEXT: u32 = 10;
     /// XDP drops: source denied by a DENY policy on ipBlocks/ports (CAP-4).
     pub const XDP_DROP_DENY_POLICY: u32 = 11;
-    /// Number of counters; the size of the `STATS` map.
-    pub const COUNT: u32 = 12;
+    /// TC drops of a new plaintext connection from a source a DENY policy names by address:
+    /// the same rule as the XDP guard, applied where packets always pass, so it holds while the
+    /// guard is detached (no policy before, or a proxy restart).
+    pub const TC_DROP_DENY_POLICY: u32 = 12;
+    /// Number of counters; the size of the `STATS` map (room left for new ones).
+    pub const COUNT: u32 = 16;
 
     /// Counter names as exported by the proxy, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -104,6 +108,10 @@ pub mod stat {
         "no_listener_passed",
         "xdp_drop_strict_plaintext",
         "xdp_drop_deny_policy",
+        "tc_drop_deny_policy",
+        "reserved_13",
+        "reserved_14",
+        "reserved_15",
     ];
 }
 

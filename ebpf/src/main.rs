@@ -182,9 +182,27 @@ fn inbound(ctx: &TcContext, pkt: &TcpPacket) -> i32 {
     }
     if u16::from_be(pkt.dport) == HBONE_PORT {
         assign_listener(ctx, LISTENER_HBONE, stat::INBOUND_HBONE_NEW, state)
+    } else if denied_source(pkt.daddr, pkt.dport, pkt.saddr) {
+        bump(stat::TC_DROP_DENY_POLICY);
+        TC_ACT_SHOT as i32
     } else {
         assign_listener(ctx, LISTENER_INBOUND_PLAINTEXT, stat::INBOUND_PLAINTEXT_NEW, state)
     }
+}
+
+/// Whether a DENY policy names this source for this pod and port (or any port).
+#[inline(always)]
+fn denied_source(daddr: u32, dport: u16, saddr: u32) -> bool {
+    for port in [dport, 0] {
+        let mut data: DenyKeyData = [0; 10];
+        data[..4].copy_from_slice(&daddr.to_ne_bytes());
+        data[4..6].copy_from_slice(&port.to_ne_bytes());
+        data[6..].copy_from_slice(&saddr.to_ne_bytes());
+        if DENY_SOURCES.get(Key::new(DENY_KEY_FIXED_BITS + 32, data)).is_some() {
+            return true;
+        }
+    }
+    false
 }
 
 /// Hands the packet to the established (or half-open) socket of its 4-tuple, if one exists.
@@ -305,15 +323,9 @@ fn guard(ctx: &XdpContext) -> Option<u32> {
         bump(stat::XDP_DROP_STRICT_PLAINTEXT);
         return Some(xdp_action::XDP_DROP);
     }
-    for port in [dport, 0] {
-        let mut data: DenyKeyData = [0; 10];
-        data[..4].copy_from_slice(&daddr.to_ne_bytes());
-        data[4..6].copy_from_slice(&port.to_ne_bytes());
-        data[6..].copy_from_slice(&saddr.to_ne_bytes());
-        if DENY_SOURCES.get(Key::new(DENY_KEY_FIXED_BITS + 32, data)).is_some() {
-            bump(stat::XDP_DROP_DENY_POLICY);
-            return Some(xdp_action::XDP_DROP);
-        }
+    if denied_source(daddr, dport, saddr) {
+        bump(stat::XDP_DROP_DENY_POLICY);
+        return Some(xdp_action::XDP_DROP);
     }
     None
 }

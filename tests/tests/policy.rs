@@ -168,13 +168,15 @@ fn peer_authentication_strict_permissive_and_port_level() -> io::Result<()> {
         ),
     );
     apply(&b.topo, &proxies, "policy.yaml", &deny_outsider)?;
-    let denied_before = stat(&b.n2, "xdp_drop_deny_policy");
+    let dropped = || stat(&b.n2, "xdp_drop_deny_policy") + stat(&b.n2, "tc_drop_deny_policy");
+    let denied_before = dropped();
     assert!(!b.reaches(&b.outsider, 8080)?, "denied by address");
-    assert!(stat(&b.n2, "xdp_drop_deny_policy") > denied_before, "dropped by the XDP guard");
+    assert!(dropped() > denied_before, "dropped in the kernel (XDP guard, or TC while it attaches)");
     assert!(b.reaches(&b.client, 8080)?, "other sources pass");
     apply(&b.topo, &proxies, "policy.yaml", "")?;
 
     apply(&b.topo, &proxies, "pa.yaml", &peer_authentication("  mtls: {mode: STRICT}\n"))?;
+    p2.wait_for_log("XDP guard attached", TIMEOUT)?;
     let drops_before = stat(&b.n2, "xdp_drop_strict_plaintext");
     assert!(!b.reaches(&b.outsider, 8080)?, "plaintext to a STRICT workload");
     assert!(stat(&b.n2, "xdp_drop_strict_plaintext") > drops_before, "dropped by the XDP guard");

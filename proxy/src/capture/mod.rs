@@ -401,6 +401,7 @@ impl Capture {
     /// The capture programs' counters, summed over CPUs.
     pub fn stats(&self) -> CaptureStats {
         (0..stat::COUNT)
+            .filter(|&i| !stat::NAMES[i as usize].starts_with("reserved"))
             .map(|i| {
                 let total = self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
                 (stat::NAMES[i as usize], total)

@@ -25,7 +25,8 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
 use super::{
-    BAGGAGE, CONNECTION_WINDOW, FORWARDED, MAX_FRAME, STREAM_WINDOW, TRACEPARENT, forwarded_for, new_traceparent,
+    BAGGAGE, CONNECTION_WINDOW, FORWARDED, MAX_CONCURRENT_STREAMS, MAX_FRAME, STREAM_WINDOW, TRACEPARENT,
+    forwarded_for, new_traceparent,
 };
 use crate::{
     identity::{CertStore, Identity, IdentityError, peer_identity},
@@ -108,7 +109,9 @@ impl Drop for ActiveGuard {
     }
 }
 
-type Slot = Arc<AsyncMutex<Option<Arc<PooledConnection>>>>;
+/// The connections of one pool key: usually one; more when one carries as many streams as the
+/// peer allows.
+type Slot = Arc<AsyncMutex<Vec<Arc<PooledConnection>>>>;
 
 /// The node's HBONE connections.
 pub struct HbonePool {
@@ -135,20 +138,33 @@ impl HbonePool {
         // connections to one destination share a single handshake.
         let connection = {
             let mut held = slot.lock().await;
-            match held.as_ref() {
-                Some(c) if c.expires > std::time::SystemTime::now() && c.sender.clone().ready().await.is_ok() => {
-                    c.clone()
+            let now = std::time::SystemTime::now();
+            held.retain(|c| c.expires > now);
+            let mut chosen = None;
+            while let Some(i) =
+                held.iter().position(|c| c.active.load(Ordering::Acquire) < MAX_CONCURRENT_STREAMS as usize)
+            {
+                if held[i].sender.clone().ready().await.is_ok() {
+                    chosen = Some(held[i].clone());
+                    break;
                 }
-                _ => {
+                // Closed by the peer or broken: forget it.
+                held.swap_remove(i);
+            }
+            let connection = match chosen {
+                Some(c) => c,
+                None => {
                     let fresh = tokio::time::timeout(CONNECT_TIMEOUT, self.open(request))
                         .await
                         .map_err(|_| HboneError::Timeout(request.connect_addr))??;
-                    *held = Some(fresh.clone());
+                    held.push(fresh.clone());
                     fresh
                 }
-            }
+            };
+            // Counted under the lock, so concurrent callers never oversubscribe a connection.
+            connection.active.fetch_add(1, Ordering::AcqRel);
+            connection
         };
-        connection.active.fetch_add(1, Ordering::AcqRel);
         let guard = ActiveGuard(connection.clone());
         let (send, recv) = self.open_stream(&connection, request).await?;
         Ok(Tunnel { send, recv, peer: connection.peer.clone(), _active: guard })
@@ -231,17 +247,15 @@ impl HbonePool {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.retain(|key, slot| {
             let Ok(mut held) = slot.try_lock() else { return true };
-            let idle = held.as_ref().is_none_or(|c| {
-                c.active.load(Ordering::Acquire) == 0
-                    && c.idle_since.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= IDLE_TIMEOUT
-            });
-            if idle {
-                if held.take().is_some() {
+            held.retain(|c| {
+                let idle = c.active.load(Ordering::Acquire) == 0
+                    && c.idle_since.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= IDLE_TIMEOUT;
+                if idle {
                     debug!(source = %key.source, destination = %key.destination, "closing idle HBONE connection");
                 }
-                return false;
-            }
-            true
+                !idle
+            });
+            !held.is_empty()
         });
     }
 }
