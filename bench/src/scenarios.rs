@@ -376,6 +376,19 @@ fn memory(bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
             target: Some(Target::Absolute(10.0)),
         });
     }
+    // RSS counts the pages of the binary and libc the process touched, which are shared with
+    // every other process mapping them; the private (anonymous) part is what one more proxy costs.
+    for (i, proxy) in bed.proxies.iter().enumerate() {
+        results.add(Figure {
+            scenario: "memory",
+            name: format!("private (anonymous) memory of node {} proxy, idle", i + 1),
+            unit: "MiB",
+            direct: None,
+            mesh: mib(anonymous_bytes(proxy.pid())),
+            better: Better::Lower,
+            target: None,
+        });
+    }
     let counts: &[u32] = if bed.quick { &[1000] } else { &[1000, 10_000] };
     for &count in counts {
         let before: Vec<u64> = bed.proxies.iter().map(|p| rss_bytes(p.pid())).collect();
@@ -438,6 +451,18 @@ fn rss_bytes(pid: u32) -> u64 {
         .ok()
         .and_then(|s| {
             s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Anonymous (private, not file-backed) resident memory of a process, bytes.
+fn anonymous_bytes(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Anonymous:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024)
 }

@@ -3,7 +3,8 @@
 //!
 //! Reads from TCP go into one `BytesMut` that is split, not copied, into DATA frames; once h2
 //! has written those frames the allocation is reclaimed by `reserve`, so a steady stream
-//! reuses one buffer. Buffers start small and grow while reads fill them.
+//! reuses one buffer. Buffers start small, grow while reads fill them, and are released when
+//! the socket has nothing more to read, so idle connections cost no buffer.
 
 use std::{future::poll_fn, io};
 
@@ -57,7 +58,12 @@ async fn tcp_to_stream(tcp: &TcpStream, mut send: SendStream<Bytes>) -> (u64, Op
                     return (total, Some(e));
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Idle: hand the buffer back, so an idle connection holds none (its spare
+                // capacity would otherwise stay allocated for the life of the connection).
+                buffer = BytesMut::new();
+                size = FIRST_BUFFER;
+            }
             Err(e) => {
                 send.send_reset(h2::Reason::CANCEL);
                 return (total, Some(e));
