@@ -13,7 +13,7 @@ use h2::{RecvStream, SendStream};
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-use crate::node::copy::Copied;
+use crate::node::copy::{Copied, write_all};
 
 const FIRST_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -117,16 +117,4 @@ async fn stream_to_tcp(mut recv: RecvStream, tcp: &TcpStream) -> (u64, Option<io
             }
         }
     }
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

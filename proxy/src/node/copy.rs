@@ -69,7 +69,8 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> (u64, Option<io::Error>) {
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+/// Writes all of `data`, waiting for the socket to take it.
+pub(crate) async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         to.writable().await?;
         match to.try_write(data) {
