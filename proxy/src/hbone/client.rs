@@ -12,6 +12,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -141,15 +142,26 @@ impl HbonePool {
             let now = std::time::SystemTime::now();
             held.retain(|c| c.expires > now);
             let mut chosen = None;
-            while let Some(i) =
-                held.iter().position(|c| c.active.load(Ordering::Acquire) < MAX_CONCURRENT_STREAMS as usize)
-            {
-                if held[i].sender.clone().ready().await.is_ok() {
-                    chosen = Some(held[i].clone());
-                    break;
+            let mut i = 0;
+            while i < held.len() {
+                if held[i].active.load(Ordering::Acquire) >= MAX_CONCURRENT_STREAMS as usize {
+                    i += 1;
+                    continue;
                 }
-                // Closed by the peer or broken: forget it.
-                held.swap_remove(i);
+                // Never wait here: a connection whose peer has no stream to spare right now (its
+                // count lags ours while closed streams finish) is skipped, not queued behind.
+                let mut sender = held[i].sender.clone();
+                match std::future::poll_fn(|cx| Poll::Ready(sender.poll_ready(cx))).await {
+                    Poll::Ready(Ok(())) => {
+                        chosen = Some(held[i].clone());
+                        break;
+                    }
+                    Poll::Ready(Err(_)) => {
+                        // Closed by the peer or broken: forget it.
+                        held.swap_remove(i);
+                    }
+                    Poll::Pending => i += 1,
+                }
             }
             let connection = match chosen {
                 Some(c) => c,
