@@ -14,7 +14,7 @@ use strait_testbed::{Node, Pod, Process, Topology, bin_path, k8s};
 
 use crate::report::{Better, Distribution, Figure, Results, Target};
 
-pub const ALL: [&str; 7] = ["memory", "throughput", "latency", "cpu", "max-rps", "connections", "sequential"];
+pub const ALL: [&str; 7] = ["throughput", "latency", "cpu", "max-rps", "connections", "sequential", "memory"];
 
 const PORT: u16 = 8080;
 const TIMEOUT: Duration = Duration::from_secs(20);

@@ -165,12 +165,5 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = workers.unwrap_or(cpus / 2).max(1);
-    if workers == 1 {
-        // One thread does everything: no work-stealing queues, no cross-thread wake-ups.
-        // Measured beside the one-worker multi-thread runtime: 0.218 against 0.232-0.246 vCPU
-        // per 1,000 req/s for both proxies, p50 +263 against +275-288 µs (within run-to-run noise
-        // for latency, consistently lower for CPU).
-        return Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?);
-    }
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?)
 }
