@@ -4,14 +4,10 @@
 //! service load balancing, and what stays outside the mesh. Everything is removed at the end,
 //! also when a step fails.
 
-use std::{
-    collections::BTreeMap,
-    fs, thread,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, thread, time::Duration};
 
 use anyhow::{Context as _, bail};
-use strait_testbed::{EchoKind, Process, Topology, bin_path, k8s};
+use strait_testbed::{EchoKind, Process, Topology, UnderlayCapture, bin_path, k8s, pcap};
 
 const MESH_NS: &str = "shop";
 const PLAIN_NS: &str = "legacy";
@@ -71,7 +67,9 @@ pub fn run() -> anyhow::Result<()> {
     let url = format!("http://{}:8080/", web_v1.ip());
     let capture = UnderlayCapture::start(&topo)?;
     let reply = sleep.curl(&url, TIMEOUT)?;
-    let saw = capture.finish()?;
+    let segments = capture.finish()?;
+    let hbone_packets = segments.iter().filter(|s| s.src.port() == 15008 || s.dst.port() == 15008).count();
+    let plaintext_seen = segments.iter().any(|s| pcap::contains(&s.payload, b"GET / HTTP"));
     show_reply("sleep", &url, &reply.status, &reply.body);
     let outbound = proxies[0].wait_for_log(&format!("dst.addr={}:8080", web_v1.ip()), TIMEOUT)?;
     let inbound = proxies[1].wait_for_log("inbound tcp", TIMEOUT)?;
@@ -83,10 +81,10 @@ pub fn run() -> anyhow::Result<()> {
     );
     println!(
         "    on the wire between the nodes: {} TLS packets on port 15008, request in clear text: {}",
-        saw.hbone_packets,
-        if saw.plaintext_seen { "SEEN (this is a bug)" } else { "never" }
+        hbone_packets,
+        if plaintext_seen { "SEEN (this is a bug)" } else { "never" }
     );
-    if !reply.ok() || saw.plaintext_seen {
+    if !reply.ok() || plaintext_seen {
         bail!("step 1 failed");
     }
 
@@ -148,22 +146,6 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes a configuration file and waits until both proxies applied it.
-fn apply(topo: &Topology, proxies: &[Process], file: &str, yaml: &str) -> anyhow::Result<()> {
-    let before: Vec<usize> = proxies.iter().map(|p| p.count_log_lines("configuration applied")).collect();
-    topo.write_config(file, yaml)?;
-    let deadline = Instant::now() + TIMEOUT;
-    for (proxy, before) in proxies.iter().zip(before) {
-        while proxy.count_log_lines("configuration applied") <= before {
-            if Instant::now() > deadline {
-                bail!("the proxies did not apply {file}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Ok(())
-}
-
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n")
 }
@@ -180,46 +162,8 @@ fn show_reply(from: &str, url: &str, status: &u16, body: &str) {
     println!("    {from}$ curl {url}\n    -> {status} {}", body.trim());
 }
 
-/// tcpdump on the underlay bridge while a step runs.
-struct UnderlayCapture {
-    process: Process,
-    file: std::path::PathBuf,
-}
-
-struct Seen {
-    hbone_packets: usize,
-    plaintext_seen: bool,
-}
-
-impl UnderlayCapture {
-    fn start(topo: &Topology) -> anyhow::Result<Self> {
-        let file = topo.dir().join("underlay.pcap");
-        let path = file.to_string_lossy().into_owned();
-        let process = topo.fabric().spawn(
-            "tcpdump",
-            "tcpdump",
-            &["-i", "any", "-Z", "root", "--immediate-mode", "-U", "-n", "-w", &path, "tcp"],
-            &[],
-        )?;
-        let deadline = Instant::now() + TIMEOUT;
-        while !process.log().contains("listening on") {
-            if Instant::now() > deadline {
-                bail!("tcpdump did not start: {}", process.log());
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Self { process, file })
-    }
-
-    fn finish(self) -> anyhow::Result<Seen> {
-        thread::sleep(Duration::from_millis(300));
-        let _ = self.process.terminate(libc::SIGINT);
-        let _ = self.process.wait_exit(Duration::from_secs(3));
-        let path = self.file.to_string_lossy().into_owned();
-        let out = std::process::Command::new("tcpdump").args(["-r", &path, "-n", "-A"]).output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let hbone_packets = text.lines().filter(|l| l.contains(".15008")).count();
-        let _ = fs::remove_file(&self.file);
-        Ok(Seen { hbone_packets, plaintext_seen: text.contains("GET / HTTP") })
-    }
+/// Writes a configuration file and waits until both proxies applied it.
+fn apply(topo: &Topology, proxies: &[Process], file: &str, yaml: &str) -> anyhow::Result<()> {
+    let proxies: Vec<&Process> = proxies.iter().collect();
+    topo.apply_config(file, yaml, &proxies).context("the proxies did not apply the configuration")
 }

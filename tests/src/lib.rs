@@ -28,12 +28,15 @@ pub mod echo;
 pub mod k8s;
 mod names;
 mod netns;
+pub mod pcap;
 mod process;
 mod topology;
 mod traffic;
+mod underlay;
 
 pub use bins::{bin_path, require_bin};
 pub use netns::Netns;
 pub use process::Process;
 pub use topology::{FABRIC_GATEWAY, Node, Pod, Topology};
 pub use traffic::{CurlResult, EchoKind};
+pub use underlay::UnderlayCapture;

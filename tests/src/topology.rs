@@ -279,6 +279,25 @@ impl Topology {
     }
 
     /// Removes `<config dir>/<file_name>`, as deleting resources from a cluster would.
+    /// Writes a configuration file like `write_config`, then waits until every proxy in
+    /// `proxies` logged that it applied a new configuration (strait node logs "configuration
+    /// applied" on each reload).
+    pub fn apply_config(&self, file_name: &str, yaml: &str, proxies: &[&Process]) -> io::Result<()> {
+        const APPLIED: &str = "configuration applied";
+        let before: Vec<usize> = proxies.iter().map(|p| p.count_log_lines(APPLIED)).collect();
+        self.write_config(file_name, yaml)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for (proxy, before) in proxies.iter().zip(before) {
+            while proxy.count_log_lines(APPLIED) <= before {
+                if std::time::Instant::now() > deadline {
+                    return Err(io::Error::other(format!("{file_name} was not applied:\n{}", proxy.log_tail())));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
     pub fn remove_config(&self, file_name: &str) -> io::Result<()> {
         let path = self.config_dir().join(file_name);
         fs::remove_file(&path).map_err(context(format!("removing {}", path.display())))

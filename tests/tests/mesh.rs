@@ -7,50 +7,18 @@ mod common;
 use std::{collections::BTreeMap, fs, io, path::Path, process::Command, thread, time::Duration};
 
 use common::{
-    TIMEOUT, UnderlayCapture, access_lines, ca_dir, pcap, start_node, start_node_with_config, wait_access_line,
+    MESH, PLAIN, TIMEOUT, TwoNodes, access_lines, ca_dir, start_node, start_node_with_config, wait_access_line,
 };
-use strait_testbed::{EchoKind, Node, Pod, Process, Topology, bin_path, k8s};
+use strait_testbed::{EchoKind, Process, UnderlayCapture, bin_path, k8s, pcap};
 
-const MESH: &str = "mesh";
-const PLAIN: &str = "plain";
 const HBONE_PORT: u16 = 15008;
 
 fn namespaces() -> String {
     [k8s::namespace_yaml(MESH, &[("istio.io/dataplane-mode", "ambient")]), k8s::namespace_yaml(PLAIN, &[])].concat()
 }
 
-/// Two nodes, an enrolled client on node 1 and an enrolled server on node 2, proxies on both
-/// sharing one CA directory.
-struct TwoNodes {
-    topo: Topology,
-    n1: Node,
-    n2: Node,
-    client: Pod,
-    server: Pod,
-}
-
 fn two_nodes(name: &str) -> io::Result<TwoNodes> {
-    let topo = Topology::new(name)?;
-    let (n1, n2) = (topo.add_node("node1")?, topo.add_node("node2")?);
-    let client = topo.add_pod(&n1, "client")?;
-    let server = topo.add_pod(&n2, "server")?;
-    Ok(TwoNodes { topo, n1, n2, client, server })
-}
-
-impl TwoNodes {
-    fn config(&self, server_sa: &str) -> String {
-        [
-            namespaces(),
-            k8s::pod_yaml(&self.client, MESH, "client", &[("app", "client")]),
-            k8s::pod_yaml(&self.server, MESH, server_sa, &[("app", "server")]),
-        ]
-        .concat()
-    }
-
-    fn start_proxies(&self, extra: &[&str]) -> io::Result<(Process, Process)> {
-        let ca = ca_dir(&self.topo, "ca");
-        Ok((start_node(&self.topo, &self.n1, &ca, extra)?, start_node(&self.topo, &self.n2, &ca, extra)?))
-    }
+    TwoNodes::new(name)
 }
 
 // L4-1, ID-3: across nodes the request travels only inside TLS 1.3 on port 15008; the server
@@ -58,7 +26,7 @@ impl TwoNodes {
 #[test]
 fn cross_node_traffic_is_tls13_hbone_with_identities_and_source_ip() -> io::Result<()> {
     let t = two_nodes("mesh::hbone")?;
-    t.topo.write_config("c.yaml", &t.config("server"))?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
     let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
     let (p1, p2) = t.start_proxies(&[])?;
 
@@ -101,11 +69,11 @@ fn cross_node_traffic_is_tls13_hbone_with_identities_and_source_ip() -> io::Resu
 #[test]
 fn server_with_another_identity_is_refused() -> io::Result<()> {
     let t = two_nodes("mesh::wrong_identity")?;
-    t.topo.write_config("c.yaml", &t.config("server"))?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
     // Node 2 believes the server pod runs as `impostor`, so it proves that identity.
     let node2_config = t.topo.dir().join("node2-config");
     fs::create_dir_all(&node2_config)?;
-    fs::write(node2_config.join("c.yaml"), t.config("impostor"))?;
+    fs::write(node2_config.join("c.yaml"), t.config("impostor", &[]))?;
     let ca = ca_dir(&t.topo, "ca");
     let p1 = start_node(&t.topo, &t.n1, &ca, &[])?;
     let _p2 = start_node_with_config(&t.topo, &t.n2, &node2_config, &ca, &[])?;
@@ -125,7 +93,7 @@ fn server_with_another_identity_is_refused() -> io::Result<()> {
 #[test]
 fn client_signed_by_another_root_is_refused_by_the_server() -> io::Result<()> {
     let t = two_nodes("mesh::foreign_root")?;
-    t.topo.write_config("c.yaml", &t.config("server"))?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
     let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
     let (ca1, ca2) = (ca_dir(&t.topo, "ca1"), ca_dir(&t.topo, "ca2"));
     let p2 = start_node(&t.topo, &t.n2, &ca2, &[])?;
@@ -208,7 +176,7 @@ fn destination_outside_the_mesh_gets_plain_tcp() -> io::Result<()> {
 #[test]
 fn certificates_rotate_during_a_long_transfer() -> io::Result<()> {
     let t = two_nodes("mesh::rotation")?;
-    t.topo.write_config("c.yaml", &t.config("server"))?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
     let _tcp = t.server.start_echo_server(EchoKind::Tcp, 9000)?;
     let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
     let (p1, p2) = t.start_proxies(&["--cert-ttl", "10s"])?;
@@ -293,7 +261,7 @@ fn openssl_client_cert(ca: &Path, dir: &Path, identity: &str) -> io::Result<(Str
 fn garbage_on_the_hbone_port_is_refused_without_harm() -> io::Result<()> {
     let t = two_nodes("mesh::garbage")?;
     let outsider = t.topo.add_pod(&t.n1, "outsider")?;
-    let config = [t.config("server"), k8s::pod_yaml(&outsider, PLAIN, "default", &[])].concat();
+    let config = [t.config("server", &[]), k8s::pod_yaml(&outsider, PLAIN, "default", &[])].concat();
     t.topo.write_config("c.yaml", &config)?;
     let _tcp = t.server.start_echo_server(EchoKind::Tcp, 9000)?;
     let (_p1, p2) = t.start_proxies(&[])?;
@@ -329,7 +297,7 @@ fn garbage_on_the_hbone_port_is_refused_without_harm() -> io::Result<()> {
 #[test]
 fn second_proxy_gets_certificates_from_the_first_ones_ca_api() -> io::Result<()> {
     let t = two_nodes("mesh::ca_api")?;
-    t.topo.write_config("c.yaml", &t.config("server"))?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
     let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
     let token = t.topo.dir().join("ca-token");
     fs::write(&token, "s3cret-bootstrap-token\n")?;

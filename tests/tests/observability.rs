@@ -15,11 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TIMEOUT, ca_dir, start_node, wait_access_line};
+use common::{MESH, TIMEOUT, TwoNodes, ca_dir, start_node, wait_access_line};
 use serde_json::Value;
-use strait_testbed::{EchoKind, Node, Pod, Topology, k8s};
+use strait_testbed::{EchoKind, Node};
 
-const MESH: &str = "mesh";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/mesh/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/mesh/sa/server";
 const TCP_FAMILIES: [&str; 4] = [
@@ -29,28 +28,10 @@ const TCP_FAMILIES: [&str; 4] = [
     "istio_tcp_sent_bytes_total",
 ];
 
-/// Two nodes, an enrolled client pod on node 1 and an enrolled server pod on node 2.
-struct TwoNodes {
-    topo: Topology,
-    n1: Node,
-    n2: Node,
-    client: Pod,
-    server: Pod,
-}
-
 fn two_nodes(name: &str) -> io::Result<TwoNodes> {
-    let topo = Topology::new(name)?;
-    let (n1, n2) = (topo.add_node("node1")?, topo.add_node("node2")?);
-    let client = topo.add_pod(&n1, "client")?;
-    let server = topo.add_pod(&n2, "server")?;
-    let config = [
-        k8s::namespace_yaml(MESH, &[("istio.io/dataplane-mode", "ambient")]),
-        k8s::pod_yaml(&client, MESH, "client", &[("app", "client")]),
-        k8s::pod_yaml(&server, MESH, "server", &[("app", "server"), ("version", "v2")]),
-    ]
-    .concat();
-    topo.write_config("c.yaml", &config)?;
-    Ok(TwoNodes { topo, n1, n2, client, server })
+    let t = TwoNodes::new(name)?;
+    t.topo.write_config("c.yaml", &t.config("server", &[("version", "v2")]))?;
+    Ok(t)
 }
 
 /// One sample as Prometheus's parser read it.

@@ -29,10 +29,6 @@ impl ConfigDir {
         Self { dir: dir.into(), last: None }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
-
     /// Re-reads the directory if anything in it changed since the last call; `None` when
     /// nothing did.
     pub fn poll(&mut self) -> Option<Loaded> {

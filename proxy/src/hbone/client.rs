@@ -250,11 +250,6 @@ impl HbonePool {
         Ok((send, response.into_body()))
     }
 
-    /// Number of pooled connections (for the admin API and tests).
-    pub fn connections(&self) -> usize {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
     fn close_idle_now(&self) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.retain(|key, slot| {

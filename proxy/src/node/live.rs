@@ -74,14 +74,6 @@ impl LiveConnections {
             }
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Why `admitted` would now be refused, if it would.

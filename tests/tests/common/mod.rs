@@ -3,8 +3,6 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
-pub mod pcap;
-
 use std::{
     collections::HashMap,
     io,
@@ -12,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use strait_testbed::{Node, Process, Topology, bin_path};
+use strait_testbed::{Node, Pod, Process, Topology, bin_path, k8s};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -114,50 +112,49 @@ pub fn wait_access_line(proxy: &Process, needles: &[&str], timeout: Duration) ->
     }
 }
 
-/// tcpdump on the underlay (every interface of the fabric namespace) while a test step runs.
-pub struct UnderlayCapture {
-    process: Process,
-    file: PathBuf,
-}
-
-impl UnderlayCapture {
-    pub fn start(topo: &Topology) -> io::Result<Self> {
-        let file = topo.dir().join(format!("underlay-{}.pcap", std::process::id()));
-        let path = file.to_string_lossy().into_owned();
-        // `-Z root`: write the file as root (the topology directory is root's); immediate mode so
-        // nothing captured is still buffered when it stops.
-        let args = ["-i", "any", "-Z", "root", "--immediate-mode", "-U", "-n", "-w", &path, "tcp"];
-        let process = topo.fabric().spawn("tcpdump", "tcpdump", &args, &[])?;
-        process.wait_for_log("listening on", TIMEOUT)?;
-        Ok(Self { process, file })
-    }
-
-    /// Stops the capture and returns the TCP segments it saw.
-    pub fn finish(self) -> io::Result<Vec<pcap::Segment>> {
-        std::thread::sleep(Duration::from_millis(300));
-        self.process.terminate(libc_sigint())?;
-        self.process.wait_exit(TIMEOUT);
-        let bytes = std::fs::read(&self.file)?;
-        pcap::tcp_segments(&bytes).map_err(io::Error::other)
-    }
-}
-
-fn libc_sigint() -> i32 {
-    2
-}
-
 /// Writes `file` into the topology's config directory and waits until every proxy applied it.
 pub fn apply(topo: &Topology, proxies: &[&Process], file: &str, yaml: &str) -> io::Result<()> {
-    let before: Vec<usize> = proxies.iter().map(|p| p.count_log_lines("configuration applied")).collect();
-    topo.write_config(file, yaml)?;
-    let deadline = Instant::now() + TIMEOUT;
-    for (proxy, before) in proxies.iter().zip(before) {
-        while proxy.count_log_lines("configuration applied") <= before {
-            if Instant::now() > deadline {
-                return Err(io::Error::other(format!("configuration {file} not applied:\n{}", proxy.log_tail())));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    topo.apply_config(file, yaml, proxies)
+}
+
+pub const MESH: &str = "mesh";
+pub const PLAIN: &str = "plain";
+
+/// Two nodes, an enrolled client pod on node 1 and a server pod on node 2.
+pub struct TwoNodes {
+    pub topo: Topology,
+    pub n1: Node,
+    pub n2: Node,
+    pub client: Pod,
+    pub server: Pod,
+}
+
+impl TwoNodes {
+    pub fn new(name: &str) -> io::Result<TwoNodes> {
+        let topo = Topology::new(name)?;
+        let (n1, n2) = (topo.add_node("node1")?, topo.add_node("node2")?);
+        let client = topo.add_pod(&n1, "client")?;
+        let server = topo.add_pod(&n2, "server")?;
+        Ok(TwoNodes { topo, n1, n2, client, server })
     }
-    Ok(())
+
+    /// The `mesh` (enrolled) and `plain` namespaces, the client as `mesh/client`, and the server
+    /// in the mesh with service account `server_sa` and `app=server` plus `server_labels`.
+    pub fn config(&self, server_sa: &str, server_labels: &[(&str, &str)]) -> String {
+        let mut labels = vec![("app", "server")];
+        labels.extend_from_slice(server_labels);
+        [
+            k8s::namespace_yaml(MESH, &[("istio.io/dataplane-mode", "ambient")]),
+            k8s::namespace_yaml(PLAIN, &[]),
+            k8s::pod_yaml(&self.client, MESH, "client", &[("app", "client")]),
+            k8s::pod_yaml(&self.server, MESH, server_sa, &labels),
+        ]
+        .concat()
+    }
+
+    /// Node proxies on both nodes, sharing one CA directory.
+    pub fn start_proxies(&self, extra: &[&str]) -> io::Result<(Process, Process)> {
+        let ca = ca_dir(&self.topo, "ca");
+        Ok((start_node(&self.topo, &self.n1, &ca, extra)?, start_node(&self.topo, &self.n2, &ca, extra)?))
+    }
 }
