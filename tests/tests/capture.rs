@@ -5,7 +5,7 @@ mod common;
 
 use std::{io, thread, time::Duration};
 
-use common::{TIMEOUT, access_lines, ca_dir, start_node, stat, wait_access_line};
+use common::{TIMEOUT, access_lines, ca_dir, start_node, stat, wait_access_line, wait_access_lines};
 use strait_testbed::{EchoKind, Topology, bin_path, k8s};
 
 const MESH: &str = "mesh";
@@ -162,7 +162,7 @@ fn proxy_upstream_connections_are_not_captured_again() -> io::Result<()> {
         let reply = client.curl(&format!("http://{}:8080/", server.ip()), TIMEOUT)?;
         assert!(reply.ok(), "{reply:?}");
     }
-    thread::sleep(Duration::from_millis(200));
+    wait_access_lines(&proxy, &["outbound"], 5, TIMEOUT)?;
     assert_eq!(access_lines(&proxy, &["outbound"]).len(), 5);
     assert_eq!(stat(&n1, "outbound_new"), 5, "one capture per client connection, none for the proxy's own");
     assert!(stat(&n1, "established") > 0, "replies reached the proxy's sockets");
@@ -232,7 +232,8 @@ fn bad_yaml_is_reported_and_the_last_good_config_stays() -> io::Result<()> {
 
     thread::sleep(Duration::from_millis(500));
     assert!(client.curl(&url, TIMEOUT)?.ok());
-    assert_eq!(access_lines(&proxy, &["outbound"]).len(), 2, "still captured under the last good config");
+    // Still captured under the last good config.
+    wait_access_lines(&proxy, &["outbound"], 2, TIMEOUT)?;
     assert_eq!(stat(&n1, "outbound_new"), 2);
 
     topo.remove_config("broken.yaml")?;

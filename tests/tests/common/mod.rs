@@ -95,6 +95,22 @@ pub fn access_lines(proxy: &Process, needles: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Waits until a proxy wrote `count` access lines containing all `needles` (a line is written
+/// when its connection has closed on both sides, a moment after the client has its answer).
+pub fn wait_access_lines(proxy: &Process, needles: &[&str], count: usize, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while access_lines(proxy, needles).len() < count {
+        if Instant::now() > deadline {
+            return Err(io::Error::other(format!(
+                "fewer than {count} access lines with {needles:?} within {timeout:?}; log ends with:\n{}",
+                proxy.log_tail()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Waits for an access line containing all `needles`.
 pub fn wait_access_line(proxy: &Process, needles: &[&str], timeout: Duration) -> io::Result<String> {
     let deadline = Instant::now() + timeout;
