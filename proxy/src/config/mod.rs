@@ -5,6 +5,7 @@
 //! can point the user at the exact place.
 
 mod duration;
+mod networking;
 mod parse;
 mod security;
 mod source;
@@ -19,6 +20,7 @@ use std::{
 use serde::Deserialize;
 
 pub use duration::parse_duration;
+pub use networking::{DestinationRule, VirtualService};
 pub use parse::parse_file;
 pub use security::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, Cidr, Condition, ExtensionProvider, JwtHeader,
@@ -108,6 +110,8 @@ pub enum Resource {
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
     RequestAuthentication(RequestAuthentication),
+    VirtualService(VirtualService),
+    DestinationRule(DestinationRule),
     Other { api_version: String, kind: String },
 }
 
@@ -122,6 +126,8 @@ impl Resource {
             Resource::AuthorizationPolicy(r) => ("AuthorizationPolicy", &r.metadata),
             Resource::PeerAuthentication(r) => ("PeerAuthentication", &r.metadata),
             Resource::RequestAuthentication(r) => ("RequestAuthentication", &r.metadata),
+            Resource::VirtualService(r) => ("VirtualService", &r.metadata),
+            Resource::DestinationRule(r) => ("DestinationRule", &r.metadata),
             Resource::Other { .. } => return None,
         };
         Some((kind, meta.namespace_or_default(), &meta.name))

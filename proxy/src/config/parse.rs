@@ -25,6 +25,7 @@ const ISTIO_GROUPS: [&str; 5] = [
     SECURITY_V1BETA1,
     SECURITY_V1,
 ];
+const NETWORKING: [&str; 3] = ["networking.istio.io/v1alpha3", "networking.istio.io/v1beta1", "networking.istio.io/v1"];
 const SECURITY_V1BETA1: &str = "security.istio.io/v1beta1";
 const SECURITY_V1: &str = "security.istio.io/v1";
 
@@ -95,6 +96,12 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<Option<Re
         }
         (SECURITY_V1BETA1 | SECURITY_V1, "RequestAuthentication") => {
             Resource::RequestAuthentication(from_yaml(file, first_line, doc)?)
+        }
+        (group, "VirtualService") if NETWORKING.contains(&group) => {
+            Resource::VirtualService(from_yaml(file, first_line, doc)?)
+        }
+        (group, "DestinationRule") if NETWORKING.contains(&group) => {
+            Resource::DestinationRule(from_yaml(file, first_line, doc)?)
         }
         (SECURITY_V1BETA1 | SECURITY_V1, other) => {
             return Err(Diagnostic::error(

@@ -19,11 +19,15 @@ use crate::{
     identity::Identity,
 };
 
+pub mod routes;
 mod security;
 mod services;
+pub mod waypoints;
 
+pub use routes::Routing;
 pub use security::{RequestAuthn, Security};
-pub use services::{Endpoint, Service, ServicePort};
+pub use services::{AppProtocol, Endpoint, Service, ServicePort};
+pub use waypoints::{Waypoint, WaypointName};
 
 /// Istio's default root namespace: policies there apply mesh-wide (AUTHZ-1, L4-4).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
@@ -57,8 +61,13 @@ pub struct Workload {
     pub ip: IpAddr,
     pub labels: BTreeMap<String, String>,
     pub host_network: bool,
-    /// Captured by the mesh: enrolled namespace or pod, not opted out, not hostNetwork.
+    /// Captured by the mesh: enrolled namespace or pod, not opted out, not hostNetwork, not a
+    /// waypoint.
     pub captured: bool,
+    /// The waypoint traffic addressed to this pod's IP goes through (`istio.io/use-waypoint`).
+    pub waypoint: Option<WaypointName>,
+    /// Set when this pod runs a waypoint: the waypoint's name.
+    pub waypoint_role: Option<WaypointName>,
 }
 
 impl Workload {
@@ -80,6 +89,11 @@ pub struct Model {
     pub services: Vec<Arc<Service>>,
     /// AuthorizationPolicies, PeerAuthentications and RequestAuthentications, scoped.
     pub security: Security,
+    /// VirtualServices and DestinationRules.
+    pub routing: Routing,
+    /// Waypoints and their pods, by name.
+    #[serde(serialize_with = "waypoint_list")]
+    pub waypoints: HashMap<WaypointName, Arc<Waypoint>>,
     /// Workloads by IP. hostNetwork pods share their node's IP and are not indexed.
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -108,6 +122,11 @@ impl Model {
     /// `authz::peer_authn::mode_for`).
     pub fn peer_authn_for(&self, workload: &Workload) -> PeerAuthnChain<'_> {
         self.security.peer_authn_for(workload)
+    }
+
+    /// The waypoint named `name`, if any pod runs it.
+    pub fn waypoint(&self, name: &WaypointName) -> Option<&Arc<Waypoint>> {
+        self.waypoints.get(name)
     }
 
     /// Workloads scheduled on `node`.
@@ -162,6 +181,7 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
             .filter_map(|p| Some((p.name.clone()?, p.container_port)))
             .collect();
         pod_ports.insert((namespace.to_owned(), pod.metadata.name.clone()), named_ports);
+        let waypoint_role = waypoints::waypoint_of_pod(namespace, &pod.metadata.labels);
         let workload = Workload {
             name: pod.metadata.name.clone(),
             namespace: namespace.to_owned(),
@@ -170,7 +190,13 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
             ip,
             labels: pod.metadata.labels.clone(),
             host_network,
-            captured: !host_network && is_enrolled(&pod.metadata.labels, ns_labels),
+            // A waypoint speaks HBONE itself; capturing it would loop its traffic (as in Istio).
+            captured: !host_network && waypoint_role.is_none() && is_enrolled(&pod.metadata.labels, ns_labels),
+            waypoint: waypoint_role
+                .is_none()
+                .then(|| waypoints::waypoint_for(namespace, &pod.metadata.labels, ns_labels))
+                .flatten(),
+            waypoint_role,
         };
         if !host_network {
             if let Some(previous) = first_owner.get(&ip) {
@@ -189,7 +215,10 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
         }
         model.workloads.push(workload);
     }
-    model.services = services::compile_services(resources, &model.workloads, &pod_ports, &mut diagnostics);
+    model.waypoints = waypoints::collect_waypoints(&model.workloads);
+    model.services =
+        services::compile_services(resources, &model.workloads, &pod_ports, &namespaces, &mut diagnostics);
+    model.routing = routes::compile_routing(resources, &model.services, &mut diagnostics);
     model.security = security::compile_security(resources, &model.workloads, &options.root_namespace, &mut diagnostics);
     for service in &model.services {
         let Some(vip) = service.vip else { continue };
@@ -202,6 +231,14 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
         }
     }
     (model, diagnostics)
+}
+
+fn waypoint_list<S: serde::Serializer>(
+    waypoints: &HashMap<WaypointName, Arc<Waypoint>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let sorted: BTreeMap<String, &Arc<Waypoint>> = waypoints.iter().map(|(k, v)| (k.to_string(), v)).collect();
+    serde::Serialize::serialize(&sorted, s)
 }
 
 /// Two resources of one kind, namespace and name: the API server would keep only the last

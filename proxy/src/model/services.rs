@@ -1,7 +1,7 @@
 //! Services (L4-3): a virtual IP and ports in front of the pods its selector matches.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
@@ -11,8 +11,52 @@ use std::{
 
 use serde::Serialize;
 
-use super::Workload;
+use super::{Workload, waypoints::{self, WaypointName}};
 use crate::config::{Diagnostic, Located, Origin, PortRef, Resource, Service as ServiceResource};
+
+/// The application protocol of a service port, as Istio selects it (L7-1): `appProtocol` first,
+/// then the port name's prefix (`http`, `http-web`, `grpc`, `tcp-db`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum AppProtocol {
+    /// HTTP/1.1 (HTTP/2 from clients is accepted and forwarded as HTTP/1.1).
+    Http,
+    /// HTTP/2 end to end (`http2`, `kubernetes.io/h2c`).
+    Http2,
+    /// gRPC: HTTP/2 end to end, with gRPC statuses in telemetry.
+    Grpc,
+    /// Opaque TCP (`tcp`, `tls`, `https`, `mongo`, `mysql`, `redis`, ...).
+    Tcp,
+    /// Not declared: detected from the first bytes the client sends.
+    Unknown,
+}
+
+impl AppProtocol {
+    /// Selects the protocol from a port's `appProtocol` and `name`.
+    pub fn select(app_protocol: Option<&str>, name: Option<&str>) -> AppProtocol {
+        if let Some(p) = app_protocol.and_then(Self::parse) {
+            return p;
+        }
+        let prefix = name.map(|n| n.split('-').next().unwrap_or(n));
+        prefix.and_then(Self::parse).unwrap_or(AppProtocol::Unknown)
+    }
+
+    fn parse(text: &str) -> Option<AppProtocol> {
+        Some(match text.to_ascii_lowercase().as_str() {
+            "http" => AppProtocol::Http,
+            "http2" | "kubernetes.io/h2c" => AppProtocol::Http2,
+            "grpc" | "grpc-web" => AppProtocol::Grpc,
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/ws" | "kubernetes.io/wss" => {
+                AppProtocol::Tcp
+            }
+            _ => return None,
+        })
+    }
+
+    /// Whether requests are handled as HTTP (L7) rather than bytes.
+    pub fn is_http(self) -> bool {
+        matches!(self, AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc)
+    }
+}
 
 /// One ready backend of a service port: a pod and the port to reach it on.
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +77,8 @@ pub struct ServicePort {
     pub port: u16,
     pub name: Option<String>,
     pub app_protocol: Option<String>,
+    /// What the port carries, from `appProtocol` or the name.
+    pub protocol: AppProtocol,
     pub endpoints: Vec<Endpoint>,
     #[serde(skip)]
     next: AtomicUsize,
@@ -58,6 +104,9 @@ pub struct Service {
     pub vip: Option<IpAddr>,
     pub labels: BTreeMap<String, String>,
     pub ports: Vec<ServicePort>,
+    /// The waypoint traffic to the service's VIP goes through (`istio.io/use-waypoint` on the
+    /// service, else on its namespace).
+    pub waypoint: Option<WaypointName>,
     /// Where the Service was written, for diagnostics.
     #[serde(skip)]
     pub origin: Origin,
@@ -74,12 +123,20 @@ pub fn compile_services(
     resources: &[Located<Resource>],
     workloads: &[Arc<Workload>],
     pod_ports: &BTreeMap<(String, String), BTreeMap<String, u16>>,
+    namespaces: &HashMap<&str, &BTreeMap<String, String>>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<Arc<Service>> {
     let mut services = Vec::new();
     for located in resources {
         let Resource::Service(svc) = &located.resource else { continue };
-        services.push(Arc::new(compile_one(located, svc, workloads, pod_ports, diagnostics)));
+        let mut service = compile_one(located, svc, workloads, pod_ports, diagnostics);
+        // The service in front of a waypoint's own pods never routes through a waypoint.
+        let fronts_waypoint = service.ports.iter().flat_map(|p| &p.endpoints).any(|e| e.workload.waypoint_role.is_some());
+        if !fronts_waypoint {
+            let ns_labels = namespaces.get(service.namespace.as_str()).copied();
+            service.waypoint = waypoints::waypoint_for(&service.namespace, &svc.metadata.labels, ns_labels);
+        }
+        services.push(Arc::new(service));
     }
     services
 }
@@ -160,6 +217,7 @@ fn compile_one(
                 port: p.port,
                 name: p.name.clone(),
                 app_protocol: p.app_protocol.clone(),
+                protocol: AppProtocol::select(p.app_protocol.as_deref(), p.name.as_deref()),
                 endpoints,
                 next: AtomicUsize::new(0),
             }
@@ -172,6 +230,7 @@ fn compile_one(
         vip,
         labels: svc.metadata.labels.clone(),
         ports,
+        waypoint: None,
         origin: located.origin.clone(),
     }
 }

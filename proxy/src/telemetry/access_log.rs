@@ -245,6 +245,8 @@ mod tests {
             labels: Default::default(),
             host_network: false,
             captured: true,
+            waypoint: None,
+            waypoint_role: None,
         }));
         r.source_identity = Some("spiffe://cluster.local/ns/mesh/sa/client".into());
         r.bytes_sent = 78;

@@ -209,6 +209,8 @@ mod tests {
             labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             host_network: false,
             captured: true,
+            waypoint: None,
+            waypoint_role: None,
         }
     }
 
