@@ -55,6 +55,13 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Connects to `addr` from a socket carrying the proxy's mark, so that its packets are never
 /// captured again.
+/// Connects to `addr` with Nagle off, for proxies whose sockets need no mark.
+pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 pub async fn connect_marked(addr: SocketAddr) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_mark(PROXY_MARK)?;

@@ -40,6 +40,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Admin endpoints and what they show, listed on unknown paths.
 const ADMIN_ENDPOINTS: &[(&str, &str)] = &[
     ("/certs", "certificates held: identity, serial, validity (JSON)"),
+    ("/clusters", "destinations of the L7 engine, endpoints with health and outlier status (JSON)"),
     ("/config_dump", "the compiled configuration in force (JSON)"),
     ("/healthz/ready", "200 once the proxy is ready"),
     ("/logging", "the log filter; ?level=<filter> (GET or POST) changes it"),
@@ -66,11 +67,17 @@ impl Readiness {
     }
 }
 
+/// A view computed when asked (the L7 engine's destinations, at a waypoint).
+pub type View = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// What the admin endpoint reads.
 #[derive(Clone)]
 pub struct AdminState {
     pub model: ModelHandle,
-    pub capture: Arc<Mutex<Capture>>,
+    /// The node's capture programs; `None` in a proxy that captures nothing (a waypoint).
+    pub capture: Option<Arc<Mutex<Capture>>>,
+    /// `/clusters`, when the proxy has an L7 engine.
+    pub clusters: Option<View>,
     pub certs: Arc<CertStore>,
     pub node_name: String,
     pub trust_domain: String,
@@ -145,7 +152,11 @@ fn admin(state: &AdminState, request: &Request<Incoming>) -> Reply {
     let get = method == Method::GET;
     match path {
         "/logging" if get || method == Method::POST => views::logging(state.logging.as_ref(), query),
-        "/stats" if get => Reply::text(StatusCode::OK, views::stats(&state.capture)),
+        "/stats" if get => Reply::text(StatusCode::OK, views::stats(state.capture.as_deref())),
+        "/clusters" if get => match &state.clusters {
+            Some(view) => Reply::json(view()),
+            None => Reply::text(StatusCode::NOT_FOUND, "this proxy has no L7 destinations (it is a node proxy)\n"),
+        },
         "/config_dump" if get => Reply::json(views::config_dump(&state.model.current())),
         "/workloads" if get => {
             Reply::json(views::workloads(&state.model.current(), &state.node_name, &state.trust_domain))

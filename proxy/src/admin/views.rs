@@ -69,9 +69,9 @@ fn percent_decode(text: &str) -> String {
 }
 
 /// `/stats`: the capture programs' counters, one `name: value` line each.
-pub(super) fn stats(capture: &Mutex<Capture>) -> String {
+pub(super) fn stats(capture: Option<&Mutex<Capture>>) -> String {
     let mut out = String::new();
-    if let Ok(capture) = capture.lock() {
+    if let Some(Ok(capture)) = capture.map(Mutex::lock) {
         for (name, value) in capture.stats() {
             let _ = writeln!(out, "strait.capture.{name}: {value}");
         }

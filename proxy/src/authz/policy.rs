@@ -11,7 +11,12 @@ use serde::Serialize;
 
 use super::{Connection, HttpRequest};
 use crate::config::{Cidr, Origin, PolicyTargetRef};
-use crate::model::Workload;
+use crate::model::{Service, WaypointName, Workload};
+
+/// The API group of Kubernetes Gateway API kinds (`Gateway`, `GatewayClass`).
+pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+/// Istio's GatewayClass of waypoints.
+pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
 
 /// What a matching policy does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,6 +76,29 @@ impl Policy {
             }
             Scope::TargetRefs(_) => false,
         }
+    }
+
+    /// Whether the policy is bound (`targetRefs`) to what a waypoint serves: the `service` a
+    /// request is for, the waypoint's own Gateway, or every waypoint through the
+    /// `istio-waypoint` GatewayClass from the root namespace.
+    pub fn binds_waypoint(&self, service: Option<&Service>, waypoint: &WaypointName, root_namespace: &str) -> bool {
+        let Scope::TargetRefs(targets) = &self.scope else { return false };
+        targets.iter().any(|t| {
+            let namespace = t.namespace.as_deref().unwrap_or(&self.namespace);
+            let group = t.group.as_deref().unwrap_or("");
+            match t.kind.as_str() {
+                "Service" if matches!(group, "" | "core") => {
+                    service.is_some_and(|s| s.name == t.name && s.namespace == namespace)
+                }
+                "Gateway" if group == GATEWAY_API_GROUP => {
+                    t.name == waypoint.name && namespace == waypoint.namespace
+                }
+                "GatewayClass" if group == GATEWAY_API_GROUP => {
+                    t.name == WAYPOINT_GATEWAY_CLASS && self.namespace == root_namespace
+                }
+                _ => false,
+            }
+        })
     }
 
     /// Whether any rule matches. At L4 (no HTTP request) an ALLOW rule needing an HTTP

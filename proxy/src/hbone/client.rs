@@ -26,6 +26,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
 use super::{
+    io::H2Stream,
     BAGGAGE, CONNECTION_WINDOW, FORWARDED, MAX_CONCURRENT_STREAMS, MAX_FRAME, STREAM_WINDOW, TRACEPARENT,
     forwarded_for, new_traceparent,
 };
@@ -83,6 +84,13 @@ pub struct Tunnel {
     _active: ActiveGuard,
 }
 
+impl Tunnel {
+    /// The tunnel as a byte stream, for protocols spoken inside it.
+    pub fn into_stream(self) -> H2Stream {
+        H2Stream::with_guard(self.send, self.recv, self._active)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     source: Identity,
@@ -118,11 +126,24 @@ type Slot = Arc<AsyncMutex<Vec<Arc<PooledConnection>>>>;
 pub struct HbonePool {
     certs: Arc<CertStore>,
     slots: Mutex<HashMap<PoolKey, Slot>>,
+    /// Mark sockets so the node's capture programs let them pass (node proxy); a waypoint runs
+    /// in a pod nobody captures, and needs no privilege to connect.
+    mark_sockets: bool,
 }
 
 impl HbonePool {
+    /// The node proxy's pool: its sockets carry the proxy's mark.
     pub fn new(certs: Arc<CertStore>) -> Arc<Self> {
-        let pool = Arc::new(Self { certs, slots: Mutex::new(HashMap::new()) });
+        Self::build(certs, true)
+    }
+
+    /// A pool of unmarked sockets, for proxies outside the capture path (waypoints, gateways).
+    pub fn unmarked(certs: Arc<CertStore>) -> Arc<Self> {
+        Self::build(certs, false)
+    }
+
+    fn build(certs: Arc<CertStore>, mark_sockets: bool) -> Arc<Self> {
+        let pool = Arc::new(Self { certs, slots: Mutex::new(HashMap::new()), mark_sockets });
         tokio::spawn(close_idle(Arc::downgrade(&pool)));
         pool
     }
@@ -186,7 +207,8 @@ impl HbonePool {
         let addr = request.connect_addr;
         let tls_settings =
             self.certs.get(&request.source).await.map_err(|e| HboneError::Certificate(request.source.clone(), e))?;
-        let tcp = sys::connect_marked(addr).await.map_err(|e| HboneError::Connect(addr, e))?;
+        let tcp = if self.mark_sockets { sys::connect_marked(addr).await } else { sys::connect(addr).await }
+            .map_err(|e| HboneError::Connect(addr, e))?;
         // The name is not checked: peers are verified by SPIFFE identity below.
         let name = ServerName::IpAddress(addr.ip().into());
         let tls = TlsConnector::from(tls_settings.client.clone())

@@ -6,12 +6,14 @@
 //! inbound logic; `stream` copies bytes between a TCP socket and a stream.
 
 pub mod client;
+pub mod io;
 pub mod server;
 pub mod stream;
 
 use std::net::IpAddr;
 
 pub use client::{ConnectRequest, HbonePool, Tunnel};
+pub use io::H2Stream;
 
 /// Per-stream flow-control window. Large windows let one stream fill a fast link: with the
 /// 64 KiB HTTP/2 default a single stream stalls every 64 KiB waiting for WINDOW_UPDATE.

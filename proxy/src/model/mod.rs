@@ -19,6 +19,7 @@ use crate::{
     identity::Identity,
 };
 
+pub mod reload;
 pub mod routes;
 mod security;
 mod services;
@@ -99,6 +100,11 @@ pub struct Model {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]
     services_by_vip: HashMap<IpAddr, Arc<Service>>,
+    #[serde(skip)]
+    services_by_host: HashMap<String, Arc<Service>>,
+    /// Counts published models: state derived from a model (the L7 engine's destinations)
+    /// compares it to know when to rebuild.
+    pub generation: u64,
 }
 
 impl Model {
@@ -110,6 +116,11 @@ impl Model {
     /// The service whose virtual IP is `ip`.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.services_by_vip.get(&ip)
+    }
+
+    /// The service named `host` (`name.namespace.svc.cluster.local`).
+    pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
+        self.services_by_host.get(host)
     }
 
     /// The AuthorizationPolicies applying to `workload` at the node proxy (AUTHZ-1), ready for
@@ -221,6 +232,7 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
     model.routing = routes::compile_routing(resources, &model.services, &mut diagnostics);
     model.security = security::compile_security(resources, &model.workloads, &options.root_namespace, &mut diagnostics);
     for service in &model.services {
+        model.services_by_host.insert(service.hostname.clone(), service.clone());
         let Some(vip) = service.vip else { continue };
         if let Some(previous) = model.services_by_vip.insert(vip, service.clone()) {
             diagnostics.push(Diagnostic::error(
@@ -279,16 +291,19 @@ pub struct ModelHandle {
 /// The writing side of a `ModelHandle`, held by the configuration source.
 pub struct ModelPublisher {
     tx: watch::Sender<Arc<Model>>,
+    generation: u64,
 }
 
 pub fn channel(initial: Model) -> (ModelPublisher, ModelHandle) {
+    let initial = Model { generation: 1, ..initial };
     let (tx, rx) = watch::channel(Arc::new(initial));
-    (ModelPublisher { tx }, ModelHandle { rx })
+    (ModelPublisher { tx, generation: 1 }, ModelHandle { rx })
 }
 
 impl ModelPublisher {
-    pub fn publish(&self, model: Model) {
-        self.tx.send_replace(Arc::new(model));
+    pub fn publish(&mut self, model: Model) {
+        self.generation += 1;
+        self.tx.send_replace(Arc::new(Model { generation: self.generation, ..model }));
     }
 }
 

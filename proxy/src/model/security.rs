@@ -11,7 +11,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::Workload;
+use super::{Service, WaypointName, Workload};
 use crate::authz::{
     Policy, Scope, compile_policy,
     peer_authn::{PeerAuthn, PeerAuthnChain, PeerAuthnScope, compile_peer_authn},
@@ -44,6 +44,9 @@ pub struct Security {
     peer_by_namespace: HashMap<String, Arc<PeerAuthn>>,
     #[serde(skip)]
     peer_by_workload: HashMap<String, HashMap<String, Arc<PeerAuthn>>>,
+    /// The namespace whose policies apply mesh-wide.
+    #[serde(skip)]
+    pub root_namespace: String,
 }
 
 impl Security {
@@ -52,6 +55,19 @@ impl Security {
             .get(&workload.namespace)
             .and_then(|pods| pods.get(&workload.name))
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// The AuthorizationPolicies a waypoint enforces for a request to `service` (AUTHZ-3 at
+    /// the waypoint): those bound to the service, to the waypoint, or to every waypoint.
+    pub fn authorization_at_waypoint<'a>(
+        &'a self,
+        service: Option<&'a Service>,
+        waypoint: &'a WaypointName,
+    ) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.authorization_policies
+            .iter()
+            .map(Arc::as_ref)
+            .filter(move |p| p.binds_waypoint(service, waypoint, &self.root_namespace))
     }
 
     pub fn peer_authn_for(&self, workload: &Workload) -> PeerAuthnChain<'_> {
@@ -73,7 +89,7 @@ pub fn compile_security(
     root_namespace: &str,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Security {
-    let mut security = Security::default();
+    let mut security = Security { root_namespace: root_namespace.to_owned(), ..Security::default() };
     for located in resources {
         match &located.resource {
             Resource::AuthorizationPolicy(policy) => {

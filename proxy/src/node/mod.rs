@@ -24,16 +24,13 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{self, AdminState, Readiness},
     capture::{self, Capture, SteerRouting},
-    config::{ConfigDir, Loaded},
     hbone::HbonePool,
     identity::{CaClientOptions, CaServerOptions, CertStore, CertificateProvider, IstioCaClient, LocalCa, serve_ca},
-    model::{self, Model, ModelHandle, ModelPublisher},
+    model::{self, Model, ModelHandle},
     sys,
     telemetry::{AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, Telemetry, logging::LogControl},
 };
 
-/// How often the configuration directory is checked for changes (CFG-1: applied within 1 s).
-const CONFIG_POLL: Duration = Duration::from_millis(200);
 /// How often capture is reconciled with the routing table even without a config change, so a
 /// pod whose veth appears after its YAML is captured promptly.
 const RECONCILE_EVERY: Duration = Duration::from_millis(300);
@@ -93,15 +90,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     sys::check_node_privileges().map_err(|e| anyhow!(e))?;
     let fd_limit = sys::raise_fd_limit();
 
-    let mut config_dir = ConfigDir::new(&options.config_dir);
-    let loaded = config_dir.poll().unwrap_or_default();
-    let initial = compile_or_report(&loaded).map_err(|n| {
-        anyhow!(
-            "the configuration in {} has {n} error(s), listed above; fix them and start again",
-            options.config_dir.display()
-        )
-    })?;
-    let (publisher, model) = model::channel(initial);
+    let model = model::reload::load_and_watch(&options.config_dir)?;
 
     let provider = certificate_provider(&options).await?;
     let certs = CertStore::new(provider, options.cert_ttl);
@@ -134,10 +123,6 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     reconcile(&capture, &model.current(), &options.node_name);
     prefetch_certificates(&certs, &model.current(), &options.node_name, &options.trust_domain);
 
-    std::thread::Builder::new()
-        .name("config-watch".into())
-        .spawn(move || watch_config(config_dir, publisher))
-        .context("cannot start the configuration watcher")?;
     tokio::spawn(keep_capture_in_step(
         capture.clone(),
         model.clone(),
@@ -288,7 +273,8 @@ async fn serve_operator_endpoints(
         admin_listener,
         AdminState {
             model: model.clone(),
-            capture: capture.clone(),
+            capture: Some(capture.clone()),
+            clusters: None,
             certs: certs.clone(),
             node_name: options.node_name.clone(),
             trust_domain: options.trust_domain.clone(),
@@ -311,36 +297,6 @@ async fn accept_failed(listener: &str, e: std::io::Error) {
 /// that no connection waits for the CA.
 fn prefetch_certificates(certs: &Arc<CertStore>, model: &Model, node: &str, trust_domain: &str) {
     certs.prefetch(model.workloads_on(node).filter(|w| w.captured).map(|w| w.identity(trust_domain)));
-}
-
-/// Compiles loaded resources; on errors prints every diagnostic and returns their count.
-fn compile_or_report(loaded: &Loaded) -> Result<Model, usize> {
-    let (model, compile_diagnostics) = model::compile(&loaded.resources);
-    let all = loaded.diagnostics.iter().chain(compile_diagnostics.iter());
-    let mut errors = 0;
-    for diagnostic in all {
-        if diagnostic.is_error() {
-            errors += 1;
-            error!("{diagnostic}");
-        } else {
-            warn!("{diagnostic}");
-        }
-    }
-    if errors == 0 { Ok(model) } else { Err(errors) }
-}
-
-fn watch_config(mut dir: ConfigDir, publisher: ModelPublisher) {
-    loop {
-        std::thread::sleep(CONFIG_POLL);
-        let Some(loaded) = dir.poll() else { continue };
-        match compile_or_report(&loaded) {
-            Ok(model) => {
-                info!(workloads = model.workloads.len(), "configuration applied");
-                publisher.publish(model);
-            }
-            Err(n) => error!("configuration rejected ({n} error(s) above); the previous configuration stays in force"),
-        }
-    }
 }
 
 async fn keep_capture_in_step(

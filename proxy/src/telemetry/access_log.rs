@@ -127,6 +127,15 @@ impl AccessLog {
             AccessLogFormat::Text => format_line(r),
             AccessLogFormat::Json => json_line(r),
         };
+        self.write_line(&line);
+    }
+
+    pub fn format(&self) -> AccessLogFormat {
+        self.format
+    }
+
+    /// Writes one finished line.
+    pub(super) fn write_line(&self, line: &str) {
         // One write per line so concurrent connections never interleave within a line.
         match &self.file {
             Some(file) => {

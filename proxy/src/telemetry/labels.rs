@@ -23,13 +23,16 @@ pub const DEFAULT_CLUSTER: &str = "Kubernetes";
 pub enum Reporter {
     Source,
     Destination,
+    /// A waypoint, between the two (Istio ambient's `reporter="waypoint"`).
+    Waypoint,
 }
 
 impl Reporter {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
+            Reporter::Waypoint => "waypoint",
         }
     }
 }
@@ -47,7 +50,7 @@ pub struct PeerLabels {
 }
 
 impl PeerLabels {
-    fn new(workload: Option<&Workload>, identity: Option<&str>) -> Self {
+    pub fn new(workload: Option<&Workload>, identity: Option<&str>) -> Self {
         let principal = identity.unwrap_or(UNKNOWN).to_owned();
         match workload {
             Some(w) => Self {
@@ -87,7 +90,11 @@ impl TrafficLabels {
     /// Labels for `record` as its connection opens: response flags `-` (the closed counter
     /// gets the final ones).
     pub fn of(record: &ConnectionRecord) -> Self {
-        let reporter = if record.direction == "inbound" { Reporter::Destination } else { Reporter::Source };
+        let reporter = match record.direction {
+            "inbound" => Reporter::Destination,
+            "waypoint" => Reporter::Waypoint,
+            _ => Reporter::Source,
+        };
         let destination_service = match &record.destination_service {
             Some(s) => service_labels(s),
             None => [UNKNOWN.to_owned(), UNKNOWN.to_owned(), UNKNOWN.to_owned()],

@@ -249,6 +249,11 @@ impl MetricsRegistry {
         self.traffic.clone()
     }
 
+    /// Registers Istio's request families (waypoints and gateways report requests).
+    pub fn register_requests(&mut self) -> std::sync::Arc<super::requests::RequestMetrics> {
+        super::requests::RequestMetrics::register(&mut self.registry)
+    }
+
     /// Adds counters read at every scrape (see `ScrapedCounters`).
     pub fn register(&mut self, counters: ScrapedCounters) {
         self.registry.register_collector(Box::new(counters));

@@ -5,12 +5,14 @@ mod access_log;
 mod labels;
 pub mod logging;
 mod metrics;
+mod requests;
 
 use std::sync::Arc;
 
 pub use access_log::{AccessLog, AccessLogFormat, ConnectionRecord, Outcome};
-pub use labels::{DEFAULT_CLUSTER, TrafficLabels, canonical_revision, canonical_service, workload_name};
+pub use labels::{DEFAULT_CLUSTER, Reporter, TrafficLabels, canonical_revision, canonical_service, workload_name};
 pub use metrics::{Exposition, MetricsRegistry, ScrapedCounters, TrafficMetrics};
+pub use requests::{RequestMetrics, RequestRecord, RequestTelemetry};
 
 /// Where connection handlers report: `opened` once a connection's ends are known, `closed`
 /// when it is over. Cheap to clone.
@@ -23,6 +25,11 @@ pub struct Telemetry {
 impl Telemetry {
     pub fn new(access_log: AccessLog, metrics: Arc<TrafficMetrics>) -> Self {
         Self { access_log: Arc::new(access_log), metrics }
+    }
+
+    /// The access log, shared with request telemetry.
+    pub fn access_log(&self) -> Arc<AccessLog> {
+        self.access_log.clone()
     }
 
     /// Counts the connection as opened (`istio_tcp_connections_opened_total`). Call once, when

@@ -1,0 +1,461 @@
+//! One request's decisions, in Envoy's filter order: request id and trace context, L7
+//! authorization (403), route selection (404 `NR`), redirects and direct responses, fault
+//! injection (`DI`, `FI`), then the chosen destination (`forward`) and the response edits.
+//!
+//! Every answer, the proxy's own or the upstream's, leaves through `Exchange::respond`, which
+//! arranges for the access line and metrics to be written when the response body is over.
+
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, StatusCode, Uri, Version, header, request::Parts};
+use hyper::body::{Body as _, Incoming};
+
+use super::{
+    Downstream, L7Context, Target,
+    body::ResponseBody,
+    flags::ResponseFlags,
+    forward::{self, Forwarded, Replay, UpstreamRequest},
+    headers,
+    matching::{RequestView, select_route},
+};
+use crate::{
+    authz::{self, Connection, HttpRequest},
+    model::{
+        Model,
+        routes::{AbortStatus, Destination, HttpRoute, Percentage, Redirect, RouteAction, RouteMatch, StringMatcher},
+    },
+    telemetry::RequestRecord,
+};
+
+/// Requests whose bodies must be sent more than once (retries, mirrors) are buffered up to
+/// this size; larger ones are sent once.
+const REPLAY_LIMIT: u64 = 1024 * 1024;
+
+/// What the proxy answers itself, and why.
+pub(super) struct Local {
+    pub status: StatusCode,
+    pub body: String,
+    pub flags: ResponseFlags,
+    pub reason: Option<String>,
+    pub headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl Local {
+    pub fn new(status: StatusCode, body: impl Into<String>) -> Self {
+        Self { status, body: body.into(), flags: ResponseFlags::default(), reason: None, headers: Vec::new() }
+    }
+
+    pub fn flagged(mut self, flags: ResponseFlags) -> Self {
+        self.flags.insert(flags);
+        self
+    }
+
+    pub fn because(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+}
+
+/// One request in flight: what the access line will say, built up as decisions are made.
+pub(super) struct Exchange {
+    pub ctx: Arc<L7Context>,
+    pub down: Arc<Downstream>,
+    pub model: Arc<Model>,
+    pub record: RequestRecord,
+    pub started: Instant,
+    pub request_bytes: Arc<AtomicU64>,
+}
+
+/// Handles one request from `down`.
+pub async fn handle(
+    ctx: Arc<L7Context>,
+    down: Arc<Downstream>,
+    request: http::Request<Incoming>,
+) -> Response<ResponseBody> {
+    let model = ctx.model.current();
+    let mut record = RequestRecord::new(ctx.reporter, down.client_addr);
+    record.source_workload = down.source_workload.clone();
+    record.source_identity = down.identity.as_ref().map(ToString::to_string);
+    record.destination_service = down.target.service().cloned();
+    let mut x = Exchange { ctx, down, model, record, started: Instant::now(), request_bytes: Arc::default() };
+    let (mut parts, body) = request.into_parts();
+    x.describe(&parts);
+    match route_and_forward(&mut x, &mut parts, body).await {
+        Ok(forwarded) => x.respond_upstream(forwarded),
+        Err(local) => x.respond_local(local),
+    }
+}
+
+impl Exchange {
+    fn describe(&mut self, parts: &Parts) {
+        let r = &mut self.record;
+        r.method = parts.method.to_string();
+        r.path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        r.authority = authority(parts).to_owned();
+        r.protocol = if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
+        let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        r.request_protocol = if grpc { "grpc" } else { "http" };
+        r.user_agent = parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    }
+
+    /// Sends the proxy's own answer.
+    fn respond_local(self, local: Local) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::full(local.body));
+        *response.status_mut() = local.status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        for (name, value) in local.headers {
+            headers.insert(name, value);
+        }
+        let mut x = self;
+        x.record.flags.insert(local.flags);
+        x.record.reason = local.reason;
+        x.finish_on_end(response, None)
+    }
+
+    fn respond_upstream(mut self, forwarded: Forwarded) -> Response<ResponseBody> {
+        let Forwarded { mut response, lease, endpoint_guard, flags } = forwarded;
+        self.record.flags.insert(flags);
+        if let Some(server) = &self.ctx.server_header
+            && !response.headers().contains_key(header::SERVER)
+        {
+            response.headers_mut().insert(header::SERVER, server.clone());
+        }
+        let (parts, body) = response.into_parts();
+        let response = Response::from_parts(parts, ResponseBody::upstream(body));
+        self.finish_on_end(response, Some((lease, endpoint_guard)))
+    }
+
+    /// Arranges for the record to be written when the response body ends, and for the
+    /// upstream connection to go back to its pool if the response was read to its end.
+    fn finish_on_end(
+        self,
+        mut response: Response<ResponseBody>,
+        upstream: Option<(super::pool::Lease, forward::EndpointGuard)>,
+    ) -> Response<ResponseBody> {
+        let Exchange { ctx, mut record, started, request_bytes, .. } = self;
+        record.status = response.status().as_u16();
+        if record.grpc_status.is_none() {
+            record.grpc_status = headers::grpc_status(response.headers());
+        }
+        response.body_mut().on_end(move |end| {
+            record.response_bytes = end.bytes;
+            record.request_bytes = record.request_bytes.max(request_bytes.load(std::sync::atomic::Ordering::Relaxed));
+            if end.grpc_status.is_some() {
+                record.grpc_status = end.grpc_status;
+            }
+            if !end.complete {
+                record.flags.insert(ResponseFlags::DC);
+            }
+            record.duration = started.elapsed();
+            if let Some((lease, guard)) = upstream {
+                lease.release(end.complete);
+                drop(guard);
+            }
+            ctx.telemetry.finish(&record);
+        });
+        response
+    }
+}
+
+/// Host / `:authority` of a request.
+fn authority(parts: &Parts) -> &str {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("")
+}
+
+async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: Incoming) -> Result<Forwarded, Local> {
+    if parts.version == Version::HTTP_10 || parts.version == Version::HTTP_09 {
+        return Err(Local::new(StatusCode::UPGRADE_REQUIRED, "HTTP/1.0 is not supported; use HTTP/1.1 or HTTP/2\n"));
+    }
+    x.record.request_id = headers::ensure_request_id(&mut parts.headers);
+    headers::ensure_trace_context(&mut parts.headers);
+    authorize(x, parts)?;
+
+    let model = x.model.clone();
+    let (route, matched) = match x.down.target.service().and_then(|s| model.routing.mesh_routes_for(&s.hostname)) {
+        Some(vs) => {
+            let path = parts.uri.path();
+            let view = RequestView {
+                path,
+                query: parts.uri.query(),
+                method: parts.method.as_str(),
+                authority: authority(parts),
+                scheme: "http",
+                headers: &parts.headers,
+                port: x.down.target.port(),
+                source_labels: x.down.source_workload.as_ref().map(|w| &w.labels),
+                source_namespace: x.down.identity.as_ref().map(|i| i.namespace.as_str()),
+                gateway: &x.ctx.gateway,
+            };
+            let Some((route, matched)) = select_route(vs, &view) else {
+                return Err(Local::new(StatusCode::NOT_FOUND, "")
+                    .flagged(ResponseFlags::NR)
+                    .because(format!("no route of VirtualService {} matches", vs.key())));
+            };
+            x.record.route = Some(match &route.name {
+                Some(name) => format!("{}:{name}", vs.key()),
+                None => vs.key(),
+            });
+            (route, matched)
+        }
+        None => return forward_default(x, parts, body).await,
+    };
+
+    let destinations = match &route.action {
+        RouteAction::DirectResponse { status, body } => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            return Err(Local::new(status, body.clone().unwrap_or_default()));
+        }
+        RouteAction::Redirect(redirect) => return Err(redirect_to(redirect, parts, matched)),
+        RouteAction::Forward(destinations) => destinations,
+    };
+    inject_faults(x, route).await?;
+    let Some(chosen) = forward::choose_weighted(destinations) else {
+        return Err(Local::new(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+            .flagged(ResponseFlags::UH)
+            .because("every destination of the route has weight 0"));
+    };
+    headers::apply(&mut parts.headers, &route.headers.request);
+    headers::apply(&mut parts.headers, &chosen.headers.request);
+    if let Some(rewrite) = &route.rewrite {
+        rewrite_request(parts, rewrite.uri.as_deref(), rewrite.authority.as_deref(), matched);
+    }
+    let replay = replayable(route, body).await?;
+    let request = upstream_request(x, parts);
+    let mirrors = route.mirrors.iter().filter(|m| rolls(m.percentage)).map(|m| &m.destination);
+    for mirror in mirrors {
+        forward::mirror(x, &request, &replay, mirror, route.timeout);
+    }
+    let timeout = headers::timeout_override(&request.headers).map_or(route.timeout, |t| (!t.is_zero()).then_some(t));
+    let cluster = forward::resolve(x, &chosen.destination)?;
+    let mut forwarded = forward::forward(x, cluster, request, replay, route.retries.as_ref(), timeout).await?;
+    let response_headers = forwarded.response.headers_mut();
+    headers::apply(response_headers, &route.headers.response);
+    headers::apply(response_headers, &chosen.headers.response);
+    Ok(forwarded)
+}
+
+/// Traffic to a service without a VirtualService (or to a pod): straight to its endpoints.
+async fn forward_default(x: &mut Exchange, parts: &mut Parts, body: Incoming) -> Result<Forwarded, Local> {
+    let replay = if body.is_end_stream() { Replay::Bytes(Bytes::new()) } else { Replay::Stream(Some(body)) };
+    let timeout = headers::timeout_override(&parts.headers).filter(|t| !t.is_zero());
+    let request = upstream_request(x, parts);
+    let cluster = match &x.down.target {
+        Target::Service { service, port } => {
+            let destination = Destination { host: service.hostname.clone(), subset: None, port: Some(*port) };
+            forward::resolve(x, &destination)?
+        }
+        Target::Workload { workload, port } => x.ctx.upstreams.workload_cluster(&x.model, workload, *port),
+    };
+    forward::forward(x, cluster, request, replay, None, timeout).await
+}
+
+/// L7 authorization at the waypoint (AUTHZ-3, AUTHZ-4): the policies bound to the service or
+/// the waypoint decide with the whole request in view; a denial is 403 `RBAC: access denied`.
+fn authorize(x: &mut Exchange, parts: &Parts) -> Result<(), Local> {
+    let model = &x.model;
+    let service = x.down.target.service().map(Arc::as_ref);
+    let mut policies = model.security.authorization_at_waypoint(service, &x.ctx.waypoint).peekable();
+    if policies.peek().is_none() {
+        return Ok(());
+    }
+    let target = x.down.target.addr();
+    let http = HttpRequest {
+        host: Some(authority(parts).to_owned()),
+        method: parts.method.to_string(),
+        path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        headers: parts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        remote_ip: Some(x.down.client_addr.ip()),
+        ..Default::default()
+    };
+    let connection = Connection {
+        source: x.down.identity.clone(),
+        source_ip: x.down.client_addr.ip(),
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+        http: Some(http),
+    };
+    let decision = authz::evaluate(policies, &connection);
+    if decision.allowed {
+        return Ok(());
+    }
+    let reason = match &decision.policy {
+        Some(p) => format!("denied by AuthorizationPolicy {p}: {}", decision.reason),
+        None => format!("denied: {}", decision.reason),
+    };
+    Err(Local::new(StatusCode::FORBIDDEN, "RBAC: access denied").because(reason))
+}
+
+/// Fault injection (L7-6): a delay first, then an abort, each for its share of requests; an
+/// aborted request never reaches the upstream.
+async fn inject_faults(x: &mut Exchange, route: &HttpRoute) -> Result<(), Local> {
+    let Some(fault) = &route.fault else { return Ok(()) };
+    if let Some(delay) = &fault.delay
+        && rolls(delay.percentage)
+    {
+        x.record.flags.insert(ResponseFlags::DI);
+        tokio::time::sleep(delay.fixed_delay).await;
+    }
+    if let Some(abort) = &fault.abort
+        && rolls(abort.percentage)
+    {
+        return Err(match abort.status {
+            AbortStatus::Http(status) => {
+                Local::new(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "fault filter abort")
+                    .flagged(ResponseFlags::FI)
+            }
+            AbortStatus::Grpc(code) => {
+                let mut local = Local::new(StatusCode::OK, "").flagged(ResponseFlags::FI);
+                if let Ok(v) = HeaderValue::from_str(&code.to_string()) {
+                    local.headers.push((header::HeaderName::from_static("grpc-status"), v));
+                }
+                local.headers.push((header::CONTENT_TYPE, HeaderValue::from_static("application/grpc")));
+                local
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Whether this request falls in `percentage` (percent, fractions allowed).
+pub(super) fn rolls(percentage: Percentage) -> bool {
+    percentage.0 >= 100.0 || (percentage.0 > 0.0 && fastrand::f64() * 100.0 < percentage.0)
+}
+
+/// `rewrite` (L7-3): with a prefix match the matched prefix is replaced, otherwise the whole
+/// path; the query string stays. `authority` replaces Host.
+fn rewrite_request(parts: &mut Parts, uri: Option<&str>, new_authority: Option<&str>, matched: Option<&RouteMatch>) {
+    if let Some(new_path) = uri {
+        let path = parts.uri.path();
+        let rewritten = match matched.and_then(|m| m.uri.as_ref()) {
+            Some(StringMatcher::Prefix(prefix)) if path.starts_with(prefix.as_str()) => {
+                let rest = &path[prefix.len()..];
+                // `/simple/httpserver` → `/hello` style rewrites must not leave `//` behind.
+                if new_path.ends_with('/') && rest.starts_with('/') {
+                    format!("{new_path}{}", &rest[1..])
+                } else {
+                    format!("{new_path}{rest}")
+                }
+            }
+            _ => new_path.to_owned(),
+        };
+        let rewritten = if rewritten.is_empty() { "/".to_owned() } else { rewritten };
+        let target = match parts.uri.query() {
+            Some(q) => format!("{rewritten}?{q}"),
+            None => rewritten,
+        };
+        let mut uri_parts = parts.uri.clone().into_parts();
+        uri_parts.path_and_query = target.parse().ok();
+        if let Ok(uri) = Uri::from_parts(uri_parts) {
+            parts.uri = uri;
+        }
+    }
+    if let Some(new_authority) = new_authority
+        && let Ok(value) = HeaderValue::from_str(new_authority)
+    {
+        parts.headers.insert(header::HOST, value);
+        let mut uri_parts = parts.uri.clone().into_parts();
+        if uri_parts.authority.is_some() {
+            uri_parts.authority = new_authority.parse().ok();
+            if let Ok(uri) = Uri::from_parts(uri_parts) {
+                parts.uri = uri;
+            }
+        }
+    }
+}
+
+/// `redirect` (L7-3): answers with the redirect status and a Location built from the request
+/// with the redirect's parts replaced.
+fn redirect_to(redirect: &Redirect, parts: &Parts, matched: Option<&RouteMatch>) -> Local {
+    let scheme = redirect.scheme.as_deref().unwrap_or("http");
+    let host = redirect.authority.as_deref().unwrap_or_else(|| authority(parts));
+    let host = match redirect.port {
+        Some(port) => format!("{}:{port}", host.rsplit_once(':').map_or(host, |(h, _)| h)),
+        None => host.to_owned(),
+    };
+    let path = match (&redirect.uri, matched.and_then(|m| m.uri.as_ref())) {
+        (Some(uri), Some(StringMatcher::Prefix(prefix))) if parts.uri.path().starts_with(prefix.as_str()) => {
+            format!("{uri}{}", &parts.uri.path()[prefix.len()..])
+        }
+        (Some(uri), _) => uri.clone(),
+        (None, _) => parts.uri.path().to_owned(),
+    };
+    let location = match parts.uri.query() {
+        Some(q) => format!("{scheme}://{host}{path}?{q}"),
+        None => format!("{scheme}://{host}{path}"),
+    };
+    let status = StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    let mut local = Local::new(status, "");
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        local.headers.push((header::LOCATION, value));
+    }
+    local
+}
+
+/// The body as retries and mirrors need it: buffered when they need it again and it is small
+/// enough, streamed otherwise.
+async fn replayable(route: &HttpRoute, body: Incoming) -> Result<Replay, Local> {
+    let needs_replay = route.retries.as_ref().is_some_and(|r| r.attempts > 0) || !route.mirrors.is_empty();
+    let hint = body.size_hint();
+    if body.is_end_stream() {
+        return Ok(Replay::Bytes(Bytes::new()));
+    }
+    if !needs_replay || hint.lower() > REPLAY_LIMIT {
+        return Ok(Replay::Stream(Some(body)));
+    }
+    let limit = usize::try_from(REPLAY_LIMIT).unwrap_or(usize::MAX);
+    match super::body::collect_limited(body, limit).await {
+        Ok(bytes) => Ok(Replay::Bytes(bytes)),
+        Err(reason) => Err(Local::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large to retry or mirror\n")
+            .because(reason)),
+    }
+}
+
+/// The parts of the request every try sends: method, URI, headers with hop-by-hop headers
+/// removed (a WebSocket upgrade keeps its two), `x-forwarded-*` added.
+fn upstream_request(x: &Exchange, parts: &mut Parts) -> UpstreamRequest {
+    let websocket = parts.version == Version::HTTP_11 && headers::is_websocket_upgrade(&parts.headers);
+    let mut request_headers = std::mem::take(&mut parts.headers);
+    headers::remove_hop_by_hop(&mut request_headers);
+    headers::add_forwarded(&mut request_headers, x.down.client_addr.ip(), "http");
+    if websocket {
+        request_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        request_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    let upgrade = websocket.then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>()).flatten();
+    UpstreamRequest {
+        method: std::mem::replace(&mut parts.method, Method::GET),
+        path_and_query: parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+        authority: authority_of(parts, &request_headers),
+        headers: request_headers,
+        downstream_version: parts.version,
+        upgrade,
+    }
+}
+
+fn authority_of(parts: &Parts, headers: &http::HeaderMap) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Time left before `deadline`, if any.
+pub(super) fn remaining(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+}

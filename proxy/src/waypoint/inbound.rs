@@ -1,0 +1,199 @@
+//! The waypoint's HBONE side: TLS as the waypoint's identity, one task per CONNECT stream,
+//! and for each stream the decision what it carries (HTTP/1.1, HTTP/2, or TCP) and for whom.
+//!
+//! A stream must target a service or pod that uses this waypoint (400 otherwise); the client's
+//! address comes from `forwarded` only when the client's identity owns it, as at the node.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use http::{Method, Response, StatusCode};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{
+    WaypointContext,
+    sniff::{Sniffed, sniff},
+    tcp,
+};
+use crate::{
+    authz::{self, Connection},
+    hbone::{
+        self, FORWARDED, H2Stream,
+        server::{InboundStream, refuse},
+    },
+    identity::{CertStore, Identity},
+    l7::{Downstream, HttpVersion, Target, serve_http},
+    model::{AppProtocol, Model},
+    telemetry::{ConnectionRecord, Outcome},
+};
+
+/// A client of an undeclared port that sends nothing this long is handled as TCP (a
+/// server-first protocol waits for the server to speak).
+const DETECTION_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Serves one HBONE connection from a node proxy (or another waypoint or gateway).
+pub async fn serve_connection(
+    ctx: Arc<WaypointContext>,
+    certs: Arc<CertStore>,
+    identity: Identity,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = tcp.set_nodelay(true);
+    let settings = match certs.get(&identity).await {
+        Ok(s) => s,
+        Err(e) => {
+            refused(&ctx, peer, &format!("no certificate to serve {identity}: {e}"));
+            return;
+        }
+    };
+    let stream_ctx = ctx.clone();
+    let result = hbone::server::serve_connection(tcp, peer, settings.server.clone(), move |stream| {
+        handle_stream(stream_ctx.clone(), stream)
+    })
+    .await;
+    if let Err(e) = result {
+        refused(&ctx, peer, &e.to_string());
+    }
+}
+
+fn refused(ctx: &WaypointContext, peer: SocketAddr, reason: &str) {
+    let mut record = ConnectionRecord::start("waypoint", peer, peer);
+    record.security = "mutual_tls";
+    record.outcome = Outcome::Refused(reason.to_owned());
+    ctx.telemetry.closed(&record);
+}
+
+async fn handle_stream(ctx: Arc<WaypointContext>, stream: InboundStream) {
+    let InboundStream { request, mut respond, peer_identity, peer_addr } = stream;
+    let model = ctx.model.current();
+    let authority = request.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+    let checked = if request.method() != Method::CONNECT {
+        Err(format!("method {} is not CONNECT", request.method()))
+    } else {
+        match authority.parse::<SocketAddr>() {
+            Ok(addr) => target(&ctx, &model, addr),
+            Err(_) => Err(format!("CONNECT target `{authority}` is not ip:port")),
+        }
+    };
+    let (target, protocol) = match checked {
+        Ok(found) => found,
+        Err(reason) => {
+            refuse(respond, StatusCode::BAD_REQUEST);
+            let mut record = ConnectionRecord::start("waypoint", peer_addr, peer_addr);
+            record.security = "mutual_tls";
+            record.source_identity = Some(peer_identity.to_string());
+            record.outcome = Outcome::Refused(format!("400 {reason}"));
+            ctx.telemetry.closed(&record);
+            return;
+        }
+    };
+    let claimed = request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
+    let client_ip = claimed.filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity)).unwrap_or(peer_addr.ip());
+    let down = Downstream {
+        client_addr: SocketAddr::new(client_ip, peer_addr.port()),
+        source_workload: model.workload_by_ip(client_ip).cloned(),
+        identity: Some(peer_identity),
+        target,
+        protocol,
+    };
+    if protocol == AppProtocol::Tcp {
+        tcp::serve(ctx, model, down, request, respond).await;
+        return;
+    }
+    drop(model);
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            debug!("HBONE stream reset before it was answered: {e}");
+            return;
+        }
+    };
+    let mut io = H2Stream::new(send, request.into_body());
+    let timeout = (protocol == AppProtocol::Unknown).then_some(DETECTION_TIMEOUT);
+    match detect(&mut io, timeout).await {
+        Sniffed::Http1 => serve_http(ctx.l7.clone(), Arc::new(down), io, HttpVersion::Http1).await,
+        Sniffed::Http2 => serve_http(ctx.l7.clone(), Arc::new(down), io, HttpVersion::Http2).await,
+        Sniffed::Opaque | Sniffed::NeedMore if protocol == AppProtocol::Unknown => {
+            tcp::serve_detected(ctx, down, io).await;
+        }
+        _ => {
+            // A port declared HTTP whose client speaks something else: nothing can route it.
+            debug!(client = %down.client_addr, "not HTTP on a port declared HTTP; closing the stream");
+            io.reset();
+        }
+    }
+}
+
+/// What the CONNECT target is: a service VIP of this waypoint (with the port's protocol), or a
+/// pod that uses this waypoint.
+fn target(ctx: &WaypointContext, model: &Model, addr: SocketAddr) -> Result<(Target, AppProtocol), String> {
+    if let Some(service) = model.service_by_vip(addr.ip()) {
+        if service.waypoint.as_ref() != Some(&ctx.name) {
+            return Err(format!("service {} does not use waypoint {}", service.hostname, ctx.name));
+        }
+        let port = service.port(addr.port()).ok_or_else(|| format!("service {} has no port {}", service.hostname, addr.port()))?;
+        return Ok((Target::Service { service: service.clone(), port: port.port }, port.protocol));
+    }
+    if let Some(workload) = model.workload_by_ip(addr.ip()) {
+        if workload.waypoint.as_ref() != Some(&ctx.name) {
+            return Err(format!("pod {} does not use waypoint {}", workload.display_name(), ctx.name));
+        }
+        return Ok((Target::Workload { workload: workload.clone(), port: addr.port() }, AppProtocol::Unknown));
+    }
+    Err(format!("{addr} is neither a service nor a pod of the mesh"))
+}
+
+/// A client may only claim the address of a workload running as the identity it proved.
+fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &Identity) -> bool {
+    model.workload_by_ip(ip).is_some_and(|w| &w.identity(trust_domain) == identity)
+}
+
+/// Reads the client's first bytes to tell HTTP/1.1 from HTTP/2 (and, with a `timeout`, from
+/// TCP), then puts them back for the server that will read them.
+async fn detect(io: &mut H2Stream, timeout: Option<Duration>) -> Sniffed {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut seen = BytesMut::new();
+    let verdict = loop {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), io.next_data()).await {
+                Ok(next) => next,
+                Err(_) => break Sniffed::Opaque,
+            },
+            None => io.next_data().await,
+        };
+        match next {
+            Ok(Some(data)) => {
+                seen.extend_from_slice(&data);
+                match sniff(&seen) {
+                    Sniffed::NeedMore => continue,
+                    verdict => break verdict,
+                }
+            }
+            // The client sent nothing and finished, or the stream broke: nothing to serve.
+            Ok(None) | Err(_) => break Sniffed::NeedMore,
+        }
+    };
+    io.unread(seen.freeze());
+    verdict
+}
+
+/// L4 authorization of a TCP stream at the waypoint: the policies bound to the service or the
+/// waypoint, without HTTP attributes (an ALLOW rule needing them never matches).
+pub(super) fn authorize_tcp(ctx: &WaypointContext, model: &Model, down: &Downstream) -> authz::Decision {
+    let target = down.target.addr();
+    let connection = Connection {
+        source: down.identity.clone(),
+        source_ip: down.client_addr.ip(),
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+        http: None,
+    };
+    let service = down.target.service().map(Arc::as_ref);
+    authz::evaluate(model.security.authorization_at_waypoint(service, &ctx.name), &connection)
+}

@@ -1,0 +1,252 @@
+//! `strait waypoint`: the L7 proxy of a namespace (issue 6). Node proxies send it the traffic
+//! of services (and pods) labelled `istio.io/use-waypoint`, over HBONE with the service VIP as
+//! the CONNECT target; it applies the VirtualServices, DestinationRules and L7 policies in
+//! force and opens HBONE, as its own identity, to the endpoint it chose.
+//!
+//! It runs in its own pod, which nothing captures: it listens on 15008 like any HBONE peer.
+
+mod inbound;
+mod sniff;
+mod tcp;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow};
+use http::HeaderValue;
+use serde::Serialize;
+use strait_ebpf_common::HBONE_PORT;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::{
+    admin::{self, AdminState, Readiness},
+    hbone::HbonePool,
+    identity::{CaClientOptions, CertStore, CertificateProvider, Identity, IstioCaClient, LocalCa},
+    l7::{
+        L7Context,
+        upstream::{Connector, Upstreams},
+    },
+    model::{self, ModelHandle, WaypointName},
+    node::CaSource,
+    sys,
+    telemetry::{AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, logging::LogControl},
+};
+
+/// Command-line settings of `strait waypoint`.
+#[derive(Debug, Clone)]
+pub struct WaypointOptions {
+    pub config_dir: PathBuf,
+    pub name: String,
+    pub namespace: String,
+    /// The service account whose identity the waypoint holds (default: its name).
+    pub service_account: String,
+    pub trust_domain: String,
+    pub ca: CaSource,
+    pub cert_ttl: Duration,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub access_log_format: AccessLogFormat,
+    pub access_log: Option<PathBuf>,
+    pub logging: Option<LogControl>,
+    /// Value of the `server` header on responses that have none (L7-9); `None` adds nothing.
+    pub server_header: Option<String>,
+}
+
+/// What each HBONE stream handler needs.
+pub struct WaypointContext {
+    pub name: WaypointName,
+    pub trust_domain: String,
+    pub model: ModelHandle,
+    pub l7: Arc<L7Context>,
+    /// Connection-level telemetry, for TCP routes.
+    pub telemetry: Telemetry,
+}
+
+pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
+    let fd_limit = sys::raise_fd_limit();
+    let model = model::reload::load_and_watch(&options.config_dir)?;
+    let name = WaypointName { namespace: options.namespace.clone(), name: options.name.clone() };
+    if model.current().waypoint(&name).is_none() {
+        warn!(
+            waypoint = %name,
+            "no pod of the configuration runs this waypoint (label gateway.networking.k8s.io/gateway-name={}): \
+             node proxies will not send it traffic",
+            name.name
+        );
+    }
+    let identity = Identity::new(&options.trust_domain, &options.namespace, &options.service_account);
+    let certs = CertStore::new(certificate_provider(&options).await?, options.cert_ttl);
+    let tls = certs.get(&identity).await.with_context(|| format!("cannot obtain a certificate for {identity}"))?;
+    drop(tls);
+
+    let access_log = AccessLog::new(options.access_log_format, options.access_log.as_deref()).with_context(|| {
+        format!("cannot open the access log {}", options.access_log.as_deref().unwrap_or(Path::new("-")).display())
+    })?;
+    let mut metrics = MetricsRegistry::new();
+    let requests = metrics.register_requests();
+    let telemetry = Telemetry::new(access_log, metrics.traffic());
+    let upstreams = Upstreams::new(Connector {
+        hbone: HbonePool::unmarked(certs.clone()),
+        identity: identity.clone(),
+        trust_domain: options.trust_domain.clone(),
+    });
+    let server_header = match &options.server_header {
+        Some(v) => Some(HeaderValue::from_str(v).map_err(|_| anyhow!("--server-header `{v}` is not a header value"))?),
+        None => None,
+    };
+    let l7 = Arc::new(L7Context {
+        model: model.clone(),
+        upstreams,
+        telemetry: RequestTelemetry::new(telemetry.access_log(), requests),
+        reporter: Reporter::Waypoint,
+        gateway: model::routes::MESH_GATEWAY.to_owned(),
+        waypoint: name.clone(),
+        server_header,
+    });
+    let ctx = Arc::new(WaypointContext {
+        name: name.clone(),
+        trust_domain: options.trust_domain.clone(),
+        model: model.clone(),
+        l7: l7.clone(),
+        telemetry,
+    });
+    tokio::spawn(forget_removed_destinations(ctx.clone()));
+    let ready = serve_operator_endpoints(&options, &model, &certs, metrics, &l7).await?;
+
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for HBONE on {addr} (is another proxy running in this pod?)"))?;
+    ready.set_ready();
+    info!(waypoint = %name, %identity, "strait waypoint ready on port {HBONE_PORT} (open-file limit {fd_limit})");
+
+    let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(inbound::serve_connection(ctx.clone(), certs.clone(), identity.clone(), stream, peer));
+                }
+                Err(e) => {
+                    warn!("accept on the HBONE listener failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    info!("shutting down");
+    Ok(())
+}
+
+async fn certificate_provider(options: &WaypointOptions) -> anyhow::Result<Arc<dyn CertificateProvider>> {
+    Ok(match &options.ca {
+        CaSource::Local { dir, .. } => Arc::new(LocalCa::load_or_create(dir, &options.trust_domain)?),
+        CaSource::Remote { address, root, token, server_name } => Arc::new(IstioCaClient::new(
+            address,
+            root,
+            CaClientOptions { token: token.clone(), server_name: server_name.clone() },
+        )?),
+    })
+}
+
+/// Destinations of services that left the configuration are forgotten, with their connections.
+async fn forget_removed_destinations(ctx: Arc<WaypointContext>) {
+    let mut model = ctx.model.clone();
+    while model.changed().await {
+        ctx.l7.upstreams.retain_known(&model.current());
+    }
+}
+
+async fn serve_operator_endpoints(
+    options: &WaypointOptions,
+    model: &ModelHandle,
+    certs: &Arc<CertStore>,
+    metrics: MetricsRegistry,
+    l7: &Arc<L7Context>,
+) -> anyhow::Result<Readiness> {
+    let ready = Readiness::default();
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on the {what} address {addr}"))
+    };
+    let admin_listener = bind(options.admin_addr, "admin").await?;
+    let metrics_listener = bind(options.metrics_addr, "metrics").await?;
+    let readiness_listener = bind(options.readiness_addr, "readiness").await?;
+    let engine = l7.clone();
+    tokio::spawn(admin::serve_admin(
+        admin_listener,
+        AdminState {
+            model: model.clone(),
+            capture: None,
+            clusters: Some(Arc::new(move || clusters_view(&engine))),
+            certs: certs.clone(),
+            node_name: String::new(),
+            trust_domain: options.trust_domain.clone(),
+            logging: options.logging.clone(),
+            ready: ready.clone(),
+        },
+    ));
+    tokio::spawn(admin::serve_metrics(metrics_listener, Arc::new(metrics)));
+    tokio::spawn(admin::serve_readiness(readiness_listener, ready.clone()));
+    Ok(ready)
+}
+
+#[derive(Serialize)]
+struct ClusterView {
+    name: String,
+    protocol: String,
+    connections: u32,
+    pending: u32,
+    active_requests: u32,
+    endpoints: Vec<EndpointView>,
+}
+
+#[derive(Serialize)]
+struct EndpointView {
+    address: SocketAddr,
+    workload: String,
+    /// `HEALTHY`, or `EJECTED` while outlier detection keeps it out.
+    health: &'static str,
+    active_requests: u32,
+    idle_connections: usize,
+}
+
+/// `/clusters`: every destination the waypoint has sent to, with its endpoints' health, as
+/// `istioctl proxy-config endpoints` shows them.
+fn clusters_view(l7: &L7Context) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = std::time::Instant::now();
+    let mut clusters: Vec<ClusterView> = l7
+        .upstreams
+        .snapshot()
+        .iter()
+        .map(|c| ClusterView {
+            name: c.key.name(),
+            protocol: format!("{:?}", c.protocol),
+            connections: c.limits.connections.load(Relaxed),
+            pending: c.limits.pending.load(Relaxed),
+            active_requests: c.limits.active_requests.load(Relaxed),
+            endpoints: c
+                .endpoints
+                .iter()
+                .map(|e| EndpointView {
+                    address: e.addr,
+                    workload: e.workload.display_name(),
+                    health: if e.health.ejected(now) { "EJECTED" } else { "HEALTHY" },
+                    active_requests: e.active.load(Relaxed),
+                    idle_connections: e.pool.idle_count(),
+                })
+                .collect(),
+        })
+        .collect();
+    clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    serde_json::to_string_pretty(&clusters).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
