@@ -13,6 +13,7 @@ pub mod demo;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;
+pub mod l7;
 pub mod model;
 pub mod node;
 pub mod sys;

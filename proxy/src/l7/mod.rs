@@ -1,0 +1,4 @@
+//! The HTTP engine shared by waypoints and gateways: request authentication, routing and the
+//! policies applied to each request.
+
+pub mod jwt;
