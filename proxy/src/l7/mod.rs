@@ -10,6 +10,7 @@ pub mod body;
 pub mod flags;
 mod forward;
 pub mod headers;
+pub mod jwt;
 pub mod lb;
 pub mod matching;
 pub mod outlier;
