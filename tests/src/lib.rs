@@ -35,8 +35,11 @@ mod traffic;
 mod underlay;
 
 pub use bins::{bin_path, require_bin};
+pub use echo::client::GetSummary;
+pub use echo::grpc::GrpcReply;
+pub use echo::websocket::WsReport;
 pub use netns::Netns;
 pub use process::Process;
 pub use topology::{FABRIC_GATEWAY, Node, Pod, Topology};
-pub use traffic::{CurlResult, EchoKind};
+pub use traffic::{CurlResult, EchoKind, EchoServer};
 pub use underlay::UnderlayCapture;

@@ -1,16 +1,22 @@
-//! Traffic from and to pods: curl as the client, `strait-echo` as the server.
+//! Traffic from and to pods: curl and `strait-echo`'s clients as clients, `strait-echo` as the
+//! server.
 //!
 //! Clients run through `ip netns exec`, so what a test sees is what a process in the pod would
-//! see, capture and policy included.
+//! see, capture and policy included. `strait-echo`'s clients print one JSON object, read back
+//! here into the types the `echo` module defines.
 
 use std::fmt::Display;
 use std::fs;
 use std::io;
+use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::bins::require_bin;
+use crate::echo::client::GetSummary;
+use crate::echo::grpc::GrpcReply;
+use crate::echo::websocket::WsReport;
 use crate::process::Process;
 use crate::topology::{Pod, log_name};
 
@@ -38,10 +44,78 @@ impl CurlResult {
 /// Which server `strait-echo` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EchoKind {
-    /// HTTP/1.1 server answering `hello from <pod> peer=... local=...` (see the `echo` module).
+    /// HTTP/1.1 server answering `hello from <name> peer=... local=...`, with `x-served-by:
+    /// <name>` and WebSocket echo (see the `echo::http` module).
     Http,
     /// TCP echo, for `strait-echo send` and `hold`.
     Tcp,
+    /// gRPC over h2c, `/strait.test.Echo/Say` answering `<name>: <message>` (see `echo::grpc`).
+    Grpc,
+}
+
+/// A `strait-echo` server about to start in a pod; see [`Pod::echo_server`].
+#[derive(Debug)]
+#[must_use = "an echo server only starts with .start()"]
+pub struct EchoServer<'a> {
+    pod: &'a Pod,
+    kind: EchoKind,
+    port: u16,
+    /// The pod's name unless set.
+    name: Option<String>,
+    delay: Duration,
+}
+
+impl EchoServer<'_> {
+    /// The name the server answers with and sends in `x-served-by`, e.g. `reviews-v2`.
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// Delays every response by `delay` (`--delay-ms`): a slow version of a service.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Starts the server and returns once its port accepts connections.
+    pub fn start(self) -> io::Result<Process> {
+        let pod = self.pod;
+        let echo = require_bin("strait-echo")?;
+        let port_arg = self.port.to_string();
+        let name = self.name.as_deref().unwrap_or(pod.name());
+        let delay_arg = self.delay.as_millis().to_string();
+        let args: Vec<&str> = match self.kind {
+            EchoKind::Tcp if self.name.is_some() || !self.delay.is_zero() => {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "a TCP echo server has no name or delay"));
+            }
+            EchoKind::Tcp => vec!["tcp", &port_arg],
+            EchoKind::Http | EchoKind::Grpc => {
+                let mode = if self.kind == EchoKind::Http { "http" } else { "grpc" };
+                let mut args = vec![mode, &port_arg, "--name", name];
+                if !self.delay.is_zero() {
+                    args.extend(["--delay-ms", &delay_arg]);
+                }
+                args
+            }
+        };
+        let log = log_name(&["echo", args[0], pod.name(), &port_arg]);
+        let process = pod.spawn(&log, &echo, &args, &[])?;
+        process.wait_for_log("listening on", ECHO_START_TIMEOUT)?;
+        let deadline = Instant::now() + ECHO_START_TIMEOUT;
+        let target = format!("127.0.0.1:{}", self.port);
+        while !pod.can_connect(&target, Duration::from_millis(200))? {
+            if Instant::now() >= deadline || !process.is_running() {
+                return Err(io::Error::other(format!(
+                    "echo server in pod {} does not accept connections on {target}; its log:\n{}",
+                    pod.name(),
+                    process.log_tail()
+                )));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(process)
+    }
 }
 
 /// Default for `curl_args`, which has no timeout argument: a hung test is worse than a failed one.
@@ -77,30 +151,60 @@ impl Pod {
         })
     }
 
-    /// Starts `strait-echo` in the pod on `port` and returns once the port accepts connections.
+    /// Starts `strait-echo` in the pod on `port`, named after the pod, and returns once the
+    /// port accepts connections.
     pub fn start_echo_server(&self, kind: EchoKind, port: u16) -> io::Result<Process> {
-        let echo = require_bin("strait-echo")?;
-        let port_arg = port.to_string();
-        let (mode, args): (&str, Vec<&str>) = match kind {
-            EchoKind::Http => ("http", vec!["http", &port_arg, "--name", self.name()]),
-            EchoKind::Tcp => ("tcp", vec!["tcp", &port_arg]),
-        };
-        let log = log_name(&["echo", mode, self.name(), &port_arg]);
-        let process = self.spawn(&log, &echo, &args, &[])?;
-        process.wait_for_log("listening on", ECHO_START_TIMEOUT)?;
-        let deadline = Instant::now() + ECHO_START_TIMEOUT;
-        let target = format!("127.0.0.1:{port}");
-        while !self.can_connect(&target, Duration::from_millis(200))? {
-            if Instant::now() >= deadline || !process.is_running() {
-                return Err(io::Error::other(format!(
-                    "echo server in pod {} does not accept connections on {target}; its log:\n{}",
-                    self.name(),
-                    process.log_tail()
-                )));
-            }
-            thread::sleep(Duration::from_millis(50));
+        self.echo_server(kind, port).start()
+    }
+
+    /// A `strait-echo` server to configure and start, e.g.
+    /// `pod.echo_server(EchoKind::Http, 9080).name("reviews-v2").delay(ms(500)).start()?`.
+    pub fn echo_server(&self, kind: EchoKind, port: u16) -> EchoServer<'_> {
+        EchoServer { pod: self, kind, port, name: None, delay: Duration::ZERO }
+    }
+
+    /// `strait-echo get <url> --count <count>` from inside the pod, with `headers` as
+    /// `(name, value)` pairs; a `Host` among them replaces the URL's.
+    pub fn echo_get(&self, url: &str, count: u64, headers: &[(&str, &str)]) -> io::Result<GetSummary> {
+        let count = count.to_string();
+        let headers: Vec<String> = headers.iter().map(|(name, value)| format!("{name}: {value}")).collect();
+        let mut args = vec!["--count", &count];
+        for header in &headers {
+            args.extend(["--header", header.as_str()]);
         }
-        Ok(process)
+        self.echo_get_args(url, &args)
+    }
+
+    /// `strait-echo get <url> <args...>`, for the flags `echo_get` does not set
+    /// (`--concurrency`, `--timeout-ms`). Failed requests are in the summary, not an error.
+    pub fn echo_get_args(&self, url: &str, args: &[&str]) -> io::Result<GetSummary> {
+        let mut full = vec!["get", url];
+        full.extend_from_slice(args);
+        self.run_echo_client(&full, GetSummary::from_json)
+    }
+
+    /// `strait-echo ws <url> --message <message>` from inside the pod: one WebSocket round trip.
+    pub fn echo_ws(&self, url: &str, message: &str) -> io::Result<WsReport> {
+        self.run_echo_client(&["ws", url, "--message", message], WsReport::from_json)
+    }
+
+    /// `strait-echo grpc-call <target> --message <message> <args...>` from inside the pod;
+    /// `args` may add `--authority HOST`, `--status N`, `--timeout-ms N`. A call that failed
+    /// below gRPC is a reply with `grpc_status: None`, not an error.
+    pub fn grpc_call(&self, target: impl Display, message: &str, args: &[&str]) -> io::Result<GrpcReply> {
+        let target = target.to_string();
+        let mut full = vec!["grpc-call", &target, "--message", message];
+        full.extend_from_slice(args);
+        self.run_echo_client(&full, GrpcReply::from_json)
+    }
+
+    /// Runs a `strait-echo` client and parses the JSON it printed, whatever its exit status
+    /// (a failed check still reports what it saw); only unreadable output is an error.
+    fn run_echo_client<T>(&self, args: &[&str], parse: fn(&str) -> Result<T, String>) -> io::Result<T> {
+        let echo = require_bin("strait-echo")?;
+        let output = self.run(&echo, args)?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        parse(stdout.trim()).map_err(|e| client_error(self, args, &output, &e))
     }
 
     /// Whether a TCP connection from the pod to `target` (`ip:port`) succeeds within `timeout`.
@@ -111,4 +215,15 @@ impl Pod {
         let output = self.run(&echo, &["probe", &target, "--timeout-ms", &millis])?;
         Ok(output.status.success())
     }
+}
+
+fn client_error(pod: &Pod, args: &[&str], output: &Output, error: &str) -> io::Error {
+    io::Error::other(format!(
+        "strait-echo {} in pod {} ({}) printed no report ({error}); stdout: {:?}, stderr: {:?}",
+        args.join(" "),
+        pod.name(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
 }

@@ -1,17 +1,26 @@
 //! `strait-echo`: the servers and clients end-to-end tests run inside pods (see
-//! `strait_testbed::echo`). Exit status 0 means success, 1 a failed check, 2 a usage error.
+//! `strait_testbed::echo`). Exit status 0 means success, 1 a failed check, 2 a usage error;
+//! `get`, `ws` and `grpc-call` print one JSON object on stdout either way.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use strait_testbed::echo::{http, tcp};
+use strait_testbed::echo::client::{self, GetOptions, HttpUrl};
+use strait_testbed::echo::{ServerConfig, grpc, http, tcp, websocket};
 
 const USAGE: &str = "usage:
-  strait-echo http PORT [--name NAME]
+  strait-echo http PORT [--name NAME] [--delay-ms N]
+  strait-echo grpc PORT [--name NAME] [--delay-ms N]
   strait-echo tcp PORT
   strait-echo probe IP:PORT [--timeout-ms N]
   strait-echo send IP:PORT --bytes N [--timeout-secs N]
-  strait-echo hold IP:PORT --secs S";
+  strait-echo hold IP:PORT --secs S
+  strait-echo get URL [--count N] [--header 'Name: value']... [--timeout-ms N] [--concurrency C]
+  strait-echo ws URL --message TEXT [--timeout-ms N]
+  strait-echo grpc-call IP:PORT --message TEXT [--authority HOST] [--status N] [--timeout-ms N]";
+
+/// Client timeout unless `--timeout-ms` says otherwise.
+const DEFAULT_TIMEOUT_MS: u64 = 5000;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,10 +38,15 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     let (command, rest) = args.split_first().ok_or("missing subcommand")?;
     let (positional, rest) = rest.split_first().ok_or("missing PORT or IP:PORT")?;
     match command.as_str() {
-        "http" => {
-            let opts = Options::parse(rest, &["--name"])?;
-            let name = opts.get("--name").unwrap_or("strait-echo");
-            Ok(serve_result(http::serve(parse(positional, "PORT")?, name)))
+        "http" | "grpc" => {
+            let opts = Options::parse(rest, &["--name", "--delay-ms"])?;
+            let config = ServerConfig {
+                name: opts.get("--name").unwrap_or("strait-echo").to_string(),
+                delay: Duration::from_millis(opts.parse_or("--delay-ms", 0)?),
+            };
+            let port = parse(positional, "PORT")?;
+            let serve = if command == "http" { http::serve } else { grpc::serve };
+            Ok(serve_result(serve(port, config)))
         }
         "tcp" => {
             Options::parse(rest, &[])?;
@@ -63,6 +77,45 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 println!("{message}");
             }
             Ok(exit(result.is_ok()))
+        }
+        "get" => {
+            let opts = Options::parse(rest, &["--count", "--header", "--timeout-ms", "--concurrency"])?;
+            let url = HttpUrl::parse(positional)?;
+            let headers = opts
+                .get_all("--header")
+                .map(|h| match h.split_once(':') {
+                    Some((name, value)) if !name.trim().is_empty() => Ok((name.trim().into(), value.trim().into())),
+                    _ => Err(format!("--header {h:?} is not 'Name: value'")),
+                })
+                .collect::<Result<_, String>>()?;
+            let options = GetOptions {
+                count: opts.parse_or("--count", 1)?,
+                headers,
+                timeout: Duration::from_millis(opts.parse_or("--timeout-ms", DEFAULT_TIMEOUT_MS)?),
+                concurrency: opts.parse_or("--concurrency", 1)?,
+            };
+            let summary = client::get(&url, &options);
+            println!("{}", summary.to_json());
+            Ok(exit(summary.errors == 0))
+        }
+        "ws" => {
+            let opts = Options::parse(rest, &["--message", "--timeout-ms"])?;
+            let url = HttpUrl::parse(positional)?;
+            let message = opts.get("--message").ok_or("ws needs --message TEXT")?;
+            let timeout = Duration::from_millis(opts.parse_or("--timeout-ms", DEFAULT_TIMEOUT_MS)?);
+            let report = websocket::check_echo(&url, message, timeout);
+            println!("{}", report.to_json());
+            Ok(exit(report.error.is_none()))
+        }
+        "grpc-call" => {
+            let opts = Options::parse(rest, &["--message", "--authority", "--status", "--timeout-ms"])?;
+            let message = opts.get("--message").ok_or("grpc-call needs --message TEXT")?;
+            let mut options = grpc::CallOptions::new(positional, opts.get("--authority"), message)?;
+            options.status = opts.get("--status").map(|s| parse(s, "--status")).transpose()?;
+            options.timeout = Duration::from_millis(opts.parse_or("--timeout-ms", DEFAULT_TIMEOUT_MS)?);
+            let reply = grpc::call(&options);
+            println!("{}", reply.to_json());
+            Ok(exit(reply.grpc_status.is_some()))
         }
         other => Err(format!("unknown subcommand {other:?}")),
     }
@@ -101,8 +154,14 @@ impl<'a> Options<'a> {
         Ok(Options(pairs))
     }
 
+    /// The last value given for `flag`.
     fn get(&self, flag: &str) -> Option<&'a str> {
         self.0.iter().rev().find(|(f, _)| *f == flag).map(|(_, v)| *v)
+    }
+
+    /// Every value given for a repeatable `flag`, in order.
+    fn get_all<'s>(&'s self, flag: &'s str) -> impl Iterator<Item = &'a str> + 's {
+        self.0.iter().filter(move |(f, _)| *f == flag).map(|(_, v)| *v)
     }
 
     fn parse_or<T: std::str::FromStr>(&self, flag: &str, default: T) -> Result<T, String> {

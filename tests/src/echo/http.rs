@@ -1,226 +1,76 @@
-//! `strait-echo http`: a small HTTP/1.1 server that tells the client who it saw.
+//! `strait-echo http`: a small threaded HTTP/1.1 server that tells the client who it saw and
+//! who answered, standing in for Bookinfo's and httpbin's services in waypoint tests.
 //!
 //! Its answers let tests check what the mesh did to a request: the peer address (was the client
 //! IP preserved), headers added by a waypoint (`/headers`), statuses for retry and outlier tests
-//! (`/status/N`), slow answers for timeouts (`/delay/MS`), large bodies both ways with digests.
+//! (`/status/N`, `/flaky/N/KEY`), slow answers for timeouts (`/delay/MS`, `--delay-ms`), large
+//! bodies both ways with digests, and WebSocket upgrades. Every response names the server in
+//! `x-served-by`, so routing shows without parsing bodies.
 //!
-//! Routes (query strings ignored): `POST`/`PUT`/`PATCH` any path → `received <n> bytes
-//! fnv1a64=<hex>`; `GET /bytes/N` → N pattern bytes; `/delay/MS`, `/status/CODE`, `/headers`;
-//! anything else → `hello from <name> peer=<ip:port> local=<ip:port>` (plus ` path=<p>` when not `/`).
+//! Routes (query strings ignored): `/flaky/N/KEY` → 503 for the first N requests with that KEY,
+//! then as below; `POST`/`PUT`/`PATCH` any path → `received <n> bytes fnv1a64=<hex>`;
+//! `GET /bytes/N` → N pattern bytes; `/delay/MS`, `/status/CODE`, `/headers`; a WebSocket
+//! upgrade → 101 and an echo of every message; anything else → `hello from <name>
+//! peer=<ip:port> local=<ip:port>` (plus ` path=<p>` when not `/`).
 
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
-use super::{Fnv1a64, pattern_slice};
+use super::wire::{BadRequest, BodyKind, IO_CHUNK, RequestHead, parse_head, read_body, read_head};
+use super::{Fnv1a64, ServerConfig, pattern_slice, websocket};
 
-/// Longest request head accepted; a client sending more is broken or hostile.
-const MAX_HEAD: usize = 64 * 1024;
 /// Keep-alive connections idle this long are closed, so abandoned ones do not pile up threads.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Chunk size for streaming bodies in and out.
-const IO_CHUNK: usize = 64 * 1024;
 
-/// Why a request could not be understood; answered with 400 and a closed connection.
-#[derive(Debug, PartialEq, Eq)]
-pub struct BadRequest(pub String);
-
-fn bad(msg: impl Into<String>) -> BadRequest {
-    BadRequest(msg.into())
+/// What every connection of one server shares.
+struct Server {
+    config: ServerConfig,
+    flaky: FlakyCounter,
 }
 
-/// A parsed request line and headers.
-#[derive(Debug, PartialEq, Eq)]
-pub struct RequestHead {
-    pub method: String,
-    /// The request target as sent, query string included.
-    pub target: String,
-    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
-    pub minor_version: u8,
-    pub headers: Vec<(String, String)>,
-}
+/// Requests seen per `/flaky/N/KEY` key since the server started.
+#[derive(Debug, Default)]
+pub struct FlakyCounter(Mutex<HashMap<String, u64>>);
 
-/// How the request body is delimited.
-#[derive(Debug, PartialEq, Eq, Clone, Copy)]
-pub enum BodyKind {
-    Empty,
-    Length(u64),
-    Chunked,
-}
-
-impl RequestHead {
-    /// The first header named `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+impl FlakyCounter {
+    /// Counts one request for `key` and tells whether it is among the first `failures`.
+    pub fn should_fail(&self, key: &str, failures: u64) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = seen.entry(key.to_string()).or_insert(0);
+        *count += 1;
+        *count <= failures
     }
-
-    /// The path without the query string.
-    pub fn path(&self) -> &str {
-        self.target.split('?').next().unwrap_or("")
-    }
-
-    pub fn body_kind(&self) -> Result<BodyKind, BadRequest> {
-        // Transfer-Encoding wins over Content-Length (RFC 9112 6.3).
-        if let Some(te) = self.header("transfer-encoding") {
-            return match te.rsplit(',').next().map(str::trim) {
-                Some(last) if last.eq_ignore_ascii_case("chunked") => Ok(BodyKind::Chunked),
-                _ => Err(bad(format!("unsupported transfer-encoding {te:?}"))),
-            };
-        }
-        let mut length = None;
-        for (_, value) in self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("content-length")) {
-            let parsed: u64 = value.trim().parse().map_err(|_| bad(format!("bad content-length {value:?}")))?;
-            if length.is_some_and(|l| l != parsed) {
-                return Err(bad("conflicting content-length headers"));
-            }
-            length = Some(parsed);
-        }
-        Ok(length.map_or(BodyKind::Empty, BodyKind::Length))
-    }
-
-    /// HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless told to keep.
-    pub fn keep_alive(&self) -> bool {
-        let connection = self.header("connection").unwrap_or("").to_ascii_lowercase();
-        if self.minor_version == 0 { connection.contains("keep-alive") } else { !connection.contains("close") }
-    }
-}
-
-/// Reads one request head (through the empty line). `Ok(None)` on a clean end of stream
-/// before a request starts, the normal end of a keep-alive connection.
-pub fn read_head<R: BufRead>(reader: &mut R) -> io::Result<Option<Result<String, BadRequest>>> {
-    let mut head = Vec::new();
-    loop {
-        let start = head.len();
-        let limit = u64::try_from(MAX_HEAD + 1 - head.len().min(MAX_HEAD)).unwrap_or(0);
-        let n = reader.by_ref().take(limit).read_until(b'\n', &mut head)?;
-        if n == 0 {
-            return if head.iter().all(|b| b.is_ascii_whitespace()) {
-                Ok(None)
-            } else {
-                Ok(Some(Err(bad("connection closed inside the request head"))))
-            };
-        }
-        if head.len() > MAX_HEAD {
-            return Ok(Some(Err(bad("request head too large"))));
-        }
-        let line = &head[start..];
-        let is_blank = line == b"\r\n" || line == b"\n";
-        // Blank lines before the request line are allowed (RFC 9112 2.2); after it they end the head.
-        if is_blank && head[..start].iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
-        }
-        if is_blank {
-            return Ok(Some(String::from_utf8(head).map_err(|_| bad("request head is not UTF-8"))));
-        }
-    }
-}
-
-/// Parses a request head as returned by [`read_head`].
-pub fn parse_head(head: &str) -> Result<RequestHead, BadRequest> {
-    let mut lines = head.trim_start().lines().map(|l| l.strip_suffix('\r').unwrap_or(l));
-    let request_line = lines.next().ok_or_else(|| bad("empty request"))?;
-    let mut parts = request_line.split(' ');
-    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(t), Some(v), None) if !m.is_empty() && !t.is_empty() => (m, t, v),
-        _ => return Err(bad(format!("malformed request line {request_line:?}"))),
-    };
-    if !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(bad(format!("malformed method {method:?}")));
-    }
-    let minor_version = match version {
-        "HTTP/1.1" => 1,
-        "HTTP/1.0" => 0,
-        _ => return Err(bad(format!("unsupported version {version:?}"))),
-    };
-    let mut headers = Vec::new();
-    for line in lines.take_while(|l| !l.is_empty()) {
-        let (name, value) = line.split_once(':').ok_or_else(|| bad(format!("malformed header {line:?}")))?;
-        if name.is_empty() || name.contains(|c: char| c.is_whitespace()) {
-            return Err(bad(format!("malformed header name {name:?}")));
-        }
-        headers.push((name.to_string(), value.trim().to_string()));
-    }
-    Ok(RequestHead { method: method.to_string(), target: target.to_string(), minor_version, headers })
-}
-
-/// Reads a body of `kind`, feeding its bytes to `sink`; returns its length.
-pub fn read_body<R: BufRead>(
-    reader: &mut R,
-    kind: BodyKind,
-    mut sink: impl FnMut(&[u8]),
-) -> io::Result<Result<u64, BadRequest>> {
-    match kind {
-        BodyKind::Empty => Ok(Ok(0)),
-        BodyKind::Length(n) => copy_exact(reader, n, &mut sink).map(|()| Ok(n)),
-        BodyKind::Chunked => {
-            let mut total = 0u64;
-            loop {
-                let line = read_short_line(reader)?;
-                let size_text = line.split(';').next().unwrap_or("").trim();
-                let Ok(size) = u64::from_str_radix(size_text, 16) else {
-                    return Ok(Err(bad(format!("bad chunk size {size_text:?}"))));
-                };
-                if size == 0 {
-                    // Trailers, ignored, up to the empty line.
-                    while !read_short_line(reader)?.trim().is_empty() {}
-                    return Ok(Ok(total));
-                }
-                copy_exact(reader, size, &mut sink)?;
-                total += size;
-                if !read_short_line(reader)?.trim().is_empty() {
-                    return Ok(Err(bad("chunk data longer than its size")));
-                }
-            }
-        }
-    }
-}
-
-fn copy_exact<R: Read>(reader: &mut R, mut n: u64, sink: &mut impl FnMut(&[u8])) -> io::Result<()> {
-    let mut buf = vec![0u8; IO_CHUNK];
-    while n > 0 {
-        let want = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
-        let got = reader.read(&mut buf[..want])?;
-        if got == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body ended early"));
-        }
-        sink(&buf[..got]);
-        n -= got as u64;
-    }
-    Ok(())
-}
-
-/// A chunk-size or trailer line, at most 4 KiB; a missing line is an error (the body is cut).
-fn read_short_line<R: BufRead>(reader: &mut R) -> io::Result<String> {
-    let mut line = Vec::new();
-    if reader.by_ref().take(4096).read_until(b'\n', &mut line)? == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "chunked body ended early"));
-    }
-    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 /// Serves HTTP on `0.0.0.0:port` until the process is killed.
-pub fn serve(port: u16, name: &str) -> io::Result<()> {
+pub fn serve(port: u16, config: ServerConfig) -> io::Result<()> {
+    if config.name.chars().any(char::is_control) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the server name must not contain control characters"));
+    }
     let listener = TcpListener::bind(("0.0.0.0", port))?;
     println!("listening on 0.0.0.0:{port}");
-    let name: Arc<str> = Arc::from(name);
+    let server = Arc::new(Server { config, flaky: FlakyCounter::default() });
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let name = Arc::clone(&name);
+        let server = Arc::clone(&server);
         thread::spawn(move || {
-            let _ = serve_connection(stream, &name);
+            let _ = serve_connection(stream, &server);
         });
     }
     Ok(())
 }
 
-fn serve_connection(stream: TcpStream, name: &str) -> io::Result<()> {
+fn serve_connection(stream: TcpStream, server: &Server) -> io::Result<()> {
     let peer = stream.peer_addr()?;
     let local = stream.local_addr()?;
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = BufWriter::new(stream);
+    let served_by = server.config.name.as_str();
     loop {
         let head = match read_head(&mut reader)? {
             None => return Ok(()),
@@ -229,7 +79,7 @@ fn serve_connection(stream: TcpStream, name: &str) -> io::Result<()> {
         let parsed = head.and_then(|h| parse_head(&h)).and_then(|req| req.body_kind().map(|kind| (req, kind)));
         let (request, kind) = match parsed {
             Ok(parsed) => parsed,
-            Err(BadRequest(reason)) => return reject(&mut writer, peer, &reason),
+            Err(BadRequest(reason)) => return reject(&mut writer, peer, served_by, &reason),
         };
         if kind != BodyKind::Empty && request.header("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue")) {
             writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
@@ -238,27 +88,58 @@ fn serve_connection(stream: TcpStream, name: &str) -> io::Result<()> {
         let mut digest = Fnv1a64::default();
         let length = match read_body(&mut reader, kind, |b| digest.update(b))? {
             Ok(length) => length,
-            Err(BadRequest(reason)) => return reject(&mut writer, peer, &reason),
+            Err(BadRequest(reason)) => return reject(&mut writer, peer, served_by, &reason),
         };
+
+        if let Some(key) = websocket::upgrade_key(&request) {
+            thread::sleep(server.config.delay);
+            log_request(peer, &request, 101);
+            let accept = websocket::accept_key(key);
+            write!(
+                writer,
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+                 sec-websocket-accept: {accept}\r\nx-served-by: {served_by}\r\n\r\n"
+            )?;
+            writer.flush()?;
+            let echoed = websocket::serve_echo(&mut reader, &mut writer);
+            println!("websocket peer={peer} echoed={}", echoed.unwrap_or(0));
+            return Ok(());
+        }
+
         let keep_alive = request.keep_alive();
-        let status =
-            respond(&mut writer, &request, Received { length, digest }, Peers { name, peer, local }, keep_alive)?;
+        let answer =
+            route(&request, Received { length, digest }, Peers { name: served_by, peer, local }, &server.flaky);
+        thread::sleep(server.config.delay.saturating_add(answer.delay));
+        // Logged before the response is written, so a client that has its answer finds the line.
+        log_request(peer, &request, answer.status);
+        write_answer(&mut writer, &answer, served_by, keep_alive, request.method == "HEAD")?;
         writer.flush()?;
-        println!("request peer={peer} {} {} {status}", request.method, request.target);
         if !keep_alive {
             return Ok(());
         }
     }
 }
 
+/// The access line tests grep: `request peer=<ip:port> <METHOD> <target> <status> host=<Host>
+/// request_id=<x-request-id> user=<end-user>`, `-` for a missing header.
+fn log_request(peer: SocketAddr, request: &RequestHead, status: u16) {
+    let header = |name| request.header(name).unwrap_or("-");
+    println!(
+        "request peer={peer} {} {} {status} host={} request_id={} user={}",
+        request.method,
+        request.target,
+        header("host"),
+        header("x-request-id"),
+        header("end-user")
+    );
+}
+
 /// Answers a malformed request with 400 and ends the connection: its framing is unknown.
-fn reject(writer: &mut impl Write, peer: SocketAddr, reason: &str) -> io::Result<()> {
-    let body = format!("bad request: {reason}\n");
-    write_head(writer, 400, body.len() as u64, false)?;
-    writer.write_all(body.as_bytes())?;
-    writer.flush()?;
-    println!("request peer={peer} - - 400");
-    Ok(())
+fn reject(writer: &mut impl Write, peer: SocketAddr, served_by: &str, reason: &str) -> io::Result<()> {
+    println!("request peer={peer} - - 400 host=- request_id=- user=-");
+    let answer = Answer::text(400, format!("bad request: {reason}\n"));
+    write_answer(writer, &answer, served_by, false, false)?;
+    writer.flush()
 }
 
 struct Received {
@@ -272,76 +153,107 @@ struct Peers<'a> {
     local: SocketAddr,
 }
 
-/// Writes the response for `request` and returns its status.
-fn respond(
-    writer: &mut impl Write,
-    request: &RequestHead,
-    received: Received,
-    peers: Peers<'_>,
-    keep_alive: bool,
-) -> io::Result<u16> {
+/// The response to one request, decided before anything is written.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    status: u16,
+    body: Body,
+    /// How long to wait before answering (`/delay/MS`), on top of the server's own delay.
+    delay: Duration,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Body {
+    Text(String),
+    /// That many bytes of the test pattern, streamed.
+    Pattern(u64),
+}
+
+impl Answer {
+    fn text(status: u16, body: impl Into<String>) -> Answer {
+        Answer { status, body: Body::Text(body.into()), delay: Duration::ZERO }
+    }
+}
+
+fn route(request: &RequestHead, received: Received, peers: Peers<'_>, flaky: &FlakyCounter) -> Answer {
     let path = request.path();
-    let head_only = request.method == "HEAD";
+    if let Some(rest) = path.strip_prefix("/flaky/") {
+        let Some((Ok(failures), key)) = rest.split_once('/').map(|(n, key)| (n.parse::<u64>(), key)) else {
+            return Answer::text(400, "bad flaky path, expected /flaky/N/KEY\n");
+        };
+        if flaky.should_fail(key, failures) {
+            return Answer::text(503, format!("flaky {key}: failing the first {failures} requests\n"));
+        }
+    }
+
     let mut hello = format!("hello from {} peer={} local={}", peers.name, peers.peer, peers.local);
     if path != "/" {
         hello.push_str(&format!(" path={path}"));
     }
     hello.push('\n');
 
-    let (status, body) = if matches!(request.method.as_str(), "POST" | "PUT" | "PATCH") {
-        (200, format!("received {} bytes fnv1a64={}\n", received.length, received.digest.hex()))
+    if matches!(request.method.as_str(), "POST" | "PUT" | "PATCH") {
+        Answer::text(200, format!("received {} bytes fnv1a64={}\n", received.length, received.digest.hex()))
     } else if let Some(n) = path.strip_prefix("/bytes/") {
-        let Ok(n) = n.parse::<u64>() else {
-            return simple(writer, 400, "bad byte count\n", keep_alive, head_only);
-        };
-        write_head(writer, 200, n, keep_alive)?;
-        if !head_only {
-            let mut sent = 0;
-            while sent < n {
-                let chunk = pattern_slice(sent, usize::try_from(n - sent).unwrap_or(IO_CHUNK).min(IO_CHUNK));
-                writer.write_all(chunk)?;
-                sent += chunk.len() as u64;
-            }
+        match n.parse::<u64>() {
+            Ok(n) => Answer { status: 200, body: Body::Pattern(n), delay: Duration::ZERO },
+            Err(_) => Answer::text(400, "bad byte count\n"),
         }
-        return Ok(200);
     } else if let Some(ms) = path.strip_prefix("/delay/") {
-        let Ok(ms) = ms.parse::<u64>() else {
-            return simple(writer, 400, "bad delay\n", keep_alive, head_only);
-        };
-        thread::sleep(Duration::from_millis(ms));
-        (200, hello)
+        match ms.parse::<u64>() {
+            Ok(ms) => Answer { delay: Duration::from_millis(ms), ..Answer::text(200, hello) },
+            Err(_) => Answer::text(400, "bad delay\n"),
+        }
     } else if let Some(code) = path.strip_prefix("/status/") {
         match code.parse::<u16>() {
-            Ok(code @ 200..=599) => (code, hello),
-            _ => (400, "bad status\n".to_string()),
+            Ok(code @ 200..=599) => Answer::text(code, hello),
+            _ => Answer::text(400, "bad status\n"),
         }
     } else if path == "/headers" {
         let mut body = String::new();
         for (name, value) in &request.headers {
             body.push_str(&format!("{}: {value}\n", name.to_ascii_lowercase()));
         }
-        (200, body)
+        Answer::text(200, body)
     } else {
-        (200, hello)
-    };
-    simple(writer, status, &body, keep_alive, head_only)
-}
-
-fn simple(writer: &mut impl Write, status: u16, body: &str, keep_alive: bool, head_only: bool) -> io::Result<u16> {
-    write_head(writer, status, body.len() as u64, keep_alive)?;
-    if !head_only {
-        writer.write_all(body.as_bytes())?;
+        Answer::text(200, hello)
     }
-    Ok(status)
 }
 
-fn write_head(writer: &mut impl Write, status: u16, length: u64, keep_alive: bool) -> io::Result<()> {
+fn write_answer(
+    writer: &mut impl Write,
+    answer: &Answer,
+    served_by: &str,
+    keep_alive: bool,
+    head_only: bool,
+) -> io::Result<()> {
+    let length = match &answer.body {
+        Body::Text(text) => text.len() as u64,
+        Body::Pattern(n) => *n,
+    };
     let connection = if keep_alive { "keep-alive" } else { "close" };
     write!(
         writer,
-        "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {length}\r\nconnection: {connection}\r\n\r\n",
-        reason(status)
-    )
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\ncontent-length: {length}\r\nconnection: {connection}\r\n\
+         x-served-by: {served_by}\r\n\r\n",
+        answer.status,
+        reason(answer.status)
+    )?;
+    if head_only {
+        return Ok(());
+    }
+    match &answer.body {
+        Body::Text(text) => writer.write_all(text.as_bytes()),
+        Body::Pattern(n) => {
+            let mut sent = 0;
+            while sent < *n {
+                let chunk = pattern_slice(sent, usize::try_from(n - sent).unwrap_or(IO_CHUNK).min(IO_CHUNK));
+                writer.write_all(chunk)?;
+                sent += chunk.len() as u64;
+            }
+            Ok(())
+        }
+    }
 }
 
 fn reason(status: u16) -> &'static str {
@@ -365,73 +277,57 @@ fn reason(status: u16) -> &'static str {
 mod tests {
     use super::*;
 
-    fn head_of(raw: &[u8]) -> Option<Result<String, BadRequest>> {
-        read_head(&mut &raw[..]).expect("reading from a slice cannot fail")
+    fn answer(raw: &str, flaky: &FlakyCounter) -> Answer {
+        let request = parse_head(raw).expect("valid request");
+        let addr: SocketAddr = "10.0.0.1:1234".parse().expect("address");
+        let peers = Peers { name: "v1", peer: addr, local: addr };
+        route(&request, Received { length: 0, digest: Fnv1a64::default() }, peers, flaky)
     }
 
     #[test]
-    fn parses_request_line_and_headers() {
-        let raw = "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-Thing:  v  \r\n\r\n";
-        let req = parse_head(raw).expect("valid request");
-        assert_eq!(req.method, "GET");
-        assert_eq!(req.path(), "/a");
-        assert_eq!(req.header("x-thing"), Some("v"));
-        assert_eq!(req.body_kind(), Ok(BodyKind::Empty));
-        assert!(req.keep_alive());
+    fn flaky_fails_the_first_n_requests_per_key() {
+        let flaky = FlakyCounter::default();
+        let statuses: Vec<u16> = (0..4).map(|_| answer("GET /flaky/2/a?x=1 HTTP/1.1\r\n\r\n", &flaky).status).collect();
+        assert_eq!(statuses, [503, 503, 200, 200]);
+        // Keys count apart; the answer after the failures is the usual one for the request.
+        assert_eq!(answer("GET /flaky/1/b HTTP/1.1\r\n\r\n", &flaky).status, 503);
+        let ok = answer("GET /flaky/1/b HTTP/1.1\r\n\r\n", &flaky);
+        assert_eq!(
+            ok.body,
+            Body::Text("hello from v1 peer=10.0.0.1:1234 local=10.0.0.1:1234 path=/flaky/1/b\n".into())
+        );
+        assert_eq!(answer("POST /flaky/0/c HTTP/1.1\r\n\r\n", &flaky).status, 200);
+        assert_eq!(answer("GET /flaky/x/c HTTP/1.1\r\n\r\n", &flaky).status, 400);
+        assert_eq!(answer("GET /flaky/3 HTTP/1.1\r\n\r\n", &flaky).status, 400);
     }
 
     #[test]
-    fn rejects_malformed_requests() {
-        for raw in [
-            "GET /\r\n\r\n",
-            "get / HTTP/1.1\r\n\r\n",
-            "GET / HTTP/2\r\n\r\n",
-            "GET / HTTP/1.1\r\nNoColon\r\n\r\n",
-            "GET  / HTTP/1.1\r\n\r\n",
-        ] {
-            assert!(parse_head(raw).is_err(), "{raw:?}");
-        }
-        let req = parse_head("POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n").expect("parses");
-        assert!(req.body_kind().is_err());
-        let req = parse_head("POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n").expect("parses");
-        assert!(req.body_kind().is_err());
+    fn flaky_counter_is_exact_across_threads() {
+        let flaky = FlakyCounter::default();
+        let failures: usize = thread::scope(|s| {
+            let workers: Vec<_> =
+                (0..8).map(|_| s.spawn(|| (0..100).filter(|_| flaky.should_fail("k", 250)).count())).collect();
+            workers.into_iter().map(|w| w.join().expect("no panic")).sum()
+        });
+        assert_eq!(failures, 250);
     }
 
     #[test]
-    fn keep_alive_follows_version_and_connection_header() {
-        let ka = |raw: &str| parse_head(raw).expect("parses").keep_alive();
-        assert!(!ka("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
-        assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
-        assert!(ka("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+    fn routes_keep_their_answers() {
+        let flaky = FlakyCounter::default();
+        assert_eq!(answer("GET /bytes/7 HTTP/1.1\r\n\r\n", &flaky).body, Body::Pattern(7));
+        assert_eq!(answer("GET /status/418 HTTP/1.1\r\n\r\n", &flaky).status, 418);
+        assert_eq!(answer("GET /delay/20 HTTP/1.1\r\n\r\n", &flaky).delay, Duration::from_millis(20));
+        let headers = answer("GET /headers HTTP/1.1\r\nX-A: b\r\n\r\n", &flaky);
+        assert_eq!(headers.body, Body::Text("x-a: b\n".into()));
     }
 
     #[test]
-    fn reads_heads_off_a_stream() {
-        assert_eq!(head_of(b""), None);
-        assert_eq!(head_of(b"\r\n"), None);
-        let head = head_of(b"\r\nGET / HTTP/1.1\nHost: a\n\nrest").expect("a head").expect("valid");
-        assert_eq!(parse_head(&head).map(|r| r.header("host").map(String::from)), Ok(Some("a".into())));
-        assert!(head_of(b"GET / HTTP/1.1\r\nHost").expect("a head").is_err());
-        let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
-        assert!(head_of(huge.as_bytes()).expect("a head").is_err());
-    }
-
-    #[test]
-    fn reads_chunked_and_sized_bodies() {
-        let mut body = Vec::new();
-        let mut raw: &[u8] = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
-        let n = read_body(&mut raw, BodyKind::Chunked, |b| body.extend_from_slice(b)).expect("io ok");
-        assert_eq!(n, Ok(11));
-        assert_eq!(body, b"hello world");
-        assert_eq!(raw, b"NEXT");
-
-        let mut raw: &[u8] = b"abcdef";
-        assert_eq!(read_body(&mut raw, BodyKind::Length(4), |_| {}).expect("io ok"), Ok(4));
-        assert_eq!(raw, b"ef");
-
-        let mut raw: &[u8] = b"zz\r\n";
-        assert!(read_body(&mut raw, BodyKind::Chunked, |_| {}).expect("io ok").is_err());
-        let mut raw: &[u8] = b"abc";
-        assert!(read_body(&mut raw, BodyKind::Length(10), |_| {}).is_err());
+    fn responses_name_the_server() {
+        let mut out = Vec::new();
+        write_answer(&mut out, &Answer::text(503, "x"), "reviews-v2", true, false).expect("write to a Vec");
+        let text = String::from_utf8(out).expect("ASCII");
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{text}");
+        assert!(text.contains("\r\nx-served-by: reviews-v2\r\n") && text.ends_with("\r\n\r\nx"), "{text}");
     }
 }

@@ -1,14 +1,34 @@
 //! The `strait-echo` test servers and clients, kept in the library so their parsing is unit-tested.
 //!
 //! Tests need servers that report who connected (to check the mesh preserved the client's
-//! address) and clients that prove byte-exact delivery and long-lived connections; curl and a
-//! shell cannot do the latter, and the project depends on no HTTP crate. See `bin/strait-echo.rs`
-//! for the command line.
+//! address) and who answered (named versions of a service, for routing), and clients that prove
+//! byte-exact delivery, long-lived connections, WebSocket and gRPC round trips, and tally
+//! thousands of requests; curl in a shell loop cannot do most of that. The HTTP/1.1 side is std
+//! only; gRPC uses h2 and tokio, which the proxy already builds. See `bin/strait-echo.rs` for
+//! the command line.
 
+pub mod base64;
+pub mod client;
+pub mod grpc;
 pub mod http;
+pub mod json;
+pub mod sha1;
 pub mod tcp;
+pub mod websocket;
+pub mod wire;
 
 use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How an `http` or `grpc` server presents itself, from its command line.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Answers `hello from <name>` (HTTP) or `<name>: <message>` (gRPC), and sends
+    /// `x-served-by: <name>`.
+    pub name: String,
+    /// Added before every response, to make a slow version of a service.
+    pub delay: Duration,
+}
 
 /// FNV-1a, 64 bit: a digest for comparing bodies without a hashing crate. Not cryptographic,
 /// which is fine for catching corruption in tests.
