@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run the per-node proxy: capture enrolled pods' traffic with eBPF and proxy it.
     Node(Box<NodeArgs>),
+    /// Run a namespace's waypoint: the L7 proxy for services labelled istio.io/use-waypoint.
+    Waypoint(Box<WaypointArgs>),
     /// Build a two-node mesh out of network namespaces on this machine and show it working.
     Demo,
     /// Operator tools that work on a configuration directory.
@@ -95,6 +97,67 @@ struct NodeArgs {
     workers: Option<usize>,
 }
 
+#[derive(Args)]
+struct WaypointArgs {
+    /// Directory of Kubernetes and Istio YAML resources, watched for changes.
+    #[arg(long)]
+    config: PathBuf,
+    /// The waypoint's name: what `istio.io/use-waypoint` labels name, and the value of its
+    /// pods' `gateway.networking.k8s.io/gateway-name` label.
+    #[arg(long)]
+    name: String,
+    /// The waypoint's namespace.
+    #[arg(long)]
+    namespace: String,
+    /// Service account whose identity the waypoint holds (default: the waypoint's name, as
+    /// Istio deploys it).
+    #[arg(long)]
+    service_account: Option<String>,
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = strait::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Directory of the built-in CA (Istio's plug-in CA layout), shared with the node proxies.
+    #[arg(long, default_value = "/var/lib/strait/ca")]
+    ca_dir: PathBuf,
+    /// Get the certificate from a CA speaking Istio's CA API instead (istiod, or a strait node
+    /// started with --ca-listen).
+    #[arg(long, requires = "ca_root")]
+    ca_address: Option<String>,
+    /// PEM root certificate(s) the remote CA's endpoint and issued certificates chain to.
+    #[arg(long)]
+    ca_root: Option<PathBuf>,
+    /// File holding the bearer token presented to a remote CA.
+    #[arg(long)]
+    ca_token_file: Option<PathBuf>,
+    /// Name to verify in the remote CA's certificate.
+    #[arg(long)]
+    ca_server_name: Option<String>,
+    /// Lifetime of the waypoint's certificate (renewed at half life).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// Admin API (/config_dump, /clusters, /certs, /logging, /healthz/ready).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Prometheus metrics (/metrics), with Istio's names and labels.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness probe.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Access line format: `key=value` text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    access_log_format: LogFormat,
+    /// Append access lines to this file instead of writing them to stdout.
+    #[arg(long)]
+    access_log: Option<PathBuf>,
+    /// `server` header set on responses that carry none; an empty value sets none.
+    #[arg(long, default_value = "istio-envoy")]
+    server_header: String,
+    /// Data-plane worker threads (default: half the CPUs, at least one).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -107,6 +170,7 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Node(args) => run_node(*args, logging),
+        Command::Waypoint(args) => run_waypoint(*args, logging),
         Command::Demo => strait::demo::run(),
         Command::Ctl(command) => strait::ctl::run(command),
     };
@@ -144,6 +208,34 @@ fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
         uplink: args.uplink,
         bpf_pin_dir: args.bpf_pin_dir,
         detach_on_exit: args.detach_on_exit,
+    }))
+}
+
+fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
+    let token = read_token(args.ca_token_file.as_deref())?;
+    let ca = match (args.ca_address, args.ca_root) {
+        (Some(address), Some(root)) => CaSource::Remote { address, root, token, server_name: args.ca_server_name },
+        _ => CaSource::Local { dir: args.ca_dir, listen: None, token },
+    };
+    let rt = runtime(args.workers)?;
+    rt.block_on(strait::waypoint::run(strait::waypoint::WaypointOptions {
+        config_dir: args.config,
+        service_account: args.service_account.unwrap_or_else(|| args.name.clone()),
+        name: args.name,
+        namespace: args.namespace,
+        trust_domain: args.trust_domain,
+        ca,
+        cert_ttl: args.cert_ttl,
+        admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
+        readiness_addr: args.readiness_addr,
+        access_log_format: match args.access_log_format {
+            LogFormat::Text => AccessLogFormat::Text,
+            LogFormat::Json => AccessLogFormat::Json,
+        },
+        access_log: args.access_log,
+        logging: Some(logging),
+        server_header: Some(args.server_header).filter(|s| !s.is_empty()),
     }))
 }
 

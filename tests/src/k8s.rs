@@ -65,6 +65,31 @@ pub fn service_yaml(
     )
 }
 
+/// A `v1` Service with labels and named ports `(name, port, targetPort)`: a name like `http`,
+/// `grpc` or `tcp` declares the port's protocol, as Istio reads it.
+pub fn named_service_yaml(
+    name: &str,
+    namespace: &str,
+    cluster_ip: &str,
+    ports: &[(&str, u16, u16)],
+    selector: &[(&str, &str)],
+    labels: &[(&str, &str)],
+) -> String {
+    let mut port_list = String::new();
+    for (port_name, port, target) in ports {
+        let _ = write!(port_list, "\n  - name: {}\n    port: {port}\n    targetPort: {target}", quote(port_name));
+    }
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\n  labels:{}\
+         spec:\n  clusterIP: {}\n  selector:{}  ports:{port_list}\n",
+        quote(name),
+        quote(namespace),
+        map_block(labels, 4),
+        quote(cluster_ip),
+        map_block(selector, 4),
+    )
+}
+
 /// A YAML block mapping at `indent` (starting on a new line), or ` {}` when empty; the result
 /// ends with a newline.
 fn map_block(entries: &[(&str, &str)], indent: usize) -> String {

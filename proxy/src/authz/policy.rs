@@ -90,9 +90,7 @@ impl Policy {
                 "Service" if matches!(group, "" | "core") => {
                     service.is_some_and(|s| s.name == t.name && s.namespace == namespace)
                 }
-                "Gateway" if group == GATEWAY_API_GROUP => {
-                    t.name == waypoint.name && namespace == waypoint.namespace
-                }
+                "Gateway" if group == GATEWAY_API_GROUP => t.name == waypoint.name && namespace == waypoint.namespace,
                 "GatewayClass" if group == GATEWAY_API_GROUP => {
                     t.name == WAYPOINT_GATEWAY_CLASS && self.namespace == root_namespace
                 }

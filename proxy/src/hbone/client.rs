@@ -26,9 +26,8 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
 use super::{
-    io::H2Stream,
     BAGGAGE, CONNECTION_WINDOW, FORWARDED, MAX_CONCURRENT_STREAMS, MAX_FRAME, STREAM_WINDOW, TRACEPARENT,
-    forwarded_for, new_traceparent,
+    forwarded_for, io::H2Stream, new_traceparent,
 };
 use crate::{
     identity::{CertStore, Identity, IdentityError, peer_identity},

@@ -121,7 +121,9 @@ impl H2Stream {
         self.send.reserve_capacity(wanted);
         loop {
             match ready!(self.send.poll_capacity(cx)) {
-                None => return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed by the peer"))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed by the peer")));
+                }
                 Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
                 Some(Ok(0)) => continue,
                 Some(Ok(n)) => return Poll::Ready(Ok(n.min(wanted))),

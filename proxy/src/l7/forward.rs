@@ -63,9 +63,7 @@ impl Replay {
                 counted.store(bytes.len() as u64, Ordering::Relaxed);
                 Some(UpstreamBody::full(bytes.clone()))
             }
-            Replay::Stream(body) => {
-                body.take().map(|body| UpstreamBody::Streaming { body, counted: counted.clone() })
-            }
+            Replay::Stream(body) => body.take().map(|body| UpstreamBody::Streaming { body, counted: counted.clone() }),
         }
     }
 
@@ -132,11 +130,9 @@ pub fn choose_weighted(destinations: &[WeightedDestination]) -> Option<&Weighted
 /// request came in on, or the service's only port.
 pub fn resolve(x: &Exchange, destination: &Destination) -> Result<Arc<Cluster>, Local> {
     let incoming = x.down.target.port();
-    let port = destination.port.unwrap_or_else(|| {
-        match x.model.service_by_host(&destination.host) {
-            Some(s) if s.port(incoming).is_none() && s.ports.len() == 1 => s.ports[0].port,
-            _ => incoming,
-        }
+    let port = destination.port.unwrap_or_else(|| match x.model.service_by_host(&destination.host) {
+        Some(s) if s.port(incoming).is_none() && s.ports.len() == 1 => s.ports[0].port,
+        _ => incoming,
     });
     let key = ClusterKey { host: destination.host.clone(), subset: destination.subset.clone(), port };
     x.ctx.upstreams.cluster(&x.model, &key).map_err(|e| {
@@ -288,15 +284,19 @@ pub async fn forward(
 }
 
 fn overflow(why: &str) -> Local {
-    Local::new(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow")
-        .flagged(ResponseFlags::UO)
-        .because(format!("circuit breaker: {why}"))
+    Local::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    )
+    .flagged(ResponseFlags::UO)
+    .because(format!("circuit breaker: {why}"))
 }
 
 fn note_endpoint(x: &mut Exchange, endpoint: &UpstreamEndpoint) {
     x.record.upstream_addr = Some(endpoint.addr);
     x.record.destination_workload = Some(endpoint.workload.clone());
-    x.record.destination_identity = Some(endpoint.workload.identity(&x.ctx.upstreams.connector.trust_domain).to_string());
+    x.record.destination_identity =
+        Some(endpoint.workload.identity(&x.ctx.upstreams.connector.trust_domain).to_string());
 }
 
 /// HTTP/2 for ports declared so (gRPC needs it end to end), HTTP/1.1 for `http` ports, and
@@ -341,7 +341,12 @@ fn set_service_time(headers: &mut HeaderMap, took: Duration) {
 
 /// One try's request. Headers are copied while another try may follow; the last try takes
 /// them.
-fn build(template: &mut UpstreamRequest, version: UpstreamVersion, body: UpstreamBody, copy: bool) -> Request<UpstreamBody> {
+fn build(
+    template: &mut UpstreamRequest,
+    version: UpstreamVersion,
+    body: UpstreamBody,
+    copy: bool,
+) -> Request<UpstreamBody> {
     let mut request = Request::new(body);
     *request.method_mut() = template.method.clone();
     let uri = match version {
@@ -381,12 +386,11 @@ async fn one_try(
     request: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, Lease), TryError> {
     let connector = &x.ctx.upstreams.connector;
-    let mut lease = pool::acquire(cluster, endpoint, version, connector, x.down.client_addr.ip()).await.map_err(
-        |e| match e {
+    let mut lease =
+        pool::acquire(cluster, endpoint, version, connector, x.down.client_addr.ip()).await.map_err(|e| match e {
             AcquireError::Overflow(why) => TryError::Overflow(why),
             AcquireError::Connect(e) => TryError::Connect(e),
-        },
-    )?;
+        })?;
     match lease.send(request).await {
         Ok(response) => Ok((response, lease)),
         Err(e) => {
@@ -416,7 +420,13 @@ fn bridge_upgrade(client: OnUpgrade, response: &mut Response<Incoming>) {
 
 /// Sends a copy of the request to `destination` (L7-7): fire and forget, the answer thrown
 /// away, Host with `-shadow` added, never delaying the client.
-pub fn mirror(x: &Exchange, request: &UpstreamRequest, replay: &Replay, destination: &Destination, timeout: Option<Duration>) {
+pub fn mirror(
+    x: &Exchange,
+    request: &UpstreamRequest,
+    replay: &Replay,
+    destination: &Destination,
+    timeout: Option<Duration>,
+) {
     let Replay::Bytes(body) = replay else {
         tracing::debug!("request body streamed: not mirrored");
         return;
@@ -438,7 +448,8 @@ pub fn mirror(x: &Exchange, request: &UpstreamRequest, replay: &Replay, destinat
         let version = upstream_version(cluster.protocol, shadow.downstream_version);
         let Some(endpoint) = cluster.pick(None, Instant::now()).cloned() else { return };
         let send = async {
-            let mut lease = pool::acquire(&cluster, &endpoint, version, &ctx.upstreams.connector, client_ip).await.ok()?;
+            let mut lease =
+                pool::acquire(&cluster, &endpoint, version, &ctx.upstreams.connector, client_ip).await.ok()?;
             let response = lease.send(build(&mut shadow, version, UpstreamBody::full(body), false)).await.ok()?;
             let complete = response.into_body().collect().await.is_ok();
             lease.release(complete);

@@ -16,7 +16,9 @@ const RING_POINTS_PER_ENDPOINT: usize = 128;
 /// How one destination picks its endpoint.
 #[derive(Debug)]
 pub enum Balancer {
-    RoundRobin { next: AtomicUsize },
+    RoundRobin {
+        next: AtomicUsize,
+    },
     Random,
     LeastRequest,
     /// Sorted (point, endpoint index) pairs.
@@ -135,7 +137,8 @@ mod tests {
     #[test]
     fn least_request_prefers_the_idle_endpoint() {
         let b = Balancer::new(Some(&LoadBalancer::LeastRequest), &addrs(2));
-        let busy_zero = (0..200).filter(|_| b.pick(2, None, |_| true, |i| if i == 0 { 50 } else { 0 }) == Some(0)).count();
+        let busy_zero =
+            (0..200).filter(|_| b.pick(2, None, |_| true, |i| if i == 0 { 50 } else { 0 }) == Some(0)).count();
         // Endpoint 0 wins only when both choices land on it: about a quarter of the time.
         assert!(busy_zero < 90, "{busy_zero}");
     }

@@ -42,7 +42,9 @@ impl StringMatcher {
     fn matches_ignoring_case(&self, value: &str) -> bool {
         match self {
             StringMatcher::Exact(s) => value.eq_ignore_ascii_case(s),
-            StringMatcher::Prefix(p) => value.len() >= p.len() && value.is_char_boundary(p.len()) && value[..p.len()].eq_ignore_ascii_case(p),
+            StringMatcher::Prefix(p) => {
+                value.len() >= p.len() && value.is_char_boundary(p.len()) && value[..p.len()].eq_ignore_ascii_case(p)
+            }
             StringMatcher::Regex(r) => r.is_match(&value.to_ascii_lowercase()) || r.is_match(value),
             StringMatcher::Presence => true,
         }
@@ -51,7 +53,10 @@ impl StringMatcher {
 
 /// The first route of `vs` matching the request, with the match block that matched (`None`
 /// for a route without conditions): a prefix rewrite needs to know which prefix matched.
-pub fn select_route<'r>(vs: &'r VirtualService, view: &RequestView<'_>) -> Option<(&'r HttpRoute, Option<&'r RouteMatch>)> {
+pub fn select_route<'r>(
+    vs: &'r VirtualService,
+    view: &RequestView<'_>,
+) -> Option<(&'r HttpRoute, Option<&'r RouteMatch>)> {
     for route in &vs.http {
         if route.matches.is_empty() {
             return Some((route, None));
@@ -136,7 +141,7 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
-    use crate::model::routes::{RouteAction, HeaderOps};
+    use crate::model::routes::{HeaderOps, RouteAction};
 
     fn route(name: &str, matches: Vec<RouteMatch>) -> HttpRoute {
         HttpRoute {
@@ -208,7 +213,11 @@ mod tests {
             (RouteMatch { uri: Some(StringMatcher::Prefix("/api".into())), ..Default::default() }, true),
             (RouteMatch { uri: Some(StringMatcher::Prefix("/API".into())), ..Default::default() }, false),
             (
-                RouteMatch { uri: Some(StringMatcher::Prefix("/API".into())), ignore_uri_case: true, ..Default::default() },
+                RouteMatch {
+                    uri: Some(StringMatcher::Prefix("/API".into())),
+                    ignore_uri_case: true,
+                    ..Default::default()
+                },
                 true,
             ),
             (RouteMatch { uri: Some(StringMatcher::Exact("/api/v1/x".into())), ..Default::default() }, true),
@@ -226,19 +235,37 @@ mod tests {
             (RouteMatch { port: Some(80), ..Default::default() }, false),
             (RouteMatch { authority: Some(StringMatcher::Prefix("reviews".into())), ..Default::default() }, true),
             (
-                RouteMatch { query_params: vec![("b".into(), StringMatcher::Exact("two".into()))], ..Default::default() },
+                RouteMatch {
+                    query_params: vec![("b".into(), StringMatcher::Exact("two".into()))],
+                    ..Default::default()
+                },
                 true,
             ),
-            (RouteMatch { query_params: vec![("flag".into(), StringMatcher::Exact(String::new()))], ..Default::default() }, true),
+            (
+                RouteMatch {
+                    query_params: vec![("flag".into(), StringMatcher::Exact(String::new()))],
+                    ..Default::default()
+                },
+                true,
+            ),
             (RouteMatch { query_params: vec![("c".into(), StringMatcher::Presence)], ..Default::default() }, false),
             (RouteMatch { headers: vec![("x-missing".into(), StringMatcher::Presence)], ..Default::default() }, false),
-            (RouteMatch { without_headers: vec![("x-missing".into(), StringMatcher::Presence)], ..Default::default() }, true),
+            (
+                RouteMatch {
+                    without_headers: vec![("x-missing".into(), StringMatcher::Presence)],
+                    ..Default::default()
+                },
+                true,
+            ),
             (RouteMatch { gateways: vec!["istio-system/ingress".into()], ..Default::default() }, false),
             (RouteMatch { gateways: vec!["mesh".into()], ..Default::default() }, true),
             (RouteMatch { source_namespace: Some("default".into()), ..Default::default() }, true),
             (RouteMatch { source_namespace: Some("other".into()), ..Default::default() }, false),
             (
-                RouteMatch { source_labels: [("app".to_owned(), "productpage".to_owned())].into(), ..Default::default() },
+                RouteMatch {
+                    source_labels: [("app".to_owned(), "productpage".to_owned())].into(),
+                    ..Default::default()
+                },
                 false,
             ),
         ];
@@ -247,7 +274,8 @@ mod tests {
         }
         let labels = [("app".to_owned(), "productpage".to_owned()), ("version".to_owned(), "v1".to_owned())].into();
         let with_source = RequestView { source_labels: Some(&labels), ..view("/", &headers) };
-        let m = RouteMatch { source_labels: [("app".to_owned(), "productpage".to_owned())].into(), ..Default::default() };
+        let m =
+            RouteMatch { source_labels: [("app".to_owned(), "productpage".to_owned())].into(), ..Default::default() };
         assert!(matches(&m, &with_source));
     }
 

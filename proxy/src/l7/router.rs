@@ -97,7 +97,8 @@ impl Exchange {
         r.path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
         r.authority = authority(parts).to_owned();
         r.protocol = if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
-        let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let grpc =
+            parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         r.request_protocol = if grpc { "grpc" } else { "http" };
         r.user_agent = parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
     }
@@ -313,10 +314,11 @@ async fn inject_faults(x: &mut Exchange, route: &HttpRoute) -> Result<(), Local>
         && rolls(abort.percentage)
     {
         return Err(match abort.status {
-            AbortStatus::Http(status) => {
-                Local::new(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "fault filter abort")
-                    .flagged(ResponseFlags::FI)
-            }
+            AbortStatus::Http(status) => Local::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                "fault filter abort",
+            )
+            .flagged(ResponseFlags::FI),
             AbortStatus::Grpc(code) => {
                 let mut local = Local::new(StatusCode::OK, "").flagged(ResponseFlags::FI);
                 if let Ok(v) = HeaderValue::from_str(&code.to_string()) {
@@ -419,8 +421,10 @@ async fn replayable(route: &HttpRoute, body: Incoming) -> Result<Replay, Local> 
     let limit = usize::try_from(REPLAY_LIMIT).unwrap_or(usize::MAX);
     match super::body::collect_limited(body, limit).await {
         Ok(bytes) => Ok(Replay::Bytes(bytes)),
-        Err(reason) => Err(Local::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large to retry or mirror\n")
-            .because(reason)),
+        Err(reason) => {
+            Err(Local::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large to retry or mirror\n")
+                .because(reason))
+        }
     }
 }
 

@@ -134,7 +134,10 @@ pub enum RouteAction {
     /// Send to one of these destinations, chosen by weight.
     Forward(Vec<WeightedDestination>),
     Redirect(Redirect),
-    DirectResponse { status: u16, body: Option<String> },
+    DirectResponse {
+        status: u16,
+        body: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -401,7 +404,11 @@ pub enum HashKey {
     /// `httpHeaderName`, lower case.
     Header(String),
     /// `httpCookie`; with a `ttl`, the proxy sets the cookie when the request lacks it.
-    Cookie { name: String, path: Option<String>, ttl: Option<Duration> },
+    Cookie {
+        name: String,
+        path: Option<String>,
+        ttl: Option<Duration>,
+    },
     SourceIp,
     /// `httpQueryParameterName`.
     QueryParameter(String),

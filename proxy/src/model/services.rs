@@ -11,7 +11,10 @@ use std::{
 
 use serde::Serialize;
 
-use super::{Workload, waypoints::{self, WaypointName}};
+use super::{
+    Workload,
+    waypoints::{self, WaypointName},
+};
 use crate::config::{Diagnostic, Located, Origin, PortRef, Resource, Service as ServiceResource};
 
 /// The application protocol of a service port, as Istio selects it (L7-1): `appProtocol` first,
@@ -131,7 +134,8 @@ pub fn compile_services(
         let Resource::Service(svc) = &located.resource else { continue };
         let mut service = compile_one(located, svc, workloads, pod_ports, diagnostics);
         // The service in front of a waypoint's own pods never routes through a waypoint.
-        let fronts_waypoint = service.ports.iter().flat_map(|p| &p.endpoints).any(|e| e.workload.waypoint_role.is_some());
+        let fronts_waypoint =
+            service.ports.iter().flat_map(|p| &p.endpoints).any(|e| e.workload.waypoint_role.is_some());
         if !fronts_waypoint {
             let ns_labels = namespaces.get(service.namespace.as_str()).copied();
             service.waypoint = waypoints::waypoint_for(&service.namespace, &svc.metadata.labels, ns_labels);

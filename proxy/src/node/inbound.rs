@@ -106,7 +106,11 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
         }
     };
     record.destination_workload = Some(workload.clone());
-    let client_ip = claimed_ip.filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity));
+    // The client's own address when its identity owns it; else the peer's (a waypoint's or a
+    // gateway's pod) when that identity owns the peer address: never an address it cannot prove.
+    let client_ip = claimed_ip
+        .filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity))
+        .or_else(|| Some(peer_addr.ip()).filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity)));
     if let Some(ip) = client_ip {
         record.source_addr = SocketAddr::new(ip, 0);
         record.source_workload = model.workload_by_ip(ip).cloned();

@@ -15,7 +15,7 @@ use tracing::debug;
 use super::{NodeContext, copy, inbound};
 use crate::{
     hbone::{self, ConnectRequest},
-    model::{Model, Workload},
+    model::{Model, WaypointName, Workload},
     sys,
     telemetry::{ConnectionRecord, DEFAULT_CLUSTER, Outcome, canonical_revision, canonical_service},
 };
@@ -27,6 +27,9 @@ pub const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_
 enum Route {
     /// Over HBONE (or in-process when on this node) to a captured workload.
     Mesh { target: Arc<Workload>, addr: SocketAddr },
+    /// Over HBONE to a waypoint pod, with the address the client dialled as the CONNECT
+    /// target (L4-3): the waypoint applies L7 policy and picks the endpoint.
+    Waypoint { waypoint: Arc<Workload>, authority: SocketAddr },
     /// Plain TCP to an address outside the mesh.
     Passthrough(SocketAddr),
     /// Nowhere: the reason is logged.
@@ -58,6 +61,13 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
             record.outcome = Outcome::Refused("the source is not a known workload of this node".into());
         }
         (Route::Passthrough(addr), _) => passthrough(&downstream, addr, &mut record).await,
+        (Route::Waypoint { .. }, None) => {
+            record.outcome = Outcome::Refused("the source is not a known workload of this node".into());
+        }
+        (Route::Waypoint { waypoint, authority }, Some(source)) => {
+            // Always over HBONE, even to a waypoint on this node: it is a peer like any other.
+            over_hbone(&ctx, &downstream, peer, &source, &waypoint, authority, &mut record).await;
+        }
         (Route::Mesh { target, addr }, Some(source)) => {
             if target.node.as_deref() == Some(ctx.node_name.as_str()) {
                 inbound::deliver_local(&ctx, &downstream, peer, &source, &target, addr, &mut record).await;
@@ -84,6 +94,9 @@ fn route(model: &Model, destination: SocketAddr, trust_domain: &str, record: &mu
         let Some(port) = service.port(destination.port()) else {
             return Route::Refuse(format!("service {} has no port {}", service.hostname, destination.port()));
         };
+        if let Some(name) = &service.waypoint {
+            return to_waypoint(model, name, destination, trust_domain, record);
+        }
         let Some(endpoint) = port.pick() else {
             return Route::Refuse(format!("service {} has no ready endpoint for port {}", service.hostname, port.port));
         };
@@ -92,6 +105,9 @@ fn route(model: &Model, destination: SocketAddr, trust_domain: &str, record: &mu
         (model.workload_by_ip(destination.ip()).cloned(), destination)
     };
     let Some(target) = target else { return Route::Passthrough(addr) };
+    if let (true, Some(name)) = (target.captured && addr == destination, &target.waypoint) {
+        return to_waypoint(model, name, destination, trust_domain, record);
+    }
     record.destination_workload = Some(target.clone());
     if target.captured {
         record.destination_identity = Some(target.identity(trust_domain).to_string());
@@ -100,6 +116,24 @@ fn route(model: &Model, destination: SocketAddr, trust_domain: &str, record: &mu
     } else {
         Route::Passthrough(addr)
     }
+}
+
+/// Traffic for a destination behind a waypoint: to one of the waypoint's pods. Without a
+/// running waypoint the connection fails, as in Istio: the waypoint's policy is never skipped.
+fn to_waypoint(
+    model: &Model,
+    name: &WaypointName,
+    destination: SocketAddr,
+    trust_domain: &str,
+    record: &mut ConnectionRecord,
+) -> Route {
+    let Some(waypoint) = model.waypoint(name).and_then(|w| w.pick()).cloned() else {
+        return Route::Refuse(format!("waypoint {name} has no running pod"));
+    };
+    record.destination_workload = Some(waypoint.clone());
+    record.destination_identity = Some(waypoint.identity(trust_domain).to_string());
+    record.security = "mutual_tls";
+    Route::Waypoint { waypoint, authority: destination }
 }
 
 async fn passthrough(downstream: &TcpStream, addr: SocketAddr, record: &mut ConnectionRecord) {

@@ -397,7 +397,9 @@ mod tests {
         metrics.observe(&record());
         let text = registry.encode(Exposition::Prometheus);
         let sample = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap_or_default();
-        for label in ["reporter=\"waypoint\"", "response_code=\"503\"", "response_flags=\"UO\"", "request_protocol=\"http\""] {
+        for label in
+            ["reporter=\"waypoint\"", "response_code=\"503\"", "response_flags=\"UO\"", "request_protocol=\"http\""]
+        {
             assert!(sample.contains(label), "{label} in {sample}");
         }
         assert!(text.contains("istio_request_duration_milliseconds_bucket{"), "{text}");

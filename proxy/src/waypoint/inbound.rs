@@ -94,7 +94,8 @@ async fn handle_stream(ctx: Arc<WaypointContext>, stream: InboundStream) {
         }
     };
     let claimed = request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
-    let client_ip = claimed.filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity)).unwrap_or(peer_addr.ip());
+    let client_ip =
+        claimed.filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity)).unwrap_or(peer_addr.ip());
     let down = Downstream {
         client_addr: SocketAddr::new(client_ip, peer_addr.port()),
         source_workload: model.workload_by_ip(client_ip).cloned(),
@@ -137,7 +138,9 @@ fn target(ctx: &WaypointContext, model: &Model, addr: SocketAddr) -> Result<(Tar
         if service.waypoint.as_ref() != Some(&ctx.name) {
             return Err(format!("service {} does not use waypoint {}", service.hostname, ctx.name));
         }
-        let port = service.port(addr.port()).ok_or_else(|| format!("service {} has no port {}", service.hostname, addr.port()))?;
+        let port = service
+            .port(addr.port())
+            .ok_or_else(|| format!("service {} has no port {}", service.hostname, addr.port()))?;
         return Ok((Target::Service { service: service.clone(), port: port.port }, port.protocol));
     }
     if let Some(workload) = model.workload_by_ip(addr.ip()) {

@@ -34,7 +34,9 @@ use crate::{
     model::{self, ModelHandle, WaypointName},
     node::CaSource,
     sys,
-    telemetry::{AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, logging::LogControl},
+    telemetry::{
+        AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, logging::LogControl,
+    },
 };
 
 /// Command-line settings of `strait waypoint`.

@@ -123,7 +123,8 @@ fn decide(ctx: &WaypointContext, model: &Model, down: &Downstream) -> Result<Arc
     let routes = model.routing.mesh_routes_for(&service.hostname).map(|vs| vs.tcp.as_slice()).unwrap_or_default();
     let key = match routes.iter().find(|r| route_matches(r, down)) {
         Some(route) => {
-            let chosen = choose_weighted(&route.destinations).ok_or((StatusCode::SERVICE_UNAVAILABLE, "no destination".into()))?;
+            let chosen = choose_weighted(&route.destinations)
+                .ok_or((StatusCode::SERVICE_UNAVAILABLE, "no destination".into()))?;
             let d = &chosen.destination;
             ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port: d.port.unwrap_or(port) }
         }
@@ -142,7 +143,10 @@ fn l4_matches(m: &L4Match, down: &Downstream) -> bool {
         && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH_GATEWAY))
         && (m.destination_subnets.is_empty() || m.destination_subnets.iter().any(|c| c.contains(target.ip())))
         && (m.source_labels.is_empty()
-            || down.source_workload.as_ref().is_some_and(|w| m.source_labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+            || down
+                .source_workload
+                .as_ref()
+                .is_some_and(|w| m.source_labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
         && m.source_namespace.as_ref().is_none_or(|ns| down.identity.as_ref().is_some_and(|i| &i.namespace == ns))
 }
 

@@ -174,3 +174,101 @@ impl TwoNodes {
         Ok((start_node(&self.topo, &self.n1, &ca, extra)?, start_node(&self.topo, &self.n2, &ca, extra)?))
     }
 }
+
+/// The label Istio puts on a waypoint's pods, naming their waypoint.
+pub const WAYPOINT_POD_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// Starts `strait waypoint` named `name` in namespace `namespace` in `pod` (a pod of the
+/// topology that nothing captures) and waits until it is ready.
+pub fn start_waypoint(topo: &Topology, pod: &Pod, ca_dir: &Path, name: &str, namespace: &str) -> io::Result<Process> {
+    let strait = bin_path("strait");
+    let (config, ca) = (topo.config_dir(), ca_dir.to_string_lossy().into_owned());
+    let config = config.to_string_lossy().into_owned();
+    let args = ["waypoint", "--config", &config, "--name", name, "--namespace", namespace, "--ca-dir", &ca];
+    let proxy = pod.spawn(&format!("waypoint-{name}"), &strait, &args, &[("STRAIT_LOG", "info")])?;
+    let deadline = Instant::now() + TIMEOUT;
+    while proxy.count_log_lines("strait waypoint ready") == 0 {
+        if Instant::now() > deadline || !proxy.is_running() {
+            return Err(io::Error::other(format!("strait waypoint did not become ready:\n{}", proxy.log_tail())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(proxy)
+}
+
+/// HTTP request lines (`waypoint http ...`) of a waypoint containing all `needles`.
+pub fn request_lines(proxy: &Process, needles: &[&str]) -> Vec<String> {
+    proxy
+        .log()
+        .lines()
+        .filter(|l| l.contains(" waypoint http ") && needles.iter().all(|n| l.contains(n)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until a waypoint logged `count` request lines containing all `needles`.
+pub fn wait_request_lines(proxy: &Process, needles: &[&str], count: usize) -> io::Result<Vec<String>> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let lines = request_lines(proxy, needles);
+        if lines.len() >= count {
+            return Ok(lines);
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::other(format!(
+                "fewer than {count} request lines with {needles:?}; waypoint log ends with:\n{}",
+                proxy.log_tail()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A namespace in the mesh whose services go through a waypoint: a client and the waypoint's
+/// pod on node 1, backends on node 2, node proxies on both, the waypoint running.
+pub struct WaypointMesh {
+    pub topo: Topology,
+    pub n1: Node,
+    pub n2: Node,
+    pub client: Pod,
+    pub waypoint_pod: Pod,
+    pub backends: Vec<Pod>,
+    pub ca: PathBuf,
+}
+
+/// The namespace of `WaypointMesh`.
+pub const APP_NS: &str = "shop";
+
+impl WaypointMesh {
+    /// Builds the topology with one backend pod per name (not started, not configured).
+    pub fn new(test: &str, backends: &[&str]) -> io::Result<WaypointMesh> {
+        let topo = Topology::new(test)?;
+        let (n1, n2) = (topo.add_node("node1")?, topo.add_node("node2")?);
+        let client = topo.add_pod(&n1, "client")?;
+        let waypoint_pod = topo.add_pod(&n1, "waypoint")?;
+        let backends = backends.iter().map(|b| topo.add_pod(&n2, b)).collect::<io::Result<Vec<_>>>()?;
+        let ca = ca_dir(&topo, "ca");
+        Ok(WaypointMesh { topo, n1, n2, client, waypoint_pod, backends, ca })
+    }
+
+    /// The namespace (ambient, using waypoint `waypoint`), the client and the waypoint's pod.
+    pub fn base_config(&self) -> String {
+        [
+            k8s::namespace_yaml(
+                APP_NS,
+                &[("istio.io/dataplane-mode", "ambient"), ("istio.io/use-waypoint", "waypoint")],
+            ),
+            k8s::pod_yaml(&self.client, APP_NS, "client", &[("app", "client")]),
+            k8s::pod_yaml(&self.waypoint_pod, APP_NS, "waypoint", &[(WAYPOINT_POD_LABEL, "waypoint")]),
+        ]
+        .concat()
+    }
+
+    /// Starts both node proxies and the waypoint.
+    pub fn start(&self) -> io::Result<(Process, Process, Process)> {
+        let p1 = start_node(&self.topo, &self.n1, &self.ca, &[])?;
+        let p2 = start_node(&self.topo, &self.n2, &self.ca, &[])?;
+        let wp = start_waypoint(&self.topo, &self.waypoint_pod, &self.ca, "waypoint", APP_NS)?;
+        Ok((p1, p2, wp))
+    }
+}
