@@ -83,20 +83,7 @@ impl Policy {
     /// `istio-waypoint` GatewayClass from the root namespace.
     pub fn binds_waypoint(&self, service: Option<&Service>, waypoint: &WaypointName, root_namespace: &str) -> bool {
         let Scope::TargetRefs(targets) = &self.scope else { return false };
-        targets.iter().any(|t| {
-            let namespace = t.namespace.as_deref().unwrap_or(&self.namespace);
-            let group = t.group.as_deref().unwrap_or("");
-            match t.kind.as_str() {
-                "Service" if matches!(group, "" | "core") => {
-                    service.is_some_and(|s| s.name == t.name && s.namespace == namespace)
-                }
-                "Gateway" if group == GATEWAY_API_GROUP => t.name == waypoint.name && namespace == waypoint.namespace,
-                "GatewayClass" if group == GATEWAY_API_GROUP => {
-                    t.name == WAYPOINT_GATEWAY_CLASS && self.namespace == root_namespace
-                }
-                _ => false,
-            }
-        })
+        targets_bind_waypoint(targets, &self.namespace, service, waypoint, root_namespace)
     }
 
     /// Whether any rule matches. At L4 (no HTTP request) an ALLOW rule needing an HTTP
@@ -104,6 +91,32 @@ impl Policy {
     pub fn matches(&self, conn: &Connection) -> bool {
         self.rules.iter().any(|rule| rule.matches(self.action, conn))
     }
+}
+
+/// Whether `targets`, written in a resource of `namespace`, name the `service` a waypoint
+/// serves, the waypoint's own Gateway, or (from the root namespace) the `istio-waypoint`
+/// GatewayClass. Istio does not let a policy target another namespace's objects.
+pub fn targets_bind_waypoint(
+    targets: &[PolicyTargetRef],
+    namespace: &str,
+    service: Option<&Service>,
+    waypoint: &WaypointName,
+    root_namespace: &str,
+) -> bool {
+    targets.iter().any(|t| {
+        let target_namespace = t.namespace.as_deref().unwrap_or(namespace);
+        let group = t.group.as_deref().unwrap_or("");
+        match t.kind.as_str() {
+            "Service" if matches!(group, "" | "core") => {
+                service.is_some_and(|s| s.name == t.name && s.namespace == target_namespace)
+            }
+            "Gateway" if group == GATEWAY_API_GROUP => t.name == waypoint.name && target_namespace == waypoint.namespace,
+            "GatewayClass" if group == GATEWAY_API_GROUP => {
+                t.name == WAYPOINT_GATEWAY_CLASS && namespace == root_namespace
+            }
+            _ => false,
+        }
+    })
 }
 
 /// `from` AND `to` AND `when`.

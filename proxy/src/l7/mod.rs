@@ -6,6 +6,7 @@
 //! waypoint) and hands each request to `router::handle`, which decides (pure functions in
 //! `matching`, `lb`, `retry`, `outlier`) and sends (`forward`, `pool`, `upstream`).
 
+pub mod authn;
 pub mod body;
 pub mod flags;
 mod forward;
@@ -49,6 +50,8 @@ pub struct L7Context {
     pub gateway: String,
     /// The waypoint this engine runs as: AuthorizationPolicies bound to it apply.
     pub waypoint: WaypointName,
+    /// RequestAuthentications in force, with their keys.
+    pub authn: Arc<authn::Authn>,
     /// Set on responses that carry no `server` header (L7-9); `None` leaves them alone.
     pub server_header: Option<HeaderValue>,
 }

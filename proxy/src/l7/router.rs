@@ -7,7 +7,7 @@
 
 use std::{
     sync::{Arc, atomic::AtomicU64},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -20,6 +20,7 @@ use super::{
     flags::ResponseFlags,
     forward::{self, Forwarded, Replay, UpstreamRequest},
     headers,
+    jwt::{self, JwtOutcome, ValidatedJwt},
     matching::{RequestView, select_route},
 };
 use crate::{
@@ -179,7 +180,8 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: Incoming) 
     }
     x.record.request_id = headers::ensure_request_id(&mut parts.headers);
     headers::ensure_trace_context(&mut parts.headers);
-    authorize(x, parts)?;
+    let jwt = authenticate(x, parts)?;
+    authorize(x, parts, jwt.as_deref())?;
 
     let model = x.model.clone();
     let (route, matched) = match x.down.target.service().and_then(|s| model.routing.mesh_routes_for(&s.hostname)) {
@@ -260,9 +262,43 @@ async fn forward_default(x: &mut Exchange, parts: &mut Parts, body: Incoming) ->
     forward::forward(x, cluster, request, replay, None, timeout).await
 }
 
+/// RequestAuthentication (L7-10): a request without a token passes (policy may still require
+/// one); a token that does not verify is 401. A verified token is removed before forwarding
+/// unless the rule says to forward it, and its payload copied to a header when asked.
+fn authenticate(x: &mut Exchange, parts: &mut Parts) -> Result<Option<Box<ValidatedJwt>>, Local> {
+    let providers = x.ctx.authn.providers(x.down.target.service().map(Arc::as_ref));
+    if providers.is_empty() {
+        return Ok(None);
+    }
+    let request = jwt::RequestParts { headers: &parts.headers, query: parts.uri.query() };
+    match jwt::authenticate(&providers, &request, SystemTime::now()) {
+        JwtOutcome::NoToken => Ok(None),
+        JwtOutcome::Invalid(reason) => Err(Local::new(StatusCode::UNAUTHORIZED, jwt::UNAUTHORIZED_BODY).because(reason)),
+        JwtOutcome::Valid(token) => {
+            if !token.forward_original_token {
+                jwt::strip_token(&mut parts.headers, &token.location);
+                if let jwt::TokenLocation::Param(name) = &token.location {
+                    let stripped = jwt::strip_query_param(parts.uri.path_and_query().map_or("/", |p| p.as_str()), name);
+                    let mut uri_parts = parts.uri.clone().into_parts();
+                    uri_parts.path_and_query = stripped.parse().ok();
+                    if let Ok(uri) = Uri::from_parts(uri_parts) {
+                        parts.uri = uri;
+                    }
+                }
+            }
+            if let Some(name) = &token.output_payload_to_header
+                && let Ok(value) = HeaderValue::from_str(&token.payload_header_value())
+            {
+                parts.headers.insert(name.clone(), value);
+            }
+            Ok(Some(token))
+        }
+    }
+}
+
 /// L7 authorization at the waypoint (AUTHZ-3, AUTHZ-4): the policies bound to the service or
 /// the waypoint decide with the whole request in view; a denial is 403 `RBAC: access denied`.
-fn authorize(x: &mut Exchange, parts: &Parts) -> Result<(), Local> {
+fn authorize(x: &mut Exchange, parts: &Parts, jwt: Option<&ValidatedJwt>) -> Result<(), Local> {
     let model = &x.model;
     let service = x.down.target.service().map(Arc::as_ref);
     let mut policies = model.security.authorization_at_waypoint(service, &x.ctx.waypoint).peekable();
@@ -270,7 +306,7 @@ fn authorize(x: &mut Exchange, parts: &Parts) -> Result<(), Local> {
         return Ok(());
     }
     let target = x.down.target.addr();
-    let http = HttpRequest {
+    let mut http = HttpRequest {
         host: Some(authority(parts).to_owned()),
         method: parts.method.to_string(),
         path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
@@ -282,6 +318,9 @@ fn authorize(x: &mut Exchange, parts: &Parts) -> Result<(), Local> {
         remote_ip: Some(x.down.client_addr.ip()),
         ..Default::default()
     };
+    if let Some(token) = jwt {
+        token.fill(&mut http);
+    }
     let connection = Connection {
         source: x.down.identity.clone(),
         source_ip: x.down.client_addr.ip(),

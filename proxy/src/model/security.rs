@@ -16,14 +16,16 @@ use crate::authz::{
     Policy, Scope, compile_policy,
     peer_authn::{PeerAuthn, PeerAuthnChain, PeerAuthnScope, compile_peer_authn},
 };
-use crate::config::{Diagnostic, JwtRule, Located, Origin, RequestAuthentication, Resource};
+use crate::config::{Diagnostic, JwtRule, Located, Origin, PolicyTargetRef, RequestAuthentication, Resource};
 
-/// A RequestAuthentication, kept for the waypoint (L7-10); the node proxy does not use it.
+/// A RequestAuthentication (L7-10): enforced by the waypoints it is bound to with
+/// `targetRefs`; the node proxy does not use it.
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestAuthn {
     pub name: String,
     pub namespace: String,
     pub selector: BTreeMap<String, String>,
+    pub target_refs: Vec<PolicyTargetRef>,
     pub jwt_rules: Vec<JwtRule>,
     #[serde(skip)]
     pub origin: Origin,
@@ -68,6 +70,17 @@ impl Security {
             .iter()
             .map(Arc::as_ref)
             .filter(move |p| p.binds_waypoint(service, waypoint, &self.root_namespace))
+    }
+
+    /// The RequestAuthentications a waypoint enforces for requests to `service` (L7-10).
+    pub fn request_authn_at_waypoint<'a>(
+        &'a self,
+        service: Option<&'a Service>,
+        waypoint: &'a WaypointName,
+    ) -> impl Iterator<Item = &'a Arc<RequestAuthn>> + 'a {
+        self.request_authentications.iter().filter(move |ra| {
+            crate::authz::policy::targets_bind_waypoint(&ra.target_refs, &ra.namespace, service, waypoint, &self.root_namespace)
+        })
     }
 
     pub fn peer_authn_for(&self, workload: &Workload) -> PeerAuthnChain<'_> {
@@ -197,6 +210,7 @@ fn compile_request_authn(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<RequestAuthn> {
     let mut errors = 0;
+    let mut warnings = Vec::new();
     for (i, rule) in ra.spec.jwt_rules.iter().enumerate() {
         let mut error = |field: String, message: String| {
             errors += 1;
@@ -205,21 +219,38 @@ fn compile_request_authn(
         if rule.issuer.is_empty() {
             error(format!("spec.jwtRules[{i}].issuer"), "must be set".to_owned());
         }
-        if let Some(uri) = &rule.jwks_uri
-            && !(uri.starts_with("https://") || uri.starts_with("http://"))
-        {
-            error(format!("spec.jwtRules[{i}].jwksUri"), format!("`{uri}` is not an http:// or https:// URL"));
+        if let Some(uri) = &rule.jwks_uri {
+            let field = format!("spec.jwtRules[{i}].jwksUri");
+            if uri.starts_with("https://") && rule.jwks.is_none() {
+                warnings.push(Diagnostic::warning(
+                    origin.clone(),
+                    Some(&field),
+                    format!(
+                        "`{uri}`: strait has no public CA bundle to fetch https:// JWKS with; tokens of this issuer \
+                         are refused until the keys are given inline (`jwks`) or as a file:// URI"
+                    ),
+                ));
+            } else if !(uri.starts_with("http://") || uri.starts_with("https://") || uri.starts_with("file:///")) {
+                error(field, format!("`{uri}` is not an http://, https:// or file:/// URI"));
+            }
         }
     }
-    diagnostics.push(Diagnostic::warning(
-        origin.clone(),
-        None,
-        "RequestAuthentication is stored but not enforced yet: JWTs are checked by the waypoint (L7-10)",
-    ));
+    diagnostics.append(&mut warnings);
+    let mut target_refs = ra.spec.target_refs.clone();
+    target_refs.extend(ra.spec.target_ref.clone());
+    if target_refs.is_empty() {
+        diagnostics.push(Diagnostic::warning(
+            origin.clone(),
+            Some("spec.targetRefs"),
+            "in ambient mode JWTs are checked by waypoints: bind the RequestAuthentication to a Service or a \
+             waypoint Gateway with `targetRefs`, or it is not enforced",
+        ));
+    }
     (errors == 0).then(|| RequestAuthn {
         name: ra.metadata.name.clone(),
         namespace: ra.metadata.namespace_or_default().to_owned(),
         selector: ra.spec.selector.as_ref().map(|s| s.match_labels.clone()).unwrap_or_default(),
+        target_refs,
         jwt_rules: ra.spec.jwt_rules.clone(),
         origin: origin.clone(),
     })

@@ -29,6 +29,7 @@ use crate::{
     identity::{CaClientOptions, CertStore, CertificateProvider, Identity, IstioCaClient, LocalCa},
     l7::{
         L7Context,
+        authn::Authn,
         upstream::{Connector, Upstreams},
     },
     model::{self, ModelHandle, WaypointName},
@@ -102,9 +103,11 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
         Some(v) => Some(HeaderValue::from_str(v).map_err(|_| anyhow!("--server-header `{v}` is not a header value"))?),
         None => None,
     };
+    let authn = Authn::start(model.clone(), name.clone()).await;
     let l7 = Arc::new(L7Context {
         model: model.clone(),
         upstreams,
+        authn,
         telemetry: RequestTelemetry::new(telemetry.access_log(), requests),
         reporter: Reporter::Waypoint,
         gateway: model::routes::MESH_GATEWAY.to_owned(),
