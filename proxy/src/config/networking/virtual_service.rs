@@ -401,9 +401,13 @@ fn regex<'de, D: Deserializer<'de>>(d: D) -> Result<Option<regex::Regex>, D::Err
     })
 }
 
-/// `timeout`: `0s` means none.
+/// `timeout`: `0s` means none; otherwise at least 1 ms, like every Istio duration.
 fn timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    scalar(d, "a duration such as 10s", |text| Ok(Some(parse_duration(text)?).filter(|t| !t.is_zero())))
+    scalar(d, "a duration such as 10s", |text| match parse_duration(text)? {
+        Duration::ZERO => Ok(None),
+        short if short < Duration::from_millis(1) => Err(format!("`{text}` is too short; write 0s or at least 1ms")),
+        timeout => Ok(Some(timeout)),
+    })
 }
 
 fn redirect_code<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {

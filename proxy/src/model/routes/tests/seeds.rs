@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::{RATINGS, REVIEWS, bookinfo, compile_clean, namespace, service, subsets};
 use crate::model::routes::{
-    AbortStatus, Destination, HttpRoute, LoadBalancer, Percentage, RouteAction, StringMatcher, UpstreamTlsMode,
-    VirtualService,
+    AbortStatus, Destination, HttpRoute, LoadBalancer, Percentage, RetryOn, RouteAction, StringMatcher,
+    UpstreamTlsMode, VirtualService,
 };
 
 /// `samples/bookinfo/networking/virtual-service-all-v1.yaml`.
@@ -394,7 +394,9 @@ spec:
     SHARE
 ";
     let host = "httpbin.default.svc.cluster.local";
-    for (share, expected) in [("mirror_percent: 100", 100.0), ("mirrorPercentage:\n      value: 50.5", 50.5)] {
+    let shares =
+        [("mirror_percent: 100", 100.0), ("mirrorPercent: 30", 30.0), ("mirrorPercentage:\n      value: 50.5", 50.5)];
+    for (share, expected) in shares {
         let model = compile_clean(&[setup.clone(), mirror.replace("SHARE", share)].concat());
         let vs = model.routing.mesh_routes_for(host).expect("routed");
         let route = &vs.http[0];
@@ -555,4 +557,92 @@ spec:
     assert_eq!(rewrites, [Some("/hello"), Some("/")]);
     let RouteAction::Forward(to) = &vs.http[1].action else { panic!("forward") };
     assert_eq!(to[0].destination.port, Some(80));
+}
+
+// L7-5: the concepts page's `retries: {attempts: 3, perTryTimeout: 2s}` gets Istio's default
+// conditions; written conditions replace them; `attempts: 0` means no retries.
+#[test]
+fn retries_follow_istio_defaults() {
+    let ratings = |retries: &str| {
+        let (_, vs) = vs(&format!(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata:\n  name: ratings\nspec:\n  hosts:\n  - ratings\n  http:\n  - route:\n    - destination:\n        host: ratings\n        subset: v1\n    retries:\n{retries}\n"
+        ));
+        vs.http[0].retries.as_ref().map(|r| (r.attempts, r.per_try_timeout, r.retry_on.clone()))
+    };
+    let default = RetryOn {
+        connect_failure: true,
+        refused_stream: true,
+        status_codes: vec![503],
+        grpc_statuses: vec![1, 14],
+        ..RetryOn::default()
+    };
+    assert_eq!(ratings("      attempts: 3\n      perTryTimeout: 2s"), Some((3, Some(Duration::from_secs(2)), default)));
+    let written = RetryOn {
+        gateway_error: true,
+        connect_failure: true,
+        refused_stream: true,
+        status_codes: vec![503, 409],
+        grpc_statuses: vec![14],
+        ..RetryOn::default()
+    };
+    let conditions =
+        "      attempts: 2\n      retryOn: gateway-error,connect-failure,refused-stream,503,409,unavailable,503";
+    assert_eq!(ratings(conditions), Some((2, None, written)));
+    assert_eq!(ratings("      attempts: 0"), None);
+}
+
+// L7-3: redirects default to 301; direct responses; header edits keep YAML scalars as text.
+#[test]
+fn route_actions_and_header_edits() {
+    let (_, vs) = vs("\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+  - reviews
+  http:
+  - match:
+    - uri:
+        prefix: /old
+    redirect:
+      uri: /new
+      authority: reviews.example.com
+  - match:
+    - uri:
+        regex: /health(z)?
+    directResponse:
+      status: 204
+  - headers:
+      request:
+        set:
+          test: true
+          :authority: reviews.internal
+        add:
+          X-Version: 2
+      response:
+        remove: [X-Debug]
+    route:
+    - destination:
+        host: reviews
+        subset: v2
+      headers:
+        response:
+          set:
+            served-by: v2
+");
+    let RouteAction::Redirect(redirect) = &vs.http[0].action else { panic!("redirect") };
+    assert_eq!((redirect.uri.as_deref(), redirect.status), (Some("/new"), 301));
+    assert_eq!(redirect.authority.as_deref(), Some("reviews.example.com"));
+    assert!(matches!(vs.http[1].action, RouteAction::DirectResponse { status: 204, body: None }));
+    let Some(StringMatcher::Regex(re)) = &vs.http[1].matches[0].uri else { panic!("regex") };
+    assert!(re.is_match("/healthz") && re.is_match("/health") && !re.is_match("/healthy"), "anchored: {re}");
+    let edits = &vs.http[2].headers;
+    let pairs = |v: &[(String, String)]| v.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
+    assert_eq!(pairs(&edits.request.set), ["host=reviews.internal", "test=true"]);
+    assert_eq!(pairs(&edits.request.add), ["x-version=2"]);
+    assert_eq!(edits.response.remove, ["x-debug"]);
+    let RouteAction::Forward(to) = &vs.http[2].action else { panic!("forward") };
+    assert_eq!(pairs(&to[0].headers.response.set), ["served-by=v2"]);
 }
