@@ -20,7 +20,12 @@ use std::{
 use serde::Deserialize;
 
 pub use duration::parse_duration;
-pub use networking::{DestinationRule, VirtualService};
+pub use networking::{
+    ClientTlsSettings, ConnectionPoolSettings, ConsistentHash, DestinationRule, DestinationRuleSpec, DestinationSpec,
+    HeaderOperations, Headers, HttpMatch, HttpRetry, HttpRoute, L4MatchAttributes, LoadBalancerSettings,
+    OutlierDetectionSettings, Percent, RetryOnToken, RouteDestination, SimpleLb, StringMatch, SubsetSpec, TlsMode,
+    TrafficPolicySpec, VirtualService, VirtualServiceSpec,
+};
 pub use parse::parse_file;
 pub use security::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, Cidr, Condition, ExtensionProvider, JwtHeader,

@@ -6,12 +6,20 @@
 //! (`l7`) walks it per request; what changes per request (round-robin cursors, outlier state,
 //! connection counts) lives in the engine, not here, so a new model never resets it.
 
+mod compile;
+mod destination_rule;
+mod hosts;
+#[cfg(test)]
+mod tests;
+mod virtual_service;
+
 use std::{collections::BTreeMap, collections::HashMap, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
-use super::Service;
-use crate::config::{Diagnostic, Located, Origin, Resource};
+use crate::config::Origin;
+
+pub use compile::compile_routing;
 
 /// The gateway name that means "traffic inside the mesh" (the waypoint's).
 pub const MESH_GATEWAY: &str = "mesh";
@@ -28,7 +36,8 @@ pub struct Routing {
     /// host names win over wildcards, longer wildcards over shorter).
     #[serde(skip)]
     pub mesh_routes: HashMap<String, Arc<VirtualService>>,
-    /// For each host (FQDN) a DestinationRule names: that rule (the first in file order).
+    /// For each host (FQDN or wildcard) a DestinationRule names: that rule (the first in file
+    /// order); and for each service hostname only a wildcard rule matches: the most specific.
     #[serde(skip)]
     pub destination_rule_by_host: HashMap<String, Arc<DestinationRule>>,
 }
@@ -469,15 +478,4 @@ pub enum UpstreamTlsMode {
     Simple,
     Mutual,
     IstioMutual,
-}
-
-/// Compiles the VirtualServices and DestinationRules of `resources` against the model's
-/// services. Placeholder until the compiler lands: routes nothing.
-pub fn compile_routing(
-    resources: &[Located<Resource>],
-    services: &[Arc<Service>],
-    diagnostics: &mut Vec<Diagnostic>,
-) -> Routing {
-    let _ = (resources, services, diagnostics);
-    Routing::default()
 }
