@@ -110,7 +110,9 @@ pub fn targets_bind_waypoint(
             "Service" if matches!(group, "" | "core") => {
                 service.is_some_and(|s| s.name == t.name && s.namespace == target_namespace)
             }
-            "Gateway" if group == GATEWAY_API_GROUP => t.name == waypoint.name && target_namespace == waypoint.namespace,
+            "Gateway" if group == GATEWAY_API_GROUP => {
+                t.name == waypoint.name && target_namespace == waypoint.namespace
+            }
             "GatewayClass" if group == GATEWAY_API_GROUP => {
                 t.name == WAYPOINT_GATEWAY_CLASS && namespace == root_namespace
             }

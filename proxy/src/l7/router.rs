@@ -273,7 +273,9 @@ fn authenticate(x: &mut Exchange, parts: &mut Parts) -> Result<Option<Box<Valida
     let request = jwt::RequestParts { headers: &parts.headers, query: parts.uri.query() };
     match jwt::authenticate(&providers, &request, SystemTime::now()) {
         JwtOutcome::NoToken => Ok(None),
-        JwtOutcome::Invalid(reason) => Err(Local::new(StatusCode::UNAUTHORIZED, jwt::UNAUTHORIZED_BODY).because(reason)),
+        JwtOutcome::Invalid(reason) => {
+            Err(Local::new(StatusCode::UNAUTHORIZED, jwt::UNAUTHORIZED_BODY).because(reason))
+        }
         JwtOutcome::Valid(token) => {
             if !token.forward_original_token {
                 jwt::strip_token(&mut parts.headers, &token.location);

@@ -79,7 +79,13 @@ impl Security {
         waypoint: &'a WaypointName,
     ) -> impl Iterator<Item = &'a Arc<RequestAuthn>> + 'a {
         self.request_authentications.iter().filter(move |ra| {
-            crate::authz::policy::targets_bind_waypoint(&ra.target_refs, &ra.namespace, service, waypoint, &self.root_namespace)
+            crate::authz::policy::targets_bind_waypoint(
+                &ra.target_refs,
+                &ra.namespace,
+                service,
+                waypoint,
+                &self.root_namespace,
+            )
         })
     }
 
