@@ -29,6 +29,8 @@ pub struct CurlResult {
     /// The body as text (invalid UTF-8 replaced); see `body_bytes` for binary bodies.
     pub body: String,
     pub body_bytes: Vec<u8>,
+    /// Response headers of the last response, names lower case, in order.
+    pub headers: Vec<(String, String)>,
     pub stderr: String,
     /// curl's exit code (7 could not connect, 28 timeout, 52 empty reply, 56 reset), if any.
     pub exit_code: Option<i32>,
@@ -39,6 +41,22 @@ impl CurlResult {
     pub fn ok(&self) -> bool {
         (200..300).contains(&self.status)
     }
+
+    /// The first response header named `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Header lines of the last response in a `curl -D` dump (redirects and 100-continue add
+/// earlier blocks).
+fn parse_header_dump(dump: &str) -> Vec<(String, String)> {
+    let last = dump.split("\r\n\r\n").filter(|b| !b.trim().is_empty()).last().unwrap_or("");
+    last.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect()
 }
 
 /// Which server `strait-echo` runs.
@@ -133,19 +151,26 @@ impl Pod {
     /// `["-H", "x-user: a", "-X", "POST", url]`. Adds `--max-time 10` unless `extra` sets one.
     pub fn curl_args(&self, extra: &[&str]) -> io::Result<CurlResult> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        let body_path = self.netns().dir().join(format!("curl-{}.body", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let body_path = self.netns().dir().join(format!("curl-{seq}.body"));
+        let head_path = self.netns().dir().join(format!("curl-{seq}.head"));
         let body_arg = body_path.to_string_lossy().into_owned();
+        let head_arg = head_path.to_string_lossy().into_owned();
         // curl uses the last --max-time it is given, so `extra` can override this one.
-        let mut args = vec!["-sS", "-o", &body_arg, "-w", "%{http_code}", "--max-time", DEFAULT_CURL_TIMEOUT];
+        let mut args =
+            vec!["-sS", "-o", &body_arg, "-D", &head_arg, "-w", "%{http_code}", "--max-time", DEFAULT_CURL_TIMEOUT];
         args.extend_from_slice(extra);
         let output = self.run("curl", &args)?;
         // No file when no response came: an empty body then.
         let body_bytes = fs::read(&body_path).unwrap_or_default();
+        let headers = parse_header_dump(&fs::read_to_string(&head_path).unwrap_or_default());
         let _ = fs::remove_file(&body_path);
+        let _ = fs::remove_file(&head_path);
         Ok(CurlResult {
             status: String::from_utf8_lossy(&output.stdout).trim().parse().unwrap_or(0),
             body: String::from_utf8_lossy(&body_bytes).into_owned(),
             body_bytes,
+            headers,
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
             exit_code: output.status.code(),
         })

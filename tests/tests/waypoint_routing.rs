@@ -1,13 +1,23 @@
-//! End to end: request routing through a waypoint (issue 6; SPEC L4-3, L7-2, L7-3): node
-//! proxies send a service's traffic to the namespace's waypoint over HBONE, and the waypoint
-//! routes each request by the VirtualService in force. Needs root.
+//! End to end: request routing through a waypoint (issue 6; SPEC L4-3, L7-2, L7-3, CFG-1):
+//! node proxies send a service's traffic to the namespace's waypoint over HBONE, and the
+//! waypoint routes each request by the VirtualService in force. The scenarios are the seed's
+//! traffic-management tasks with our own servers standing in for Bookinfo. Needs root.
 
 mod common;
 
-use std::io;
+use std::{io, thread, time::Duration};
 
-use common::{APP_NS, WaypointMesh, wait_request_lines};
+use common::{APP_NS, WaypointMesh, apply, reviews_config, start_backends, wait_request_lines};
 use strait_testbed::{EchoKind, k8s};
+
+const REVIEWS: &str = "http://10.96.0.30:9080";
+
+fn vs(name: &str, spec: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata:\n  name: {name}\n  namespace: {APP_NS}\nspec:\n{spec}")
+}
+
+const ALL_V1: &str = "  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n";
+const JASON_V2: &str = "  hosts: [reviews]\n  http:\n  - match:\n    - headers:\n        end-user:\n          exact: jason\n    route:\n    - destination: {host: reviews, subset: v2}\n  - route:\n    - destination: {host: reviews, subset: v1}\n";
 
 // L4-3: without any VirtualService, service traffic goes through the waypoint to the endpoints,
 // and the endpoint's node proxy sees the waypoint's identity.
@@ -39,5 +49,114 @@ fn service_traffic_goes_through_the_waypoint() -> io::Result<()> {
         .unwrap_or_default();
     assert!(opened.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/waypoint\""), "{metrics}");
     assert!(server.log().contains(&format!("request peer={}:", m.waypoint_pod.ip())), "{}", server.log());
+    Ok(())
+}
+
+// L7-2, seed "request routing": all traffic to v1, then `end-user: jason` to v2 and everyone
+// else to v1.
+#[test]
+fn routes_by_header_to_subsets() -> io::Result<()> {
+    let m = WaypointMesh::new("wp::routing", &["reviews-v1", "reviews-v2", "reviews-v3"])?;
+    m.topo.write_config("c.yaml", &reviews_config(&m))?;
+    let _servers = start_backends(&m, 9080)?;
+    let (p1, p2, wp) = m.start()?;
+    let url = format!("{REVIEWS}/reviews/0");
+
+    let spread = m.client.echo_get(&url, 30, &[])?;
+    assert_eq!(spread.status(200), 30, "{spread:?}");
+    assert!(spread.served_by.len() == 3, "round robin over three versions without a route: {spread:?}");
+
+    apply(&m.topo, &[&p1, &p2, &wp], "vs.yaml", &vs("reviews", ALL_V1))?;
+    let v1 = m.client.echo_get(&url, 30, &[])?;
+    assert_eq!(v1.served("reviews-v1"), 30, "{v1:?}");
+
+    apply(&m.topo, &[&p1, &p2, &wp], "vs.yaml", &vs("reviews", JASON_V2))?;
+    let jason = m.client.echo_get(&url, 30, &[("end-user", "jason")])?;
+    assert_eq!(jason.served("reviews-v2"), 30, "{jason:?}");
+    let others = m.client.echo_get(&url, 30, &[("end-user", "alice")])?;
+    assert_eq!(others.served("reviews-v1"), 30, "{others:?}");
+    let lines = wait_request_lines(&wp, &["route=shop/reviews"], 60)?;
+    assert!(lines.iter().any(|l| l.contains("cluster=outbound|9080|v2|reviews.shop.svc.cluster.local")), "{lines:?}");
+    Ok(())
+}
+
+// L7-3, seed "traffic shifting": weighted routes split 1,000 requests 50/50 and 80/20 within
+// statistical tolerance (more than five standard deviations of slack).
+#[test]
+fn weighted_routes_shift_traffic() -> io::Result<()> {
+    let m = WaypointMesh::new("wp::weights", &["reviews-v1", "reviews-v3"])?;
+    m.topo.write_config("c.yaml", &reviews_config(&m))?;
+    let _servers = start_backends(&m, 9080)?;
+    let (p1, p2, wp) = m.start()?;
+    let url = format!("{REVIEWS}/reviews/0");
+    for (v1, v3, range) in [(50, 50, 420..=580), (80, 20, 730..=870)] {
+        let spec = format!(
+            "  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: v1}}\n      weight: {v1}\n    - destination: {{host: reviews, subset: v3}}\n      weight: {v3}\n"
+        );
+        apply(&m.topo, &[&p1, &p2, &wp], "vs.yaml", &vs("reviews", &spec))?;
+        let summary = m.client.echo_get_args(&url, &["--count", "1000", "--concurrency", "4"])?;
+        assert_eq!(summary.status(200), 1000, "{summary:?}");
+        assert!(range.contains(&summary.served("reviews-v1")), "{v1}/{v3}: {summary:?}");
+        assert_eq!(summary.served("reviews-v1") + summary.served("reviews-v3"), 1000, "{summary:?}");
+    }
+    Ok(())
+}
+
+// L7-3: a prefix rewrite replaces the matched prefix, an exact-match rewrite the whole path;
+// request headers are set and removed, response headers added; a redirect answers itself.
+#[test]
+fn rewrites_and_header_edits() -> io::Result<()> {
+    let m = WaypointMesh::new("wp::rewrite", &["reviews-v1"])?;
+    let spec = "  hosts: [reviews]\n  http:\n  - match:\n    - uri: {prefix: /simple/httpserver}\n    rewrite: {uri: /hello}\n    route:\n    - destination: {host: reviews}\n  - match:\n    - uri: {exact: /whole}\n    rewrite: {uri: /headers}\n    headers:\n      request:\n        set: {x-set: by-waypoint}\n        remove: [x-secret]\n      response:\n        add: {x-added: by-waypoint}\n        remove: [x-served-by]\n    route:\n    - destination: {host: reviews}\n  - match:\n    - uri: {prefix: /old}\n    redirect: {uri: /new}\n  - route:\n    - destination: {host: reviews}\n";
+    m.topo.write_config("c.yaml", &(reviews_config(&m) + "---\n" + &vs("reviews", spec)))?;
+    let _servers = start_backends(&m, 9080)?;
+    let (_p1, _p2, _wp) = m.start()?;
+
+    let prefixed = m.client.curl(&format!("{REVIEWS}/simple/httpserver/x?q=1"), common::TIMEOUT)?;
+    assert!(prefixed.body.contains("path=/hello/x"), "{prefixed:?}");
+    let edited = m.client.curl_args(&["-H", "x-secret: 1", "-H", "x-set: client", &format!("{REVIEWS}/whole")])?;
+    assert_eq!(edited.status, 200, "{edited:?}");
+    assert!(edited.body.contains("x-set: by-waypoint") && !edited.body.contains("x-set: client"), "{}", edited.body);
+    assert!(!edited.body.contains("x-secret"), "{}", edited.body);
+    assert!(edited.body.contains("x-request-id: ") && edited.body.contains("traceparent: "), "{}", edited.body);
+    assert!(edited.body.contains(&format!("x-forwarded-for: {}", m.client.ip())), "{}", edited.body);
+    assert_eq!(edited.header("x-added"), Some("by-waypoint"), "{edited:?}");
+    assert_eq!(edited.header("x-served-by"), None, "{edited:?}");
+    assert!(edited.header("x-envoy-upstream-service-time").is_some(), "{edited:?}");
+    let moved = m.client.curl(&format!("{REVIEWS}/old/page"), common::TIMEOUT)?;
+    assert_eq!(moved.status, 301, "{moved:?}");
+    assert_eq!(moved.header("location"), Some("http://10.96.0.30:9080/new/page"), "{moved:?}");
+    Ok(())
+}
+
+// CFG-1: a VirtualService change applies within a second, and requests in flight while it
+// changes all complete.
+#[test]
+fn route_change_applies_quickly_without_dropping_requests() -> io::Result<()> {
+    let m = WaypointMesh::new("wp::reload", &["reviews-v1", "reviews-v2"])?;
+    m.topo.write_config("c.yaml", &(reviews_config(&m) + "---\n" + &vs("reviews", ALL_V1)))?;
+    let _servers = start_backends(&m, 9080)?;
+    let (_p1, _p2, _wp) = m.start()?;
+    let url = format!("{REVIEWS}/reviews/0");
+    let client = m.client.clone();
+    let load = thread::spawn(move || client.echo_get_args(&url, &["--count", "3000", "--concurrency", "4"]));
+    thread::sleep(Duration::from_millis(300));
+    let all_v2 = ALL_V1.replace("subset: v1", "subset: v2");
+    m.topo.write_config("c.yaml", &(reviews_config(&m) + "---\n" + &vs("reviews", &all_v2)))?;
+    let changed = std::time::Instant::now();
+    let mut switched = None;
+    while changed.elapsed() < Duration::from_secs(3) {
+        if m.client.echo_get(&format!("{REVIEWS}/probe"), 1, &[])?.served("reviews-v2") == 1 {
+            switched = Some(changed.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let during = load.join().map_err(|_| io::Error::other("load thread panicked"))??;
+    let switched = switched.ok_or_else(|| io::Error::other("the route change never took effect"))?;
+    assert!(switched < Duration::from_millis(1200), "applied after {switched:?}");
+    assert_eq!(during.errors, 0, "no request failed while the route changed: {during:?}");
+    assert_eq!(during.status(200), 3000, "{during:?}");
+    assert!(during.served("reviews-v1") > 0 && during.served("reviews-v2") > 0, "{during:?}");
     Ok(())
 }

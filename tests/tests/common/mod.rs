@@ -272,3 +272,29 @@ impl WaypointMesh {
         Ok((p1, p2, wp))
     }
 }
+
+/// The `reviews` service's VIP in `WaypointMesh` tests.
+pub const REVIEWS_VIP: &str = "10.96.0.30";
+
+/// Backends `reviews-v1`, `reviews-v2`, ... (pods named so, labelled `app=reviews,
+/// version=vN`), the `reviews` service on port 9080 (named `http`), and a DestinationRule with
+/// a subset per version: Bookinfo's reviews, as the seed tasks use it.
+pub fn reviews_config(m: &WaypointMesh) -> String {
+    let mut yaml = m.base_config();
+    let mut subsets = String::new();
+    for pod in &m.backends {
+        let version = pod.name().rsplit('-').next().unwrap_or("v1");
+        yaml.push_str(&k8s::pod_yaml(pod, APP_NS, "reviews", &[("app", "reviews"), ("version", version)]));
+        subsets.push_str(&format!("  - name: {version}\n    labels:\n      version: {version}\n"));
+    }
+    yaml.push_str(&k8s::named_service_yaml("reviews", APP_NS, REVIEWS_VIP, &[("http", 9080, 9080)], &[("app", "reviews")], &[]));
+    yaml.push_str(&format!(
+        "---\napiVersion: networking.istio.io/v1alpha3\nkind: DestinationRule\nmetadata:\n  name: reviews\n  namespace: {APP_NS}\nspec:\n  host: reviews\n  subsets:\n{subsets}"
+    ));
+    yaml
+}
+
+/// Starts one HTTP echo server per backend on `port`, named after its pod.
+pub fn start_backends(m: &WaypointMesh, port: u16) -> io::Result<Vec<Process>> {
+    m.backends.iter().map(|pod| pod.echo_server(strait_testbed::EchoKind::Http, port).name(pod.name()).start()).collect()
+}
