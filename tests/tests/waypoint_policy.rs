@@ -91,7 +91,8 @@ fn request_telemetry() -> io::Result<()> {
     assert_eq!(status(&m, &[&format!("{REVIEWS}/status/503")])?, 503);
     assert!(servers[0].log().contains("request_id=7f3a9c-client-id"), "{}", servers[0].log());
     let line = wait_request_lines(&wp, &["request_id=7f3a9c-client-id"], 1)?.remove(0);
-    for field in ["method=GET", "path=\"/reviews/1\"", "status=200", "flags=-", "upstream=10.2.0.10:9080", "protocol=HTTP/1.1"]
+    for field in
+        ["method=GET", "path=\"/reviews/1\"", "status=200", "flags=-", "upstream=10.2.0.10:9080", "protocol=HTTP/1.1"]
     {
         assert!(line.contains(field), "{field} in {line}");
     }
@@ -120,7 +121,9 @@ fn request_telemetry() -> io::Result<()> {
     }
     assert!(ok_sample.ends_with(" 1"), "{ok_sample}");
     assert!(sample("503").ends_with(" 1"), "{metrics}");
-    for family in ["istio_request_duration_milliseconds_bucket{", "istio_request_bytes_count{", "istio_response_bytes_sum{"] {
+    for family in
+        ["istio_request_duration_milliseconds_bucket{", "istio_request_bytes_count{", "istio_response_bytes_sum{"]
+    {
         assert!(metrics.contains(family), "{family} in {metrics}");
     }
     Ok(())

@@ -15,12 +15,15 @@ use strait_testbed::EchoKind;
 const REVIEWS: &str = "http://10.96.0.30:9080";
 
 fn vs(spec: &str) -> String {
-    format!("---\napiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata:\n  name: reviews\n  namespace: {APP_NS}\nspec:\n  hosts: [reviews]\n{spec}")
+    format!(
+        "---\napiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata:\n  name: reviews\n  namespace: {APP_NS}\nspec:\n  hosts: [reviews]\n{spec}"
+    )
 }
 
 /// The reviews DestinationRule with a traffic policy: replaces the plain one of `reviews_config`.
 fn with_policy(m: &WaypointMesh, policy: &str) -> String {
-    reviews_config(m).replace("spec:\n  host: reviews\n", &format!("spec:\n  host: reviews\n  trafficPolicy:\n{policy}"))
+    reviews_config(m)
+        .replace("spec:\n  host: reviews\n", &format!("spec:\n  host: reviews\n  trafficPolicy:\n{policy}"))
 }
 
 // L7-6, seed "fault injection": a 7 s delay for jason only; a client with a 3 s timeout gets
@@ -80,7 +83,8 @@ fn route_timeout_cuts_a_slow_upstream() -> io::Result<()> {
     let took = started.elapsed();
     assert_eq!((slow.status, slow.body.as_str()), (504, "upstream request timeout"), "{slow:?}");
     assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(1500), "{took:?}");
-    let overridden = m.client.curl_args(&["-H", "x-envoy-upstream-rq-timeout-ms: 3000", &format!("{REVIEWS}/delay/1000")])?;
+    let overridden =
+        m.client.curl_args(&["-H", "x-envoy-upstream-rq-timeout-ms: 3000", &format!("{REVIEWS}/delay/1000")])?;
     assert_eq!(overridden.status, 200, "{overridden:?}");
     wait_request_lines(&wp, &["status=504", "flags=UT"], 1)?;
     Ok(())
@@ -163,7 +167,8 @@ fn mirror_copies_requests_off_the_critical_path() -> io::Result<()> {
     let spec = "  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 100\n    mirror: {host: reviews, subset: v2}\n    mirror_percent: 100\n";
     m.topo.write_config("c.yaml", &(reviews_config(&m) + &vs(spec)))?;
     let _v1 = m.backends[0].echo_server(EchoKind::Http, 9080).name("reviews-v1").start()?;
-    let v2 = m.backends[1].echo_server(EchoKind::Http, 9080).name("reviews-v2").delay(Duration::from_secs(1)).start()?;
+    let v2 =
+        m.backends[1].echo_server(EchoKind::Http, 9080).name("reviews-v2").delay(Duration::from_secs(1)).start()?;
     let (_p1, _p2, _wp) = m.start()?;
 
     let summary = m.client.echo_get(&format!("{REVIEWS}/headers"), 10, &[("Host", "reviews:9080")])?;

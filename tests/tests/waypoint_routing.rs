@@ -13,7 +13,9 @@ use strait_testbed::{EchoKind, k8s};
 const REVIEWS: &str = "http://10.96.0.30:9080";
 
 fn vs(name: &str, spec: &str) -> String {
-    format!("apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata:\n  name: {name}\n  namespace: {APP_NS}\nspec:\n{spec}")
+    format!(
+        "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata:\n  name: {name}\n  namespace: {APP_NS}\nspec:\n{spec}"
+    )
 }
 
 const ALL_V1: &str = "  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n";

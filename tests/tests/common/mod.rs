@@ -287,7 +287,14 @@ pub fn reviews_config(m: &WaypointMesh) -> String {
         yaml.push_str(&k8s::pod_yaml(pod, APP_NS, "reviews", &[("app", "reviews"), ("version", version)]));
         subsets.push_str(&format!("  - name: {version}\n    labels:\n      version: {version}\n"));
     }
-    yaml.push_str(&k8s::named_service_yaml("reviews", APP_NS, REVIEWS_VIP, &[("http", 9080, 9080)], &[("app", "reviews")], &[]));
+    yaml.push_str(&k8s::named_service_yaml(
+        "reviews",
+        APP_NS,
+        REVIEWS_VIP,
+        &[("http", 9080, 9080)],
+        &[("app", "reviews")],
+        &[],
+    ));
     yaml.push_str(&format!(
         "---\napiVersion: networking.istio.io/v1alpha3\nkind: DestinationRule\nmetadata:\n  name: reviews\n  namespace: {APP_NS}\nspec:\n  host: reviews\n  subsets:\n{subsets}"
     ));
@@ -296,5 +303,8 @@ pub fn reviews_config(m: &WaypointMesh) -> String {
 
 /// Starts one HTTP echo server per backend on `port`, named after its pod.
 pub fn start_backends(m: &WaypointMesh, port: u16) -> io::Result<Vec<Process>> {
-    m.backends.iter().map(|pod| pod.echo_server(strait_testbed::EchoKind::Http, port).name(pod.name()).start()).collect()
+    m.backends
+        .iter()
+        .map(|pod| pod.echo_server(strait_testbed::EchoKind::Http, port).name(pod.name()).start())
+        .collect()
 }
