@@ -167,7 +167,7 @@ pub async fn forward(
     }
     let active = ActiveRequest(cluster.limits.clone());
     let version = upstream_version(cluster.protocol, request.downstream_version);
-    let hash = hash_key(x, &cluster, &request);
+    let (hash, set_cookie) = hash_key(x, &cluster, &request);
     let websocket = request.upgrade.take();
     let tries = match retries {
         Some(r) if replay.replayable() && websocket.is_none() => r.attempts.saturating_add(1),
@@ -209,6 +209,9 @@ pub async fn forward(
                     }
                     x.record.upstream_time = Some(started.elapsed());
                     set_service_time(response.headers_mut(), started.elapsed());
+                    if let Some(cookie) = &set_cookie {
+                        response.headers_mut().append(header::SET_COOKIE, cookie.clone());
+                    }
                     if status == 101
                         && let Some(client) = websocket
                     {
@@ -310,16 +313,30 @@ fn upstream_version(protocol: AppProtocol, downstream: Version) -> UpstreamVersi
     }
 }
 
-/// The consistent-hash key of a request (`consistentHash`), when the policy hashes.
-fn hash_key(x: &Exchange, cluster: &Cluster, request: &UpstreamRequest) -> Option<u64> {
-    let Some(LoadBalancer::ConsistentHash(key)) = &cluster.policy.load_balancer else { return None };
+/// The consistent-hash key of a request (`consistentHash`), when the policy hashes. A request
+/// without the hash cookie of a policy that sets one (`httpCookie` with a `ttl`) gets a new
+/// cookie, returned as the `Set-Cookie` value to answer with, so its next requests stick.
+fn hash_key(x: &Exchange, cluster: &Cluster, request: &UpstreamRequest) -> (Option<u64>, Option<HeaderValue>) {
+    let Some(LoadBalancer::ConsistentHash(key)) = &cluster.policy.load_balancer else { return (None, None) };
+    let hash = |v: &[u8]| Some(hash_parts(&[v]));
     match key {
-        HashKey::Header(name) => request.headers.get(name.as_str()).map(|v| hash_parts(&[v.as_bytes()])),
-        HashKey::Cookie { name, .. } => cookie(&request.headers, name).map(|v| hash_parts(&[v.as_bytes()])),
-        HashKey::SourceIp => Some(hash_parts(&[x.down.client_addr.ip().to_string().as_bytes()])),
+        HashKey::Header(name) => (request.headers.get(name.as_str()).and_then(|v| hash(v.as_bytes())), None),
+        HashKey::Cookie { name, path, ttl } => match (cookie(&request.headers, name), ttl) {
+            (Some(value), _) => (hash(value.as_bytes()), None),
+            (None, Some(ttl)) => {
+                let value = format!("{:016x}", fastrand::u64(..));
+                let mut set = format!("{name}={value}; Max-Age={}; HttpOnly", ttl.as_secs());
+                if let Some(path) = path {
+                    set.push_str(&format!("; Path={path}"));
+                }
+                (hash(value.as_bytes()), HeaderValue::from_str(&set).ok())
+            }
+            (None, None) => (None, None),
+        },
+        HashKey::SourceIp => (hash(x.down.client_addr.ip().to_string().as_bytes()), None),
         HashKey::QueryParameter(name) => {
             let query = request.path_and_query.split_once('?').map(|(_, q)| q);
-            query_param(query, name).map(|v| hash_parts(&[v.as_bytes()]))
+            (query_param(query, name).and_then(|v| hash(v.as_bytes())), None)
         }
     }
 }
