@@ -1,17 +1,20 @@
 //! `strait demo` (OPS-1): a live mesh on this machine. Two nodes and their pods are built out
 //! of network namespaces, a node proxy runs on each, and each step shows one capability working
 //! with real traffic: capture, mTLS over HBONE with both identities, the original source IP,
-//! service load balancing, and what stays outside the mesh. Everything is removed at the end,
-//! also when a step fails.
+//! service load balancing, what stays outside the mesh, L4 policy, and through a waypoint L7
+//! routing, fault injection and mirroring. Everything is removed at the end, also when a step
+//! fails.
 
 use std::{collections::BTreeMap, thread, time::Duration};
 
 use anyhow::{Context as _, bail};
-use strait_testbed::{EchoKind, Process, Topology, UnderlayCapture, bin_path, k8s, pcap};
+use strait_testbed::{EchoKind, Pod, Process, Topology, UnderlayCapture, bin_path, k8s, pcap};
 
 const MESH_NS: &str = "shop";
 const PLAIN_NS: &str = "legacy";
 const SERVICE_VIP: &str = "10.96.0.10";
+const L7_NS: &str = "bookinfo";
+const REVIEWS_VIP: &str = "10.96.0.20";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run() -> anyhow::Result<()> {
@@ -22,8 +25,20 @@ pub fn run() -> anyhow::Result<()> {
     let web_v1 = topo.add_pod(&node2, "web-v1")?;
     let web_v2 = topo.add_pod(&node1, "web-v2")?;
     let legacy = topo.add_pod(&node1, "legacy")?;
-    for (pod, ns) in [(&sleep, MESH_NS), (&web_v1, MESH_NS), (&web_v2, MESH_NS), (&legacy, PLAIN_NS)] {
-        println!("    pod {ns}/{:<7} {:<12} on {}", pod.name(), pod.ip().to_string(), pod.node_name());
+    let waypoint = topo.add_pod(&node1, "waypoint")?;
+    let reviews_v1 = topo.add_pod(&node2, "reviews-v1")?;
+    let reviews_v2 = topo.add_pod(&node2, "reviews-v2")?;
+    let pods = [
+        (&sleep, MESH_NS),
+        (&web_v1, MESH_NS),
+        (&web_v2, MESH_NS),
+        (&legacy, PLAIN_NS),
+        (&waypoint, L7_NS),
+        (&reviews_v1, L7_NS),
+        (&reviews_v2, L7_NS),
+    ];
+    for (pod, ns) in pods {
+        println!("    pod {:<19} {:<12} on {}", format!("{ns}/{}", pod.name()), pod.ip().to_string(), pod.node_name());
     }
     let config = [
         k8s::namespace_yaml(MESH_NS, &[("istio.io/dataplane-mode", "ambient")]),
@@ -33,12 +48,18 @@ pub fn run() -> anyhow::Result<()> {
         k8s::pod_yaml(&web_v2, MESH_NS, "web", &[("app", "web"), ("version", "v2")]),
         k8s::pod_yaml(&legacy, PLAIN_NS, "default", &[("app", "legacy")]),
         k8s::service_yaml("web", MESH_NS, SERVICE_VIP, &[(80, 8080)], &[("app", "web")]),
+        bookinfo_config(&waypoint, &reviews_v1, &reviews_v2),
     ]
     .concat();
     topo.write_config("cluster.yaml", &config)?;
     say(&format!("namespace `{MESH_NS}` is enrolled (istio.io/dataplane-mode=ambient); `{PLAIN_NS}` is not"));
 
-    let _servers = [web_v1.start_echo_server(EchoKind::Http, 8080)?, web_v2.start_echo_server(EchoKind::Http, 8080)?];
+    let _servers = [
+        web_v1.start_echo_server(EchoKind::Http, 8080)?,
+        web_v2.start_echo_server(EchoKind::Http, 8080)?,
+        reviews_v1.echo_server(EchoKind::Http, 9080).name("reviews-v1").start()?,
+    ];
+    let reviews_v2_server = reviews_v2.echo_server(EchoKind::Http, 9080).name("reviews-v2").start()?;
     let strait = bin_path("strait");
     let ca_dir = topo.dir().join("ca");
     let config_dir = topo.config_dir();
@@ -140,9 +161,98 @@ pub fn run() -> anyhow::Result<()> {
         println!("    node2 metrics: {line}");
     }
 
+    let waypoint = start_waypoint(&waypoint, &config_dir, &ca_dir)?;
+    proxies.push(waypoint);
+    l7_steps(&topo, &sleep, &proxies, &reviews_v2_server)?;
+
     say("done; removing the namespaces and processes");
     drop(proxies);
     drop(topo);
+    Ok(())
+}
+
+/// Namespace `bookinfo` (enrolled, using waypoint `waypoint`), its waypoint's pod, and two
+/// versions of `reviews` behind one service with a subset each.
+fn bookinfo_config(waypoint: &Pod, v1: &Pod, v2: &Pod) -> String {
+    [
+        k8s::namespace_yaml(L7_NS, &[("istio.io/dataplane-mode", "ambient"), ("istio.io/use-waypoint", "waypoint")]),
+        k8s::pod_yaml(waypoint, L7_NS, "waypoint", &[("gateway.networking.k8s.io/gateway-name", "waypoint")]),
+        k8s::pod_yaml(v1, L7_NS, "reviews", &[("app", "reviews"), ("version", "v1")]),
+        k8s::pod_yaml(v2, L7_NS, "reviews", &[("app", "reviews"), ("version", "v2")]),
+        k8s::named_service_yaml("reviews", L7_NS, REVIEWS_VIP, &[("http", 9080, 9080)], &[("app", "reviews")], &[]),
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: reviews\n  namespace: {L7_NS}\n\
+             spec:\n  host: reviews\n  subsets:\n  - name: v1\n    labels: {{version: v1}}\n  - name: v2\n    labels: {{version: v2}}\n"
+        ),
+    ]
+    .concat()
+}
+
+fn start_waypoint(pod: &Pod, config_dir: &std::path::Path, ca_dir: &std::path::Path) -> anyhow::Result<Process> {
+    let args = [
+        "waypoint",
+        "--config",
+        config_dir.to_str().unwrap_or_default(),
+        "--name",
+        "waypoint",
+        "--namespace",
+        L7_NS,
+        "--ca-dir",
+        ca_dir.to_str().unwrap_or_default(),
+    ];
+    let waypoint = pod.spawn("waypoint", bin_path("strait"), &args, &[])?;
+    waypoint.wait_for_log("strait waypoint ready", TIMEOUT).context("the waypoint did not start")?;
+    Ok(waypoint)
+}
+
+/// Steps 6 to 8: L7 routing, fault injection and mirroring at the waypoint.
+fn l7_steps(topo: &Topology, sleep: &Pod, proxies: &[Process], mirror_target: &Process) -> anyhow::Result<()> {
+    let url = format!("http://{REVIEWS_VIP}:9080/reviews/0");
+    let vs = |spec: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\n  namespace: {L7_NS}\nspec:\n  hosts: [reviews]\n  http:\n{spec}"
+        )
+    };
+    let tally = |headers: &[(&str, &str)]| -> anyhow::Result<String> {
+        let summary = sleep.echo_get(&url, 20, headers)?;
+        let served: Vec<String> = summary
+            .served_by
+            .iter()
+            .map(|(who, n)| if who == "-" { format!("{n} from the waypoint itself") } else { format!("{n} from {who}") })
+            .collect();
+        let statuses: Vec<String> = summary.statuses.iter().map(|(s, n)| format!("{n}×{s}")).collect();
+        Ok(format!("{} ({})", statuses.join(" "), served.join(", ")))
+    };
+
+    step(6, &format!("namespace `{L7_NS}` uses a waypoint: a VirtualService sends `end-user: jason` to v2, others to v1"));
+    let routing = vs("  - match:\n    - headers:\n        end-user: {exact: jason}\n    route:\n    - destination: {host: reviews, subset: v2}\n  - route:\n    - destination: {host: reviews, subset: v1}\n");
+    apply(topo, proxies, "reviews-vs.yaml", &routing)?;
+    println!("{}", indent(&routing));
+    println!("    sleep: 20 requests as jason -> {}", tally(&[("end-user", "jason")])?);
+    println!("    sleep: 20 requests as alice -> {}", tally(&[("end-user", "alice")])?);
+    if let Some(waypoint) = proxies.last()
+        && let Ok(line) = waypoint.wait_for_log("waypoint http", TIMEOUT)
+    {
+        println!("    waypoint access log: {}", line.trim());
+    }
+
+    step(7, "fault injection: jason's requests are aborted with 500 before reaching any pod");
+    let abort = vs("  - fault:\n      abort: {httpStatus: 500, percentage: {value: 100}}\n    match:\n    - headers:\n        end-user: {exact: jason}\n    route:\n    - destination: {host: reviews, subset: v1}\n  - route:\n    - destination: {host: reviews, subset: v1}\n");
+    apply(topo, proxies, "reviews-vs.yaml", &abort)?;
+    println!("    sleep: 20 requests as jason -> {}", tally(&[("end-user", "jason")])?);
+    println!("    sleep: 20 requests as alice -> {}", tally(&[("end-user", "alice")])?);
+
+    step(8, "mirroring: v1 answers, v2 gets a copy of each request (Host: reviews-shadow), off the client's path");
+    let mirror = vs("  - route:\n    - destination: {host: reviews, subset: v1}\n    mirror: {host: reviews, subset: v2}\n    mirrorPercentage: {value: 100}\n");
+    apply(topo, proxies, "reviews-vs.yaml", &mirror)?;
+    let before = mirror_target.count_log_lines("host=reviews-shadow");
+    let summary = sleep.echo_get(&url, 20, &[("Host", "reviews:9080")])?;
+    thread::sleep(Duration::from_millis(500));
+    let mirrored = mirror_target.count_log_lines("host=reviews-shadow") - before;
+    println!(
+        "    sleep: 20 requests -> {} answered by reviews-v1; reviews-v2 received {mirrored} mirrored copies",
+        summary.served("reviews-v1")
+    );
     Ok(())
 }
 
