@@ -218,14 +218,21 @@ fn l7_steps(topo: &Topology, sleep: &Pod, proxies: &[Process], mirror_target: &P
         let served: Vec<String> = summary
             .served_by
             .iter()
-            .map(|(who, n)| if who == "-" { format!("{n} from the waypoint itself") } else { format!("{n} from {who}") })
+            .map(
+                |(who, n)| if who == "-" { format!("{n} from the waypoint itself") } else { format!("{n} from {who}") },
+            )
             .collect();
         let statuses: Vec<String> = summary.statuses.iter().map(|(s, n)| format!("{n}×{s}")).collect();
         Ok(format!("{} ({})", statuses.join(" "), served.join(", ")))
     };
 
-    step(6, &format!("namespace `{L7_NS}` uses a waypoint: a VirtualService sends `end-user: jason` to v2, others to v1"));
-    let routing = vs("  - match:\n    - headers:\n        end-user: {exact: jason}\n    route:\n    - destination: {host: reviews, subset: v2}\n  - route:\n    - destination: {host: reviews, subset: v1}\n");
+    step(
+        6,
+        &format!("namespace `{L7_NS}` uses a waypoint: a VirtualService sends `end-user: jason` to v2, others to v1"),
+    );
+    let routing = vs(
+        "  - match:\n    - headers:\n        end-user: {exact: jason}\n    route:\n    - destination: {host: reviews, subset: v2}\n  - route:\n    - destination: {host: reviews, subset: v1}\n",
+    );
     apply(topo, proxies, "reviews-vs.yaml", &routing)?;
     println!("{}", indent(&routing));
     println!("    sleep: 20 requests as jason -> {}", tally(&[("end-user", "jason")])?);
@@ -237,13 +244,17 @@ fn l7_steps(topo: &Topology, sleep: &Pod, proxies: &[Process], mirror_target: &P
     }
 
     step(7, "fault injection: jason's requests are aborted with 500 before reaching any pod");
-    let abort = vs("  - fault:\n      abort: {httpStatus: 500, percentage: {value: 100}}\n    match:\n    - headers:\n        end-user: {exact: jason}\n    route:\n    - destination: {host: reviews, subset: v1}\n  - route:\n    - destination: {host: reviews, subset: v1}\n");
+    let abort = vs(
+        "  - fault:\n      abort: {httpStatus: 500, percentage: {value: 100}}\n    match:\n    - headers:\n        end-user: {exact: jason}\n    route:\n    - destination: {host: reviews, subset: v1}\n  - route:\n    - destination: {host: reviews, subset: v1}\n",
+    );
     apply(topo, proxies, "reviews-vs.yaml", &abort)?;
     println!("    sleep: 20 requests as jason -> {}", tally(&[("end-user", "jason")])?);
     println!("    sleep: 20 requests as alice -> {}", tally(&[("end-user", "alice")])?);
 
     step(8, "mirroring: v1 answers, v2 gets a copy of each request (Host: reviews-shadow), off the client's path");
-    let mirror = vs("  - route:\n    - destination: {host: reviews, subset: v1}\n    mirror: {host: reviews, subset: v2}\n    mirrorPercentage: {value: 100}\n");
+    let mirror = vs(
+        "  - route:\n    - destination: {host: reviews, subset: v1}\n    mirror: {host: reviews, subset: v2}\n    mirrorPercentage: {value: 100}\n",
+    );
     apply(topo, proxies, "reviews-vs.yaml", &mirror)?;
     let before = mirror_target.count_log_lines("host=reviews-shadow");
     let summary = sleep.echo_get(&url, 20, &[("Host", "reviews:9080")])?;

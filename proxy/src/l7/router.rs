@@ -504,3 +504,84 @@ fn authority_of(parts: &Parts, headers: &http::HeaderMap) -> String {
 pub(super) fn remaining(deadline: Option<Instant>) -> Option<Duration> {
     deadline.map(|d| d.saturating_duration_since(Instant::now()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str) -> Parts {
+        let (parts, ()) = http::Request::builder()
+            .uri(uri)
+            .header(header::HOST, "reviews:9080")
+            .body(())
+            .map_or_else(|e| panic!("request: {e}"), |r| r.into_parts());
+        parts
+    }
+
+    fn prefix(p: &str) -> RouteMatch {
+        RouteMatch { uri: Some(StringMatcher::Prefix(p.into())), ..Default::default() }
+    }
+
+    // L7-3: a prefix match's prefix is replaced (the seed's `/simple/httpserver` → `/hello`),
+    // any other match replaces the whole path; the query string stays.
+    #[test]
+    fn rewrites_replace_the_matched_prefix() {
+        let cases = [
+            ("/simple/httpserver", Some(prefix("/simple/httpserver")), "/hello", "/hello"),
+            ("/simple/httpserver/a?x=1", Some(prefix("/simple/httpserver")), "/hello", "/hello/a?x=1"),
+            ("/simple/nginx/page", Some(prefix("/simple/nginx/")), "/", "/page"),
+            ("/simple/nginx", Some(prefix("/simple/nginx")), "", "/"),
+            (
+                "/exact?q=2",
+                Some(RouteMatch { uri: Some(StringMatcher::Exact("/exact".into())), ..Default::default() }),
+                "/new",
+                "/new?q=2",
+            ),
+            ("/any", None, "/new", "/new"),
+        ];
+        for (uri, matched, rewrite, expected) in cases {
+            let mut p = parts(uri);
+            rewrite_request(&mut p, Some(rewrite), None, matched.as_ref());
+            assert_eq!(p.uri.path_and_query().map(|pq| pq.as_str()), Some(expected), "{uri} → {rewrite}");
+        }
+        let mut p = parts("/x");
+        rewrite_request(&mut p, None, Some("ratings:9080"), None);
+        assert_eq!(p.headers.get(header::HOST).and_then(|v| v.to_str().ok()), Some("ratings:9080"));
+    }
+
+    #[test]
+    fn redirects_build_the_location() {
+        let redirect = |uri: Option<&str>, authority: Option<&str>, port, scheme: Option<&str>, status| Redirect {
+            uri: uri.map(str::to_owned),
+            authority: authority.map(str::to_owned),
+            port,
+            scheme: scheme.map(str::to_owned),
+            status,
+        };
+        let cases = [
+            (
+                redirect(Some("/new"), None, None, None, 301),
+                Some(prefix("/old")),
+                "/old/a?b=1",
+                "http://reviews:9080/new/a?b=1",
+            ),
+            (redirect(None, Some("other"), Some(8080), Some("https"), 302), None, "/p", "https://other:8080/p"),
+            (redirect(Some("/x"), None, None, None, 308), None, "/y", "http://reviews:9080/x"),
+        ];
+        for (r, matched, uri, location) in cases {
+            let local = redirect_to(&r, &parts(uri), matched.as_ref());
+            assert_eq!(local.status.as_u16(), r.status);
+            let got = local.headers.iter().find(|(n, _)| n == header::LOCATION).and_then(|(_, v)| v.to_str().ok());
+            assert_eq!(got, Some(location), "{uri}");
+        }
+    }
+
+    // L7-6: percentages are percent: 0.1 is one in a thousand, 100 is all.
+    #[test]
+    fn percentages_roll_in_proportion() {
+        assert!(rolls(Percentage(100.0)));
+        assert!(!rolls(Percentage(0.0)));
+        let hits = (0..100_000).filter(|_| rolls(Percentage(0.1))).count();
+        assert!((40..=200).contains(&hits), "{hits}");
+    }
+}
