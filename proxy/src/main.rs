@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use strait::{
+    admin::OperatorEndpoints,
     node::CaSource,
     telemetry::{AccessLogFormat, logging::LogControl},
 };
@@ -39,49 +40,13 @@ struct NodeArgs {
     /// This node's name, as pods' `spec.nodeName` gives it.
     #[arg(long)]
     node: String,
-    /// Admin API (/config_dump, /workloads, /certs, /stats, /logging, /healthz/ready).
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    admin_addr: SocketAddr,
-    /// Prometheus metrics (/metrics), with Istio's names and labels.
-    #[arg(long, default_value = "0.0.0.0:15020")]
-    metrics_addr: SocketAddr,
-    /// Readiness probe (/healthz/ready answers 200 once the proxy is ready).
-    #[arg(long, default_value = "0.0.0.0:15021")]
-    readiness_addr: SocketAddr,
-    /// Access line format: Envoy-like `key=value` text, or one JSON object per line.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    access_log_format: LogFormat,
-    /// Append access lines to this file instead of writing them to stdout.
-    #[arg(long)]
-    access_log: Option<PathBuf>,
-    /// Trust domain of workload identities.
-    #[arg(long, default_value = strait::identity::DEFAULT_TRUST_DOMAIN)]
-    trust_domain: String,
-    /// Directory of the built-in CA (Istio's plug-in CA layout); created if empty. Proxies
-    /// given the same directory share one trust root.
-    #[arg(long, default_value = "/var/lib/strait/ca")]
-    ca_dir: PathBuf,
+    #[command(flatten)]
+    operator: OperatorArgs,
+    #[command(flatten)]
+    identity: IdentityArgs,
     /// Also serve the built-in CA over Istio's CA API on this address (e.g. 0.0.0.0:15012).
     #[arg(long, conflicts_with = "ca_address")]
     ca_listen: Option<SocketAddr>,
-    /// File holding the bearer token callers of the CA API must present (serving), or that
-    /// this proxy presents to a remote CA (with --ca-address).
-    #[arg(long)]
-    ca_token_file: Option<PathBuf>,
-    /// Get certificates from a CA speaking Istio's CA API instead (istiod, or another strait
-    /// node started with --ca-listen), e.g. https://10.255.0.1:15012.
-    #[arg(long, requires = "ca_root")]
-    ca_address: Option<String>,
-    /// PEM root certificate(s) the remote CA's endpoint and issued certificates chain to.
-    #[arg(long)]
-    ca_root: Option<PathBuf>,
-    /// Name to verify in the remote CA's certificate, when it differs from the address's host
-    /// (strait's CA endpoint presents `strait-ca` and `istiod.istio-system.svc`).
-    #[arg(long)]
-    ca_server_name: Option<String>,
-    /// Lifetime of workload certificates (renewed at half life).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    cert_ttl: Duration,
     /// The node's uplink interface (default: from the routing table).
     #[arg(long)]
     uplink: Option<String>,
@@ -113,49 +78,90 @@ struct WaypointArgs {
     /// Istio deploys it).
     #[arg(long)]
     service_account: Option<String>,
-    /// Trust domain of workload identities.
-    #[arg(long, default_value = strait::identity::DEFAULT_TRUST_DOMAIN)]
-    trust_domain: String,
-    /// Directory of the built-in CA (Istio's plug-in CA layout), shared with the node proxies.
-    #[arg(long, default_value = "/var/lib/strait/ca")]
-    ca_dir: PathBuf,
-    /// Get the certificate from a CA speaking Istio's CA API instead (istiod, or a strait node
-    /// started with --ca-listen).
-    #[arg(long, requires = "ca_root")]
-    ca_address: Option<String>,
-    /// PEM root certificate(s) the remote CA's endpoint and issued certificates chain to.
-    #[arg(long)]
-    ca_root: Option<PathBuf>,
-    /// File holding the bearer token presented to a remote CA.
-    #[arg(long)]
-    ca_token_file: Option<PathBuf>,
-    /// Name to verify in the remote CA's certificate.
-    #[arg(long)]
-    ca_server_name: Option<String>,
-    /// Lifetime of the waypoint's certificate (renewed at half life).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    cert_ttl: Duration,
-    /// Admin API (/config_dump, /clusters, /certs, /logging, /healthz/ready).
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    admin_addr: SocketAddr,
-    /// Prometheus metrics (/metrics), with Istio's names and labels.
-    #[arg(long, default_value = "0.0.0.0:15020")]
-    metrics_addr: SocketAddr,
-    /// Readiness probe.
-    #[arg(long, default_value = "0.0.0.0:15021")]
-    readiness_addr: SocketAddr,
-    /// Access line format: `key=value` text, or one JSON object per line.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    access_log_format: LogFormat,
-    /// Append access lines to this file instead of writing them to stdout.
-    #[arg(long)]
-    access_log: Option<PathBuf>,
+    #[command(flatten)]
+    operator: OperatorArgs,
+    #[command(flatten)]
+    identity: IdentityArgs,
     /// `server` header set on responses that carry none; an empty value sets none.
     #[arg(long, default_value = "istio-envoy")]
     server_header: String,
     /// Data-plane worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
+}
+
+/// Where a proxy reports: its operator endpoints and access log.
+#[derive(Args)]
+struct OperatorArgs {
+    /// Admin API (/config_dump, /workloads, /certs, /stats, /clusters, /logging, /healthz/ready).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Prometheus metrics (/metrics), with Istio's names and labels.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness probe (/healthz/ready answers 200 once the proxy is ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Access line format: Envoy-like `key=value` text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    access_log_format: LogFormat,
+    /// Append access lines to this file instead of writing them to stdout.
+    #[arg(long)]
+    access_log: Option<PathBuf>,
+}
+
+impl OperatorArgs {
+    fn endpoints(&self) -> OperatorEndpoints {
+        OperatorEndpoints { admin: self.admin_addr, metrics: self.metrics_addr, readiness: self.readiness_addr }
+    }
+
+    fn format(&self) -> AccessLogFormat {
+        match self.access_log_format {
+            LogFormat::Text => AccessLogFormat::Text,
+            LogFormat::Json => AccessLogFormat::Json,
+        }
+    }
+}
+
+/// Where a proxy's certificates come from.
+#[derive(Args)]
+struct IdentityArgs {
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = strait::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Directory of the built-in CA (Istio's plug-in CA layout); created if empty. Proxies
+    /// given the same directory share one trust root.
+    #[arg(long, default_value = "/var/lib/strait/ca")]
+    ca_dir: PathBuf,
+    /// File holding the bearer token callers of the CA API must present (serving), or that
+    /// this proxy presents to a remote CA (with --ca-address).
+    #[arg(long)]
+    ca_token_file: Option<PathBuf>,
+    /// Get certificates from a CA speaking Istio's CA API instead (istiod, or a strait node
+    /// started with --ca-listen), e.g. https://10.255.0.1:15012.
+    #[arg(long, requires = "ca_root")]
+    ca_address: Option<String>,
+    /// PEM root certificate(s) the remote CA's endpoint and issued certificates chain to.
+    #[arg(long)]
+    ca_root: Option<PathBuf>,
+    /// Name to verify in the remote CA's certificate, when it differs from the address's host
+    /// (strait's CA endpoint presents `strait-ca` and `istiod.istio-system.svc`).
+    #[arg(long)]
+    ca_server_name: Option<String>,
+    /// Lifetime of certificates (renewed at half life).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+}
+
+impl IdentityArgs {
+    /// The CA to use; `listen` serves the local one over Istio's CA API too.
+    fn ca(self, listen: Option<SocketAddr>) -> anyhow::Result<CaSource> {
+        let token = read_token(self.ca_token_file.as_deref())?;
+        Ok(match (self.ca_address, self.ca_root) {
+            (Some(address), Some(root)) => CaSource::Remote { address, root, token, server_name: self.ca_server_name },
+            _ => CaSource::Local { dir: self.ca_dir, listen, token },
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -184,27 +190,19 @@ fn main() -> ExitCode {
 }
 
 fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
-    let token = read_token(args.ca_token_file.as_deref())?;
-    let ca = match (args.ca_address, args.ca_root) {
-        (Some(address), Some(root)) => CaSource::Remote { address, root, token, server_name: args.ca_server_name },
-        _ => CaSource::Local { dir: args.ca_dir, listen: args.ca_listen, token },
-    };
     let rt = runtime(args.workers)?;
+    let (endpoints, access_log_format) = (args.operator.endpoints(), args.operator.format());
+    let (trust_domain, cert_ttl) = (args.identity.trust_domain.clone(), args.identity.cert_ttl);
     rt.block_on(strait::node::run(strait::node::NodeOptions {
         config_dir: args.config,
         node_name: args.node,
-        admin_addr: args.admin_addr,
-        metrics_addr: args.metrics_addr,
-        readiness_addr: args.readiness_addr,
-        access_log_format: match args.access_log_format {
-            LogFormat::Text => AccessLogFormat::Text,
-            LogFormat::Json => AccessLogFormat::Json,
-        },
-        access_log: args.access_log,
+        endpoints,
+        access_log_format,
+        access_log: args.operator.access_log,
         logging: Some(logging),
-        trust_domain: args.trust_domain,
-        ca,
-        cert_ttl: args.cert_ttl,
+        trust_domain,
+        ca: args.identity.ca(args.ca_listen)?,
+        cert_ttl,
         uplink: args.uplink,
         bpf_pin_dir: args.bpf_pin_dir,
         detach_on_exit: args.detach_on_exit,
@@ -212,28 +210,20 @@ fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
 }
 
 fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
-    let token = read_token(args.ca_token_file.as_deref())?;
-    let ca = match (args.ca_address, args.ca_root) {
-        (Some(address), Some(root)) => CaSource::Remote { address, root, token, server_name: args.ca_server_name },
-        _ => CaSource::Local { dir: args.ca_dir, listen: None, token },
-    };
     let rt = runtime(args.workers)?;
+    let (endpoints, access_log_format) = (args.operator.endpoints(), args.operator.format());
+    let (trust_domain, cert_ttl) = (args.identity.trust_domain.clone(), args.identity.cert_ttl);
     rt.block_on(strait::waypoint::run(strait::waypoint::WaypointOptions {
         config_dir: args.config,
         service_account: args.service_account.unwrap_or_else(|| args.name.clone()),
         name: args.name,
         namespace: args.namespace,
-        trust_domain: args.trust_domain,
-        ca,
-        cert_ttl: args.cert_ttl,
-        admin_addr: args.admin_addr,
-        metrics_addr: args.metrics_addr,
-        readiness_addr: args.readiness_addr,
-        access_log_format: match args.access_log_format {
-            LogFormat::Text => AccessLogFormat::Text,
-            LogFormat::Json => AccessLogFormat::Json,
-        },
-        access_log: args.access_log,
+        trust_domain,
+        ca: args.identity.ca(None)?,
+        cert_ttl,
+        endpoints,
+        access_log_format,
+        access_log: args.operator.access_log,
         logging: Some(logging),
         server_header: Some(args.server_header).filter(|s| !s.is_empty()),
     }))

@@ -9,6 +9,7 @@ mod views;
 
 use std::{
     convert::Infallible,
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -52,6 +53,34 @@ const METRICS_ENDPOINTS: &[(&str, &str)] = &[
     ("/stats/prometheus", "the same, where Istio's sidecars serve it"),
 ];
 const READINESS_ENDPOINTS: &[(&str, &str)] = &[("/healthz/ready", "200 once the proxy is ready")];
+
+/// Where a proxy serves its operator endpoints (Istio's layout: 15000, 15020, 15021).
+#[derive(Debug, Clone, Copy)]
+pub struct OperatorEndpoints {
+    /// Admin API (localhost only by default).
+    pub admin: SocketAddr,
+    /// Prometheus metrics.
+    pub metrics: SocketAddr,
+    /// Readiness probe.
+    pub readiness: SocketAddr,
+}
+
+/// Binds the three endpoints and serves them in the background; `state.ready` answers the
+/// readiness probe.
+pub async fn start(endpoints: &OperatorEndpoints, state: AdminState, metrics: MetricsRegistry) -> std::io::Result<()> {
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on the {what} address {addr}: {e}")))
+    };
+    let admin_listener = bind(endpoints.admin, "admin").await?;
+    let metrics_listener = bind(endpoints.metrics, "metrics").await?;
+    let readiness_listener = bind(endpoints.readiness, "readiness").await?;
+    tokio::spawn(serve_readiness(readiness_listener, state.ready.clone()));
+    tokio::spawn(serve_admin(admin_listener, state));
+    tokio::spawn(serve_metrics(metrics_listener, Arc::new(metrics)));
+    Ok(())
+}
 
 /// Whether the proxy is ready to serve: set once, when its listeners and capture are in place.
 #[derive(Debug, Clone, Default)]

@@ -9,7 +9,7 @@ mod policy;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -22,7 +22,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, AdminState, Readiness},
+    admin::{self, AdminState, OperatorEndpoints, Readiness},
     capture::{self, Capture, SteerRouting},
     hbone::HbonePool,
     identity::{CaClientOptions, CaServerOptions, CertStore, CertificateProvider, IstioCaClient, LocalCa, serve_ca},
@@ -40,11 +40,8 @@ const RECONCILE_EVERY: Duration = Duration::from_millis(300);
 pub struct NodeOptions {
     pub config_dir: PathBuf,
     pub node_name: String,
-    pub admin_addr: SocketAddr,
-    /// Prometheus metrics (`/metrics`).
-    pub metrics_addr: SocketAddr,
-    /// Readiness probe (`/healthz/ready`).
-    pub readiness_addr: SocketAddr,
+    /// Admin API, metrics and readiness.
+    pub endpoints: OperatorEndpoints,
     pub access_log_format: AccessLogFormat,
     /// File the access lines are appended to; stdout when `None`.
     pub access_log: Option<PathBuf>,
@@ -242,9 +239,7 @@ async fn serve_operator_endpoints(
     capture: &Arc<Mutex<Capture>>,
     certs: &Arc<CertStore>,
 ) -> anyhow::Result<(Telemetry, Readiness)> {
-    let access_log = AccessLog::new(options.access_log_format, options.access_log.as_deref()).with_context(|| {
-        format!("cannot open the access log {}", options.access_log.as_deref().unwrap_or(Path::new("-")).display())
-    })?;
+    let access_log = AccessLog::open(options.access_log_format, options.access_log.as_deref())?;
     let mut metrics = MetricsRegistry::new();
     let reader = capture.clone();
     metrics.register(ScrapedCounters::each("strait_capture", "Counter of the eBPF capture programs", move || {
@@ -262,28 +257,17 @@ async fn serve_operator_endpoints(
     ));
     let telemetry = Telemetry::new(access_log, metrics.traffic());
     let ready = Readiness::default();
-
-    let bind = |addr: SocketAddr, what: &'static str| async move {
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on the {what} address {addr}"))
+    let state = AdminState {
+        model: model.clone(),
+        capture: Some(capture.clone()),
+        clusters: None,
+        certs: certs.clone(),
+        node_name: options.node_name.clone(),
+        trust_domain: options.trust_domain.clone(),
+        logging: options.logging.clone(),
+        ready: ready.clone(),
     };
-    let admin_listener = bind(options.admin_addr, "admin").await?;
-    let metrics_listener = bind(options.metrics_addr, "metrics").await?;
-    let readiness_listener = bind(options.readiness_addr, "readiness").await?;
-    tokio::spawn(admin::serve_admin(
-        admin_listener,
-        AdminState {
-            model: model.clone(),
-            capture: Some(capture.clone()),
-            clusters: None,
-            certs: certs.clone(),
-            node_name: options.node_name.clone(),
-            trust_domain: options.trust_domain.clone(),
-            logging: options.logging.clone(),
-            ready: ready.clone(),
-        },
-    ));
-    tokio::spawn(admin::serve_metrics(metrics_listener, Arc::new(metrics)));
-    tokio::spawn(admin::serve_readiness(readiness_listener, ready.clone()));
+    admin::start(&options.endpoints, state, metrics).await?;
     Ok((telemetry, ready))
 }
 

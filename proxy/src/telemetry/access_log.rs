@@ -122,6 +122,14 @@ impl AccessLog {
         Ok(Self { format, file })
     }
 
+    /// Like `new`, with an error that names the file.
+    pub fn open(format: AccessLogFormat, path: Option<&Path>) -> io::Result<Self> {
+        Self::new(format, path).map_err(|e| {
+            let name = path.unwrap_or(Path::new("-")).display();
+            io::Error::new(e.kind(), format!("cannot open the access log {name}: {e}"))
+        })
+    }
+
     pub fn record(&self, r: &ConnectionRecord) {
         let line = match self.format {
             AccessLogFormat::Text => format_line(r),

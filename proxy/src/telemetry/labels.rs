@@ -117,37 +117,48 @@ fn service_labels(service: &Service) -> [String; 3] {
     [service.hostname.clone(), service.namespace.clone(), service.name.clone()]
 }
 
+/// The labels Istio's TCP and request metrics share, in Istio's order; `app` and `version`
+/// repeat the canonical service and revision as ztunnel does.
+pub(super) fn endpoint_labels<'a>(
+    reporter: Reporter,
+    s: &'a PeerLabels,
+    d: &'a PeerLabels,
+    destination_service: &'a [String; 3],
+) -> [(&'static str, &'a str); 20] {
+    let [service, service_namespace, service_name] = destination_service;
+    [
+        ("reporter", reporter.as_str()),
+        ("source_workload", &s.workload),
+        ("source_canonical_service", &s.canonical_service),
+        ("source_canonical_revision", &s.canonical_revision),
+        ("source_workload_namespace", &s.namespace),
+        ("source_principal", &s.principal),
+        ("source_app", &s.canonical_service),
+        ("source_version", &s.canonical_revision),
+        ("source_cluster", s.cluster),
+        ("destination_service", service),
+        ("destination_service_namespace", service_namespace),
+        ("destination_service_name", service_name),
+        ("destination_workload", &d.workload),
+        ("destination_canonical_service", &d.canonical_service),
+        ("destination_canonical_revision", &d.canonical_revision),
+        ("destination_workload_namespace", &d.namespace),
+        ("destination_principal", &d.principal),
+        ("destination_app", &d.canonical_service),
+        ("destination_version", &d.canonical_revision),
+        ("destination_cluster", d.cluster),
+    ]
+}
+
 impl EncodeLabelSet for TrafficLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
-        let (s, d) = (&self.source, &self.destination);
-        let [service, service_namespace, service_name] = &self.destination_service;
-        // Istio's order; `app`/`version` repeat the canonical service and revision as ztunnel does.
-        let labels: [(&str, &str); 23] = [
-            ("reporter", self.reporter.as_str()),
-            ("source_workload", &s.workload),
-            ("source_canonical_service", &s.canonical_service),
-            ("source_canonical_revision", &s.canonical_revision),
-            ("source_workload_namespace", &s.namespace),
-            ("source_principal", &s.principal),
-            ("source_app", &s.canonical_service),
-            ("source_version", &s.canonical_revision),
-            ("source_cluster", s.cluster),
-            ("destination_service", service),
-            ("destination_service_namespace", service_namespace),
-            ("destination_service_name", service_name),
-            ("destination_workload", &d.workload),
-            ("destination_canonical_service", &d.canonical_service),
-            ("destination_canonical_revision", &d.canonical_revision),
-            ("destination_workload_namespace", &d.namespace),
-            ("destination_principal", &d.principal),
-            ("destination_app", &d.canonical_service),
-            ("destination_version", &d.canonical_revision),
-            ("destination_cluster", d.cluster),
+        let shared = endpoint_labels(self.reporter, &self.source, &self.destination, &self.destination_service);
+        let own = [
             ("request_protocol", "tcp"),
             ("response_flags", self.response_flags),
             ("connection_security_policy", self.security_policy),
         ];
-        for label in labels {
+        for label in shared.into_iter().chain(own) {
             label.encode(encoder.encode_label())?;
         }
         Ok(())

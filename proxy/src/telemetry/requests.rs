@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::{
     AccessLog, AccessLogFormat,
-    labels::{PeerLabels, Reporter, UNKNOWN},
+    labels::{PeerLabels, Reporter, UNKNOWN, endpoint_labels},
     rfc3339,
 };
 use crate::{
@@ -207,38 +207,17 @@ impl RequestLabels {
 
 impl EncodeLabelSet for RequestLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
-        let (s, d) = (&self.source, &self.destination);
-        let [service, service_namespace, service_name] = &self.destination_service;
+        let shared = endpoint_labels(self.reporter, &self.source, &self.destination, &self.destination_service);
         let code = self.response_code.to_string();
         let grpc = self.grpc_response_status.map_or_else(String::new, |g| g.to_string());
-        let labels: [(&str, &str); 25] = [
-            ("reporter", self.reporter.as_str()),
-            ("source_workload", &s.workload),
-            ("source_canonical_service", &s.canonical_service),
-            ("source_canonical_revision", &s.canonical_revision),
-            ("source_workload_namespace", &s.namespace),
-            ("source_principal", &s.principal),
-            ("source_app", &s.canonical_service),
-            ("source_version", &s.canonical_revision),
-            ("source_cluster", s.cluster),
-            ("destination_service", service),
-            ("destination_service_namespace", service_namespace),
-            ("destination_service_name", service_name),
-            ("destination_workload", &d.workload),
-            ("destination_canonical_service", &d.canonical_service),
-            ("destination_canonical_revision", &d.canonical_revision),
-            ("destination_workload_namespace", &d.namespace),
-            ("destination_principal", &d.principal),
-            ("destination_app", &d.canonical_service),
-            ("destination_version", &d.canonical_revision),
-            ("destination_cluster", d.cluster),
+        let own = [
             ("request_protocol", self.request_protocol),
-            ("response_code", &code),
-            ("grpc_response_status", &grpc),
+            ("response_code", code.as_str()),
+            ("grpc_response_status", grpc.as_str()),
             ("response_flags", &self.response_flags),
             ("connection_security_policy", "mutual_tls"),
         ];
-        for label in labels {
+        for label in shared.into_iter().chain(own) {
             label.encode(encoder.encode_label())?;
         }
         Ok(())

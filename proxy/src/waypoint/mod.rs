@@ -11,7 +11,7 @@ mod tcp;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -24,7 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
-    admin::{self, AdminState, Readiness},
+    admin::{self, AdminState, OperatorEndpoints, Readiness},
     hbone::HbonePool,
     identity::{CaClientOptions, CertStore, CertificateProvider, Identity, IstioCaClient, LocalCa},
     l7::{
@@ -51,9 +51,8 @@ pub struct WaypointOptions {
     pub trust_domain: String,
     pub ca: CaSource,
     pub cert_ttl: Duration,
-    pub admin_addr: SocketAddr,
-    pub metrics_addr: SocketAddr,
-    pub readiness_addr: SocketAddr,
+    /// Admin API, metrics and readiness.
+    pub endpoints: OperatorEndpoints,
     pub access_log_format: AccessLogFormat,
     pub access_log: Option<PathBuf>,
     pub logging: Option<LogControl>,
@@ -88,9 +87,7 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
     let tls = certs.get(&identity).await.with_context(|| format!("cannot obtain a certificate for {identity}"))?;
     drop(tls);
 
-    let access_log = AccessLog::new(options.access_log_format, options.access_log.as_deref()).with_context(|| {
-        format!("cannot open the access log {}", options.access_log.as_deref().unwrap_or(Path::new("-")).display())
-    })?;
+    let access_log = AccessLog::open(options.access_log_format, options.access_log.as_deref())?;
     let mut metrics = MetricsRegistry::new();
     let requests = metrics.register_requests();
     let telemetry = Telemetry::new(access_log, metrics.traffic());
@@ -179,28 +176,18 @@ async fn serve_operator_endpoints(
     l7: &Arc<L7Context>,
 ) -> anyhow::Result<Readiness> {
     let ready = Readiness::default();
-    let bind = |addr: SocketAddr, what: &'static str| async move {
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on the {what} address {addr}"))
-    };
-    let admin_listener = bind(options.admin_addr, "admin").await?;
-    let metrics_listener = bind(options.metrics_addr, "metrics").await?;
-    let readiness_listener = bind(options.readiness_addr, "readiness").await?;
     let engine = l7.clone();
-    tokio::spawn(admin::serve_admin(
-        admin_listener,
-        AdminState {
-            model: model.clone(),
-            capture: None,
-            clusters: Some(Arc::new(move || clusters_view(&engine))),
-            certs: certs.clone(),
-            node_name: String::new(),
-            trust_domain: options.trust_domain.clone(),
-            logging: options.logging.clone(),
-            ready: ready.clone(),
-        },
-    ));
-    tokio::spawn(admin::serve_metrics(metrics_listener, Arc::new(metrics)));
-    tokio::spawn(admin::serve_readiness(readiness_listener, ready.clone()));
+    let state = AdminState {
+        model: model.clone(),
+        capture: None,
+        clusters: Some(Arc::new(move || clusters_view(&engine))),
+        certs: certs.clone(),
+        node_name: String::new(),
+        trust_domain: options.trust_domain.clone(),
+        logging: options.logging.clone(),
+        ready: ready.clone(),
+    };
+    admin::start(&options.endpoints, state, metrics).await?;
     Ok(ready)
 }
 
