@@ -1,5 +1,5 @@
-//! The benchmark chart: the latency distribution at the fixed rate, direct and through strait,
-//! and the throughput bars, in one PNG.
+//! The benchmark chart: the latency distribution at the fixed rate (direct, through the node
+//! proxies, through the waypoint), and the throughput bars, in one PNG.
 
 use std::path::Path;
 
@@ -10,6 +10,10 @@ use crate::report::Results;
 
 /// Debian's fonts-dejavu-core, installed by `cargo xtask setup`.
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Curve colours in the order the latency scenario records its runs: direct, strait (node
+/// proxies), strait via the waypoint; a dark green, since plotters' pure green is hard to read.
+const CURVES: [RGBColor; 3] = [BLUE, RED, RGBColor(0, 140, 60)];
 
 pub fn draw(path: &Path, results: &Results) -> anyhow::Result<()> {
     let bytes = std::fs::read(FONT).with_context(|| format!("the chart needs the font {FONT} (fonts-dejavu-core)"))?;
@@ -57,13 +61,18 @@ fn latency(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, results: &
         .x_labels(5)
         .draw()?;
     for (i, (label, points)) in series.into_iter().enumerate() {
-        let color = if i == 0 { BLUE } else { RED };
+        let color = CURVES[i % CURVES.len()];
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
     Ok(())
 }
 

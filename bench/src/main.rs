@@ -1,8 +1,10 @@
 //! `strait-bench`: measures what the mesh costs (issue 4). It builds two nodes and their pods
 //! out of network namespaces (the test harness), runs strait's node proxies on them, and sends
 //! every workload twice in the same run: through the proxies over HBONE, and direct between
-//! pods outside the mesh on the same nodes, the physical limit of this machine. Results go to
-//! `report.md`, `report.json` and `chart.png` in the output directory.
+//! pods outside the mesh on the same nodes, the physical limit of this machine. The request
+//! scenarios (latency, cpu, max-rps) and memory also measure the waypoint path: the same client
+//! to a service whose traffic goes through `strait waypoint` between the two node proxies.
+//! Results go to `report.md`, `report.json` and `chart.png` in the output directory.
 //!
 //! Benchmarks, not tests: nothing here fails because the machine is slow; a missed target is a
 //! figure in the report.

@@ -28,18 +28,41 @@ pub struct Figure {
     pub name: String,
     pub unit: &'static str,
     pub direct: Option<f64>,
+    /// The figure through strait; NaN (`null` in JSON) when it could not be measured, and then
+    /// `note` says why.
     pub mesh: f64,
     pub better: Better,
     pub target: Option<Target>,
+    /// Requests that failed in the run this figure comes from, when that run counts them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<u64>,
+    /// What a reader must know to trust the figure: failed requests, why it was not measured,
+    /// what stopped a search. Shown beside the value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Figure {
-    pub fn ratio(&self) -> Option<f64> {
-        self.direct.filter(|d| *d != 0.0).map(|d| self.mesh / d)
+    /// This figure as not measured, and why; it meets no target.
+    pub fn not_measured(self, why: &str) -> Self {
+        Figure { mesh: f64::NAN, errors: None, note: Some(format!("not measured: {why}")), ..self }
     }
 
-    /// Whether the target holds; `None` without a target or a direct figure to compare to.
+    pub fn measured(&self) -> bool {
+        self.mesh.is_finite()
+    }
+
+    pub fn ratio(&self) -> Option<f64> {
+        self.direct.filter(|d| *d != 0.0 && self.measured()).map(|d| self.mesh / d)
+    }
+
+    /// Whether the target holds; `None` without a target, a measured figure or a direct figure
+    /// to compare to, and for a figure from a run where requests failed: the failures are not
+    /// in its latency, and may be why it looks good.
     pub fn met(&self) -> Option<bool> {
+        if !self.measured() || self.errors.is_some_and(|n| n > 0) {
+            return None;
+        }
         let ok = |value: f64, bound: f64| match self.better {
             Better::Higher => value >= bound,
             Better::Lower => value <= bound,
@@ -74,11 +97,13 @@ impl Results {
 
     pub fn add(&mut self, figure: Figure) {
         eprintln!(
-            "  {:<40} direct {:>12} strait {:>12} {}",
+            "  {:<40} direct {:>12} strait {:>12} {}{}",
             figure.name,
             figure.direct.map_or("-".into(), |d| format!("{d:.2}")),
-            format!("{:.2}", figure.mesh),
-            figure.unit
+            if figure.measured() { format!("{:.2}", figure.mesh) } else { "-".into() },
+            figure.unit,
+            // The first line only: the report has the rest (a log's tail, say).
+            figure.note.as_ref().and_then(|n| n.lines().next()).map_or(String::new(), |n| format!(" ({n})"))
         );
         self.figures.push(figure);
     }
@@ -119,9 +144,16 @@ pub fn markdown(results: &Results) -> String {
     for f in &results.figures {
         let direct = f.direct.map_or("—".into(), |d| format!("{} {}", number(d), f.unit));
         let versus = match (f.target, f.direct) {
+            _ if !f.measured() => "—".into(),
             (Some(Target::Added(_)), Some(d)) => format!("+{} {}", number(f.mesh - d), f.unit),
             (_, Some(_)) => f.ratio().map_or("—".into(), |r| format!("{r:.2}×")),
             (_, None) => "—".into(),
+        };
+        let value = if f.measured() { format!("{} {}", number(f.mesh), f.unit) } else { String::new() };
+        let strait = match &f.note {
+            None => value,
+            Some(note) if value.is_empty() => table_cell(note),
+            Some(note) => format!("{value} ({})", table_cell(note)),
         };
         let target = match f.target {
             None => "—".into(),
@@ -136,16 +168,20 @@ pub fn markdown(results: &Results) -> String {
             Some(false) => "no",
             None => "—",
         };
-        let _ = writeln!(
-            out,
-            "| {} | {} | {direct} | {} {} | {versus} | {target} | {met} |",
-            f.scenario,
-            f.name,
-            number(f.mesh),
-            f.unit
-        );
+        let _ = writeln!(out, "| {} | {} | {direct} | {strait} | {versus} | {target} | {met} |", f.scenario, f.name);
     }
     out
+}
+
+/// Text fit for one Markdown table cell: one line, no column separator, not a page long (the
+/// JSON keeps the whole note).
+fn table_cell(text: &str) -> String {
+    const LONGEST: usize = 240;
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "/");
+    match line.char_indices().nth(LONGEST) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
 }
 
 pub fn write(dir: &Path, results: &Results) -> anyhow::Result<()> {
@@ -159,7 +195,17 @@ mod tests {
     use super::*;
 
     fn figure(direct: f64, mesh: f64, better: Better, target: Target) -> Figure {
-        Figure { scenario: "s", name: "n".into(), unit: "u", direct: Some(direct), mesh, better, target: Some(target) }
+        Figure {
+            scenario: "s",
+            name: "n".into(),
+            unit: "u",
+            direct: Some(direct),
+            mesh,
+            better,
+            target: Some(target),
+            errors: None,
+            note: None,
+        }
     }
 
     #[test]
@@ -179,5 +225,34 @@ mod tests {
         let md = markdown(&r);
         assert!(md.contains("0.60×") && md.contains("| yes |"), "{md}");
         assert!(md.contains("+150 u") && md.contains("| no |"), "{md}");
+    }
+
+    #[test]
+    fn an_unmeasured_figure_says_why_and_meets_nothing() {
+        let why = "the waypoint exited | status 1\nlast line";
+        let figure = figure(1.0, 0.5, Better::Lower, Target::Absolute(1.0)).not_measured(why);
+        assert_eq!(figure.met(), None);
+        assert_eq!(figure.ratio(), None);
+        let md = markdown(&Results { figures: vec![figure], ..Results::default() });
+        assert!(
+            md.contains("| 1.00 u | not measured: the waypoint exited / status 1 last line | — | ≤ 1.00 u | — |"),
+            "{md}"
+        );
+        let json = serde_json::to_value(&Results { figures: vec![figure_with_errors()], ..Results::default() });
+        assert_eq!(json.ok().and_then(|j| j["figures"][0]["errors"].as_u64()), Some(3));
+    }
+
+    #[test]
+    fn a_note_follows_the_value_and_failed_requests_leave_the_target_unjudged() {
+        let md = markdown(&Results { figures: vec![figure_with_errors()], ..Results::default() });
+        assert!(md.contains("| 250 u (3 of 1,000 requests failed) | +150 u | ≤ +120 u | — |"), "{md}");
+    }
+
+    fn figure_with_errors() -> Figure {
+        Figure {
+            errors: Some(3),
+            note: Some("3 of 1,000 requests failed".into()),
+            ..figure(100.0, 250.0, Better::Lower, Target::Added(120.0))
+        }
     }
 }

@@ -1,0 +1,267 @@
+//! The request scenarios: latency at a fixed rate (with the CPU it costs) and the highest rate
+//! that keeps p99 under 10 ms, direct, through the node proxies, and through the waypoint.
+
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::{Bed, Path, errors_of, f, thousands, waypoint};
+use crate::report::{Better, Distribution, Figure, Results, Target};
+
+/// Open loop at 1,000 req/s, 8 keep-alive connections, 1 KiB bodies (BENCHMARKS.md).
+pub(super) fn rate_run(bed: &Bed, path: Path, rps: u32, secs: &str, connections: &str) -> anyhow::Result<Value> {
+    let rps = rps.to_string();
+    let args = ["rate", "--rps", &rps, "--duration", secs, "--connections", connections, "--path", "/bytes/1024"];
+    bed.load(path, &args)
+}
+
+/// The percentiles reported, their JSON keys, and the node path's targets (added to direct).
+const PERCENTILES: [(&str, &str, Option<Target>); 4] = [
+    ("p50_us", "p50", Some(Target::Added(120.0))),
+    ("p90_us", "p90", None),
+    ("p99_us", "p99", Some(Target::Added(240.0))),
+    ("p999_us", "p99.9", None),
+];
+
+pub(super) fn latency(bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
+    let secs = bed.secs(30, 8);
+    let direct = rate_run(bed, Path::Direct, 1000, &secs, "8")?;
+    let cpu_before = bed.proxy_cpu_seconds();
+    let started = Instant::now();
+    let mesh = rate_run(bed, Path::Mesh, 1000, &secs, "8")?;
+    let cpu = (bed.proxy_cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64();
+    let achieved = f(&mesh, "achieved_rps");
+    *bed.cpu_per_krps.borrow_mut() = Some(cpu / (achieved / 1000.0));
+    let via_waypoint = waypoint::measured_load(bed, &secs);
+    if let Err(why) = &via_waypoint {
+        eprintln!("strait-bench: latency through the waypoint not measured: {why}");
+    }
+    for (key, label, target) in PERCENTILES {
+        results.add(Figure {
+            scenario: "latency",
+            name: format!("{label} at 1,000 req/s, 8 conns, 1 KiB"),
+            unit: "µs",
+            direct: Some(f(&direct, key)),
+            mesh: f(&mesh, key),
+            better: Better::Lower,
+            target,
+            errors: None,
+            note: None,
+        });
+    }
+    // The waypoint's own target (its issue): p99 at most 1 ms above direct.
+    for (key, label, _) in PERCENTILES {
+        let figure = Figure {
+            scenario: "latency",
+            name: format!("{label} via waypoint at 1,000 req/s, 8 conns, 1 KiB"),
+            unit: "µs",
+            direct: Some(f(&direct, key)),
+            mesh: f64::NAN,
+            better: Better::Lower,
+            target: (key == "p99_us").then_some(Target::Added(1000.0)),
+            errors: None,
+            note: None,
+        };
+        results.add(match &via_waypoint {
+            Ok((v, load)) => Figure { mesh: f(v, key), errors: load.errors, note: load.note.clone(), ..figure },
+            Err(why) => figure.not_measured(why),
+        });
+    }
+    let runs = [
+        ("direct", Some(&direct)),
+        ("strait", Some(&mesh)),
+        ("strait via waypoint", via_waypoint.as_ref().ok().map(|(v, _)| v)),
+    ];
+    for (label, v) in runs {
+        let Some(v) = v else { continue };
+        let points = v
+            .get("histogram")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?))).collect())
+            .unwrap_or_default();
+        results.latency.push(Distribution { label: label.into(), points });
+    }
+    add_cpu(bed, results);
+    Ok(())
+}
+
+fn add_cpu(bed: &Bed, results: &mut Results) {
+    if results.figures.iter().any(|f| f.scenario == "cpu") {
+        return;
+    }
+    if let Some(cpu) = *bed.cpu_per_krps.borrow() {
+        results.add(Figure {
+            scenario: "cpu",
+            name: "both proxies, per 1,000 req/s".into(),
+            unit: "vCPU",
+            direct: None,
+            mesh: cpu,
+            better: Better::Lower,
+            target: Some(Target::Absolute(0.12)),
+            errors: None,
+            note: None,
+        });
+    }
+    let Some(load) = bed.waypoint_load.borrow().clone() else { return };
+    // The waypoint's target (its issue) is for it alone; Istio's Envoy waypoint is about 0.25.
+    let figures = [
+        ("waypoint alone, per 1,000 req/s through it", Some(Target::Absolute(0.15))),
+        ("waypoint path: both node proxies and the waypoint, per 1,000 req/s", None),
+    ];
+    for (i, (name, target)) in figures.into_iter().enumerate() {
+        let figure = Figure {
+            scenario: "cpu",
+            name: name.into(),
+            unit: "vCPU",
+            direct: None,
+            mesh: f64::NAN,
+            better: Better::Lower,
+            target,
+            errors: None,
+            note: None,
+        };
+        results.add(match &load {
+            Ok(load) => Figure {
+                mesh: if i == 0 { load.waypoint_cpu } else { load.path_cpu },
+                errors: load.errors,
+                note: load.note.clone(),
+                ..figure
+            },
+            Err(why) => figure.not_measured(why),
+        });
+    }
+}
+
+pub(super) fn cpu(bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
+    let secs = bed.secs(30, 8);
+    if bed.cpu_per_krps.borrow().is_none() {
+        let cpu_before = bed.proxy_cpu_seconds();
+        let started = Instant::now();
+        let mesh = rate_run(bed, Path::Mesh, 1000, &secs, "8")?;
+        let cpu = (bed.proxy_cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64();
+        *bed.cpu_per_krps.borrow_mut() = Some(cpu / (f(&mesh, "achieved_rps") / 1000.0));
+    }
+    if bed.waypoint_load.borrow().is_none() {
+        // Only the CPU and RSS are wanted here: measured_load records them in the bed.
+        let _ = waypoint::measured_load(bed, &secs);
+    }
+    add_cpu(bed, results);
+    Ok(())
+}
+
+/// Rates tried in turn, up to the first that misses.
+const LADDER: [u32; 14] =
+    [2000, 4000, 6000, 8000, 10000, 12500, 15000, 17500, 20000, 25000, 30000, 35000, 40000, 50000];
+/// Rates tried, downwards, only when the ladder's first rate misses, so a slow path (the
+/// waypoint's) reads as a rate rather than 0; a path that holds 2,000 req/s never runs them.
+const BELOW: [u32; 3] = [1500, 1000, 500];
+
+/// The highest rate whose p99 stays under 10 ms (and that is actually achieved, without errors).
+pub(super) fn max_rps(bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
+    let secs = bed.secs(5, 3);
+    let direct = climb(bed, Path::Direct, &secs)?;
+    let mesh = climb(bed, Path::Mesh, &secs)?;
+    results.add(Figure {
+        scenario: "max-rps",
+        name: "highest rate with p99 < 10 ms, 8 conns".into(),
+        unit: "req/s",
+        direct: Some(direct.best),
+        mesh: mesh.best,
+        better: Better::Higher,
+        target: Some(Target::Absolute(15000.0)),
+        errors: None,
+        note: None,
+    });
+    // No target: the 15,000 req/s above is the node path's (against ztunnel), and the waypoint's
+    // issue sets none for rate; the note says what stopped the climb.
+    let figure = Figure {
+        scenario: "max-rps",
+        name: "highest rate with p99 < 10 ms via waypoint, 8 conns".into(),
+        unit: "req/s",
+        direct: Some(direct.best),
+        mesh: f64::NAN,
+        better: Better::Higher,
+        target: None,
+        errors: None,
+        note: None,
+    };
+    results.add(match climb(bed, Path::Waypoint, &secs) {
+        Ok(ladder) => Figure { mesh: ladder.best, note: ladder.stopped, ..figure },
+        Err(e) => figure.not_measured(&format!("{e:#}")),
+    });
+    Ok(())
+}
+
+/// How far up the ladder a path got.
+struct Ladder {
+    /// The highest rate that held, req/s (0 if none did).
+    best: f64,
+    /// What went wrong at the lowest rate above `best` that was tried; `None` if the top of the
+    /// ladder held.
+    stopped: Option<String>,
+}
+
+/// Tries the ladder's rates in turn until one misses, then, if that was the first, the rates
+/// below it until one holds. A run that fails outright misses; only when the very first fails
+/// is the path not measured at all (it fails for a reason other than load).
+fn climb(bed: &Bed, path: Path, secs: &str) -> anyhow::Result<Ladder> {
+    let mut ladder = Ladder { best: 0.0, stopped: None };
+    for (step, rate) in LADDER.into_iter().enumerate() {
+        match attempt(bed, path, secs, rate) {
+            Ok(None) => ladder.best = f64::from(rate),
+            Ok(Some(missed)) => {
+                ladder.stopped = Some(missed);
+                break;
+            }
+            Err(e) if step == 0 => return Err(e),
+            Err(e) => {
+                ladder.stopped = Some(format!("at {} req/s the run failed: {e:#}", thousands(u64::from(rate))));
+                break;
+            }
+        }
+    }
+    if ladder.best > 0.0 || ladder.stopped.is_none() {
+        return Ok(ladder);
+    }
+    for rate in BELOW {
+        match attempt(bed, path, secs, rate) {
+            Ok(None) => {
+                ladder.best = f64::from(rate);
+                break;
+            }
+            Ok(Some(missed)) => ladder.stopped = Some(missed),
+            Err(e) => ladder.stopped = Some(format!("at {} req/s the run failed: {e:#}", thousands(u64::from(rate)))),
+        }
+    }
+    Ok(ladder)
+}
+
+/// One rung: `None` if `rate` held (p99 under 10 ms, 95 % of it achieved, no errors), else
+/// what missed.
+fn attempt(bed: &Bed, path: Path, secs: &str, rate: u32) -> anyhow::Result<Option<String>> {
+    let rps = rate.to_string();
+    let args =
+        ["rate", "--rps", &rps, "--duration", secs, "--warmup", "1", "--connections", "8", "--path", "/bytes/1024"];
+    let log_from = if path == Path::Waypoint { waypoint::log_mark(bed) } else { None };
+    let v = bed.load(path, &args)?;
+    let (p99, achieved) = (f(&v, "p99_us"), f(&v, "achieved_rps"));
+    let (errors, errors_note) = errors_of(&v);
+    if p99 < 10_000.0 && achieved >= 0.95 * f64::from(rate) && errors == Some(0) {
+        return Ok(None);
+    }
+    let mut missed = format!(
+        "at {} req/s: p99 {} µs, {} req/s achieved",
+        thousands(u64::from(rate)),
+        thousands(p99 as u64),
+        thousands(achieved as u64)
+    );
+    missed = match errors_note {
+        Some(note) => format!("{missed}, {note}"),
+        None => format!("{missed}, {} errors", errors.map_or("unknown".into(), thousands)),
+    };
+    // Through the waypoint, also what it logged about the failed requests, and if it is gone.
+    Ok(Some(match (log_from, &bed.waypoint) {
+        (Some(from), Ok(w)) => waypoint::explain(w, missed, from),
+        _ => missed,
+    }))
+}
