@@ -95,7 +95,7 @@ fn route_timeout_cuts_a_slow_upstream() -> io::Result<()> {
 #[test]
 fn retries_get_through_a_flaky_upstream() -> io::Result<()> {
     let m = WaypointMesh::new("wp::retries", &["reviews-v1"])?;
-    let spec = "  http:\n  - match:\n    - uri: {prefix: /flaky/2/retried}\n    route:\n    - destination: {host: reviews}\n    retries:\n      attempts: 3\n      perTryTimeout: 1s\n      retryOn: 5xx\n  - route:\n    - destination: {host: reviews}\n";
+    let spec = "  http:\n  - match:\n    - uri: {prefix: /flaky/2/retried}\n    - uri: {prefix: /flaky/9/exhausted}\n    route:\n    - destination: {host: reviews}\n    retries:\n      attempts: 3\n      perTryTimeout: 1s\n      retryOn: 5xx\n  - route:\n    - destination: {host: reviews}\n";
     m.topo.write_config("c.yaml", &(reviews_config(&m) + &vs(spec)))?;
     let servers = start_backends(&m, 9080)?;
     let (_p1, _p2, wp) = m.start()?;
@@ -104,9 +104,15 @@ fn retries_get_through_a_flaky_upstream() -> io::Result<()> {
     assert_eq!(retried.status, 200, "{retried:?}");
     assert_eq!(servers[0].count_log_lines("/flaky/2/retried 503"), 2, "{}", servers[0].log());
     let line = wait_request_lines(&wp, &["path=\"/flaky/2/retried\""], 1)?.remove(0);
-    assert!(line.contains("status=200") && line.contains("attempts=3"), "{line}");
+    assert!(line.contains("status=200") && line.contains("attempts=3") && line.contains("flags=-"), "{line}");
     let once = m.client.curl(&format!("{REVIEWS}/flaky/2/single"), common::TIMEOUT)?;
     assert_eq!(once.status, 503, "no retry without a retry policy: {once:?}");
+    let exhausted = m.client.curl(&format!("{REVIEWS}/flaky/9/exhausted"), common::TIMEOUT)?;
+    assert_eq!(exhausted.status, 503, "{exhausted:?}");
+    let line = wait_request_lines(&wp, &["path=\"/flaky/9/exhausted\""], 1)?.remove(0);
+    assert!(line.contains("attempts=4") && line.contains("flags=URX"), "{line}");
+    let single = wait_request_lines(&wp, &["path=\"/flaky/2/single\""], 1)?.remove(0);
+    assert!(single.contains("attempts=1") && single.contains("flags=-"), "{single}");
     Ok(())
 }
 

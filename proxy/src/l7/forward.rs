@@ -278,9 +278,10 @@ pub async fn forward(
         let wait = remaining(deadline).map_or(wait, |left| wait.min(left));
         tokio::time::sleep(wait).await;
         Limits::give_back(&cluster.limits.active_retries);
-        if attempt + 1 == tries {
-            flags.insert(ResponseFlags::URX);
-        }
+    }
+    if x.record.attempts > 1 {
+        // Retried, and still failed: the retry budget of the route is spent (Envoy's `URX`).
+        flags.insert(ResponseFlags::URX);
     }
     let local = last.unwrap_or_else(|| Local::new(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
     Err(local.flagged(flags))
