@@ -85,6 +85,9 @@ struct WaypointArgs {
     /// `server` header set on responses that carry none; an empty value sets none.
     #[arg(long, default_value = "istio-envoy")]
     server_header: String,
+    /// On SIGTERM, how long requests and streams in flight may take to finish.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Data-plane worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
@@ -226,6 +229,7 @@ fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
         access_log: args.operator.access_log,
         logging: Some(logging),
         server_header: Some(args.server_header).filter(|s| !s.is_empty()),
+        drain_timeout: args.drain_timeout,
     }))
 }
 

@@ -187,3 +187,34 @@ fn mirror_copies_requests_off_the_critical_path() -> io::Result<()> {
     assert_eq!(v2.count_log_lines("host=reviews-shadow:9080"), 10, "{}", v2.log());
     Ok(())
 }
+
+// SIGTERM drains the waypoint (a request in flight completes, the process then exits), and
+// while no waypoint runs, traffic to its services fails instead of skipping it (Istio's
+// behaviour, documented in the README).
+#[test]
+fn waypoint_drains_and_its_absence_fails_closed() -> io::Result<()> {
+    let m = WaypointMesh::new("wp::drain", &["reviews-v1"])?;
+    m.topo.write_config("c.yaml", &reviews_config(&m))?;
+    let _servers = start_backends(&m, 9080)?;
+    let (p1, _p2, wp) = m.start()?;
+    assert_eq!(m.client.curl(&format!("{REVIEWS}/warm"), common::TIMEOUT)?.status, 200);
+
+    let client = m.client.clone();
+    let slow = std::thread::spawn(move || client.curl(&format!("{REVIEWS}/delay/1500"), common::TIMEOUT));
+    std::thread::sleep(Duration::from_millis(500));
+    wp.terminate(libc::SIGTERM)?;
+    let status = wp.wait_exit(common::TIMEOUT).ok_or_else(|| io::Error::other("the waypoint did not exit"))?;
+    let slow = slow.join().map_err(|_| io::Error::other("client thread panicked"))??;
+    assert_eq!(slow.status, 200, "the request in flight finished: {slow:?}");
+    assert!(status.success(), "{status:?}: {}", wp.log_tail());
+    assert!(wp.log().contains("draining"), "{}", wp.log_tail());
+
+    let refused = m.client.curl(&format!("{REVIEWS}/after"), Duration::from_secs(5))?;
+    assert_eq!(refused.status, 0, "no answer without the waypoint: {refused:?}");
+    common::wait_access_line(
+        &p1,
+        &["outbound", "result=upstream_connect_failed", "dst.addr=10.96.0.30:9080"],
+        common::TIMEOUT,
+    )?;
+    Ok(())
+}

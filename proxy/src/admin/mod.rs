@@ -91,6 +91,11 @@ impl Readiness {
         self.0.store(true, Ordering::Release);
     }
 
+    /// Draining: kubelet takes the proxy out of rotation.
+    pub fn set_not_ready(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+
     pub fn is_ready(&self) -> bool {
         self.0.load(Ordering::Acquire)
     }

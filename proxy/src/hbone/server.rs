@@ -55,6 +55,23 @@ where
     F: Fn(InboundStream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    serve_connection_until(tcp, peer_addr, config, handle, std::future::pending()).await
+}
+
+/// Like `serve_connection`; when `drain` completes, the client is told (GOAWAY) to open no more
+/// streams here, and the connection ends once the streams it has are done.
+pub async fn serve_connection_until<F, Fut, D>(
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    handle: F,
+    drain: D,
+) -> Result<(), ServeError>
+where
+    F: Fn(InboundStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+    D: Future<Output = ()>,
+{
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
         .await
         .map_err(|_| ServeError::Timeout)?
@@ -73,7 +90,18 @@ where
     .map_err(|_| ServeError::Timeout)?
     .map_err(ServeError::Http2)?;
     // Accepting also drives the connection's I/O; streams run in their own tasks.
-    while let Some(next) = connection.accept().await {
+    tokio::pin!(drain);
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            () = &mut drain, if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         match next {
             Ok((request, respond)) => {
                 tokio::spawn(handle(InboundStream {

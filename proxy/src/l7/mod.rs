@@ -54,6 +54,15 @@ pub struct L7Context {
     pub authn: Arc<authn::Authn>,
     /// Set on responses that carry no `server` header (L7-9); `None` leaves them alone.
     pub server_header: Option<HeaderValue>,
+    /// Turns true when the proxy drains: connections finish their request and close.
+    pub drain: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Resolves once `drain` turns true (never, if its sender is gone without draining).
+pub async fn drained(mut drain: tokio::sync::watch::Receiver<bool>) {
+    if drain.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Who sent requests on one downstream connection, and where to: known from the connection
@@ -118,26 +127,41 @@ pub async fn serve_http<I>(ctx: Arc<L7Context>, down: Arc<Downstream>, io: I, ve
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let ctx_drain = ctx.drain.clone();
     let service = service_fn(move |request| {
         let (ctx, down) = (ctx.clone(), down.clone());
         async move { Ok::<_, Infallible>(handle(ctx, down, request).await) }
     });
     let io = TokioIo::new(io);
+    let drain = drained(ctx_drain);
+    tokio::pin!(drain);
     let result = match version {
         HttpVersion::Http1 => {
-            hyper::server::conn::http1::Builder::new()
-                // Answers are small and frequent: do not hold the head back for the body.
-                .writev(true)
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await
+            // Answers are small and frequent: do not hold the head back for the body.
+            let connection =
+                hyper::server::conn::http1::Builder::new().writev(true).serve_connection(io, service).with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = &mut drain => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
         }
         HttpVersion::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .initial_stream_window_size(pool_windows::STREAM)
                 .initial_connection_window_size(pool_windows::CONNECTION)
-                .serve_connection(io, service)
-                .await
+                .serve_connection(io, service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = &mut drain => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
         }
     };
     if let Err(e) = result {

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    WaypointContext,
+    ActiveStream, WaypointContext,
     sniff::{Sniffed, sniff},
     tcp,
 };
@@ -53,9 +53,14 @@ pub async fn serve_connection(
         }
     };
     let stream_ctx = ctx.clone();
-    let result = hbone::server::serve_connection(tcp, peer, settings.server.clone(), move |stream| {
-        handle_stream(stream_ctx.clone(), stream)
-    })
+    let drain = crate::l7::drained(ctx.l7.drain.clone());
+    let result = hbone::server::serve_connection_until(
+        tcp,
+        peer,
+        settings.server.clone(),
+        move |stream| handle_stream(stream_ctx.clone(), stream),
+        drain,
+    )
     .await;
     if let Err(e) = result {
         refused(&ctx, peer, &e.to_string());
@@ -70,6 +75,7 @@ fn refused(ctx: &WaypointContext, peer: SocketAddr, reason: &str) {
 }
 
 async fn handle_stream(ctx: Arc<WaypointContext>, stream: InboundStream) {
+    let _active = ActiveStream::new(&ctx.active_streams);
     let InboundStream { request, mut respond, peer_identity, peer_addr } = stream;
     let model = ctx.model.current();
     let authority = request.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();

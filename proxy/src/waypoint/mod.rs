@@ -58,6 +58,8 @@ pub struct WaypointOptions {
     pub logging: Option<LogControl>,
     /// Value of the `server` header on responses that have none (L7-9); `None` adds nothing.
     pub server_header: Option<String>,
+    /// On SIGTERM, how long streams in flight may take to finish.
+    pub drain_timeout: Duration,
 }
 
 /// What each HBONE stream handler needs.
@@ -68,6 +70,24 @@ pub struct WaypointContext {
     pub l7: Arc<L7Context>,
     /// Connection-level telemetry, for TCP routes.
     pub telemetry: Telemetry,
+    /// CONNECT streams being served, for a graceful drain.
+    pub active_streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one CONNECT stream as active while it lives.
+pub struct ActiveStream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ActiveStream {
+    pub fn new(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
@@ -101,6 +121,7 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
         None => None,
     };
     let authn = Authn::start(model.clone(), name.clone()).await;
+    let (drain_tx, drain) = tokio::sync::watch::channel(false);
     let l7 = Arc::new(L7Context {
         model: model.clone(),
         upstreams,
@@ -110,6 +131,7 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
         gateway: model::routes::MESH_GATEWAY.to_owned(),
         waypoint: name.clone(),
         server_header,
+        drain,
     });
     let ctx = Arc::new(WaypointContext {
         name: name.clone(),
@@ -117,6 +139,7 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
         model: model.clone(),
         l7: l7.clone(),
         telemetry,
+        active_streams: Arc::default(),
     });
     tokio::spawn(forget_removed_destinations(ctx.clone()));
     let ready = serve_operator_endpoints(&options, &model, &certs, metrics, &l7).await?;
@@ -145,7 +168,23 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
         }
     }
-    info!("shutting down");
+    // Graceful drain: no new connections, GOAWAY on open ones, HTTP connections close after
+    // their request; what is in flight may finish, for a while.
+    drop(listener);
+    ready.set_not_ready();
+    let _ = drain_tx.send(true);
+    let deadline = std::time::Instant::now() + options.drain_timeout;
+    let active = || ctx.active_streams.load(std::sync::atomic::Ordering::Acquire);
+    if active() > 0 {
+        info!(
+            streams = active(),
+            "draining: waiting for open streams to finish (--drain-timeout {:?})", options.drain_timeout
+        );
+    }
+    while active() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    info!(left = active(), "shutting down");
     Ok(())
 }
 
