@@ -71,6 +71,16 @@ pub struct Decision {
     pub dry_run: Vec<(String, bool)>,
 }
 
+impl Decision {
+    /// Words for an access log: which policy denied, or that none allowed.
+    pub fn denial_reason(&self) -> String {
+        match &self.policy {
+            Some(policy) => format!("denied by AuthorizationPolicy {policy}: {}", self.reason),
+            None => format!("denied: {}", self.reason),
+        }
+    }
+}
+
 /// Decides a connection (or, with `conn.http`, a request) against the policies that apply to
 /// its destination, in Istio's order: DENY first, then "no ALLOW policy means allow", then any
 /// matching ALLOW, else deny. Dry-run policies are only recorded; AUDIT and CUSTOM policies do

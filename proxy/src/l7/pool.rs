@@ -173,12 +173,6 @@ impl Lease {
             }
         });
     }
-
-    /// The upgraded stream of a `101 Switching Protocols` answer keeps the connection: it is
-    /// never returned.
-    pub fn is_http2(&self) -> bool {
-        matches!(self.kind, LeaseKind::Http2(_))
-    }
 }
 
 /// Gets a connection to `endpoint` of `cluster` for one request.

@@ -334,11 +334,7 @@ fn authorize(x: &mut Exchange, parts: &Parts, jwt: Option<&ValidatedJwt>) -> Res
     if decision.allowed {
         return Ok(());
     }
-    let reason = match &decision.policy {
-        Some(p) => format!("denied by AuthorizationPolicy {p}: {}", decision.reason),
-        None => format!("denied: {}", decision.reason),
-    };
-    Err(Local::new(StatusCode::FORBIDDEN, "RBAC: access denied").because(reason))
+    Err(Local::new(StatusCode::FORBIDDEN, "RBAC: access denied").because(decision.denial_reason()))
 }
 
 /// Fault injection (L7-6): a delay first, then an abort, each for its share of requests; an

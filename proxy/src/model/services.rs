@@ -54,11 +54,6 @@ impl AppProtocol {
             _ => return None,
         })
     }
-
-    /// Whether requests are handled as HTTP (L7) rather than bytes.
-    pub fn is_http(self) -> bool {
-        matches!(self, AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc)
-    }
 }
 
 /// One ready backend of a service port: a pod and the port to reach it on.

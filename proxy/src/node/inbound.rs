@@ -120,7 +120,7 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
     drop(model);
     if !decision.allowed {
         refuse(respond, StatusCode::UNAUTHORIZED);
-        record.outcome = Outcome::Refused(format!("401 {}", policy::denial_reason(&decision)));
+        record.outcome = Outcome::Refused(format!("401 {}", decision.denial_reason()));
         record.duration = clock.elapsed();
         ctx.telemetry.closed(&record);
         return;
@@ -230,11 +230,7 @@ pub async fn deliver_local(
         let model = ctx.model.current();
         check_target(&model, &ctx.node_name, &ctx.trust_domain, addr, &served).and_then(|workload| {
             let decision = policy::authorize(&model, &workload, Some(&source_identity), peer.ip(), addr);
-            if decision.allowed {
-                Ok(workload)
-            } else {
-                Err((StatusCode::UNAUTHORIZED, policy::denial_reason(&decision)))
-            }
+            if decision.allowed { Ok(workload) } else { Err((StatusCode::UNAUTHORIZED, decision.denial_reason())) }
         })
     };
     match checked {
@@ -301,7 +297,7 @@ pub async fn serve_plaintext(ctx: Arc<NodeContext>, downstream: TcpStream, peer:
                     Err("plaintext to a STRICT workload (PeerAuthentication)".to_owned())
                 } else {
                     let decision = policy::authorize(&model, workload, None, peer.ip(), target);
-                    if decision.allowed { Ok(()) } else { Err(policy::denial_reason(&decision)) }
+                    if decision.allowed { Ok(()) } else { Err(decision.denial_reason()) }
                 }
             }
         }

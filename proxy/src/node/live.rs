@@ -85,5 +85,5 @@ fn verdict(model: &Model, admitted: &Admitted) -> Option<String> {
     }
     let decision =
         policy::authorize(model, workload, admitted.source.as_ref(), admitted.source_ip, admitted.destination);
-    (!decision.allowed).then(|| policy::denial_reason(&decision))
+    (!decision.allowed).then(|| decision.denial_reason())
 }

@@ -36,14 +36,6 @@ pub fn authorize(
     authz::evaluate(model.authorization_for(target), &connection)
 }
 
-/// Words for an access log: which policy denied, or that none allowed.
-pub fn denial_reason(decision: &Decision) -> String {
-    match &decision.policy {
-        Some(policy) => format!("denied by AuthorizationPolicy {policy}: {}", decision.reason),
-        None => format!("denied: {}", decision.reason),
-    }
-}
-
 /// Whether plaintext may reach `workload` on `port` (PeerAuthentication). DISABLE means what it
 /// does in Istio ambient: plaintext accepted, HBONE still mTLS.
 pub fn plaintext_allowed(model: &Model, workload: &Workload, port: u16) -> bool {

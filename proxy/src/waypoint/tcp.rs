@@ -108,11 +108,7 @@ fn record_for(down: &Downstream) -> ConnectionRecord {
 fn decide(ctx: &WaypointContext, model: &Model, down: &Downstream) -> Result<Arc<Cluster>, (StatusCode, String)> {
     let decision = authorize_tcp(ctx, model, down);
     if !decision.allowed {
-        let reason = decision.policy.map_or_else(
-            || format!("denied: {}", decision.reason),
-            |p| format!("denied by AuthorizationPolicy {p}: {}", decision.reason),
-        );
-        return Err((StatusCode::UNAUTHORIZED, reason));
+        return Err((StatusCode::UNAUTHORIZED, decision.denial_reason()));
     }
     let upstreams = &ctx.l7.upstreams;
     let service = match &down.target {

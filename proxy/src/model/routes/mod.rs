@@ -173,24 +173,12 @@ pub struct HeaderOps {
     pub response: HeaderEdits,
 }
 
-impl HeaderOps {
-    pub fn is_empty(&self) -> bool {
-        self.request.is_empty() && self.response.is_empty()
-    }
-}
-
 /// `set` replaces, `add` appends, `remove` deletes. Names lower case, values as written.
 #[derive(Debug, Default, Serialize)]
 pub struct HeaderEdits {
     pub set: Vec<(String, String)>,
     pub add: Vec<(String, String)>,
     pub remove: Vec<String>,
-}
-
-impl HeaderEdits {
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
-    }
 }
 
 /// `rewrite`: with a `prefix` uri match the matched prefix is replaced, otherwise the whole path
