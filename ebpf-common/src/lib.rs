@@ -91,6 +91,11 @@ pub mod stat {
     /// the same rule as the XDP guard, applied where packets always pass, so it holds while the
     /// guard is detached (no policy before, or a proxy restart).
     pub const TC_DROP_DENY_POLICY: u32 = 12;
+    /// SYNs whose 4-tuple still had a TIME_WAIT socket of an earlier proxied connection, handed
+    /// to that socket so the kernel retires it (and `LOOKUP_ASSIGNED` names the listener).
+    pub const TIME_WAIT_SYN: u32 = 13;
+    /// Listener lookups the sk_lookup program answered with one of the proxy's listeners.
+    pub const LOOKUP_ASSIGNED: u32 = 14;
     /// Number of counters; the size of the `STATS` map (room left for new ones).
     pub const COUNT: u32 = 16;
 
@@ -109,8 +114,8 @@ pub mod stat {
         "xdp_drop_strict_plaintext",
         "xdp_drop_deny_policy",
         "tc_drop_deny_policy",
-        "reserved_13",
-        "reserved_14",
+        "time_wait_syn",
+        "lookup_assigned",
         "reserved_15",
     ];
 }

@@ -22,13 +22,13 @@ use core::{ffi::c_void, mem, ptr};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple, tcx_action_base::TCX_NEXT,
-        xdp_action,
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple, sk_action,
+        tcx_action_base::TCX_NEXT, xdp_action,
     },
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
-    macros::{classifier, map, xdp},
+    macros::{classifier, map, sk_lookup, xdp},
     maps::{HashMap, LpmTrie, PerCpuArray, SockMap, lpm_trie::Key},
-    programs::{TcContext, XdpContext},
+    programs::{SkLookupContext, TcContext, XdpContext},
 };
 use strait_ebpf_common::{
     DENY_KEY_FIXED_BITS, DenyKeyData, HBONE_PORT, LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT, LISTENER_OUTBOUND,
@@ -221,11 +221,19 @@ fn assign_established(ctx: &TcContext, pkt: &TcpPacket) -> Option<i32> {
         return None;
     }
     // SAFETY: sk is a non-null socket reference returned by the lookup helper.
-    let listening = unsafe { (*sk).state } == BPF_TCP_LISTEN;
-    if listening {
+    let state = unsafe { (*sk).state };
+    if state == BPF_TCP_LISTEN {
         // A listener on the destination port is not this flow's socket.
+        // SAFETY: releasing the reference the lookup took.
         unsafe { bpf_sk_release(sk.cast()) };
         return None;
+    }
+    if state == BPF_TCP_TIME_WAIT && pkt.is_syn() {
+        // A new connection reusing the ports of one the proxy closed. The TIME_WAIT socket
+        // must see it: the kernel retires it and asks for a listener (`steer_lookup` names the
+        // proxy's). Handed straight to the listener instead, the SYN would be dropped as a
+        // duplicate of the TIME_WAIT.
+        bump(stat::TIME_WAIT_SYN);
     }
     ctx.skb.set_mark(STEER_MARK);
     // SAFETY: assign then release the reference we hold.
@@ -276,6 +284,45 @@ fn no_listener(state: u8) -> i32 {
         bump(stat::NO_LISTENER_PASSED);
         TCX_NEXT
     }
+}
+
+/// The kernel's listener lookup in the node's network namespace (`BPF_SK_LOOKUP`), for packets
+/// the classifiers steered to this host but assigned to no socket: a SYN that met the TIME_WAIT
+/// of an earlier connection with the same ports, which the kernel retires only if a listener
+/// takes the new connection. Names the proxy's listener as the classifiers would have;
+/// anything not about a captured pod is left to the usual lookup.
+#[sk_lookup]
+pub fn steer_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the context pointer is the live bpf_sk_lookup of this invocation.
+    let (protocol, remote, local, local_port) = unsafe {
+        let l = &*ctx.lookup;
+        (l.protocol, l.remote_ip4, l.local_ip4, l.local_port)
+    };
+    if protocol != u32::from(IPPROTO_TCP) {
+        return sk_action::SK_PASS;
+    }
+    let captured = |ip| pod_state(ip).is_some_and(|s| s & POD_CAPTURED != 0);
+    let slot = if captured(remote) {
+        LISTENER_OUTBOUND
+    } else if captured(local) {
+        if local_port == u32::from(HBONE_PORT) { LISTENER_HBONE } else { LISTENER_INBOUND_PLAINTEXT }
+    } else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: sockmap lookup returns a referenced socket or null.
+    let sk = unsafe {
+        bpf_map_lookup_elem(ptr::addr_of!(LISTENERS).cast_mut().cast::<c_void>(), ptr::addr_of!(slot).cast::<c_void>())
+    };
+    if sk.is_null() {
+        return sk_action::SK_PASS;
+    }
+    // SAFETY: assign then release the reference we hold.
+    let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, 0) };
+    unsafe { bpf_sk_release(sk) };
+    if ret == 0 {
+        bump(stat::LOOKUP_ASSIGNED);
+    }
+    sk_action::SK_PASS
 }
 
 #[xdp]

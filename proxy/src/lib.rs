@@ -5,6 +5,7 @@
 //! proxying connections, `admin` reporting) read the snapshot in force.
 
 pub mod admin;
+pub mod admission;
 pub mod authz;
 pub mod capture;
 pub mod config;

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use strait::{
     admin::OperatorEndpoints,
+    admission::LimitSettings,
     node::CaSource,
     telemetry::{AccessLogFormat, logging::LogControl},
 };
@@ -57,9 +58,49 @@ struct NodeArgs {
     /// run; STRICT pods' traffic is then dropped until the proxy is back).
     #[arg(long)]
     detach_on_exit: bool,
+    /// On SIGTERM, how long open connections may take to finish; the proxy serves on (none is
+    /// refused) until a successor takes its listeners over, and stops once none is open.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Unix socket a newly started strait node takes this one's listening sockets over from,
+    /// so that a restart or an upgrade refuses no connection (start the new one first).
+    /// `@NAME` is in the abstract namespace of the node's network namespace.
+    #[arg(long, default_value = "@strait-node-handover")]
+    handover_socket: PathBuf,
+    /// Outbound connections (15001) one captured pod may have open (default: 16384).
+    #[arg(long)]
+    outbound_connections_per_pod: Option<usize>,
+    /// Outbound connections open in all (default: a quarter of the open-file limit, at most 65536).
+    #[arg(long)]
+    outbound_connections: Option<usize>,
+    /// Plaintext connections (15006) to captured pods from one address (default: 1024).
+    #[arg(long)]
+    plaintext_connections_per_source: Option<usize>,
+    /// Plaintext connections to captured pods in all (default: a quarter of the open-file
+    /// limit, at most 65536).
+    #[arg(long)]
+    plaintext_connections: Option<usize>,
+    #[command(flatten)]
+    limits: ListenerArgs,
     /// Data-plane worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
+}
+
+/// Limits every HBONE listener has (OPS-4).
+#[derive(Args)]
+struct ListenerArgs {
+    /// TLS handshakes in progress on the HBONE port from one address; more are reset at once
+    /// (default: 256).
+    #[arg(long)]
+    hbone_handshakes_per_source: Option<usize>,
+    /// TLS handshakes in progress in all (default: an eighth of the open-file limit, at most 4096).
+    #[arg(long)]
+    hbone_handshakes: Option<usize>,
+    /// Open-file limit to run with (default: as high as the system allows); the connection
+    /// limits' defaults follow it.
+    #[arg(long)]
+    max_open_files: Option<u64>,
 }
 
 #[derive(Args)]
@@ -88,6 +129,8 @@ struct WaypointArgs {
     /// On SIGTERM, how long requests and streams in flight may take to finish.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    #[command(flatten)]
+    limits: ListenerArgs,
     /// Data-plane worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
@@ -209,6 +252,17 @@ fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
         uplink: args.uplink,
         bpf_pin_dir: args.bpf_pin_dir,
         detach_on_exit: args.detach_on_exit,
+        limits: LimitSettings {
+            handshakes_per_source: args.limits.hbone_handshakes_per_source,
+            handshakes: args.limits.hbone_handshakes,
+            plaintext_per_source: args.plaintext_connections_per_source,
+            plaintext: args.plaintext_connections,
+            outbound_per_pod: args.outbound_connections_per_pod,
+            outbound: args.outbound_connections,
+        },
+        max_open_files: args.limits.max_open_files,
+        drain_timeout: args.drain_timeout,
+        handover_socket: args.handover_socket,
     }))
 }
 
@@ -230,6 +284,12 @@ fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
         logging: Some(logging),
         server_header: Some(args.server_header).filter(|s| !s.is_empty()),
         drain_timeout: args.drain_timeout,
+        limits: LimitSettings {
+            handshakes_per_source: args.limits.hbone_handshakes_per_source,
+            handshakes: args.limits.hbone_handshakes,
+            ..Default::default()
+        },
+        max_open_files: args.limits.max_open_files,
     }))
 }
 

@@ -46,6 +46,9 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_ip_transparent_v4(true)?;
     socket.set_reuse_address(true)?;
+    // A successor normally takes these very sockets over (OPS-3); if that fails it must still be
+    // able to bind while this process drains.
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     // A large backlog: bursts of new connections must queue, not be refused.
@@ -88,21 +91,28 @@ pub async fn connect_transparent(source: std::net::IpAddr, addr: SocketAddr) -> 
     Ok(stream)
 }
 
-/// Raises the open-file limit as far as allowed: a node proxy holds two sockets per proxied
-/// connection, and the usual soft limit of 1024 would cap it at a few hundred connections.
-pub fn raise_fd_limit() -> u64 {
-    const WANTED: libc::rlim_t = 1 << 20;
+/// Raises the open-file limit as far as allowed, or sets it to `wanted`: a node proxy holds two
+/// sockets per proxied connection, and the usual soft limit of 1024 would cap it at a few
+/// hundred connections. Returns the limit in force.
+pub fn set_fd_limit(wanted: Option<u64>) -> u64 {
+    const HIGH: libc::rlim_t = 1 << 20;
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain syscalls on a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return 0;
         }
-        if limit.rlim_max < WANTED {
+        if let Some(wanted) = wanted {
+            let set = libc::rlimit { rlim_cur: wanted, rlim_max: limit.rlim_max.max(wanted) };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &set) == 0 {
+                return wanted;
+            }
+        }
+        if limit.rlim_max < HIGH {
             // Needs CAP_SYS_RESOURCE; keep the old hard limit if refused.
-            let raised = libc::rlimit { rlim_cur: WANTED, rlim_max: WANTED };
+            let raised = libc::rlimit { rlim_cur: HIGH, rlim_max: HIGH };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return WANTED;
+                return HIGH;
             }
         }
         limit.rlim_cur = limit.rlim_max;

@@ -67,19 +67,48 @@ pub struct OperatorEndpoints {
 
 /// Binds the three endpoints and serves them in the background; `state.ready` answers the
 /// readiness probe.
-pub async fn start(endpoints: &OperatorEndpoints, state: AdminState, metrics: MetricsRegistry) -> std::io::Result<()> {
-    let bind = |addr: SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr)
-            .await
+/// The running operator endpoints; `close` stops them (a successor serves them then).
+#[derive(Debug)]
+pub struct Serving(Vec<tokio::task::JoinHandle<()>>);
+
+impl Serving {
+    /// Stops serving and closes the listening sockets.
+    pub fn close(self) {
+        for task in self.0 {
+            task.abort();
+        }
+    }
+}
+
+pub async fn start(
+    endpoints: &OperatorEndpoints,
+    state: AdminState,
+    metrics: MetricsRegistry,
+) -> std::io::Result<Serving> {
+    let bind = |addr: SocketAddr, what: &'static str| {
+        reusable_listener(addr)
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on the {what} address {addr}: {e}")))
     };
-    let admin_listener = bind(endpoints.admin, "admin").await?;
-    let metrics_listener = bind(endpoints.metrics, "metrics").await?;
-    let readiness_listener = bind(endpoints.readiness, "readiness").await?;
-    tokio::spawn(serve_readiness(readiness_listener, state.ready.clone()));
-    tokio::spawn(serve_admin(admin_listener, state));
-    tokio::spawn(serve_metrics(metrics_listener, Arc::new(metrics)));
-    Ok(())
+    let admin_listener = bind(endpoints.admin, "admin")?;
+    let metrics_listener = bind(endpoints.metrics, "metrics")?;
+    let readiness_listener = bind(endpoints.readiness, "readiness")?;
+    Ok(Serving(vec![
+        tokio::spawn(serve_readiness(readiness_listener, state.ready.clone())),
+        tokio::spawn(serve_admin(admin_listener, state)),
+        tokio::spawn(serve_metrics(metrics_listener, Arc::new(metrics))),
+    ]))
+}
+
+/// A listener another process may bind too (SO_REUSEPORT): while a restarted node proxy takes
+/// over (OPS-3), both serve their operator endpoints until the old one closes its own.
+fn reusable_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Whether the proxy is ready to serve: set once, when its listeners and capture are in place.

@@ -19,19 +19,22 @@
 mod pin;
 mod routes;
 mod routing;
+mod timewait;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockMap, lpm_trie::Key, lpm_trie::LpmTrie},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        SchedClassifier, SkLookup, TcAttachType, Xdp, XdpMode,
+        sk_lookup::SkLookupLink,
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
     },
@@ -54,6 +57,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const POD_INGRESS: &str = "pod_ingress";
 const UPLINK_INGRESS: &str = "uplink_ingress";
 const UPLINK_GUARD: &str = "uplink_guard";
+const STEER_LOOKUP: &str = "steer_lookup";
 
 #[derive(Debug, Error)]
 pub enum CaptureError {
@@ -134,12 +138,25 @@ pub struct Capture {
     uplink: Option<(String, u32)>,
     /// The XDP guard, while attached.
     guard: Option<AttachedLink>,
+    /// The listener lookup program, attached to the node's network namespace for this run's
+    /// life (a restart's successor attaches its own first; several may be attached at once).
+    _lookup: SkLookupLink,
+    /// Attaching the guard failed and was reported.
+    guard_refused: bool,
     /// Mirrors of the policy maps, to write only differences.
     states: HashMap<Ipv4Addr, u8>,
     policy: KernelPolicy,
     /// Pods whose route was missing at the last reconcile, to warn once per pod.
     missing_route: BTreeSet<Ipv4Addr>,
+    /// Pods that stopped being captured since TIME_WAIT sockets were last reaped.
+    left_capture: HashSet<Ipv4Addr>,
+    /// When TIME_WAIT sockets of draining pods were last reaped.
+    last_reap: Instant,
 }
+
+/// How often the TIME_WAIT sockets of draining pods are reaped: their proxied connections keep
+/// closing (and leaving TIME_WAITs) after the pod left the mesh. One netlink dump each time.
+const REAP_DRAINING_EVERY: Duration = Duration::from_secs(5);
 
 /// Counters of the capture programs, summed over CPUs.
 pub type CaptureStats = Vec<(&'static str, u64)>;
@@ -158,6 +175,7 @@ impl Capture {
             classifier(&mut ebpf, name)?.load().map_err(|e| CaptureError::Load(format!("{name}: {e}")))?;
         }
         xdp(&mut ebpf)?.load().map_err(|e| CaptureError::Load(format!("{UPLINK_GUARD}: {e}")))?;
+        let lookup = attach_lookup(&mut ebpf)?;
         let pod_state: BpfHashMap<MapData, u32, u8> = take_map(&mut ebpf, "POD_STATE")?;
         // What an earlier run left is the starting point: only differences are written.
         let states =
@@ -174,9 +192,13 @@ impl Capture {
             uplink_links: Vec::new(),
             uplink: None,
             guard: None,
+            _lookup: lookup,
+            guard_refused: false,
             states,
             policy: KernelPolicy::default(),
             missing_route: BTreeSet::new(),
+            left_capture: HashSet::new(),
+            last_reap: Instant::now(),
         })
     }
 
@@ -210,8 +232,15 @@ impl Capture {
                 Ok(link) => {
                     info!(interface, "XDP guard attached to the uplink");
                     self.guard = Some(link);
+                    self.guard_refused = false;
                 }
-                Err(e) => warn!("{e}"),
+                // Retried at every reconcile: a predecessor that handed its listeners over
+                // (OPS-3) holds the uplink's XDP hook until it exits. Said once.
+                Err(e) if !self.guard_refused => {
+                    warn!("{e}; retrying (the classifiers apply the same DENY rules meanwhile)");
+                    self.guard_refused = true;
+                }
+                Err(e) => debug!("{e}"),
             },
             (false, true, _) => {
                 self.guard = None;
@@ -267,6 +296,8 @@ impl Capture {
         self.write_states(&desired);
         self.write_policy(policy);
 
+        self.reap_left_pods();
+
         let wanted: BTreeSet<&str> =
             local_pods.iter().filter_map(|ip| interfaces.get(ip)).map(|i| i.name.as_str()).collect();
         let stale: Vec<String> = self.pod_links.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
@@ -281,6 +312,9 @@ impl Capture {
     fn write_states(&mut self, desired: &HashMap<Ipv4Addr, u8>) {
         for (&ip, &state) in desired {
             if self.states.get(&ip) != Some(&state) {
+                if state & POD_CAPTURED == 0 {
+                    self.left_capture.insert(ip);
+                }
                 match self.pod_state.insert(u32::from_ne_bytes(ip.octets()), state, 0) {
                     Ok(()) => {
                         info!(pod = %ip, state = state_name(state), "capture updated");
@@ -296,8 +330,27 @@ impl Capture {
                 debug!(pod = %ip, "removing from POD_STATE: {e}");
             }
             self.states.remove(&ip);
+            self.left_capture.insert(ip);
             info!(pod = %ip, "capture removed: pod deleted");
         }
+    }
+
+    /// Pods no longer proxied send their new connections straight through the node, where the
+    /// TIME_WAIT sockets of their earlier proxied connections would swallow those reusing a
+    /// 4-tuple (see `timewait`): reaped when a pod leaves capture, then every few seconds while
+    /// it drains.
+    fn reap_left_pods(&mut self) {
+        let draining: HashSet<Ipv4Addr> =
+            self.states.iter().filter(|(_, s)| **s & POD_DRAINING != 0).map(|(ip, _)| *ip).collect();
+        let due =
+            !self.left_capture.is_empty() || (!draining.is_empty() && self.last_reap.elapsed() >= REAP_DRAINING_EVERY);
+        if !due {
+            return;
+        }
+        let mut pods = std::mem::take(&mut self.left_capture);
+        pods.extend(draining);
+        self.last_reap = Instant::now();
+        reap_time_waits(&pods);
     }
 
     fn write_policy(&mut self, policy: &KernelPolicy) {
@@ -416,8 +469,13 @@ impl Capture {
 
     /// Ends this run. By default the classifiers stay attached and the maps pinned, so traffic
     /// keeps its treatment until the next run takes over (CAP-6); with `detach`, all of it is
-    /// removed and the node's traffic flows as without a mesh.
-    pub fn release(&mut self, detach: bool) {
+    /// removed and the node's traffic flows as without a mesh. With `reap`, the TIME_WAIT
+    /// sockets of the pods' proxied connections go too, since no proxy holds the pods' flows
+    /// any more (not after a handover: the successor does).
+    pub fn release(&mut self, detach: bool, reap: bool) {
+        if reap {
+            reap_time_waits(&self.states.keys().copied().collect());
+        }
         let links = std::mem::take(&mut self.pod_links)
             .into_values()
             .chain(std::mem::take(&mut self.uplink_links))
@@ -440,6 +498,14 @@ impl Capture {
     }
 }
 
+fn reap_time_waits(pods: &HashSet<Ipv4Addr>) {
+    match timewait::reap(pods) {
+        Ok(0) => {}
+        Ok(n) => info!(sockets = n, "reaped TIME_WAIT sockets of pods no longer proxied"),
+        Err(e) => warn!("cannot reap TIME_WAIT sockets of pods no longer proxied: {e}"),
+    }
+}
+
 fn deny_key(&(pod, port, source, prefix): &(Ipv4Addr, u16, Ipv4Addr, u8)) -> Key<DenyKeyData> {
     let mut data: DenyKeyData = [0; 10];
     data[..4].copy_from_slice(&pod.octets());
@@ -453,6 +519,24 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sche
         .ok_or(CaptureError::Missing(name))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))
+}
+
+/// Loads the listener lookup program and attaches it to this process's network namespace.
+fn attach_lookup(ebpf: &mut Ebpf) -> Result<SkLookupLink, CaptureError> {
+    let program: &mut SkLookup = ebpf
+        .program_mut(STEER_LOOKUP)
+        .ok_or(CaptureError::Missing(STEER_LOOKUP))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))?;
+    program.load().map_err(|e| CaptureError::Load(format!("{STEER_LOOKUP}: {e}")))?;
+    let err = |reason: String| CaptureError::Attach {
+        program: STEER_LOOKUP,
+        interface: "the network namespace".into(),
+        reason,
+    };
+    let netns = std::fs::File::open("/proc/self/ns/net").map_err(|e| err(e.to_string()))?;
+    let id = program.attach(netns).map_err(|e| err(e.to_string()))?;
+    program.take_link(id).map_err(|e| err(e.to_string()))
 }
 
 fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, CaptureError> {

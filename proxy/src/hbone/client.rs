@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -69,8 +69,8 @@ pub struct ConnectRequest {
     pub connect_addr: SocketAddr,
     /// The CONNECT target: the pod's `ip:port` (or a service VIP:port via a waypoint).
     pub authority: SocketAddr,
-    /// The original client's IP, sent in `forwarded`.
-    pub client_ip: IpAddr,
+    /// The original client's address, sent in `forwarded` (port 0 when it is not one client's).
+    pub client_addr: SocketAddr,
     pub baggage: String,
 }
 
@@ -147,7 +147,10 @@ impl HbonePool {
         pool
     }
 
-    /// Opens a CONNECT stream for `request`, reusing a pooled connection when one exists.
+    /// Opens a CONNECT stream for `request`, reusing a pooled connection when one exists. A
+    /// pooled connection the peer has just told to go away (GOAWAY: it drains, or hands over
+    /// to a successor, OPS-3) refuses the stream without having seen it; the stream is then
+    /// opened once more, on a fresh connection.
     pub async fn connect(&self, request: &ConnectRequest) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
             source: request.source.clone(),
@@ -155,51 +158,69 @@ impl HbonePool {
             node: request.destination_node.clone(),
         };
         let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
+        let mut retried = false;
+        loop {
+            let (connection, fresh) = self.connection(&slot, request).await?;
+            let guard = ActiveGuard(connection.clone());
+            match self.open_stream(&connection, request).await {
+                Ok((send, recv)) => return Ok(Tunnel { send, recv, peer: connection.peer.clone(), _active: guard }),
+                Err(HboneError::Http2(addr, e)) if !fresh && !retried && refused_unseen(&e) => {
+                    debug!(%addr, "pooled HBONE connection refused a new stream ({e}); opening another");
+                    slot.lock().await.retain(|c| !Arc::ptr_eq(c, &connection));
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A connection of `slot` with room for one more stream (counted), opening one if needed;
+    /// `true` when it is new.
+    async fn connection(
+        &self,
+        slot: &Slot,
+        request: &ConnectRequest,
+    ) -> Result<(Arc<PooledConnection>, bool), HboneError> {
         // Held only while finding or creating the connection, so that concurrent first
         // connections to one destination share a single handshake.
-        let connection = {
-            let mut held = slot.lock().await;
-            let now = std::time::SystemTime::now();
-            held.retain(|c| c.expires > now);
-            let mut chosen = None;
-            let mut i = 0;
-            while i < held.len() {
-                if held[i].active.load(Ordering::Acquire) >= MAX_CONCURRENT_STREAMS as usize {
-                    i += 1;
-                    continue;
-                }
-                // Never wait here: a connection whose peer has no stream to spare right now (its
-                // count lags ours while closed streams finish) is skipped, not queued behind.
-                let mut sender = held[i].sender.clone();
-                match std::future::poll_fn(|cx| Poll::Ready(sender.poll_ready(cx))).await {
-                    Poll::Ready(Ok(())) => {
-                        chosen = Some(held[i].clone());
-                        break;
-                    }
-                    Poll::Ready(Err(_)) => {
-                        // Closed by the peer or broken: forget it.
-                        held.swap_remove(i);
-                    }
-                    Poll::Pending => i += 1,
-                }
+        let mut held = slot.lock().await;
+        let now = std::time::SystemTime::now();
+        held.retain(|c| c.expires > now);
+        let mut chosen = None;
+        let mut i = 0;
+        while i < held.len() {
+            if held[i].active.load(Ordering::Acquire) >= MAX_CONCURRENT_STREAMS as usize {
+                i += 1;
+                continue;
             }
-            let connection = match chosen {
-                Some(c) => c,
-                None => {
-                    let fresh = tokio::time::timeout(CONNECT_TIMEOUT, self.open(request))
-                        .await
-                        .map_err(|_| HboneError::Timeout(request.connect_addr))??;
-                    held.push(fresh.clone());
-                    fresh
+            // Never wait here: a connection whose peer has no stream to spare right now (its
+            // count lags ours while closed streams finish) is skipped, not queued behind.
+            let mut sender = held[i].sender.clone();
+            match std::future::poll_fn(|cx| Poll::Ready(sender.poll_ready(cx))).await {
+                Poll::Ready(Ok(())) => {
+                    chosen = Some(held[i].clone());
+                    break;
                 }
-            };
-            // Counted under the lock, so concurrent callers never oversubscribe a connection.
-            connection.active.fetch_add(1, Ordering::AcqRel);
-            connection
+                Poll::Ready(Err(_)) => {
+                    // Closed by the peer or broken: forget it.
+                    held.swap_remove(i);
+                }
+                Poll::Pending => i += 1,
+            }
+        }
+        let (connection, fresh) = match chosen {
+            Some(c) => (c, false),
+            None => {
+                let fresh = tokio::time::timeout(CONNECT_TIMEOUT, self.open(request))
+                    .await
+                    .map_err(|_| HboneError::Timeout(request.connect_addr))??;
+                held.push(fresh.clone());
+                (fresh, true)
+            }
         };
-        let guard = ActiveGuard(connection.clone());
-        let (send, recv) = self.open_stream(&connection, request).await?;
-        Ok(Tunnel { send, recv, peer: connection.peer.clone(), _active: guard })
+        // Counted under the lock, so concurrent callers never oversubscribe a connection.
+        connection.active.fetch_add(1, Ordering::AcqRel);
+        Ok((connection, fresh))
     }
 
     async fn open(&self, request: &ConnectRequest) -> Result<Arc<PooledConnection>, HboneError> {
@@ -258,7 +279,7 @@ impl HbonePool {
         let connect = Request::builder()
             .method(Method::CONNECT)
             .uri(request.authority.to_string())
-            .header(FORWARDED, forwarded_for(request.client_ip))
+            .header(FORWARDED, forwarded_for(request.client_addr))
             .header(BAGGAGE, request.baggage.as_str())
             .header(TRACEPARENT, new_traceparent())
             .body(())
@@ -286,6 +307,12 @@ impl HbonePool {
             !held.is_empty()
         });
     }
+}
+
+/// Whether the peer refused a stream before handling it, so opening it elsewhere is safe: it
+/// went away (GOAWAY) or refused the stream (REFUSED_STREAM), per RFC 9113 §8.7.
+fn refused_unseen(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 async fn close_idle(pool: std::sync::Weak<HbonePool>) {

@@ -10,7 +10,7 @@ pub mod io;
 pub mod server;
 pub mod stream;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 pub use client::{ConnectRequest, HbonePool, Tunnel};
 pub use io::H2Stream;
@@ -30,28 +30,34 @@ pub const FORWARDED: &str = "forwarded";
 pub const BAGGAGE: &str = "baggage";
 pub const TRACEPARENT: &str = "traceparent";
 
-/// `for=<ip>` as RFC 7239 writes it (IPv6 quoted and bracketed).
-pub fn forwarded_for(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => format!("for={v4}"),
-        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+/// `for=` with the original client's address, as RFC 7239 writes it: `for=10.1.0.10` without a
+/// port, `for="10.1.0.10:43210"` with one (IPv6 bracketed). The port lets the destination's
+/// access line name the client's own connection; Istio's ztunnel reads either form.
+pub fn forwarded_for(client: SocketAddr) -> String {
+    match (client.ip(), client.port()) {
+        (IpAddr::V4(v4), 0) => format!("for={v4}"),
+        (IpAddr::V6(v6), 0) => format!("for=\"[{v6}]\""),
+        (IpAddr::V4(v4), port) => format!("for=\"{v4}:{port}\""),
+        (IpAddr::V6(v6), port) => format!("for=\"[{v6}]:{port}\""),
     }
 }
 
-/// The client address in a `forwarded` header: the first `for=` of the first element.
-pub fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
+/// The client address in a `forwarded` header: the first `for=` of the first element, with
+/// port 0 when it names none.
+pub fn parse_forwarded_for(value: &str) -> Option<SocketAddr> {
     let first = value.split(',').next()?;
     let for_value = first
         .split(';')
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| k.eq_ignore_ascii_case("for"))?
         .1
+        .trim()
         .trim_matches('"');
-    let host = match for_value.strip_prefix('[') {
-        Some(rest) => rest.split(']').next()?,
-        None => for_value.split(':').next()?,
-    };
-    host.parse().ok()
+    if let Ok(addr) = for_value.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    let host = for_value.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')).unwrap_or(for_value);
+    host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0))
 }
 
 /// A fresh W3C `traceparent` with random trace and span ids, sampled.
@@ -69,16 +75,18 @@ mod tests {
 
     #[test]
     fn forwarded_for_round_trips() {
-        for ip in ["10.1.0.10", "fd00::1"] {
-            let ip: IpAddr = ip.parse().expect("ip");
-            assert_eq!(parse_forwarded_for(&forwarded_for(ip)), Some(ip));
+        for addr in ["10.1.0.10:0", "10.1.0.10:43210", "[fd00::1]:0", "[fd00::1]:8080"] {
+            let addr: SocketAddr = addr.parse().expect("addr");
+            assert_eq!(parse_forwarded_for(&forwarded_for(addr)), Some(addr), "{}", forwarded_for(addr));
         }
-        assert_eq!(
-            parse_forwarded_for("proto=tcp; For=10.0.0.1:4000, for=1.1.1.1"),
-            Some("10.0.0.1".parse().expect("ip"))
-        );
+        assert_eq!(forwarded_for("10.1.0.10:43210".parse().expect("addr")), "for=\"10.1.0.10:43210\"");
+        let parsed = |v| parse_forwarded_for(v).map(|a| a.to_string());
+        assert_eq!(parsed("proto=tcp; For=10.0.0.1:4000, for=1.1.1.1").as_deref(), Some("10.0.0.1:4000"));
+        assert_eq!(parsed("for=10.0.0.1").as_deref(), Some("10.0.0.1:0"));
+        assert_eq!(parsed("for=\"[fd00::2]\"").as_deref(), Some("[fd00::2]:0"));
         assert_eq!(parse_forwarded_for("by=10.0.0.1"), None);
         assert_eq!(parse_forwarded_for("for=unknown"), None);
+        assert_eq!(parse_forwarded_for("for=\"_hidden\""), None);
     }
 
     #[test]

@@ -1,17 +1,28 @@
 //! The HBONE server side of one TLS connection: handshake, peer identity, then one task per
 //! CONNECT stream. What a stream may reach is the caller's decision (`node::inbound`).
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME, STREAM_WINDOW};
-use crate::identity::{Identity, peer_identity};
+use crate::{
+    admission::Pass,
+    identity::{Identity, peer_identity},
+};
 
 /// A client that opens TCP and never finishes the handshake must not hold resources for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +42,69 @@ pub fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(response, true);
 }
 
+/// Handshakes that failed, by reason, for `strait_hbone_handshake_failures_total`: garbage,
+/// scanners and floods end here, so they are counted rather than logged one line each.
+#[derive(Debug, Default)]
+pub struct HandshakeFailures {
+    tls: AtomicU64,
+    timeout: AtomicU64,
+    no_identity: AtomicU64,
+    /// When a failure was last logged: one warning per `LOG_EVERY` says what is going on (a
+    /// peer with a certificate from another root is worth knowing about), a flood adds nothing.
+    last_warning: Mutex<Option<Instant>>,
+}
+
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// This process's handshake failures (every HBONE listener of the process counts here).
+pub static HANDSHAKE_FAILURES: HandshakeFailures = HandshakeFailures {
+    tls: AtomicU64::new(0),
+    timeout: AtomicU64::new(0),
+    no_identity: AtomicU64::new(0),
+    last_warning: Mutex::new(None),
+};
+
+impl HandshakeFailures {
+    fn count(&self, error: &ServeError, peer: SocketAddr) {
+        let counter = match error {
+            ServeError::Tls(_) => &self.tls,
+            ServeError::Timeout => &self.timeout,
+            ServeError::NoIdentity => &self.no_identity,
+            ServeError::Http2(_) => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            *last = Some(Instant::now());
+            warn!(
+                %peer,
+                "HBONE handshake failed: {error} (counted in strait_hbone_handshake_failures_total; \
+                 the next failures are not logged for {}s)",
+                LOG_EVERY.as_secs()
+            );
+        }
+    }
+
+    /// `(reason, count)` pairs.
+    pub fn read(&self) -> [(&'static str, u64); 3] {
+        [
+            ("tls", self.tls.load(Ordering::Relaxed)),
+            ("timeout", self.timeout.load(Ordering::Relaxed)),
+            ("no_identity", self.no_identity.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+/// `strait_hbone_handshake_failures_total{reason}`, read at every scrape.
+pub fn handshake_failure_counters() -> crate::telemetry::ScrapedCounters {
+    crate::telemetry::ScrapedCounters::by_label(
+        "strait_hbone_handshake_failures",
+        "HBONE connections that ended before the peer proved an identity, by reason",
+        "reason",
+        || HANDSHAKE_FAILURES.read(),
+    )
+}
+
 /// Why a connection ended before carrying any stream.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -44,26 +118,23 @@ pub enum ServeError {
     Http2(h2::Error),
 }
 
-/// Serves one HBONE connection: TLS with `config`, then HTTP/2; every stream goes to `handle`.
-pub async fn serve_connection<F, Fut>(
-    tcp: TcpStream,
-    peer_addr: SocketAddr,
-    config: Arc<rustls::ServerConfig>,
-    handle: F,
-) -> Result<(), ServeError>
-where
-    F: Fn(InboundStream) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    serve_connection_until(tcp, peer_addr, config, handle, std::future::pending()).await
+impl ServeError {
+    /// Whether the peer never got past the handshake (it proved no identity): such failures are
+    /// counted in `HANDSHAKE_FAILURES`, not written as access lines.
+    pub fn before_identity(&self) -> bool {
+        !matches!(self, ServeError::Http2(_))
+    }
 }
 
-/// Like `serve_connection`; when `drain` completes, the client is told (GOAWAY) to open no more
-/// streams here, and the connection ends once the streams it has are done.
+/// Serves one HBONE connection: TLS with `config`, then HTTP/2; every stream goes to `handle`.
+/// `admission` (the connection's place among unauthenticated ones, OPS-4) is given back once
+/// the peer has proved its identity. When `drain` completes, the client is told (GOAWAY) to open
+/// no more streams here, and the connection ends once the streams it has are done.
 pub async fn serve_connection_until<F, Fut, D>(
     tcp: TcpStream,
     peer_addr: SocketAddr,
     config: Arc<rustls::ServerConfig>,
+    admission: Option<Pass>,
     handle: F,
     drain: D,
 ) -> Result<(), ServeError>
@@ -72,11 +143,14 @@ where
     Fut: Future<Output = ()> + Send + 'static,
     D: Future<Output = ()>,
 {
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
-        .await
-        .map_err(|_| ServeError::Timeout)?
-        .map_err(ServeError::Tls)?;
-    let peer_identity = peer_identity(tls.get_ref().1.peer_certificates()).ok_or(ServeError::NoIdentity)?;
+    let (tls, peer_identity) = match handshake(tcp, config).await {
+        Ok(done) => done,
+        Err(e) => {
+            HANDSHAKE_FAILURES.count(&e, peer_addr);
+            return Err(e);
+        }
+    };
+    drop(admission);
     let mut connection = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         h2::server::Builder::new()
@@ -119,4 +193,16 @@ where
         }
     }
     Ok(())
+}
+
+async fn handshake(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Identity), ServeError> {
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
+        .await
+        .map_err(|_| ServeError::Timeout)?
+        .map_err(ServeError::Tls)?;
+    let identity = peer_identity(tls.get_ref().1.peer_certificates()).ok_or(ServeError::NoIdentity)?;
+    Ok((tls, identity))
 }

@@ -162,7 +162,8 @@ impl Connector {
             destination_node: w.node.clone().unwrap_or_default(),
             connect_addr: SocketAddr::new(w.ip, HBONE_PORT),
             authority: endpoint.addr,
-            client_ip,
+            // A pooled upstream connection carries many clients' requests: the IP only.
+            client_addr: SocketAddr::new(client_ip, 0),
             baggage: String::new(),
         };
         let tunnel = self.hbone.connect(&request).await.map_err(io::Error::other)?;

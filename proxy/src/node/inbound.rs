@@ -23,6 +23,7 @@ use super::{
     policy,
 };
 use crate::{
+    admission::Pass,
     hbone::{
         self, FORWARDED,
         server::{InboundStream, refuse},
@@ -33,8 +34,9 @@ use crate::{
     telemetry::{ConnectionRecord, Outcome},
 };
 
-/// Accepts one TCP connection on the HBONE port and serves its streams.
-pub async fn serve_hbone(ctx: Arc<NodeContext>, tcp: TcpStream, peer: SocketAddr) {
+/// Accepts one TCP connection on the HBONE port and serves its streams. `admission` holds the
+/// connection's place among unauthenticated ones until the handshake is over (OPS-4).
+pub async fn serve_hbone(ctx: Arc<NodeContext>, tcp: TcpStream, peer: SocketAddr, admission: Option<Pass>) {
     let Ok(local) = tcp.local_addr() else { return };
     // Frames must leave as soon as they are written: Nagle would hold a small response back
     // until the previous segment is acknowledged.
@@ -59,12 +61,22 @@ pub async fn serve_hbone(ctx: Arc<NodeContext>, tcp: TcpStream, peer: SocketAddr
         }
     };
     let stream_ctx = ctx.clone();
-    let result = hbone::server::serve_connection(tcp, peer, settings.server.clone(), move |stream| {
-        handle_stream(stream_ctx.clone(), identity.clone(), stream)
-    })
+    let drain = crate::l7::drained(ctx.draining.clone());
+    let result = hbone::server::serve_connection_until(
+        tcp,
+        peer,
+        settings.server.clone(),
+        admission,
+        move |stream| handle_stream(stream_ctx.clone(), identity.clone(), stream),
+        drain,
+    )
     .await;
-    if let Err(e) = result {
-        refused_connection(&ctx, peer, local, &e.to_string());
+    match result {
+        // A peer that proved no identity is counted (strait_hbone_handshake_failures_total),
+        // not logged line by line: under a flood of them the lines would be the flood.
+        Err(e) if e.before_identity() => debug!(%peer, %local, "HBONE handshake failed: {e}"),
+        Err(e) => refused_connection(&ctx, peer, local, &e.to_string()),
+        Ok(()) => {}
     }
 }
 
@@ -86,8 +98,7 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
     record.destination_identity = Some(served.to_string());
 
     let model = ctx.model.current();
-    let claimed_ip =
-        request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
+    let claimed = request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
     let checked = if request.method() != Method::CONNECT {
         Err((StatusCode::BAD_REQUEST, format!("method {} is not CONNECT", request.method())))
     } else if let Some(target) = target {
@@ -108,12 +119,13 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
     record.destination_workload = Some(workload.clone());
     // The client's own address when its identity owns it; else the peer's (a waypoint's or a
     // gateway's pod) when that identity owns the peer address: never an address it cannot prove.
-    let client_ip = claimed_ip
-        .filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity))
-        .or_else(|| Some(peer_addr.ip()).filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity)));
-    if let Some(ip) = client_ip {
-        record.source_addr = SocketAddr::new(ip, 0);
-        record.source_workload = model.workload_by_ip(ip).cloned();
+    let client = claimed
+        .filter(|addr| owns_ip(&model, &ctx.trust_domain, addr.ip(), &peer_identity))
+        .or_else(|| Some(peer_addr).filter(|addr| owns_ip(&model, &ctx.trust_domain, addr.ip(), &peer_identity)));
+    let client_ip = client.map(|addr| addr.ip());
+    if let Some(addr) = client {
+        record.source_addr = addr;
+        record.source_workload = model.workload_by_ip(addr.ip()).cloned();
     }
     let source_ip = client_ip.unwrap_or(peer_addr.ip());
     let decision = policy::authorize(&model, &workload, Some(&peer_identity), source_ip, target);

@@ -2,6 +2,7 @@
 //! the configuration, and proxies every connection they hand it.
 
 pub(crate) mod copy;
+mod handover;
 mod inbound;
 mod live;
 mod outbound;
@@ -9,20 +10,29 @@ mod policy;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd,
     path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow};
 use strait_ebpf_common::{
     HBONE_PORT, INBOUND_PLAINTEXT_PORT, LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT, LISTENER_OUTBOUND, OUTBOUND_PORT,
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminState, OperatorEndpoints, Readiness},
+    admission::{self, Gate, LimitSettings, ListenerLimits},
     capture::{self, Capture, SteerRouting},
     hbone::HbonePool,
     identity::{CaClientOptions, CaServerOptions, CertStore, CertificateProvider, IstioCaClient, LocalCa, serve_ca},
@@ -58,6 +68,14 @@ pub struct NodeOptions {
     pub bpf_pin_dir: PathBuf,
     /// Remove capture when stopping, instead of leaving it pinned for the next run.
     pub detach_on_exit: bool,
+    /// Limits on connections from the network, before any handshake (OPS-4).
+    pub limits: LimitSettings,
+    /// The open-file limit to run with; as high as allowed when `None`.
+    pub max_open_files: Option<u64>,
+    /// On SIGTERM, how long open connections may take to finish (OPS-3).
+    pub drain_timeout: Duration,
+    /// Unix socket a successor takes the listening sockets over from (OPS-3).
+    pub handover_socket: PathBuf,
 }
 
 /// Where the node proxy gets workload certificates (ID-1, ID-2).
@@ -81,11 +99,50 @@ pub struct NodeContext {
     pub pool: Arc<HbonePool>,
     /// Open inbound connections, decided again when policy changes.
     pub live: Arc<live::LiveConnections>,
+    /// Connections being served, all listeners together, for the drain.
+    pub in_flight: Arc<AtomicUsize>,
+    /// Turns true when the proxy drains: HBONE connections get GOAWAY, so peers move their
+    /// new streams to a fresh connection (the successor's, after a handover).
+    pub draining: watch::Receiver<bool>,
+}
+
+/// Counts one connection as in flight while it lives.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The admission gates of the three listeners.
+struct Gates {
+    hbone: Arc<Gate>,
+    plaintext: Arc<Gate>,
+    outbound: Arc<Gate>,
+}
+
+impl Gates {
+    fn new(limits: &ListenerLimits) -> Self {
+        Self {
+            hbone: Gate::new("hbone", limits.handshakes),
+            plaintext: Gate::new("inbound_plaintext", limits.plaintext),
+            outbound: Gate::new("outbound", limits.outbound),
+        }
+    }
 }
 
 pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     sys::check_node_privileges().map_err(|e| anyhow!(e))?;
-    let fd_limit = sys::raise_fd_limit();
+    let fd_limit = sys::set_fd_limit(options.max_open_files);
+    let limits = options.limits.resolve(fd_limit);
 
     let model = model::reload::load_and_watch(&options.config_dir)?;
 
@@ -95,16 +152,10 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     let mut capture = Capture::load(&options.bpf_pin_dir)?;
     let routing =
         SteerRouting::install().map_err(|e| anyhow!("cannot install policy routing for captured traffic: {e}"))?;
-    let listener = sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, OUTBOUND_PORT)))
-        .with_context(|| format!("cannot listen on the outbound capture port {OUTBOUND_PORT}"))?;
-    capture.set_listener(LISTENER_OUTBOUND, &listener)?;
-    let hbone_listener = sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)))
-        .with_context(|| format!("cannot listen on the HBONE port {HBONE_PORT}"))?;
-    capture.set_listener(LISTENER_HBONE, &hbone_listener)?;
-    let plaintext_listener =
-        sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT)))
-            .with_context(|| format!("cannot listen on the inbound plaintext port {INBOUND_PLAINTEXT_PORT}"))?;
-    capture.set_listener(LISTENER_INBOUND_PLAINTEXT, &plaintext_listener)?;
+    let (listeners, predecessor) = listeners(&options.handover_socket)?;
+    capture.set_listener(LISTENER_OUTBOUND, &listeners.outbound)?;
+    capture.set_listener(LISTENER_HBONE, &listeners.hbone)?;
+    capture.set_listener(LISTENER_INBOUND_PLAINTEXT, &listeners.plaintext)?;
     let uplink = match &options.uplink {
         Some(name) => Some(name.clone()),
         None => capture::uplink_interface().context("cannot read the routing table")?,
@@ -120,14 +171,19 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     reconcile(&capture, &model.current(), &options.node_name);
     prefetch_certificates(&certs, &model.current(), &options.node_name, &options.trust_domain);
 
+    // Turns true once a successor has the listeners: this process then only drains.
+    let (handed_over_tx, handed_over) = watch::channel(false);
     tokio::spawn(keep_capture_in_step(
         capture.clone(),
         model.clone(),
         options.node_name.clone(),
         certs.clone(),
         options.trust_domain.clone(),
+        handed_over.clone(),
     ));
-    let (telemetry, ready) = serve_operator_endpoints(&options, &model, &capture, &certs).await?;
+    let gates = Gates::new(&limits);
+    let (drain_tx, draining) = watch::channel(false);
+    let (telemetry, ready, serving) = serve_operator_endpoints(&options, &model, &capture, &certs, &gates).await?;
 
     let ctx = Arc::new(NodeContext {
         model,
@@ -137,51 +193,194 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
         pool: HbonePool::new(certs.clone()),
         certs,
         live: Arc::default(),
+        in_flight: Arc::default(),
+        draining,
     });
     tokio::spawn(recheck_on_change(ctx.clone()));
-    ready.set_ready();
-    info!(node = %options.node_name, config = %options.config_dir.display(), "strait node ready; capturing on port {OUTBOUND_PORT} (open-file limit {fd_limit})");
-
-    let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(outbound::handle(ctx.clone(), stream, peer));
-                }
-                Err(e) => accept_failed("outbound", e).await,
-            },
-            accepted = plaintext_listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(inbound::serve_plaintext(ctx.clone(), stream, peer));
-                }
-                Err(e) => accept_failed("inbound plaintext", e).await,
-            },
-            accepted = hbone_listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(inbound::serve_hbone(ctx.clone(), stream, peer));
-                }
-                Err(e) => accept_failed("HBONE", e).await,
-            },
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-        }
+    let fds = [listeners.outbound.as_raw_fd(), listeners.plaintext.as_raw_fd(), listeners.hbone.as_raw_fd()];
+    let (stop_accepting, accepting) = watch::channel(false);
+    accept_all(&ctx, listeners, &gates, accepting)?;
+    if let Some(predecessor) = predecessor {
+        predecessor.confirm();
     }
-    info!("shutting down");
-    drop(listener);
-    drop(hbone_listener);
-    drop(plaintext_listener);
+    // Not fatal: without it a successor binds listeners of its own (SO_REUSEPORT) instead.
+    if let Err(e) = handover::serve(options.handover_socket.clone(), fds, move || {
+        let _ = handed_over_tx.send(true);
+    }) {
+        warn!(
+            socket = %options.handover_socket.display(),
+            "cannot serve listener handover: {e}; a restart will open new listeners instead"
+        );
+    }
+    ready.set_ready();
+    info!(
+        node = %options.node_name,
+        config = %options.config_dir.display(),
+        "strait node ready; capturing on port {OUTBOUND_PORT} (open-file limit {fd_limit}; limits: {limits:?})"
+    );
+
+    let mut serving = Some(serving);
+    let stopping = Stopping { ready: &ready, stop_accepting: &stop_accepting, drain: &drain_tx, serving: &mut serving };
+    let handed_over = wait_for_shutdown(&ctx, stopping, handed_over, options.drain_timeout).await?;
+    let _ = stop_accepting.send(true);
+    let left = ctx.in_flight.load(Ordering::Acquire);
+    if left > 0 {
+        warn!(connections = left, "drain timeout reached: closing the connections still open");
+    }
     match capture.lock() {
         Ok(mut c) => {
             info!(stats = ?c.stats(), "final capture counters");
-            c.release(options.detach_on_exit);
+            // After a handover the capture and its routing belong to the successor.
+            c.release(options.detach_on_exit && !handed_over, !handed_over);
         }
         Err(_) => error!("capture state was poisoned"),
     }
     drop(capture);
-    drop(routing);
+    if handed_over {
+        std::mem::forget(routing);
+    } else {
+        drop(routing);
+    }
+    info!("stopped");
     Ok(())
+}
+
+/// The listening sockets: the running node proxy's, when one hands them over (OPS-3), else new.
+fn listeners(
+    handover_socket: &std::path::Path,
+) -> anyhow::Result<(handover::Listeners, Option<handover::Predecessor>)> {
+    match handover::take_over(handover_socket) {
+        Ok(Some((listeners, predecessor))) => {
+            info!(socket = %handover_socket.display(), "took over the listening sockets of the running strait node");
+            return Ok((listeners, Some(predecessor)));
+        }
+        Ok(None) => {}
+        Err(e) => warn!(
+            socket = %handover_socket.display(),
+            "cannot take the listeners over from the running strait node ({e}); opening new ones"
+        ),
+    }
+    let bind = |port: u16, what: &str| {
+        sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+            .and_then(|l| l.into_std())
+            .with_context(|| format!("cannot listen on the {what} port {port}"))
+    };
+    let listeners = handover::Listeners {
+        outbound: bind(OUTBOUND_PORT, "outbound capture")?,
+        plaintext: bind(INBOUND_PLAINTEXT_PORT, "inbound plaintext")?,
+        hbone: bind(HBONE_PORT, "HBONE")?,
+    };
+    Ok((listeners, None))
+}
+
+/// One accept loop per listener, so a listener out of descriptors never holds up the others.
+fn accept_all(
+    ctx: &Arc<NodeContext>,
+    listeners: handover::Listeners,
+    gates: &Gates,
+    accepting: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let tokio_listener = |l: std::net::TcpListener| TcpListener::from_std(l).context("cannot use a listening socket");
+    let outbound = tokio_listener(listeners.outbound)?;
+    let plaintext = tokio_listener(listeners.plaintext)?;
+    let hbone = tokio_listener(listeners.hbone)?;
+    let (c, gate, stop) = (ctx.clone(), gates.outbound.clone(), accepting.clone());
+    tokio::spawn(async move {
+        admission::accept_loop("outbound", &outbound, Some(&gate), stop, |stream, peer, pass| {
+            let flight = InFlight::new(&c.in_flight);
+            let c = c.clone();
+            tokio::spawn(async move {
+                outbound::handle(c, stream, peer).await;
+                drop((pass, flight));
+            });
+        })
+        .await;
+    });
+    let (c, gate, stop) = (ctx.clone(), gates.plaintext.clone(), accepting.clone());
+    tokio::spawn(async move {
+        admission::accept_loop("inbound plaintext", &plaintext, Some(&gate), stop, |stream, peer, pass| {
+            let flight = InFlight::new(&c.in_flight);
+            let c = c.clone();
+            tokio::spawn(async move {
+                inbound::serve_plaintext(c, stream, peer).await;
+                drop((pass, flight));
+            });
+        })
+        .await;
+    });
+    let (c, gate) = (ctx.clone(), gates.hbone.clone());
+    tokio::spawn(async move {
+        admission::accept_loop("HBONE", &hbone, Some(&gate), accepting, |stream, peer, pass| {
+            let flight = InFlight::new(&c.in_flight);
+            let c = c.clone();
+            tokio::spawn(async move {
+                inbound::serve_hbone(c, stream, peer, pass).await;
+                drop(flight);
+            });
+        })
+        .await;
+    });
+    Ok(())
+}
+
+/// What a drain turns off.
+struct Stopping<'a> {
+    ready: &'a Readiness,
+    stop_accepting: &'a watch::Sender<bool>,
+    drain: &'a watch::Sender<bool>,
+    serving: &'a mut Option<admin::Serving>,
+}
+
+/// Serves until told to stop, and drains (OPS-3): on SIGTERM or SIGINT the proxy is no longer
+/// ready and keeps serving, new connections included (none is refused or left in a queue
+/// while no successor runs), until a successor takes the listeners over; it stops once no
+/// connection is open, or when `drain_timeout` is over. A second signal stops it at once.
+/// Returns whether a successor took over.
+async fn wait_for_shutdown(
+    ctx: &NodeContext,
+    stopping: Stopping<'_>,
+    mut handed_over: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) -> anyhow::Result<bool> {
+    let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut deadline: Option<Instant> = None;
+    let mut handed = false;
+    loop {
+        tokio::select! {
+            _ = async { tokio::select! { _ = terminate.recv() => {}, _ = interrupt.recv() => {} } } => {
+                if deadline.is_some() {
+                    info!("second signal: stopping now");
+                    return Ok(handed);
+                }
+                stopping.ready.set_not_ready();
+                let _ = stopping.drain.send(true);
+                deadline = Some(Instant::now() + drain_timeout);
+                info!(
+                    connections = ctx.in_flight.load(Ordering::Acquire),
+                    "draining: stopping once open connections have finished (--drain-timeout {drain_timeout:?})"
+                );
+            }
+            changed = handed_over.wait_for(|h| *h), if !handed => {
+                if changed.is_ok() {
+                    handed = true;
+                    stopping.ready.set_not_ready();
+                    let _ = stopping.stop_accepting.send(true);
+                    let _ = stopping.drain.send(true);
+                    // The successor answers the operator endpoints from now on.
+                    if let Some(serving) = stopping.serving.take() {
+                        serving.close();
+                    }
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(50)), if deadline.is_some() => {
+                let over = deadline.is_some_and(|d| Instant::now() >= d);
+                if over || ctx.in_flight.load(Ordering::Acquire) == 0 {
+                    return Ok(handed);
+                }
+            }
+        }
+    }
 }
 
 async fn certificate_provider(options: &NodeOptions) -> anyhow::Result<Arc<dyn CertificateProvider>> {
@@ -238,7 +437,8 @@ async fn serve_operator_endpoints(
     model: &ModelHandle,
     capture: &Arc<Mutex<Capture>>,
     certs: &Arc<CertStore>,
-) -> anyhow::Result<(Telemetry, Readiness)> {
+    gates: &Gates,
+) -> anyhow::Result<(Telemetry, Readiness, admin::Serving)> {
     let access_log = AccessLog::open(options.access_log_format, options.access_log.as_deref())?;
     let mut metrics = MetricsRegistry::new();
     let reader = capture.clone();
@@ -255,6 +455,9 @@ async fn serve_operator_endpoints(
             stats.into_iter().filter_map(|(name, v)| Some((name.strip_prefix("xdp_drop_")?, v))).collect::<Vec<_>>()
         },
     ));
+    let gates = [gates.hbone.clone(), gates.plaintext.clone(), gates.outbound.clone()];
+    metrics.register(admission::refusal_counters(gates.to_vec()));
+    metrics.register(crate::hbone::server::handshake_failure_counters());
     let telemetry = Telemetry::new(access_log, metrics.traffic());
     let ready = Readiness::default();
     let state = AdminState {
@@ -267,14 +470,8 @@ async fn serve_operator_endpoints(
         logging: options.logging.clone(),
         ready: ready.clone(),
     };
-    admin::start(&options.endpoints, state, metrics).await?;
-    Ok((telemetry, ready))
-}
-
-/// Out of file descriptors and the like: back off instead of spinning.
-async fn accept_failed(listener: &str, e: std::io::Error) {
-    warn!("accept on the {listener} listener failed: {e}");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let serving = admin::start(&options.endpoints, state, metrics).await?;
+    Ok((telemetry, ready, serving))
 }
 
 /// Issues certificates for this node's captured workloads before their first connection, so
@@ -289,6 +486,7 @@ async fn keep_capture_in_step(
     node: String,
     certs: Arc<CertStore>,
     trust_domain: String,
+    mut handed_over: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
@@ -297,6 +495,8 @@ async fn keep_capture_in_step(
                 prefetch_certificates(&certs, &model.current(), &node, &trust_domain);
             }
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+            // The successor keeps capture in step from now on.
+            _ = handed_over.wait_for(|h| *h) => return,
         }
         reconcile(&capture, &model.current(), &node);
     }

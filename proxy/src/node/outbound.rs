@@ -167,7 +167,7 @@ async fn over_hbone(
         destination_node: target.node.clone().unwrap_or_default(),
         connect_addr: SocketAddr::new(target.ip, HBONE_PORT),
         authority: addr,
-        client_ip: peer.ip(),
+        client_addr: peer,
         baggage: baggage(source),
     };
     match ctx.pool.connect(&request).await {

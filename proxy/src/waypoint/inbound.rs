@@ -21,6 +21,7 @@ use super::{
     tcp,
 };
 use crate::{
+    admission::Pass,
     authz::{self, Connection},
     hbone::{
         self, FORWARDED, H2Stream,
@@ -43,6 +44,7 @@ pub async fn serve_connection(
     identity: Identity,
     tcp: TcpStream,
     peer: SocketAddr,
+    admission: Option<Pass>,
 ) {
     let _ = tcp.set_nodelay(true);
     let settings = match certs.get(&identity).await {
@@ -58,12 +60,16 @@ pub async fn serve_connection(
         tcp,
         peer,
         settings.server.clone(),
+        admission,
         move |stream| handle_stream(stream_ctx.clone(), stream),
         drain,
     )
     .await;
-    if let Err(e) = result {
-        refused(&ctx, peer, &e.to_string());
+    match result {
+        // Counted in strait_hbone_handshake_failures_total, not written line by line (OPS-4).
+        Err(e) if e.before_identity() => debug!(%peer, "HBONE handshake failed: {e}"),
+        Err(e) => refused(&ctx, peer, &e.to_string()),
+        Ok(()) => {}
     }
 }
 
@@ -100,11 +106,13 @@ async fn handle_stream(ctx: Arc<WaypointContext>, stream: InboundStream) {
         }
     };
     let claimed = request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
-    let client_ip =
-        claimed.filter(|ip| owns_ip(&model, &ctx.trust_domain, *ip, &peer_identity)).unwrap_or(peer_addr.ip());
+    // The client's own address (with its port, from a strait peer) when the peer's identity
+    // owns it; else the peer is the client.
+    let client_addr =
+        claimed.filter(|addr| owns_ip(&model, &ctx.trust_domain, addr.ip(), &peer_identity)).unwrap_or(peer_addr);
     let down = Downstream {
-        client_addr: SocketAddr::new(client_ip, peer_addr.port()),
-        source_workload: model.workload_by_ip(client_ip).cloned(),
+        client_addr,
+        source_workload: model.workload_by_ip(client_addr.ip()).cloned(),
         identity: Some(peer_identity),
         target,
         protocol,

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::{
     admin::{self, AdminState, OperatorEndpoints, Readiness},
+    admission::{self, Gate, LimitSettings},
     hbone::HbonePool,
     identity::{CaClientOptions, CertStore, CertificateProvider, Identity, IstioCaClient, LocalCa},
     l7::{
@@ -60,6 +61,10 @@ pub struct WaypointOptions {
     pub server_header: Option<String>,
     /// On SIGTERM, how long streams in flight may take to finish.
     pub drain_timeout: Duration,
+    /// Limits on connections from the network, before any handshake (OPS-4).
+    pub limits: LimitSettings,
+    /// The open-file limit to run with; as high as allowed when `None`.
+    pub max_open_files: Option<u64>,
 }
 
 /// What each HBONE stream handler needs.
@@ -91,7 +96,8 @@ impl Drop for ActiveStream {
 }
 
 pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
-    let fd_limit = sys::raise_fd_limit();
+    let fd_limit = sys::set_fd_limit(options.max_open_files);
+    let limits = options.limits.resolve(fd_limit);
     let model = model::reload::load_and_watch(&options.config_dir)?;
     let name = WaypointName { namespace: options.namespace.clone(), name: options.name.clone() };
     if model.current().waypoint(&name).is_none() {
@@ -110,6 +116,9 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
     let access_log = AccessLog::open(options.access_log_format, options.access_log.as_deref())?;
     let mut metrics = MetricsRegistry::new();
     let requests = metrics.register_requests();
+    let gate = Gate::new("hbone", limits.handshakes);
+    metrics.register(admission::refusal_counters(vec![gate.clone()]));
+    metrics.register(crate::hbone::server::handshake_failure_counters());
     let telemetry = Telemetry::new(access_log, metrics.traffic());
     let upstreams = Upstreams::new(Connector {
         hbone: HbonePool::unmarked(certs.clone()),
@@ -151,26 +160,34 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
     ready.set_ready();
     info!(waypoint = %name, %identity, "strait waypoint ready on port {HBONE_PORT} (open-file limit {fd_limit})");
 
+    let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
+    let accept = {
+        let (ctx, certs, identity, gate) = (ctx.clone(), certs.clone(), identity.clone(), gate.clone());
+        tokio::spawn(async move {
+            admission::accept_loop("HBONE", &listener, Some(&gate), accepting, |stream, peer, pass| {
+                tokio::spawn(inbound::serve_connection(
+                    ctx.clone(),
+                    certs.clone(),
+                    identity.clone(),
+                    stream,
+                    peer,
+                    pass,
+                ));
+            })
+            .await;
+        })
+    };
     let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(inbound::serve_connection(ctx.clone(), certs.clone(), identity.clone(), stream, peer));
-                }
-                Err(e) => {
-                    warn!("accept on the HBONE listener failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-        }
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
     }
-    // Graceful drain: no new connections, GOAWAY on open ones, HTTP connections close after
-    // their request; what is in flight may finish, for a while.
-    drop(listener);
+    let _ = stop_accepting.send(true);
+    let _ = accept.await;
+    // Graceful drain: no new connections (the accept loop ended with the listener), GOAWAY on
+    // open ones, HTTP connections close after their request; what is in flight may finish,
+    // for a while.
     ready.set_not_ready();
     let _ = drain_tx.send(true);
     let deadline = std::time::Instant::now() + options.drain_timeout;
@@ -226,7 +243,8 @@ async fn serve_operator_endpoints(
         logging: options.logging.clone(),
         ready: ready.clone(),
     };
-    admin::start(&options.endpoints, state, metrics).await?;
+    // Closed with the process: a waypoint restarts as a new pod, with addresses of its own.
+    drop(admin::start(&options.endpoints, state, metrics).await?);
     Ok(ready)
 }
 

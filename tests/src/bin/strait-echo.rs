@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use strait_testbed::echo::client::{self, GetOptions, HttpUrl};
-use strait_testbed::echo::{ServerConfig, grpc, http, tcp, websocket};
+use strait_testbed::echo::{ServerConfig, abuse, grpc, http, tcp, websocket};
 
 const USAGE: &str = "usage:
   strait-echo http PORT [--name NAME] [--delay-ms N]
@@ -15,6 +15,8 @@ const USAGE: &str = "usage:
   strait-echo probe IP:PORT [--timeout-ms N]
   strait-echo send IP:PORT --bytes N [--timeout-secs N]
   strait-echo hold IP:PORT --secs S
+  strait-echo flood IP:PORT --connections N --secs S
+  strait-echo sweep IP:PORT --source IP --ports FIRST-LAST [--timeout-ms N]
   strait-echo get URL [--count N] [--header 'Name: value']... [--timeout-ms N] [--concurrency C]
   strait-echo ws URL --message TEXT [--timeout-ms N]
   strait-echo grpc-call IP:PORT --message TEXT [--authority HOST] [--status N] [--timeout-ms N]";
@@ -77,6 +79,27 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 println!("{message}");
             }
             Ok(exit(result.is_ok()))
+        }
+        "flood" => {
+            let opts = Options::parse(rest, &["--connections", "--secs"])?;
+            let connections = parse(opts.get("--connections").ok_or("flood needs --connections N")?, "--connections")?;
+            let secs = parse(opts.get("--secs").ok_or("flood needs --secs S")?, "--secs")?;
+            let target = parse(positional, "IP:PORT")?;
+            let report = abuse::flood(target, connections, Duration::from_secs(secs)).map_err(|e| e.to_string())?;
+            println!("{}", report.to_json());
+            Ok(ExitCode::SUCCESS)
+        }
+        "sweep" => {
+            let opts = Options::parse(rest, &["--source", "--ports", "--timeout-ms"])?;
+            let source = parse(opts.get("--source").ok_or("sweep needs --source IP")?, "--source")?;
+            let ports = opts.get("--ports").ok_or("sweep needs --ports FIRST-LAST")?;
+            let (first, last) = ports.split_once('-').ok_or("--ports is FIRST-LAST")?;
+            let ports = parse(first, "--ports")?..=parse(last, "--ports")?;
+            let timeout = Duration::from_millis(opts.parse_or("--timeout-ms", 1000)?);
+            let target = parse(positional, "IP:PORT")?;
+            let report = abuse::sweep(source, ports, target, timeout).map_err(|e| e.to_string())?;
+            println!("{}", report.to_json());
+            Ok(exit(report.failed == 0))
         }
         "get" => {
             let opts = Options::parse(rest, &["--count", "--header", "--timeout-ms", "--concurrency"])?;

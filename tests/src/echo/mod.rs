@@ -7,6 +7,7 @@
 //! only; gRPC uses h2 and tokio, which the proxy already builds. See `bin/strait-echo.rs` for
 //! the command line.
 
+pub mod abuse;
 pub mod base64;
 pub mod client;
 pub mod grpc;
