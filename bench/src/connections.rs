@@ -34,6 +34,10 @@ pub struct ConnectionsConfig {
     pub concurrency: usize,
     /// Longest one connection may take, connect to close.
     pub timeout: Duration,
+    /// New connections per second over all workers; as fast as they go when `None`. Paced runs
+    /// start connection n at n / rate seconds (a late worker starts at once), so a restart
+    /// measured under them sees a steady stream of new connections.
+    pub rate: Option<u64>,
 }
 
 /// What a `connections` run prints.
@@ -58,15 +62,24 @@ pub async fn run(config: ConnectionsConfig) -> anyhow::Result<ConnectionsReport>
     let start = Instant::now();
     let stop = start + config.duration;
     let mut workers = JoinSet::new();
+    let tickets = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for _ in 0..config.concurrency.max(1) {
         let request = Arc::clone(&request);
-        let (target, limit) = (config.target, config.timeout);
+        let (target, limit, rate, tickets) = (config.target, config.timeout, config.rate, tickets.clone());
         workers.spawn(async move {
             let mut histogram = latency::new_histogram();
             let (mut errors, mut first_error) = (0u64, None);
             // Small: the response is 64 bytes after a short head.
             let mut buf = [0u8; 1024];
             while Instant::now() < stop {
+                if let Some(rate) = rate.filter(|r| *r > 0) {
+                    let n = tickets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+                    if due >= stop {
+                        break;
+                    }
+                    tokio::time::sleep_until(due).await;
+                }
                 let began = Instant::now();
                 match timeout(limit, one_connection(target, &request, &mut buf)).await {
                     Ok(Ok(responded)) => latency::record(&mut histogram, responded - began),

@@ -115,6 +115,52 @@ fn hbone_flood_without_a_certificate_is_refused_before_the_handshake() -> io::Re
     Ok(())
 }
 
+// OPS-4: the plaintext (15006) and outbound (15001) listeners have per-source limits too: a pod
+// outside the mesh holding connections to a meshed pod, and a meshed pod holding outbound
+// connections, get no more than their share; another meshed pod's connections still succeed.
+#[test]
+fn plaintext_and_outbound_connections_are_limited_per_source() -> io::Result<()> {
+    let t = TwoNodes::new("node::limits")?;
+    let outsider = t.topo.add_pod(&t.n1, "outsider")?;
+    let neighbour = t.topo.add_pod(&t.n1, "neighbour")?;
+    let config = t.config("server", &[])
+        + &k8s::pod_yaml(&outsider, PLAIN, "outsider", &[])
+        + &k8s::pod_yaml(&neighbour, MESH, "neighbour", &[]);
+    t.topo.write_config("c.yaml", &config)?;
+    let _tcp = t.server.start_echo_server(EchoKind::Tcp, 9000)?;
+    let _http = t.server.start_echo_server(EchoKind::Http, ECHO_PORT)?;
+    let ca = ca_dir(&t.topo, "ca");
+    let p1 = start_node(&t.topo, &t.n1, &ca, &["--outbound-connections-per-pod", "20"])?;
+    let p2 = start_node(&t.topo, &t.n2, &ca, &["--plaintext-connections-per-source", "20"])?;
+    let target = format!("{}:9000", t.server.ip());
+    let echo = bin_path("strait-echo");
+    let flood_args = ["flood", target.as_str(), "--connections", "60", "--secs", "8"];
+    let from_outside = outsider.spawn("flood-outside", &echo, &flood_args, &[])?;
+    let from_mesh = t.client.spawn("flood-mesh", &echo, &flood_args, &[])?;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while metric(&t.n2, "strait_connections_refused_total{reason=\"inbound_plaintext_source_limit\"}") == 0
+        || metric(&t.n1, "strait_connections_refused_total{reason=\"outbound_source_limit\"}") == 0
+    {
+        assert!(Instant::now() < deadline, "no refusals:\n{}\n{}", p1.log_tail(), p2.log_tail());
+        thread::sleep(Duration::from_millis(100));
+    }
+    let server = format!("{}:{ECHO_PORT}", t.server.ip());
+    let neighbour_requests = sweep(&neighbour, &server, 48000, 48049, 3000)?;
+    assert_eq!((neighbour_requests.0, neighbour_requests.1), (50, 0), "{}", neighbour_requests.2);
+    // While the floods hold their share, the proxies hold that many connections for them.
+    let held = |node: &strait_testbed::Node, filter: String| {
+        node.run_ok("ss", &["-Htn", "state", "established", &filter]).map(|o| o.lines().count()).unwrap_or(0)
+    };
+    let outside = held(&t.n2, format!("src {} and dst {}:9000", outsider.ip(), t.server.ip()));
+    let mesh = held(&t.n1, format!("src {}:9000 and dst {}", t.server.ip(), t.client.ip()));
+    assert!(outside <= 20 && mesh <= 20, "each holds its share at most: {outside} plaintext, {mesh} outbound");
+    for flood in [from_outside, from_mesh] {
+        flood.wait_exit(Duration::from_secs(20));
+        eprintln!("{}: {}", flood.log_path().display(), flood.log().trim());
+    }
+    Ok(())
+}
+
 /// Proxies for `t` whose server answers on `ECHO_PORT` and closes each connection after one
 /// answer (the client asks for `Connection: close`): the node proxy on the client's side is
 /// then the first to close towards the client, and keeps the TIME_WAIT.

@@ -74,6 +74,9 @@ enum Command {
         /// Seconds one connection may take before it counts as an error.
         #[arg(long, value_parser = seconds, default_value = "10")]
         timeout: Duration,
+        /// New connections per second over all workers (default: as fast as they go).
+        #[arg(long)]
+        rate: Option<u64>,
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
@@ -129,8 +132,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             let config = rate::RateConfig { target, rps, duration, warmup, connections, path, timeout };
             print(&runtime(threads)?.block_on(rate::run(config))?)
         }
-        Command::Connections { target, duration, concurrency, timeout, threads } => {
-            let config = connections::ConnectionsConfig { target, duration, concurrency, timeout };
+        Command::Connections { target, duration, concurrency, timeout, rate, threads } => {
+            let config = connections::ConnectionsConfig { target, duration, concurrency, timeout, rate };
             print(&runtime(threads)?.block_on(connections::run(config))?)
         }
         Command::Stream { target, bytes, streams, timeout, threads } => {

@@ -6,6 +6,7 @@
 mod memory;
 mod procfs;
 mod requests;
+mod restart;
 mod waypoint;
 
 use std::{
@@ -21,7 +22,9 @@ use strait_testbed::{Node, Pod, Process, Topology, bin_path, k8s};
 use crate::report::{Better, Figure, Results, Target};
 use waypoint::{Waypoint, WaypointLoad};
 
-pub const ALL: [&str; 7] = ["throughput", "latency", "cpu", "max-rps", "connections", "sequential", "memory"];
+/// In the order they run; `restart` replaces the node proxies, so it comes last.
+pub const ALL: [&str; 8] =
+    ["throughput", "latency", "cpu", "max-rps", "connections", "sequential", "memory", "restart"];
 
 const PORT: u16 = 8080;
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -241,6 +244,7 @@ pub fn run(bed: &Bed, name: &str, results: &mut Results) -> anyhow::Result<()> {
         "connections" => connections(bed, results),
         "sequential" => sequential(bed, results),
         "memory" => memory::memory(bed, results),
+        "restart" => restart::restart(bed, results),
         other => bail!("unknown scenario {other}"),
     }
 }
