@@ -161,6 +161,45 @@ fn plaintext_and_outbound_connections_are_limited_per_source() -> io::Result<()>
     Ok(())
 }
 
+// OPS-4: with limits set above what the open-file limit allows, a flood runs the proxy out of
+// descriptors: accept fails with EMFILE, the loop backs off and warns once, and the proxy serves
+// again as soon as descriptors are free (the listener is never lost).
+#[test]
+fn accept_loops_survive_running_out_of_descriptors() -> io::Result<()> {
+    let t = TwoNodes::new("node::emfile")?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
+    let _tcp = t.server.start_echo_server(EchoKind::Tcp, 9000)?;
+    let _http = t.server.start_echo_server(EchoKind::Http, ECHO_PORT)?;
+    let ca = ca_dir(&t.topo, "ca");
+    let unlimited =
+        ["--max-open-files", "160", "--outbound-connections-per-pod", "5000", "--outbound-connections", "5000"];
+    let p1 = start_node(&t.topo, &t.n1, &ca, &unlimited)?;
+    let _p2 = start_node(&t.topo, &t.n2, &ca, &[])?;
+    let target = format!("{}:9000", t.server.ip());
+    let flood = t.client.spawn(
+        "flood",
+        bin_path("strait-echo"),
+        &["flood", &target, "--connections", "300", "--secs", "4"],
+        &[],
+    )?;
+    p1.wait_for_log("Too many open files", TIMEOUT)?;
+    assert!(flood.wait_exit(Duration::from_secs(20)).is_some());
+    let server = format!("{}:{ECHO_PORT}", t.server.ip());
+    let deadline = Instant::now() + TIMEOUT;
+    let after = loop {
+        let result = sweep(&t.client, &server, 49000, 49019, 3000)?;
+        if result.1 == 0 || Instant::now() > deadline {
+            break result;
+        }
+        thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!((after.0, after.1), (20, 0), "served again once the flood is over: {}", after.2);
+    assert!(p1.is_running());
+    let warnings = p1.log().lines().filter(|l| l.contains("accept failed") && l.contains("retrying")).count();
+    assert!((1..=3).contains(&warnings), "warned, without a line per failure: {warnings}");
+    Ok(())
+}
+
 /// Proxies for `t` whose server answers on `ECHO_PORT` and closes each connection after one
 /// answer (the client asks for `Connection: close`): the node proxy on the client's side is
 /// then the first to close towards the client, and keeps the TIME_WAIT.
