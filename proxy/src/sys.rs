@@ -5,7 +5,7 @@ use std::{fs, io, net::SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use strait_ebpf_common::PROXY_MARK;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Linux capability numbers (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
@@ -42,7 +42,7 @@ pub fn check_node_privileges() -> Result<(), String> {
 
 /// A listener that accepts connections addressed to any IP: `IP_TRANSPARENT` lets a socket the
 /// capture program assigned packets to answer from the original destination address.
-pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+pub fn transparent_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_ip_transparent_v4(true)?;
     socket.set_reuse_address(true)?;
@@ -53,7 +53,7 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     // A large backlog: bursts of new connections must queue, not be refused.
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Connects to `addr` from a socket carrying the proxy's mark, so that its packets are never

@@ -31,8 +31,10 @@ pub fn restart(bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
         successors.push(start_successor(bed, node, &ca)?);
         bed.proxies[i].terminate(libc::SIGTERM)?;
     }
+    // Connections that stay open (the waypoint's pooled upstream connections) hold a replaced
+    // proxy until its drain timeout (30 s by default) cuts them.
     for old in &bed.proxies {
-        if old.wait_exit(TIMEOUT).is_none() {
+        if old.wait_exit(Duration::from_secs(45)).is_none() {
             bail!("a replaced proxy did not drain and stop:\n{}", old.log_tail());
         }
     }

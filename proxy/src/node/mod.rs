@@ -262,7 +262,6 @@ fn listeners(
     }
     let bind = |port: u16, what: &str| {
         sys::transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-            .and_then(|l| l.into_std())
             .with_context(|| format!("cannot listen on the {what} port {port}"))
     };
     let listeners = handover::Listeners {
