@@ -108,6 +108,10 @@ impl AsyncRead for H2Stream {
         let n = this.pending.len().min(buf.remaining());
         buf.put_slice(&this.pending[..n]);
         this.pending.advance(n);
+        if this.pending.is_empty() {
+            // An empty slice still pins the whole frame it was cut from: let it go.
+            this.pending = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }

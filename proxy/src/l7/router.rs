@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, Uri, Version, header, request::Parts};
 use hyper::body::{Body as _, Incoming};
 
@@ -18,10 +17,12 @@ use super::{
     Downstream, L7Context, Target,
     body::ResponseBody,
     flags::ResponseFlags,
-    forward::{self, Forwarded, Replay, UpstreamRequest},
+    forward::{self, Forwarded, Replay, StreamedBody, UpstreamRequest},
     headers,
     jwt::{self, JwtOutcome, ValidatedJwt},
+    limits::BODY_BUFFER_PER_REQUEST,
     matching::{RequestView, select_route},
+    request_body::{self, Buffering, ClientFault, RequestBody},
 };
 use crate::{
     authz::{self, Connection, HttpRequest},
@@ -31,10 +32,6 @@ use crate::{
     },
     telemetry::RequestRecord,
 };
-
-/// Requests whose bodies must be sent more than once (retries, mirrors) are buffered up to
-/// this size; larger ones are sent once.
-const REPLAY_LIMIT: u64 = 1024 * 1024;
 
 /// What the proxy answers itself, and why.
 pub(super) struct Local {
@@ -69,6 +66,10 @@ pub(super) struct Exchange {
     pub record: RequestRecord,
     pub started: Instant,
     pub request_bytes: Arc<AtomicU64>,
+    /// Set when the client's request body fails: the try it broke is the client's fault.
+    pub fault: ClientFault,
+    /// The HTTP version the client speaks, which answers are given in.
+    pub version: Version,
 }
 
 /// Handles one request from `down`.
@@ -82,8 +83,19 @@ pub async fn handle(
     record.source_workload = down.source_workload.clone();
     record.source_identity = down.identity.as_ref().map(ToString::to_string);
     record.destination_service = down.target.service().cloned();
-    let mut x = Exchange { ctx, down, model, record, started: Instant::now(), request_bytes: Arc::default() };
     let (mut parts, body) = request.into_parts();
+    let fault = ClientFault::default();
+    let body = RequestBody::new(body, ctx.limits.body_idle_timeout, fault.clone());
+    let mut x = Exchange {
+        ctx,
+        down,
+        model,
+        record,
+        started: Instant::now(),
+        request_bytes: Arc::default(),
+        fault,
+        version: parts.version,
+    };
     x.describe(&parts);
     match route_and_forward(&mut x, &mut parts, body).await {
         Ok(forwarded) => x.respond_upstream(forwarded),
@@ -127,7 +139,14 @@ impl Exchange {
         {
             response.headers_mut().insert(header::SERVER, server.clone());
         }
-        let (parts, body) = response.into_parts();
+        // The answer goes out in the client's HTTP version, whatever the upstream spoke, and
+        // without the upstream's connection-level headers (`connection: close` of an HTTP/1.0
+        // server is about its own connection); a WebSocket upgrade keeps its two.
+        let (mut parts, body) = response.into_parts();
+        parts.version = self.version;
+        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            headers::remove_hop_by_hop(&mut parts.headers);
+        }
         let response = Response::from_parts(parts, ResponseBody::upstream(body));
         self.finish_on_end(response, Some((lease, endpoint_guard)))
     }
@@ -174,7 +193,7 @@ fn authority(parts: &Parts) -> &str {
         .unwrap_or("")
 }
 
-async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: Incoming) -> Result<Forwarded, Local> {
+async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: RequestBody) -> Result<Forwarded, Local> {
     if parts.version == Version::HTTP_10 || parts.version == Version::HTTP_09 {
         return Err(Local::new(StatusCode::UPGRADE_REQUIRED, "HTTP/1.0 is not supported; use HTTP/1.1 or HTTP/2\n"));
     }
@@ -232,7 +251,7 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: Incoming) 
     if let Some(rewrite) = &route.rewrite {
         rewrite_request(parts, rewrite.uri.as_deref(), rewrite.authority.as_deref(), matched);
     }
-    let replay = replayable(route, body).await?;
+    let replay = replayable(x, route, body).await?;
     let request = upstream_request(x, parts);
     let mirrors = route.mirrors.iter().filter(|m| rolls(m.percentage)).map(|m| &m.destination);
     for mirror in mirrors {
@@ -248,8 +267,12 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: Incoming) 
 }
 
 /// Traffic to a service without a VirtualService (or to a pod): straight to its endpoints.
-async fn forward_default(x: &mut Exchange, parts: &mut Parts, body: Incoming) -> Result<Forwarded, Local> {
-    let replay = if body.is_end_stream() { Replay::Bytes(Bytes::new()) } else { Replay::Stream(Some(body)) };
+async fn forward_default(x: &mut Exchange, parts: &mut Parts, body: RequestBody) -> Result<Forwarded, Local> {
+    let replay = if body.is_end_stream() {
+        Replay::Empty
+    } else {
+        Replay::Stream(Some(StreamedBody { prefix: Vec::new(), held: None, rest: body }))
+    };
     let timeout = headers::timeout_override(&parts.headers).filter(|t| !t.is_zero());
     let request = upstream_request(x, parts);
     let cluster = match &x.down.target {
@@ -444,24 +467,26 @@ fn redirect_to(redirect: &Redirect, parts: &Parts, matched: Option<&RouteMatch>)
     local
 }
 
-/// The body as retries and mirrors need it: buffered when they need it again and it is small
-/// enough, streamed otherwise.
-async fn replayable(route: &HttpRoute, body: Incoming) -> Result<Replay, Local> {
+/// The body as retries and mirrors need it: buffered when they need it again and it fits in
+/// both the per-request limit and the proxy's budget, streamed (once) otherwise.
+async fn replayable(x: &Exchange, route: &HttpRoute, body: RequestBody) -> Result<Replay, Local> {
     let needs_replay = route.retries.as_ref().is_some_and(|r| r.attempts > 0) || !route.mirrors.is_empty();
-    let hint = body.size_hint();
     if body.is_end_stream() {
-        return Ok(Replay::Bytes(Bytes::new()));
+        return Ok(Replay::Empty);
     }
-    if !needs_replay || hint.lower() > REPLAY_LIMIT {
-        return Ok(Replay::Stream(Some(body)));
+    let limit = BODY_BUFFER_PER_REQUEST;
+    if !needs_replay || body.size_hint().lower() > limit as u64 {
+        return Ok(Replay::Stream(Some(StreamedBody { prefix: Vec::new(), held: None, rest: body })));
     }
-    let limit = usize::try_from(REPLAY_LIMIT).unwrap_or(usize::MAX);
-    match super::body::collect_limited(body, limit).await {
-        Ok(bytes) => Ok(Replay::Bytes(bytes)),
-        Err(reason) => {
-            Err(Local::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large to retry or mirror\n")
-                .because(reason))
+    match request_body::buffer(body, limit, &x.ctx.body_budget).await {
+        Ok(Buffering::Complete(buffered)) => Ok(Replay::Buffered(buffered)),
+        Ok(Buffering::Partial { read, held, rest }) => {
+            tracing::debug!(
+                "request body not buffered (too large, or the buffer budget is spent): no retries or mirrors"
+            );
+            Ok(Replay::Stream(Some(StreamedBody { prefix: read, held: Some(held), rest })))
         }
+        Err(fault) => Err(fault.local()),
     }
 }
 

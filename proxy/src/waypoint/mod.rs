@@ -30,6 +30,8 @@ use crate::{
     l7::{
         L7Context,
         authn::Authn,
+        limits::HttpLimits,
+        request_body::BodyBudget,
         upstream::{Connector, Upstreams},
     },
     model::{self, ModelHandle, WaypointName},
@@ -60,6 +62,8 @@ pub struct WaypointOptions {
     pub server_header: Option<String>,
     /// On SIGTERM, how long streams in flight may take to finish.
     pub drain_timeout: Duration,
+    /// Client-side timeouts and the buffered-body budget of the HTTP listener (OPS-4).
+    pub http_limits: HttpLimits,
 }
 
 /// What each HBONE stream handler needs.
@@ -132,6 +136,8 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
         waypoint: name.clone(),
         server_header,
         drain,
+        limits: options.http_limits,
+        body_budget: BodyBudget::new(options.http_limits.body_buffer_budget),
     });
     let ctx = Arc::new(WaypointContext {
         name: name.clone(),

@@ -506,7 +506,7 @@ mod tests {
 
     /// The server and client together, in process: runs the server on a loopback port.
     fn local_server(name: &str) -> SocketAddr {
-        let config = ServerConfig { name: name.into(), delay: Duration::ZERO };
+        let config = ServerConfig { name: name.into(), delay: Duration::ZERO, http10: false };
         let served_by = HeaderValue::from_str(name).expect("valid name");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("address");
