@@ -244,7 +244,7 @@ fn rapid_reset_is_absorbed_by_the_waypoint() -> io::Result<()> {
     ));
     m.topo.write_config("c.yaml", &config)?;
     let _reviews = m.backends[0].echo_server(EchoKind::Http, 9080).name("reviews-v1").start()?;
-    let _greeter = greeter.echo_server(EchoKind::Grpc, 9090).name("greeter-v1").start()?;
+    let greeter_server = greeter.echo_server(EchoKind::Grpc, 9090).name("greeter-v1").start()?;
     let (_p1, p2, wp) = m.start()?;
     let grpc_target = format!("{GREETER_VIP}:9090");
     assert_eq!(m.client.grpc_call(&grpc_target, "warm", &[])?.grpc_status, Some(0));
@@ -284,6 +284,8 @@ fn rapid_reset_is_absorbed_by_the_waypoint() -> io::Result<()> {
     assert_eq!(http.status(200), 300, "{http:?}");
     let verdicts = abuse_verdicts(&p2);
     assert!(verdicts.is_empty(), "node2 closed the waypoint's connection: {verdicts:?}");
+    // Nor did the gRPC server close the waypoint's shared HTTP/2 connection as abusive.
+    assert_eq!(greeter_server.count_log_lines("connection error"), 0, "{}", greeter_server.log_tail());
     assert!(abuse_verdicts(&wp).iter().all(|l| !l.contains("HBONE")), "{}", wp.log_tail());
     Ok(())
 }

@@ -10,25 +10,18 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll, ready},
-    time::Duration,
 };
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::request_body::{Buffered, RequestBody, Reservation};
+use super::{
+    pool::RESET_GRACE,
+    request_body::{Buffered, RequestBody, Reservation},
+};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// How long a stream sent upstream lives, at least, before a failure of the client's body
-/// resets it (OPS-4). An HTTP/2 server counts streams reset before it could accept them, and
-/// closes the whole connection past a limit (h2's `max_pending_accept_reset_streams`, 20): a
-/// client resetting its requests as fast as it opens them (rapid reset) would have the
-/// waypoint's shared upstream connection closed, failing everyone's requests on it. A stream
-/// this old has been accepted by any server that is not overloaded; the delay only postpones
-/// a reset nobody waits for.
-const RESET_GRACE: Duration = Duration::from_millis(100);
 
 /// A request body on its way upstream.
 pub enum UpstreamBody {

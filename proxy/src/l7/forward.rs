@@ -206,7 +206,14 @@ pub async fn forward(
             (Some(d), Some(p)) => Some(d.min(Instant::now() + p)),
             (d, p) => d.or_else(|| p.map(|p| Instant::now() + p)),
         };
-        let sent = one_try(x, &cluster, &endpoint, version, outgoing);
+        // A client body that fails ends the try at once; the upstream stream is reset later
+        // (`pool::RESET_GRACE`) by the exchange left behind.
+        let sent = async {
+            tokio::select! {
+                sent = one_try(x, &cluster, &endpoint, version, outgoing) => sent,
+                fault = x.fault.failed() => Err(TryError::ClientBody(fault.local())),
+            }
+        };
         let result = match remaining(try_deadline) {
             Some(left) => tokio::time::timeout(left, sent).await.ok(),
             None => Some(sent.await),
@@ -240,6 +247,7 @@ pub async fn forward(
                 failure
             }
             Some(Err(TryError::Overflow(why))) => return Err(overflow(why).flagged(flags)),
+            Some(Err(TryError::ClientBody(local))) => return Err(local.flagged(flags)),
             Some(Err(TryError::Connect(e))) => {
                 cluster.record(&endpoint, TryOutcome::ConnectFailure);
                 last = Some(
@@ -410,6 +418,8 @@ fn build(
 /// Why a try got no response.
 enum TryError {
     Overflow(&'static str),
+    /// The client's request body failed: the client's fault, not the upstream's (OPS-4).
+    ClientBody(Local),
     Connect(std::io::Error),
     Reset(String),
 }

@@ -19,7 +19,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use http_body_util::BodyExt as _;
@@ -44,6 +44,16 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
+/// How long a stream sent upstream lives, at least, before the engine resets it because its
+/// client went away (OPS-4). HTTP/2 servers count streams reset early against the whole
+/// connection: h2 (hyper, tonic) closes it past 20 streams reset before it accepted them,
+/// Envoy past 250 reset within a second of opening. A client resetting its requests as fast
+/// as it opens them (rapid reset) would have the waypoint's shared upstream connection closed,
+/// failing everyone's requests on it. 100 ms was not enough for an overloaded server to accept
+/// (a debug-built h2 server on two busy cores closed the connection in 1 run of 8); a second
+/// matches Envoy's notion of premature. The client is answered at once all the same; only the
+/// reset, which nobody waits for, is held back.
+pub const RESET_GRACE: Duration = Duration::from_secs(1);
 /// Exchanges whose client went away while the upstream was answering are finished in the
 /// background (see `exchange`): at most this many at once, each for at most
 /// `DETACHED_TIMEOUT`. A detached exchange costs a task and its buffers, a few KiB.
@@ -83,7 +93,9 @@ impl EndpointPool {
     fn take_idle(&self) -> Option<Http1Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(conn) = idle.pop() {
-            if conn.sender.is_ready() {
+            // Not `is_ready`: a connection whose task has not run since its handshake is not
+            // ready yet, and is perfectly good (`Lease::send` waits for it).
+            if !conn.sender.is_closed() {
                 return Some(conn);
             }
             // Closed by the upstream while idle: dropping it frees its slot.
@@ -287,7 +299,9 @@ async fn connect_http1(
             }
             Err(e) => Err(AcquireError::Connect(io::Error::other(e))),
         };
-        if let Err(Ok(abandoned)) = tx.send(result) {
+        if let Err(Ok(mut abandoned)) = tx.send(result)
+            && abandoned.sender.ready().await.is_ok()
+        {
             let limits = abandoned._open.limits.clone();
             endpoint.pool.put_idle(abandoned);
             limits.released.notify_one();
@@ -397,14 +411,27 @@ pub async fn exchange(
             }
             Err(e) => {
                 lease.release(false);
-                let _ = tx.send(Err(e.to_string()));
+                let _ = tx.send(Err(with_causes(&e)));
             }
         }
     });
-    let mut cancelled = DetachOnDrop { task: Some(task.abort_handle()), fate, detached: detached.clone() };
+    let mut cancelled =
+        DetachOnDrop { task: Some(task.abort_handle()), fate, detached: detached.clone(), sent: Instant::now() };
     let result = rx.await;
     cancelled.task = None;
     result.unwrap_or_else(|_| Err("the upstream exchange ended without an answer".to_owned()))
+}
+
+/// An error and what caused it, as one line (hyper's own message is often just the kind).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// In the exchange's task: counts a detached exchange out when it ends, however it ends.
@@ -424,11 +451,12 @@ impl Drop for DoneGuard {
 }
 
 /// In the requester: when dropped before the answer came, detaches the exchange if there is
-/// room, else cuts it off.
+/// room, else cuts it off once it is `RESET_GRACE` old.
 struct DetachOnDrop {
     task: Option<AbortHandle>,
     fate: Arc<Mutex<Fate>>,
     detached: Arc<Detached>,
+    sent: Instant,
 }
 
 impl Drop for DetachOnDrop {
@@ -443,13 +471,14 @@ impl Drop for DetachOnDrop {
             .count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_DETACHED).then_some(n + 1))
             .is_ok();
-        if !room {
-            task.abort();
-            return;
-        }
-        *fate = Fate::Detached;
+        let until = if room {
+            *fate = Fate::Detached;
+            self.sent + DETACHED_TIMEOUT
+        } else {
+            self.sent + RESET_GRACE
+        };
         tokio::spawn(async move {
-            tokio::time::sleep(DETACHED_TIMEOUT).await;
+            tokio::time::sleep_until(until.into()).await;
             task.abort();
         });
     }

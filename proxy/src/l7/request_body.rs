@@ -16,7 +16,10 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::time::{Instant, Sleep};
+use tokio::{
+    sync::Notify,
+    time::{Instant, Sleep},
+};
 
 use super::{body::BoxError, flags::ResponseFlags, router::Local};
 
@@ -75,8 +78,34 @@ impl BodyFault {
 }
 
 /// Where a request notes that its client's body failed, for the code deciding what the
-/// failure of an upstream try means.
-pub type ClientFault = Arc<OnceLock<BodyFault>>;
+/// failure of an upstream try means, and for the try itself, which ends at once.
+#[derive(Debug, Default)]
+pub struct ClientFault {
+    fault: OnceLock<BodyFault>,
+    noticed: Notify,
+}
+
+impl ClientFault {
+    pub fn get(&self) -> Option<&BodyFault> {
+        self.fault.get()
+    }
+
+    fn set(&self, fault: BodyFault) {
+        if self.fault.set(fault).is_ok() {
+            self.noticed.notify_one();
+        }
+    }
+
+    /// Resolves once the client's body has failed.
+    pub async fn failed(&self) -> &BodyFault {
+        loop {
+            if let Some(fault) = self.fault.get() {
+                return fault;
+            }
+            self.noticed.notified().await;
+        }
+    }
+}
 
 /// The client's body: its frames, with an idle timer between them and its failure noted.
 pub struct RequestBody {
@@ -84,17 +113,17 @@ pub struct RequestBody {
     /// `None`: no body idle timeout.
     idle: Option<Duration>,
     timer: Option<Pin<Box<Sleep>>>,
-    fault: ClientFault,
+    fault: Arc<ClientFault>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, idle: Option<Duration>, fault: ClientFault) -> Self {
+    pub fn new(inner: Incoming, idle: Option<Duration>, fault: Arc<ClientFault>) -> Self {
         Self { inner, idle, timer: None, fault }
     }
 
     fn failed(&mut self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let message = format!("{fault:?}");
-        let _ = self.fault.set(fault);
+        self.fault.set(fault);
         Poll::Ready(Some(Err(message.into())))
     }
 }

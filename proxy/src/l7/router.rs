@@ -67,7 +67,7 @@ pub(super) struct Exchange {
     pub started: Instant,
     pub request_bytes: Arc<AtomicU64>,
     /// Set when the client's request body fails: the try it broke is the client's fault.
-    pub fault: ClientFault,
+    pub fault: Arc<ClientFault>,
     /// The HTTP version the client speaks, which answers are given in.
     pub version: Version,
 }
@@ -84,7 +84,7 @@ pub async fn handle(
     record.source_identity = down.identity.as_ref().map(ToString::to_string);
     record.destination_service = down.target.service().cloned();
     let (mut parts, body) = request.into_parts();
-    let fault = ClientFault::default();
+    let fault = Arc::new(ClientFault::default());
     let body = RequestBody::new(body, ctx.limits.body_idle_timeout, fault.clone());
     let mut x = Exchange {
         ctx,

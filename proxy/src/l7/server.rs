@@ -6,6 +6,9 @@
 //! connection's activity is tracked here instead. A head must be complete `header_timeout`
 //! after its first byte (Envoy's `request_headers_timeout`); a connection with no request in
 //! flight closes after `idle_timeout`; a request body's pauses are timed by `RequestBody`.
+//!
+//! An HTTP/2 client that cancels most of its requests right after opening them (rapid reset)
+//! is cut off, as Envoy does: each cancelled request may still cost an upstream exchange.
 
 use std::{
     convert::Infallible,
@@ -39,6 +42,14 @@ const HTTP1_READ_BUFFER: usize = 64 * 1024;
 /// frame each way per idle half minute.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// A request cancelled by its client sooner than this after it arrived is a premature reset
+/// (Envoy's `premature_reset_min_stream_lifetime`).
+const PREMATURE_RESET_LIFETIME: Duration = Duration::from_secs(1);
+/// A connection with this many premature resets, making up half its requests or more, is
+/// closed. Envoy closes at 250; lower here because every reset request may leave a detached
+/// upstream exchange behind (`pool::exchange`), and one connection must not fill that pool.
+const PREMATURE_RESETS_MAX: u64 = 100;
+
 /// Serves HTTP on `io` until the client closes it; every request goes to `handle`.
 /// `head_started`: the client's first bytes were already read (protocol detection), so a
 /// request head is under way.
@@ -52,9 +63,10 @@ where
     let in_service = activity.clone();
     let service = service_fn(move |request| {
         let (ctx, down) = (ctx.clone(), down.clone());
-        let in_flight = InFlight::begin(&in_service);
+        let mut in_flight = InFlight::begin(&in_service);
         async move {
             let mut response = handle(ctx, down, request).await;
+            in_flight.answered = true;
             response.body_mut().hold(in_flight);
             Ok::<_, Infallible>(response)
         }
@@ -104,6 +116,10 @@ where
     loop {
         tokio::select! {
             result = connection.as_mut() => return result,
+            () = activity.abusive.notified() => {
+                tracing::debug!(limit = PREMATURE_RESETS_MAX, "client resets most of its requests at once: closing the connection");
+                return Ok(());
+            }
             () = &mut drain, if !draining => {
                 draining = true;
                 graceful_shutdown(connection.as_mut());
@@ -135,6 +151,8 @@ enum Expired {
 /// What one connection is doing, as its timeouts see it.
 struct Activity {
     state: Mutex<ActivityState>,
+    /// Signalled once the client has reset too many requests (`PREMATURE_RESETS_MAX`).
+    abusive: tokio::sync::Notify,
     /// Whether bytes read while no request is in flight start a head (HTTP/1.1); HTTP/2
     /// connections carry pings and settings between requests.
     track_heads: bool,
@@ -146,13 +164,22 @@ struct ActivityState {
     idle_since: Instant,
     /// When the first byte of the next request head arrived.
     head_since: Option<Instant>,
+    /// Requests received, and those the client cancelled prematurely.
+    requests: u64,
+    premature_resets: u64,
 }
 
 impl Activity {
     fn new(head_started: bool) -> Self {
         let now = Instant::now();
-        let state = ActivityState { in_flight: 0, idle_since: now, head_since: head_started.then_some(now) };
-        Self { state: Mutex::new(state), track_heads: head_started }
+        let state = ActivityState {
+            in_flight: 0,
+            idle_since: now,
+            head_since: head_started.then_some(now),
+            requests: 0,
+            premature_resets: 0,
+        };
+        Self { state: Mutex::new(state), abusive: tokio::sync::Notify::new(), track_heads: head_started }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
@@ -191,24 +218,36 @@ impl Activity {
 }
 
 /// Counts one request in flight on its connection, from the head until its response is over.
-struct InFlight(Arc<Activity>);
+struct InFlight {
+    activity: Arc<Activity>,
+    arrived: Instant,
+    /// The response head was produced (else the client cancelled the request).
+    answered: bool,
+}
 
 impl InFlight {
     fn begin(activity: &Arc<Activity>) -> Self {
         let mut state = activity.lock();
         state.in_flight += 1;
+        state.requests += 1;
         state.head_since = None;
         drop(state);
-        Self(activity.clone())
+        Self { activity: activity.clone(), arrived: Instant::now(), answered: false }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut state = self.0.lock();
+        let mut state = self.activity.lock();
         state.in_flight = state.in_flight.saturating_sub(1);
         if state.in_flight == 0 {
             state.idle_since = Instant::now();
+        }
+        if !self.answered && self.arrived.elapsed() < PREMATURE_RESET_LIFETIME {
+            state.premature_resets += 1;
+            if state.premature_resets >= PREMATURE_RESETS_MAX && state.premature_resets * 2 >= state.requests {
+                self.activity.abusive.notify_one();
+            }
         }
     }
 }
@@ -288,5 +327,33 @@ mod tests {
         activity.bytes_read();
         assert_eq!(activity.expired(limits()).await, Expired::Head);
         assert_eq!(started.elapsed(), Duration::from_secs(145), "10 s after the next head's first byte");
+    }
+
+    // OPS-4: a client that cancels most of its requests as soon as it sends them is cut off;
+    // one whose cancellations are rare, or late, is not.
+    #[tokio::test(start_paused = true)]
+    async fn premature_resets_mark_a_connection_abusive() {
+        async fn requests(activity: &Arc<Activity>, n: u64, answered: bool, lasting: Duration) {
+            for _ in 0..n {
+                let mut request = InFlight::begin(activity);
+                request.answered = answered;
+                tokio::time::advance(lasting).await;
+                drop(request);
+            }
+        }
+        async fn abusive(activity: &Activity) -> bool {
+            tokio::time::timeout(Duration::ZERO, activity.abusive.notified()).await.is_ok()
+        }
+
+        let activity = Arc::new(Activity::new(false));
+        requests(&activity, 150, true, Duration::ZERO).await;
+        requests(&activity, 100, false, Duration::ZERO).await;
+        assert!(!abusive(&activity).await, "100 premature resets among 250 requests: under half");
+        requests(&activity, 50, false, Duration::ZERO).await;
+        assert!(abusive(&activity).await, "150 among 300");
+
+        let late = Arc::new(Activity::new(false));
+        requests(&late, 200, false, Duration::from_secs(2)).await;
+        assert!(!abusive(&late).await, "cancelled after a while: not premature");
     }
 }

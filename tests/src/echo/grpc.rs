@@ -216,9 +216,17 @@ async fn serve_connection(socket: TcpStream, peer: SocketAddr, server: Arc<Serve
     let _ = socket.set_nodelay(true);
     let Ok(mut connection) = h2::server::handshake(socket).await else { return };
     // Accepting also drives the connection's I/O; each call runs in its own task. An error
-    // ends this connection only.
-    while let Some(Ok((request, respond))) = connection.accept().await {
-        tokio::spawn(handle(request, respond, peer, Arc::clone(&server)));
+    // ends this connection only; it is logged, for tests that check a proxy never provokes one.
+    while let Some(accepted) = connection.accept().await {
+        match accepted {
+            Ok((request, respond)) => {
+                tokio::spawn(handle(request, respond, peer, Arc::clone(&server)));
+            }
+            Err(e) => {
+                println!("connection error peer={peer}: {e} ({e:?})");
+                return;
+            }
+        }
     }
 }
 
