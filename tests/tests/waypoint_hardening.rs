@@ -47,36 +47,44 @@ fn abuse_verdicts(node: &Process) -> Vec<String> {
 }
 
 // OPS-4, L7-4: invalid chunked bodies and aborted uploads are the client's fault: answered 400
-// `DPE` (or logged `DC`), never counted by outlier detection, so six or sixty of them eject
-// nothing and everybody else is served. A real upstream failure still ejects.
+// `DPE` (or logged `DC`), never counted by outlier detection and never retried, so dozens of
+// them eject nothing and everybody else is served. A real upstream failure still ejects.
 #[test]
 fn client_body_errors_never_eject_endpoints() -> io::Result<()> {
     let m = WaypointMesh::new("wph::bodies", &["reviews-v1", "reviews-v2"])?;
     let policy = "    outlierDetection:\n      consecutive5xxErrors: 2\n      interval: 1s\n      baseEjectionTime: 30s\n      maxEjectionPercent: 100\n";
-    m.topo.write_config("c.yaml", &with_policy(&m, policy))?;
+    let retried = "  http:\n  - match:\n    - uri: {prefix: /retried}\n    route:\n    - destination: {host: reviews}\n    retries:\n      attempts: 3\n      retryOn: 5xx,reset,connect-failure\n  - route:\n    - destination: {host: reviews}\n";
+    m.topo.write_config("c.yaml", &(with_policy(&m, policy) + &vs(retried)))?;
     let mut servers = start_backends(&m, 9080)?;
     let (_p1, _p2, wp) = m.start()?;
     assert_eq!(m.client.echo_get(&format!("{REVIEWS}/warm"), 4, &[])?.status(200), 4);
 
-    let invalid = m.client.echo_abuse(
-        REVIEWS_TARGET,
-        &["--mode", "invalid-chunked", "--connections", "12", "--path", "/upload", "--hold-secs", "5"],
-    )?;
-    assert_eq!(invalid.status(400), 12, "malformed bodies are the client's fault: {invalid:?}");
-    let aborted = m.client.echo_abuse(
-        REVIEWS_TARGET,
-        &["--mode", "abort-upload", "--connections", "12", "--bytes", "20000", "--path", "/upload"],
-    )?;
-    assert_eq!(aborted.opened, 12, "{aborted:?}");
+    // Streamed to the upstream (no retries), and buffered for retries (`/retried`).
+    for path in ["/upload", "/retried"] {
+        let invalid = m.client.echo_abuse(
+            REVIEWS_TARGET,
+            &["--mode", "invalid-chunked", "--connections", "12", "--path", path, "--hold-secs", "5"],
+        )?;
+        assert_eq!(invalid.status(400), 12, "malformed bodies are the client's fault: {invalid:?}");
+        let aborted = m.client.echo_abuse(
+            REVIEWS_TARGET,
+            &["--mode", "abort-upload", "--connections", "12", "--bytes", "20000", "--path", path],
+        )?;
+        assert_eq!(aborted.opened, 12, "{aborted:?}");
+    }
 
     let legit = m.client.echo_get(&format!("{REVIEWS}/after"), 40, &[])?;
     assert_eq!(legit.status(200), 40, "{legit:?}");
     assert!(legit.served("reviews-v1") > 0 && legit.served("reviews-v2") > 0, "both endpoints serve: {legit:?}");
     let view = clusters(&m)?;
     assert!(!view.contains("EJECTED") && view.matches("\"HEALTHY\"").count() == 2, "{view}");
-    wait_request_lines(&wp, &["status=400", "flags=DPE"], 12)?;
-    wait_request_lines(&wp, &["flags=DC", "path=\"/upload\""], 12)?;
-    assert!(request_lines(&wp, &["path=\"/upload\"", "status=503"]).is_empty(), "{}", wp.log_tail());
+    for path in ["path=\"/upload\"", "path=\"/retried\""] {
+        wait_request_lines(&wp, &[path, "status=400", "flags=DPE"], 12)?;
+        wait_request_lines(&wp, &[path, "flags=DC"], 12)?;
+        assert!(request_lines(&wp, &[path, "status=503"]).is_empty(), "{}", wp.log_tail());
+    }
+    let retried = request_lines(&wp, &["path=\"/retried\""]);
+    assert!(retried.iter().all(|l| l.contains("attempts=0")), "never sent, let alone retried: {retried:?}");
 
     // A real upstream failure: v2's server goes away, its connections are refused.
     drop(servers.remove(1));
@@ -130,7 +138,6 @@ fn slow_clients_are_timed_out() -> io::Result<()> {
     assert_eq!(legit.status(200), 400, "{legit:?}");
 
     let closed_in = |report: &strait_testbed::echo::abuse::AbuseReport, n: u64, from_ms: u64, to_ms: u64| {
-        eprintln!("abuse: {report:?}");
         assert_eq!((report.opened, report.closed_by_peer, report.errors), (n, n, 0), "{report:?}");
         assert!((from_ms..to_ms).contains(&report.max_close_ms), "closed after {} ms: {report:?}", report.max_close_ms);
     };
@@ -146,6 +153,10 @@ fn slow_clients_are_timed_out() -> io::Result<()> {
     closed_in(&joined(h2_idle)?, 20, 2_900, 7_500);
 
     wait_request_lines(&wp, &["status=408", "flags=SI", "path=\"/upload\""], 20)?;
+    // A request head beyond 60 KiB (Envoy's limit) is refused.
+    let big = format!("x-big: {}", "b".repeat(70_000));
+    let refused = m.client.curl_args(&["-H", &big, &format!("{REVIEWS}/big")])?;
+    assert_eq!(refused.status, 431, "{refused:?}");
     let view = clusters(&m)?;
     assert!(!view.contains("EJECTED"), "{view}");
     Ok(())

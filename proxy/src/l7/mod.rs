@@ -21,6 +21,7 @@ pub mod outlier;
 pub mod pool;
 pub mod request_body;
 pub mod retry;
+mod rewrite;
 mod router;
 mod server;
 pub mod upstream;

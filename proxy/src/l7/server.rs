@@ -32,11 +32,13 @@ use super::{Downstream, HttpVersion, L7Context, drained, handle, limits::HttpLim
 /// HTTP/2 windows towards clients: the same reasoning as towards upstreams (`pool`).
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
-/// Largest read buffer of an HTTP/1.1 client connection, which also bounds a request head.
-/// hyper's default (about 400 KiB) is reached by every connection that uploads a large body,
-/// and kept while it lives: 200 stalled 1 MB uploads held 80 MiB in read buffers alone. 64 KiB
-/// still reads bodies in large steps, and is the head limit Envoy uses (60 KiB).
+/// Largest read buffer of an HTTP/1.1 client connection. hyper's default (about 400 KiB) is
+/// reached by every connection that uploads a large body, and kept while it lives: 200 stalled
+/// 1 MB uploads held 80 MiB in read buffers alone. 64 KiB still reads bodies in large steps.
 const HTTP1_READ_BUFFER: usize = 64 * 1024;
+/// Largest request head (request line and headers), Envoy's default (`max_request_headers_kb`),
+/// so what passes an Istio waypoint passes this one; larger heads get 431.
+const HTTP1_MAX_HEAD: usize = 60 * 1024;
 /// An HTTP/2 client that has sent nothing for this long is pinged; one that does not answer
 /// within hyper's keep-alive timeout (20 s) is gone, and its streams are ended. Pings cost a
 /// frame each way per idle half minute.
@@ -78,6 +80,7 @@ where
             let connection = hyper::server::conn::http1::Builder::new()
                 .writev(true)
                 .max_buf_size(HTTP1_READ_BUFFER)
+                .max_header_size(HTTP1_MAX_HEAD)
                 .serve_connection(io, service)
                 .with_upgrades();
             drive(connection, |c| c.graceful_shutdown(), &activity, limits, drain).await
