@@ -291,6 +291,7 @@ fn rapid_reset_is_absorbed_by_the_waypoint() -> io::Result<()> {
         eprintln!("attack: {report:?}");
         assert_eq!(report.streams, 20_000, "the attack ran: {report:?}");
     }
+    eprintln!("legitimate: {calls} gRPC calls, {} failed; HTTP {:?}", grpc_failures.len(), http.statuses);
     assert!(grpc_failures.is_empty(), "{} of {calls} gRPC calls failed: {grpc_failures:?}", grpc_failures.len());
     assert_eq!(http.status(200), 300, "{http:?}");
     let verdicts = abuse_verdicts(&p2);

@@ -107,18 +107,22 @@ impl ClientFault {
     }
 }
 
-/// The client's body: its frames, with an idle timer between them and its failure noted.
+/// The client's body: its frames, with an idle timer between them and its failure noted. The
+/// timer runs only while the engine waits for the client: time spent not asking (the upstream
+/// pushing back) is not the client's idleness.
 pub struct RequestBody {
     inner: Incoming,
     /// `None`: no body idle timeout.
     idle: Option<Duration>,
     timer: Option<Pin<Box<Sleep>>>,
+    /// The last poll found nothing: the timer is running.
+    waiting: bool,
     fault: Arc<ClientFault>,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, idle: Option<Duration>, fault: Arc<ClientFault>) -> Self {
-        Self { inner, idle, timer: None, fault }
+        Self { inner, idle, timer: None, waiting: false, fault }
     }
 
     fn failed(&mut self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -136,9 +140,7 @@ impl Body for RequestBody {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(timer), Some(idle)) = (this.timer.as_mut(), this.idle) {
-                    timer.as_mut().reset(Instant::now() + idle);
-                }
+                this.waiting = false;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => this.failed(BodyFault::classify(&e)),
@@ -146,6 +148,10 @@ impl Body for RequestBody {
             Poll::Pending => {
                 let Some(idle) = this.idle else { return Poll::Pending };
                 let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if !this.waiting {
+                    this.waiting = true;
+                    timer.as_mut().reset(Instant::now() + idle);
+                }
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => this.failed(BodyFault::Idle(idle)),
                     Poll::Pending => Poll::Pending,
