@@ -134,6 +134,37 @@ struct WaypointArgs {
     /// Data-plane worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
+    #[command(flatten)]
+    http_limits: HttpLimitArgs,
+}
+
+/// Client-side limits of an HTTP listener (defaults and their reasons: `strait::l7::limits`).
+#[derive(Args)]
+struct HttpLimitArgs {
+    /// A request head must be complete this long after its first byte, or the connection closes.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    header_timeout: Duration,
+    /// A client connection with no request in flight is closed after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    idle_timeout: Duration,
+    /// A request body that sends nothing for this long fails with 408 (0s: no limit).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    body_idle_timeout: Duration,
+    /// Request-body bytes all requests together may hold for retries and mirrors (Ki, Mi, Gi);
+    /// a request that finds no room is streamed without them.
+    #[arg(long, default_value = "64Mi", value_parser = strait::l7::limits::parse_size)]
+    body_buffer_budget: usize,
+}
+
+impl HttpLimitArgs {
+    fn limits(&self) -> strait::l7::limits::HttpLimits {
+        strait::l7::limits::HttpLimits {
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            body_idle_timeout: Some(self.body_idle_timeout).filter(|t| !t.is_zero()),
+            body_buffer_budget: self.body_buffer_budget,
+        }
+    }
 }
 
 /// Where a proxy reports: its operator endpoints and access log.
@@ -290,6 +321,7 @@ fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
             ..Default::default()
         },
         max_open_files: args.limits.max_open_files,
+        http_limits: args.http_limits.limits(),
     }))
 }
 
@@ -302,6 +334,13 @@ fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> 
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     strait::config::parse_duration(text)
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!("`{text}` must be longer than 0s")),
+        d => Ok(d),
+    }
 }
 
 /// The data-plane runtime. One worker per two CPUs by default: measured on the 2-core

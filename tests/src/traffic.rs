@@ -14,8 +14,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::bins::require_bin;
+use crate::echo::abuse::AbuseReport;
 use crate::echo::client::GetSummary;
 use crate::echo::grpc::GrpcReply;
+use crate::echo::rapid_reset::RapidResetReport;
 use crate::echo::websocket::WsReport;
 use crate::process::Process;
 use crate::topology::{Pod, log_name};
@@ -81,6 +83,7 @@ pub struct EchoServer<'a> {
     /// The pod's name unless set.
     name: Option<String>,
     delay: Duration,
+    http10: bool,
 }
 
 impl EchoServer<'_> {
@@ -96,6 +99,13 @@ impl EchoServer<'_> {
         self
     }
 
+    /// Answers as an HTTP/1.0 server (`--http-version 1.0`): status line `HTTP/1.0`,
+    /// `connection: close`, one request per connection.
+    pub fn http10(mut self) -> Self {
+        self.http10 = true;
+        self
+    }
+
     /// Starts the server and returns once its port accepts connections.
     pub fn start(self) -> io::Result<Process> {
         let pod = self.pod;
@@ -104,7 +114,7 @@ impl EchoServer<'_> {
         let name = self.name.as_deref().unwrap_or(pod.name());
         let delay_arg = self.delay.as_millis().to_string();
         let args: Vec<&str> = match self.kind {
-            EchoKind::Tcp if self.name.is_some() || !self.delay.is_zero() => {
+            EchoKind::Tcp if self.name.is_some() || !self.delay.is_zero() || self.http10 => {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, "a TCP echo server has no name or delay"));
             }
             EchoKind::Tcp => vec!["tcp", &port_arg],
@@ -113,6 +123,9 @@ impl EchoServer<'_> {
                 let mut args = vec![mode, &port_arg, "--name", name];
                 if !self.delay.is_zero() {
                     args.extend(["--delay-ms", &delay_arg]);
+                }
+                if self.http10 {
+                    args.extend(["--http-version", "1.0"]);
                 }
                 args
             }
@@ -185,7 +198,7 @@ impl Pod {
     /// A `strait-echo` server to configure and start, e.g.
     /// `pod.echo_server(EchoKind::Http, 9080).name("reviews-v2").delay(ms(500)).start()?`.
     pub fn echo_server(&self, kind: EchoKind, port: u16) -> EchoServer<'_> {
-        EchoServer { pod: self, kind, port, name: None, delay: Duration::ZERO }
+        EchoServer { pod: self, kind, port, name: None, delay: Duration::ZERO, http10: false }
     }
 
     /// `strait-echo get <url> --count <count>` from inside the pod, with `headers` as
@@ -230,6 +243,24 @@ impl Pod {
         let output = self.run(&echo, args)?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         parse(stdout.trim()).map_err(|e| client_error(self, args, &output, &e))
+    }
+
+    /// `strait-echo abuse <target> <args...>` from inside the pod: hostile HTTP/1.1 clients
+    /// (`--mode`, `--connections`, `--bytes`, `--hold-secs`, `--host`, `--path`).
+    pub fn echo_abuse(&self, target: impl Display, args: &[&str]) -> io::Result<AbuseReport> {
+        let target = target.to_string();
+        let mut full = vec!["abuse", &target];
+        full.extend_from_slice(args);
+        self.run_echo_client(&full, AbuseReport::from_json)
+    }
+
+    /// `strait-echo rapid-reset <target> --streams <streams> <args...>` from inside the pod:
+    /// the HTTP/2 rapid reset attack (`--burst`, `--authority`, `--path`, `--end-stream`).
+    pub fn rapid_reset(&self, target: impl Display, streams: u64, args: &[&str]) -> io::Result<RapidResetReport> {
+        let (target, streams) = (target.to_string(), streams.to_string());
+        let mut full = vec!["rapid-reset", &target, "--streams", &streams];
+        full.extend_from_slice(args);
+        self.run_echo_client(&full, RapidResetReport::from_json)
     }
 
     /// Whether a TCP connection from the pod to `target` (`ip:port`) succeeds within `timeout`.

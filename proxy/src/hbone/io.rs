@@ -10,6 +10,7 @@ use std::{
     io,
     pin::Pin,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -19,10 +20,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Keeps whatever must live as long as the stream (a pooled connection's stream count).
 type Guard = Box<dyn Send + Sync>;
 
+/// How long a stream we ended waits, once dropped, for the peer to end it too. Dropping it
+/// sooner resets it (RST_STREAM), and an HTTP/2 peer may count resets against the whole
+/// connection; a peer that answers our end with its own does so within a round trip.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// One CONNECT stream's two halves as a byte stream.
 pub struct H2Stream {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    /// Always `Some` but while being dropped (see `Drop`).
+    recv: Option<RecvStream>,
     /// Bytes received and not yet read: the rest of a DATA frame, or bytes put back by
     /// protocol detection.
     pending: Bytes,
@@ -33,12 +40,14 @@ pub struct H2Stream {
 
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self { send, recv, pending: Bytes::new(), shut_down: false, _guard: None }
+        Self { send, recv: Some(recv), pending: Bytes::new(), shut_down: false, _guard: None }
     }
 
     /// A stream that keeps `guard` alive until it is dropped.
     pub fn with_guard(send: SendStream<Bytes>, recv: RecvStream, guard: impl Send + Sync + 'static) -> Self {
-        Self { _guard: Some(Box::new(guard)), ..Self::new(send, recv) }
+        let mut stream = Self::new(send, recv);
+        stream._guard = Some(Box::new(guard));
+        stream
     }
 
     /// Puts bytes back in front of what is still to be read (after peeking at them).
@@ -62,13 +71,14 @@ impl H2Stream {
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        let Some(recv) = self.recv.as_mut() else { return Poll::Ready(Ok(None)) };
         loop {
-            match ready!(self.recv.poll_data(cx)) {
+            match ready!(recv.poll_data(cx)) {
                 None => return Poll::Ready(Ok(None)),
                 Some(Ok(data)) => {
                     // The window reopens as soon as h2 hands the frame over: the bytes are ours
                     // now, held in `pending` at most one frame at a time.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    let _ = recv.flow_control().release_capacity(data.len());
                     if !data.is_empty() {
                         return Poll::Ready(Ok(Some(data)));
                     }
@@ -81,6 +91,28 @@ impl H2Stream {
     /// Resets the stream (the peer sees the tunnel fail, not finish).
     pub fn reset(&mut self) {
         self.send.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        // Ended on our side, not yet on the peer's: read (and discard) until it ends too,
+        // rather than resetting the stream by dropping it now.
+        let Some(mut recv) = self.recv.take() else { return };
+        if !self.shut_down || recv.is_end_stream() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let guard = self._guard.take();
+        runtime.spawn(async move {
+            let drained = async {
+                while let Some(Ok(data)) = recv.data().await {
+                    let _ = recv.flow_control().release_capacity(data.len());
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drained).await;
+            drop(guard);
+        });
     }
 }
 
@@ -108,6 +140,10 @@ impl AsyncRead for H2Stream {
         let n = this.pending.len().min(buf.remaining());
         buf.put_slice(&this.pending[..n]);
         this.pending.advance(n);
+        if this.pending.is_empty() {
+            // An empty slice still pins the whole frame it was cut from: let it go.
+            this.pending = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }

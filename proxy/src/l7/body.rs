@@ -3,6 +3,7 @@
 //! that the access line, the metrics and the connection pool learn the request is over.
 
 use std::{
+    collections::VecDeque,
     pin::Pin,
     sync::{
         Arc,
@@ -12,8 +13,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use super::{
+    pool::RESET_GRACE,
+    request_body::{Buffered, RequestBody, Reservation},
+};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -21,15 +27,80 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum UpstreamBody {
     /// Nothing (or nothing left).
     Empty,
-    /// A buffered body, sent once.
-    Full(Option<Bytes>),
-    /// The client's body, streamed, its bytes counted into `counted`.
-    Streaming { body: Incoming, counted: Arc<AtomicU64> },
+    /// A buffered body, sent once by this try; holds its share of the buffer budget.
+    Full { bytes: Option<Bytes>, _held: Arc<Reservation> },
+    /// The client's body, streamed.
+    Streaming(Box<Streamed>),
+}
+
+/// A streamed body: what was read before streaming was decided, then the rest as it arrives.
+pub struct Streamed {
+    /// Read while trying to buffer, front first, and the budget share those bytes hold.
+    prefix: VecDeque<Bytes>,
+    held: Option<Reservation>,
+    body: RequestBody,
+    /// Body bytes sent, for telemetry.
+    counted: Arc<AtomicU64>,
+    opened: Instant,
+    /// A failure of the client's body, held back until the stream is `RESET_GRACE` old.
+    failed: Option<(BoxError, Pin<Box<Sleep>>)>,
 }
 
 impl UpstreamBody {
-    pub fn full(bytes: Bytes) -> Self {
-        if bytes.is_empty() { UpstreamBody::Empty } else { UpstreamBody::Full(Some(bytes)) }
+    pub fn full(buffered: Buffered) -> Self {
+        if buffered.bytes.is_empty() {
+            UpstreamBody::Empty
+        } else {
+            UpstreamBody::Full { bytes: Some(buffered.bytes), _held: buffered.reservation }
+        }
+    }
+
+    /// Streams `prefix` (holding `held`), then the rest of `body`.
+    pub fn streaming(
+        prefix: Vec<Bytes>,
+        held: Option<Reservation>,
+        body: RequestBody,
+        counted: Arc<AtomicU64>,
+    ) -> Self {
+        UpstreamBody::Streaming(Box::new(Streamed {
+            prefix: prefix.into(),
+            held,
+            body,
+            counted,
+            opened: Instant::now(),
+            failed: None,
+        }))
+    }
+}
+
+impl Streamed {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some((_, grace)) = &mut self.failed {
+            ready!(grace.as_mut().poll(cx));
+            return Poll::Ready(self.failed.take().map(|(e, _)| Err(e)));
+        }
+        let frame = match self.prefix.pop_front() {
+            Some(bytes) => {
+                if self.prefix.is_empty() {
+                    self.held = None;
+                }
+                Some(Ok(Frame::data(bytes)))
+            }
+            None => ready!(Pin::new(&mut self.body).poll_frame(cx)),
+        };
+        match frame {
+            Some(Err(e)) if self.opened.elapsed() < RESET_GRACE => {
+                self.failed = Some((e, Box::pin(tokio::time::sleep_until(self.opened + RESET_GRACE))));
+                self.poll_frame(cx)
+            }
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.counted.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => Poll::Ready(other),
+        }
     }
 }
 
@@ -40,48 +111,35 @@ impl Body for UpstreamBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            UpstreamBody::Streaming { body, counted } => {
-                let frame = ready!(Pin::new(body).poll_frame(cx));
-                if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
-                    counted.fetch_add(data.map_or(0, |d| d.len() as u64), Ordering::Relaxed);
-                }
-                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
-            }
+            UpstreamBody::Full { bytes, .. } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            UpstreamBody::Streaming(streamed) => streamed.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Empty => true,
-            UpstreamBody::Full(bytes) => bytes.is_none(),
-            UpstreamBody::Streaming { body, .. } => body.is_end_stream(),
+            UpstreamBody::Full { bytes, .. } => bytes.is_none(),
+            UpstreamBody::Streaming(s) => s.prefix.is_empty() && s.failed.is_none() && s.body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            UpstreamBody::Streaming { body, .. } => body.size_hint(),
-        }
-    }
-}
-
-/// Reads a whole body of at most `limit` bytes; `Err` with what was read when it is longer
-/// (the caller then gives up on buffering) or broken.
-pub async fn collect_limited(mut body: Incoming, limit: usize) -> Result<Bytes, String> {
-    let mut buffer = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("the request body broke: {e}"))?;
-        if let Some(data) = frame.data_ref() {
-            if buffer.len() + data.len() > limit {
-                return Err(format!("the request body is larger than {limit} bytes"));
+            UpstreamBody::Full { bytes, .. } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            UpstreamBody::Streaming(s) => {
+                let read: u64 = s.prefix.iter().map(|b| b.len() as u64).sum();
+                let rest = s.body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + read);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + read);
+                }
+                hint
             }
-            buffer.extend_from_slice(data);
         }
     }
-    Ok(buffer.freeze())
 }
 
 /// How a response body ended.
@@ -104,6 +162,8 @@ pub struct ResponseBody {
     bytes: u64,
     grpc_status: Option<u32>,
     on_end: Option<OnEnd>,
+    /// Lives as long as the body (the connection's count of requests in flight).
+    _held: Option<Box<dyn Send>>,
 }
 
 enum Inner {
@@ -126,7 +186,12 @@ impl ResponseBody {
     }
 
     fn new(inner: Inner) -> Self {
-        Self { inner, bytes: 0, grpc_status: None, on_end: None }
+        Self { inner, bytes: 0, grpc_status: None, on_end: None, _held: None }
+    }
+
+    /// Keeps `guard` until the body is over.
+    pub fn hold(&mut self, guard: impl Send + 'static) {
+        self._held = Some(Box::new(guard));
     }
 
     /// Sets what runs when the body is over (replacing any earlier hook).

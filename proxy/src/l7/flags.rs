@@ -30,9 +30,13 @@ impl ResponseFlags {
     pub const DC: Self = Self(1 << 9);
     /// The route's destination is not a known service (or subset).
     pub const NC: Self = Self(1 << 10);
+    /// The client's request broke the protocol (a malformed body): its fault, not the upstream's.
+    pub const DPE: Self = Self(1 << 11);
+    /// The client's request body went idle for longer than the body idle timeout.
+    pub const SI: Self = Self(1 << 12);
 
     /// Envoy's order, so a combination always prints the same way.
-    const NAMES: [(Self, &'static str); 11] = [
+    const NAMES: [(Self, &'static str); 13] = [
         (Self::UH, "UH"),
         (Self::UF, "UF"),
         (Self::UO, "UO"),
@@ -44,6 +48,8 @@ impl ResponseFlags {
         (Self::DI, "DI"),
         (Self::FI, "FI"),
         (Self::NC, "NC"),
+        (Self::SI, "SI"),
+        (Self::DPE, "DPE"),
     ];
 
     pub fn is_empty(self) -> bool {

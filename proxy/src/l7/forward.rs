@@ -24,6 +24,7 @@ use super::{
     matching::query_param,
     outlier::TryOutcome,
     pool::{self, AcquireError, Lease, UpstreamVersion},
+    request_body::{Buffered, RequestBody, Reservation},
     retry::{self, TryFailure},
     router::{Exchange, Local, remaining},
     upstream::{Cluster, ClusterError, ClusterKey, Limits, UpstreamEndpoint},
@@ -50,25 +51,38 @@ pub struct UpstreamRequest {
 
 /// The request body, for as many tries as it allows.
 pub enum Replay {
+    /// No body: every try (and mirror) sends none.
+    Empty,
     /// Buffered: every try (and mirror) sends a copy.
-    Bytes(Bytes),
+    Buffered(Buffered),
     /// Streamed: one try only.
-    Stream(Option<Incoming>),
+    Stream(Option<StreamedBody>),
+}
+
+/// A body sent once: what was read while trying to buffer it, then the rest.
+pub struct StreamedBody {
+    pub prefix: Vec<Bytes>,
+    /// The buffer budget `prefix` holds until it is sent.
+    pub held: Option<Reservation>,
+    pub rest: RequestBody,
 }
 
 impl Replay {
     fn take(&mut self, counted: &Arc<AtomicU64>) -> Option<UpstreamBody> {
         match self {
-            Replay::Bytes(bytes) => {
-                counted.store(bytes.len() as u64, Ordering::Relaxed);
-                Some(UpstreamBody::full(bytes.clone()))
+            Replay::Empty => Some(UpstreamBody::Empty),
+            Replay::Buffered(buffered) => {
+                counted.store(buffered.bytes.len() as u64, Ordering::Relaxed);
+                Some(UpstreamBody::full(buffered.clone()))
             }
-            Replay::Stream(body) => body.take().map(|body| UpstreamBody::Streaming { body, counted: counted.clone() }),
+            Replay::Stream(body) => body.take().map(|StreamedBody { prefix, held, rest }| {
+                UpstreamBody::streaming(prefix, held, rest, counted.clone())
+            }),
         }
     }
 
     fn replayable(&self) -> bool {
-        matches!(self, Replay::Bytes(_))
+        !matches!(self, Replay::Stream(_))
     }
 }
 
@@ -192,7 +206,14 @@ pub async fn forward(
             (Some(d), Some(p)) => Some(d.min(Instant::now() + p)),
             (d, p) => d.or_else(|| p.map(|p| Instant::now() + p)),
         };
-        let sent = one_try(x, &cluster, &endpoint, version, outgoing);
+        // A client body that fails ends the try at once; the upstream stream is reset later
+        // (`pool::RESET_GRACE`) by the exchange left behind.
+        let sent = async {
+            tokio::select! {
+                sent = one_try(x, &cluster, &endpoint, version, outgoing) => sent,
+                fault = x.fault.failed() => Err(TryError::ClientBody(fault.local())),
+            }
+        };
         let result = match remaining(try_deadline) {
             Some(left) => tokio::time::timeout(left, sent).await.ok(),
             None => Some(sent.await),
@@ -226,6 +247,7 @@ pub async fn forward(
                 failure
             }
             Some(Err(TryError::Overflow(why))) => return Err(overflow(why).flagged(flags)),
+            Some(Err(TryError::ClientBody(local))) => return Err(local.flagged(flags)),
             Some(Err(TryError::Connect(e))) => {
                 cluster.record(&endpoint, TryOutcome::ConnectFailure);
                 last = Some(
@@ -239,6 +261,10 @@ pub async fn forward(
                 TryFailure::ConnectFailure
             }
             Some(Err(TryError::Reset(e))) => {
+                if let Some(fault) = x.fault.get() {
+                    // The client's body broke the try: the upstream is not to blame (OPS-4).
+                    return Err(fault.local().flagged(flags));
+                }
                 cluster.record(&endpoint, TryOutcome::ConnectFailure);
                 let refused = e.contains("refused");
                 last = Some(
@@ -392,6 +418,8 @@ fn build(
 /// Why a try got no response.
 enum TryError {
     Overflow(&'static str),
+    /// The client's request body failed: the client's fault, not the upstream's (OPS-4).
+    ClientBody(Local),
     Connect(std::io::Error),
     Reset(String),
 }
@@ -403,19 +431,14 @@ async fn one_try(
     version: UpstreamVersion,
     request: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, Lease), TryError> {
-    let connector = &x.ctx.upstreams.connector;
-    let mut lease =
-        pool::acquire(cluster, endpoint, version, connector, x.down.client_addr.ip()).await.map_err(|e| match e {
+    let upstreams = &x.ctx.upstreams;
+    let lease = pool::acquire(cluster, endpoint, version, &upstreams.connector, x.down.client_addr.ip())
+        .await
+        .map_err(|e| match e {
             AcquireError::Overflow(why) => TryError::Overflow(why),
             AcquireError::Connect(e) => TryError::Connect(e),
         })?;
-    match lease.send(request).await {
-        Ok(response) => Ok((response, lease)),
-        Err(e) => {
-            lease.release(false);
-            Err(TryError::Reset(e.to_string()))
-        }
-    }
+    pool::exchange(lease, request, &upstreams.detached).await.map_err(TryError::Reset)
 }
 
 /// Joins the client's and the upstream's upgraded connections once both switched protocols.
@@ -445,9 +468,13 @@ pub fn mirror(
     destination: &Destination,
     timeout: Option<Duration>,
 ) {
-    let Replay::Bytes(body) = replay else {
-        tracing::debug!("request body streamed: not mirrored");
-        return;
+    let body = match replay {
+        Replay::Empty => None,
+        Replay::Buffered(buffered) => Some(buffered.clone()),
+        Replay::Stream(_) => {
+            tracing::debug!("request body streamed: not mirrored");
+            return;
+        }
     };
     let Ok(cluster) = resolve(x, destination) else {
         tracing::debug!(host = %destination.host, "mirror destination unknown: not mirrored");
@@ -461,14 +488,15 @@ pub fn mirror(
         downstream_version: request.downstream_version,
         upgrade: None,
     };
-    let (ctx, client_ip, body) = (x.ctx.clone(), x.down.client_addr.ip(), body.clone());
+    let (ctx, client_ip) = (x.ctx.clone(), x.down.client_addr.ip());
     tokio::spawn(async move {
         let version = upstream_version(cluster.protocol, shadow.downstream_version);
         let Some(endpoint) = cluster.pick(None, Instant::now()).cloned() else { return };
         let send = async {
             let mut lease =
                 pool::acquire(&cluster, &endpoint, version, &ctx.upstreams.connector, client_ip).await.ok()?;
-            let response = lease.send(build(&mut shadow, version, UpstreamBody::full(body), false)).await.ok()?;
+            let body = body.map_or(UpstreamBody::Empty, UpstreamBody::full);
+            let response = lease.send(build(&mut shadow, version, body, false)).await.ok()?;
             let complete = response.into_body().collect().await.is_ok();
             lease.release(complete);
             Some(())

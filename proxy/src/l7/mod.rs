@@ -2,9 +2,10 @@
 //! from a client connection to an endpoint, under the VirtualService and DestinationRule in
 //! force, with L7 authorization, faults, retries, timeouts, mirrors and request telemetry.
 //!
-//! `serve_http` runs an HTTP/1.1 or HTTP/2 server on any byte stream (an HBONE stream at the
-//! waypoint) and hands each request to `router::handle`, which decides (pure functions in
-//! `matching`, `lb`, `retry`, `outlier`) and sends (`forward`, `pool`, `upstream`).
+//! `serve_http` (`server`) runs an HTTP/1.1 or HTTP/2 server on any byte stream (an HBONE
+//! stream at the waypoint) under the client-side `limits`, and hands each request to
+//! `router::handle`, which decides (pure functions in `matching`, `lb`, `retry`, `outlier`)
+//! and sends (`forward`, `pool`, `upstream`, with the client's body read by `request_body`).
 
 pub mod authn;
 pub mod body;
@@ -13,26 +14,28 @@ mod forward;
 pub mod headers;
 pub mod jwt;
 pub mod lb;
+pub mod limits;
 pub mod matching;
+pub mod memory;
 pub mod outlier;
 pub mod pool;
+pub mod request_body;
 pub mod retry;
+mod rewrite;
 mod router;
+mod server;
 pub mod upstream;
 
 use std::{
-    convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use http::HeaderValue;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use forward::choose_weighted;
 pub use router::handle;
+pub use server::serve_http;
 
 use crate::{
     identity::Identity,
@@ -56,6 +59,10 @@ pub struct L7Context {
     pub server_header: Option<HeaderValue>,
     /// Turns true when the proxy drains: connections finish their request and close.
     pub drain: tokio::sync::watch::Receiver<bool>,
+    /// Timeouts every client connection and request is held to (OPS-4).
+    pub limits: limits::HttpLimits,
+    /// Request bodies held for retries and mirrors, all requests together.
+    pub body_budget: Arc<request_body::BodyBudget>,
 }
 
 /// Resolves once `drain` turns true (never, if its sender is gone without draining).
@@ -120,57 +127,4 @@ pub enum HttpVersion {
     Http1,
     /// HTTP/2 with prior knowledge (h2c), as gRPC clients and `curl --http2-prior-knowledge`.
     Http2,
-}
-
-/// Serves HTTP on `io` until the client closes it; every request goes to `handle`.
-pub async fn serve_http<I>(ctx: Arc<L7Context>, down: Arc<Downstream>, io: I, version: HttpVersion)
-where
-    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let ctx_drain = ctx.drain.clone();
-    let service = service_fn(move |request| {
-        let (ctx, down) = (ctx.clone(), down.clone());
-        async move { Ok::<_, Infallible>(handle(ctx, down, request).await) }
-    });
-    let io = TokioIo::new(io);
-    let drain = drained(ctx_drain);
-    tokio::pin!(drain);
-    let result = match version {
-        HttpVersion::Http1 => {
-            // Answers are small and frequent: do not hold the head back for the body.
-            let connection =
-                hyper::server::conn::http1::Builder::new().writev(true).serve_connection(io, service).with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = &mut drain => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            }
-        }
-        HttpVersion::Http2 => {
-            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .initial_stream_window_size(pool_windows::STREAM)
-                .initial_connection_window_size(pool_windows::CONNECTION)
-                .serve_connection(io, service);
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = &mut drain => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            }
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!("downstream HTTP connection ended: {e}");
-    }
-}
-
-/// HTTP/2 windows towards clients: the same reasoning as towards upstreams (`pool`).
-mod pool_windows {
-    pub const STREAM: u32 = 1024 * 1024;
-    pub const CONNECTION: u32 = 4 * 1024 * 1024;
 }

@@ -5,12 +5,25 @@
 //! `tcp.maxConnections`, and otherwise waits as one of at most `http1MaxPendingRequests`
 //! pending requests; beyond that it overflows (503, flag `UO`). HTTP/2 multiplexes: one
 //! connection per endpoint, shared. `http2MaxRequests` caps requests in flight for both.
+//!
+//! Connections are opened in tasks of their own, never cancelled by the request that asked
+//! for one (OPS-4): a client that resets its request (HTTP/2 rapid reset) would otherwise
+//! abandon HBONE CONNECT streams half-open, and the destination's node proxy closes a shared
+//! connection on which too many streams are reset before it could accept them
+//! (`too_many_resets`), failing every request on it. An abandoned connection joins the pool.
 
 use std::{
     io,
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
+
+use http_body_util::BodyExt as _;
+use tokio::{sync::oneshot, task::AbortHandle};
 
 use hyper::{
     Request, Response,
@@ -30,6 +43,25 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 /// large response every 64 KiB (the protocol default) while it waits for WINDOW_UPDATE.
 const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// How long a stream sent upstream lives, at least, before the engine resets it because its
+/// client went away (OPS-4). HTTP/2 servers count streams reset early against the whole
+/// connection: h2 (hyper, tonic) closes it past 20 streams reset before it accepted them,
+/// Envoy past 250 reset within a second of opening. A client resetting its requests as fast
+/// as it opens them (rapid reset) would have the waypoint's shared upstream connection closed,
+/// failing everyone's requests on it. 100 ms was not enough for an overloaded server to accept
+/// (a debug-built h2 server on two busy cores closed the connection in 1 run of 8); a second
+/// matches Envoy's notion of premature. The client is answered at once all the same; only the
+/// reset, which nobody waits for, is held back.
+pub const RESET_GRACE: Duration = Duration::from_secs(1);
+/// Exchanges whose client went away while the upstream was answering are finished in the
+/// background (see `exchange`): at most this many at once, each for at most
+/// `DETACHED_TIMEOUT`. A detached exchange costs a task and its buffers, a few KiB.
+const MAX_DETACHED: usize = 1000;
+const DETACHED_TIMEOUT: Duration = Duration::from_secs(10);
+/// Response bytes read from a detached exchange to keep its connection; a longer response is
+/// cut off (its connection closed) instead.
+const DETACHED_DRAIN_LIMIT: usize = 1024 * 1024;
 
 /// Which HTTP version to speak upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +93,9 @@ impl EndpointPool {
     fn take_idle(&self) -> Option<Http1Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(conn) = idle.pop() {
-            if conn.sender.is_ready() {
+            // Not `is_ready`: a connection whose task has not run since its handshake is not
+            // ready yet, and is perfectly good (`Lease::send` waits for it).
+            if !conn.sender.is_closed() {
                 return Some(conn);
             }
             // Closed by the upstream while idle: dropping it frees its slot.
@@ -73,6 +107,13 @@ impl EndpointPool {
     fn close_one_idle(&self) -> bool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.pop().is_some()
+    }
+
+    /// The endpoint's HTTP/2 connection, if it has one that is still open (waits while a task
+    /// is opening one).
+    async fn live_http2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        let slot = self.http2.lock().await;
+        slot.as_ref().filter(|c| !c.sender.is_closed()).map(|c| c.sender.clone())
     }
 
     fn put_idle(&self, conn: Http1Connection) {
@@ -180,7 +221,7 @@ pub async fn acquire(
     cluster: &Cluster,
     endpoint: &Arc<UpstreamEndpoint>,
     version: UpstreamVersion,
-    connector: &Connector,
+    connector: &Arc<Connector>,
     client_ip: IpAddr,
 ) -> Result<Lease, AcquireError> {
     match version {
@@ -192,7 +233,7 @@ pub async fn acquire(
 async fn acquire_http1(
     cluster: &Cluster,
     endpoint: &Arc<UpstreamEndpoint>,
-    connector: &Connector,
+    connector: &Arc<Connector>,
     client_ip: IpAddr,
 ) -> Result<Lease, AcquireError> {
     let limits = &cluster.limits;
@@ -213,17 +254,7 @@ async fn acquire_http1(
         if Limits::try_take(&limits.connections, max_connections) {
             let open = OpenConnection { limits: limits.clone() };
             drop(pending.take());
-            let io = connector.open(endpoint, client_ip).await.map_err(AcquireError::Connect)?;
-            let (sender, connection) = http1::Builder::new()
-                .handshake(TokioIo::new(io))
-                .await
-                .map_err(|e| AcquireError::Connect(io::Error::other(e)))?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.with_upgrades().await {
-                    tracing::debug!("upstream HTTP/1.1 connection ended: {e}");
-                }
-            });
-            return Ok(lease(Http1Connection { sender, served: 0, _open: open }));
+            return connect_http1(endpoint, connector, client_ip, open).await.map(lease);
         }
         // At the connection limit: an idle connection to another endpoint can make room.
         if cluster.endpoints.iter().any(|e| !Arc::ptr_eq(e, endpoint) && e.pool.close_one_idle()) {
@@ -239,25 +270,90 @@ async fn acquire_http1(
     }
 }
 
+/// Opens an HTTP/1.1 connection in its own task; if the request that asked for it is gone by
+/// then, the connection waits in the pool for the next one.
+async fn connect_http1(
+    endpoint: &Arc<UpstreamEndpoint>,
+    connector: &Arc<Connector>,
+    client_ip: IpAddr,
+    open: OpenConnection,
+) -> Result<Http1Connection, AcquireError> {
+    let (tx, rx) = oneshot::channel();
+    let (endpoint, connector) = (endpoint.clone(), connector.clone());
+    tokio::spawn(async move {
+        let io = match connector.open(&endpoint, client_ip).await {
+            Ok(io) => io,
+            Err(e) => {
+                let _ = tx.send(Err(AcquireError::Connect(e)));
+                return;
+            }
+        };
+        let result = match http1::Builder::new().handshake(TokioIo::new(io)).await {
+            Ok((sender, connection)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = connection.with_upgrades().await {
+                        tracing::debug!("upstream HTTP/1.1 connection ended: {e}");
+                    }
+                });
+                Ok(Http1Connection { sender, served: 0, _open: open })
+            }
+            Err(e) => Err(AcquireError::Connect(io::Error::other(e))),
+        };
+        if let Err(Ok(mut abandoned)) = tx.send(result)
+            && abandoned.sender.ready().await.is_ok()
+        {
+            let limits = abandoned._open.limits.clone();
+            endpoint.pool.put_idle(abandoned);
+            limits.released.notify_one();
+        }
+    });
+    rx.await.unwrap_or_else(|_| Err(AcquireError::Connect(io::Error::other("the connecting task failed"))))
+}
+
 async fn acquire_http2(
     cluster: &Cluster,
     endpoint: &Arc<UpstreamEndpoint>,
-    connector: &Connector,
+    connector: &Arc<Connector>,
     client_ip: IpAddr,
 ) -> Result<Lease, AcquireError> {
+    if let Some(sender) = endpoint.pool.live_http2().await {
+        return Ok(Lease { kind: LeaseKind::Http2(sender) });
+    }
+    let max_connections = cluster.policy.connection_pool.as_ref().and_then(|s| s.max_connections);
+    let connecting = tokio::spawn(connect_http2(
+        endpoint.clone(),
+        cluster.limits.clone(),
+        max_connections,
+        connector.clone(),
+        client_ip,
+    ));
+    let sender = connecting
+        .await
+        .unwrap_or_else(|_| Err(AcquireError::Connect(io::Error::other("the connecting task failed"))))?;
+    Ok(Lease { kind: LeaseKind::Http2(sender) })
+}
+
+/// Opens the endpoint's shared HTTP/2 connection unless another task just did, holding the
+/// endpoint's slot meanwhile so that requests arriving together share one connection.
+async fn connect_http2(
+    endpoint: Arc<UpstreamEndpoint>,
+    limits: Arc<Limits>,
+    max_connections: Option<u32>,
+    connector: Arc<Connector>,
+    client_ip: IpAddr,
+) -> Result<http2::SendRequest<UpstreamBody>, AcquireError> {
     let mut slot = endpoint.pool.http2.lock().await;
     if let Some(conn) = slot.as_ref()
         && !conn.sender.is_closed()
     {
-        return Ok(Lease { kind: LeaseKind::Http2(conn.sender.clone()) });
+        return Ok(conn.sender.clone());
     }
     *slot = None;
-    let max_connections = cluster.policy.connection_pool.as_ref().and_then(|s| s.max_connections);
-    if !Limits::try_take(&cluster.limits.connections, max_connections) {
+    if !Limits::try_take(&limits.connections, max_connections) {
         return Err(AcquireError::Overflow("maxConnections reached"));
     }
-    let open = Arc::new(OpenConnection { limits: cluster.limits.clone() });
-    let io = connector.open(endpoint, client_ip).await.map_err(AcquireError::Connect)?;
+    let open = Arc::new(OpenConnection { limits });
+    let io = connector.open(&endpoint, client_ip).await.map_err(AcquireError::Connect)?;
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
@@ -270,5 +366,120 @@ async fn acquire_http2(
         }
     });
     *slot = Some(Http2Connection { sender: sender.clone(), _open: open });
-    Ok(Lease { kind: LeaseKind::Http2(sender) })
+    Ok(sender)
+}
+
+/// Exchanges finished in the background, all destinations together.
+#[derive(Debug, Default)]
+pub struct Detached {
+    count: AtomicUsize,
+}
+
+/// Where a request's exchange stands, for its detachment.
+enum Fate {
+    Attached,
+    Detached,
+    Done,
+}
+
+/// Sends `request` on `lease` and returns the response head with the lease. The exchange runs
+/// in a task of its own: when the request is cancelled (its client reset it or went away), a
+/// request already sent whole is finished in the background and its response read and
+/// discarded, so the connection is reused instead of reset (OPS-4). Resetting it would put a
+/// RST_STREAM on a shared upstream connection for every cancelled request, which the upstream's
+/// HTTP/2 server answers, past a limit, by closing that connection for everyone.
+pub async fn exchange(
+    lease: Lease,
+    request: Request<UpstreamBody>,
+    detached: &Arc<Detached>,
+) -> Result<(Response<Incoming>, Lease), String> {
+    let fate = Arc::new(Mutex::new(Fate::Attached));
+    let (tx, rx) = oneshot::channel();
+    let done = DoneGuard { fate: fate.clone(), detached: detached.clone() };
+    let task = tokio::spawn(async move {
+        let _done = done;
+        let mut lease = lease;
+        match lease.send(request).await {
+            Ok(response) => {
+                if let Err(Ok((response, lease))) = tx.send(Ok((response, lease))) {
+                    let complete = http_body_util::Limited::new(response.into_body(), DETACHED_DRAIN_LIMIT)
+                        .collect()
+                        .await
+                        .is_ok();
+                    lease.release(complete);
+                }
+            }
+            Err(e) => {
+                lease.release(false);
+                let _ = tx.send(Err(with_causes(&e)));
+            }
+        }
+    });
+    let mut cancelled =
+        DetachOnDrop { task: Some(task.abort_handle()), fate, detached: detached.clone(), sent: Instant::now() };
+    let result = rx.await;
+    cancelled.task = None;
+    result.unwrap_or_else(|_| Err("the upstream exchange ended without an answer".to_owned()))
+}
+
+/// An error and what caused it, as one line (hyper's own message is often just the kind).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
+/// In the exchange's task: counts a detached exchange out when it ends, however it ends.
+struct DoneGuard {
+    fate: Arc<Mutex<Fate>>,
+    detached: Arc<Detached>,
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        let mut fate = self.fate.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*fate, Fate::Detached) {
+            self.detached.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        *fate = Fate::Done;
+    }
+}
+
+/// In the requester: when dropped before the answer came, detaches the exchange if there is
+/// room, else cuts it off once it is `RESET_GRACE` old.
+struct DetachOnDrop {
+    task: Option<AbortHandle>,
+    fate: Arc<Mutex<Fate>>,
+    detached: Arc<Detached>,
+    sent: Instant,
+}
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else { return };
+        let mut fate = self.fate.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*fate, Fate::Done) {
+            return;
+        }
+        let room = self
+            .detached
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_DETACHED).then_some(n + 1))
+            .is_ok();
+        let until = if room {
+            *fate = Fate::Detached;
+            self.sent + DETACHED_TIMEOUT
+        } else {
+            self.sent + RESET_GRACE
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until.into()).await;
+            task.abort();
+        });
+    }
 }

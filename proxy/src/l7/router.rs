@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, Uri, Version, header, request::Parts};
 use hyper::body::{Body as _, Incoming};
 
@@ -18,23 +17,22 @@ use super::{
     Downstream, L7Context, Target,
     body::ResponseBody,
     flags::ResponseFlags,
-    forward::{self, Forwarded, Replay, UpstreamRequest},
+    forward::{self, Forwarded, Replay, StreamedBody, UpstreamRequest},
     headers,
     jwt::{self, JwtOutcome, ValidatedJwt},
+    limits::BODY_BUFFER_PER_REQUEST,
     matching::{RequestView, select_route},
+    request_body::{self, Buffering, ClientFault, RequestBody},
+    rewrite::{redirect_to, rewrite_request},
 };
 use crate::{
     authz::{self, Connection, HttpRequest},
     model::{
         Model,
-        routes::{AbortStatus, Destination, HttpRoute, Percentage, Redirect, RouteAction, RouteMatch, StringMatcher},
+        routes::{AbortStatus, Destination, HttpRoute, Percentage, RouteAction},
     },
     telemetry::RequestRecord,
 };
-
-/// Requests whose bodies must be sent more than once (retries, mirrors) are buffered up to
-/// this size; larger ones are sent once.
-const REPLAY_LIMIT: u64 = 1024 * 1024;
 
 /// What the proxy answers itself, and why.
 pub(super) struct Local {
@@ -69,6 +67,10 @@ pub(super) struct Exchange {
     pub record: RequestRecord,
     pub started: Instant,
     pub request_bytes: Arc<AtomicU64>,
+    /// Set when the client's request body fails: the try it broke is the client's fault.
+    pub fault: Arc<ClientFault>,
+    /// The HTTP version the client speaks, which answers are given in.
+    pub version: Version,
 }
 
 /// Handles one request from `down`.
@@ -82,8 +84,19 @@ pub async fn handle(
     record.source_workload = down.source_workload.clone();
     record.source_identity = down.identity.as_ref().map(ToString::to_string);
     record.destination_service = down.target.service().cloned();
-    let mut x = Exchange { ctx, down, model, record, started: Instant::now(), request_bytes: Arc::default() };
     let (mut parts, body) = request.into_parts();
+    let fault = Arc::new(ClientFault::default());
+    let body = RequestBody::new(body, ctx.limits.body_idle_timeout, fault.clone());
+    let mut x = Exchange {
+        ctx,
+        down,
+        model,
+        record,
+        started: Instant::now(),
+        request_bytes: Arc::default(),
+        fault,
+        version: parts.version,
+    };
     x.describe(&parts);
     match route_and_forward(&mut x, &mut parts, body).await {
         Ok(forwarded) => x.respond_upstream(forwarded),
@@ -127,7 +140,14 @@ impl Exchange {
         {
             response.headers_mut().insert(header::SERVER, server.clone());
         }
-        let (parts, body) = response.into_parts();
+        // The answer goes out in the client's HTTP version, whatever the upstream spoke, and
+        // without the upstream's connection-level headers (`connection: close` of an HTTP/1.0
+        // server is about its own connection); a WebSocket upgrade keeps its two.
+        let (mut parts, body) = response.into_parts();
+        parts.version = self.version;
+        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            headers::remove_hop_by_hop(&mut parts.headers);
+        }
         let response = Response::from_parts(parts, ResponseBody::upstream(body));
         self.finish_on_end(response, Some((lease, endpoint_guard)))
     }
@@ -165,7 +185,7 @@ impl Exchange {
 }
 
 /// Host / `:authority` of a request.
-fn authority(parts: &Parts) -> &str {
+pub(super) fn authority(parts: &Parts) -> &str {
     parts
         .uri
         .authority()
@@ -174,7 +194,7 @@ fn authority(parts: &Parts) -> &str {
         .unwrap_or("")
 }
 
-async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: Incoming) -> Result<Forwarded, Local> {
+async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: RequestBody) -> Result<Forwarded, Local> {
     if parts.version == Version::HTTP_10 || parts.version == Version::HTTP_09 {
         return Err(Local::new(StatusCode::UPGRADE_REQUIRED, "HTTP/1.0 is not supported; use HTTP/1.1 or HTTP/2\n"));
     }
@@ -232,7 +252,7 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: Incoming) 
     if let Some(rewrite) = &route.rewrite {
         rewrite_request(parts, rewrite.uri.as_deref(), rewrite.authority.as_deref(), matched);
     }
-    let replay = replayable(route, body).await?;
+    let replay = replayable(x, route, body).await?;
     let request = upstream_request(x, parts);
     let mirrors = route.mirrors.iter().filter(|m| rolls(m.percentage)).map(|m| &m.destination);
     for mirror in mirrors {
@@ -248,8 +268,12 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: Incoming) 
 }
 
 /// Traffic to a service without a VirtualService (or to a pod): straight to its endpoints.
-async fn forward_default(x: &mut Exchange, parts: &mut Parts, body: Incoming) -> Result<Forwarded, Local> {
-    let replay = if body.is_end_stream() { Replay::Bytes(Bytes::new()) } else { Replay::Stream(Some(body)) };
+async fn forward_default(x: &mut Exchange, parts: &mut Parts, body: RequestBody) -> Result<Forwarded, Local> {
+    let replay = if body.is_end_stream() {
+        Replay::Empty
+    } else {
+        Replay::Stream(Some(StreamedBody { prefix: Vec::new(), held: None, rest: body }))
+    };
     let timeout = headers::timeout_override(&parts.headers).filter(|t| !t.is_zero());
     let request = upstream_request(x, parts);
     let cluster = match &x.down.target {
@@ -374,94 +398,26 @@ pub(super) fn rolls(percentage: Percentage) -> bool {
     percentage.0 >= 100.0 || (percentage.0 > 0.0 && fastrand::f64() * 100.0 < percentage.0)
 }
 
-/// `rewrite` (L7-3): with a prefix match the matched prefix is replaced, otherwise the whole
-/// path; the query string stays. `authority` replaces Host.
-fn rewrite_request(parts: &mut Parts, uri: Option<&str>, new_authority: Option<&str>, matched: Option<&RouteMatch>) {
-    if let Some(new_path) = uri {
-        let path = parts.uri.path();
-        let rewritten = match matched.and_then(|m| m.uri.as_ref()) {
-            Some(StringMatcher::Prefix(prefix)) if path.starts_with(prefix.as_str()) => {
-                let rest = &path[prefix.len()..];
-                // `/simple/httpserver` → `/hello` style rewrites must not leave `//` behind.
-                if new_path.ends_with('/') && rest.starts_with('/') {
-                    format!("{new_path}{}", &rest[1..])
-                } else {
-                    format!("{new_path}{rest}")
-                }
-            }
-            _ => new_path.to_owned(),
-        };
-        let rewritten = if rewritten.is_empty() { "/".to_owned() } else { rewritten };
-        let target = match parts.uri.query() {
-            Some(q) => format!("{rewritten}?{q}"),
-            None => rewritten,
-        };
-        let mut uri_parts = parts.uri.clone().into_parts();
-        uri_parts.path_and_query = target.parse().ok();
-        if let Ok(uri) = Uri::from_parts(uri_parts) {
-            parts.uri = uri;
-        }
-    }
-    if let Some(new_authority) = new_authority
-        && let Ok(value) = HeaderValue::from_str(new_authority)
-    {
-        parts.headers.insert(header::HOST, value);
-        let mut uri_parts = parts.uri.clone().into_parts();
-        if uri_parts.authority.is_some() {
-            uri_parts.authority = new_authority.parse().ok();
-            if let Ok(uri) = Uri::from_parts(uri_parts) {
-                parts.uri = uri;
-            }
-        }
-    }
-}
-
-/// `redirect` (L7-3): answers with the redirect status and a Location built from the request
-/// with the redirect's parts replaced.
-fn redirect_to(redirect: &Redirect, parts: &Parts, matched: Option<&RouteMatch>) -> Local {
-    let scheme = redirect.scheme.as_deref().unwrap_or("http");
-    let host = redirect.authority.as_deref().unwrap_or_else(|| authority(parts));
-    let host = match redirect.port {
-        Some(port) => format!("{}:{port}", host.rsplit_once(':').map_or(host, |(h, _)| h)),
-        None => host.to_owned(),
-    };
-    let path = match (&redirect.uri, matched.and_then(|m| m.uri.as_ref())) {
-        (Some(uri), Some(StringMatcher::Prefix(prefix))) if parts.uri.path().starts_with(prefix.as_str()) => {
-            format!("{uri}{}", &parts.uri.path()[prefix.len()..])
-        }
-        (Some(uri), _) => uri.clone(),
-        (None, _) => parts.uri.path().to_owned(),
-    };
-    let location = match parts.uri.query() {
-        Some(q) => format!("{scheme}://{host}{path}?{q}"),
-        None => format!("{scheme}://{host}{path}"),
-    };
-    let status = StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
-    let mut local = Local::new(status, "");
-    if let Ok(value) = HeaderValue::from_str(&location) {
-        local.headers.push((header::LOCATION, value));
-    }
-    local
-}
-
-/// The body as retries and mirrors need it: buffered when they need it again and it is small
-/// enough, streamed otherwise.
-async fn replayable(route: &HttpRoute, body: Incoming) -> Result<Replay, Local> {
+/// The body as retries and mirrors need it: buffered when they need it again and it fits in
+/// both the per-request limit and the proxy's budget, streamed (once) otherwise.
+async fn replayable(x: &Exchange, route: &HttpRoute, body: RequestBody) -> Result<Replay, Local> {
     let needs_replay = route.retries.as_ref().is_some_and(|r| r.attempts > 0) || !route.mirrors.is_empty();
-    let hint = body.size_hint();
     if body.is_end_stream() {
-        return Ok(Replay::Bytes(Bytes::new()));
+        return Ok(Replay::Empty);
     }
-    if !needs_replay || hint.lower() > REPLAY_LIMIT {
-        return Ok(Replay::Stream(Some(body)));
+    let limit = BODY_BUFFER_PER_REQUEST;
+    if !needs_replay || body.size_hint().lower() > limit as u64 {
+        return Ok(Replay::Stream(Some(StreamedBody { prefix: Vec::new(), held: None, rest: body })));
     }
-    let limit = usize::try_from(REPLAY_LIMIT).unwrap_or(usize::MAX);
-    match super::body::collect_limited(body, limit).await {
-        Ok(bytes) => Ok(Replay::Bytes(bytes)),
-        Err(reason) => {
-            Err(Local::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large to retry or mirror\n")
-                .because(reason))
+    match request_body::buffer(body, limit, &x.ctx.body_budget).await {
+        Ok(Buffering::Complete(buffered)) => Ok(Replay::Buffered(buffered)),
+        Ok(Buffering::Partial { read, held, rest }) => {
+            tracing::debug!(
+                "request body not buffered (too large, or the buffer budget is spent): no retries or mirrors"
+            );
+            Ok(Replay::Stream(Some(StreamedBody { prefix: read, held: Some(held), rest })))
         }
+        Err(fault) => Err(fault.local()),
     }
 }
 
@@ -504,73 +460,6 @@ pub(super) fn remaining(deadline: Option<Instant>) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parts(uri: &str) -> Parts {
-        let (parts, ()) = http::Request::builder()
-            .uri(uri)
-            .header(header::HOST, "reviews:9080")
-            .body(())
-            .map_or_else(|e| panic!("request: {e}"), |r| r.into_parts());
-        parts
-    }
-
-    fn prefix(p: &str) -> RouteMatch {
-        RouteMatch { uri: Some(StringMatcher::Prefix(p.into())), ..Default::default() }
-    }
-
-    // L7-3: a prefix match's prefix is replaced (the seed's `/simple/httpserver` → `/hello`),
-    // any other match replaces the whole path; the query string stays.
-    #[test]
-    fn rewrites_replace_the_matched_prefix() {
-        let cases = [
-            ("/simple/httpserver", Some(prefix("/simple/httpserver")), "/hello", "/hello"),
-            ("/simple/httpserver/a?x=1", Some(prefix("/simple/httpserver")), "/hello", "/hello/a?x=1"),
-            ("/simple/nginx/page", Some(prefix("/simple/nginx/")), "/", "/page"),
-            ("/simple/nginx", Some(prefix("/simple/nginx")), "", "/"),
-            (
-                "/exact?q=2",
-                Some(RouteMatch { uri: Some(StringMatcher::Exact("/exact".into())), ..Default::default() }),
-                "/new",
-                "/new?q=2",
-            ),
-            ("/any", None, "/new", "/new"),
-        ];
-        for (uri, matched, rewrite, expected) in cases {
-            let mut p = parts(uri);
-            rewrite_request(&mut p, Some(rewrite), None, matched.as_ref());
-            assert_eq!(p.uri.path_and_query().map(|pq| pq.as_str()), Some(expected), "{uri} → {rewrite}");
-        }
-        let mut p = parts("/x");
-        rewrite_request(&mut p, None, Some("ratings:9080"), None);
-        assert_eq!(p.headers.get(header::HOST).and_then(|v| v.to_str().ok()), Some("ratings:9080"));
-    }
-
-    #[test]
-    fn redirects_build_the_location() {
-        let redirect = |uri: Option<&str>, authority: Option<&str>, port, scheme: Option<&str>, status| Redirect {
-            uri: uri.map(str::to_owned),
-            authority: authority.map(str::to_owned),
-            port,
-            scheme: scheme.map(str::to_owned),
-            status,
-        };
-        let cases = [
-            (
-                redirect(Some("/new"), None, None, None, 301),
-                Some(prefix("/old")),
-                "/old/a?b=1",
-                "http://reviews:9080/new/a?b=1",
-            ),
-            (redirect(None, Some("other"), Some(8080), Some("https"), 302), None, "/p", "https://other:8080/p"),
-            (redirect(Some("/x"), None, None, None, 308), None, "/y", "http://reviews:9080/x"),
-        ];
-        for (r, matched, uri, location) in cases {
-            let local = redirect_to(&r, &parts(uri), matched.as_ref());
-            assert_eq!(local.status.as_u16(), r.status);
-            let got = local.headers.iter().find(|(n, _)| n == header::LOCATION).and_then(|(_, v)| v.to_str().ok());
-            assert_eq!(got, Some(location), "{uri}");
-        }
-    }
 
     // L7-6: percentages are percent: 0.1 is one in a thousand, 100 is all.
     #[test]

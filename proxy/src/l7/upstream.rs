@@ -29,7 +29,7 @@ use tokio::{
 use super::{
     lb::Balancer,
     outlier::{self, Health, TryOutcome},
-    pool::EndpointPool,
+    pool::{Detached, EndpointPool},
 };
 use crate::{
     hbone::{ConnectRequest, H2Stream, HbonePool},
@@ -247,13 +247,16 @@ impl std::fmt::Display for ClusterError {
 
 /// Every destination the engine has sent to, and how to connect.
 pub struct Upstreams {
-    pub connector: Connector,
+    /// Shared with the tasks that open connections on their own (`pool`).
+    pub connector: Arc<Connector>,
+    /// Exchanges finished in the background after their client went away.
+    pub detached: Arc<Detached>,
     clusters: Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
 }
 
 impl Upstreams {
     pub fn new(connector: Connector) -> Self {
-        Self { connector, clusters: Mutex::new(HashMap::new()) }
+        Self { connector: Arc::new(connector), detached: Arc::default(), clusters: Mutex::new(HashMap::new()) }
     }
 
     /// The cluster for `key` under `model`, built (or rebuilt for a newer model) on demand.

@@ -130,14 +130,24 @@ async fn handle_stream(ctx: Arc<WaypointContext>, stream: InboundStream) {
         }
     };
     let mut io = H2Stream::new(send, request.into_body());
-    let timeout = (protocol == AppProtocol::Unknown).then_some(DETECTION_TIMEOUT);
-    match detect(&mut io, timeout).await {
-        Sniffed::Http1 => serve_http(ctx.l7.clone(), Arc::new(down), io, HttpVersion::Http1).await,
-        Sniffed::Http2 => serve_http(ctx.l7.clone(), Arc::new(down), io, HttpVersion::Http2).await,
+    // On a port declared HTTP, a client that never speaks is an idle connection, one that
+    // stops within its first bytes a request head that is too slow (OPS-4).
+    let timeouts = if protocol == AppProtocol::Unknown {
+        DetectTimeouts { silent: DETECTION_TIMEOUT, started: DETECTION_TIMEOUT }
+    } else {
+        DetectTimeouts { silent: ctx.l7.limits.idle_timeout, started: ctx.l7.limits.header_timeout }
+    };
+    match detect(&mut io, timeouts).await {
+        Sniffed::Http1 => serve_http(ctx.l7.clone(), Arc::new(down), io, HttpVersion::Http1, true).await,
+        Sniffed::Http2 => serve_http(ctx.l7.clone(), Arc::new(down), io, HttpVersion::Http2, true).await,
         Sniffed::Opaque | Sniffed::NeedMore if protocol == AppProtocol::Unknown => {
             tcp::serve_detected(ctx, down, io).await;
         }
-        _ => {
+        Sniffed::NeedMore => {
+            debug!(client = %down.client_addr, "no request on a port declared HTTP; closing the stream");
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+        }
+        Sniffed::Opaque => {
             // A port declared HTTP whose client speaks something else: nothing can route it.
             debug!(client = %down.client_addr, "not HTTP on a port declared HTTP; closing the stream");
             io.reset();
@@ -171,21 +181,30 @@ fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &Identity) -
     model.workload_by_ip(ip).is_some_and(|w| &w.identity(trust_domain) == identity)
 }
 
-/// Reads the client's first bytes to tell HTTP/1.1 from HTTP/2 (and, with a `timeout`, from
-/// TCP), then puts them back for the server that will read them.
-async fn detect(io: &mut H2Stream, timeout: Option<Duration>) -> Sniffed {
-    let deadline = timeout.map(|t| Instant::now() + t);
+/// How long protocol detection waits for a client: for its first byte, and for the rest of
+/// what tells the protocol once a first byte came.
+struct DetectTimeouts {
+    silent: Duration,
+    started: Duration,
+}
+
+/// Reads the client's first bytes to tell HTTP/1.1 from HTTP/2 (and from TCP: a client that
+/// stops short of telling is `Opaque` if it sent anything, `NeedMore` if not), then puts them
+/// back for the server that will read them.
+async fn detect(io: &mut H2Stream, timeouts: DetectTimeouts) -> Sniffed {
+    let mut deadline = Instant::now() + timeouts.silent;
     let mut seen = BytesMut::new();
     let verdict = loop {
-        let next = match deadline {
-            Some(d) => match tokio::time::timeout_at(d.into(), io.next_data()).await {
-                Ok(next) => next,
-                Err(_) => break Sniffed::Opaque,
-            },
-            None => io.next_data().await,
+        let next = match tokio::time::timeout_at(deadline.into(), io.next_data()).await {
+            Ok(next) => next,
+            Err(_) if seen.is_empty() => break Sniffed::NeedMore,
+            Err(_) => break Sniffed::Opaque,
         };
         match next {
             Ok(Some(data)) => {
+                if seen.is_empty() {
+                    deadline = Instant::now() + timeouts.started;
+                }
                 seen.extend_from_slice(&data);
                 match sniff(&seen) {
                     Sniffed::NeedMore => continue,

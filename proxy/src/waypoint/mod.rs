@@ -31,6 +31,8 @@ use crate::{
     l7::{
         L7Context,
         authn::Authn,
+        limits::HttpLimits,
+        request_body::BodyBudget,
         upstream::{Connector, Upstreams},
     },
     model::{self, ModelHandle, WaypointName},
@@ -65,6 +67,8 @@ pub struct WaypointOptions {
     pub limits: LimitSettings,
     /// The open-file limit to run with; as high as allowed when `None`.
     pub max_open_files: Option<u64>,
+    /// Client-side timeouts and the buffered-body budget of the HTTP listener (OPS-4).
+    pub http_limits: HttpLimits,
 }
 
 /// What each HBONE stream handler needs.
@@ -141,6 +145,8 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
         waypoint: name.clone(),
         server_header,
         drain,
+        limits: options.http_limits,
+        body_budget: BodyBudget::new(options.http_limits.body_buffer_budget),
     });
     let ctx = Arc::new(WaypointContext {
         name: name.clone(),

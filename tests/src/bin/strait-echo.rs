@@ -5,11 +5,13 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use strait_testbed::echo::abuse::{self, AbuseOptions};
 use strait_testbed::echo::client::{self, GetOptions, HttpUrl};
-use strait_testbed::echo::{ServerConfig, abuse, grpc, http, tcp, websocket};
+use strait_testbed::echo::rapid_reset::{self, RapidResetOptions};
+use strait_testbed::echo::{ServerConfig, flood, grpc, http, tcp, websocket};
 
 const USAGE: &str = "usage:
-  strait-echo http PORT [--name NAME] [--delay-ms N]
+  strait-echo http PORT [--name NAME] [--delay-ms N] [--http-version 1.0|1.1]
   strait-echo grpc PORT [--name NAME] [--delay-ms N]
   strait-echo tcp PORT
   strait-echo probe IP:PORT [--timeout-ms N]
@@ -19,7 +21,12 @@ const USAGE: &str = "usage:
   strait-echo sweep IP:PORT --source IP --ports FIRST-LAST [--timeout-ms N]
   strait-echo get URL [--count N] [--header 'Name: value']... [--timeout-ms N] [--concurrency C]
   strait-echo ws URL --message TEXT [--timeout-ms N]
-  strait-echo grpc-call IP:PORT --message TEXT [--authority HOST] [--status N] [--timeout-ms N]";
+  strait-echo grpc-call IP:PORT --message TEXT [--authority HOST] [--status N] [--timeout-ms N]
+  strait-echo abuse IP:PORT --mode partial-head|invalid-chunked|abort-upload|stalled-body|
+      silent|idle-keepalive|h2-idle [--connections N] [--bytes N] [--hold-secs S] [--host HOST]
+      [--path PATH]
+  strait-echo rapid-reset IP:PORT --streams N [--burst N] [--gap-ms N] [--authority HOST]
+      [--path PATH] [--end-stream true|false]";
 
 /// Client timeout unless `--timeout-ms` says otherwise.
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
@@ -41,10 +48,16 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     let (positional, rest) = rest.split_first().ok_or("missing PORT or IP:PORT")?;
     match command.as_str() {
         "http" | "grpc" => {
-            let opts = Options::parse(rest, &["--name", "--delay-ms"])?;
+            let opts = Options::parse(rest, &["--name", "--delay-ms", "--http-version"])?;
+            let http10 = match opts.get("--http-version") {
+                None | Some("1.1") => false,
+                Some("1.0") if command == "http" => true,
+                Some(other) => return Err(format!("bad --http-version {other:?}")),
+            };
             let config = ServerConfig {
                 name: opts.get("--name").unwrap_or("strait-echo").to_string(),
                 delay: Duration::from_millis(opts.parse_or("--delay-ms", 0)?),
+                http10,
             };
             let port = parse(positional, "PORT")?;
             let serve = if command == "http" { http::serve } else { grpc::serve };
@@ -85,7 +98,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             let connections = parse(opts.get("--connections").ok_or("flood needs --connections N")?, "--connections")?;
             let secs = parse(opts.get("--secs").ok_or("flood needs --secs S")?, "--secs")?;
             let target = parse(positional, "IP:PORT")?;
-            let report = abuse::flood(target, connections, Duration::from_secs(secs)).map_err(|e| e.to_string())?;
+            let report = flood::flood(target, connections, Duration::from_secs(secs)).map_err(|e| e.to_string())?;
             println!("{}", report.to_json());
             Ok(ExitCode::SUCCESS)
         }
@@ -97,7 +110,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             let ports = parse(first, "--ports")?..=parse(last, "--ports")?;
             let timeout = Duration::from_millis(opts.parse_or("--timeout-ms", 1000)?);
             let target = parse(positional, "IP:PORT")?;
-            let report = abuse::sweep(source, ports, target, timeout).map_err(|e| e.to_string())?;
+            let report = flood::sweep(source, ports, target, timeout).map_err(|e| e.to_string())?;
             println!("{}", report.to_json());
             Ok(exit(report.failed == 0))
         }
@@ -139,6 +152,39 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             let reply = grpc::call(&options);
             println!("{}", reply.to_json());
             Ok(exit(reply.grpc_status.is_some()))
+        }
+        "abuse" => {
+            let known = ["--mode", "--connections", "--bytes", "--hold-secs", "--host", "--path"];
+            let opts = Options::parse(rest, &known)?;
+            let secs: f64 = opts.parse_or("--hold-secs", 10.0)?;
+            let options = AbuseOptions {
+                addr: tcp::resolve(positional).map_err(|e| format!("bad target {positional:?}: {e}"))?,
+                host: opts.get("--host").unwrap_or(positional).to_string(),
+                path: opts.get("--path").unwrap_or("/").to_string(),
+                mode: abuse::Mode::parse(opts.get("--mode").ok_or("abuse needs --mode")?)?,
+                connections: opts.parse_or("--connections", 1)?,
+                body_bytes: opts.parse_or("--bytes", 1024)?,
+                hold: Duration::try_from_secs_f64(secs).map_err(|e| format!("bad --hold-secs: {e}"))?,
+            };
+            let report = abuse::run(&options);
+            println!("{}", report.to_json());
+            Ok(exit(report.errors == 0))
+        }
+        "rapid-reset" => {
+            let known = ["--streams", "--burst", "--gap-ms", "--authority", "--path", "--end-stream"];
+            let opts = Options::parse(rest, &known)?;
+            let options = RapidResetOptions {
+                addr: tcp::resolve(positional).map_err(|e| format!("bad target {positional:?}: {e}"))?,
+                authority: opts.get("--authority").unwrap_or(positional).to_string(),
+                path: opts.get("--path").unwrap_or("/").to_string(),
+                streams: parse(opts.get("--streams").ok_or("rapid-reset needs --streams N")?, "--streams")?,
+                burst: opts.parse_or("--burst", 100)?,
+                gap: Duration::from_millis(opts.parse_or("--gap-ms", 0)?),
+                end_stream: opts.parse_or("--end-stream", true)?,
+            };
+            let report = rapid_reset::run(&options);
+            println!("{}", report.to_json());
+            Ok(exit(report.streams == options.streams))
         }
         other => Err(format!("unknown subcommand {other:?}")),
     }

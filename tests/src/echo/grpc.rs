@@ -216,9 +216,17 @@ async fn serve_connection(socket: TcpStream, peer: SocketAddr, server: Arc<Serve
     let _ = socket.set_nodelay(true);
     let Ok(mut connection) = h2::server::handshake(socket).await else { return };
     // Accepting also drives the connection's I/O; each call runs in its own task. An error
-    // ends this connection only.
-    while let Some(Ok((request, respond))) = connection.accept().await {
-        tokio::spawn(handle(request, respond, peer, Arc::clone(&server)));
+    // ends this connection only; it is logged, for tests that check a proxy never provokes one.
+    while let Some(accepted) = connection.accept().await {
+        match accepted {
+            Ok((request, respond)) => {
+                tokio::spawn(handle(request, respond, peer, Arc::clone(&server)));
+            }
+            Err(e) => {
+                println!("connection error peer={peer}: {e} ({e:?})");
+                return;
+            }
+        }
     }
 }
 
@@ -506,7 +514,7 @@ mod tests {
 
     /// The server and client together, in process: runs the server on a loopback port.
     fn local_server(name: &str) -> SocketAddr {
-        let config = ServerConfig { name: name.into(), delay: Duration::ZERO };
+        let config = ServerConfig { name: name.into(), delay: Duration::ZERO, http10: false };
         let served_by = HeaderValue::from_str(name).expect("valid name");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("address");

@@ -11,7 +11,8 @@
 //! then as below; `POST`/`PUT`/`PATCH` any path → `received <n> bytes fnv1a64=<hex>`;
 //! `GET /bytes/N` → N pattern bytes; `/delay/MS`, `/status/CODE`, `/headers`; a WebSocket
 //! upgrade → 101 and an echo of every message; anything else → `hello from <name>
-//! peer=<ip:port> local=<ip:port>` (plus ` path=<p>` when not `/`).
+//! peer=<ip:port> local=<ip:port>` (plus ` path=<p>` when not `/`). With `--http-version 1.0`
+//! it answers as an old server does: `HTTP/1.0`, `connection: close`, one request each.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Write};
@@ -106,13 +107,14 @@ fn serve_connection(stream: TcpStream, server: &Server) -> io::Result<()> {
             return Ok(());
         }
 
-        let keep_alive = request.keep_alive();
+        let keep_alive = request.keep_alive() && !server.config.http10;
         let answer =
             route(&request, Received { length, digest }, Peers { name: served_by, peer, local }, &server.flaky);
         thread::sleep(server.config.delay.saturating_add(answer.delay));
         // Logged before the response is written, so a client that has its answer finds the line.
         log_request(peer, &request, answer.status);
-        write_answer(&mut writer, &answer, served_by, keep_alive, request.method == "HEAD")?;
+        let version = if server.config.http10 { "1.0" } else { "1.1" };
+        write_answer(&mut writer, &answer, Framing { served_by, version, keep_alive }, request.method == "HEAD")?;
         writer.flush()?;
         if !keep_alive {
             return Ok(());
@@ -138,7 +140,7 @@ fn log_request(peer: SocketAddr, request: &RequestHead, status: u16) {
 fn reject(writer: &mut impl Write, peer: SocketAddr, served_by: &str, reason: &str) -> io::Result<()> {
     println!("request peer={peer} - - 400 host=- request_id=- user=-");
     let answer = Answer::text(400, format!("bad request: {reason}\n"));
-    write_answer(writer, &answer, served_by, false, false)?;
+    write_answer(writer, &answer, Framing { served_by, version: "1.1", keep_alive: false }, false)?;
     writer.flush()
 }
 
@@ -220,13 +222,15 @@ fn route(request: &RequestHead, received: Received, peers: Peers<'_>, flaky: &Fl
     }
 }
 
-fn write_answer(
-    writer: &mut impl Write,
-    answer: &Answer,
-    served_by: &str,
+/// How a response is framed: who sends it, in which HTTP version, whether the connection stays.
+struct Framing<'a> {
+    served_by: &'a str,
+    version: &'a str,
     keep_alive: bool,
-    head_only: bool,
-) -> io::Result<()> {
+}
+
+fn write_answer(writer: &mut impl Write, answer: &Answer, framing: Framing<'_>, head_only: bool) -> io::Result<()> {
+    let Framing { served_by, version, keep_alive } = framing;
     let length = match &answer.body {
         Body::Text(text) => text.len() as u64,
         Body::Pattern(n) => *n,
@@ -234,7 +238,7 @@ fn write_answer(
     let connection = if keep_alive { "keep-alive" } else { "close" };
     write!(
         writer,
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\ncontent-length: {length}\r\nconnection: {connection}\r\n\
+        "HTTP/{version} {} {}\r\ncontent-type: text/plain\r\ncontent-length: {length}\r\nconnection: {connection}\r\n\
          x-served-by: {served_by}\r\n\r\n",
         answer.status,
         reason(answer.status)
@@ -325,7 +329,8 @@ mod tests {
     #[test]
     fn responses_name_the_server() {
         let mut out = Vec::new();
-        write_answer(&mut out, &Answer::text(503, "x"), "reviews-v2", true, false).expect("write to a Vec");
+        let framing = Framing { served_by: "reviews-v2", version: "1.1", keep_alive: true };
+        write_answer(&mut out, &Answer::text(503, "x"), framing, false).expect("write to a Vec");
         let text = String::from_utf8(out).expect("ASCII");
         assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{text}");
         assert!(text.contains("\r\nx-served-by: reviews-v2\r\n") && text.ends_with("\r\n\r\nx"), "{text}");

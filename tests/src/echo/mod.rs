@@ -3,16 +3,19 @@
 //! Tests need servers that report who connected (to check the mesh preserved the client's
 //! address) and who answered (named versions of a service, for routing), and clients that prove
 //! byte-exact delivery, long-lived connections, WebSocket and gRPC round trips, and tally
-//! thousands of requests; curl in a shell loop cannot do most of that. The HTTP/1.1 side is std
+//! thousands of requests, and hostile clients (slowloris, broken bodies, HTTP/2 rapid reset);
+//! curl in a shell loop cannot do most of that. The HTTP/1.1 side is std
 //! only; gRPC uses h2 and tokio, which the proxy already builds. See `bin/strait-echo.rs` for
 //! the command line.
 
 pub mod abuse;
 pub mod base64;
 pub mod client;
+pub mod flood;
 pub mod grpc;
 pub mod http;
 pub mod json;
+pub mod rapid_reset;
 pub mod sha1;
 pub mod tcp;
 pub mod websocket;
@@ -29,6 +32,9 @@ pub struct ServerConfig {
     pub name: String,
     /// Added before every response, to make a slow version of a service.
     pub delay: Duration,
+    /// Answer as an HTTP/1.0 server does (`HTTP/1.0` status line, `connection: close`, one
+    /// request per connection), for tests of proxies in front of old servers. HTTP only.
+    pub http10: bool,
 }
 
 /// FNV-1a, 64 bit: a digest for comparing bodies without a hashing crate. Not cryptographic,

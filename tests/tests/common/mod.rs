@@ -181,10 +181,23 @@ pub const WAYPOINT_POD_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// Starts `strait waypoint` named `name` in namespace `namespace` in `pod` (a pod of the
 /// topology that nothing captures) and waits until it is ready.
 pub fn start_waypoint(topo: &Topology, pod: &Pod, ca_dir: &Path, name: &str, namespace: &str) -> io::Result<Process> {
+    start_waypoint_with(topo, pod, ca_dir, name, namespace, &[])
+}
+
+/// Like `start_waypoint`, with `extra` arguments (limits, timeouts).
+pub fn start_waypoint_with(
+    topo: &Topology,
+    pod: &Pod,
+    ca_dir: &Path,
+    name: &str,
+    namespace: &str,
+    extra: &[&str],
+) -> io::Result<Process> {
     let strait = bin_path("strait");
     let (config, ca) = (topo.config_dir(), ca_dir.to_string_lossy().into_owned());
     let config = config.to_string_lossy().into_owned();
-    let args = ["waypoint", "--config", &config, "--name", name, "--namespace", namespace, "--ca-dir", &ca];
+    let mut args = vec!["waypoint", "--config", &config, "--name", name, "--namespace", namespace, "--ca-dir", &ca];
+    args.extend_from_slice(extra);
     let proxy = pod.spawn(&format!("waypoint-{name}"), &strait, &args, &[("STRAIT_LOG", "info")])?;
     let deadline = Instant::now() + TIMEOUT;
     while proxy.count_log_lines("strait waypoint ready") == 0 {
@@ -266,9 +279,14 @@ impl WaypointMesh {
 
     /// Starts both node proxies and the waypoint.
     pub fn start(&self) -> io::Result<(Process, Process, Process)> {
+        self.start_with(&[])
+    }
+
+    /// Starts both node proxies and the waypoint, the waypoint with `waypoint_args`.
+    pub fn start_with(&self, waypoint_args: &[&str]) -> io::Result<(Process, Process, Process)> {
         let p1 = start_node(&self.topo, &self.n1, &self.ca, &[])?;
         let p2 = start_node(&self.topo, &self.n2, &self.ca, &[])?;
-        let wp = start_waypoint(&self.topo, &self.waypoint_pod, &self.ca, "waypoint", APP_NS)?;
+        let wp = start_waypoint_with(&self.topo, &self.waypoint_pod, &self.ca, "waypoint", APP_NS, waypoint_args)?;
         Ok((p1, p2, wp))
     }
 }
