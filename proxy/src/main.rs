@@ -37,9 +37,9 @@ struct NodeArgs {
     /// Directory of Kubernetes and Istio YAML resources, watched for changes.
     #[arg(long)]
     config: PathBuf,
-    /// How long a configuration that captures no workload must stay so before it replaces one
-    /// that captures some (a directory being rewritten must not turn the mesh off); 0s applies
-    /// it at once.
+    /// How long a configuration that captures no workload because the captured ones are missing
+    /// from it must stay so before it replaces the one in force (a directory being rewritten
+    /// must not turn the mesh off); 0s applies it at once.
     // A rewrite by hand or by script takes seconds: 30 s lets a botched one be finished or
     // undone, while a deliberate teardown of the mesh still happens within a minute.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -74,9 +74,9 @@ struct WaypointArgs {
     /// Directory of Kubernetes and Istio YAML resources, watched for changes.
     #[arg(long)]
     config: PathBuf,
-    /// How long a configuration that captures no workload must stay so before it replaces one
-    /// that captures some (a directory being rewritten must not turn the mesh off); 0s applies
-    /// it at once.
+    /// How long a configuration that captures no workload because the captured ones are missing
+    /// from it must stay so before it replaces the one in force (a directory being rewritten
+    /// must not turn the mesh off); 0s applies it at once.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     empty_config_hold: Duration,
     /// The waypoint's name: what `istio.io/use-waypoint` labels name, and the value of its
