@@ -6,6 +6,7 @@
 mod memory;
 mod procfs;
 mod requests;
+pub mod soak;
 mod waypoint;
 
 use std::{
