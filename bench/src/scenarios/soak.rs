@@ -8,7 +8,9 @@
 //! difference.
 
 use std::{
+    collections::VecDeque,
     fs,
+    io::{BufRead as _, BufReader},
     path::Path as FsPath,
     thread,
     time::{Duration, Instant},
@@ -17,7 +19,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use serde_json::Value;
-use strait_testbed::bin_path;
+use strait_testbed::{Process, bin_path};
 
 use super::{Bed, procfs, waypoint};
 
@@ -64,9 +66,13 @@ pub struct SoakReport {
     /// Connections the client opened beyond its first 8 (the churn).
     pub new_connections: u64,
     pub p99_us: u64,
+    /// The first failed request's error, as the client saw it.
+    pub first_error: Option<String>,
     /// When the start samples were taken, seconds into the run.
     pub start_sample_s: u64,
     pub proxies: Vec<ProxyFigures>,
+    /// The last warnings and errors each proxy logged, when requests failed.
+    pub proxy_warnings: Vec<String>,
     pub failures: Vec<String>,
 }
 
@@ -106,6 +112,12 @@ impl SoakReport {
         for failure in &self.failures {
             text.push_str(&format!("- {failure}\n"));
         }
+        if let Some(first) = &self.first_error {
+            text.push_str(&format!("\nFirst failed request: {first}\n"));
+        }
+        if !self.proxy_warnings.is_empty() {
+            text.push_str(&format!("\nThe proxies' last warnings:\n```\n{}\n```\n", self.proxy_warnings.join("\n")));
+        }
         text
     }
 }
@@ -113,9 +125,10 @@ impl SoakReport {
 /// Runs the soak for `minutes` and judges it.
 pub fn run(bed: &Bed, minutes: u64) -> anyhow::Result<SoakReport> {
     let wp = bed.waypoint()?;
-    let mut proxies: Vec<(String, u32)> =
-        bed.proxies.iter().enumerate().map(|(i, p)| (format!("strait node (node {})", i + 1), p.pid())).collect();
-    proxies.push(("strait waypoint".into(), wp.process.pid()));
+    let mut processes: Vec<(String, &Process)> =
+        bed.proxies.iter().enumerate().map(|(i, p)| (format!("strait node (node {})", i + 1), p)).collect();
+    processes.push(("strait waypoint".into(), &wp.process));
+    let proxies: Vec<(String, u32)> = processes.iter().map(|(name, p)| (name.clone(), p.pid())).collect();
 
     let total = Duration::from_secs(minutes * 60);
     // Warm: pools, caches and allocator arenas at their working size. A tenth of the run,
@@ -142,7 +155,6 @@ pub fn run(bed: &Bed, minutes: u64) -> anyhow::Result<SoakReport> {
     ];
     let started = Instant::now();
     let load = bed.client.spawn("soak-load", bin_path("strait-load"), &args, &[])?;
-    let log_from = waypoint::log_mark(bed);
 
     sleep_until(started + warm);
     let start = sample(&proxies);
@@ -165,6 +177,7 @@ pub fn run(bed: &Bed, minutes: u64) -> anyhow::Result<SoakReport> {
         errors: u("errors"),
         new_connections: u("reconnects"),
         p99_us: u("p99_us"),
+        first_error: result.get("first_error").and_then(Value::as_str).map(str::to_owned),
         start_sample_s: warm.as_secs(),
         proxies: proxies
             .iter()
@@ -177,13 +190,12 @@ pub fn run(bed: &Bed, minutes: u64) -> anyhow::Result<SoakReport> {
                 fds_end: e.fds,
             })
             .collect(),
+        proxy_warnings: Vec::new(),
         failures: Vec::new(),
     };
     report.failures = judge(&report);
-    if report.errors > 0
-        && let Some(from) = log_from
-    {
-        report.failures.push(waypoint::explain(wp, "requests failed".into(), from));
+    if report.errors > 0 {
+        report.proxy_warnings = processes.iter().flat_map(|(name, p)| warnings(name, p)).collect();
     }
     Ok(report)
 }
@@ -247,6 +259,22 @@ fn sample(proxies: &[(String, u32)]) -> Vec<Sample> {
         .collect()
 }
 
+/// The last warnings and errors in a proxy's log, read line by line: the waypoint's holds an
+/// access line per request, hundreds of megabytes after a long soak.
+fn warnings(name: &str, process: &Process) -> Vec<String> {
+    let Ok(file) = fs::File::open(process.log_path()) else { return Vec::new() };
+    let mut last = VecDeque::new();
+    for line in BufReader::new(file).lines().map_while(Result::ok) {
+        if line.contains(" WARN ") || line.contains(" ERROR ") {
+            if last.len() == 10 {
+                last.pop_front();
+            }
+            last.push_back(format!("{name}: {line}"));
+        }
+    }
+    last.into()
+}
+
 fn sleep_until(at: Instant) {
     thread::sleep(at.saturating_duration_since(Instant::now()));
 }
@@ -268,8 +296,10 @@ mod tests {
             errors,
             new_connections: 18_000,
             p99_us: 900,
+            first_error: None,
             start_sample_s: 20,
             proxies,
+            proxy_warnings: Vec::new(),
             failures: Vec::new(),
         }
     }
