@@ -4,7 +4,8 @@
 //! pods outside the mesh on the same nodes, the physical limit of this machine. The request
 //! scenarios (latency, cpu, max-rps) and memory also measure the waypoint path: the same client
 //! to a service whose traffic goes through `strait waypoint` between the two node proxies.
-//! Results go to `report.md`, `report.json` and `chart.png` in the output directory.
+//! Results go to `report.md`, `report.json` and `chart.png` in the output directory;
+//! `--soak-minutes N` runs the soak instead (`soak.md`, `soak.json`).
 //!
 //! Benchmarks, not tests: nothing here fails because the machine is slow; a missed target is a
 //! figure in the report.
@@ -27,6 +28,10 @@ struct Cli {
     /// Shorter runs (a few seconds each), for a quick look rather than figures to publish.
     #[arg(long)]
     quick: bool,
+    /// Run the soak instead of the scenarios: this many minutes at 1,000 req/s through the node
+    /// proxies and the waypoint; fails on any error, RSS change beyond 5 % or descriptor growth.
+    #[arg(long, conflicts_with_all = ["quick", "scenarios"])]
+    soak_minutes: Option<u64>,
     /// Scenarios to run: throughput, latency, max-rps, connections, cpu, memory (default: all).
     scenarios: Vec<String>,
 }
@@ -53,6 +58,16 @@ fn main() -> ExitCode {
 fn run(cli: &Cli, wanted: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.out)?;
     let bed = scenarios::Bed::build(cli.quick)?;
+    if let Some(minutes) = cli.soak_minutes {
+        eprintln!("strait-bench: soak for {minutes} min");
+        let report = scenarios::soak::run(&bed, minutes)?;
+        drop(bed);
+        scenarios::soak::write(&cli.out, &report)?;
+        println!("{}", report.markdown());
+        eprintln!("strait-bench: wrote {}/soak.md and soak.json", cli.out.display());
+        anyhow::ensure!(report.passed(), "the soak failed: {}", report.failures.join("; "));
+        return Ok(());
+    }
     let mut results = report::Results::new(cli.quick);
     for name in wanted {
         eprintln!("strait-bench: running {name}");

@@ -53,6 +53,9 @@ pub struct RateConfig {
     pub path: String,
     /// Longest wait for one response before it counts as an error and its connection is replaced.
     pub timeout: Duration,
+    /// Every this many requests a connection sends `Connection: close` and the next request
+    /// opens a fresh one: connection churn next to keep-alive reuse (0: never).
+    pub close_every: u64,
 }
 
 /// What a `rate` run prints.
@@ -73,6 +76,8 @@ pub struct RateReport {
     /// `(value_us, cumulative_fraction)` points of the latency distribution.
     pub histogram: Vec<(u64, f64)>,
     pub connections: u64,
+    /// Connections opened after the first ones: replacements of closed or failed connections.
+    pub reconnects: u64,
     /// How late the timer sent requests due on a free connection (kept out of the latency above).
     pub send_lag_p50_us: u64,
     pub send_lag_p99_us: u64,
@@ -89,6 +94,7 @@ pub async fn run(config: RateConfig) -> anyhow::Result<RateReport> {
         bail!("--duration is too short for a single request at {} req/s", config.rps);
     }
     let request: Arc<[u8]> = http::request(&config.path, &config.target.to_string(), false).into();
+    let closing: Arc<[u8]> = http::request(&config.path, &config.target.to_string(), true).into();
     let expected_len = http::expected_body_len(&config.path);
 
     // Every connection opens before the clock starts: this mode measures requests, not handshakes.
@@ -109,6 +115,8 @@ pub async fn run(config: RateConfig) -> anyhow::Result<RateReport> {
             target: config.target,
             stream: Some(stream),
             request: Arc::clone(&request),
+            closing: Arc::clone(&closing),
+            close_every: config.close_every,
             expected_len,
             buf: vec![0u8; READ_BUF].into_boxed_slice(),
         };
@@ -141,6 +149,7 @@ pub async fn run(config: RateConfig) -> anyhow::Result<RateReport> {
         latency: latency::percentiles(&total.latency),
         histogram: latency::chart(&total.latency),
         connections: config.connections,
+        reconnects: total.reconnects,
         send_lag_p50_us: lag.p50_us,
         send_lag_p99_us: lag.p99_us,
         send_lag_max_us: lag.max_us,
@@ -155,6 +164,9 @@ struct Connection {
     stream: Option<TcpStream>,
     /// The request bytes, shared by all connections.
     request: Arc<[u8]>,
+    /// The same request with `Connection: close`, sent every `close_every` requests.
+    closing: Arc<[u8]>,
+    close_every: u64,
     /// Body length every response must have, for `/bytes/N` paths.
     expected_len: Option<u64>,
     buf: Box<[u8]>,
@@ -174,7 +186,8 @@ impl Connection {
         // When the previous request really finished: until then this connection cannot send.
         let mut free_at = t0;
         let mut ideal = IdealTimeline::default();
-        for k in schedule.requests_of(index) {
+        for (nth, k) in (1u64..).zip(schedule.requests_of(index)) {
+            let close = self.close_every > 0 && nth.is_multiple_of(self.close_every);
             let due = t0 + schedule.offset(k);
             let lagging_timer = free_at <= due;
             if lagging_timer {
@@ -184,7 +197,7 @@ impl Connection {
             let result = if sent >= deadline {
                 Err("the run's deadline passed before this request could be sent".to_owned())
             } else {
-                match timeout_at(deadline.min(sent + timeout), self.exchange()).await {
+                match timeout_at(deadline.min(sent + timeout), self.exchange(close, &mut outcome.reconnects)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("no response within {timeout:?}")),
@@ -217,16 +230,21 @@ impl Connection {
         outcome
     }
 
-    /// One request and its response, on the open connection or a new one.
-    async fn exchange(&mut self) -> Result<(), HttpError> {
+    /// One request and its response, on the open connection or a new one (counted in
+    /// `reconnects`); `close` asks the server to close after it.
+    async fn exchange(&mut self, close: bool, reconnects: &mut u64) -> Result<(), HttpError> {
         let stream = match &mut self.stream {
             Some(stream) => stream,
-            None => self.stream.insert(net::connect(self.target).await?),
+            None => {
+                let stream = net::connect(self.target).await?;
+                *reconnects += 1;
+                self.stream.insert(stream)
+            }
         };
-        stream.write_all(&self.request).await?;
+        stream.write_all(if close { &self.closing } else { &self.request }).await?;
         let head = http::read_response(stream, &mut self.buf).await?;
         head.check(self.expected_len)?;
-        if head.close {
+        if head.close || close {
             self.stream = None;
         }
         Ok(())
@@ -239,6 +257,7 @@ struct Outcome {
     send_lag: Histogram<u64>,
     completed: u64,
     errors: u64,
+    reconnects: u64,
     first_error: Option<String>,
     /// When the last successful measured response completed.
     last_done: Instant,
@@ -251,6 +270,7 @@ impl Outcome {
             send_lag: latency::new_histogram(),
             completed: 0,
             errors: 0,
+            reconnects: 0,
             first_error: None,
             last_done: t0,
         }
@@ -261,6 +281,7 @@ impl Outcome {
         self.send_lag.add(&other.send_lag).context("merging send-lag histograms")?;
         self.completed += other.completed;
         self.errors += other.errors;
+        self.reconnects += other.reconnects;
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }

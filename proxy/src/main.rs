@@ -38,6 +38,13 @@ struct NodeArgs {
     /// Directory of Kubernetes and Istio YAML resources, watched for changes.
     #[arg(long)]
     config: PathBuf,
+    /// How long a configuration that captures no workload because the captured ones are missing
+    /// from it must stay so before it replaces the one in force (a directory being rewritten
+    /// must not turn the mesh off); 0s applies it at once.
+    // A rewrite by hand or by script takes seconds: 30 s lets a botched one be finished or
+    // undone, while a deliberate teardown of the mesh still happens within a minute.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    empty_config_hold: Duration,
     /// This node's name, as pods' `spec.nodeName` gives it.
     #[arg(long)]
     node: String,
@@ -108,6 +115,11 @@ struct WaypointArgs {
     /// Directory of Kubernetes and Istio YAML resources, watched for changes.
     #[arg(long)]
     config: PathBuf,
+    /// How long a configuration that captures no workload because the captured ones are missing
+    /// from it must stay so before it replaces the one in force (a directory being rewritten
+    /// must not turn the mesh off); 0s applies it at once.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    empty_config_hold: Duration,
     /// The waypoint's name: what `istio.io/use-waypoint` labels name, and the value of its
     /// pods' `gateway.networking.k8s.io/gateway-name` label.
     #[arg(long)]
@@ -272,6 +284,7 @@ fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
     let (trust_domain, cert_ttl) = (args.identity.trust_domain.clone(), args.identity.cert_ttl);
     rt.block_on(strait::node::run(strait::node::NodeOptions {
         config_dir: args.config,
+        empty_config_hold: args.empty_config_hold,
         node_name: args.node,
         endpoints,
         access_log_format,
@@ -303,6 +316,7 @@ fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
     let (trust_domain, cert_ttl) = (args.identity.trust_domain.clone(), args.identity.cert_ttl);
     rt.block_on(strait::waypoint::run(strait::waypoint::WaypointOptions {
         config_dir: args.config,
+        empty_config_hold: args.empty_config_hold,
         service_account: args.service_account.unwrap_or_else(|| args.name.clone()),
         name: args.name,
         namespace: args.namespace,

@@ -7,6 +7,9 @@
 //! - `demo`: setup, build, then `strait demo`.
 //! - `bench [SCENARIO...]`: setup, release build, then `strait-bench`, which measures strait
 //!   against direct traffic and writes `target/bench/report.{md,json}` and `chart.png`.
+//! - `soak [--minutes N]`: setup, release build, then N minutes (default 30) at 1,000 req/s
+//!   through the node proxies and a waypoint with connection churn; fails on any error, a
+//!   proxy's RSS changing by more than 5 % or its descriptors growing. Not part of `test`.
 //!
 //! std only: this crate is the first thing compiled on a fresh machine.
 
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Some("test") => setup().and_then(|()| test(&args[1..])),
         Some("demo") => setup().and_then(|()| demo()),
         Some("bench") => setup().and_then(|()| bench(&args[1..])),
+        Some("soak") => soak_minutes(&args[1..]).and_then(|minutes| setup().and_then(|()| soak(minutes))),
         _ => Err(usage()),
     };
     match result {
@@ -59,7 +63,8 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> String {
-    "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO...]>".to_owned()
+    "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO...] | soak [--minutes N]>"
+        .to_owned()
 }
 
 fn workspace_root() -> PathBuf {
@@ -228,5 +233,30 @@ fn bench(args: &[String]) -> Result {
             .args(args)
             .env("PATH", path_with_cargo_bin()),
         "strait-bench",
+    )
+}
+
+/// The soak's length from `[--minutes N]`; 30 minutes by default.
+fn soak_minutes(args: &[String]) -> Result<u64> {
+    match args {
+        [] => Ok(30),
+        [flag, n] if flag == "--minutes" => n.parse().map_err(|_| format!("--minutes takes a whole number, not `{n}`")),
+        _ => Err(usage()),
+    }
+}
+
+fn soak(minutes: u64) -> Result {
+    if !is_root() {
+        return Err("the soak builds network namespaces and loads eBPF programs: run as root".into());
+    }
+    run(cargo().args(["build", "--release", "--bins"]), "release build")?;
+    let root = workspace_root();
+    let bench = root.join("target").join("release").join("strait-bench");
+    run(
+        Command::new(bench)
+            .current_dir(&root)
+            .args(["--out", "target/soak", "--soak-minutes", &minutes.to_string()])
+            .env("PATH", path_with_cargo_bin()),
+        "strait-bench --soak-minutes",
     )
 }

@@ -57,6 +57,10 @@ enum Command {
         /// Seconds to wait for one response before it counts as an error.
         #[arg(long, value_parser = seconds, default_value = "10")]
         timeout: Duration,
+        /// Every N requests a connection asks the server to close and the next request opens a
+        /// new one (0: keep-alive only).
+        #[arg(long, default_value_t = 0)]
+        close_every: u64,
         /// Runtime threads; 1 is a current-thread runtime, the cheapest.
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -128,8 +132,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             raise_fd_limit();
             runtime(workers)?.block_on(server::run(server::ServerConfig { bind, ports }))
         }
-        Command::Rate { target, rps, duration, connections, path, warmup, timeout, threads } => {
-            let config = rate::RateConfig { target, rps, duration, warmup, connections, path, timeout };
+        Command::Rate { target, rps, duration, connections, path, warmup, timeout, close_every, threads } => {
+            let config = rate::RateConfig { target, rps, duration, warmup, connections, path, timeout, close_every };
             print(&runtime(threads)?.block_on(rate::run(config))?)
         }
         Command::Connections { target, duration, concurrency, timeout, rate, threads } => {

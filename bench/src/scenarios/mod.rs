@@ -7,6 +7,7 @@ mod memory;
 mod procfs;
 mod requests;
 mod restart;
+pub mod soak;
 mod waypoint;
 
 use std::{

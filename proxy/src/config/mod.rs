@@ -32,7 +32,7 @@ pub use security::{
     JwtRule, MtlsModeSetting, MutualTls, Operation, PeerAuthentication, PeerAuthenticationSpec, PolicyTargetRef,
     RequestAuthentication, RequestAuthenticationSpec, Rule, RuleFrom, RuleTo, Source, WorkloadSelector, parse_port,
 };
-pub use source::{ConfigDir, Loaded, load_dir};
+pub use source::{ConfigDir, Loaded, POLL as CONFIG_POLL, load_dir};
 
 /// Where a resource or a problem is: file and 1-based line.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -88,6 +88,7 @@ impl LocalCa {
             roots: self.roots.clone(),
             not_before,
             not_after,
+            received: SystemTime::now(),
             serial,
         })
     }

@@ -212,6 +212,7 @@ impl IstioCaClient {
             roots: self.roots.clone(),
             not_before,
             not_after,
+            received: SystemTime::now(),
             serial,
         })
     }

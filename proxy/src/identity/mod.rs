@@ -4,6 +4,7 @@
 mod ca;
 mod caclient;
 mod caserver;
+mod renewal;
 mod store;
 mod tls;
 
@@ -76,6 +77,8 @@ pub enum IdentityError {
     CaRequest(String),
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    #[error("no certificate for {identity} yet: the CA failed {failures} time(s) in a row, next attempt in {}s; last error: {last}", retry_in.as_secs_f64().ceil())]
+    BackingOff { identity: String, failures: u32, retry_in: std::time::Duration, last: String },
 }
 
 /// A certificate and key for one identity, with the roots that peers' certificates must chain to.
@@ -88,15 +91,16 @@ pub struct IssuedCert {
     pub roots: Vec<CertificateDer<'static>>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When this process received it: renewal counts from here, as `not_before` is back-dated.
+    pub received: SystemTime,
     /// Hex serial number, as `/certs` reports it.
     pub serial: String,
 }
 
 impl IssuedCert {
-    /// When to renew: at half life (ID-1).
+    /// When to renew: at about half of the life it had when received (ID-1, see `renewal`).
     pub fn refresh_at(&self) -> SystemTime {
-        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
-        self.not_before + life / 2
+        renewal::refresh_at(self.received, self.not_before, self.not_after, renewal::jitter_of(&self.serial))
     }
 }
 

@@ -1,16 +1,22 @@
 //! Keeping a proxy's model in step with its configuration directory (CFG-1): compile every
-//! change, publish it when it has no errors, keep the last good model otherwise.
+//! settled change, publish it when it has no errors, keep the last good model otherwise.
+//!
+//! A change that would stop capturing every workload because they are missing from it is held
+//! back (OPS-5): a directory being rewritten, or emptied by mistake, must not turn the mesh off
+//! and let pods talk in plaintext. It applies only if it stays so for the hold period
+//! (`--empty-config-hold`); un-enrolling pods on purpose applies at once.
 
-use std::{path::Path, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::anyhow;
 use tracing::{error, info, warn};
 
 use super::{Model, ModelHandle, ModelPublisher, channel, compile};
-use crate::config::{ConfigDir, Loaded};
-
-/// How often the configuration directory is checked for changes (CFG-1: applied within 1 s).
-const CONFIG_POLL: Duration = Duration::from_millis(200);
+use crate::config::{CONFIG_POLL, ConfigDir, Loaded, Resource};
 
 /// Compiles loaded resources; on errors logs every diagnostic and returns their count.
 pub fn compile_or_report(loaded: &Loaded) -> Result<Model, usize> {
@@ -29,31 +35,261 @@ pub fn compile_or_report(loaded: &Loaded) -> Result<Model, usize> {
 }
 
 /// Loads `dir` (which must be valid) and starts a thread that publishes every valid change;
-/// returns the handle consumers read the model from.
-pub fn load_and_watch(dir: &Path) -> anyhow::Result<ModelHandle> {
+/// returns the handle consumers read the model from. A change that loses every captured
+/// workload replaces the model in force only after it has stayed so for `empty_hold`.
+pub fn load_and_watch(dir: &Path, empty_hold: Duration) -> anyhow::Result<ModelHandle> {
     let mut config_dir = ConfigDir::new(dir);
-    let loaded = config_dir.poll().unwrap_or_default();
+    let loaded = config_dir.first_read();
     let initial = compile_or_report(&loaded).map_err(|n| {
         anyhow!("the configuration in {} has {n} error(s), listed above; fix them and start again", dir.display())
     })?;
+    let in_force = captured(&initial);
     let (publisher, model) = channel(initial);
+    let guard = LossGuard::new(empty_hold);
     std::thread::Builder::new()
         .name("config-watch".into())
-        .spawn(move || watch(config_dir, publisher))
+        .spawn(move || watch(config_dir, publisher, guard, in_force))
         .map_err(|e| anyhow!("cannot start the configuration watcher: {e}"))?;
     Ok(model)
 }
 
-fn watch(mut dir: ConfigDir, mut publisher: ModelPublisher) {
+/// The captured workloads of a model, as `(namespace, name)`.
+fn captured(model: &Model) -> BTreeSet<(String, String)> {
+    model.workloads.iter().filter(|w| w.captured).map(|w| (w.namespace.clone(), w.name.clone())).collect()
+}
+
+fn watch(
+    mut dir: ConfigDir,
+    mut publisher: ModelPublisher,
+    mut guard: LossGuard,
+    mut in_force: BTreeSet<(String, String)>,
+) {
+    // A valid change the guard holds back, re-examined on every tick until it applies or is
+    // replaced by the next change.
+    let mut held: Option<(Model, Change)> = None;
     loop {
         std::thread::sleep(CONFIG_POLL);
-        let Some(loaded) = dir.poll() else { continue };
-        match compile_or_report(&loaded) {
-            Ok(model) => {
-                info!(workloads = model.workloads.len(), "configuration applied");
-                publisher.publish(model);
+        if let Some(loaded) = dir.poll() {
+            match compile_or_report(&loaded) {
+                Ok(model) => {
+                    let change = Change::between(&in_force, &model, &loaded);
+                    held = Some((model, change));
+                }
+                Err(n) => {
+                    error!("configuration rejected ({n} error(s) above); the previous configuration stays in force");
+                    held = None;
+                    guard.reset();
+                    continue;
+                }
             }
-            Err(n) => error!("configuration rejected ({n} error(s) above); the previous configuration stays in force"),
+        }
+        let Some((candidate, change)) = held.take() else { continue };
+        match guard.admit(&change, Instant::now()) {
+            Admission::Apply => {}
+            Admission::Hold { first } => {
+                if first {
+                    warn!(
+                        captured_in_force = in_force.len(),
+                        missing = change.lost,
+                        "the new configuration captures no workload and lacks the ones captured now (or their \
+                         namespace): the previous one stays in force unless the directory stays so for {}s \
+                         (--empty-config-hold), as a directory being rewritten must not turn the mesh off",
+                        guard.hold.as_secs_f64()
+                    );
+                }
+                held = Some((candidate, change));
+                continue;
+            }
+            Admission::HeldLongEnough => warn!(
+                "the configuration has captured no workload for {}s: applying it; capture is off",
+                guard.hold.as_secs_f64()
+            ),
+        }
+        in_force = captured(&candidate);
+        info!(workloads = candidate.workloads.len(), captured = in_force.len(), "configuration applied");
+        publisher.publish(candidate);
+    }
+}
+
+/// What a valid configuration would do to the workloads captured now (OPS-5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Change {
+    /// Workloads it captures.
+    captured: usize,
+    /// Workloads captured now that it lacks, or whose namespace it lacks: lost to a directory
+    /// being rewritten, as opposed to un-enrolled on purpose (still there, not captured).
+    lost: usize,
+}
+
+impl Change {
+    fn between(in_force: &BTreeSet<(String, String)>, candidate: &Model, loaded: &Loaded) -> Self {
+        let namespaces: BTreeSet<&str> = loaded
+            .resources
+            .iter()
+            .filter_map(|r| match &r.resource {
+                Resource::Namespace(ns) => Some(ns.metadata.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        let listed: BTreeSet<(&str, &str)> =
+            candidate.workloads.iter().map(|w| (w.namespace.as_str(), w.name.as_str())).collect();
+        let lost = in_force
+            .iter()
+            .filter(|(ns, name)| !namespaces.contains(ns.as_str()) || !listed.contains(&(ns.as_str(), name.as_str())))
+            .count();
+        Self { captured: candidate.workloads.iter().filter(|w| w.captured).count(), lost }
+    }
+}
+
+/// What to do with a valid configuration (OPS-5).
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Apply,
+    /// Keep the configuration in force; `first` when the hold has just begun.
+    Hold {
+        first: bool,
+    },
+    /// It has lost every captured workload for the whole hold period: apply it.
+    HeldLongEnough,
+}
+
+/// Holds back configurations that capture no workload because the ones captured now are
+/// missing from them, until they have stayed so for `hold`. Pure: time comes in as an argument.
+#[derive(Debug)]
+struct LossGuard {
+    hold: Duration,
+    /// When the configurations seen started losing every captured workload.
+    since: Option<Instant>,
+}
+
+impl LossGuard {
+    fn new(hold: Duration) -> Self {
+        Self { hold, since: None }
+    }
+
+    fn admit(&mut self, change: &Change, now: Instant) -> Admission {
+        if change.captured > 0 || change.lost == 0 {
+            self.since = None;
+            return Admission::Apply;
+        }
+        match self.since {
+            _ if self.hold.is_zero() => Admission::HeldLongEnough,
+            None => {
+                self.since = Some(now);
+                Admission::Hold { first: true }
+            }
+            Some(since) if now.saturating_duration_since(since) >= self.hold => {
+                self.since = None;
+                Admission::HeldLongEnough
+            }
+            Some(_) => Admission::Hold { first: false },
+        }
+    }
+
+    /// An invalid configuration came in between: the next loss starts a new hold.
+    fn reset(&mut self) {
+        self.since = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path as FsPath;
+
+    use super::*;
+    use crate::config::parse_file;
+
+    const HOLD: Duration = Duration::from_secs(30);
+
+    fn at(t0: Instant, secs: u64) -> Instant {
+        t0 + Duration::from_secs(secs)
+    }
+
+    fn lost(n: usize) -> Change {
+        Change { captured: 0, lost: n }
+    }
+
+    // OPS-5: losing every captured workload is held for the hold period, counted from the first
+    // such configuration even as the directory keeps changing, then applied.
+    #[test]
+    fn losing_every_captured_workload_waits_for_the_hold() {
+        let t0 = Instant::now();
+        let mut guard = LossGuard::new(HOLD);
+        let steps = [
+            (0, lost(5), Admission::Hold { first: true }),
+            (10, lost(5), Admission::Hold { first: false }),
+            (29, lost(2), Admission::Hold { first: false }),
+            (30, lost(5), Admission::HeldLongEnough),
+            (31, Change { captured: 0, lost: 0 }, Admission::Apply),
+        ];
+        for (secs, change, expected) in steps {
+            assert_eq!(guard.admit(&change, at(t0, secs)), expected, "at {secs} s");
+        }
+    }
+
+    // A configuration that captures again ends the hold; the next loss starts a new one.
+    #[test]
+    fn a_configuration_that_captures_again_ends_the_hold() {
+        let t0 = Instant::now();
+        let mut guard = LossGuard::new(HOLD);
+        assert_eq!(guard.admit(&lost(5), at(t0, 0)), Admission::Hold { first: true });
+        assert_eq!(guard.admit(&Change { captured: 3, lost: 2 }, at(t0, 20)), Admission::Apply);
+        assert_eq!(guard.admit(&lost(3), at(t0, 40)), Admission::Hold { first: true });
+        assert_eq!(guard.admit(&lost(3), at(t0, 69)), Admission::Hold { first: false });
+        guard.reset();
+        assert_eq!(guard.admit(&lost(3), at(t0, 75)), Admission::Hold { first: true });
+    }
+
+    // Fewer workloads, un-enrolment on purpose, or a hold of zero: applied at once.
+    #[test]
+    fn other_changes_apply_at_once() {
+        let now = Instant::now();
+        assert_eq!(LossGuard::new(HOLD).admit(&Change { captured: 1, lost: 4 }, now), Admission::Apply);
+        assert_eq!(LossGuard::new(HOLD).admit(&Change { captured: 0, lost: 0 }, now), Admission::Apply);
+        assert_eq!(LossGuard::new(Duration::ZERO).admit(&lost(5), now), Admission::HeldLongEnough);
+    }
+
+    fn change(in_force: &str, candidate: &str) -> Change {
+        let compiled = |yaml: &str| {
+            let (resources, _) = parse_file(FsPath::new("c.yaml"), yaml);
+            let (model, _) = compile(&resources);
+            (model, Loaded { resources, diagnostics: Vec::new() })
+        };
+        let (before, _) = compiled(in_force);
+        let (after, loaded) = compiled(candidate);
+        Change::between(&captured(&before), &after, &loaded)
+    }
+
+    // What counts as lost: a pod missing, or its namespace missing (its enrolment unknown); a
+    // pod opted out or a namespace un-labelled is released on purpose.
+    #[test]
+    fn missing_pods_and_namespaces_are_lost_opted_out_ones_are_not() {
+        let ns = |labels: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: mesh{labels}\n---\n");
+        let pod = |name: &str, ip: &str, labels: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: mesh{labels}\nspec: {{nodeName: n1}}\nstatus: {{podIP: {ip}}}\n---\n"
+            )
+        };
+        let ambient = ns("\n  labels: {istio.io/dataplane-mode: ambient}");
+        let now = [ambient.clone(), pod("a", "10.1.0.1", ""), pod("b", "10.1.0.2", "")].concat();
+        let cases = [
+            ("everything deleted", String::new(), lost(2)),
+            ("the namespace file missing", [pod("a", "10.1.0.1", ""), pod("b", "10.1.0.2", "")].concat(), lost(2)),
+            ("one pod left", [ambient.clone(), pod("a", "10.1.0.1", "")].concat(), Change { captured: 1, lost: 1 }),
+            ("namespace un-enrolled", [ns(""), pod("a", "10.1.0.1", ""), pod("b", "10.1.0.2", "")].concat(), lost(0)),
+            (
+                "pods opted out",
+                [
+                    ambient.clone(),
+                    pod("a", "10.1.0.1", "\n  labels: {istio.io/dataplane-mode: none}"),
+                    pod("b", "10.1.0.2", "\n  labels: {istio.io/dataplane-mode: none}"),
+                ]
+                .concat(),
+                lost(0),
+            ),
+        ];
+        for (what, candidate, expected) in cases {
+            assert_eq!(change(&now, &candidate), expected, "{what}");
         }
     }
 }

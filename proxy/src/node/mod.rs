@@ -49,6 +49,8 @@ const RECONCILE_EVERY: Duration = Duration::from_millis(300);
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
     pub config_dir: PathBuf,
+    /// How long a configuration capturing no workload is held back (OPS-5).
+    pub empty_config_hold: Duration,
     pub node_name: String,
     /// Admin API, metrics and readiness.
     pub endpoints: OperatorEndpoints,
@@ -144,7 +146,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     let fd_limit = sys::set_fd_limit(options.max_open_files);
     let limits = options.limits.resolve(fd_limit);
 
-    let model = model::reload::load_and_watch(&options.config_dir)?;
+    let model = model::reload::load_and_watch(&options.config_dir, options.empty_config_hold)?;
 
     let provider = certificate_provider(&options).await?;
     let certs = CertStore::new(provider, options.cert_ttl);

@@ -47,6 +47,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct WaypointOptions {
     pub config_dir: PathBuf,
+    /// How long a configuration capturing no workload is held back (OPS-5).
+    pub empty_config_hold: Duration,
     pub name: String,
     pub namespace: String,
     /// The service account whose identity the waypoint holds (default: its name).
@@ -102,7 +104,7 @@ impl Drop for ActiveStream {
 pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
     let fd_limit = sys::set_fd_limit(options.max_open_files);
     let limits = options.limits.resolve(fd_limit);
-    let model = model::reload::load_and_watch(&options.config_dir)?;
+    let model = model::reload::load_and_watch(&options.config_dir, options.empty_config_hold)?;
     let name = WaypointName { namespace: options.namespace.clone(), name: options.name.clone() };
     if model.current().waypoint(&name).is_none() {
         warn!(
