@@ -26,8 +26,8 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
 use super::{
-    BAGGAGE, CONNECTION_WINDOW, FORWARDED, MAX_CONCURRENT_STREAMS, MAX_FRAME, STREAM_WINDOW, TRACEPARENT,
-    forwarded_for, io::H2Stream, new_traceparent,
+    BAGGAGE, CONNECTION_WINDOW, FORWARDED, LOCAL_ERROR_RESETS, MAX_CONCURRENT_STREAMS, MAX_FRAME, REMEMBERED_RESETS,
+    STREAM_WINDOW, TRACEPARENT, forwarded_for, io::H2Stream, new_traceparent,
 };
 use crate::{
     identity::{CertStore, Identity, IdentityError, peer_identity},
@@ -248,6 +248,8 @@ impl HbonePool {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_concurrent_reset_streams(REMEMBERED_RESETS)
+            .max_local_error_reset_streams(LOCAL_ERROR_RESETS)
             .enable_push(false)
             .handshake(tls)
             .await

@@ -25,6 +25,19 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 /// Streams one pooled connection may carry at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
+/// Streams this side reset whose late frames are still recognised (and ignored) rather than
+/// answered with another reset. h2's default of 10 is far below what a pooled connection
+/// carrying up to `MAX_CONCURRENT_STREAMS` clients' tunnels sees when many of them end at once.
+pub const REMEMBERED_RESETS: usize = MAX_CONCURRENT_STREAMS as usize;
+
+/// h2 ends a connection for good after 1,024 resets it sent because of the peer's frames, counted
+/// over the connection's whole life (a defence of public servers against "MadeYouReset"). An
+/// HBONE connection is long-lived, pooled, and its peer proved a mesh identity: measured in a
+/// soak at 1,000 req/s with connection churn through a waypoint, the count reached 1,024 within
+/// minutes and the GOAWAY failed every tunnel in flight. The limit is off between mesh peers;
+/// `REMEMBERED_RESETS` keeps such resets rare to begin with.
+pub const LOCAL_ERROR_RESETS: Option<usize> = None;
+
 /// Header with the original client address (RFC 7239 `for=`).
 pub const FORWARDED: &str = "forwarded";
 pub const BAGGAGE: &str = "baggage";

@@ -18,7 +18,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use super::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME, STREAM_WINDOW};
+use super::{
+    CONNECTION_WINDOW, LOCAL_ERROR_RESETS, MAX_CONCURRENT_STREAMS, MAX_FRAME, REMEMBERED_RESETS, STREAM_WINDOW,
+};
 use crate::{
     admission::Pass,
     identity::{Identity, peer_identity},
@@ -158,6 +160,8 @@ where
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_concurrent_reset_streams(REMEMBERED_RESETS)
+            .max_local_error_reset_streams(LOCAL_ERROR_RESETS)
             .handshake::<_, Bytes>(tls),
     )
     .await
