@@ -2,11 +2,20 @@
 //! TCP segments, so tests and the demo can show which ports carried the traffic and whether any
 //! payload was readable.
 
-use std::{fs, io, path::PathBuf, thread, time::Duration};
+use std::{
+    fs, io,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::Duration,
+};
 
 use crate::{Process, Topology, pcap};
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Captures started by this process, to name each one's files.
+static CAPTURES: AtomicU32 = AtomicU32::new(0);
 
 /// A running capture of every TCP packet on the fabric's interfaces.
 pub struct UnderlayCapture {
@@ -16,12 +25,15 @@ pub struct UnderlayCapture {
 
 impl UnderlayCapture {
     pub fn start(topo: &Topology) -> io::Result<Self> {
-        let file = topo.dir().join(format!("underlay-{}.pcap", std::process::id()));
+        // A log of its own per capture: waiting for "listening on" in a log an earlier capture
+        // wrote would start the step before this tcpdump listens.
+        let n = CAPTURES.fetch_add(1, Ordering::Relaxed);
+        let file = topo.dir().join(format!("underlay-{}-{n}.pcap", std::process::id()));
         let path = file.to_string_lossy().into_owned();
         // `-Z root`: write the file as root (the topology directory is root's); immediate mode so
         // nothing captured is still buffered when it stops.
         let args = ["-i", "any", "-Z", "root", "--immediate-mode", "-U", "-n", "-w", &path, "tcp"];
-        let process = topo.fabric().spawn("tcpdump", "tcpdump", &args, &[])?;
+        let process = topo.fabric().spawn(&format!("tcpdump-{n}"), "tcpdump", &args, &[])?;
         process.wait_for_log("listening on", START_TIMEOUT)?;
         Ok(Self { process, file })
     }
