@@ -7,8 +7,11 @@
 //! - `demo`: setup, build, then `strait demo`.
 //! - `bench [SCENARIO...]`: setup, release build, then `strait-bench`, which measures strait
 //!   against direct traffic and writes `target/bench/report.{md,json}` and `chart.png`.
+//! - `fuzz [TARGET] [SECONDS]`: setup, then the fuzz targets of `fuzz/` (see `fuzz.rs`).
 //!
 //! std only: this crate is the first thing compiled on a fresh machine.
+
+mod fuzz;
 
 use std::{
     env,
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Some("test") => setup().and_then(|()| test(&args[1..])),
         Some("demo") => setup().and_then(|()| demo()),
         Some("bench") => setup().and_then(|()| bench(&args[1..])),
+        Some("fuzz") => setup().and_then(|()| fuzz::fuzz(&args[1..])),
         _ => Err(usage()),
     };
     match result {
@@ -59,7 +63,11 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> String {
-    "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO...]>".to_owned()
+    format!(
+        "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO...] | fuzz [TARGET] [SECONDS]>\n\
+         fuzz targets: {}",
+        fuzz::TARGETS.join(", ")
+    )
 }
 
 fn workspace_root() -> PathBuf {
@@ -197,6 +205,7 @@ fn test(filters: &[String]) -> Result {
         cargo().args(["clippy", "--workspace", "--exclude", "strait-ebpf", "--all-targets", "--", "-D", "warnings"]),
         "clippy",
     )?;
+    fuzz::regression()?;
     println!("xtask: building binaries");
     run(cargo().args(["build", "--bins"]), "build")?;
     println!("xtask: running unit and end-to-end tests");

@@ -6,7 +6,10 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
@@ -77,6 +80,24 @@ where
         .map_err(|_| ServeError::Timeout)?
         .map_err(ServeError::Tls)?;
     let peer_identity = peer_identity(tls.get_ref().1.peer_certificates()).ok_or(ServeError::NoIdentity)?;
+    serve_streams(tls, peer_identity, peer_addr, handle, drain).await
+}
+
+/// The HTTP/2 side of an HBONE connection whose client proved `peer_identity`: every stream goes
+/// to `handle`. Apart from TLS, so that the fuzz targets can feed it bytes directly.
+pub async fn serve_streams<I, F, Fut, D>(
+    io: I,
+    peer_identity: Identity,
+    peer_addr: SocketAddr,
+    handle: F,
+    drain: D,
+) -> Result<(), ServeError>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(InboundStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+    D: Future<Output = ()>,
+{
     let mut connection = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         h2::server::Builder::new()
@@ -84,7 +105,7 @@ where
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .handshake::<_, Bytes>(tls),
+            .handshake::<_, Bytes>(io),
     )
     .await
     .map_err(|_| ServeError::Timeout)?

@@ -167,7 +167,7 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
 
 /// The pod a tunnel may reach: a captured pod of this node, with the identity the connection
 /// was served as, on a port that is not one of the proxy's.
-fn check_target(
+pub(crate) fn check_target(
     model: &Model,
     node: &str,
     trust_domain: &str,
@@ -191,7 +191,7 @@ fn check_target(
 }
 
 /// A client may only claim a source IP of a workload running as the identity it proved.
-fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &Identity) -> bool {
+pub(crate) fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &Identity) -> bool {
     model.workload_by_ip(ip).is_some_and(|w| &w.identity(trust_domain) == identity)
 }
 

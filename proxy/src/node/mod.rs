@@ -2,10 +2,10 @@
 //! the configuration, and proxies every connection they hand it.
 
 pub(crate) mod copy;
-mod inbound;
+pub(crate) mod inbound;
 mod live;
 mod outbound;
-mod policy;
+pub(crate) mod policy;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
