@@ -105,8 +105,13 @@ async fn hbone_seeds(seeds: &mut Seeds) -> io::Result<()> {
         ),
         (
             "waypoint-tcp",
-            hbone_setup(HboneSide::Waypoint, Peer::Stranger),
+            hbone_setup(HboneSide::Waypoint, Peer::Client),
             vec![connect("127.96.0.11:3306", b"select 1"), connect("127.96.0.99:80", b"")],
+        ),
+        (
+            "waypoint-tcp-denied",
+            hbone_setup(HboneSide::Waypoint, Peer::Stranger),
+            vec![connect("127.96.0.11:3306", b"select 1")],
         ),
     ];
     for (name, setup, tunnels) in sessions {

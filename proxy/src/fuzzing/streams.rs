@@ -99,20 +99,18 @@ where
 /// A CONNECT stream at the node proxy, checked as `node::inbound` checks it; the pod it reaches
 /// echoes what it receives.
 async fn node_stream(model: Arc<Model>, stream: InboundStream) {
-    let InboundStream { request, respond, peer_identity, peer_addr } = stream;
+    let InboundStream { request, mut respond, peer_identity, peer_addr } = stream;
     let served = Peer::Reviews.identity();
     let authority = request.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-    let checked = if request.method() != Method::CONNECT {
-        Err((StatusCode::BAD_REQUEST, String::new()))
-    } else {
-        match authority.parse::<SocketAddr>() {
-            Ok(target) => check_target(&model, NODE, TRUST_DOMAIN, target, &served).map(|w| (w, target)),
-            Err(_) => Err((StatusCode::BAD_REQUEST, String::new())),
+    let checked = match authority.parse::<SocketAddr>() {
+        Ok(target) if request.method() == Method::CONNECT => {
+            check_target(&model, NODE, TRUST_DOMAIN, target, &served).map(|w| (w, target)).map_err(|(status, _)| status)
         }
+        _ => Err(StatusCode::BAD_REQUEST),
     };
     let (workload, target) = match checked {
         Ok(found) => found,
-        Err((status, _)) => return refuse(respond, status),
+        Err(status) => return refuse(respond, status),
     };
     let claimed = request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
     let owned = |ip: &std::net::IpAddr| owns_ip(&model, TRUST_DOMAIN, *ip, &peer_identity);
@@ -121,7 +119,6 @@ async fn node_stream(model: Arc<Model>, stream: InboundStream) {
     if !policy::authorize(&model, &workload, Some(&peer_identity), source_ip, target).allowed {
         return refuse(respond, StatusCode::UNAUTHORIZED);
     }
-    let mut respond = respond;
     let Ok(send) = respond.send_response(Response::new(()), false) else { return };
     let (mut from_peer, mut to_peer) = tokio::io::split(H2Stream::new(send, request.into_body()));
     let _ = tokio::io::copy(&mut from_peer, &mut to_peer).await;
