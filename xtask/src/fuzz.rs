@@ -43,7 +43,12 @@ pub fn fuzz(args: &[String]) -> Result {
             &format!("fuzzing {target} (a crash leaves its input in fuzz/artifacts/{target}/)"),
         )?;
         println!("xtask: minimizing the corpus of {target}");
-        run(toolchain.cargo_fuzz().args(["cmin", target]).arg(&corpus), &format!("cargo fuzz cmin {target}"))?;
+        // Inputs are kept for the code they reach, not for how often they loop through it: after
+        // 10 minutes, hit counts kept 2,297 config inputs (6.8 MB), edges alone 1,174 (3.1 MB).
+        run(
+            toolchain.cargo_fuzz().args(["cmin", target]).arg(&corpus).args(["--", "-use_counters=0"]),
+            &format!("cargo fuzz cmin {target}"),
+        )?;
     }
     Ok(())
 }
