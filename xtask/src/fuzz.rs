@@ -1,7 +1,11 @@
 //! The fuzz targets of `fuzz/` (libFuzzer through cargo-fuzz): `cargo xtask fuzz` runs them, and
 //! `cargo xtask test` builds them and replays their corpus as a regression test.
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use crate::{Result, cargo, cargo_home, path_with_cargo_bin, run, workspace_root};
 
@@ -149,13 +153,28 @@ pub fn regression() -> Result {
     for target in TARGETS {
         let inputs = corpus_files(target)?;
         let binary = workspace_root().join("target").join("debug").join(target);
-        // Given files, libFuzzer's main runs each once and exits non-zero on a crash or a hang.
-        run(
-            Command::new(binary).arg(format!("-timeout={INPUT_TIMEOUT_SECONDS}")).args(&inputs),
-            &format!("replaying the {} inputs of fuzz/corpus/{target} (a panic is a bug to fix)", inputs.len()),
-        )?;
+        replay(&binary, target, &inputs)?;
     }
     Ok(())
+}
+
+/// Given files, libFuzzer's main runs each once and exits non-zero on a crash or a hang. It
+/// prints two lines per file: shown only when it fails.
+fn replay(binary: &Path, target: &str, inputs: &[PathBuf]) -> Result {
+    let what = format!("replaying the {} inputs of fuzz/corpus/{target}", inputs.len());
+    let output = Command::new(binary)
+        .arg(format!("-timeout={INPUT_TIMEOUT_SECONDS}"))
+        .args(inputs)
+        .output()
+        .map_err(|e| format!("{what}: cannot start {}: {e}", binary.display()))?;
+    if output.status.success() {
+        println!("xtask: {what}: no crash");
+        return Ok(());
+    }
+    let log = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = log.lines().collect();
+    eprintln!("{}", lines[lines.len().saturating_sub(60)..].join("\n"));
+    Err(format!("{what} failed ({}): a panic on one of them is a bug to fix, its trace is above", output.status))
 }
 
 fn corpus_files(target: &str) -> Result<Vec<PathBuf>> {
