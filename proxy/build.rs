@@ -18,10 +18,9 @@ fn main() -> anyhow::Result<()> {
     let toolchain_name = std::env::var("STRAIT_EBPF_TOOLCHAIN").unwrap_or_else(|_| "/usr".into());
     // aya-ebpf needs one unstable feature; naming the crate (not "1") in RUSTC_BOOTSTRAP keeps
     // aya-build from switching to `-Z build-std`, which needs rust-src that is not available here.
-    if std::env::var_os("RUSTC_BOOTSTRAP").is_none() {
-        // SAFETY: the build script is single-threaded here.
-        unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
-    }
+    // Set even when the outer build has RUSTC_BOOTSTRAP=1 (the fuzz targets on a stable toolchain).
+    // SAFETY: the build script is single-threaded here.
+    unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
     let package = aya_build::Package { name: package.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() };
     aya_build::build_ebpf([package], Toolchain::Custom(&toolchain_name))
 }

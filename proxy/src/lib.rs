@@ -11,6 +11,8 @@ pub mod capture;
 pub mod config;
 pub mod ctl;
 pub mod demo;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

@@ -10,8 +10,11 @@
 //! - `soak [--minutes N]`: setup, release build, then N minutes (default 30) at 1,000 req/s
 //!   through the node proxies and a waypoint with connection churn; fails on any error, a
 //!   proxy's RSS changing by more than 5 % or its descriptors growing. Not part of `test`.
+//! - `fuzz [TARGET] [SECONDS]`: setup, then the fuzz targets of `fuzz/` (see `fuzz.rs`).
 //!
 //! std only: this crate is the first thing compiled on a fresh machine.
+
+mod fuzz;
 
 use std::{
     env,
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Some("demo") => setup().and_then(|()| demo()),
         Some("bench") => setup().and_then(|()| bench(&args[1..])),
         Some("soak") => soak_minutes(&args[1..]).and_then(|minutes| setup().and_then(|()| soak(minutes))),
+        Some("fuzz") => setup().and_then(|()| fuzz::fuzz(&args[1..])),
         _ => Err(usage()),
     };
     match result {
@@ -63,8 +67,12 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> String {
-    "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO...] | soak [--minutes N]>"
-        .to_owned()
+    format!(
+        "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO...] | \
+         soak [--minutes N] | fuzz [TARGET] [SECONDS]>\n\
+         fuzz targets: {}",
+        fuzz::TARGETS.join(", ")
+    )
 }
 
 fn workspace_root() -> PathBuf {
@@ -202,6 +210,7 @@ fn test(filters: &[String]) -> Result {
         cargo().args(["clippy", "--workspace", "--exclude", "strait-ebpf", "--all-targets", "--", "-D", "warnings"]),
         "clippy",
     )?;
+    fuzz::regression()?;
     println!("xtask: building binaries");
     run(cargo().args(["build", "--bins"]), "build")?;
     println!("xtask: running unit and end-to-end tests");

@@ -14,7 +14,10 @@ use std::{
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
@@ -153,6 +156,24 @@ where
         }
     };
     drop(admission);
+    serve_streams(tls, peer_identity, peer_addr, handle, drain).await
+}
+
+/// The HTTP/2 side of an HBONE connection whose client proved `peer_identity`: every stream goes
+/// to `handle`. Apart from TLS, so that the fuzz targets can feed it bytes directly.
+pub async fn serve_streams<I, F, Fut, D>(
+    io: I,
+    peer_identity: Identity,
+    peer_addr: SocketAddr,
+    handle: F,
+    drain: D,
+) -> Result<(), ServeError>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(InboundStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+    D: Future<Output = ()>,
+{
     let mut connection = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         h2::server::Builder::new()
@@ -162,7 +183,7 @@ where
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_concurrent_reset_streams(REMEMBERED_RESETS)
             .max_local_error_reset_streams(LOCAL_ERROR_RESETS)
-            .handshake::<_, Bytes>(tls),
+            .handshake::<_, Bytes>(io),
     )
     .await
     .map_err(|_| ServeError::Timeout)?

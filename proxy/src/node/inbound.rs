@@ -98,16 +98,20 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
     record.destination_identity = Some(served.to_string());
 
     let model = ctx.model.current();
-    let claimed = request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
-    let checked = if request.method() != Method::CONNECT {
-        Err((StatusCode::BAD_REQUEST, format!("method {} is not CONNECT", request.method())))
-    } else if let Some(target) = target {
-        check_target(&model, &ctx.node_name, &ctx.trust_domain, target, &served).map(|w| (w, target))
-    } else {
-        Err((StatusCode::BAD_REQUEST, format!("CONNECT target `{authority}` is not ip:port")))
-    };
-    let (workload, target) = match checked {
-        Ok(ok) => ok,
+    let decided =
+        decide_stream(&model, &ctx.node_name, &ctx.trust_domain, &served, &request, &peer_identity, peer_addr);
+    if let Some(workload) = &decided.workload {
+        record.destination_workload = Some(workload.clone());
+    }
+    if let Some(addr) = decided.client {
+        record.source_addr = addr;
+        record.source_workload = model.workload_by_ip(addr.ip()).cloned();
+    }
+    drop(model);
+    let client_ip = decided.client.map(|addr| addr.ip());
+    let source_ip = || client_ip.unwrap_or(peer_addr.ip());
+    let target = match decided.verdict {
+        Ok(target) => target,
         Err((status, reason)) => {
             refuse(respond, status);
             record.outcome = Outcome::Refused(format!("{} {reason}", status.as_u16()));
@@ -116,27 +120,6 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
             return;
         }
     };
-    record.destination_workload = Some(workload.clone());
-    // The client's own address when its identity owns it; else the peer's (a waypoint's or a
-    // gateway's pod) when that identity owns the peer address: never an address it cannot prove.
-    let client = claimed
-        .filter(|addr| owns_ip(&model, &ctx.trust_domain, addr.ip(), &peer_identity))
-        .or_else(|| Some(peer_addr).filter(|addr| owns_ip(&model, &ctx.trust_domain, addr.ip(), &peer_identity)));
-    let client_ip = client.map(|addr| addr.ip());
-    if let Some(addr) = client {
-        record.source_addr = addr;
-        record.source_workload = model.workload_by_ip(addr.ip()).cloned();
-    }
-    let source_ip = client_ip.unwrap_or(peer_addr.ip());
-    let decision = policy::authorize(&model, &workload, Some(&peer_identity), source_ip, target);
-    drop(model);
-    if !decision.allowed {
-        refuse(respond, StatusCode::UNAUTHORIZED);
-        record.outcome = Outcome::Refused(format!("401 {}", decision.denial_reason()));
-        record.duration = clock.elapsed();
-        ctx.telemetry.closed(&record);
-        return;
-    }
     ctx.telemetry.opened(&mut record);
 
     let upstream = match dial_pod(client_ip, target).await {
@@ -156,8 +139,11 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
             return;
         }
     };
-    let mut registration =
-        ctx.live.register(Admitted { source: Some(peer_identity.clone()), source_ip, destination: target });
+    let mut registration = ctx.live.register(Admitted {
+        source: Some(peer_identity.clone()),
+        source_ip: source_ip(),
+        destination: target,
+    });
     match until_rejected(hbone::stream::copy(&upstream, send, request.into_body()), &mut registration).await {
         Ok((copied, error)) => {
             // Seen from the client: what it sent went into the stream, what it received came out.
@@ -177,9 +163,55 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
     ctx.telemetry.closed(&record);
 }
 
+/// What `decide_stream` found out about one CONNECT stream.
+pub(crate) struct StreamDecision {
+    /// The pod it reaches, once the target checked out.
+    pub workload: Option<Arc<Workload>>,
+    /// The original client, when the peer proved it (its `forwarded` address, owned by its
+    /// identity, or the peer's own address).
+    pub client: Option<SocketAddr>,
+    /// The pod's address to dial, or the status to refuse the stream with and why.
+    pub verdict: Result<SocketAddr, (StatusCode, String)>,
+}
+
+/// The decision on one CONNECT stream, before anything is dialled (pure: the fuzz targets run it
+/// too): it must be a CONNECT to `ip:port` of a captured pod of this node served as `served`, and
+/// L4 policy must allow the client.
+pub(crate) fn decide_stream<B>(
+    model: &Model,
+    node: &str,
+    trust_domain: &str,
+    served: &Identity,
+    request: &http::Request<B>,
+    peer_identity: &Identity,
+    peer_addr: SocketAddr,
+) -> StreamDecision {
+    let authority = request.uri().authority().map(|a| a.as_str()).unwrap_or_default();
+    let checked = if request.method() != Method::CONNECT {
+        Err((StatusCode::BAD_REQUEST, format!("method {} is not CONNECT", request.method())))
+    } else if let Ok(target) = authority.parse::<SocketAddr>() {
+        check_target(model, node, trust_domain, target, served).map(|w| (w, target))
+    } else {
+        Err((StatusCode::BAD_REQUEST, format!("CONNECT target `{authority}` is not ip:port")))
+    };
+    let (workload, target) = match checked {
+        Ok(found) => found,
+        Err(refused) => return StreamDecision { workload: None, client: None, verdict: Err(refused) },
+    };
+    // The client's own address when its identity owns it; else the peer's (a waypoint's or a
+    // gateway's pod) when that identity owns the peer address: never an address it cannot prove.
+    let claimed = request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
+    let owned = |addr: &SocketAddr| owns_ip(model, trust_domain, addr.ip(), peer_identity);
+    let client = claimed.filter(owned).or_else(|| Some(peer_addr).filter(owned));
+    let source_ip = client.map_or(peer_addr.ip(), |addr| addr.ip());
+    let decision = policy::authorize(model, &workload, Some(peer_identity), source_ip, target);
+    let verdict = if decision.allowed { Ok(target) } else { Err((StatusCode::UNAUTHORIZED, decision.denial_reason())) };
+    StreamDecision { workload: Some(workload), client, verdict }
+}
+
 /// The pod a tunnel may reach: a captured pod of this node, with the identity the connection
 /// was served as, on a port that is not one of the proxy's.
-fn check_target(
+pub(crate) fn check_target(
     model: &Model,
     node: &str,
     trust_domain: &str,
@@ -203,7 +235,7 @@ fn check_target(
 }
 
 /// A client may only claim a source IP of a workload running as the identity it proved.
-fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &Identity) -> bool {
+pub(crate) fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &Identity) -> bool {
     model.workload_by_ip(ip).is_some_and(|w| &w.identity(trust_domain) == identity)
 }
 

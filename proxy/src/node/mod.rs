@@ -3,7 +3,7 @@
 
 pub(crate) mod copy;
 mod handover;
-mod inbound;
+pub(crate) mod inbound;
 mod live;
 mod outbound;
 mod policy;

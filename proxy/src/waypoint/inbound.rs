@@ -80,7 +80,7 @@ fn refused(ctx: &WaypointContext, peer: SocketAddr, reason: &str) {
     ctx.telemetry.closed(&record);
 }
 
-async fn handle_stream(ctx: Arc<WaypointContext>, stream: InboundStream) {
+pub(crate) async fn handle_stream(ctx: Arc<WaypointContext>, stream: InboundStream) {
     let _active = ActiveStream::new(&ctx.active_streams);
     let InboundStream { request, mut respond, peer_identity, peer_addr } = stream;
     let model = ctx.model.current();

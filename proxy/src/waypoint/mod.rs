@@ -5,8 +5,8 @@
 //!
 //! It runs in its own pod, which nothing captures: it listens on 15008 like any HBONE peer.
 
-mod inbound;
-mod sniff;
+pub(crate) mod inbound;
+pub(crate) mod sniff;
 mod tcp;
 
 use std::{
