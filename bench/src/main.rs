@@ -1,4 +1,4 @@
-//! `strait-bench`: measures what the mesh costs (issue 4). It builds two nodes and their pods
+//! `strait-bench`: measures what the mesh costs (OPS-1). It builds two nodes and their pods
 //! out of network namespaces (the test harness), runs strait's node proxies on them, and sends
 //! every workload twice in the same run: through the proxies over HBONE, and direct between
 //! pods outside the mesh on the same nodes, the physical limit of this machine. The request

@@ -1,4 +1,4 @@
-//! End to end: eBPF capture of enrolled pods' traffic by the node proxy (issue 2; SPEC CAP-1,
+//! End to end: eBPF capture of enrolled pods' traffic by the node proxy (SPEC CAP-1,
 //! CAP-3, CAP-5, CFG-1). Real kernel, real namespaces, real curl. Needs root.
 
 mod common;

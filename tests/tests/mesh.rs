@@ -1,4 +1,4 @@
-//! End to end: the mesh data path between node proxies (issue 3; SPEC ID-1, ID-3, L4-1, L4-2,
+//! End to end: the mesh data path between node proxies (SPEC ID-1, ID-3, L4-1, L4-2,
 //! L4-3, L4-5, L4-6, CAP-2): HBONE in mutual TLS, identities, source IP, services, passthrough,
 //! certificate rotation and refusal of anything that is not a valid peer. Needs root.
 

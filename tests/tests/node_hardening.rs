@@ -134,7 +134,7 @@ fn plaintext_and_outbound_connections_are_limited_per_source() -> io::Result<()>
     let p2 = start_node(&t.topo, &t.n2, &ca, &["--plaintext-connections-per-source", "20"])?;
     let target = format!("{}:9000", t.server.ip());
     let echo = bin_path("strait-echo");
-    let flood_args = ["flood", target.as_str(), "--connections", "60", "--secs", "8"];
+    let flood_args = ["flood", target.as_str(), "--connections", "60", "--secs", "12"];
     let from_outside = outsider.spawn("flood-outside", &echo, &flood_args, &[])?;
     let from_mesh = t.client.spawn("flood-mesh", &echo, &flood_args, &[])?;
     let deadline = Instant::now() + Duration::from_secs(6);
@@ -151,9 +151,24 @@ fn plaintext_and_outbound_connections_are_limited_per_source() -> io::Result<()>
     let held = |node: &strait_testbed::Node, filter: String| {
         node.run_ok("ss", &["-Htn", "state", "established", &filter]).map(|o| o.lines().count()).unwrap_or(0)
     };
-    let outside = held(&t.n2, format!("src {} and dst {}:9000", outsider.ip(), t.server.ip()));
-    let mesh = held(&t.n1, format!("src {}:9000 and dst {}", t.server.ip(), t.client.ip()));
-    assert!(outside <= 20 && mesh <= 20, "each holds its share at most: {outside} plaintext, {mesh} outbound");
+    // A refused connection is established in the kernel until the proxy accepts and resets it,
+    // and the floods reopen every 10 ms, so one sample can count a few of those in passing: the
+    // share held is the fewest seen over a second.
+    let fewest = |node: &strait_testbed::Node, filter: String| {
+        (0..10)
+            .map(|_| {
+                thread::sleep(Duration::from_millis(100));
+                held(node, filter.clone())
+            })
+            .min()
+            .unwrap_or(0)
+    };
+    let outside = fewest(&t.n2, format!("src {} and dst {}:9000", outsider.ip(), t.server.ip()));
+    let mesh = fewest(&t.n1, format!("src {}:9000 and dst {}", t.server.ip(), t.client.ip()));
+    assert!(
+        (1..=20).contains(&outside) && (1..=20).contains(&mesh),
+        "each holds its share, no more: {outside} plaintext, {mesh} outbound"
+    );
     for flood in [from_outside, from_mesh] {
         flood.wait_exit(Duration::from_secs(20));
         eprintln!("{}: {}", flood.log_path().display(), flood.log().trim());

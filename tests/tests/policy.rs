@@ -1,4 +1,4 @@
-//! End to end: zero trust at L4 (issue 5; SPEC AUTHZ-1, AUTHZ-2, AUTHZ-3, L4-4, L4-7, CAP-4,
+//! End to end: zero trust at L4 (SPEC AUTHZ-1, AUTHZ-2, AUTHZ-3, L4-4, L4-7, CAP-4,
 //! CAP-6): AuthorizationPolicy and PeerAuthentication enforced by the node proxies and the XDP
 //! guard, late rejection of open connections, and capture kept across a proxy restart.
 

@@ -1,5 +1,5 @@
 //! End to end: L7 authorization, JWT authentication and request telemetry at the waypoint
-//! (issue 6; SPEC AUTHZ-3, AUTHZ-4, L7-9, L7-10, OBS-1, OBS-2). Needs root.
+//! (SPEC AUTHZ-3, AUTHZ-4, L7-9, L7-10, OBS-1, OBS-2). Needs root.
 
 mod common;
 

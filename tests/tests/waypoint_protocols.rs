@@ -1,4 +1,4 @@
-//! End to end: what a waypoint carries besides HTTP/1.1 (issue 6; SPEC L7-1, L7-8): HTTP/2
+//! End to end: what a waypoint carries besides HTTP/1.1 (SPEC L7-1, L7-8): HTTP/2
 //! from the client, gRPC with its trailers, WebSocket upgrades, and TCP routed by weight
 //! (the seed's TCP traffic shifting). Needs root.
 

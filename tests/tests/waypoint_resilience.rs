@@ -1,4 +1,4 @@
-//! End to end: resilience features of the waypoint (issue 6; SPEC L7-4 to L7-7, L7-11), the
+//! End to end: resilience features of the waypoint (SPEC L7-4 to L7-7, L7-11), the
 //! seed's fault-injection, timeout, circuit-breaking and mirroring tasks with our own servers
 //! standing in for Bookinfo and httpbin. Needs root.
 

@@ -1,4 +1,4 @@
-//! End to end: request routing through a waypoint (issue 6; SPEC L4-3, L7-2, L7-3, CFG-1):
+//! End to end: request routing through a waypoint (SPEC L4-3, L7-2, L7-3, CFG-1):
 //! node proxies send a service's traffic to the namespace's waypoint over HBONE, and the
 //! waypoint routes each request by the VirtualService in force. The scenarios are the seed's
 //! traffic-management tasks with our own servers standing in for Bookinfo. Needs root.

@@ -14,7 +14,7 @@ use strait_testbed::{Node, Process, bin_path};
 use super::{Bed, PORT, TIMEOUT, f};
 use crate::report::{Better, Figure, Results, Target};
 
-/// New connections per second: the rate the issue of record measured at.
+/// New connections per second: a steady stream, well within what the mesh path sustains.
 const RATE: u64 = 1000;
 
 pub fn restart(bed: &Bed, results: &mut Results) -> anyhow::Result<()> {

@@ -1,4 +1,4 @@
-//! Waypoints in the model (L4-3, issue 6): which pods are waypoints, and which services and
+//! Waypoints in the model (L4-3): which pods are waypoints, and which services and
 //! workloads send their traffic through one.
 //!
 //! A waypoint named `NAME` in namespace `NS` is the set of pods of `NS` labelled

@@ -1,4 +1,4 @@
-//! `strait waypoint`: the L7 proxy of a namespace (issue 6). Node proxies send it the traffic
+//! `strait waypoint`: the L7 proxy of a namespace (L7-1). Node proxies send it the traffic
 //! of services (and pods) labelled `istio.io/use-waypoint`, over HBONE with the service VIP as
 //! the CONNECT target; it applies the VirtualServices, DestinationRules and L7 policies in
 //! force and opens HBONE, as its own identity, to the endpoint it chose.
