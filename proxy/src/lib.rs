@@ -22,3 +22,4 @@ pub mod node;
 pub mod sys;
 pub mod telemetry;
 pub mod waypoint;
+pub mod xds;
