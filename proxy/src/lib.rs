@@ -9,6 +9,7 @@ pub mod admission;
 pub mod authz;
 pub mod capture;
 pub mod config;
+pub mod control;
 pub mod ctl;
 pub mod demo;
 #[cfg(feature = "fuzzing")]

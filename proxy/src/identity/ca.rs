@@ -80,7 +80,7 @@ impl LocalCa {
     pub fn issue_local(&self, identity: &Identity, ttl: Duration) -> Result<IssuedCert, IdentityError> {
         let fail = |reason: String| IdentityError::Issue { identity: identity.to_string(), reason };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
-        let (leaf, not_before, not_after, serial) = self.sign(identity, ttl, &key).map_err(fail)?;
+        let (leaf, not_before, not_after, serial) = self.sign(identity, None, ttl, &key).map_err(fail)?;
         Ok(IssuedCert {
             identity: identity.clone(),
             chain: self.full_chain(leaf),
@@ -97,10 +97,39 @@ impl LocalCa {
     /// validity and the usages are the CA's decision, never the requester's. Returns the chain
     /// in PEM, leaf first, as Istio's CA API answers.
     pub fn sign_csr(&self, csr_pem: &str, identity: &Identity, ttl: Duration) -> Result<Vec<String>, IdentityError> {
+        self.sign_csr_for(csr_pem, identity, None, ttl)
+    }
+
+    /// Like `sign_csr`; with `node`, the certificate also names the node its holder serves
+    /// (a node proxy's certificate, see `caller`).
+    pub fn sign_csr_for(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        node: Option<&str>,
+        ttl: Duration,
+    ) -> Result<Vec<String>, IdentityError> {
         let fail = |reason: String| IdentityError::Issue { identity: identity.to_string(), reason };
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| fail(format!("bad CSR: {e}")))?;
-        let (leaf, ..) = self.sign(identity, ttl, &csr.public_key).map_err(fail)?;
+        let (leaf, ..) = self.sign(identity, node, ttl, &csr.public_key).map_err(fail)?;
         Ok(self.full_chain(leaf).iter().map(|c| to_pem(c)).collect())
+    }
+
+    /// A node proxy's certificate and a fresh key, naming `node` (see `caller`).
+    pub fn issue_for_node(&self, identity: &Identity, node: &str, ttl: Duration) -> Result<IssuedCert, IdentityError> {
+        let fail = |reason: String| IdentityError::Issue { identity: identity.to_string(), reason };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
+        let (leaf, not_before, not_after, serial) = self.sign(identity, Some(node), ttl, &key).map_err(fail)?;
+        Ok(IssuedCert {
+            identity: identity.clone(),
+            chain: self.full_chain(leaf),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            roots: self.roots.clone(),
+            not_before,
+            not_after,
+            received: SystemTime::now(),
+            serial,
+        })
     }
 
     /// Issues a TLS server certificate and a fresh ECDSA P-256 key for one of strait's own
@@ -142,6 +171,7 @@ impl LocalCa {
     fn sign(
         &self,
         identity: &Identity,
+        node: Option<&str>,
         ttl: Duration,
         public_key: &impl PublicKeyData,
     ) -> Result<(CertificateDer<'static>, SystemTime, SystemTime, String), String> {
@@ -150,8 +180,14 @@ impl LocalCa {
         let not_after = now + ttl;
         let serial = random_serial()?;
         let mut params = CertificateParams::default();
-        // Istio's workload certificates: empty subject, the SPIFFE URI as the only name.
-        params.distinguished_name = DistinguishedName::new();
+        // Istio's workload certificates: empty subject, the SPIFFE URI as the only name. A node
+        // proxy's also names its node in the subject, as Kubernetes names nodes.
+        let mut subject = DistinguishedName::new();
+        if let Some(node) = node {
+            subject.push(DnType::OrganizationName, super::caller::NODE_ORGANIZATION);
+            subject.push(DnType::CommonName, format!("{}{node}", super::caller::NODE_COMMON_NAME_PREFIX));
+        }
+        params.distinguished_name = subject;
         let uri = identity.to_string().try_into().map_err(|e| format!("identity is not a valid URI: {e}"))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.not_before = not_before.into();

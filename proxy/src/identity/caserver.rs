@@ -2,11 +2,15 @@
 //! CreateCertificate` over gRPC on TLS, signing with the built-in [`LocalCa`].
 //!
 //! Any Istio node agent (ztunnel, or strait's own [`IstioCaClient`](super::IstioCaClient)) can get
-//! workload certificates here. Callers ask in node mode: the identity comes from the request's
-//! `ImpersonatedIdentity` metadata, which a CA may honour only for a caller it trusts to speak
-//! for the workloads of its node. strait does not validate Kubernetes JWTs, so that trust is a
-//! shared bearer token; without one configured, no identity can be authenticated and every
-//! request is refused. The CSR contributes its public key only.
+//! workload certificates here. Who may have which identity is a [`CaPolicy`]:
+//! - [`SharedToken`] (a node proxy's `--ca-listen`): one bearer token; its holders ask in node
+//!   mode (`ImpersonatedIdentity` metadata) for any identity of the trust domain. Without a
+//!   token configured nobody is authenticated and every request is refused.
+//! - [`CallerPolicy`] (`strait control`): what istiod allows. The caller is authenticated (see
+//!   `caller`) and gets its own identity, or, a node proxy, the identities of the pods scheduled
+//!   on its node; nothing else.
+//!
+//! The CSR contributes its public key only.
 
 use std::{
     net::IpAddr,
@@ -32,7 +36,12 @@ use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use super::{Identity, IdentityError, LocalCa, ca::to_pem, tls::ALPN_H2};
+use super::{
+    Identity, IdentityError, LocalCa,
+    ca::to_pem,
+    caller::{Authenticate, Caller},
+    tls::ALPN_H2,
+};
 
 /// The metadata key node agents put the requested identity under (ztunnel's caclient.rs).
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -93,7 +102,8 @@ pub async fn serve_ca(listener: TcpListener, ca: Arc<LocalCa>, options: CaServer
         .with_cert_resolver(resolver);
     tls.alpn_protocols = vec![ALPN_H2.to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let service = IstioCertificateServiceServer::new(CaService { ca, options });
+    let policy = Arc::new(SharedToken(options.token.clone()));
+    let service = ca_service(ca, options, policy);
     if let Ok(addr) = listener.local_addr() {
         info!("CA API (istio.v1.auth.IstioCertificateService) listening on {addr}");
     }
@@ -121,9 +131,109 @@ pub async fn serve_ca(listener: TcpListener, ca: Arc<LocalCa>, options: CaServer
     }
 }
 
+/// The CA API as a gRPC service, for a server that routes several services on one port.
+pub fn ca_service(
+    ca: Arc<LocalCa>,
+    options: CaServerOptions,
+    policy: Arc<dyn CaPolicy>,
+) -> IstioCertificateServiceServer<impl IstioCertificateService> {
+    IstioCertificateServiceServer::new(CaService { ca, options, policy })
+}
+
+/// What the CA decided to sign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub identity: Identity,
+    /// Put in the certificate: a node proxy's own certificate names its node.
+    pub node: Option<String>,
+    /// Who asked, for the log line.
+    pub caller: String,
+}
+
+/// Decides who gets a certificate for which identity.
+pub trait CaPolicy: Send + Sync {
+    /// `requested` is the `ImpersonatedIdentity`, already checked to be in the trust domain.
+    fn authorize(
+        &self,
+        extensions: &http::Extensions,
+        metadata: &tonic::metadata::MetadataMap,
+        requested: Option<Identity>,
+    ) -> Result<Grant, Status>;
+}
+
+/// One bearer token for every caller, which may then ask for any identity (node mode only).
+pub struct SharedToken(pub Option<String>);
+
+impl CaPolicy for SharedToken {
+    fn authorize(
+        &self,
+        _extensions: &http::Extensions,
+        metadata: &tonic::metadata::MetadataMap,
+        requested: Option<Identity>,
+    ) -> Result<Grant, Status> {
+        let authorization = metadata.get("authorization").and_then(|v| v.to_str().ok());
+        check_token(self.0.as_deref(), authorization)?;
+        let identity = requested.ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "no identity to sign for: this CA issues only in node mode, to the SPIFFE URI \
+                 given as metadata {IMPERSONATED_IDENTITY}"
+            ))
+        })?;
+        Ok(Grant { identity, node: None, caller: "a holder of the shared token".into() })
+    }
+}
+
+/// istiod's rule (ID-2, CFG-3): a caller gets its own identity; a node proxy also the
+/// identities of the pods scheduled on its node, as `pods_on_node(node, identity)` tells from
+/// the current model.
+pub struct CallerPolicy<F> {
+    pub authenticator: Arc<dyn Authenticate>,
+    pub pods_on_node: F,
+}
+
+impl<F> CaPolicy for CallerPolicy<F>
+where
+    F: Fn(&str, &Identity) -> bool + Send + Sync,
+{
+    fn authorize(
+        &self,
+        extensions: &http::Extensions,
+        metadata: &tonic::metadata::MetadataMap,
+        requested: Option<Identity>,
+    ) -> Result<Grant, Status> {
+        let caller = self.authenticator.authenticate(extensions, metadata)?;
+        authorize_caller(&caller, requested, &self.pods_on_node)
+    }
+}
+
+/// The decision of `CallerPolicy`, pure.
+pub fn authorize_caller(
+    caller: &Caller,
+    requested: Option<Identity>,
+    pods_on_node: &dyn Fn(&str, &Identity) -> bool,
+) -> Result<Grant, Status> {
+    let grant = |identity: Identity, node: Option<String>| Grant { identity, node, caller: caller.to_string() };
+    let Some(requested) = requested else {
+        return Ok(grant(caller.identity.clone(), caller.node.clone()));
+    };
+    if requested == caller.identity {
+        return Ok(grant(requested, caller.node.clone()));
+    }
+    match &caller.node {
+        Some(node) if pods_on_node(node, &requested) => Ok(grant(requested, None)),
+        Some(node) => Err(Status::permission_denied(format!(
+            "{caller} may not have a certificate for {requested}: no pod scheduled on {node} runs as it"
+        ))),
+        None => Err(Status::permission_denied(format!(
+            "{caller} may only have a certificate for its own identity, not {requested}"
+        ))),
+    }
+}
+
 struct CaService {
     ca: Arc<LocalCa>,
     options: CaServerOptions,
+    policy: Arc<dyn CaPolicy>,
 }
 
 #[tonic::async_trait]
@@ -132,20 +242,27 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        check_token(self.options.token.as_deref(), authorization)?;
+        let requested = requested_identity(request.get_ref(), self.ca.trust_domain())?;
+        let grant = match self.policy.authorize(request.extensions(), request.metadata(), requested) {
+            Ok(grant) => grant,
+            Err(status) => {
+                warn!("CA API: refused: {}", status.message());
+                return Err(status);
+            }
+        };
         let request = request.into_inner();
-        let identity = requested_identity(&request, self.ca.trust_domain())?;
         let ttl = granted_ttl(request.validity_duration, &self.options);
-        let mut chain =
-            self.ca.sign_csr(&request.csr, &identity, ttl).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut chain = self
+            .ca
+            .sign_csr_for(&request.csr, &grant.identity, grant.node.as_deref(), ttl)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // Istio's convention: leaf first, root last, so clients that take the last entry as
         // the root find it.
         let roots: Vec<String> = self.ca.roots().iter().map(|r| to_pem(r)).collect();
         if !chain.last().is_some_and(|last| roots.contains(last)) {
             chain.extend(roots);
         }
-        info!("CA API: issued {identity} for {}s", ttl.as_secs());
+        info!("CA API: issued {} for {}s to {}", grant.identity, ttl.as_secs(), grant.caller);
         Ok(Response::new(IstioCertificateResponse { cert_chain: chain, root_cert: None }))
     }
 }
@@ -170,8 +287,9 @@ fn check_token(expected: Option<&str>, authorization: Option<&str>) -> Result<()
     }
 }
 
-/// The identity named by the `ImpersonatedIdentity` metadata, which must be in our trust domain.
-fn requested_identity(request: &IstioCertificateRequest, trust_domain: &str) -> Result<Identity, Status> {
+/// The identity named by the `ImpersonatedIdentity` metadata, if any, which must be in our
+/// trust domain.
+fn requested_identity(request: &IstioCertificateRequest, trust_domain: &str) -> Result<Option<Identity>, Status> {
     let value =
         request.metadata.as_ref().and_then(|m| m.fields.get(IMPERSONATED_IDENTITY)).and_then(|v| v.kind.as_ref());
     let uri = match value {
@@ -181,12 +299,7 @@ fn requested_identity(request: &IstioCertificateRequest, trust_domain: &str) -> 
                 "metadata {IMPERSONATED_IDENTITY} must be a string (a SPIFFE URI)"
             )));
         }
-        None => {
-            return Err(Status::unauthenticated(format!(
-                "no identity to sign for: this CA issues only in node mode, to the SPIFFE URI \
-                 given as metadata {IMPERSONATED_IDENTITY}"
-            )));
-        }
+        None => return Ok(None),
     };
     let identity: Identity = uri.parse().map_err(|e: IdentityError| Status::invalid_argument(e.to_string()))?;
     if identity.trust_domain != trust_domain {
@@ -194,7 +307,7 @@ fn requested_identity(request: &IstioCertificateRequest, trust_domain: &str) -> 
             "{identity} is outside this CA's trust domain `{trust_domain}`"
         )));
     }
-    Ok(identity)
+    Ok(Some(identity))
 }
 
 fn granted_ttl(requested_secs: i64, options: &CaServerOptions) -> Duration {
@@ -207,6 +320,12 @@ fn granted_ttl(requested_secs: i64, options: &CaServerOptions) -> Duration {
 /// Compares without an early exit, so response timing does not reveal a token's prefix.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The certificate resolver of a strait endpoint (CA API, control plane) certified by `ca` for
+/// `CA_SERVER_NAMES` and `ips`.
+pub fn serving_cert(ca: Arc<LocalCa>, ips: Vec<IpAddr>) -> Result<Arc<dyn ResolvesServerCert>, IdentityError> {
+    Ok(Arc::new(ServingCert::new(ca, ips)?))
 }
 
 /// The CA endpoint's certificate, re-issued by the CA at half life during a handshake, so a
@@ -306,9 +425,15 @@ mod tests {
     #[test]
     fn identity_comes_from_impersonation_metadata_in_our_trust_domain() {
         let ok = request(Some(Kind::StringValue("spiffe://cluster.local/ns/a/sa/b".into())));
-        assert_eq!(requested_identity(&ok, "cluster.local").expect("valid"), Identity::new("cluster.local", "a", "b"));
+        let want = Some(Identity::new("cluster.local", "a", "b"));
+        assert_eq!(requested_identity(&ok, "cluster.local").expect("valid"), want);
+        assert_eq!(requested_identity(&request(None), "cluster.local").expect("none"), None);
+        let shared = SharedToken(Some("t".into()));
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("authorization", "Bearer t".parse().expect("ascii"));
+        let refused = shared.authorize(&http::Extensions::new(), &metadata, None).expect_err("node mode only");
+        assert_eq!(refused.code(), Code::Unauthenticated);
         let cases = [
-            (request(None), Code::Unauthenticated),
             (request(Some(Kind::BoolValue(true))), Code::InvalidArgument),
             (request(Some(Kind::StringValue("not-a-spiffe-id".into()))), Code::InvalidArgument),
             (request(Some(Kind::StringValue("spiffe://other.domain/ns/a/sa/b".into()))), Code::PermissionDenied),
@@ -317,6 +442,37 @@ mod tests {
             let got = requested_identity(&req, "cluster.local").map_err(|s| s.code());
             assert_eq!(got.err(), Some(code), "{:?}", req.metadata);
         }
+    }
+
+    // What istiod allows: one's own identity (with or without ImpersonatedIdentity), and for a
+    // node proxy the identities of pods on its node; nothing else.
+    #[test]
+    fn callers_get_their_own_identity_and_node_proxies_their_pods() {
+        use crate::identity::caller::{Credential, node_proxy_identity};
+        let td = "cluster.local";
+        let node1 =
+            Caller { identity: node_proxy_identity(td), node: Some("node1".into()), by: Credential::BootstrapToken };
+        let waypoint =
+            Caller { identity: Identity::new(td, "shop", "waypoint"), node: None, by: Credential::ClientCertificate };
+        let (web, db) = (Identity::new(td, "shop", "web"), Identity::new(td, "shop", "db"));
+        let on_node = |node: &str, id: &Identity| node == "node1" && id.service_account == "web";
+        type Case = (&'static str, Option<Identity>, Result<(Identity, Option<&'static str>), Code>);
+        let cases: Vec<(&Caller, Case)> = vec![
+            (&node1, ("own, no metadata", None, Ok((node_proxy_identity(td), Some("node1"))))),
+            (&node1, ("own, named", Some(node_proxy_identity(td)), Ok((node_proxy_identity(td), Some("node1"))))),
+            (&node1, ("pod on its node", Some(web.clone()), Ok((web.clone(), None)))),
+            (&node1, ("pod on another node", Some(db.clone()), Err(Code::PermissionDenied))),
+            (&waypoint, ("own", None, Ok((waypoint.identity.clone(), None)))),
+            (&waypoint, ("own, named", Some(waypoint.identity.clone()), Ok((waypoint.identity.clone(), None)))),
+            (&waypoint, ("another", Some(web.clone()), Err(Code::PermissionDenied))),
+        ];
+        for (caller, (what, requested, want)) in cases {
+            let got = authorize_caller(caller, requested, &on_node).map(|g| (g.identity, g.node)).map_err(|s| s.code());
+            let want = want.map(|(id, node)| (id, node.map(str::to_owned)));
+            assert_eq!(got, want, "{what}");
+        }
+        let refused = authorize_caller(&node1, Some(db), &on_node).expect_err("refused");
+        assert!(refused.message().contains("node1") && refused.message().contains("ns/shop/sa/db"), "{refused:?}");
     }
 
     #[test]

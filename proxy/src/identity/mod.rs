@@ -3,7 +3,8 @@
 
 mod ca;
 mod caclient;
-mod caserver;
+pub mod caller;
+pub mod caserver;
 mod renewal;
 mod store;
 mod tls;
@@ -14,10 +15,12 @@ use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use thiserror::Error;
 
 pub use ca::LocalCa;
+pub(crate) use ca::parse_certs;
 pub use caclient::{CaClientOptions, DEFAULT_CA_PORT, IstioCaClient};
+pub use caller::{Authenticate, Caller, CallerAuthenticator, ClientCertSlot, PeerCertificate, node_proxy_identity};
 pub use caserver::{CA_SERVER_NAMES, CaServerOptions, IMPERSONATED_IDENTITY, serve_ca};
 pub use store::CertStore;
-pub use tls::{TlsSettings, peer_identity};
+pub use tls::{ALPN_H2, TlsSettings, peer_identity};
 
 /// The default trust domain, as Istio's.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";

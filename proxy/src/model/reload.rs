@@ -16,7 +16,7 @@ use anyhow::anyhow;
 use tracing::{error, info, warn};
 
 use super::{Model, ModelHandle, ModelPublisher, channel, compile};
-use crate::config::{CONFIG_POLL, ConfigDir, Loaded, Resource};
+use crate::config::{CONFIG_POLL, ConfigDir, Loaded, Located, Resource};
 
 /// Compiles loaded resources; on errors logs every diagnostic and returns their count.
 pub fn compile_or_report(loaded: &Loaded) -> Result<Model, usize> {
@@ -38,17 +38,29 @@ pub fn compile_or_report(loaded: &Loaded) -> Result<Model, usize> {
 /// returns the handle consumers read the model from. A change that loses every captured
 /// workload replaces the model in force only after it has stayed so for `empty_hold`.
 pub fn load_and_watch(dir: &Path, empty_hold: Duration) -> anyhow::Result<ModelHandle> {
+    load_and_watch_then(dir, empty_hold, |_, _| {})
+}
+
+/// Like `load_and_watch`; `on_apply` also sees every model published, with the resources it was
+/// compiled from, before the model's consumers do (the control plane builds its xDS snapshot
+/// there).
+pub fn load_and_watch_then(
+    dir: &Path,
+    empty_hold: Duration,
+    mut on_apply: impl FnMut(&Model, &[Located<Resource>]) + Send + 'static,
+) -> anyhow::Result<ModelHandle> {
     let mut config_dir = ConfigDir::new(dir);
     let loaded = config_dir.first_read();
     let initial = compile_or_report(&loaded).map_err(|n| {
         anyhow!("the configuration in {} has {n} error(s), listed above; fix them and start again", dir.display())
     })?;
     let in_force = captured(&initial);
+    on_apply(&initial, &loaded.resources);
     let (publisher, model) = channel(initial);
     let guard = LossGuard::new(empty_hold);
     std::thread::Builder::new()
         .name("config-watch".into())
-        .spawn(move || watch(config_dir, publisher, guard, in_force))
+        .spawn(move || watch(config_dir, publisher, guard, in_force, &mut on_apply))
         .map_err(|e| anyhow!("cannot start the configuration watcher: {e}"))?;
     Ok(model)
 }
@@ -63,17 +75,18 @@ fn watch(
     mut publisher: ModelPublisher,
     mut guard: LossGuard,
     mut in_force: BTreeSet<(String, String)>,
+    on_apply: &mut dyn FnMut(&Model, &[Located<Resource>]),
 ) {
     // A valid change the guard holds back, re-examined on every tick until it applies or is
     // replaced by the next change.
-    let mut held: Option<(Model, Change)> = None;
+    let mut held: Option<(Model, Change, Loaded)> = None;
     loop {
         std::thread::sleep(CONFIG_POLL);
         if let Some(loaded) = dir.poll() {
             match compile_or_report(&loaded) {
                 Ok(model) => {
                     let change = Change::between(&in_force, &model, &loaded);
-                    held = Some((model, change));
+                    held = Some((model, change, loaded));
                 }
                 Err(n) => {
                     error!("configuration rejected ({n} error(s) above); the previous configuration stays in force");
@@ -83,7 +96,7 @@ fn watch(
                 }
             }
         }
-        let Some((candidate, change)) = held.take() else { continue };
+        let Some((candidate, change, loaded)) = held.take() else { continue };
         match guard.admit(&change, Instant::now()) {
             Admission::Apply => {}
             Admission::Hold { first } => {
@@ -97,7 +110,7 @@ fn watch(
                         guard.hold.as_secs_f64()
                     );
                 }
-                held = Some((candidate, change));
+                held = Some((candidate, change, loaded));
                 continue;
             }
             Admission::HeldLongEnough => warn!(
@@ -107,6 +120,7 @@ fn watch(
         }
         in_force = captured(&candidate);
         info!(workloads = candidate.workloads.len(), captured = in_force.len(), "configuration applied");
+        on_apply(&candidate, &loaded.resources);
         publisher.publish(candidate);
     }
 }

@@ -14,6 +14,10 @@ use std::{
 };
 
 use strait_proto::prost_types;
+
+pub mod client;
+pub mod delta;
+pub mod server;
 pub use strait_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 
 use crate::identity::Identity;

@@ -1,0 +1,130 @@
+//! `strait control` (CFG-3): the mesh's control plane. It compiles the configuration directory
+//! once, with the same path and rules as a proxy reading it (CFG-1: settle, last good
+//! configuration, empty-configuration hold), and serves every proxy what it needs over Istio's
+//! protocols on one TLS port: delta ADS with the workload API and strait's L7 type, and the CA
+//! API (ID-2) with istiod's authorization.
+
+pub mod listener;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Located, Resource},
+    identity::{
+        CaServerOptions, CallerAuthenticator, LocalCa,
+        caserver::{CallerPolicy, ca_service},
+    },
+    model::{self, Model},
+    telemetry::MetricsRegistry,
+    xds::{
+        Snapshot, Subscriber, XdsResource,
+        server::{AdsMetrics, AdsServer},
+    },
+};
+use listener::GrpcService;
+
+/// Command-line settings of `strait control`.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    pub config_dir: PathBuf,
+    /// How long a configuration capturing no workload is held back (OPS-5).
+    pub empty_config_hold: Duration,
+    /// The one TLS port of delta ADS and the CA API.
+    pub listen: SocketAddr,
+    /// Prometheus metrics (`strait_xds_*`).
+    pub metrics: SocketAddr,
+    /// The mesh CA (Istio's plug-in CA layout).
+    pub ca_dir: PathBuf,
+    pub trust_domain: String,
+    /// Lifetime of certificates when the request names none.
+    pub cert_ttl: Duration,
+    /// Bootstrap tokens, one file per caller (layout in `identity::caller`).
+    pub bootstrap_tokens: Option<PathBuf>,
+}
+
+/// How the model becomes xDS resources and who may see which: `xds::resources` in the binary.
+#[derive(Clone, Copy)]
+pub struct Compiler {
+    pub snapshot: fn(&Model, &[Located<Resource>], &str) -> Snapshot,
+    pub visible: fn(&Subscriber, &str, &XdsResource) -> bool,
+}
+
+pub async fn run(options: ControlOptions, compiler: Compiler) -> anyhow::Result<()> {
+    let ca = Arc::new(LocalCa::load_or_create(&options.ca_dir, &options.trust_domain)?);
+    let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::new()));
+    let trust_domain = options.trust_domain.clone();
+    let model =
+        model::reload::load_and_watch_then(&options.config_dir, options.empty_config_hold, move |model, resources| {
+            let started = Instant::now();
+            let snapshot = (compiler.snapshot)(model, resources, &trust_domain);
+            let counts: Vec<String> =
+                snapshot.iter().map(|(t, r)| format!("{}={}", t.rsplit('.').next().unwrap_or(t), r.len())).collect();
+            info!(resources = %counts.join(" "), took_ms = started.elapsed().as_millis() as u64, "xDS snapshot built");
+            snapshots_tx.send_replace(Arc::new(snapshot));
+        })?;
+
+    if options.bootstrap_tokens.is_none() {
+        warn!(
+            "no --bootstrap-tokens: only callers holding a certificate of this mesh are served, so no new proxy can \
+             bootstrap"
+        );
+    }
+    let authenticator = Arc::new(CallerAuthenticator::new(&options.trust_domain, options.bootstrap_tokens.as_deref()));
+    let metrics = Arc::new(AdsMetrics::default());
+    let visible = compiler.visible;
+    let ads = AdsServer::new(snapshots, Arc::new(visible), authenticator.clone(), metrics.clone());
+    let trust_domain = options.trust_domain.clone();
+    let pods_on_node = move |node: &str, identity: &crate::identity::Identity| {
+        model.current().workloads_on(node).any(|w| w.identity(&trust_domain) == *identity)
+    };
+    let policy = CallerPolicy { authenticator, pods_on_node };
+    let ca_options = CaServerOptions { default_ttl: options.cert_ttl, ..CaServerOptions::default() };
+    let routes = vec![
+        ("/envoy.service.discovery.v3.AggregatedDiscoveryService/", GrpcService::new(ads.into_service())),
+        (
+            "/istio.v1.auth.IstioCertificateService/",
+            GrpcService::new(ca_service(ca.clone(), ca_options, Arc::new(policy))),
+        ),
+    ];
+    let ip_sans = if options.listen.ip().is_unspecified() { Vec::new() } else { vec![options.listen.ip()] };
+    let tls = listener::server_tls(ca, ip_sans)?;
+    let port = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", options.listen))?;
+    tokio::spawn(listener::serve(port, tls, routes));
+
+    let mut registry = MetricsRegistry::new();
+    metrics.register(&mut registry);
+    let metrics_listener = tokio::net::TcpListener::bind(options.metrics)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {}", options.metrics))?;
+    tokio::spawn(crate::admin::serve_metrics(metrics_listener, Arc::new(registry)));
+
+    info!(
+        listen = %options.listen,
+        config = %options.config_dir.display(),
+        "strait control ready: delta ADS and the CA API on {}, metrics on {}",
+        options.listen,
+        options.metrics
+    );
+    let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    info!("stopping");
+    Ok(())
+}
