@@ -6,9 +6,27 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use strait::{
     admin::OperatorEndpoints,
     admission::LimitSettings,
-    node::CaSource,
+    node::{CaSource, ConfigSource, ControlPlane},
     telemetry::{AccessLogFormat, logging::LogControl},
 };
+
+// Stand-ins until the resource mapping (xds::resources) is merged; replaced by it then.
+mod mapping {
+    use strait::{
+        config::{Located, Resource},
+        model::Model,
+        xds::{Received, Snapshot, Subscriber, XdsResource},
+    };
+    pub fn snapshot(_: &Model, _: &[Located<Resource>], _: &str) -> Snapshot {
+        Snapshot::new()
+    }
+    pub fn visible(_: &Subscriber, _: &str, _: &XdsResource) -> bool {
+        true
+    }
+    pub fn model_from_xds(_: &Received, _: &str) -> Result<Model, Vec<String>> {
+        Ok(Model::default())
+    }
+}
 
 #[derive(Parser)]
 #[command(name = "strait", version, about = "An ambient (sidecarless) service-mesh data plane")]
@@ -26,6 +44,9 @@ enum Command {
     Node(Box<NodeArgs>),
     /// Run a namespace's waypoint: the L7 proxy for services labelled istio.io/use-waypoint.
     Waypoint(Box<WaypointArgs>),
+    /// Run the mesh's control plane: compile a configuration directory once and serve every
+    /// proxy over Istio's delta xDS and CA API (one TLS port, like istiod's 15012).
+    Control(Box<ControlArgs>),
     /// Build a two-node mesh out of network namespaces on this machine and show it working.
     Demo,
     /// Operator tools that work on a configuration directory.
@@ -33,11 +54,18 @@ enum Command {
     Ctl(strait::ctl::CtlCommand),
 }
 
+/// Where a proxy's configuration comes from: a directory, or a control plane.
 #[derive(Args)]
-struct NodeArgs {
+struct SourceArgs {
     /// Directory of Kubernetes and Istio YAML resources, watched for changes.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "xds_address", conflicts_with = "xds_address")]
+    config: Option<PathBuf>,
+    /// Follow a control plane's delta xDS instead (`strait control`, or istiod), e.g.
+    /// https://10.255.0.9:15012; its certificate must chain to --ca-root. The proxy presents its
+    /// own certificate once it has one, and --ca-token-file's token until then. Certificates
+    /// come from the same address unless --ca-address says otherwise.
+    #[arg(long, requires = "ca_root")]
+    xds_address: Option<String>,
     /// How long a configuration that captures no workload because the captured ones are missing
     /// from it must stay so before it replaces the one in force (a directory being rewritten
     /// must not turn the mesh off); 0s applies it at once.
@@ -45,6 +73,30 @@ struct NodeArgs {
     // undone, while a deliberate teardown of the mesh still happens within a minute.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     empty_config_hold: Duration,
+}
+
+impl SourceArgs {
+    fn source(&self, identity: &IdentityArgs) -> anyhow::Result<ConfigSource> {
+        Ok(match (&self.config, &self.xds_address) {
+            (_, Some(address)) => ConfigSource::ControlPlane(ControlPlane {
+                address: address.clone(),
+                root: identity.ca_root.clone().ok_or_else(|| anyhow::anyhow!("--xds-address needs --ca-root"))?,
+                server_name: identity.ca_server_name.clone(),
+                token: read_token(identity.ca_token_file.as_deref())?,
+                decode: mapping::model_from_xds,
+            }),
+            (Some(dir), None) => {
+                ConfigSource::Directory { dir: dir.clone(), empty_config_hold: self.empty_config_hold }
+            }
+            (None, None) => anyhow::bail!("give --config DIR or --xds-address URL"),
+        })
+    }
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    source: SourceArgs,
     /// This node's name, as pods' `spec.nodeName` gives it.
     #[arg(long)]
     node: String,
@@ -112,14 +164,8 @@ struct ListenerArgs {
 
 #[derive(Args)]
 struct WaypointArgs {
-    /// Directory of Kubernetes and Istio YAML resources, watched for changes.
-    #[arg(long)]
-    config: PathBuf,
-    /// How long a configuration that captures no workload because the captured ones are missing
-    /// from it must stay so before it replaces the one in force (a directory being rewritten
-    /// must not turn the mesh off); 0s applies it at once.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    empty_config_hold: Duration,
+    #[command(flatten)]
+    source: SourceArgs,
     /// The waypoint's name: what `istio.io/use-waypoint` labels name, and the value of its
     /// pods' `gateway.networking.k8s.io/gateway-name` label.
     #[arg(long)]
@@ -148,6 +194,41 @@ struct WaypointArgs {
     workers: Option<usize>,
     #[command(flatten)]
     http_limits: HttpLimitArgs,
+}
+
+#[derive(Args)]
+struct ControlArgs {
+    /// Directory of Kubernetes and Istio YAML resources, watched for changes.
+    #[arg(long)]
+    config: PathBuf,
+    /// How long a configuration that captures no workload because the captured ones are missing
+    /// from it must stay so before it replaces the one in force; 0s applies it at once.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    empty_config_hold: Duration,
+    /// Where delta ADS and the CA API are served (TLS; client certificates optional).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Prometheus metrics (`strait_xds_*`), on istiod's monitoring port.
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    metrics_addr: SocketAddr,
+    /// Directory of the mesh CA (Istio's plug-in CA layout); created if empty. Proxies verify
+    /// the control plane against its root-cert.pem (--ca-root).
+    #[arg(long, default_value = "/var/lib/strait/ca")]
+    ca_dir: PathBuf,
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = strait::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Lifetime of certificates when a request names none.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// Directory of bootstrap tokens, one file per caller: `nodes/<node-name>` for a node
+    /// proxy, `serviceaccounts/<namespace>/<service-account>` for a workload such as a waypoint.
+    /// Read again at most once a second.
+    #[arg(long)]
+    bootstrap_tokens: Option<PathBuf>,
+    /// Worker threads (default: half the CPUs, at least one).
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 /// Client-side limits of an HTTP listener (defaults and their reasons: `strait::l7::limits`).
@@ -223,7 +304,7 @@ struct IdentityArgs {
     #[arg(long, default_value = "/var/lib/strait/ca")]
     ca_dir: PathBuf,
     /// File holding the bearer token callers of the CA API must present (serving), or that
-    /// this proxy presents to a remote CA (with --ca-address).
+    /// this proxy presents to a remote CA and control plane (--ca-address, --xds-address).
     #[arg(long)]
     ca_token_file: Option<PathBuf>,
     /// Get certificates from a CA speaking Istio's CA API instead (istiod, or a strait node
@@ -233,8 +314,8 @@ struct IdentityArgs {
     /// PEM root certificate(s) the remote CA's endpoint and issued certificates chain to.
     #[arg(long)]
     ca_root: Option<PathBuf>,
-    /// Name to verify in the remote CA's certificate, when it differs from the address's host
-    /// (strait's CA endpoint presents `strait-ca` and `istiod.istio-system.svc`).
+    /// Name to verify in the certificate of the remote CA and control plane, when it differs
+    /// from the address's host (strait presents `strait-ca` and `istiod.istio-system.svc`).
     #[arg(long)]
     ca_server_name: Option<String>,
     /// Lifetime of certificates (renewed at half life).
@@ -243,10 +324,12 @@ struct IdentityArgs {
 }
 
 impl IdentityArgs {
-    /// The CA to use; `listen` serves the local one over Istio's CA API too.
-    fn ca(self, listen: Option<SocketAddr>) -> anyhow::Result<CaSource> {
+    /// The CA to use; `listen` serves the local one over Istio's CA API too. A proxy following
+    /// a control plane gets certificates there unless told otherwise, as Istio's do.
+    fn ca(self, listen: Option<SocketAddr>, xds_address: Option<&str>) -> anyhow::Result<CaSource> {
         let token = read_token(self.ca_token_file.as_deref())?;
-        Ok(match (self.ca_address, self.ca_root) {
+        let address = self.ca_address.or_else(|| xds_address.map(str::to_owned));
+        Ok(match (address, self.ca_root) {
             (Some(address), Some(root)) => CaSource::Remote { address, root, token, server_name: self.ca_server_name },
             _ => CaSource::Local { dir: self.ca_dir, listen, token },
         })
@@ -266,6 +349,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Node(args) => run_node(*args, logging),
         Command::Waypoint(args) => run_waypoint(*args, logging),
+        Command::Control(args) => run_control(*args),
         Command::Demo => strait::demo::run(),
         Command::Ctl(command) => strait::ctl::run(command),
     };
@@ -282,16 +366,17 @@ fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
     let rt = runtime(args.workers)?;
     let (endpoints, access_log_format) = (args.operator.endpoints(), args.operator.format());
     let (trust_domain, cert_ttl) = (args.identity.trust_domain.clone(), args.identity.cert_ttl);
+    let source = args.source.source(&args.identity)?;
+    let ca = args.identity.ca(args.ca_listen, args.source.xds_address.as_deref())?;
     rt.block_on(strait::node::run(strait::node::NodeOptions {
-        config_dir: args.config,
-        empty_config_hold: args.empty_config_hold,
+        source,
         node_name: args.node,
         endpoints,
         access_log_format,
         access_log: args.operator.access_log,
         logging: Some(logging),
         trust_domain,
-        ca: args.identity.ca(args.ca_listen)?,
+        ca,
         cert_ttl,
         uplink: args.uplink,
         bpf_pin_dir: args.bpf_pin_dir,
@@ -314,14 +399,15 @@ fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
     let rt = runtime(args.workers)?;
     let (endpoints, access_log_format) = (args.operator.endpoints(), args.operator.format());
     let (trust_domain, cert_ttl) = (args.identity.trust_domain.clone(), args.identity.cert_ttl);
+    let source = args.source.source(&args.identity)?;
+    let ca = args.identity.ca(None, args.source.xds_address.as_deref())?;
     rt.block_on(strait::waypoint::run(strait::waypoint::WaypointOptions {
-        config_dir: args.config,
-        empty_config_hold: args.empty_config_hold,
+        source,
         service_account: args.service_account.unwrap_or_else(|| args.name.clone()),
         name: args.name,
         namespace: args.namespace,
         trust_domain,
-        ca: args.identity.ca(None)?,
+        ca,
         cert_ttl,
         endpoints,
         access_log_format,
@@ -337,6 +423,22 @@ fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
         max_open_files: args.limits.max_open_files,
         http_limits: args.http_limits.limits(),
     }))
+}
+
+fn run_control(args: ControlArgs) -> anyhow::Result<()> {
+    let rt = runtime(args.workers)?;
+    let options = strait::control::ControlOptions {
+        config_dir: args.config,
+        empty_config_hold: args.empty_config_hold,
+        listen: args.listen,
+        metrics: args.metrics_addr,
+        ca_dir: args.ca_dir,
+        trust_domain: args.trust_domain,
+        cert_ttl: args.cert_ttl,
+        bootstrap_tokens: args.bootstrap_tokens,
+    };
+    let compiler = strait::control::Compiler { snapshot: mapping::snapshot, visible: mapping::visible };
+    rt.block_on(strait::control::run(options, compiler))
 }
 
 fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {

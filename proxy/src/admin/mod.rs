@@ -147,6 +147,8 @@ pub struct AdminState {
     /// `None` when the process installed no reloadable log filter.
     pub logging: Option<LogControl>,
     pub ready: Readiness,
+    /// The xDS client's state, when the proxy follows a control plane.
+    pub xds: Option<crate::xds::client::SharedStatus>,
 }
 
 /// A response before it becomes HTTP.
@@ -220,7 +222,7 @@ fn admin(state: &AdminState, request: &Request<Incoming>) -> Reply {
             Some(view) => Reply::json(view()),
             None => Reply::text(StatusCode::NOT_FOUND, "this proxy has no L7 destinations (it is a node proxy)\n"),
         },
-        "/config_dump" if get => Reply::json(views::config_dump(&state.model.current())),
+        "/config_dump" if get => Reply::json(views::config_dump(&state.model.current(), state.xds.as_ref())),
         "/workloads" if get => {
             Reply::json(views::workloads(&state.model.current(), &state.node_name, &state.trust_domain))
         }

@@ -80,9 +80,17 @@ pub(super) fn stats(capture: Option<&Mutex<Capture>>) -> String {
     out
 }
 
-/// `/config_dump`: the compiled model.
-pub(super) fn config_dump(model: &Model) -> String {
-    serde_json::to_string_pretty(model).unwrap_or_else(|e| error_json(&e))
+/// `/config_dump`: the compiled model, and under `xds` the state of the xDS client (CFG-2) when
+/// the proxy follows a control plane.
+pub(super) fn config_dump(model: &Model, xds: Option<&crate::xds::client::SharedStatus>) -> String {
+    let dump = serde_json::to_value(model).and_then(|mut dump| {
+        if let (Some(xds), Some(object)) = (xds, dump.as_object_mut()) {
+            let status = xds.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            object.insert("xds".to_owned(), serde_json::to_value(status)?);
+        }
+        Ok(dump)
+    });
+    dump.and_then(|d| serde_json::to_string_pretty(&d)).unwrap_or_else(|e| error_json(&e))
 }
 
 #[derive(Serialize)]

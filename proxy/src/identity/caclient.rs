@@ -33,7 +33,7 @@ use tokio::{net::TcpStream, sync::Mutex};
 use tokio_rustls::TlsConnector;
 
 use super::{
-    BoxFuture, CertificateProvider, Identity, IdentityError, IssuedCert,
+    BoxFuture, CertificateProvider, ClientCertSlot, Identity, IdentityError, IssuedCert,
     ca::parse_certs,
     caserver::IMPERSONATED_IDENTITY,
     tls::{ALPN_H2, identity_of},
@@ -55,6 +55,9 @@ pub struct CaClientOptions {
     /// The name to verify the CA's certificate against, when it differs from the address's
     /// host (e.g. dialling an IP, or a CA certified as `istiod.istio-system.svc`).
     pub server_name: Option<String>,
+    /// The caller's own certificate, presented (mTLS) once it holds one: what authenticates it
+    /// to strait's control plane after bootstrapping with the token.
+    pub client_cert: Option<Arc<ClientCertSlot>>,
 }
 
 impl fmt::Debug for CaClientOptions {
@@ -62,6 +65,7 @@ impl fmt::Debug for CaClientOptions {
         f.debug_struct("CaClientOptions")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("server_name", &self.server_name)
+            .field("client_cert", &self.client_cert)
             .finish()
     }
 }
@@ -116,11 +120,14 @@ impl IstioCaClient {
         for root in &roots {
             store.add(root.clone()).map_err(|e| bad(format!("{}: unusable root: {e}", ca_root.display())))?;
         }
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| IdentityError::Tls(e.to_string()))?
-            .with_root_certificates(store)
-            .with_no_client_auth();
+            .with_root_certificates(store);
+        let mut tls = match &options.client_cert {
+            Some(slot) => builder.with_client_cert_resolver(slot.clone()),
+            None => builder.with_no_client_auth(),
+        };
         tls.alpn_protocols = vec![ALPN_H2.to_vec()];
 
         Ok(Self {
@@ -189,7 +196,22 @@ impl IstioCaClient {
         IdentityError::CaRequest(format!("{}: {reason}", self.address))
     }
 
+    /// The caller's own certificate: asked for without `ImpersonatedIdentity`, as Istio's
+    /// proxies in dedicated mode ask; the CA decides the identity, which must be `expected`.
+    pub async fn issue_own(&self, expected: &Identity, ttl: Duration) -> Result<IssuedCert, IdentityError> {
+        self.request(expected, ttl, None).await
+    }
+
     async fn issue_remote(&self, identity: &Identity, ttl: Duration) -> Result<IssuedCert, IdentityError> {
+        self.request(identity, ttl, Some(impersonation(identity))).await
+    }
+
+    async fn request(
+        &self,
+        identity: &Identity,
+        ttl: Duration,
+        metadata: Option<Struct>,
+    ) -> Result<IssuedCert, IdentityError> {
         let fail = |reason: String| IdentityError::Issue {
             identity: identity.to_string(),
             reason: format!("from CA {}: {reason}", self.address),
@@ -200,7 +222,7 @@ impl IstioCaClient {
             .create_certificate(IstioCertificateRequest {
                 csr,
                 validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-                metadata: Some(impersonation(identity)),
+                metadata,
             })
             .await?;
         let (chain, not_before, not_after, serial) =
@@ -221,6 +243,42 @@ impl IstioCaClient {
 impl CertificateProvider for IstioCaClient {
     fn issue<'a>(&'a self, identity: &'a Identity, ttl: Duration) -> BoxFuture<'a, Result<IssuedCert, IdentityError>> {
         Box::pin(self.issue_remote(identity, ttl))
+    }
+}
+
+/// Keeps the caller's own certificate (`issue_own`) in `slot`, renewed at about half of its
+/// life; a failure is retried after 1, 2, 4 s... up to 2 min. The first result, success or
+/// not, is reported through `first`.
+pub async fn keep_own_certificate(
+    client: Arc<IstioCaClient>,
+    identity: Identity,
+    ttl: Duration,
+    slot: Arc<ClientCertSlot>,
+    first: tokio::sync::oneshot::Sender<Result<(), IdentityError>>,
+) {
+    let mut first = Some(first);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let wait = match client.issue_own(&identity, ttl).await.and_then(|cert| slot.set(&cert).map(|()| cert)) {
+            Ok(cert) => {
+                tracing::info!(%identity, serial = %cert.serial, "own certificate issued: presented to the control plane from now on");
+                if let Some(first) = first.take() {
+                    let _ = first.send(Ok(()));
+                }
+                backoff = Duration::from_secs(1);
+                cert.refresh_at().duration_since(SystemTime::now()).unwrap_or_default()
+            }
+            Err(e) => {
+                tracing::warn!(%identity, "cannot obtain this proxy's own certificate, next attempt in {}s: {e}", backoff.as_secs());
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(e));
+                }
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(120));
+                wait
+            }
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -347,7 +405,7 @@ mod tests {
     }
 
     fn client(ca: &CaEndpoint, token: Option<&str>) -> IstioCaClient {
-        let options = CaClientOptions { token: token.map(str::to_owned), server_name: None };
+        let options = CaClientOptions { token: token.map(str::to_owned), ..CaClientOptions::default() };
         IstioCaClient::new(&format!("https://{}", ca.addr), &ca.ca.root_cert_path(), options).expect("client")
     }
 
@@ -413,7 +471,7 @@ mod tests {
         let by_name = IstioCaClient::new(
             &format!("localhost:{}", endpoint.addr.port()),
             &endpoint.ca.root_cert_path(),
-            CaClientOptions { token: Some(TOKEN.into()), server_name: Some("strait-ca".into()) },
+            CaClientOptions { token: Some(TOKEN.into()), server_name: Some("strait-ca".into()), client_cert: None },
         )
         .expect("client");
         by_name.issue(&a, ttl).await.expect("issue via strait-ca");
@@ -449,7 +507,7 @@ mod tests {
         let client = IstioCaClient::new(
             &format!("https://{}", endpoint.addr),
             &other.root_cert_path(),
-            CaClientOptions { token: Some(TOKEN.into()), server_name: None },
+            CaClientOptions { token: Some(TOKEN.into()), ..CaClientOptions::default() },
         )
         .expect("client");
         let err = client

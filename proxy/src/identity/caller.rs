@@ -178,8 +178,11 @@ enum Holder {
 /// timing says nothing about how much of a guess was right.
 struct BootstrapTokens {
     dir: PathBuf,
-    cache: Mutex<Option<(Instant, Arc<HashMap<[u8; 32], Holder>>)>>,
+    cache: Mutex<Option<(Instant, Arc<TokenTable>)>>,
 }
+
+/// Token digests and whose they are.
+type TokenTable = HashMap<[u8; 32], Holder>;
 
 impl BootstrapTokens {
     fn new(dir: &Path) -> Self {
@@ -209,7 +212,7 @@ fn digest(token: &str) -> [u8; 32] {
 }
 
 /// Reads every token file; a token found in two files belongs to neither.
-fn read_tokens(dir: &Path) -> HashMap<[u8; 32], Holder> {
+fn read_tokens(dir: &Path) -> TokenTable {
     let mut found: Vec<(String, Holder)> = Vec::new();
     let read = |path: &Path| match fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
@@ -234,7 +237,7 @@ fn read_tokens(dir: &Path) -> HashMap<[u8; 32], Holder> {
             }
         }
     }
-    let mut tokens: HashMap<[u8; 32], Holder> = HashMap::new();
+    let mut tokens = TokenTable::new();
     let mut shared = Vec::new();
     for (token, holder) in found {
         let key = digest(&token);

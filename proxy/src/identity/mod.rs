@@ -16,7 +16,7 @@ use thiserror::Error;
 
 pub use ca::LocalCa;
 pub(crate) use ca::parse_certs;
-pub use caclient::{CaClientOptions, DEFAULT_CA_PORT, IstioCaClient};
+pub use caclient::{CaClientOptions, DEFAULT_CA_PORT, IstioCaClient, keep_own_certificate};
 pub use caller::{Authenticate, Caller, CallerAuthenticator, ClientCertSlot, PeerCertificate, node_proxy_identity};
 pub use caserver::{CA_SERVER_NAMES, CaServerOptions, IMPERSONATED_IDENTITY, serve_ca};
 pub use store::CertStore;

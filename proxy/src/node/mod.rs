@@ -35,10 +35,17 @@ use crate::{
     admission::{self, Gate, LimitSettings, ListenerLimits},
     capture::{self, Capture, SteerRouting},
     hbone::HbonePool,
-    identity::{CaClientOptions, CaServerOptions, CertStore, CertificateProvider, IstioCaClient, LocalCa, serve_ca},
+    identity::{
+        CaClientOptions, CaServerOptions, CertStore, CertificateProvider, ClientCertSlot, IstioCaClient, LocalCa,
+        serve_ca,
+    },
     model::{self, Model, ModelHandle},
     sys,
     telemetry::{AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, Telemetry, logging::LogControl},
+    xds::{
+        ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL,
+        client::{SharedStatus, XdsClientOptions},
+    },
 };
 
 /// How often capture is reconciled with the routing table even without a config change, so a
@@ -48,9 +55,7 @@ const RECONCILE_EVERY: Duration = Duration::from_millis(300);
 /// Command-line settings of `strait node`.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
-    pub config_dir: PathBuf,
-    /// How long a configuration capturing no workload is held back (OPS-5).
-    pub empty_config_hold: Duration,
+    pub source: ConfigSource,
     pub node_name: String,
     /// Admin API, metrics and readiness.
     pub endpoints: OperatorEndpoints,
@@ -80,14 +85,80 @@ pub struct NodeOptions {
     pub handover_socket: PathBuf,
 }
 
+/// Where a proxy's configuration comes from (CFG-1, CFG-2).
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A directory of YAML, watched; a configuration capturing no workload is held back for
+    /// `empty_config_hold` (OPS-5).
+    Directory { dir: PathBuf, empty_config_hold: Duration },
+    /// A control plane's delta ADS (`strait control`, or istiod).
+    ControlPlane(ControlPlane),
+}
+
+/// How to follow a control plane.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    /// `[https://]host[:port]`.
+    pub address: String,
+    /// PEM roots the control plane's certificate chains to.
+    pub root: PathBuf,
+    /// The name to verify in its certificate, when not the address's host.
+    pub server_name: Option<String>,
+    /// Bootstrap token (until the proxy holds a certificate of its own).
+    pub token: Option<String>,
+    /// xDS resources to a model (`xds::resources::model_from_xds`).
+    pub decode: crate::xds::client::Decode,
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Directory { dir, .. } => write!(f, "{}", dir.display()),
+            Self::ControlPlane(cp) => write!(f, "xDS {}", cp.address),
+        }
+    }
+}
+
+impl ControlPlane {
+    /// The xDS client's settings: subscribing to `type_urls` as `node`.
+    pub fn client_options(
+        &self,
+        node: strait_proto::envoy::config::core::v3::Node,
+        type_urls: &[&str],
+        client_cert: Option<Arc<ClientCertSlot>>,
+    ) -> XdsClientOptions {
+        XdsClientOptions {
+            address: self.address.clone(),
+            root: self.root.clone(),
+            server_name: self.server_name.clone(),
+            token: self.token.clone(),
+            client_cert,
+            node,
+            type_urls: type_urls.iter().map(|t| (*t).to_owned()).collect(),
+        }
+    }
+}
+
 /// Where the node proxy gets workload certificates (ID-1, ID-2).
 #[derive(Debug, Clone)]
 pub enum CaSource {
     /// The built-in CA, kept in `dir`; with `listen`, also served over Istio's CA API to other
     /// proxies presenting `token`.
     Local { dir: PathBuf, listen: Option<SocketAddr>, token: Option<String> },
-    /// A remote CA speaking Istio's CA API (istiod, or another strait node).
+    /// A remote CA speaking Istio's CA API (istiod, `strait control`, or another strait node).
     Remote { address: String, root: PathBuf, token: Option<String>, server_name: Option<String> },
+}
+
+impl CaSource {
+    /// The remote CA's client, presenting `client_cert` once it holds one.
+    pub fn remote_client(
+        &self,
+        client_cert: Option<Arc<ClientCertSlot>>,
+    ) -> Result<Option<Arc<IstioCaClient>>, crate::identity::IdentityError> {
+        let Self::Remote { address, root, token, server_name } = self else { return Ok(None) };
+        let options = CaClientOptions { token: token.clone(), server_name: server_name.clone(), client_cert };
+        Ok(Some(Arc::new(IstioCaClient::new(address, root, options)?)))
+    }
 }
 
 /// What every connection handler needs.
@@ -146,10 +217,27 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     let fd_limit = sys::set_fd_limit(options.max_open_files);
     let limits = options.limits.resolve(fd_limit);
 
-    let model = model::reload::load_and_watch(&options.config_dir, options.empty_config_hold)?;
-
-    let provider = certificate_provider(&options).await?;
+    // The proxy's own certificate, once it has one, authenticates it to the control plane.
+    let own_cert = matches!(options.source, ConfigSource::ControlPlane(_)).then(|| Arc::new(ClientCertSlot::default()));
+    let remote_ca = options.ca.remote_client(own_cert.clone())?;
+    let provider = certificate_provider(&options, remote_ca.clone()).await?;
     let certs = CertStore::new(provider, options.cert_ttl);
+    let (model, xds) = match &options.source {
+        ConfigSource::Directory { dir, empty_config_hold } => {
+            (model::reload::load_and_watch(dir, *empty_config_hold)?, None)
+        }
+        ConfigSource::ControlPlane(control_plane) => {
+            if let (Some(ca), Some(slot)) = (remote_ca, &own_cert) {
+                obtain_own_certificate(ca, &options, slot.clone()).await;
+            }
+            let node = xds_node(&options.node_name);
+            let client = control_plane.client_options(node, &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL], own_cert);
+            info!(address = %control_plane.address, "waiting for the configuration from the control plane");
+            let (model, status) =
+                crate::xds::client::follow(client, control_plane.decode, &options.trust_domain).await?;
+            (model, Some(status))
+        }
+    };
 
     let mut capture = Capture::load(&options.bpf_pin_dir)?;
     let routing =
@@ -185,7 +273,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     ));
     let gates = Gates::new(&limits);
     let (drain_tx, draining) = watch::channel(false);
-    let (telemetry, ready, serving) = serve_operator_endpoints(&options, &model, &capture, &certs, &gates).await?;
+    let (telemetry, ready, serving) = serve_operator_endpoints(&options, &model, &capture, &certs, &gates, xds).await?;
 
     let ctx = Arc::new(NodeContext {
         model,
@@ -217,7 +305,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     ready.set_ready();
     info!(
         node = %options.node_name,
-        config = %options.config_dir.display(),
+        config = %options.source,
         "strait node ready; capturing on port {OUTBOUND_PORT} (open-file limit {fd_limit}; limits: {limits:?})"
     );
 
@@ -384,7 +472,41 @@ async fn wait_for_shutdown(
     }
 }
 
-async fn certificate_provider(options: &NodeOptions) -> anyhow::Result<Arc<dyn CertificateProvider>> {
+/// The node proxy's own certificate (`spiffe://<td>/ns/istio-system/sa/ztunnel`, naming its
+/// node), asked for with the bootstrap token and kept renewed; waits for the first attempt, as
+/// the xDS stream is better opened with it, but carries on with the token if it fails.
+async fn obtain_own_certificate(ca: Arc<IstioCaClient>, options: &NodeOptions, slot: Arc<ClientCertSlot>) {
+    let (first_tx, first) = tokio::sync::oneshot::channel();
+    let identity = crate::identity::node_proxy_identity(&options.trust_domain);
+    tokio::spawn(crate::identity::keep_own_certificate(ca, identity, options.cert_ttl, slot, first_tx));
+    match tokio::time::timeout(Duration::from_secs(10), first).await {
+        Ok(Ok(Ok(()))) => {}
+        _ => warn!("no certificate of this node proxy yet: authenticating to the control plane with the token"),
+    }
+}
+
+/// The `node` this proxy subscribes as, shaped as ztunnel's (Kubernetes' downward-API
+/// variables when set, as ztunnel reads them).
+fn xds_node(node_name: &str) -> strait_proto::envoy::config::core::v3::Node {
+    let env = |name: &str, default: String| std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or(default);
+    crate::xds::client::proxy_node(
+        "ztunnel",
+        &env("INSTANCE_IP", "0.0.0.0".into()),
+        &env("POD_NAME", format!("strait-node-{node_name}")),
+        &env("POD_NAMESPACE", crate::identity::caller::NODE_PROXY_NAMESPACE.into()),
+        Some(node_name),
+        &[],
+    )
+}
+
+async fn certificate_provider(
+    options: &NodeOptions,
+    remote: Option<Arc<IstioCaClient>>,
+) -> anyhow::Result<Arc<dyn CertificateProvider>> {
+    if let Some(remote) = remote {
+        info!("workload certificates come from a remote CA");
+        return Ok(remote);
+    }
     match &options.ca {
         CaSource::Local { dir, listen, token } => {
             let ca = Arc::new(LocalCa::load_or_create(dir, &options.trust_domain)?);
@@ -416,7 +538,7 @@ async fn certificate_provider(options: &NodeOptions) -> anyhow::Result<Arc<dyn C
             let client = IstioCaClient::new(
                 address,
                 root,
-                CaClientOptions { token: token.clone(), server_name: server_name.clone() },
+                CaClientOptions { token: token.clone(), server_name: server_name.clone(), client_cert: None },
             )?;
             info!(%address, "workload certificates come from a remote CA");
             Ok(Arc::new(client))
@@ -439,6 +561,7 @@ async fn serve_operator_endpoints(
     capture: &Arc<Mutex<Capture>>,
     certs: &Arc<CertStore>,
     gates: &Gates,
+    xds: Option<SharedStatus>,
 ) -> anyhow::Result<(Telemetry, Readiness, admin::Serving)> {
     let access_log = AccessLog::open(options.access_log_format, options.access_log.as_deref())?;
     let mut metrics = MetricsRegistry::new();
@@ -470,6 +593,7 @@ async fn serve_operator_endpoints(
         trust_domain: options.trust_domain.clone(),
         logging: options.logging.clone(),
         ready: ready.clone(),
+        xds,
     };
     let serving = admin::start(&options.endpoints, state, metrics).await?;
     Ok((telemetry, ready, serving))

@@ -27,7 +27,7 @@ use crate::{
     admin::{self, AdminState, OperatorEndpoints, Readiness},
     admission::{self, Gate, LimitSettings},
     hbone::HbonePool,
-    identity::{CaClientOptions, CertStore, CertificateProvider, Identity, IstioCaClient, LocalCa},
+    identity::{CertStore, CertificateProvider, ClientCertSlot, Identity, LocalCa},
     l7::{
         L7Context,
         authn::Authn,
@@ -36,19 +36,18 @@ use crate::{
         upstream::{Connector, Upstreams},
     },
     model::{self, ModelHandle, WaypointName},
-    node::CaSource,
+    node::{CaSource, ConfigSource},
     sys,
     telemetry::{
         AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, logging::LogControl,
     },
+    xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL},
 };
 
 /// Command-line settings of `strait waypoint`.
 #[derive(Debug, Clone)]
 pub struct WaypointOptions {
-    pub config_dir: PathBuf,
-    /// How long a configuration capturing no workload is held back (OPS-5).
-    pub empty_config_hold: Duration,
+    pub source: ConfigSource,
     pub name: String,
     pub namespace: String,
     /// The service account whose identity the waypoint holds (default: its name).
@@ -104,8 +103,32 @@ impl Drop for ActiveStream {
 pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
     let fd_limit = sys::set_fd_limit(options.max_open_files);
     let limits = options.limits.resolve(fd_limit);
-    let model = model::reload::load_and_watch(&options.config_dir, options.empty_config_hold)?;
     let name = WaypointName { namespace: options.namespace.clone(), name: options.name.clone() };
+    let identity = Identity::new(&options.trust_domain, &options.namespace, &options.service_account);
+    // The waypoint's own certificate, once held, authenticates it to the control plane.
+    let own_cert = matches!(options.source, ConfigSource::ControlPlane(_)).then(|| Arc::new(ClientCertSlot::default()));
+    let certs = CertStore::new(certificate_provider(&options, own_cert.clone()).await?, options.cert_ttl);
+    let tls = certs.get(&identity).await.with_context(|| format!("cannot obtain a certificate for {identity}"))?;
+    let (model, xds) = match &options.source {
+        ConfigSource::Directory { dir, empty_config_hold } => {
+            (model::reload::load_and_watch(dir, *empty_config_hold)?, None)
+        }
+        ConfigSource::ControlPlane(control_plane) => {
+            let slot = own_cert.unwrap_or_default();
+            slot.set(&tls.cert)?;
+            tokio::spawn(keep_client_cert(certs.clone(), identity.clone(), slot.clone()));
+            let client = control_plane.client_options(
+                xds_node(&name),
+                &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL],
+                Some(slot),
+            );
+            info!(address = %control_plane.address, "waiting for the configuration from the control plane");
+            let (model, status) =
+                crate::xds::client::follow(client, control_plane.decode, &options.trust_domain).await?;
+            (model, Some(status))
+        }
+    };
+    drop(tls);
     if model.current().waypoint(&name).is_none() {
         warn!(
             waypoint = %name,
@@ -114,10 +137,6 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
             name.name
         );
     }
-    let identity = Identity::new(&options.trust_domain, &options.namespace, &options.service_account);
-    let certs = CertStore::new(certificate_provider(&options).await?, options.cert_ttl);
-    let tls = certs.get(&identity).await.with_context(|| format!("cannot obtain a certificate for {identity}"))?;
-    drop(tls);
 
     let access_log = AccessLog::open(options.access_log_format, options.access_log.as_deref())?;
     let mut metrics = MetricsRegistry::new();
@@ -159,7 +178,7 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
         active_streams: Arc::default(),
     });
     tokio::spawn(forget_removed_destinations(ctx.clone()));
-    let ready = serve_operator_endpoints(&options, &model, &certs, metrics, &l7).await?;
+    let ready = serve_operator_endpoints(&options, &model, &certs, metrics, &l7, xds).await?;
 
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
     let listener = tokio::net::TcpListener::bind(addr)
@@ -213,15 +232,46 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn certificate_provider(options: &WaypointOptions) -> anyhow::Result<Arc<dyn CertificateProvider>> {
-    Ok(match &options.ca {
-        CaSource::Local { dir, .. } => Arc::new(LocalCa::load_or_create(dir, &options.trust_domain)?),
-        CaSource::Remote { address, root, token, server_name } => Arc::new(IstioCaClient::new(
-            address,
-            root,
-            CaClientOptions { token: token.clone(), server_name: server_name.clone() },
-        )?),
+async fn certificate_provider(
+    options: &WaypointOptions,
+    client_cert: Option<Arc<ClientCertSlot>>,
+) -> anyhow::Result<Arc<dyn CertificateProvider>> {
+    Ok(match options.ca.remote_client(client_cert)? {
+        Some(remote) => remote,
+        None => match &options.ca {
+            CaSource::Local { dir, .. } => Arc::new(LocalCa::load_or_create(dir, &options.trust_domain)?),
+            CaSource::Remote { .. } => unreachable!("remote_client answers for a remote CA"),
+        },
     })
+}
+
+/// Keeps the certificate presented to the control plane the waypoint's current one, as the
+/// store renews it.
+async fn keep_client_cert(certs: Arc<CertStore>, identity: Identity, slot: Arc<ClientCertSlot>) {
+    // Renewal happens at half life (hours by default): a minute's lag costs nothing.
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        if let Ok(tls) = certs.get(&identity).await
+            && let Err(e) = slot.set(&tls.cert)
+        {
+            warn!("cannot present the renewed certificate to the control plane: {e}");
+        }
+    }
+}
+
+/// The `node` the waypoint subscribes as: Istio's id for a waypoint pod, and metadata naming the
+/// waypoint, which is what its L7 resources are chosen by.
+fn xds_node(name: &WaypointName) -> strait_proto::envoy::config::core::v3::Node {
+    let env = |var: &str, default: String| std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or(default);
+    crate::xds::client::proxy_node(
+        "waypoint",
+        &env("INSTANCE_IP", "0.0.0.0".into()),
+        &env("POD_NAME", name.name.clone()),
+        &name.namespace,
+        None,
+        &[("STRAIT_WAYPOINT", name.to_string())],
+    )
 }
 
 /// Destinations of services that left the configuration are forgotten, with their connections.
@@ -238,6 +288,7 @@ async fn serve_operator_endpoints(
     certs: &Arc<CertStore>,
     metrics: MetricsRegistry,
     l7: &Arc<L7Context>,
+    xds: Option<crate::xds::client::SharedStatus>,
 ) -> anyhow::Result<Readiness> {
     let ready = Readiness::default();
     let engine = l7.clone();
@@ -250,6 +301,7 @@ async fn serve_operator_endpoints(
         trust_domain: options.trust_domain.clone(),
         logging: options.logging.clone(),
         ready: ready.clone(),
+        xds,
     };
     // Closed with the process: a waypoint restarts as a new pod, with addresses of its own.
     drop(admin::start(&options.endpoints, state, metrics).await?);

@@ -406,3 +406,49 @@ pub fn proxy_node(
         ..Node::default()
     }
 }
+
+/// Turns what a control plane sent into a model (`xds::resources::model_from_xds`).
+pub type Decode = fn(&Received, &str) -> Result<crate::model::Model, Vec<String>>;
+
+/// The model of a proxy that follows a control plane: starts the client and returns once the
+/// first state has been accepted (a proxy without configuration must not start serving). The
+/// model is replaced on every accepted change; the status feeds `/config_dump`.
+pub async fn follow(
+    options: XdsClientOptions,
+    decode: Decode,
+    trust_domain: &str,
+) -> Result<(crate::model::ModelHandle, SharedStatus), XdsError> {
+    let address = options.address.clone();
+    let client = XdsClient::new(options)?;
+    let status = client.status();
+    let (mut publisher, model) = crate::model::channel(crate::model::Model::default());
+    let trust_domain = trust_domain.to_owned();
+    let sink: Sink = Box::new(move |received: &Received| {
+        let model = decode(received, &trust_domain)?;
+        info!(
+            workloads = model.workloads.len(),
+            services = model.services.len(),
+            "configuration from the control plane applied"
+        );
+        publisher.publish(model);
+        Ok(())
+    });
+    let (synced_tx, mut synced) = tokio::sync::oneshot::channel();
+    tokio::spawn(client.run(sink, synced_tx));
+    let started = std::time::Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), &mut synced).await {
+            Ok(Ok(())) => return Ok((model, status)),
+            Ok(Err(_)) => return Err(XdsError::Stream(format!("{address}: the xDS client stopped"))),
+            Err(_) => {
+                let last = status.lock().unwrap_or_else(|p| p.into_inner()).last_error.clone();
+                warn!(
+                    %address,
+                    waited_s = started.elapsed().as_secs(),
+                    last_error = last.as_deref().unwrap_or("none"),
+                    "still waiting for a valid configuration from the control plane"
+                );
+            }
+        }
+    }
+}

@@ -105,7 +105,8 @@ impl AdsMetrics {
 
     /// `strait_xds_*_total{type}` on the control plane's `/metrics`.
     pub fn register(self: &Arc<Self>, registry: &mut MetricsRegistry) {
-        let families: [(&str, &str, fn(&TypeCounters) -> u64); 5] = [
+        type Family = (&'static str, &'static str, fn(&TypeCounters) -> u64);
+        let families: [Family; 5] = [
             ("strait_xds_responses", "Delta xDS responses sent, by type URL", |c| c.responses),
             ("strait_xds_resources_sent", "Resources sent in delta xDS responses, by type URL", |c| c.resources),
             ("strait_xds_bytes_sent", "Encoded resource bytes sent in delta xDS responses, by type URL", |c| c.bytes),
