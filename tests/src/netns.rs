@@ -120,6 +120,25 @@ impl Netns {
         Ok(Process::new(name_for_logs.to_string(), child, log_path, Arc::clone(&self.shared)))
     }
 
+    /// Runs `f` on a new thread that has joined this namespace (only that thread does), so a
+    /// test can open sockets inside it: a client written in the test talking to a process of
+    /// the topology. Returns what `f` returns.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+        let netns_file = self.open()?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    // SAFETY: setns on a descriptor we own; it moves this thread only.
+                    if unsafe { libc::setns(netns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
     /// Opens the namespace file, for `setns`.
     fn open(&self) -> io::Result<File> {
         let path = Path::new("/run/netns").join(&self.name);

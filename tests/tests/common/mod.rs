@@ -45,10 +45,17 @@ fn start_node_raw(
     ca_dir: &Path,
     extra: &[&str],
 ) -> io::Result<Process> {
-    let strait = bin_path("strait");
     let (config, ca) = (config_dir.to_string_lossy(), ca_dir.to_string_lossy());
+    let mut args = vec!["--config", &config, "--ca-dir", &ca];
+    args.extend_from_slice(extra);
+    spawn_node(topo, node, &args)
+}
+
+/// Starts `strait node --node <node> --bpf-pin-dir <its pins> ARGS` and waits until it is ready.
+pub fn spawn_node(topo: &Topology, node: &Node, extra: &[&str]) -> io::Result<Process> {
+    let strait = bin_path("strait");
     let pins = node.bpf_pin_dir().to_string_lossy().into_owned();
-    let mut args = vec!["node", "--config", &config, "--node", node.name(), "--ca-dir", &ca, "--bpf-pin-dir", &pins];
+    let mut args = vec!["node", "--node", node.name(), "--bpf-pin-dir", &pins];
     args.extend_from_slice(extra);
     // A restarted proxy appends to the same log: wait for a new "ready" line, not an old one.
     let log_name = format!("strait-{}", node.name());
@@ -193,10 +200,18 @@ pub fn start_waypoint_with(
     namespace: &str,
     extra: &[&str],
 ) -> io::Result<Process> {
-    let strait = bin_path("strait");
     let (config, ca) = (topo.config_dir(), ca_dir.to_string_lossy().into_owned());
     let config = config.to_string_lossy().into_owned();
-    let mut args = vec!["waypoint", "--config", &config, "--name", name, "--namespace", namespace, "--ca-dir", &ca];
+    let mut args = vec!["--config", &config, "--ca-dir", &ca];
+    args.extend_from_slice(extra);
+    spawn_waypoint(pod, name, namespace, &args)
+}
+
+/// Starts `strait waypoint --name <name> --namespace <namespace> ARGS` in `pod` and waits until
+/// it is ready.
+pub fn spawn_waypoint(pod: &Pod, name: &str, namespace: &str, extra: &[&str]) -> io::Result<Process> {
+    let strait = bin_path("strait");
+    let mut args = vec!["waypoint", "--name", name, "--namespace", namespace];
     args.extend_from_slice(extra);
     let proxy = pod.spawn(&format!("waypoint-{name}"), &strait, &args, &[("STRAIT_LOG", "info")])?;
     let deadline = Instant::now() + TIMEOUT;
@@ -325,4 +340,95 @@ pub fn start_backends(m: &WaypointMesh, port: u16) -> io::Result<Vec<Process>> {
         .iter()
         .map(|pod| pod.echo_server(strait_testbed::EchoKind::Http, port).name(pod.name()).start())
         .collect()
+}
+
+/// `strait control` on a node of its own (reachable from every node over the underlay),
+/// serving the topology's configuration directory, with its CA and bootstrap tokens in the
+/// topology's directory.
+pub struct Control {
+    pub node: Node,
+    pub ca_dir: PathBuf,
+    pub tokens: PathBuf,
+}
+
+impl Control {
+    pub fn new(topo: &Topology, node: Node) -> Control {
+        Control { node, ca_dir: topo.dir().join("control-ca"), tokens: topo.dir().join("tokens") }
+    }
+
+    /// The address proxies follow: the node's IP, which the control plane's certificate names.
+    pub fn address(&self) -> String {
+        format!("https://{}:15012", self.node.ip())
+    }
+
+    /// Starts `strait control` (again, after a stop) and waits until it is ready.
+    pub fn start(&self, topo: &Topology, extra: &[&str]) -> io::Result<Process> {
+        let (config, ca, tokens) = (topo.config_dir(), self.ca_dir.to_string_lossy(), self.tokens.to_string_lossy());
+        let config = config.to_string_lossy();
+        let listen = format!("{}:15012", self.node.ip());
+        let mut args =
+            vec!["control", "--config", &config, "--listen", &listen, "--ca-dir", &ca, "--bootstrap-tokens", &tokens];
+        args.extend_from_slice(extra);
+        let earlier = std::fs::read_to_string(topo.dir().join("strait-control.log"))
+            .map(|l| l.matches("strait control ready").count())
+            .unwrap_or(0);
+        let control = self.node.spawn("strait-control", bin_path("strait"), &args, &[("STRAIT_LOG", "info")])?;
+        let deadline = Instant::now() + TIMEOUT;
+        while control.count_log_lines("strait control ready") <= earlier {
+            if Instant::now() > deadline || !control.is_running() {
+                return Err(io::Error::other(format!("strait control did not become ready:\n{}", control.log_tail())));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(control)
+    }
+
+    /// Writes a bootstrap token for `holder` (`nodes/<node>` or `serviceaccounts/<ns>/<sa>`);
+    /// returns the file, which the proxy reads too (--ca-token-file).
+    pub fn token(&self, holder: &str) -> io::Result<PathBuf> {
+        let path = self.tokens.join(holder);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        std::fs::write(&path, format!("{}-{}-{nanos}\n", holder.replace('/', "-"), std::process::id()))?;
+        Ok(path)
+    }
+
+    /// The arguments that make a proxy follow this control plane with `token`.
+    pub fn follow_args(&self, token: &Path) -> Vec<String> {
+        vec![
+            "--xds-address".into(),
+            self.address(),
+            "--ca-root".into(),
+            self.ca_dir.join("root-cert.pem").to_string_lossy().into_owned(),
+            "--ca-token-file".into(),
+            token.to_string_lossy().into_owned(),
+        ]
+    }
+
+    /// `strait node` on `node`, following this control plane with the node's token.
+    pub fn start_node(&self, topo: &Topology, node: &Node) -> io::Result<Process> {
+        let token = self.token(&format!("nodes/{}", node.name()))?;
+        let args = self.follow_args(&token);
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.push("--detach-on-exit");
+        spawn_node(topo, node, &args)
+    }
+
+    /// `strait waypoint` in `pod`, following this control plane with its service account's
+    /// token.
+    pub fn start_waypoint(&self, pod: &Pod, name: &str, namespace: &str) -> io::Result<Process> {
+        let token = self.token(&format!("serviceaccounts/{namespace}/{name}"))?;
+        let args = self.follow_args(&token);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn_waypoint(pod, name, namespace, &args)
+    }
+
+    /// A counter of the control plane's `/metrics` (0 when absent).
+    pub fn metric(&self, name: &str, labels: &str) -> io::Result<u64> {
+        let text = self.node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15014/metrics"])?;
+        let prefix = format!("{name}{{{labels}}} ");
+        Ok(text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0))
+    }
 }
