@@ -425,9 +425,8 @@ fn a_client_from_the_public_protos_subscribes_acks_and_nacks() -> io::Result<()>
                 return Err(io::Error::other(format!("resent after a NACK: {unexpected:?}")));
             }
             // ...until something changes: one pod more, which alone is sent.
-            let extra = [k8s::namespace_yaml("extra", &[("istio.io/dataplane-mode", "ambient")]), format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: newcomer\n  namespace: extra\nspec:\n  nodeName: node2\nstatus:\n  podIP: 10.2.0.99\n"
-            )]
+            let newcomer = "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: newcomer\n  namespace: extra\nspec:\n  nodeName: node2\nstatus:\n  podIP: 10.2.0.99\n";
+            let extra = [k8s::namespace_yaml("extra", &[("istio.io/dataplane-mode", "ambient")]), newcomer.to_owned()]
             .concat();
             topo.write_config("extra.yaml", &extra)?;
             let change: DeltaDiscoveryResponse = stream
