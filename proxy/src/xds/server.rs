@@ -74,8 +74,9 @@ impl Published {
 #[derive(Debug, Default)]
 pub struct AdsMetrics {
     by_type: Mutex<BTreeMap<String, TypeCounters>>,
-    /// Streams open now.
-    pub streams: AtomicU64,
+    /// Streams opened and closed so far (their difference is open now).
+    pub streams_opened: AtomicU64,
+    pub streams_closed: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -121,8 +122,11 @@ impl AdsMetrics {
             }));
         }
         let metrics = self.clone();
-        registry.register(ScrapedCounters::each("strait_xds", "Delta xDS streams", move || {
-            [("streams_open", metrics.streams.load(Ordering::Relaxed))]
+        registry.register(ScrapedCounters::each("strait_xds", "Delta xDS streams of subscribers", move || {
+            [
+                ("streams_opened", metrics.streams_opened.load(Ordering::Relaxed)),
+                ("streams_closed", metrics.streams_closed.load(Ordering::Relaxed)),
+            ]
         }));
     }
 }
@@ -245,7 +249,7 @@ impl Stream {
             }
         }
         info!(subscriber = %self.subscriber.id, caller = %self.by, "ADS: subscriber connected");
-        self.metrics.streams.fetch_add(1, Ordering::Relaxed);
+        self.metrics.streams_opened.fetch_add(1, Ordering::Relaxed);
         let mut current = self.published.borrow_and_update().clone();
         let mut outcome = self.on_request(&current, first).await;
         while outcome.is_ok() {
@@ -268,7 +272,7 @@ impl Stream {
                 }
             }
         }
-        self.metrics.streams.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.streams_closed.fetch_add(1, Ordering::Relaxed);
         info!(subscriber = %self.subscriber.id, "ADS: subscriber disconnected");
     }
 
