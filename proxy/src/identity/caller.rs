@@ -45,6 +45,10 @@ pub const NODE_COMMON_NAME_PREFIX: &str = "system:node:";
 pub const NODE_ORGANIZATION: &str = "system:nodes";
 /// A token directory is read again after this long; cheap, and revocation is quick.
 const TOKENS_REFRESH: Duration = Duration::from_secs(1);
+/// An unknown token makes the directory be read again if the last read is older than this, so
+/// a token added just before its proxy starts works at once, while a caller trying tokens
+/// cannot make the control plane read the directory more than ten times a second.
+const TOKENS_REFRESH_ON_MISS: Duration = Duration::from_millis(100);
 
 /// The identity node proxies hold in `trust_domain`.
 pub fn node_proxy_identity(trust_domain: &str) -> Identity {
@@ -190,18 +194,19 @@ impl BootstrapTokens {
     }
 
     fn lookup(&self, token: &str) -> Option<Holder> {
-        let tokens = {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            match &*cache {
-                Some((read_at, tokens)) if read_at.elapsed() < TOKENS_REFRESH => tokens.clone(),
-                _ => {
-                    let tokens = Arc::new(read_tokens(&self.dir));
-                    *cache = Some((Instant::now(), tokens.clone()));
-                    tokens
-                }
+        let key = digest(token);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh_enough =
+            |age: Duration, found: bool| age < if found { TOKENS_REFRESH } else { TOKENS_REFRESH_ON_MISS };
+        if let Some((read_at, tokens)) = &*cache {
+            let found = tokens.get(&key).cloned();
+            if fresh_enough(read_at.elapsed(), found.is_some()) {
+                return found;
             }
-        };
-        tokens.get(&digest(token)).cloned()
+        }
+        let tokens = Arc::new(read_tokens(&self.dir));
+        *cache = Some((Instant::now(), tokens.clone()));
+        tokens.get(&key).cloned()
     }
 }
 

@@ -428,7 +428,7 @@ pub async fn follow(
         info!(
             workloads = model.workloads.len(),
             services = model.services.len(),
-            "configuration from the control plane applied"
+            "configuration applied (from the control plane)"
         );
         publisher.publish(model);
         Ok(())
