@@ -11,6 +11,7 @@
 //! figure in the report.
 
 mod chart;
+mod control;
 mod report;
 mod scenarios;
 
@@ -32,12 +33,22 @@ struct Cli {
     /// proxies and the waypoint; fails on any error, RSS change beyond 5 % or descriptor growth.
     #[arg(long, conflicts_with_all = ["quick", "scenarios"])]
     soak_minutes: Option<u64>,
-    /// Scenarios to run: throughput, latency, max-rps, connections, cpu, memory (default: all).
+    /// Scenarios to run: throughput, latency, max-rps, connections, cpu, memory (default: all);
+    /// or `control` alone: the control plane with a generated 10,000-pod mesh (control.md).
     scenarios: Vec<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.scenarios == ["control"] {
+        return match run_control(&cli) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strait-bench: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let all = scenarios::ALL.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let wanted = if cli.scenarios.is_empty() { all } else { cli.scenarios.clone() };
     for name in &wanted {
@@ -53,6 +64,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The control plane's figures: no namespaces, no data path.
+fn run_control(cli: &Cli) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cli.out)?;
+    let report = control::run(&cli.out, cli.quick)?;
+    control::write(&cli.out, &report)?;
+    println!("{}", control::markdown(&report));
+    eprintln!("strait-bench: wrote {}/control.md and control.json", cli.out.display());
+    Ok(())
 }
 
 fn run(cli: &Cli, wanted: &[String]) -> anyhow::Result<()> {

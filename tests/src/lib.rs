@@ -25,6 +25,8 @@ mod bins;
 mod cleanup;
 mod command;
 pub mod echo;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod k8s;
 mod names;
 mod netns;

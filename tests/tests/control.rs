@@ -7,8 +7,6 @@
 //! and a delta-xDS client written here from the public protos sees Istio's protocol. Needs root.
 
 mod common;
-#[path = "control/raw.rs"]
-mod raw;
 
 use std::{
     io,
@@ -27,7 +25,7 @@ use strait_proto::{
     istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse},
     prost_types::{Struct, Value, value::Kind},
 };
-use strait_testbed::{EchoKind, Node, Pod, Process, Topology, bin_path, k8s};
+use strait_testbed::{EchoKind, Node, Pod, Process, Topology, bin_path, grpc as raw, k8s};
 
 const ADDRESS: &str = "type.googleapis.com/istio.workload.Address";
 const AUTHORIZATION: &str = "type.googleapis.com/istio.security.Authorization";

@@ -4,7 +4,7 @@
 //! request scenarios also send it through the namespace's waypoint (see [`waypoint`]).
 
 mod memory;
-mod procfs;
+pub(crate) mod procfs;
 mod requests;
 mod restart;
 pub mod soak;

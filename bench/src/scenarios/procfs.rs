@@ -4,7 +4,7 @@
 use std::fs;
 
 /// Resident memory of a process, bytes.
-pub(super) fn rss_bytes(pid: u32) -> u64 {
+pub(crate) fn rss_bytes(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -14,7 +14,7 @@ pub(super) fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// Anonymous (private, not file-backed) resident memory of a process, bytes.
-pub(super) fn anonymous_bytes(pid: u32) -> u64 {
+pub(crate) fn anonymous_bytes(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| {
@@ -26,7 +26,7 @@ pub(super) fn anonymous_bytes(pid: u32) -> u64 {
 }
 
 /// User plus system CPU time of a process, seconds.
-pub(super) fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     // Fields after the command name, which is in parentheses and may contain spaces.
     let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
@@ -37,6 +37,6 @@ pub(super) fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Open file descriptors of a process (sockets included).
-pub(super) fn open_fds(pid: u32) -> usize {
+pub(crate) fn open_fds(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }

@@ -1,6 +1,7 @@
-//! A gRPC client written for the tests from the public protos (h2, prost and the message types
-//! of strait_proto): not strait's client, so the control plane is checked against the protocol
-//! as Istio's and Envoy's documents define it, not against strait's reading of it.
+//! A gRPC client written from the public protos (h2, prost and the message types of
+//! strait_proto), for the control plane's tests and benchmark: not strait's client, so the
+//! control plane is checked against the protocol as Istio's and Envoy's documents define it,
+//! not against strait's reading of it.
 //!
 //! gRPC over HTTP/2: a POST to `/package.Service/Method` with `content-type: application/grpc`
 //! and `te: trailers`; each message is framed as one flag byte (0, uncompressed), a 4-byte
