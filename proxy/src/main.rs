@@ -28,7 +28,7 @@ enum Command {
     Waypoint(Box<WaypointArgs>),
     /// Build a two-node mesh out of network namespaces on this machine and show it working.
     Demo,
-    /// Operator tools that work on a configuration directory.
+    /// Operator tools: check a configuration directory, show what a running proxy holds.
     #[command(subcommand)]
     Ctl(strait::ctl::CtlCommand),
 }

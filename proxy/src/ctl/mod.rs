@@ -1,5 +1,7 @@
-//! `strait ctl`: tools for operators that work offline on a configuration directory (CFG-4).
+//! `strait ctl`: tools for operators (CFG-4), offline on a configuration directory or against a
+//! running proxy's admin API.
 //!
+//! `proxy-config` shows what a running node proxy or waypoint holds (see `proxy_config`).
 //! `validate` runs exactly what `strait node` runs on a reload (`config::load_dir`, then
 //! `model::compile`), so a directory it passes is one the node proxy will apply, and every
 //! problem is printed as `file:line: error|warning: field `x`: message`.
@@ -7,6 +9,13 @@
 use std::{io::Write, path::Path};
 
 use clap::Subcommand;
+
+mod admin_client;
+mod proxy_config;
+mod render;
+mod table;
+
+pub use proxy_config::{Output, ProxyConfigArgs, ViewCommand};
 
 use crate::config::{self, Diagnostic};
 use crate::model::{self, CompileOptions, DEFAULT_ROOT_NAMESPACE};
@@ -21,6 +30,10 @@ pub enum CtlCommand {
         #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE)]
         root_namespace: String,
     },
+    /// Show what a running `strait node` or `strait waypoint` holds, from its admin API:
+    /// workloads, services, policies, certs, routes, clusters, endpoints.
+    #[command(alias = "pc")]
+    ProxyConfig(ProxyConfigArgs),
 }
 
 pub fn run(command: CtlCommand) -> anyhow::Result<()> {
@@ -33,6 +46,7 @@ pub fn run(command: CtlCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        CtlCommand::ProxyConfig(args) => proxy_config::run(args),
     }
 }
 

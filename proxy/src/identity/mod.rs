@@ -16,7 +16,7 @@ use thiserror::Error;
 pub use ca::LocalCa;
 pub use caclient::{CaClientOptions, DEFAULT_CA_PORT, IstioCaClient};
 pub use caserver::{CA_SERVER_NAMES, CaServerOptions, IMPERSONATED_IDENTITY, serve_ca};
-pub use store::CertStore;
+pub use store::{CertStore, PendingCert};
 pub use tls::{TlsSettings, peer_identity};
 
 /// The default trust domain, as Istio's.
