@@ -136,8 +136,8 @@ struct PolicyView<'a> {
     /// AuthorizationPolicy rules; PeerAuthentication port-level modes (`port=MODE`);
     /// RequestAuthentication issuers.
     details: Vec<String>,
-    /// What the policy applies to at this proxy: `namespace/name` of this node's pods at a node
-    /// proxy, service hostnames at a waypoint. Empty: the policy does nothing here.
+    /// What the policy applies to at this proxy: `namespace/name` of the pods a node proxy
+    /// captures, service hostnames at a waypoint. Empty: the policy does nothing here.
     applies_to: Vec<String>,
 }
 
@@ -147,7 +147,8 @@ pub(super) fn policies(model: &Model, place: &Place) -> String {
     let security = &model.security;
     let root = security.root_namespace.as_str();
     let local: Vec<&Workload> = match place {
-        Place::Node(node) => model.workloads_on(node).map(AsRef::as_ref).collect(),
+        // Policy at a node proxy is for the pods it captures.
+        Place::Node(node) => model.workloads_on(node).filter(|w| w.captured).map(AsRef::as_ref).collect(),
         Place::Waypoint(_) => Vec::new(),
     };
     let served: Vec<&Service> = match place {
@@ -337,7 +338,7 @@ mod tests {
         assert_eq!(at_node[1]["applies_to"], serde_json::json!([]), "a node proxy does not enforce it");
         let strict = &at_node[2];
         assert_eq!((strict["kind"].as_str(), strict["action"].as_str()), (Some("PeerAuthentication"), Some("STRICT")));
-        assert_eq!(strict["applies_to"], serde_json::json!(["shop/web-1", "shop/wp"]));
+        assert_eq!(strict["applies_to"], serde_json::json!(["shop/web-1"]), "the waypoint's pod is not captured");
 
         let waypoint = WaypointName { namespace: "shop".into(), name: "waypoint".into() };
         let at_waypoint = json(&policies(&model, &Place::Waypoint(&waypoint)));

@@ -355,5 +355,40 @@ mod tests {
         }
         assert!(cert["not_before"].as_str() < cert["refresh_at"].as_str());
         assert!(cert["refresh_at"].as_str() < cert["not_after"].as_str());
+        assert_eq!(cert["chain"][0]["kind"], "Leaf");
+        assert_eq!(cert["chain"][0]["serial"], serial.as_str(), "read back from the certificate");
+        let seconds = |v: &serde_json::Value| v.as_str().and_then(|t| t.get(..19)).map(str::to_owned);
+        assert_eq!(seconds(&cert["chain"][0]["not_after"]), seconds(&cert["not_after"]), "X.509 keeps whole seconds");
+        assert_eq!(
+            (cert["roots"][0]["kind"].as_str(), cert["roots"][0]["subject"].as_str()),
+            (Some("Root"), Some("O=cluster.local, CN=strait root CA"))
+        );
+    }
+
+    #[test]
+    fn certs_of_pending_identities_say_why() {
+        let pending = [
+            PendingCert {
+                identity: Identity::new("cluster.local", "shop", "new"),
+                failures: 0,
+                last_error: None,
+                retry_in: None,
+            },
+            PendingCert {
+                identity: Identity::new("cluster.local", "shop", "db"),
+                failures: 2,
+                last_error: Some("the CA refused".into()),
+                retry_in: Some(Duration::from_millis(1500)),
+            },
+        ];
+        let json: serde_json::Value = serde_json::from_str(&certs(&[], &pending)).expect("JSON");
+        assert_eq!(json[0]["identity"], "spiffe://cluster.local/ns/shop/sa/db");
+        assert_eq!(
+            (json[0]["state"].as_str(), json[0]["error"].as_str()),
+            (Some("unavailable"), Some("the CA refused"))
+        );
+        assert_eq!((json[0]["retry_in_ms"].as_u64(), json[0]["serial"].as_str()), (Some(1500), None));
+        assert_eq!(json[1]["state"], "initializing");
+        assert!(json[1].get("error").is_none(), "{json}");
     }
 }

@@ -74,20 +74,21 @@ struct OutlierView {
 }
 
 /// `/clusters`: the destinations of the services behind this waypoint and every other one the
-/// engine has used, by name.
+/// engine has used, by host, port, then subset (the whole service first).
 pub(super) fn clusters(l7: &L7Context) -> String {
     let model = l7.model.current();
     let now = Instant::now();
-    let mut views: BTreeMap<String, ClusterView> = BTreeMap::new();
+    let order = |k: &ClusterKey| (k.host.clone(), k.port, k.subset.clone());
+    let mut views: BTreeMap<(String, u16, Option<String>), ClusterView> = BTreeMap::new();
     for key in declared(&model, l7) {
         let view = match l7.upstreams.cluster(&model, &key) {
             Ok(cluster) => cluster_view(&model, &cluster, now),
             Err(e) => unusable(&model, &key, e.to_string()),
         };
-        views.insert(view.name.clone(), view);
+        views.insert(order(&key), view);
     }
     for cluster in l7.upstreams.snapshot() {
-        views.entry(cluster.key.name()).or_insert_with(|| cluster_view(&model, &cluster, now));
+        views.entry(order(&cluster.key)).or_insert_with(|| cluster_view(&model, &cluster, now));
     }
     let views: Vec<ClusterView> = views.into_values().collect();
     serde_json::to_string_pretty(&views).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
