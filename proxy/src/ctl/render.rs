@@ -133,14 +133,11 @@ pub fn certs(data: &Value, now: &str) -> String {
         Table::new(&["CERTIFICATE NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE"]);
     for c in items(data) {
         let identity = cell(&c["identity"]);
-        match c["state"].as_str() {
-            Some("initializing" | "unavailable") => {
-                let status = if c["state"] == "initializing" { "Initializing" } else { "Unavailable" };
-                let na = || "NA".to_owned();
-                table.row(vec![identity, na(), status.to_owned(), "false".to_owned(), na(), na(), na()]);
-                continue;
-            }
-            _ => {}
+        if let Some(state @ ("initializing" | "unavailable")) = c["state"].as_str() {
+            let status = if state == "initializing" { "Initializing" } else { "Unavailable" };
+            let na = || "NA".to_owned();
+            table.row(vec![identity, na(), status.to_owned(), "false".to_owned(), na(), na(), na()]);
+            continue;
         }
         let mut certs: Vec<&Value> = items(&c["chain"]).iter().chain(items(&c["roots"])).collect();
         if certs.is_empty() {
