@@ -3,7 +3,7 @@
 //! waypoint pod's namespace, as an operator would `kubectl exec` into them, reads the admin API
 //! on 127.0.0.1:15000, and its tables and JSON are checked against what the configuration
 //! declares: workloads with node, waypoint and protocol, services, policies and where they
-//! apply, certificates with identity, chain and expiry, routes, and the waypoint's endpoints
+//! apply, listeners, certificates with identity, chain and expiry, routes, and the waypoint's endpoints
 //! with health and outlier status after one endpoint failed. Needs root.
 
 mod common;
@@ -108,6 +108,25 @@ fn proxy_config_shows_what_a_node_and_a_waypoint_hold() -> io::Result<()> {
     let strict = at(&node1_policies, "strict");
     assert_eq!((strict["KIND"].as_str(), strict["ACTION"].as_str()), ("PeerAuthentication", "STRICT"));
     assert_eq!(strict["APPLIES TO"], "shop/client", "the waypoint's pod is not captured");
+
+    // Listeners: the node proxy's three data-path ports, the waypoint's HBONE port only.
+    let ports = |rows: Vec<BTreeMap<String, String>>| -> Vec<String> {
+        rows.iter().map(|r| format!("{}:{} {}", r["ADDRESSES"], r["PORT"], r["NAME"])).collect()
+    };
+    let columns = ["ADDRESSES", "PORT", "NAME", "PURPOSE"];
+    assert_eq!(
+        ports(table(&node1(&["listeners"])?, &columns)),
+        [
+            "0.0.0.0:15001 outbound",
+            "0.0.0.0:15006 inbound_plaintext",
+            "0.0.0.0:15008 hbone",
+            "127.0.0.1:15000 admin",
+            "0.0.0.0:15020 metrics",
+            "0.0.0.0:15021 readiness"
+        ]
+    );
+    let waypoint_listeners = ports(table(&ctl(&m.waypoint_pod, &["listeners"])?, &columns));
+    assert_eq!(waypoint_listeners[..2], ["0.0.0.0:15008 hbone", "127.0.0.1:15000 admin"]);
 
     // Certificates: the node's pods' and the waypoint's identities, issued just now for 24 h,
     // chained to the CA directory's root.

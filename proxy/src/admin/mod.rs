@@ -49,7 +49,7 @@ const ADMIN_ENDPOINTS: &[(&str, &str)] = &[
     ("/logging", "the log filter; ?level=<filter> (GET or POST) changes it"),
     ("/policies", "authorization, peer and request authentication policies, and what they apply to here (JSON)"),
     ("/routes", "the waypoint's HTTP and TCP routes, by service port (JSON)"),
-    ("/server_info", "what this proxy is: strait, its version, role, node or waypoint (JSON)"),
+    ("/server_info", "what this proxy is: strait, its version, role, node or waypoint, listeners (JSON)"),
     ("/services", "services with their VIP, waypoint, ports and endpoints (JSON)"),
     ("/stats", "capture counters (text)"),
     ("/workloads", "workloads the mesh knows, with identity, waypoint, protocol and capture state (JSON)"),
@@ -100,7 +100,7 @@ pub async fn start(
     let readiness_listener = bind(endpoints.readiness, "readiness")?;
     Ok(Serving(vec![
         tokio::spawn(serve_readiness(readiness_listener, state.ready.clone())),
-        tokio::spawn(serve_admin(admin_listener, state)),
+        tokio::spawn(serve_admin(admin_listener, state, *endpoints)),
         tokio::spawn(serve_metrics(metrics_listener, Arc::new(metrics))),
     ]))
 }
@@ -191,9 +191,10 @@ impl Reply {
     }
 }
 
-pub async fn serve_admin(listener: TcpListener, state: AdminState) {
+/// Serves the admin API; `endpoints` are listed by `/server_info` with the proxy's listeners.
+pub async fn serve_admin(listener: TcpListener, state: AdminState, endpoints: OperatorEndpoints) {
     let state = Arc::new(state);
-    serve(listener, "admin", move |request| admin(&state, request)).await
+    serve(listener, "admin", move |request| admin(&state, &endpoints, request)).await
 }
 
 /// Serves `/metrics` in the format the scraper asks for; the registry is read-only from here on.
@@ -219,7 +220,7 @@ pub async fn serve_readiness(listener: TcpListener, ready: Readiness) {
     .await
 }
 
-fn admin(state: &AdminState, request: &Request<Incoming>) -> Reply {
+fn admin(state: &AdminState, endpoints: &OperatorEndpoints, request: &Request<Incoming>) -> Reply {
     let (method, path, query) = (request.method(), request.uri().path(), request.uri().query());
     let get = method == Method::GET;
     match path {
@@ -234,7 +235,7 @@ fn admin(state: &AdminState, request: &Request<Incoming>) -> Reply {
             None => Reply::text(StatusCode::NOT_FOUND, "this proxy has no L7 routes (it is a node proxy)\n"),
         },
         "/config_dump" if get => Reply::json(views::config_dump(&state.model.current())),
-        "/server_info" if get => Reply::json(views::server_info(state)),
+        "/server_info" if get => Reply::json(views::server_info(state, endpoints)),
         "/workloads" if get => {
             Reply::json(views::workloads(&state.model.current(), &state.node_name, &state.trust_domain))
         }

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::SystemTime,
 };
@@ -12,7 +12,9 @@ use std::{
 use http::StatusCode;
 use serde::Serialize;
 
-use super::{AdminState, Reply};
+use strait_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+
+use super::{AdminState, OperatorEndpoints, Reply};
 use crate::{
     capture::Capture,
     identity::{PendingCert, TlsSettings},
@@ -37,10 +39,52 @@ struct ServerInfo<'a> {
     /// Configurations applied since the proxy started (1 = the first).
     config_generation: u64,
     ready: bool,
+    /// The sockets the proxy listens on.
+    listeners: Vec<ListenerView>,
+}
+
+#[derive(Serialize)]
+struct ListenerView {
+    name: &'static str,
+    address: SocketAddr,
+    /// What arrives there, in a few words.
+    purpose: &'static str,
+}
+
+/// The proxy's listeners: the data path's (fixed ports on every address, SPEC conventions) and
+/// the operator endpoints.
+fn listeners(waypoint: bool, endpoints: &OperatorEndpoints) -> Vec<ListenerView> {
+    let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let mut out = Vec::new();
+    if !waypoint {
+        out.push(ListenerView {
+            name: "outbound",
+            address: any(OUTBOUND_PORT),
+            purpose: "connections of captured pods, to their original destination (transparent)",
+        });
+        out.push(ListenerView {
+            name: "inbound_plaintext",
+            address: any(INBOUND_PLAINTEXT_PORT),
+            purpose: "plaintext to captured pods; PeerAuthentication decides",
+        });
+    }
+    out.push(ListenerView {
+        name: "hbone",
+        address: any(HBONE_PORT),
+        purpose: if waypoint {
+            "HBONE (mTLS, HTTP/2 CONNECT) from node proxies, to the L7 engine"
+        } else {
+            "HBONE (mTLS, HTTP/2 CONNECT) to captured pods"
+        },
+    });
+    out.push(ListenerView { name: "admin", address: endpoints.admin, purpose: "this admin API" });
+    out.push(ListenerView { name: "metrics", address: endpoints.metrics, purpose: "Prometheus metrics" });
+    out.push(ListenerView { name: "readiness", address: endpoints.readiness, purpose: "readiness probe" });
+    out
 }
 
 /// `/server_info`: what this proxy is.
-pub(super) fn server_info(state: &AdminState) -> String {
+pub(super) fn server_info(state: &AdminState, endpoints: &OperatorEndpoints) -> String {
     let info = ServerInfo {
         proxy: "strait",
         version: env!("CARGO_PKG_VERSION"),
@@ -50,6 +94,7 @@ pub(super) fn server_info(state: &AdminState) -> String {
         trust_domain: &state.trust_domain,
         config_generation: state.model.current().generation,
         ready: state.ready.is_ready(),
+        listeners: listeners(state.waypoint.is_some(), endpoints),
     };
     serde_json::to_string_pretty(&info).unwrap_or_else(|e| error_json(&e))
 }

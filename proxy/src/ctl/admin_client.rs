@@ -139,6 +139,7 @@ impl AdminClient {
                 Some("waypoint") => Role::Waypoint(text("waypoint").unwrap_or_default()),
                 _ => Role::Node(text("node").unwrap_or_default()),
             },
+            raw: info,
         })
     }
 
@@ -154,6 +155,8 @@ impl AdminClient {
 pub struct ServerInfo {
     pub version: String,
     pub role: Role,
+    /// The whole answer.
+    pub raw: Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

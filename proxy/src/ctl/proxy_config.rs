@@ -9,7 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::Value;
 
 use super::{
-    admin_client::{AdminClient, AdminError, Role},
+    admin_client::{AdminClient, AdminError, Role, ServerInfo},
     render,
 };
 
@@ -24,7 +24,7 @@ pub struct ProxyConfigArgs {
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     /// Only this namespace's workloads, services, policies, certificates (by identity), routes
-    /// and clusters (by service).
+    /// and clusters (by service); listeners are the proxy's own.
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
 }
@@ -55,6 +55,10 @@ pub enum ViewCommand {
     /// for one (istioctl ztunnel-config certificates).
     #[command(alias = "cert", alias = "certificates", alias = "secret")]
     Certs,
+    /// The proxy's listening sockets: data path and operator endpoints (istioctl proxy-config
+    /// listeners).
+    #[command(alias = "listener")]
+    Listeners,
     /// A waypoint's HTTP and TCP routes, by service port (istioctl proxy-config routes).
     #[command(alias = "route")]
     Routes,
@@ -74,6 +78,7 @@ impl ViewCommand {
             ViewCommand::Services => "/services",
             ViewCommand::Policies => "/policies",
             ViewCommand::Certs => "/certs?all",
+            ViewCommand::Listeners => "/server_info",
             ViewCommand::Routes => "/routes",
             ViewCommand::Clusters | ViewCommand::Endpoints => "/clusters",
         }
@@ -115,15 +120,10 @@ pub async fn query(args: &ProxyConfigArgs) -> anyhow::Result<String> {
             client.addr()
         );
     }
-    let data = client.get_json(args.view.path()).await.map_err(|e| match e {
-        AdminError::Status { status, .. } if status == http::StatusCode::NOT_FOUND => anyhow::anyhow!(
-            "{e}\n(strait {} at {} has no {} endpoint: it is older than this strait ctl)",
-            info.version,
-            client.addr(),
-            args.view.path()
-        ),
-        e => e.into(),
-    })?;
+    let data = match args.view {
+        ViewCommand::Listeners => info.raw["listeners"].clone(),
+        _ => fetch(&client, &info, args.view.path()).await?,
+    };
     let filter = Filter {
         namespace: args.namespace.clone(),
         node: match &args.view {
@@ -139,10 +139,23 @@ pub async fn query(args: &ProxyConfigArgs) -> anyhow::Result<String> {
             ViewCommand::Services => render::services(&data),
             ViewCommand::Policies => render::policies(&data),
             ViewCommand::Certs => render::certs(&data, &crate::telemetry::rfc3339(std::time::SystemTime::now())),
+            ViewCommand::Listeners => render::listeners(&data),
             ViewCommand::Routes => render::routes(&data),
             ViewCommand::Clusters => render::clusters(&data),
             ViewCommand::Endpoints => render::endpoints(&data),
         },
+    })
+}
+
+/// GET `path` as JSON; a 404 means a proxy older than this tool.
+async fn fetch(client: &AdminClient, info: &ServerInfo, path: &str) -> anyhow::Result<Value> {
+    client.get_json(path).await.map_err(|e| match e {
+        AdminError::Status { status, .. } if status == http::StatusCode::NOT_FOUND => anyhow::anyhow!(
+            "{e}\n(strait {} at {} has no {path} endpoint: it is older than this strait ctl)",
+            info.version,
+            client.addr(),
+        ),
+        e => e.into(),
     })
 }
 
@@ -161,6 +174,9 @@ impl Filter {
     }
 
     fn keeps(&self, view: &ViewCommand, item: &Value) -> bool {
+        if matches!(view, ViewCommand::Listeners) {
+            return true;
+        }
         let node_ok = self.node.as_ref().is_none_or(|node| item["node"].as_str() == Some(node));
         let namespace_ok = self.namespace.as_ref().is_none_or(|ns| namespace_of(view, item).as_deref() == Some(ns));
         node_ok && namespace_ok

@@ -161,6 +161,17 @@ pub fn certs(data: &Value, now: &str) -> String {
     table.render()
 }
 
+/// `ADDRESSES PORT NAME PURPOSE`, after `istioctl proxy-config listeners`.
+pub fn listeners(data: &Value) -> String {
+    let mut table = Table::new(&["ADDRESSES", "PORT", "NAME", "PURPOSE"]);
+    for l in items(data) {
+        let address = cell(&l["address"]);
+        let (host, port) = address.rsplit_once(':').unwrap_or((&address, "-"));
+        table.row(vec![host.to_owned(), port.to_owned(), cell(&l["name"]), cell(&l["purpose"])]);
+    }
+    table.render()
+}
+
 /// `NAME SERVICE MATCH DESTINATION VIRTUAL SERVICE OPTIONS`, after `istioctl proxy-config
 /// routes`: a row per route of each service port, in the order they are tried.
 pub fn routes(data: &Value) -> String {
@@ -379,6 +390,20 @@ mod tests {
              9080 reviews.shop /*                              reviews.shop|v1 90%, reviews.shop|v2 10% reviews.shop    -\n\
              9080 reviews.shop /old                            redirect 301 uri=/new                    reviews.shop    -\n\
              9080 reviews.shop tcp *                           db.data:5432                             reviews.shop    -\n"
+        );
+    }
+
+    #[test]
+    fn listeners_table_splits_address_and_port() {
+        let data = json!([
+            {"name": "hbone", "address": "0.0.0.0:15008", "purpose": "HBONE"},
+            {"name": "admin", "address": "[::1]:15000", "purpose": "this admin API"}
+        ]);
+        assert_eq!(
+            listeners(&data),
+            "ADDRESSES PORT  NAME  PURPOSE\n\
+             0.0.0.0   15008 hbone HBONE\n\
+             [::1]     15000 admin this admin API\n"
         );
     }
 
