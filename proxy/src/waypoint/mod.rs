@@ -241,14 +241,13 @@ async fn serve_operator_endpoints(
 ) -> anyhow::Result<Readiness> {
     let ready = Readiness::default();
     let engine = l7.clone();
-    let engine_waypoint = l7.waypoint.clone();
     let state = AdminState {
         model: model.clone(),
         capture: None,
         clusters: Some(Arc::new(move || admin_views::clusters(&engine))),
         certs: certs.clone(),
         node_name: String::new(),
-        waypoint: Some(engine_waypoint),
+        waypoint: Some(l7.waypoint.clone()),
         trust_domain: options.trust_domain.clone(),
         logging: options.logging.clone(),
         ready: ready.clone(),
