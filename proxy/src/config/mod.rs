@@ -5,10 +5,13 @@
 //! can point the user at the exact place.
 
 mod duration;
+mod kinds;
 mod networking;
 mod parse;
+mod positions;
 mod security;
 mod source;
+mod syntax;
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +30,7 @@ pub use networking::{
     TrafficPolicySpec, VirtualService, VirtualServiceSpec,
 };
 pub use parse::parse_file;
+pub use positions::{FieldLines, locate};
 pub use security::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, Cidr, Condition, ExtensionProvider, JwtHeader,
     JwtRule, MtlsModeSetting, MutualTls, Operation, PeerAuthentication, PeerAuthenticationSpec, PolicyTargetRef,
