@@ -32,9 +32,10 @@ pub use networking::{
 pub use parse::parse_file;
 pub use positions::{FieldLines, locate};
 pub use security::{
-    AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, Cidr, Condition, ExtensionProvider, JwtHeader,
-    JwtRule, MtlsModeSetting, MutualTls, Operation, PeerAuthentication, PeerAuthenticationSpec, PolicyTargetRef,
-    RequestAuthentication, RequestAuthenticationSpec, Rule, RuleFrom, RuleTo, Source, WorkloadSelector, parse_port,
+    AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, Cidr, ClaimToHeader, Condition,
+    ExtensionProvider, JwtHeader, JwtRule, MtlsModeSetting, MutualTls, Operation, PeerAuthentication,
+    PeerAuthenticationSpec, PolicyTargetRef, RequestAuthentication, RequestAuthenticationSpec, Rule, RuleFrom, RuleTo,
+    Source, WorkloadSelector, parse_port,
 };
 pub use source::{ConfigDir, Loaded, POLL as CONFIG_POLL, load_dir};
 
