@@ -202,11 +202,13 @@ fn warn_http_at_node(cx: &mut Context, action: Action, rules: &[Rule]) {
             let mut effect = "Its rules are enforced at the node proxy without those conditions: it denies more \
                               than written"
                 .to_owned();
-            if !broad.is_empty() {
-                effect.push_str(&format!(
-                    " ({} has no other condition, so it denies every connection)",
-                    broad.join(", ")
-                ));
+            match broad.as_slice() {
+                [] => {}
+                [one] => effect.push_str(&format!(" ({one} has no other condition, so it denies every connection)")),
+                many => effect.push_str(&format!(
+                    " ({} have no other condition, so they deny every connection)",
+                    many.join(", ")
+                )),
             }
             effect
         }
@@ -581,7 +583,7 @@ mod tests {
                 Warning,
                 10,
                 "spec.rules[0].from[0].source.notRequestPrincipals",
-                "cannot check notRequestPrincipals, request.headers[x-user]; to enforce them, bind the policy to a waypoint with `targetRefs` (a Service, or the waypoint's Gateway). Its rules are enforced at the node proxy without those conditions: it denies more than written (rules[0], rules[1] has no other condition, so it denies every connection)",
+                "cannot check notRequestPrincipals, request.headers[x-user]; to enforce them, bind the policy to a waypoint with `targetRefs` (a Service, or the waypoint's Gateway). Its rules are enforced at the node proxy without those conditions: it denies more than written (rules[0], rules[1] have no other condition, so they deny every connection)",
             ),
         ];
         for (spec, severity, line, field, message) in cases {
