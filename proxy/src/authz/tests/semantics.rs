@@ -201,7 +201,9 @@ fn http_fields_at_the_waypoint() {
 // the trust domain of the peer's verified identity, with the usual `*` forms; plaintext has none.
 #[test]
 fn trust_domains_match_the_peer_identity() {
-    let cases: &[(&str, &[(Option<&str>, bool)])] = &[
+    /// A peer's trust domain (`None`: plaintext) and whether it is allowed.
+    type Expect = (Option<&'static str>, bool);
+    let cases: &[(&str, &[Expect])] = &[
         (
             "from: [{source: {trustDomains: [cluster.local]}}]",
             &[(Some("cluster.local"), true), (Some("other.td"), false), (None, false)],
