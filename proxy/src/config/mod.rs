@@ -30,7 +30,7 @@ pub use networking::{
     TrafficPolicySpec, VirtualService, VirtualServiceSpec,
 };
 pub use parse::parse_file;
-pub use positions::{FieldLines, locate};
+pub use positions::locate;
 pub use security::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, Cidr, ClaimToHeader, Condition,
     ExtensionProvider, JwtHeader, JwtRule, MtlsModeSetting, MutualTls, Operation, PeerAuthentication,
