@@ -61,7 +61,8 @@ pub struct Report {
 /// Loads and compiles `dir`, writes every diagnostic (by file and line) and a summary line.
 pub fn validate(dir: &Path, options: &CompileOptions, out: &mut impl Write) -> std::io::Result<Report> {
     let loaded = config::load_dir(dir);
-    let (_, compiled) = model::compile_with(&loaded.resources, options);
+    let (_, mut compiled) = model::compile_with(&loaded.resources, options);
+    loaded.locate(&mut compiled);
     let mut diagnostics: Vec<&Diagnostic> = loaded.diagnostics.iter().chain(&compiled).collect();
     diagnostics.sort_by(|a, b| (&a.origin.file, a.origin.line).cmp(&(&b.origin.file, b.origin.line)));
     for d in &diagnostics {
@@ -149,10 +150,10 @@ mod tests {
         let (report, lines) = run_validate(&dir);
         let expected = [
             "policies.yaml:7: error: field `spec.action`: unknown variant `DENIED`, expected one of `ALLOW`, `DENY`, `AUDIT`, `CUSTOM`",
-            "policies.yaml:9: warning: field `spec.selector.matchLabels`: no workload has the labels app=ghost; the policy applies to nothing",
-            "policies.yaml:30: warning: field `metadata.name`: the mTLS mode of namespace `foo` is already set by PeerAuthentication foo/a at",
-            "services.yaml:1: warning: field `spec.ports[0].targetPort`: no pod selected by the service has a container port named `htp`",
-            "services.yaml:13: error: field `metadata.name`: duplicate Pod foo/web: already defined at",
+            "policies.yaml:16: warning: field `spec.selector.matchLabels`: no workload has the labels app=ghost; the policy applies to nothing",
+            "policies.yaml:33: warning: field `metadata.name`: the mTLS mode of namespace `foo` is already set by PeerAuthentication foo/a at",
+            "services.yaml:11: warning: field `spec.ports[0].targetPort`: no pod selected by the service has a container port named `htp`",
+            "services.yaml:16: error: field `metadata.name`: duplicate Pod foo/web: already defined at",
         ];
         for (line, want) in lines.iter().zip(expected) {
             assert!(line.starts_with(want), "\n got: {line}\nwant: {want}\n all: {lines:#?}");
