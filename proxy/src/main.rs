@@ -49,7 +49,7 @@ enum Command {
     Control(Box<ControlArgs>),
     /// Build a two-node mesh out of network namespaces on this machine and show it working.
     Demo,
-    /// Operator tools that work on a configuration directory.
+    /// Operator tools: check a configuration directory, show what a running proxy holds.
     #[command(subcommand)]
     Ctl(strait::ctl::CtlCommand),
 }
@@ -263,7 +263,8 @@ impl HttpLimitArgs {
 /// Where a proxy reports: its operator endpoints and access log.
 #[derive(Args)]
 struct OperatorArgs {
-    /// Admin API (/config_dump, /workloads, /certs, /stats, /clusters, /logging, /healthz/ready).
+    /// Admin API (/config_dump, /workloads, /services, /policies, /certs, /routes, /clusters,
+    /// /stats, /logging, /server_info, /healthz/ready); `strait ctl proxy-config` reads it.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
     /// Prometheus metrics (/metrics), with Istio's names and labels.

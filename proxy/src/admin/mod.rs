@@ -5,6 +5,8 @@
 //! model, the certificate store, counters), so they answer synchronously and never touch the
 //! data path's tasks.
 
+mod mesh;
+mod routes;
 mod views;
 
 use std::{
@@ -31,7 +33,7 @@ use tracing::debug;
 use crate::{
     capture::Capture,
     identity::CertStore,
-    model::ModelHandle,
+    model::{ModelHandle, WaypointName},
     telemetry::{Exposition, MetricsRegistry, logging::LogControl},
 };
 
@@ -40,13 +42,17 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Admin endpoints and what they show, listed on unknown paths.
 const ADMIN_ENDPOINTS: &[(&str, &str)] = &[
-    ("/certs", "certificates held: identity, serial, validity (JSON)"),
+    ("/certs", "certificates held: identity, serial, validity, chain and roots; ?all adds pending ones (JSON)"),
     ("/clusters", "destinations of the L7 engine, endpoints with health and outlier status (JSON)"),
     ("/config_dump", "the compiled configuration in force (JSON)"),
     ("/healthz/ready", "200 once the proxy is ready"),
     ("/logging", "the log filter; ?level=<filter> (GET or POST) changes it"),
+    ("/policies", "authorization, peer and request authentication policies, and what they apply to here (JSON)"),
+    ("/routes", "the waypoint's HTTP and TCP routes, by service port (JSON)"),
+    ("/server_info", "what this proxy is: strait, its version, role, node or waypoint, listeners (JSON)"),
+    ("/services", "services with their VIP, waypoint, ports and endpoints (JSON)"),
     ("/stats", "capture counters (text)"),
-    ("/workloads", "workloads the mesh knows, with identity and capture state (JSON)"),
+    ("/workloads", "workloads the mesh knows, with identity, waypoint, protocol and capture state (JSON)"),
 ];
 const METRICS_ENDPOINTS: &[(&str, &str)] = &[
     ("/metrics", "Prometheus metrics (OpenMetrics text)"),
@@ -94,7 +100,7 @@ pub async fn start(
     let readiness_listener = bind(endpoints.readiness, "readiness")?;
     Ok(Serving(vec![
         tokio::spawn(serve_readiness(readiness_listener, state.ready.clone())),
-        tokio::spawn(serve_admin(admin_listener, state)),
+        tokio::spawn(serve_admin(admin_listener, state, *endpoints)),
         tokio::spawn(serve_metrics(metrics_listener, Arc::new(metrics))),
     ]))
 }
@@ -142,7 +148,10 @@ pub struct AdminState {
     /// `/clusters`, when the proxy has an L7 engine.
     pub clusters: Option<View>,
     pub certs: Arc<CertStore>,
+    /// The node a node proxy serves (empty in a waypoint).
     pub node_name: String,
+    /// The waypoint this proxy runs; `None` in a node proxy.
+    pub waypoint: Option<WaypointName>,
     pub trust_domain: String,
     /// `None` when the process installed no reloadable log filter.
     pub logging: Option<LogControl>,
@@ -184,9 +193,10 @@ impl Reply {
     }
 }
 
-pub async fn serve_admin(listener: TcpListener, state: AdminState) {
+/// Serves the admin API; `endpoints` are listed by `/server_info` with the proxy's listeners.
+pub async fn serve_admin(listener: TcpListener, state: AdminState, endpoints: OperatorEndpoints) {
     let state = Arc::new(state);
-    serve(listener, "admin", move |request| admin(&state, request)).await
+    serve(listener, "admin", move |request| admin(&state, &endpoints, request)).await
 }
 
 /// Serves `/metrics` in the format the scraper asks for; the registry is read-only from here on.
@@ -212,7 +222,7 @@ pub async fn serve_readiness(listener: TcpListener, ready: Readiness) {
     .await
 }
 
-fn admin(state: &AdminState, request: &Request<Incoming>) -> Reply {
+fn admin(state: &AdminState, endpoints: &OperatorEndpoints, request: &Request<Incoming>) -> Reply {
     let (method, path, query) = (request.method(), request.uri().path(), request.uri().query());
     let get = method == Method::GET;
     match path {
@@ -222,16 +232,36 @@ fn admin(state: &AdminState, request: &Request<Incoming>) -> Reply {
             Some(view) => Reply::json(view()),
             None => Reply::text(StatusCode::NOT_FOUND, "this proxy has no L7 destinations (it is a node proxy)\n"),
         },
+        "/routes" if get => match &state.waypoint {
+            Some(waypoint) => Reply::json(routes::routes(&state.model.current(), waypoint)),
+            None => Reply::text(StatusCode::NOT_FOUND, "this proxy has no L7 routes (it is a node proxy)\n"),
+        },
         "/config_dump" if get => Reply::json(views::config_dump(&state.model.current(), state.xds.as_ref())),
+        "/server_info" if get => Reply::json(views::server_info(state, endpoints)),
         "/workloads" if get => {
             Reply::json(views::workloads(&state.model.current(), &state.node_name, &state.trust_domain))
         }
-        "/certs" if get => Reply::json(views::certs(&state.certs.held())),
+        "/services" if get => Reply::json(mesh::services(&state.model.current(), &state.trust_domain)),
+        "/policies" if get => Reply::json(mesh::policies(&state.model.current(), &place(state))),
+        "/certs" if get => {
+            let all = query.is_some_and(|q| q.split('&').any(|p| matches!(p, "all" | "all=true" | "all=1")));
+            let pending = if all { state.certs.pending() } else { Vec::new() };
+            Reply::json(views::certs(&state.certs.held(), &pending))
+        }
         "/healthz/ready" if get => Reply::readiness(&state.ready),
         _ if ADMIN_ENDPOINTS.iter().any(|(p, _)| *p == path) => {
             Reply::text(StatusCode::METHOD_NOT_ALLOWED, "only GET (and POST on /logging)\n")
         }
         _ => Reply::not_found(path, ADMIN_ENDPOINTS),
+    }
+}
+
+/// Where the proxy enforces what: a node proxy for its node's workloads, a waypoint for its
+/// services.
+fn place(state: &AdminState) -> mesh::Place<'_> {
+    match &state.waypoint {
+        Some(waypoint) => mesh::Place::Waypoint(waypoint),
+        None => mesh::Place::Node(&state.node_name),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::SystemTime,
 };
@@ -12,13 +12,99 @@ use std::{
 use http::StatusCode;
 use serde::Serialize;
 
-use super::Reply;
+use strait_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+
+use super::{AdminState, OperatorEndpoints, Reply};
 use crate::{
     capture::Capture,
-    identity::TlsSettings,
-    model::Model,
+    identity::{PendingCert, TlsSettings},
+    model::{Model, Workload},
     telemetry::{canonical_revision, canonical_service, logging::LogControl, rfc3339, workload_name},
 };
+
+/// What `/server_info` answers, so tools can tell a strait proxy, and which kind, from anything
+/// else listening on the admin port.
+#[derive(Serialize)]
+struct ServerInfo<'a> {
+    /// Always `strait`.
+    proxy: &'static str,
+    version: &'static str,
+    /// `node` or `waypoint`.
+    role: &'static str,
+    /// The node a node proxy serves.
+    node: Option<&'a str>,
+    /// `namespace/name` of the waypoint a waypoint proxy runs.
+    waypoint: Option<String>,
+    trust_domain: &'a str,
+    /// Configurations applied since the proxy started (1 = the first).
+    config_generation: u64,
+    ready: bool,
+    /// The sockets the proxy listens on.
+    listeners: Vec<ListenerView>,
+}
+
+#[derive(Serialize)]
+struct ListenerView {
+    name: &'static str,
+    address: SocketAddr,
+    /// What arrives there, in a few words.
+    purpose: &'static str,
+}
+
+/// The proxy's listeners: the data path's (fixed ports on every address, SPEC conventions) and
+/// the operator endpoints.
+fn listeners(waypoint: bool, endpoints: &OperatorEndpoints) -> Vec<ListenerView> {
+    let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let mut out = Vec::new();
+    if !waypoint {
+        out.push(ListenerView {
+            name: "outbound",
+            address: any(OUTBOUND_PORT),
+            purpose: "connections of captured pods, to their original destination (transparent)",
+        });
+        out.push(ListenerView {
+            name: "inbound_plaintext",
+            address: any(INBOUND_PLAINTEXT_PORT),
+            purpose: "plaintext to captured pods; PeerAuthentication decides",
+        });
+    }
+    out.push(ListenerView {
+        name: "hbone",
+        address: any(HBONE_PORT),
+        purpose: if waypoint {
+            "HBONE (mTLS, HTTP/2 CONNECT) from node proxies, to the L7 engine"
+        } else {
+            "HBONE (mTLS, HTTP/2 CONNECT) to captured pods"
+        },
+    });
+    out.push(ListenerView { name: "admin", address: endpoints.admin, purpose: "this admin API" });
+    out.push(ListenerView { name: "metrics", address: endpoints.metrics, purpose: "Prometheus metrics" });
+    out.push(ListenerView { name: "readiness", address: endpoints.readiness, purpose: "readiness probe" });
+    out
+}
+
+/// `/server_info`: what this proxy is.
+pub(super) fn server_info(state: &AdminState, endpoints: &OperatorEndpoints) -> String {
+    let info = ServerInfo {
+        proxy: "strait",
+        version: env!("CARGO_PKG_VERSION"),
+        role: if state.waypoint.is_some() { "waypoint" } else { "node" },
+        node: Some(state.node_name.as_str()).filter(|n| !n.is_empty()),
+        waypoint: state.waypoint.as_ref().map(ToString::to_string),
+        trust_domain: &state.trust_domain,
+        config_generation: state.model.current().generation,
+        ready: state.ready.is_ready(),
+        listeners: listeners(state.waypoint.is_some(), endpoints),
+    };
+    serde_json::to_string_pretty(&info).unwrap_or_else(|e| error_json(&e))
+}
+
+/// How other proxies reach a workload, as Istio's `Address` resource says it: HBONE for a pod
+/// in the mesh (its node proxy terminates the tunnel), plain TCP for anything else, waypoints
+/// included (they are dialled on 15008 by name, not captured).
+pub(super) fn workload_protocol(workload: &Workload) -> &'static str {
+    if workload.captured { "HBONE" } else { "TCP" }
+}
 
 /// `/logging`: shows the filter, or sets it from `?level=<filter>`.
 pub(super) fn logging(control: Option<&LogControl>, query: Option<&str>) -> Reply {
@@ -105,6 +191,10 @@ struct WorkloadView<'a> {
     identity: String,
     ip: IpAddr,
     node: Option<&'a str>,
+    /// `namespace/name` of the waypoint traffic to this pod's address goes through.
+    waypoint: Option<String>,
+    /// `HBONE` or `TCP`: how the mesh reaches the pod.
+    protocol: &'static str,
     /// Runs on this node, so this proxy captures it when it is enrolled.
     local: bool,
     /// `captured`, `not_enrolled` or `host_network` (hostNetwork pods are never captured).
@@ -127,6 +217,8 @@ pub(super) fn workloads(model: &Model, node: &str, trust_domain: &str) -> String
             identity: w.identity(trust_domain).to_string(),
             ip: w.ip,
             node: w.node.as_deref(),
+            waypoint: w.waypoint.as_ref().map(ToString::to_string),
+            protocol: workload_protocol(w),
             local: w.node.as_deref() == Some(node),
             capture: if w.host_network {
                 "host_network"
@@ -145,40 +237,104 @@ pub(super) fn workloads(model: &Model, node: &str, trust_domain: &str) -> String
 #[derive(Serialize)]
 struct CertView<'a> {
     identity: String,
-    serial: &'a str,
-    not_before: String,
-    not_after: String,
+    serial: Option<&'a str>,
+    not_before: Option<String>,
+    not_after: Option<String>,
     /// When the certificate is renewed (half life, ID-1).
-    refresh_at: String,
-    /// `valid` or `expired`.
+    refresh_at: Option<String>,
+    /// `valid` or `expired`; for identities without a certificate (`?all`), `initializing`
+    /// while the CA is asked, `unavailable` after it failed.
     state: &'static str,
     /// Certificates in the chain presented to peers, leaf included.
     chain_length: usize,
+    /// The chain presented to peers (leaf, then intermediates) and the trust roots, each as
+    /// read from the certificate itself.
+    chain: Vec<CertDetail>,
+    roots: Vec<CertDetail>,
+    /// Why the CA gave no certificate, and when it is asked again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_in_ms: Option<u64>,
 }
 
-/// `/certs`: the workload certificates held, by identity.
-pub(super) fn certs(held: &[Arc<TlsSettings>]) -> String {
+/// One X.509 certificate of a chain or of the roots.
+#[derive(Serialize)]
+struct CertDetail {
+    /// `Leaf`, `Intermediate` or `Root`.
+    kind: &'static str,
+    serial: String,
+    subject: String,
+    not_before: String,
+    not_after: String,
+}
+
+impl CertDetail {
+    /// Reads a DER certificate; `None` if it cannot be parsed (it came from our own CA or
+    /// the CA client, which parsed it already, so this is not expected).
+    fn parse(kind: &'static str, der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let time = |t: x509_parser::time::ASN1Time| {
+            let secs = u64::try_from(t.timestamp()).unwrap_or_default();
+            rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        };
+        Some(CertDetail {
+            kind,
+            serial: cert.raw_serial_as_string().replace(':', ""),
+            subject: cert.subject().to_string(),
+            not_before: time(cert.validity().not_before),
+            not_after: time(cert.validity().not_after),
+        })
+    }
+}
+
+/// `/certs`: the workload certificates held, by identity; `pending` adds the identities still
+/// waiting for one.
+pub(super) fn certs(held: &[Arc<TlsSettings>], pending: &[PendingCert]) -> String {
     let now = SystemTime::now();
     let mut views: Vec<CertView> = held
         .iter()
         .map(|s| {
             let cert = &s.cert;
+            let chain = cert
+                .chain
+                .iter()
+                .enumerate()
+                .filter_map(|(i, der)| CertDetail::parse(if i == 0 { "Leaf" } else { "Intermediate" }, der))
+                .collect();
             CertView {
                 identity: cert.identity.to_string(),
-                serial: &cert.serial,
-                not_before: rfc3339(cert.not_before),
-                not_after: rfc3339(cert.not_after),
-                refresh_at: rfc3339(cert.refresh_at()),
+                serial: Some(&cert.serial),
+                not_before: Some(rfc3339(cert.not_before)),
+                not_after: Some(rfc3339(cert.not_after)),
+                refresh_at: Some(rfc3339(cert.refresh_at())),
                 state: if cert.not_after > now { "valid" } else { "expired" },
                 chain_length: cert.chain.len(),
+                chain,
+                roots: cert.roots.iter().filter_map(|der| CertDetail::parse("Root", der)).collect(),
+                error: None,
+                retry_in_ms: None,
             }
         })
         .collect();
-    views.sort_by(|a, b| a.identity.cmp(&b.identity));
+    views.extend(pending.iter().map(|p| CertView {
+        identity: p.identity.to_string(),
+        serial: None,
+        not_before: None,
+        not_after: None,
+        refresh_at: None,
+        state: if p.failures > 0 { "unavailable" } else { "initializing" },
+        chain_length: 0,
+        chain: Vec::new(),
+        roots: Vec::new(),
+        error: p.last_error.clone(),
+        retry_in_ms: p.retry_in.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    }));
+    views.sort_by(|a, b| (&a.identity, a.serial.is_none()).cmp(&(&b.identity, b.serial.is_none())));
     serde_json::to_string_pretty(&views).unwrap_or_else(|e| error_json(&e))
 }
 
-fn error_json(e: &serde_json::Error) -> String {
+pub(super) fn error_json(e: &serde_json::Error) -> String {
     serde_json::json!({ "error": e.to_string() }).to_string()
 }
 
@@ -241,7 +397,7 @@ mod tests {
             ca.issue_local(&Identity::new("cluster.local", "shop", "web"), Duration::from_secs(3600)).expect("cert");
         let serial = issued.serial.clone();
         let settings = Arc::new(TlsSettings::new(Arc::new(issued)).expect("tls"));
-        let json: serde_json::Value = serde_json::from_str(&certs(&[settings])).expect("JSON");
+        let json: serde_json::Value = serde_json::from_str(&certs(&[settings], &[])).expect("JSON");
         let _ = std::fs::remove_dir_all(&dir);
         let cert = &json[0];
         assert_eq!(cert["identity"], "spiffe://cluster.local/ns/shop/sa/web");
@@ -252,5 +408,40 @@ mod tests {
         }
         assert!(cert["not_before"].as_str() < cert["refresh_at"].as_str());
         assert!(cert["refresh_at"].as_str() < cert["not_after"].as_str());
+        assert_eq!(cert["chain"][0]["kind"], "Leaf");
+        assert_eq!(cert["chain"][0]["serial"], serial.as_str(), "read back from the certificate");
+        let seconds = |v: &serde_json::Value| v.as_str().and_then(|t| t.get(..19)).map(str::to_owned);
+        assert_eq!(seconds(&cert["chain"][0]["not_after"]), seconds(&cert["not_after"]), "X.509 keeps whole seconds");
+        assert_eq!(
+            (cert["roots"][0]["kind"].as_str(), cert["roots"][0]["subject"].as_str()),
+            (Some("Root"), Some("O=cluster.local, CN=strait root CA"))
+        );
+    }
+
+    #[test]
+    fn certs_of_pending_identities_say_why() {
+        let pending = [
+            PendingCert {
+                identity: Identity::new("cluster.local", "shop", "new"),
+                failures: 0,
+                last_error: None,
+                retry_in: None,
+            },
+            PendingCert {
+                identity: Identity::new("cluster.local", "shop", "db"),
+                failures: 2,
+                last_error: Some("the CA refused".into()),
+                retry_in: Some(Duration::from_millis(1500)),
+            },
+        ];
+        let json: serde_json::Value = serde_json::from_str(&certs(&[], &pending)).expect("JSON");
+        assert_eq!(json[0]["identity"], "spiffe://cluster.local/ns/shop/sa/db");
+        assert_eq!(
+            (json[0]["state"].as_str(), json[0]["error"].as_str()),
+            (Some("unavailable"), Some("the CA refused"))
+        );
+        assert_eq!((json[0]["retry_in_ms"].as_u64(), json[0]["serial"].as_str()), (Some(1500), None));
+        assert_eq!(json[1]["state"], "initializing");
+        assert!(json[1].get("error").is_none(), "{json}");
     }
 }

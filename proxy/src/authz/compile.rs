@@ -17,7 +17,7 @@ pub fn compile_policy(
     root_namespace: &str,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<Policy> {
-    let mut cx = Context { origin, policy, diagnostics, errors: 0 };
+    let mut cx = Context { origin, policy, diagnostics, errors: 0, http: Vec::new() };
     let spec = &policy.spec;
     let namespace = policy.metadata.namespace_or_default().to_owned();
 
@@ -41,7 +41,11 @@ pub fn compile_policy(
             false
         }
     };
-    let rules = spec.rules.iter().enumerate().map(|(i, r)| compile_rule(&mut cx, &namespace, i, r)).collect();
+    let rules: Vec<Rule> =
+        spec.rules.iter().enumerate().map(|(i, r)| compile_rule(&mut cx, &namespace, i, r)).collect();
+    if !matches!(scope, Scope::TargetRefs(_)) {
+        warn_http_at_node(&mut cx, action, &rules);
+    }
     (cx.errors == 0).then(|| Policy {
         name: policy.metadata.name.clone(),
         namespace,
@@ -58,6 +62,8 @@ struct Context<'a> {
     policy: &'a AuthorizationPolicy,
     diagnostics: &'a mut Vec<Diagnostic>,
     errors: usize,
+    /// The HTTP attributes the rules use, as `(field, name)`, in the order written.
+    http: Vec<(String, String)>,
 }
 
 impl Context<'_> {
@@ -83,7 +89,11 @@ fn check_action(cx: &mut Context, action: Action) {
         }
         Action::Custom => cx.warning(
             "spec.action",
-            "CUSTOM (external authorization) is not supported by strait; this policy is ignored",
+            format!(
+                "CUSTOM (external authorization by `{}`) is not supported by strait: the traffic its rules match \
+                 is denied (fail closed)",
+                provider.unwrap_or_default()
+            ),
         ),
         Action::Audit => cx.warning("spec.action", "AUDIT policies are accepted but strait has no audit sink; ignored"),
         _ => {}
@@ -151,10 +161,65 @@ fn compile_rule(cx: &mut Context, namespace: &str, index: usize, rule: &crate::c
             }
         }
     }
+    for alternative in compiled.from.iter().chain(&compiled.to) {
+        for p in alternative.iter().filter(|p| p.layer == Layer::L7) {
+            let name = p.field.rsplit('.').next().unwrap_or(&p.field).to_owned();
+            cx.http.push((p.field.clone(), name));
+        }
+    }
     for (i, condition) in rule.when.iter().enumerate() {
-        compiled.when.extend(compile_condition(cx, namespace, &format!("{at}.when[{i}]"), condition));
+        let field = format!("{at}.when[{i}]");
+        let predicates = compile_condition(cx, namespace, &field, condition);
+        if predicates.iter().any(|p| p.layer == Layer::L7) {
+            cx.http.push((format!("{field}.key"), condition.key.clone()));
+        }
+        compiled.when.extend(predicates);
     }
     compiled
+}
+
+/// A policy the node proxy enforces (bound by namespace or selector, not to a waypoint) whose
+/// rules use HTTP attributes: Istio ambient warns that its node proxy cannot see them (AUTHZ-3),
+/// and says which way that errs. strait says it in its own words, with what its own evaluation
+/// does.
+fn warn_http_at_node(cx: &mut Context, action: Action, rules: &[Rule]) {
+    let Some((field, _)) = cx.http.first().cloned() else { return };
+    let mut names: Vec<&str> = Vec::new();
+    for (_, name) in &cx.http {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
+        }
+    }
+    let effect = match action {
+        Action::Allow => {
+            "In this ALLOW policy the rules using them never match at the node proxy: it allows less than \
+             written"
+                .to_owned()
+        }
+        Action::Deny | Action::Custom => {
+            let broad: Vec<String> =
+                rules.iter().enumerate().filter(|(_, r)| r.only_http()).map(|(i, _)| format!("rules[{i}]")).collect();
+            let mut effect = "Its rules are enforced at the node proxy without those conditions: it denies more \
+                              than written"
+                .to_owned();
+            match broad.as_slice() {
+                [] => {}
+                [one] => effect.push_str(&format!(" ({one} has no other condition, so it denies every connection)")),
+                many => effect.push_str(&format!(
+                    " ({} have no other condition, so they deny every connection)",
+                    many.join(", ")
+                )),
+            }
+            effect
+        }
+        Action::Audit => return,
+    };
+    let message = format!(
+        "the node proxy does not parse HTTP, so it cannot check {}; to enforce them, bind the policy to a \
+         waypoint with `targetRefs` (a Service, or the waypoint's Gateway). {effect}",
+        names.join(", ")
+    );
+    cx.warning(&field, message);
 }
 
 /// Collects one clause's predicates, skipping empty fields.
@@ -199,6 +264,9 @@ fn compile_source(cx: &mut Context, namespace: &str, at: &str, s: &Source) -> Ve
     c.add("notRequestPrincipals", A::RequestPrincipal, L7, true, not_request);
     c.add("namespaces", A::SourceNamespace, L4, false, text(cx, "namespaces", &s.namespaces));
     c.add("notNamespaces", A::SourceNamespace, L4, true, text(cx, "notNamespaces", &s.not_namespaces));
+    c.add("trustDomains", A::SourceTrustDomain, L4, false, text(cx, "trustDomains", &s.trust_domains));
+    let not_domains = text(cx, "notTrustDomains", &s.not_trust_domains);
+    c.add("notTrustDomains", A::SourceTrustDomain, L4, true, not_domains);
     c.add("serviceAccounts", A::SourceServiceAccount, L4, false, accounts(cx, "serviceAccounts", &s.service_accounts));
     let not_accounts = accounts(cx, "notServiceAccounts", &s.not_service_accounts);
     c.add("notServiceAccounts", A::SourceServiceAccount, L4, true, not_accounts);
@@ -248,6 +316,7 @@ fn when_attribute(key: &str) -> Result<(Attribute, Kind, Layer), String> {
         "source.ip" => (A::SourceIp, Kind::Cidr, L4),
         "source.namespace" => (A::SourceNamespace, Kind::Text, L4),
         "source.principal" => (A::SourcePrincipal, Kind::Text, L4),
+        "source.trustDomain" => (A::SourceTrustDomain, Kind::Text, L4),
         "destination.ip" => (A::DestinationIp, Kind::Cidr, L4),
         "destination.port" => (A::DestinationPort, Kind::Port, L4),
         "source.serviceAccount" => (A::SourceServiceAccount, Kind::ServiceAccount, L7),
@@ -377,8 +446,8 @@ mod tests {
     use super::*;
     use crate::config::{Resource, Severity, parse_file};
 
-    /// Parse diagnostics if any, else compile diagnostics, of a policy in `default` whose spec
-    /// starts on line 7.
+    /// Parse diagnostics if any, else compile diagnostics (at their field's line, as `strait ctl
+    /// validate` and the node report them), of a policy in `default` whose spec starts on line 7.
     fn diagnostics(annotations: &str, spec: &str) -> Vec<Diagnostic> {
         let yaml = format!(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: default{annotations}\nspec:\n  {spec}\n"
@@ -391,6 +460,7 @@ mod tests {
         let mut d = Vec::new();
         let compiled = compile_policy(&resources[0].origin, policy, "istio-system", &mut d);
         assert_eq!(compiled.is_none(), d.iter().any(Diagnostic::is_error), "{d:?}");
+        crate::config::locate(&mut d, Path::new("p.yaml"), &yaml);
         d
     }
 
@@ -424,76 +494,97 @@ mod tests {
             (
                 when("source.ip", "values: [\"10.0.0.0/8\", \"x\"]"),
                 Error,
-                1,
+                10,
                 "spec.rules[0].when[0].values[1]",
                 "not an IP",
             ),
             (
                 when("destination.port", "notValues: [\"99999\"]"),
                 Error,
-                1,
+                10,
                 "spec.rules[0].when[0].notValues[0]",
                 "not a port",
             ),
-            (when("request.weird", "values: [a]"), Error, 1, "spec.rules[0].when[0].key", "unknown attribute"),
-            (when("destination.namespace", "values: [a]"), Error, 1, "spec.rules[0].when[0].key", "not supported"),
-            (when("source.ip", "values: []"), Error, 1, "spec.rules[0].when[0]", "set `values` or `notValues`"),
+            (when("request.weird", "values: [a]"), Error, 9, "spec.rules[0].when[0].key", "unknown attribute"),
+            (when("destination.namespace", "values: [a]"), Error, 9, "spec.rules[0].when[0].key", "not supported"),
+            (when("source.ip", "values: []"), Error, 9, "spec.rules[0].when[0]", "set `values` or `notValues`"),
             (
                 when("experimental.envoy.filters.a[b]", "values: [a]"),
                 Warning,
-                1,
+                9,
                 "spec.rules[0].when[0].key",
                 "not evaluated",
             ),
-            ("action: DENY".into(), Error, 1, "spec.rules", "never matches"),
-            ("rules:\n  - from: []".into(), Error, 1, "spec.rules[0].from", "must not be empty"),
-            ("rules:\n  - from:\n    - {}".into(), Error, 1, "spec.rules[0].from[0].source", "missing"),
+            ("action: DENY".into(), Error, 6, "spec.rules", "never matches"),
+            ("rules:\n  - from: []".into(), Error, 8, "spec.rules[0].from", "must not be empty"),
+            ("rules:\n  - from:\n    - {}".into(), Error, 9, "spec.rules[0].from[0].source", "missing"),
             (
                 "rules:\n  - from:\n    - source: {}".into(),
                 Error,
-                1,
+                9,
                 "spec.rules[0].from[0].source",
                 "must not be empty",
             ),
             (
                 "rules:\n  - to:\n    - operation: {}".into(),
                 Error,
-                1,
+                9,
                 "spec.rules[0].to[0].operation",
                 "must not be empty",
             ),
             (
                 "rules:\n  - from:\n    - source: {principals: [\"\"]}".into(),
                 Error,
-                1,
+                9,
                 "spec.rules[0].from[0].source.principals[0]",
                 "empty",
             ),
             (
                 "rules:\n  - from:\n    - source: {serviceAccounts: [\"a/b/c\"]}".into(),
                 Error,
-                1,
+                9,
                 "spec.rules[0].from[0].source.serviceAccounts[0]",
                 "not a service account",
             ),
-            ("selector:\n    matchLabels: {app: \"web*\"}".into(), Error, 1, "spec.selector.matchLabels", "wildcards"),
+            ("selector:\n    matchLabels: {app: \"web*\"}".into(), Error, 8, "spec.selector.matchLabels", "wildcards"),
             (
                 "selector: {matchLabels: {app: web}}\n  targetRefs: [{kind: Service, name: web}]".into(),
                 Error,
-                1,
+                7,
                 "spec.selector",
                 "not both",
             ),
-            ("action: CUSTOM\n  rules: [{}]".into(), Error, 1, "spec.provider.name", "external authorizer"),
+            ("action: CUSTOM\n  rules: [{}]".into(), Error, 6, "spec.provider.name", "external authorizer"),
             (
                 "action: CUSTOM\n  provider: {name: ext}\n  rules: [{}]".into(),
                 Warning,
-                1,
+                7,
                 "spec.action",
-                "not supported",
+                "denied (fail closed)",
             ),
-            ("action: AUDIT\n  rules: [{}]".into(), Warning, 1, "spec.action", "no audit sink"),
-            ("provider: {name: ext}".into(), Error, 1, "spec.provider", "only for CUSTOM"),
+            ("action: AUDIT\n  rules: [{}]".into(), Warning, 7, "spec.action", "no audit sink"),
+            ("provider: {name: ext}".into(), Error, 7, "spec.provider", "only for CUSTOM"),
+            (
+                "rules:\n  - from:\n    - source: {trustDomains: [\"\"]}".into(),
+                Error,
+                9,
+                "spec.rules[0].from[0].source.trustDomains[0]",
+                "empty",
+            ),
+            (
+                "selector: {matchLabels: {app: web}}\n  rules:\n  - to:\n    - operation:\n        methods: [GET]".into(),
+                Warning,
+                11,
+                "spec.rules[0].to[0].operation.methods",
+                "cannot check methods; to enforce them, bind the policy to a waypoint",
+            ),
+            (
+                "action: DENY\n  rules:\n  - from:\n    - source: {notRequestPrincipals: [\"*\"]}\n  - when:\n    - key: request.headers[x-user]\n      values: [a]".into(),
+                Warning,
+                10,
+                "spec.rules[0].from[0].source.notRequestPrincipals",
+                "cannot check notRequestPrincipals, request.headers[x-user]; to enforce them, bind the policy to a waypoint with `targetRefs` (a Service, or the waypoint's Gateway). Its rules are enforced at the node proxy without those conditions: it denies more than written (rules[0], rules[1] have no other condition, so they deny every connection)",
+            ),
         ];
         for (spec, severity, line, field, message) in cases {
             let d = diagnostics("", &spec);

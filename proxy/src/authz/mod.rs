@@ -83,15 +83,16 @@ impl Decision {
 
 /// Decides a connection (or, with `conn.http`, a request) against the policies that apply to
 /// its destination, in Istio's order: DENY first, then "no ALLOW policy means allow", then any
-/// matching ALLOW, else deny. Dry-run policies are only recorded; AUDIT and CUSTOM policies do
-/// not take part (see `compile`, which warns about them).
+/// matching ALLOW, else deny. Dry-run policies are only recorded; AUDIT policies do not take
+/// part. CUSTOM policies count as DENY: strait cannot ask their external authorizer, so what
+/// their rules match is refused (fail closed; `compile` warns).
 pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, conn: &Connection) -> Decision {
     let mut dry_run = Vec::new();
     let mut denied_by = None;
     let mut allowed_by = None;
     let mut has_allow = false;
     for policy in policies {
-        if !matches!(policy.action, Action::Allow | Action::Deny) {
+        if !matches!(policy.action, Action::Allow | Action::Deny | Action::Custom) {
             continue;
         }
         if policy.dry_run {
@@ -99,7 +100,7 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, conn: &Conne
             continue;
         }
         match policy.action {
-            Action::Deny if denied_by.is_none() && policy.matches(conn) => denied_by = Some(policy),
+            Action::Deny | Action::Custom if denied_by.is_none() && policy.matches(conn) => denied_by = Some(policy),
             Action::Allow => {
                 has_allow = true;
                 if allowed_by.is_none() && policy.matches(conn) {
@@ -110,6 +111,11 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, conn: &Conne
         }
     }
     let (allowed, policy, reason) = match (denied_by, allowed_by) {
+        (Some(p), _) if p.action == Action::Custom => (
+            false,
+            Some(p.key()),
+            format!("denied by CUSTOM policy {}: strait has no external authorizer to ask (fail closed)", p.key()),
+        ),
         (Some(p), _) => (false, Some(p.key()), format!("denied by DENY policy {}", p.key())),
         _ if !has_allow => (true, None, "no ALLOW policy applies".to_owned()),
         (None, Some(p)) => (true, Some(p.key()), format!("allowed by ALLOW policy {}", p.key())),

@@ -25,7 +25,8 @@ pub enum Action {
     Deny,
     /// Marks requests for auditing; never changes a decision (and strait has no audit sink).
     Audit,
-    /// Delegates to an external authorizer, which strait does not support.
+    /// Delegates to an external authorizer, which strait does not support: evaluated as DENY
+    /// (fail closed), as if the authorizer refused everything the rules send it.
     Custom,
 }
 
@@ -138,6 +139,12 @@ impl Rule {
         self.predicates().any(|p| p.layer != Layer::L4)
     }
 
+    /// Whether every condition needs more than the connection: at L4 such a DENY rule, its
+    /// conditions dropped, matches every connection.
+    pub fn only_http(&self) -> bool {
+        self.predicates().all(|p| p.layer != Layer::L4) && self.predicates().next().is_some()
+    }
+
     fn predicates(&self) -> impl Iterator<Item = &Predicate> {
         self.from.iter().flatten().chain(self.to.iter().flatten()).chain(&self.when)
     }
@@ -200,6 +207,8 @@ pub enum Attribute {
     SourcePrincipal,
     /// Namespace of the peer identity: `namespaces`, `source.namespace`.
     SourceNamespace,
+    /// Trust domain of the peer identity: `trustDomains`, `source.trustDomain` (Istio 1.30).
+    SourceTrustDomain,
     /// Namespace and service account of the peer identity: `serviceAccounts`.
     SourceServiceAccount,
     /// Address of the connection's peer: `ipBlocks`, `source.ip`.
@@ -239,6 +248,7 @@ impl Attribute {
         match (self, value) {
             (Attribute::SourcePrincipal, Value::Text(m)) => identity.is_some_and(|id| m.matches(&id.principal())),
             (Attribute::SourceNamespace, Value::Text(m)) => identity.is_some_and(|id| m.matches(&id.namespace)),
+            (Attribute::SourceTrustDomain, Value::Text(m)) => identity.is_some_and(|id| m.matches(&id.trust_domain)),
             (Attribute::SourceServiceAccount, Value::ServiceAccount { namespace, name }) => {
                 identity.is_some_and(|id| &id.namespace == namespace && &id.service_account == name)
             }

@@ -5,10 +5,13 @@
 //! can point the user at the exact place.
 
 mod duration;
+mod kinds;
 mod networking;
 mod parse;
+mod positions;
 mod security;
 mod source;
+mod syntax;
 
 use std::{
     collections::BTreeMap,
@@ -27,10 +30,12 @@ pub use networking::{
     TrafficPolicySpec, VirtualService, VirtualServiceSpec,
 };
 pub use parse::parse_file;
+pub use positions::locate;
 pub use security::{
-    AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, Cidr, Condition, ExtensionProvider, JwtHeader,
-    JwtRule, MtlsModeSetting, MutualTls, Operation, PeerAuthentication, PeerAuthenticationSpec, PolicyTargetRef,
-    RequestAuthentication, RequestAuthenticationSpec, Rule, RuleFrom, RuleTo, Source, WorkloadSelector, parse_port,
+    AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, Cidr, ClaimToHeader, Condition,
+    ExtensionProvider, JwtHeader, JwtRule, MtlsModeSetting, MutualTls, Operation, PeerAuthentication,
+    PeerAuthenticationSpec, PolicyTargetRef, RequestAuthentication, RequestAuthenticationSpec, Rule, RuleFrom, RuleTo,
+    Source, WorkloadSelector, parse_port,
 };
 pub use source::{ConfigDir, Loaded, POLL as CONFIG_POLL, load_dir};
 

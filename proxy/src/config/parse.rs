@@ -1,56 +1,97 @@
 //! Multi-document YAML to typed resources, with file:line on every resource and error.
 
-use std::path::Path;
+use std::{fmt, path::Path};
 
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess};
+use serde::{Deserialize, Deserializer};
 
-use super::{Diagnostic, Located, Origin, Resource};
+use super::kinds::{self, NETWORKING, SECURITY, Verdict};
+use super::syntax::{explain, normalize_indentation};
+use super::{Diagnostic, Located, Origin, Resource, positions};
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// What every document has: its type, its name, and which other top-level fields it carries
+/// (read without deserializing them).
+#[derive(Default)]
 struct TypeMeta {
-    #[serde(default)]
     api_version: Option<String>,
-    #[serde(default)]
     kind: Option<String>,
+    name: Option<String>,
+    namespace: Option<String>,
+    /// Top-level keys besides `apiVersion`, `kind` and `metadata`.
+    others: Vec<String>,
 }
 
-/// API groups whose resources strait will read (SPEC conventions); accepted now and applied
-/// by the issues that implement them.
-const ISTIO_GROUPS: [&str; 5] = [
-    "networking.istio.io/v1alpha3",
-    "networking.istio.io/v1beta1",
-    "networking.istio.io/v1",
-    SECURITY_V1BETA1,
-    SECURITY_V1,
-];
-const NETWORKING: [&str; 3] = ["networking.istio.io/v1alpha3", "networking.istio.io/v1beta1", "networking.istio.io/v1"];
-const SECURITY_V1BETA1: &str = "security.istio.io/v1beta1";
-const SECURITY_V1: &str = "security.istio.io/v1";
+impl<'de> Deserialize<'de> for TypeMeta {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = TypeMeta;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a resource: a mapping with `apiVersion`, `kind` and `metadata`")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TypeMeta, A::Error> {
+                let mut meta = TypeMeta::default();
+                while let Some(key) = map.next_key::<serde_yaml_ng::Value>()? {
+                    match key.as_str() {
+                        Some("apiVersion") => meta.api_version = map.next_value()?,
+                        Some("kind") => meta.kind = map.next_value()?,
+                        Some("metadata") => {
+                            // Read leniently: the kind's own type checks it where it matters.
+                            let metadata: serde_yaml_ng::Value = map.next_value()?;
+                            let text = |field: &str| metadata.get(field).and_then(|v| v.as_str()).map(str::to_owned);
+                            meta.name = text("name");
+                            meta.namespace = text("namespace");
+                        }
+                        other => {
+                            meta.others.push(other.map_or_else(|| format!("{key:?}"), str::to_owned));
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(meta)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
 
 /// Parses one file's text. Returns the resources and the diagnostics found; a file with any
 /// error diagnostic must not be applied.
 pub fn parse_file(file: &Path, text: &str) -> (Vec<Located<Resource>>, Vec<Diagnostic>) {
+    let (text, nbsp_lines) = normalize_indentation(text);
     let mut resources = Vec::new();
     let mut diagnostics = Vec::new();
-    for (first_line, doc) in split_documents(text) {
+    if let Some(first) = nbsp_lines.first() {
+        diagnostics.push(Diagnostic::warning(
+            Origin::new(file, *first),
+            None,
+            format!(
+                "{} line(s) from here are indented with non-breaking spaces (U+00A0), as text copied from a web \
+                 page often is; strait reads them as spaces, but kubectl would reject this file",
+                nbsp_lines.len()
+            ),
+        ));
+    }
+    for (first_line, doc) in split_documents(&text) {
         if is_blank(doc) {
             continue;
         }
         let origin = Origin::new(file, first_line);
         match parse_document(file, first_line, doc) {
-            Ok(Some(resource)) => resources.push(Located { origin, resource }),
-            Ok(None) => {}
+            Ok((resource, warnings)) => {
+                resources.push(Located { origin, resource });
+                diagnostics.extend(warnings);
+            }
             Err(diagnostic) => diagnostics.push(diagnostic),
         }
     }
+    positions::locate(&mut diagnostics, file, &text);
     (resources, diagnostics)
 }
 
 /// Splits YAML text at `---` lines, returning each document with the 1-based line its
 /// content starts on. (A `---` inside a block scalar is indented, so it never matches.)
-fn split_documents(text: &str) -> Vec<(usize, &str)> {
+pub(super) fn split_documents(text: &str) -> Vec<(usize, &str)> {
     let mut docs = Vec::new();
     let mut start_byte = 0;
     let mut start_line = 1;
@@ -75,72 +116,109 @@ fn is_blank(doc: &str) -> bool {
     })
 }
 
-fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<Option<Resource>, Diagnostic> {
+/// Typographic quotes, which documents converted by word processors or PDF tools carry and
+/// YAML does not read as quotes.
+const CURLY_QUOTES: [char; 4] = ['\u{201c}', '\u{201d}', '\u{2018}', '\u{2019}'];
+
+/// One document: the resource, and warnings about it (a kind strait ignores).
+fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<(Resource, Vec<Diagnostic>), Diagnostic> {
     let meta: TypeMeta = from_yaml(file, first_line, doc)?;
     let origin = Origin::new(file, first_line);
-    let api_version = meta.api_version.ok_or_else(|| {
-        Diagnostic::error(origin.clone(), Some("apiVersion"), "missing; every document needs `apiVersion` and `kind`")
-    })?;
-    let kind = meta.kind.ok_or_else(|| {
-        Diagnostic::error(origin.clone(), Some("kind"), "missing; every document needs `apiVersion` and `kind`")
-    })?;
-    let resource = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => Resource::Namespace(from_yaml(file, first_line, doc)?),
-        ("v1", "Pod") => Resource::Pod(from_yaml(file, first_line, doc)?),
-        ("v1", "Service") => Resource::Service(from_yaml(file, first_line, doc)?),
-        (SECURITY_V1BETA1 | SECURITY_V1, "AuthorizationPolicy") => {
-            Resource::AuthorizationPolicy(from_yaml(file, first_line, doc)?)
-        }
-        (SECURITY_V1BETA1 | SECURITY_V1, "PeerAuthentication") => {
-            Resource::PeerAuthentication(from_yaml(file, first_line, doc)?)
-        }
-        (SECURITY_V1BETA1 | SECURITY_V1, "RequestAuthentication") => {
-            Resource::RequestAuthentication(from_yaml(file, first_line, doc)?)
-        }
-        (group, "VirtualService") if NETWORKING.contains(&group) => {
-            Resource::VirtualService(from_yaml(file, first_line, doc)?)
-        }
-        (group, "DestinationRule") if NETWORKING.contains(&group) => {
-            Resource::DestinationRule(from_yaml(file, first_line, doc)?)
-        }
-        (SECURITY_V1BETA1 | SECURITY_V1, other) => {
-            return Err(Diagnostic::error(
-                origin,
-                Some("kind"),
+    let error = |field: &str, message: String| Diagnostic::error(origin.clone(), Some(field), message);
+    let missing = "missing; every document needs `apiVersion` and `kind`";
+    let api_version = meta.api_version.clone().ok_or_else(|| error("apiVersion", missing.into()))?;
+    let kind = meta.kind.clone().ok_or_else(|| error("kind", missing.into()))?;
+    for (field, value) in [("apiVersion", &api_version), ("kind", &kind)] {
+        if value.contains(CURLY_QUOTES) {
+            return Err(error(
+                field,
                 format!(
-                    "unknown kind `{other}` in {api_version}; it has AuthorizationPolicy, PeerAuthentication and \
-                     RequestAuthentication"
+                    "`{value}` is written with typographic quotes (“ ” ‘ ’), which YAML reads as text; use \" or '"
                 ),
             ));
         }
-        ("v1", "List") => {
-            return Err(Diagnostic::error(
-                origin,
-                Some("kind"),
-                "`List` documents are not supported; write one document per resource, separated by `---`",
-            ));
+    }
+    let reads = matches!((api_version.as_str(), kind.as_str()), ("v1", "Namespace" | "Pod" | "Service"))
+        || (SECURITY.contains(&api_version.as_str())
+            && matches!(kind.as_str(), "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"))
+        || (NETWORKING.contains(&api_version.as_str())
+            && matches!(kind.as_str(), "VirtualService" | "DestinationRule"));
+    if reads {
+        // Before the typed parse, whose complaint about a flattened document (`spec` empty, a
+        // field missing) would not say why.
+        check_top_level(&meta, &kind, &origin)?;
+    }
+    let checked =
+        |resource: Resource| -> Result<(Resource, Vec<Diagnostic>), Diagnostic> { Ok((resource, Vec::new())) };
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Namespace") => checked(Resource::Namespace(from_yaml(file, first_line, doc)?)),
+        ("v1", "Pod") => checked(Resource::Pod(from_yaml(file, first_line, doc)?)),
+        ("v1", "Service") => checked(Resource::Service(from_yaml(file, first_line, doc)?)),
+        (group, "AuthorizationPolicy") if SECURITY.contains(&group) => {
+            checked(Resource::AuthorizationPolicy(from_yaml(file, first_line, doc)?))
         }
-        (group, _) if ISTIO_GROUPS.contains(&group) || group == "v1" || group.starts_with("apps/") => {
-            Resource::Other { api_version, kind }
+        (group, "PeerAuthentication") if SECURITY.contains(&group) => {
+            checked(Resource::PeerAuthentication(from_yaml(file, first_line, doc)?))
         }
-        (group, _) if group.contains("istio.io") => {
-            return Err(Diagnostic::error(
-                origin,
-                Some("apiVersion"),
-                format!("unknown API version `{group}`; strait reads {}", ISTIO_GROUPS.join(", ")),
-            ));
+        (group, "RequestAuthentication") if SECURITY.contains(&group) => {
+            checked(Resource::RequestAuthentication(from_yaml(file, first_line, doc)?))
         }
-        _ => Resource::Other { api_version, kind },
+        (group, "VirtualService") if NETWORKING.contains(&group) => {
+            checked(Resource::VirtualService(from_yaml(file, first_line, doc)?))
+        }
+        (group, "DestinationRule") if NETWORKING.contains(&group) => {
+            checked(Resource::DestinationRule(from_yaml(file, first_line, doc)?))
+        }
+        ("v1", "List") => Err(error(
+            "kind",
+            "`List` documents are not supported; write one document per resource, separated by `---`".into(),
+        )),
+        _ => match kinds::classify(&api_version, &kind) {
+            Verdict::Foreign => Ok((Resource::Other { api_version, kind }, Vec::new())),
+            Verdict::Invalid { field, message } => Err(error(field, message)),
+            Verdict::Ignored(message) => {
+                if api_version.contains("istio.io") {
+                    check_top_level(&meta, &kind, &origin)?;
+                }
+                let name = meta.name.as_deref().unwrap_or("(unnamed)");
+                let what = match meta.namespace.as_deref() {
+                    _ if kinds::is_cluster_scoped(&kind) => name.to_owned(),
+                    namespace => format!("{}/{name}", namespace.unwrap_or("default")),
+                };
+                let warning = Diagnostic::warning(origin.clone(), Some("kind"), format!("{kind} {what}: {message}"));
+                Ok((Resource::Other { api_version, kind }, vec![warning]))
+            }
+        },
+    }
+}
+
+/// Istio and Kubernetes resources have `apiVersion`, `kind`, `metadata`, `spec` and `status` at
+/// the top: anything else there is a field that lost its indentation (a document copied from a
+/// page that flattened it), which would otherwise leave `spec` empty without a word.
+fn check_top_level(meta: &TypeMeta, kind: &str, origin: &Origin) -> Result<(), Diagnostic> {
+    let Some(stray) = meta.others.iter().find(|k| !matches!(k.as_str(), "spec" | "status")) else {
+        return Ok(());
     };
-    Ok(Some(resource))
+    Err(Diagnostic::error(
+        origin.clone(),
+        Some(stray),
+        format!(
+            "`{stray}` is not a top-level field of a {kind} (those are apiVersion, kind, metadata, spec and \
+             status); it probably belongs under `metadata` or `spec` and lost its indentation"
+        ),
+    ))
 }
 
 /// Deserializes a document, turning serde_yaml_ng's error into a diagnostic whose line is
 /// relative to the file, not to the document.
 fn from_yaml<T: DeserializeOwned>(file: &Path, first_line: usize, doc: &str) -> Result<T, Diagnostic> {
     serde_yaml_ng::from_str(doc).map_err(|e| {
+        let text = e.to_string();
+        if let Some(explained) = explain(&text, doc) {
+            return Diagnostic::error(Origin::new(file, first_line + explained.line - 1), None, explained.message);
+        }
         let line = e.location().map_or(first_line, |l| first_line + l.line().saturating_sub(1));
-        let message = strip_location(&e.to_string());
+        let message = strip_location(&text);
         let (field, message) = split_field(&message);
         Diagnostic::error(Origin::new(file, line), field.as_deref(), message)
     })
@@ -216,9 +294,61 @@ mod tests {
 
     #[test]
     fn foreign_kinds_are_kept_not_rejected() {
-        let (r, d) = parse("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: x\n");
-        assert!(d.is_empty());
+        let (r, d) = parse("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\ndata: {a: b}\n");
+        assert!(d.is_empty(), "{d:?}");
         assert!(matches!(r[0].resource, Resource::Other { .. }));
+    }
+
+    // CFG-1: a kind strait does not implement yet is one warning at its `kind:` line, naming
+    // the resource; the directory still loads.
+    #[test]
+    fn unimplemented_kinds_warn_once_at_their_kind_line() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n# the ingress\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: gw\n  namespace: shop\nspec:\n  selector: {istio: ingressgateway}\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: mesh-default\nspec:\n  accessLogging: [{providers: [{name: envoy}]}]\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {}\n";
+        let (r, d) = parse(text);
+        assert_eq!(r.len(), 4);
+        let lines: Vec<String> = d.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "c.yaml:7: warning: field `kind`: Gateway shop/gw: not supported yet; ignored",
+                "c.yaml:15: warning: field `kind`: Telemetry default/mesh-default: not supported yet; ignored (strait's \
+                 metrics and access logs are always on, with Istio's names)",
+                "c.yaml:22: warning: field `kind`: Deployment default/web: strait's directory source reads Pods (with \
+                 `spec.nodeName` and `status.podIP`), not the controllers that create them; ignored",
+            ]
+        );
+    }
+
+    #[test]
+    fn flattened_documents_are_rejected_at_the_stray_field() {
+        let text = "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata:\nname: httpbin\nspec:\nhosts:\n- httpbin.example.com\n";
+        let (_, d) = parse(text);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!((d[0].origin.line, d[0].field.as_deref()), (4, Some("name")), "{}", d[0]);
+        assert!(d[0].message.contains("lost its indentation"), "{}", d[0]);
+    }
+
+    #[test]
+    fn syntax_errors_are_explained_at_their_line() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n\tnamespace: a\n";
+        let (r, d) = parse(text);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            d[0].to_string(),
+            "c.yaml:9: error: this line is indented with a tab; YAML indents with spaces only"
+        );
+    }
+
+    #[test]
+    fn copied_web_text_is_read_with_a_warning_and_curly_quotes_are_named() {
+        let (r, d) = parse("apiVersion: v1\nkind: Namespace\nmetadata:\n\u{a0} name: a\n");
+        assert_eq!(r.len(), 1);
+        assert_eq!((d.len(), d[0].is_error(), d[0].origin.line), (1, false, 4), "{d:?}");
+        let (_, d) = parse(
+            "apiVersion: \u{201c}security.istio.io/v1beta1\u{201d}\nkind: PeerAuthentication\nmetadata: {name: a}\n",
+        );
+        assert_eq!((d[0].origin.line, d[0].field.as_deref()), (1, Some("apiVersion")), "{d:?}");
+        assert!(d[0].message.contains("typographic quotes"), "{}", d[0]);
     }
 
     #[test]

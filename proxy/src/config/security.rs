@@ -111,6 +111,11 @@ pub struct Source {
     pub namespaces: Vec<String>,
     #[serde(default)]
     pub not_namespaces: Vec<String>,
+    /// Trust domains of the peer identity (Istio 1.30), with the usual `*` forms.
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    #[serde(default)]
+    pub not_trust_domains: Vec<String>,
     /// `namespace/name` or `name` (in the policy's namespace), newer Istio releases.
     #[serde(default)]
     pub service_accounts: Vec<String>,
@@ -229,9 +234,10 @@ pub struct RequestAuthenticationSpec {
     pub jwt_rules: Vec<JwtRule>,
 }
 
-/// How to find and check one issuer's tokens.
+/// How to find and check one issuer's tokens. Unknown fields are rejected like everywhere else:
+/// a misspelt `audience:` silently ignored would drop the audience check.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtRule {
     #[serde(default)]
     pub issuer: String,
@@ -252,6 +258,22 @@ pub struct JwtRule {
     pub output_payload_to_header: Option<String>,
     #[serde(default)]
     pub forward_original_token: bool,
+    /// Istio's claim-to-header copies; accepted so valid Istio YAML loads, not applied yet
+    /// (`model::compile` warns).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// How long to wait for the JWKS server; accepted, and strait's own fetch timeout applies
+    /// (`model::compile` warns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// `outputClaimToHeaders` entry: copy a claim of a verified token into a request header.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimToHeader {
+    pub header: String,
+    pub claim: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -459,6 +481,27 @@ mod tests {
         for bad in ["10.0.0.300/8", "10.0.0.0/33", "fd00::/129", "10.0.0.0/", "host.example", ""] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    // L7-10: a misspelt JWT rule field is an error at its own line, not a silently dropped
+    // check; Istio's fields strait does not apply yet are accepted.
+    #[test]
+    fn jwt_rules_reject_unknown_fields() {
+        let ra = |rule: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\nspec:\n  jwtRules:\n  - issuer: https://issuer.example\n{rule}"
+            )
+        };
+        let file = std::path::Path::new("ra.yaml");
+        let (resources, d) = crate::config::parse_file(file, &ra("    audience: [bookstore]\n"));
+        assert!(resources.is_empty());
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!((d[0].origin.line, d[0].field.as_deref()), (8, Some("spec.jwtRules[0]")), "{}", d[0]);
+        assert!(d[0].message.contains("unknown field `audience`"), "{}", d[0]);
+        let istio_fields = "    outputClaimToHeaders:\n    - header: x-sub\n      claim: sub\n    timeout: 5s\n";
+        let (resources, d) = crate::config::parse_file(file, &ra(istio_fields));
+        assert!(d.is_empty(), "{d:?}");
+        assert_eq!(resources.len(), 1);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! changes, which lets a writer say explicitly that the directory is whole again.
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
@@ -16,7 +17,8 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{Diagnostic, Located, Origin, Resource, parse_file};
+use super::syntax::normalize_indentation;
+use super::{Diagnostic, Located, Origin, Resource, locate, parse_file};
 
 /// How often the directory is checked for changes.
 pub const POLL: Duration = Duration::from_millis(100);
@@ -206,11 +208,24 @@ impl ConfigDir {
 pub struct Loaded {
     pub resources: Vec<Located<Resource>>,
     pub diagnostics: Vec<Diagnostic>,
+    /// The text of each file read, so that diagnostics found later (by `model::compile`) can be
+    /// pointed at their field's line: see [`Loaded::locate`].
+    pub texts: BTreeMap<PathBuf, String>,
 }
 
 impl Loaded {
     fn failed(d: Diagnostic) -> Self {
-        Self { resources: Vec::new(), diagnostics: vec![d] }
+        Self { diagnostics: vec![d], ..Self::default() }
+    }
+
+    /// Points each of `diagnostics` that names a field of a document read here at the line
+    /// where that field is written, instead of the document's first line (CFG-1).
+    pub fn locate(&self, diagnostics: &mut [Diagnostic]) {
+        for (file, text) in &self.texts {
+            if diagnostics.iter().any(|d| &d.origin.file == file && d.field.is_some()) {
+                locate(diagnostics, file, text);
+            }
+        }
     }
 
     pub fn has_errors(&self) -> bool {
@@ -268,6 +283,7 @@ pub fn load_dir(dir: &Path) -> Loaded {
                 let (resources, diagnostics) = parse_file(&file, &text);
                 loaded.resources.extend(resources);
                 loaded.diagnostics.extend(diagnostics);
+                loaded.texts.insert(file, normalize_indentation(&text).0.into_owned());
             }
             Err(e) => {
                 loaded.diagnostics.push(Diagnostic::error(Origin::new(&file, 0), None, format!("cannot read: {e}")))

@@ -1,5 +1,7 @@
-//! `strait ctl`: tools for operators that work offline on a configuration directory (CFG-4).
+//! `strait ctl`: tools for operators (CFG-4), offline on a configuration directory or against a
+//! running proxy's admin API.
 //!
+//! `proxy-config` shows what a running node proxy or waypoint holds (see `proxy_config`).
 //! `validate` runs exactly what `strait node` runs on a reload (`config::load_dir`, then
 //! `model::compile`), so a directory it passes is one the node proxy will apply, and every
 //! problem is printed as `file:line: error|warning: field `x`: message`.
@@ -7,6 +9,13 @@
 use std::{io::Write, path::Path};
 
 use clap::Subcommand;
+
+mod admin_client;
+mod proxy_config;
+mod render;
+mod table;
+
+pub use proxy_config::{Output, ProxyConfigArgs, ViewCommand};
 
 use crate::config::{self, Diagnostic};
 use crate::model::{self, CompileOptions, DEFAULT_ROOT_NAMESPACE};
@@ -21,6 +30,10 @@ pub enum CtlCommand {
         #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE)]
         root_namespace: String,
     },
+    /// Show what a running `strait node` or `strait waypoint` holds, from its admin API:
+    /// workloads, services, policies, certs, routes, clusters, endpoints.
+    #[command(alias = "pc")]
+    ProxyConfig(ProxyConfigArgs),
 }
 
 pub fn run(command: CtlCommand) -> anyhow::Result<()> {
@@ -33,6 +46,7 @@ pub fn run(command: CtlCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        CtlCommand::ProxyConfig(args) => proxy_config::run(args),
     }
 }
 
@@ -47,7 +61,8 @@ pub struct Report {
 /// Loads and compiles `dir`, writes every diagnostic (by file and line) and a summary line.
 pub fn validate(dir: &Path, options: &CompileOptions, out: &mut impl Write) -> std::io::Result<Report> {
     let loaded = config::load_dir(dir);
-    let (_, compiled) = model::compile_with(&loaded.resources, options);
+    let (_, mut compiled) = model::compile_with(&loaded.resources, options);
+    loaded.locate(&mut compiled);
     let mut diagnostics: Vec<&Diagnostic> = loaded.diagnostics.iter().chain(&compiled).collect();
     diagnostics.sort_by(|a, b| (&a.origin.file, a.origin.line).cmp(&(&b.origin.file, b.origin.line)));
     for d in &diagnostics {
@@ -135,10 +150,10 @@ mod tests {
         let (report, lines) = run_validate(&dir);
         let expected = [
             "policies.yaml:7: error: field `spec.action`: unknown variant `DENIED`, expected one of `ALLOW`, `DENY`, `AUDIT`, `CUSTOM`",
-            "policies.yaml:9: warning: field `spec.selector.matchLabels`: no workload has the labels app=ghost; the policy applies to nothing",
-            "policies.yaml:30: warning: field `metadata.name`: the mTLS mode of namespace `foo` is already set by PeerAuthentication foo/a at",
-            "services.yaml:1: warning: field `spec.ports[0].targetPort`: no pod selected by the service has a container port named `htp`",
-            "services.yaml:13: error: field `metadata.name`: duplicate Pod foo/web: already defined at",
+            "policies.yaml:16: warning: field `spec.selector.matchLabels`: no workload has the labels app=ghost; the policy applies to nothing",
+            "policies.yaml:33: warning: field `metadata.name`: the mTLS mode of namespace `foo` is already set by PeerAuthentication foo/a at",
+            "services.yaml:11: warning: field `spec.ports[0].targetPort`: no pod selected by the service has a container port named `htp`",
+            "services.yaml:16: error: field `metadata.name`: duplicate Pod foo/web: already defined at",
         ];
         for (line, want) in lines.iter().zip(expected) {
             assert!(line.starts_with(want), "\n got: {line}\nwant: {want}\n all: {lines:#?}");

@@ -19,7 +19,7 @@ pub(crate) use ca::parse_certs;
 pub use caclient::{CaClientOptions, DEFAULT_CA_PORT, IstioCaClient, keep_own_certificate};
 pub use caller::{Authenticate, Caller, CallerAuthenticator, ClientCertSlot, PeerCertificate, node_proxy_identity};
 pub use caserver::{CA_SERVER_NAMES, CaServerOptions, IMPERSONATED_IDENTITY, serve_ca};
-pub use store::CertStore;
+pub use store::{CertStore, PendingCert};
 pub use tls::{ALPN_H2, TlsSettings, peer_identity};
 
 /// The default trust domain, as Istio's.

@@ -84,6 +84,17 @@ impl Held {
 
 type Slot = Arc<AsyncMutex<Held>>;
 
+/// An identity the store has no valid certificate for.
+#[derive(Debug, Clone)]
+pub struct PendingCert {
+    pub identity: Identity,
+    /// Failed requests to the CA in a row; 0 while the first one is in flight.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// When the CA is asked again, after a failure.
+    pub retry_in: Option<Duration>,
+}
+
 /// Per-identity TLS settings backed by a certificate provider.
 pub struct CertStore {
     provider: Arc<dyn CertificateProvider>,
@@ -143,6 +154,28 @@ impl CertStore {
     pub fn held(&self) -> Vec<Arc<TlsSettings>> {
         let slots: Vec<Slot> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         slots.iter().filter_map(|s| s.try_lock().ok().and_then(|held| held.settings.clone())).collect()
+    }
+
+    /// Identities asked for that have no valid certificate now: being issued, or failing (for
+    /// the admin API, as istioctl shows `Initializing` and `Unavailable` certificates).
+    pub fn pending(&self) -> Vec<PendingCert> {
+        let slots: Vec<(Identity, Slot)> =
+            self.slots.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let now = SystemTime::now();
+        slots
+            .into_iter()
+            .filter_map(|(identity, slot)| match slot.try_lock() {
+                // Locked: a request to the CA for it is in flight.
+                Err(_) => Some(PendingCert { identity, failures: 0, last_error: None, retry_in: None }),
+                Ok(held) if held.valid(now).is_none() => Some(PendingCert {
+                    identity,
+                    failures: held.failures,
+                    last_error: (held.failures > 0).then(|| held.last_error.clone()),
+                    retry_in: held.retry_at.map(|_| held.retry_in()),
+                }),
+                Ok(_) => None,
+            })
+            .collect()
     }
 
     async fn issue(&self, identity: &Identity) -> Result<Arc<TlsSettings>, IdentityError> {

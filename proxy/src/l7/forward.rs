@@ -143,12 +143,7 @@ pub fn choose_weighted(destinations: &[WeightedDestination]) -> Option<&Weighted
 /// The cluster behind a route destination. A destination without a port takes the port the
 /// request came in on, or the service's only port.
 pub fn resolve(x: &Exchange, destination: &Destination) -> Result<Arc<Cluster>, Local> {
-    let incoming = x.down.target.port();
-    let port = destination.port.unwrap_or_else(|| match x.model.service_by_host(&destination.host) {
-        Some(s) if s.port(incoming).is_none() && s.ports.len() == 1 => s.ports[0].port,
-        _ => incoming,
-    });
-    let key = ClusterKey { host: destination.host.clone(), subset: destination.subset.clone(), port };
+    let key = ClusterKey::of(&x.model, destination, x.down.target.port());
     x.ctx.upstreams.cluster(&x.model, &key).map_err(|e| {
         let flags = match e {
             ClusterError::UnknownHost(_) | ClusterError::UnknownSubset(..) | ClusterError::UnknownPort(..) => {

@@ -23,6 +23,17 @@ pub enum TryOutcome {
     Neutral,
 }
 
+/// An endpoint's outlier-detection state at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierStatus {
+    /// How much longer the endpoint stays ejected; `None` when it is not.
+    pub ejected_for: Option<Duration>,
+    /// Ejections that still lengthen the next one.
+    pub ejections: u32,
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway_errors: u32,
+}
+
 /// One endpoint's health as outlier detection sees it.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -50,6 +61,20 @@ impl Health {
     /// Whether the endpoint is currently ejected (for the admin API).
     pub fn ejected(&self, now: Instant) -> bool {
         !self.available(now)
+    }
+
+    /// What the admin API shows of it.
+    pub fn status(&self, now: Instant) -> OutlierStatus {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        OutlierStatus {
+            ejected_for: state
+                .ejected_until
+                .and_then(|until| until.checked_duration_since(now))
+                .filter(|d| !d.is_zero()),
+            ejections: state.ejections,
+            consecutive_5xx: state.consecutive_5xx,
+            consecutive_gateway_errors: state.consecutive_gateway,
+        }
     }
 
     /// Counts `outcome`; returns whether the endpoint should now be ejected. The caller checks

@@ -36,7 +36,7 @@ use crate::{
     identity::Identity,
     model::{
         AppProtocol, Model, Service, Workload,
-        routes::{EffectivePolicy, OutlierDetection},
+        routes::{Destination, EffectivePolicy, OutlierDetection},
     },
     sys,
 };
@@ -50,6 +50,16 @@ pub struct ClusterKey {
 }
 
 impl ClusterKey {
+    /// The destination a route names, for a request that came in on service port `incoming`: a
+    /// destination without a port takes that port, or the service's only port.
+    pub fn of(model: &Model, destination: &Destination, incoming: u16) -> ClusterKey {
+        let port = destination.port.unwrap_or_else(|| match model.service_by_host(&destination.host) {
+            Some(s) if s.port(incoming).is_none() && s.ports.len() == 1 => s.ports[0].port,
+            _ => incoming,
+        });
+        ClusterKey { host: destination.host.clone(), subset: destination.subset.clone(), port }
+    }
+
     /// Envoy's cluster name, `outbound|<port>|<subset>|<host>`, for access logs.
     pub fn name(&self) -> String {
         format!("outbound|{}|{}|{}", self.port, self.subset.as_deref().unwrap_or(""), self.host)

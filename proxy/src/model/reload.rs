@@ -20,7 +20,8 @@ use crate::config::{CONFIG_POLL, ConfigDir, Loaded, Located, Resource};
 
 /// Compiles loaded resources; on errors logs every diagnostic and returns their count.
 pub fn compile_or_report(loaded: &Loaded) -> Result<Model, usize> {
-    let (model, compile_diagnostics) = compile(&loaded.resources);
+    let (model, mut compile_diagnostics) = compile(&loaded.resources);
+    loaded.locate(&mut compile_diagnostics);
     let all = loaded.diagnostics.iter().chain(compile_diagnostics.iter());
     let mut errors = 0;
     for diagnostic in all {
@@ -267,7 +268,7 @@ mod tests {
         let compiled = |yaml: &str| {
             let (resources, _) = parse_file(FsPath::new("c.yaml"), yaml);
             let (model, _) = compile(&resources);
-            (model, Loaded { resources, diagnostics: Vec::new() })
+            (model, Loaded { resources, ..Loaded::default() })
         };
         let (before, _) = compiled(in_force);
         let (after, loaded) = compiled(candidate);

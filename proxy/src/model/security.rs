@@ -225,6 +225,19 @@ fn compile_request_authn(
         if rule.issuer.is_empty() {
             error(format!("spec.jwtRules[{i}].issuer"), "must be set".to_owned());
         }
+        let unapplied = [
+            ("outputClaimToHeaders", !rule.output_claim_to_headers.is_empty(), "claims are not copied to headers"),
+            ("timeout", rule.timeout.is_some(), "strait's own JWKS fetch timeout applies"),
+        ];
+        for (field, set, what) in unapplied {
+            if set {
+                warnings.push(Diagnostic::warning(
+                    origin.clone(),
+                    Some(&format!("spec.jwtRules[{i}].{field}")),
+                    format!("not supported yet; ignored ({what})"),
+                ));
+            }
+        }
         if let Some(uri) = &rule.jwks_uri {
             let field = format!("spec.jwtRules[{i}].jwksUri");
             if uri.starts_with("https://") && rule.jwks.is_none() {

@@ -590,6 +590,7 @@ async fn serve_operator_endpoints(
         clusters: None,
         certs: certs.clone(),
         node_name: options.node_name.clone(),
+        waypoint: None,
         trust_domain: options.trust_domain.clone(),
         logging: options.logging.clone(),
         ready: ready.clone(),

@@ -5,6 +5,7 @@
 //!
 //! It runs in its own pod, which nothing captures: it listens on 15008 like any HBONE peer.
 
+mod admin_views;
 pub(crate) mod inbound;
 pub(crate) mod sniff;
 mod tcp;
@@ -18,7 +19,6 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use http::HeaderValue;
-use serde::Serialize;
 use strait_ebpf_common::HBONE_PORT;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -295,9 +295,10 @@ async fn serve_operator_endpoints(
     let state = AdminState {
         model: model.clone(),
         capture: None,
-        clusters: Some(Arc::new(move || clusters_view(&engine))),
+        clusters: Some(Arc::new(move || admin_views::clusters(&engine))),
         certs: certs.clone(),
         node_name: String::new(),
+        waypoint: Some(l7.waypoint.clone()),
         trust_domain: options.trust_domain.clone(),
         logging: options.logging.clone(),
         ready: ready.clone(),
@@ -306,56 +307,4 @@ async fn serve_operator_endpoints(
     // Closed with the process: a waypoint restarts as a new pod, with addresses of its own.
     drop(admin::start(&options.endpoints, state, metrics).await?);
     Ok(ready)
-}
-
-#[derive(Serialize)]
-struct ClusterView {
-    name: String,
-    protocol: String,
-    connections: u32,
-    pending: u32,
-    active_requests: u32,
-    endpoints: Vec<EndpointView>,
-}
-
-#[derive(Serialize)]
-struct EndpointView {
-    address: SocketAddr,
-    workload: String,
-    /// `HEALTHY`, or `EJECTED` while outlier detection keeps it out.
-    health: &'static str,
-    active_requests: u32,
-    idle_connections: usize,
-}
-
-/// `/clusters`: every destination the waypoint has sent to, with its endpoints' health, as
-/// `istioctl proxy-config endpoints` shows them.
-fn clusters_view(l7: &L7Context) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
-    let now = std::time::Instant::now();
-    let mut clusters: Vec<ClusterView> = l7
-        .upstreams
-        .snapshot()
-        .iter()
-        .map(|c| ClusterView {
-            name: c.key.name(),
-            protocol: format!("{:?}", c.protocol),
-            connections: c.limits.connections.load(Relaxed),
-            pending: c.limits.pending.load(Relaxed),
-            active_requests: c.limits.active_requests.load(Relaxed),
-            endpoints: c
-                .endpoints
-                .iter()
-                .map(|e| EndpointView {
-                    address: e.addr,
-                    workload: e.workload.display_name(),
-                    health: if e.health.ejected(now) { "EJECTED" } else { "HEALTHY" },
-                    active_requests: e.active.load(Relaxed),
-                    idle_connections: e.pool.idle_count(),
-                })
-                .collect(),
-        })
-        .collect();
-    clusters.sort_by(|a, b| a.name.cmp(&b.name));
-    serde_json::to_string_pretty(&clusters).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }

@@ -196,3 +196,58 @@ fn http_fields_at_the_waypoint() {
         assert_eq!(decide(&model, "products", SLEEP, 80, *req).allowed, *allowed, "{rule}");
     }
 }
+
+// AUTHZ-2, Istio 1.30: `trustDomains`, `notTrustDomains` and the `source.trustDomain` key match
+// the trust domain of the peer's verified identity, with the usual `*` forms; plaintext has none.
+#[test]
+fn trust_domains_match_the_peer_identity() {
+    /// A peer's trust domain (`None`: plaintext) and whether it is allowed.
+    type Expect = (Option<&'static str>, bool);
+    let cases: &[(&str, &[Expect])] = &[
+        (
+            "from: [{source: {trustDomains: [cluster.local]}}]",
+            &[(Some("cluster.local"), true), (Some("other.td"), false), (None, false)],
+        ),
+        ("from: [{source: {trustDomains: [\"cluster.*\"]}}]", &[(Some("cluster.east"), true), (Some("east"), false)]),
+        (
+            "from: [{source: {notTrustDomains: [old.td]}}]",
+            &[(Some("cluster.local"), true), (Some("old.td"), false), (None, true)],
+        ),
+        (
+            "when: [{key: source.trustDomain, values: [\"*.example\"]}]",
+            &[(Some("a.example"), true), (Some("cluster.local"), false), (None, false)],
+        ),
+        (
+            "when: [{key: source.trustDomain, notValues: [cluster.local]}]",
+            &[(Some("a.example"), true), (Some("cluster.local"), false)],
+        ),
+    ];
+    for (rule, expectations) in cases {
+        let model = world(&on_products("p", "ALLOW", rule), &CompileOptions::default());
+        let products = model.workloads.iter().find(|w| w.name == "products").expect("products");
+        for (domain, allowed) in expectations.iter() {
+            let mut conn = connection(SLEEP, products.ip, 80, None);
+            conn.source = domain.map(|d| Identity::new(d, "default", "sleep"));
+            let decision = evaluate(model.authorization_for(products), &conn);
+            assert_eq!(decision.allowed, *allowed, "{rule} from {domain:?}: {decision:?}");
+        }
+    }
+}
+
+// A CUSTOM policy's external authorizer cannot be asked: what its rules match is denied (fail
+// closed), the rest goes on to the other policies; HTTP-only rules at L4 deny everything.
+#[test]
+fn custom_policies_fail_closed() {
+    let custom = |rule: &str| {
+        on_products("ext", "CUSTOM", rule)
+            .replace("  action: CUSTOM\n", "  action: CUSTOM\n  provider: {name: ext-authz}\n")
+    };
+    let by_source = world(&custom("from: [{source: {ipBlocks: [\"10.0.9.1\"]}}]"), &CompileOptions::default());
+    let d = decide(&by_source, "products", SLEEP, 80, None);
+    assert!(!d.allowed && d.reason.contains("fail closed"), "{d:?}");
+    assert!(decide(&by_source, "products", DEV, 80, None).allowed, "not matched: no policy decides");
+    let by_path = world(&custom("to: [{operation: {paths: [\"/admin*\"]}}]"), &CompileOptions::default());
+    assert!(!decide(&by_path, "products", DEV, 80, None).allowed, "at L4 the path cannot be checked");
+    assert!(!decide(&by_path, "products", DEV, 80, get("/admin/users")).allowed);
+    assert!(decide(&by_path, "products", DEV, 80, get("/public")).allowed);
+}

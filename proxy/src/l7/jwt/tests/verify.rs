@@ -432,7 +432,9 @@ fn allow(rule: &str) -> crate::authz::Policy {
     let Resource::AuthorizationPolicy(policy) = &resources[0].resource else { panic!("not a policy") };
     let mut d = Vec::new();
     let compiled = compile_policy(&resources[0].origin, policy, "istio-system", &mut d);
-    assert!(d.is_empty(), "{d:?}");
+    // Namespace-bound, so compile warns that the node proxy cannot check its HTTP attributes;
+    // this test evaluates it as a waypoint would.
+    assert!(d.iter().all(|d| !d.is_error()), "{d:?}");
     compiled.expect("policy")
 }
 
