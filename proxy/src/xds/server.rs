@@ -43,6 +43,9 @@ pub type Visibility = Arc<dyn Fn(&Subscriber, &str, &XdsResource) -> bool + Send
 
 /// Responses a stream may have queued before its task waits for the subscriber to read them.
 const STREAM_QUEUE: usize = 16;
+/// Type URLs one stream may subscribe to: a few are served; the bound keeps a client naming
+/// made-up types from growing the stream's state.
+const MAX_TYPES_PER_STREAM: usize = 16;
 
 /// A snapshot as the streams consume it: numbered, with what changed since the one before.
 #[derive(Debug, Default)]
@@ -282,6 +285,10 @@ impl Stream {
             return Ok(());
         }
         let type_url = request.type_url.clone();
+        if !self.types.contains_key(&type_url) && self.types.len() >= MAX_TYPES_PER_STREAM {
+            warn!(subscriber = %self.subscriber.id, r#type = %type_url, "ADS: too many type URLs on one stream; ignored");
+            return Ok(());
+        }
         let state = self.types.entry(type_url.clone()).or_default();
         if !request.response_nonce.is_empty() {
             let stale = request.response_nonce != state.last_nonce;
