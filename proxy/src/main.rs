@@ -105,7 +105,7 @@ struct NodeArgs {
     #[command(flatten)]
     identity: IdentityArgs,
     /// Also serve the built-in CA over Istio's CA API on this address (e.g. 0.0.0.0:15012).
-    #[arg(long, conflicts_with = "ca_address")]
+    #[arg(long, conflicts_with_all = ["ca_address", "xds_address"])]
     ca_listen: Option<SocketAddr>,
     /// The node's uplink interface (default: from the routing table).
     #[arg(long)]
