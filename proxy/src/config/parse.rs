@@ -1,6 +1,6 @@
 //! Multi-document YAML to typed resources, with file:line on every resource and error.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -40,7 +40,10 @@ pub fn parse_file(file: &Path, text: &str) -> (Vec<Located<Resource>>, Vec<Diagn
         }
         let origin = Origin::new(file, first_line);
         match parse_document(file, first_line, doc) {
-            Ok(Some(resource)) => resources.push(Located { origin, resource }),
+            Ok(Some(resource)) => {
+                let document = resource.forwarded_as_written().then(|| Arc::from(doc));
+                resources.push(Located { origin, resource, document });
+            }
             Ok(None) => {}
             Err(diagnostic) => diagnostics.push(diagnostic),
         }

@@ -69,6 +69,19 @@ pub struct Workload {
     pub waypoint: Option<WaypointName>,
     /// Set when this pod runs a waypoint: the waypoint's name.
     pub waypoint_role: Option<WaypointName>,
+    /// How the pod's own address is reached (Istio's tunnel protocol): HBONE when a mesh proxy
+    /// (strait or another HBONE proxy such as Istio's ztunnel) or the pod itself terminates
+    /// HBONE for it, plain TCP otherwise.
+    pub protocol: WorkloadProtocol,
+}
+
+/// How traffic to a workload's address travels (Istio's `TunnelProtocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum WorkloadProtocol {
+    /// HTTP/2 CONNECT inside mTLS to the pod's address on port 15008 (L4-1).
+    Hbone,
+    /// Plain TCP to the pod (L4-5).
+    Tcp,
 }
 
 impl Workload {
@@ -80,6 +93,12 @@ impl Workload {
     /// The SPIFFE identity the pod's service account gives it.
     pub fn identity(&self, trust_domain: &str) -> Identity {
         Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// Whether a connection to this pod's own address goes over HBONE: its protocol says so
+    /// and it is not a waypoint (a waypoint is reached as one, never as a destination).
+    pub fn reached_over_hbone(&self) -> bool {
+        self.protocol == WorkloadProtocol::Hbone && self.waypoint_role.is_none()
     }
 }
 
@@ -193,6 +212,8 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
             .collect();
         pod_ports.insert((namespace.to_owned(), pod.metadata.name.clone()), named_ports);
         let waypoint_role = waypoints::waypoint_of_pod(namespace, &pod.metadata.labels);
+        // A waypoint speaks HBONE itself; capturing it would loop its traffic (as in Istio).
+        let captured = !host_network && waypoint_role.is_none() && is_enrolled(&pod.metadata.labels, ns_labels);
         let workload = Workload {
             name: pod.metadata.name.clone(),
             namespace: namespace.to_owned(),
@@ -201,8 +222,10 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
             ip,
             labels: pod.metadata.labels.clone(),
             host_network,
-            // A waypoint speaks HBONE itself; capturing it would loop its traffic (as in Istio).
-            captured: !host_network && waypoint_role.is_none() && is_enrolled(&pod.metadata.labels, ns_labels),
+            captured,
+            // Captured pods are reached over HBONE through their node's proxy; waypoints
+            // terminate HBONE themselves.
+            protocol: if captured || waypoint_role.is_some() { WorkloadProtocol::Hbone } else { WorkloadProtocol::Tcp },
             waypoint: waypoint_role
                 .is_none()
                 .then(|| waypoints::waypoint_for(namespace, &pod.metadata.labels, ns_labels))

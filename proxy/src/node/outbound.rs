@@ -2,9 +2,9 @@
 //! with the pod's original destination as the socket's local address.
 //!
 //! The destination decides the journey: a service VIP is first resolved to one endpoint
-//! (round robin, L4-3); a captured workload is reached over HBONE as the source's identity
-//! (or, on this same node, through the inbound logic in-process with the same checks); anything
-//! else is plain TCP passthrough (L4-5).
+//! (round robin, L4-3); a workload whose protocol is HBONE is reached over HBONE as the
+//! source's identity (or, when this node captures it, through the inbound logic in-process with
+//! the same checks); anything else is plain TCP passthrough (L4-5).
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -25,7 +25,8 @@ pub const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_
 
 /// Where the outbound connection goes, decided from the model.
 enum Route {
-    /// Over HBONE (or in-process when on this node) to a captured workload.
+    /// Over HBONE to a workload whose protocol is HBONE (in-process when this node captures
+    /// it).
     Mesh { target: Arc<Workload>, addr: SocketAddr },
     /// Over HBONE to a waypoint pod, with the address the client dialled as the CONNECT
     /// target (L4-3): the waypoint applies L7 policy and picks the endpoint.
@@ -69,7 +70,7 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
             over_hbone(&ctx, &downstream, peer, &source, &waypoint, authority, &mut record).await;
         }
         (Route::Mesh { target, addr }, Some(source)) => {
-            if target.node.as_deref() == Some(ctx.node_name.as_str()) {
+            if target.captured && target.node.as_deref() == Some(ctx.node_name.as_str()) {
                 inbound::deliver_local(&ctx, &downstream, peer, &source, &target, addr, &mut record).await;
             } else {
                 over_hbone(&ctx, &downstream, peer, &source, &target, addr, &mut record).await;
@@ -105,11 +106,13 @@ fn route(model: &Model, destination: SocketAddr, trust_domain: &str, record: &mu
         (model.workload_by_ip(destination.ip()).cloned(), destination)
     };
     let Some(target) = target else { return Route::Passthrough(addr) };
-    if let (true, Some(name)) = (target.captured && addr == destination, &target.waypoint) {
+    // The destination's protocol decides, not whether this proxy captures it: a pod served by
+    // another HBONE proxy (Istio's ztunnel on its node) is in the mesh too.
+    if let (true, Some(name)) = (target.reached_over_hbone() && addr == destination, &target.waypoint) {
         return to_waypoint(model, name, destination, trust_domain, record);
     }
     record.destination_workload = Some(target.clone());
-    if target.captured {
+    if target.reached_over_hbone() {
         record.destination_identity = Some(target.identity(trust_domain).to_string());
         record.security = "mutual_tls";
         Route::Mesh { target, addr }
