@@ -26,7 +26,7 @@ mod services;
 pub mod waypoints;
 
 pub use routes::Routing;
-pub use security::{RequestAuthn, Security};
+pub use security::{RequestAuthn, Security, SecurityParts, compile_security};
 pub use services::{AppProtocol, Endpoint, Service, ServicePort};
 pub use waypoints::{Waypoint, WaypointName};
 
@@ -157,6 +157,31 @@ impl Model {
     /// The waypoint named `name`, if any pod runs it.
     pub fn waypoint(&self, name: &WaypointName) -> Option<&Arc<Waypoint>> {
         self.waypoints.get(name)
+    }
+
+    /// Builds a model from parts compiled elsewhere (a control plane's xDS resources, CFG-2),
+    /// with the indexes `compile` builds: workloads by IP (hostNetwork pods are not indexed),
+    /// services by VIP and by hostname (the first of each wins), waypoints from their pods.
+    pub fn from_parts(
+        workloads: Vec<Arc<Workload>>,
+        services: Vec<Arc<Service>>,
+        security: Security,
+        routing: Routing,
+    ) -> Model {
+        let mut model = Model { security, routing, ..Model::default() };
+        for w in workloads.iter().filter(|w| !w.host_network) {
+            model.by_ip.entry(w.ip).or_insert_with(|| w.clone());
+        }
+        for service in &services {
+            model.services_by_host.entry(service.hostname.clone()).or_insert_with(|| service.clone());
+            if let Some(vip) = service.vip {
+                model.services_by_vip.entry(vip).or_insert_with(|| service.clone());
+            }
+        }
+        model.waypoints = waypoints::collect_waypoints(&workloads);
+        model.workloads = workloads;
+        model.services = services;
+        model
     }
 
     /// Workloads scheduled on `node`.

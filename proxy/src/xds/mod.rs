@@ -8,6 +8,8 @@
 //! - the transport: the delta ADS server of `strait control` and the client of `strait node` and
 //!   `strait waypoint`, which move [`XdsResource`]s without knowing what they mean.
 
+pub mod resources;
+
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
