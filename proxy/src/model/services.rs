@@ -83,12 +83,7 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    pub fn new(
-        port: u16,
-        name: Option<String>,
-        app_protocol: Option<String>,
-        endpoints: Vec<Endpoint>,
-    ) -> ServicePort {
+    pub fn new(port: u16, name: Option<String>, app_protocol: Option<String>, endpoints: Vec<Endpoint>) -> ServicePort {
         let protocol = AppProtocol::select(app_protocol.as_deref(), name.as_deref());
         ServicePort { port, name, app_protocol, protocol, endpoints, next: AtomicUsize::new(0) }
     }

@@ -24,9 +24,7 @@ use strait_proto::istio::security::{
     self as api, Authorization, Group, Match, Rules, ServiceAccountMatch, string_match::MatchType,
 };
 
-use super::{
-    CONVERTED_PEER_AUTHN_PREFIX, STATIC_STRICT_POLICY, address::authorization_served, resource, xds_origin,
-};
+use super::{CONVERTED_PEER_AUTHN_PREFIX, STATIC_STRICT_POLICY, address::authorization_served, resource, xds_origin};
 use crate::{
     authz::{
         Action, Attribute, Connection, Layer, Policy, Predicate, Rule, Scope, StringMatch, Value,
@@ -148,7 +146,9 @@ fn match_of(all: &[Predicate]) -> Option<Match> {
                     let account = ServiceAccountMatch { namespace: namespace.clone(), service_account: name.clone() };
                     pick(&mut m.service_accounts, &mut m.not_service_accounts, n).push(account)
                 }
-                (Attribute::SourceIp, Value::Cidr(c)) => pick(&mut m.source_ips, &mut m.not_source_ips, n).push(address(c)),
+                (Attribute::SourceIp, Value::Cidr(c)) => {
+                    pick(&mut m.source_ips, &mut m.not_source_ips, n).push(address(c))
+                }
                 (Attribute::DestinationIp, Value::Cidr(c)) => {
                     pick(&mut m.destination_ips, &mut m.not_destination_ips, n).push(address(c))
                 }
@@ -242,10 +242,7 @@ pub(super) fn plan_peer_authn(model: &Model) -> PeerAuthnPlan {
 
 /// A connection without a peer identity.
 fn plaintext() -> Match {
-    Match {
-        not_principals: vec![api::StringMatch { match_type: Some(MatchType::Presence(())) }],
-        ..Match::default()
-    }
+    Match { not_principals: vec![api::StringMatch { match_type: Some(MatchType::Presence(())) }], ..Match::default() }
 }
 
 /// istiod's shape: a STRICT default with exempt ports is one group "plaintext AND not port A AND
@@ -261,9 +258,7 @@ fn converted(name: &str, namespace: &str, strict_default: bool, ports: &[u16]) -
         ports
             .iter()
             .map(|p| Group {
-                rules: vec![Rules {
-                    matches: vec![Match { destination_ports: vec![u32::from(*p)], ..plaintext() }],
-                }],
+                rules: vec![Rules { matches: vec![Match { destination_ports: vec![u32::from(*p)], ..plaintext() }] }],
             })
             .collect()
     };
@@ -387,10 +382,20 @@ fn predicates_of(m: &Match, at: &str) -> Result<Vec<Predicate>, String> {
     add("not_service_accounts", Attribute::SourceServiceAccount, true, accounts(&m.not_service_accounts));
     add("source_ips", Attribute::SourceIp, false, cidrs(&m.source_ips, &format!("{at}.source_ips"))?);
     add("not_source_ips", Attribute::SourceIp, true, cidrs(&m.not_source_ips, &format!("{at}.not_source_ips"))?);
-    add("destination_ips", Attribute::DestinationIp, false, cidrs(&m.destination_ips, &format!("{at}.destination_ips"))?);
+    add(
+        "destination_ips",
+        Attribute::DestinationIp,
+        false,
+        cidrs(&m.destination_ips, &format!("{at}.destination_ips"))?,
+    );
     let not_ips = cidrs(&m.not_destination_ips, &format!("{at}.not_destination_ips"))?;
     add("not_destination_ips", Attribute::DestinationIp, true, not_ips);
-    add("destination_ports", Attribute::DestinationPort, false, ports(&m.destination_ports, &format!("{at}.destination_ports"))?);
+    add(
+        "destination_ports",
+        Attribute::DestinationPort,
+        false,
+        ports(&m.destination_ports, &format!("{at}.destination_ports"))?,
+    );
     let not_ports = ports(&m.not_destination_ports, &format!("{at}.not_destination_ports"))?;
     add("not_destination_ports", Attribute::DestinationPort, true, not_ports);
     Ok(out)
@@ -421,7 +426,9 @@ fn cidrs(list: &[api::Address], at: &str) -> Result<Vec<Value>, String> {
                 format!("field `{at}[{i}].address`: {} bytes is not an IPv4 or IPv6 address", a.address.len())
             })?;
             let prefix = u8::try_from(a.length).ok().and_then(|len| Cidr::new(ip, len));
-            prefix.map(Value::Cidr).ok_or_else(|| format!("field `{at}[{i}].length`: {} is too long for {ip}", a.length))
+            prefix
+                .map(Value::Cidr)
+                .ok_or_else(|| format!("field `{at}[{i}].length`: {} is too long for {ip}", a.length))
         })
         .collect()
 }

@@ -67,9 +67,8 @@ pub(super) fn decode(received: &Received, trust_domain: &str, options: &CompileO
     // Waypoints are named by the services their GatewayAddresses point at.
     let by_host: HashMap<&str, &ServiceIn> = services_in.iter().map(|s| (s.service.hostname.as_str(), s)).collect();
     let by_vip: HashMap<IpAddr, &ServiceIn> = services_in.iter().filter_map(|s| Some((s.vip?, s))).collect();
-    let waypoint_of = |address: &GatewayAddress| -> (WaypointName, Option<String>) {
-        resolve_waypoint(address, &by_host, &by_vip)
-    };
+    let waypoint_of =
+        |address: &GatewayAddress| -> (WaypointName, Option<String>) { resolve_waypoint(address, &by_host, &by_vip) };
     let mut waypoint_services: HashMap<String, WaypointName> = HashMap::new();
     let gateway_addresses = workloads_in
         .iter()
@@ -102,7 +101,10 @@ pub(super) fn decode(received: &Received, trust_domain: &str, options: &CompileO
     let mut vips: HashMap<IpAddr, &str> = HashMap::new();
     for s in &services_in {
         if let Some((vip, first)) = s.vip.and_then(|vip| Some((vip, vips.insert(vip, &s.name)?))) {
-            errors.push(format!("Address {}: field `service.addresses[0]`: {vip} is already the address of {first}", s.name));
+            errors.push(format!(
+                "Address {}: field `service.addresses[0]`: {vip} is already the address of {first}",
+                s.name
+            ));
             continue;
         }
         let fronts_waypoint = waypoint_services.contains_key(&s.key);
@@ -358,7 +360,12 @@ fn service(
 
 /// The workloads backing one service port, at the port each listens on: its own entry in the
 /// workload's `services` map, else the service's target port, else the service port.
-fn endpoints(s: &ServiceIn, port: &api::Port, workloads: &[Arc<Workload>], received_as: &[&api::Workload]) -> Vec<Endpoint> {
+fn endpoints(
+    s: &ServiceIn,
+    port: &api::Port,
+    workloads: &[Arc<Workload>],
+    received_as: &[&api::Workload],
+) -> Vec<Endpoint> {
     workloads
         .iter()
         .zip(received_as)
@@ -384,7 +391,12 @@ fn extension<T: Message + Default>(extensions: &[api::Extension], name: &str) ->
 
 /// Binds the policies to workloads as ztunnel does: GLOBAL to all, NAMESPACE to the namespace,
 /// WORKLOAD_SELECTOR through the workload's list; converted PeerAuthentications become modes.
-fn security(workloads: &[Arc<Workload>], received_as: &[&api::Workload], policies: Vec<Arc<Policy>>, root: &str) -> SecurityParts {
+fn security(
+    workloads: &[Arc<Workload>],
+    received_as: &[&api::Workload],
+    policies: Vec<Arc<Policy>>,
+    root: &str,
+) -> SecurityParts {
     let mut parts = SecurityParts { root_namespace: root.to_owned(), ..SecurityParts::default() };
     for (w, p) in workloads.iter().zip(received_as) {
         let listed: HashSet<&str> = p.authorization_policies.iter().map(String::as_str).collect();
@@ -393,11 +405,8 @@ fn security(workloads: &[Arc<Workload>], received_as: &[&api::Workload], policie
             Scope::Namespace => policy.namespace == w.namespace,
             _ => listed.contains(policy.key().as_str()),
         };
-        let (mtls, authz): (Vec<Arc<Policy>>, Vec<Arc<Policy>>) = policies
-            .iter()
-            .filter(applies)
-            .cloned()
-            .partition(|policy| is_peer_authn_policy(&policy.name));
+        let (mtls, authz): (Vec<Arc<Policy>>, Vec<Arc<Policy>>) =
+            policies.iter().filter(applies).cloned().partition(|policy| is_peer_authn_policy(&policy.name));
         let key = (w.namespace.clone(), w.name.clone());
         if let Some(pa) = peer_authn_of(w, &mtls) {
             parts.peer_authn_by_workload.insert(key.clone(), Arc::new(pa));

@@ -164,18 +164,22 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
         let (kind, meta, relevance) = match &located.resource {
             Resource::VirtualService(vs) => {
                 let namespace = vs.metadata.namespace_or_default();
-                let compiled = model.routing.virtual_services.iter().find(|c| {
-                    c.name == vs.metadata.name && c.namespace == namespace
-                });
+                let compiled = model
+                    .routing
+                    .virtual_services
+                    .iter()
+                    .find(|c| c.name == vs.metadata.name && c.namespace == namespace);
                 let hosts = compiled.map(|c| c.hosts.as_slice()).unwrap_or_default();
                 let relevance = waypoints.relevance(namespace, |_, served| hosts.iter().any(|h| served.covers(h)));
                 ("VirtualService", &vs.metadata, relevance)
             }
             Resource::DestinationRule(dr) => {
                 let namespace = dr.metadata.namespace_or_default();
-                let compiled = model.routing.destination_rules.iter().find(|c| {
-                    c.name == dr.metadata.name && c.namespace == namespace
-                });
+                let compiled = model
+                    .routing
+                    .destination_rules
+                    .iter()
+                    .find(|c| c.name == dr.metadata.name && c.namespace == namespace);
                 let relevance =
                     waypoints.relevance(namespace, |_, served| compiled.is_some_and(|c| served.covers(&c.host)));
                 ("DestinationRule", &dr.metadata, relevance)
@@ -202,11 +206,7 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
             }
             _ => continue,
         };
-        let l7 = L7Resource {
-            origin: located.origin.to_string(),
-            document: as_json(document),
-            waypoints: relevance,
-        };
+        let l7 = L7Resource { origin: located.origin.to_string(), document: as_json(document), waypoints: relevance };
         let name = l7_name(kind, meta.namespace_or_default(), &meta.name);
         out.extend([resource(name, Vec::new(), L7_TYPE_URL, &l7)]);
     }
