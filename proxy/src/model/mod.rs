@@ -412,6 +412,29 @@ mod tests {
         assert!(m.workload_by_ip("10.255.0.1".parse().expect("ip")).is_none(), "hostNetwork not indexed");
     }
 
+    // Item 3 of the workload protocol: captured pods and waypoints are HBONE, the rest TCP.
+    #[test]
+    fn protocol_follows_capture_and_waypoints() {
+        let waypoint = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: wp\n  namespace: mesh\n  labels: {gateway.networking.k8s.io/gateway-name: wp}\nstatus:\n  podIP: 10.1.0.20\n---\n";
+        let yaml = [
+            ns("mesh", Some("ambient")),
+            ns("plain", None),
+            pod("a", "mesh", "10.1.0.10", "", false),
+            pod("hostnet", "mesh", "10.255.0.1", "", true),
+            pod("b", "plain", "10.1.0.12", "", false),
+            waypoint.to_owned(),
+        ]
+        .concat();
+        let (m, d) = model(&yaml);
+        assert!(d.is_empty(), "{d:?}");
+        let protocol =
+            |name: &str| m.workloads.iter().find(|w| w.name == name).map(|w| (w.protocol, w.reached_over_hbone()));
+        assert_eq!(protocol("a"), Some((WorkloadProtocol::Hbone, true)));
+        assert_eq!(protocol("wp"), Some((WorkloadProtocol::Hbone, false)), "a waypoint is reached as one");
+        assert_eq!(protocol("hostnet"), Some((WorkloadProtocol::Tcp, false)));
+        assert_eq!(protocol("b"), Some((WorkloadProtocol::Tcp, false)));
+    }
+
     // L4-3: selector, targetPort by number and by name, round robin.
     #[test]
     fn services_select_pods_and_spread_round_robin() {

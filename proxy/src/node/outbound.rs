@@ -197,3 +197,56 @@ fn baggage(source: &Workload) -> String {
         canonical_revision(source),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{Routing, Security, WorkloadProtocol};
+
+    fn pod(name: &str, ip: &str, node: &str, protocol: WorkloadProtocol, captured: bool) -> Arc<Workload> {
+        Arc::new(Workload {
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: name.into(),
+            node: Some(node.into()),
+            ip: ip.parse().expect("ip"),
+            labels: BTreeMap::new(),
+            host_network: false,
+            captured,
+            waypoint: None,
+            waypoint_role: None,
+            protocol,
+        })
+    }
+
+    // Item 3: a destination whose protocol is HBONE is reached over HBONE whoever serves it (a
+    // pod on a node run by Istio's ztunnel, a pod terminating HBONE itself); TCP is passthrough.
+    #[test]
+    fn the_destination_protocol_decides() {
+        let model = Model::from_parts(
+            vec![
+                pod("behind-ztunnel", "10.3.0.5", "ztunnel-node", WorkloadProtocol::Hbone, true),
+                pod("native", "10.3.0.6", "ztunnel-node", WorkloadProtocol::Hbone, false),
+                pod("plain", "10.3.0.7", "n1", WorkloadProtocol::Tcp, false),
+            ],
+            Vec::new(),
+            Security::default(),
+            Routing::default(),
+        );
+        let decide = |to: &str| {
+            let destination: SocketAddr = to.parse().expect("addr");
+            let mut record = ConnectionRecord::start("outbound", "10.1.0.10:40000".parse().expect("addr"), destination);
+            let route = route(&model, destination, "cluster.local", &mut record);
+            (route, record.security)
+        };
+        for to in ["10.3.0.5:80", "10.3.0.6:80"] {
+            let (route, security) = decide(to);
+            assert!(matches!(route, Route::Mesh { .. }), "{to}");
+            assert_eq!(security, "mutual_tls", "{to}");
+        }
+        assert!(matches!(decide("10.3.0.7:80").0, Route::Passthrough(_)));
+        assert!(matches!(decide("10.9.9.9:80").0, Route::Passthrough(_)));
+    }
+}
