@@ -412,7 +412,7 @@ mod tests {
         assert!(m.workload_by_ip("10.255.0.1".parse().expect("ip")).is_none(), "hostNetwork not indexed");
     }
 
-    // Item 3 of the workload protocol: captured pods and waypoints are HBONE, the rest TCP.
+    // L4-1, CFG-2: a workload's protocol. Captured pods and waypoints are HBONE, the rest TCP.
     #[test]
     fn protocol_follows_capture_and_waypoints() {
         let waypoint = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: wp\n  namespace: mesh\n  labels: {gateway.networking.k8s.io/gateway-name: wp}\nstatus:\n  podIP: 10.1.0.20\n---\n";

@@ -221,7 +221,7 @@ mod tests {
         })
     }
 
-    // Item 3: a destination whose protocol is HBONE is reached over HBONE whoever serves it (a
+    // L4-1, CFG-2: a destination whose protocol is HBONE is reached over HBONE whoever serves it (a
     // pod on a node run by Istio's ztunnel, a pod terminating HBONE itself); TCP is passthrough.
     #[test]
     fn the_destination_protocol_decides() {

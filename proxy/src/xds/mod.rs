@@ -57,6 +57,7 @@ pub struct Subscriber {
     pub namespace: Option<String>,
     /// The identity the peer authenticated as (client certificate, token), when known.
     pub identity: Option<Identity>,
-    /// The rest of `node.metadata`, flattened to strings.
+    /// The rest of `node.metadata`, flattened to strings. A strait waypoint names itself here
+    /// with `STRAIT_WAYPOINT=<namespace>/<name>` (`resources::subscriber_waypoint`).
     pub metadata: HashMap<String, String>,
 }

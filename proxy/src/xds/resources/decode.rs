@@ -9,7 +9,7 @@
 //! and compiled with the same code as a directory's.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::Arc,
 };
@@ -97,6 +97,7 @@ pub(super) fn decode(received: &Received, trust_domain: &str, options: &CompileO
         received_as.push(&w.workload);
     }
 
+    let backing = backing(&workloads, &received_as);
     let mut services = Vec::with_capacity(services_in.len());
     let mut vips: HashMap<IpAddr, &str> = HashMap::new();
     for s in &services_in {
@@ -109,7 +110,7 @@ pub(super) fn decode(received: &Received, trust_domain: &str, options: &CompileO
         }
         let fronts_waypoint = waypoint_services.contains_key(&s.key);
         let waypoint = s.service.waypoint.as_ref().filter(|_| !fronts_waypoint).map(|a| waypoint_of(a).0);
-        services.push(Arc::new(service(s, &workloads, &received_as, waypoint)));
+        services.push(Arc::new(service(s, &backing, waypoint)));
     }
 
     let security = security(&workloads, &received_as, policies, root);
@@ -322,27 +323,35 @@ fn workload(
     }
 }
 
-fn service(
-    s: &ServiceIn,
-    workloads: &[Arc<Workload>],
-    received_as: &[&api::Workload],
-    waypoint: Option<WaypointName>,
-) -> Service {
+/// The workloads backing each service (by `namespace/hostname`), with their port lists: one
+/// pass over the workloads instead of one per service port.
+type Backing<'a> = HashMap<&'a str, Vec<(&'a Arc<Workload>, &'a api::PortList)>>;
+
+fn backing<'a>(workloads: &'a [Arc<Workload>], received_as: &[&'a api::Workload]) -> Backing<'a> {
+    let mut backing: Backing = HashMap::new();
+    for (w, p) in workloads.iter().zip(received_as) {
+        for (key, list) in &p.services {
+            backing.entry(key.as_str()).or_default().push((w, list));
+        }
+    }
+    backing
+}
+
+fn service(s: &ServiceIn, backing: &Backing, waypoint: Option<WaypointName>) -> Service {
     let p = &s.service;
     let info = extension::<ServiceExtension>(&p.extensions, SERVICE_EXTENSION).unwrap_or_default();
+    let backends = backing.get(s.key.as_str()).map_or(&[][..], Vec::as_slice);
     let ports = p
         .ports
         .iter()
         .map(|port| {
-            let number = port.service_port as u16;
-            let endpoints = endpoints(s, port, workloads, received_as);
             let known = info.ports.iter().find(|i| i.port == port.service_port);
             let text = |v: &str| (!v.is_empty()).then(|| v.to_owned());
             ServicePort::new(
-                number,
+                u16::try_from(port.service_port).unwrap_or_default(),
                 known.and_then(|i| text(&i.name)),
                 known.and_then(|i| text(&i.app_protocol)),
-                endpoints,
+                endpoints(port, backends),
             )
         })
         .collect();
@@ -359,26 +368,19 @@ fn service(
 }
 
 /// The workloads backing one service port, at the port each listens on: its own entry in the
-/// workload's `services` map, else the service's target port, else the service port.
-fn endpoints(
-    s: &ServiceIn,
-    port: &api::Port,
-    workloads: &[Arc<Workload>],
-    received_as: &[&api::Workload],
-) -> Vec<Endpoint> {
-    workloads
+/// workload's `services` map, else the service's target port, else the service port. (Ports
+/// were checked to fit in 16 bits when received.)
+fn endpoints(port: &api::Port, backends: &[(&Arc<Workload>, &api::PortList)]) -> Vec<Endpoint> {
+    backends
         .iter()
-        .zip(received_as)
-        .filter_map(|(w, p)| {
-            let list = p.services.get(&s.key)?;
+        .filter_map(|(w, list)| {
             let own = list.ports.iter().find(|p| p.service_port == port.service_port);
             if own.is_none() && !list.ports.is_empty() {
                 return None;
             }
             let target = own.map(|p| p.target_port).filter(|t| *t != 0);
             let target = target.or(Some(port.target_port).filter(|t| *t != 0)).unwrap_or(port.service_port);
-            // Checked to fit when received.
-            Some(Endpoint { workload: w.clone(), port: u16::try_from(target).unwrap_or_default() })
+            Some(Endpoint { workload: (*w).clone(), port: u16::try_from(target).unwrap_or_default() })
         })
         .collect()
 }
@@ -391,6 +393,8 @@ fn extension<T: Message + Default>(extensions: &[api::Extension], name: &str) ->
 
 /// Binds the policies to workloads as ztunnel does: GLOBAL to all, NAMESPACE to the namespace,
 /// WORKLOAD_SELECTOR through the workload's list; converted PeerAuthentications become modes.
+/// Each workload's policies keep the order of their xDS names (deterministic, like the
+/// directory's file order).
 fn security(
     workloads: &[Arc<Workload>],
     received_as: &[&api::Workload],
@@ -398,15 +402,28 @@ fn security(
     root: &str,
 ) -> SecurityParts {
     let mut parts = SecurityParts { root_namespace: root.to_owned(), ..SecurityParts::default() };
+    // Indexed once: 10,000 workloads × 500 policies must not test every pair.
+    let keyed: Vec<(String, &Arc<Policy>)> = policies.iter().map(|p| (p.key(), p)).collect();
+    let global: Vec<&(String, &Arc<Policy>)> = keyed.iter().filter(|(_, p)| p.scope == Scope::Mesh).collect();
+    let mut by_namespace: HashMap<&str, Vec<&(String, &Arc<Policy>)>> = HashMap::new();
+    let mut by_key: HashMap<&str, &(String, &Arc<Policy>)> = HashMap::new();
+    for entry in &keyed {
+        match entry.1.scope {
+            Scope::Mesh => {}
+            Scope::Namespace => by_namespace.entry(entry.1.namespace.as_str()).or_default().push(entry),
+            _ => {
+                by_key.insert(entry.0.as_str(), entry);
+            }
+        }
+    }
     for (w, p) in workloads.iter().zip(received_as) {
-        let listed: HashSet<&str> = p.authorization_policies.iter().map(String::as_str).collect();
-        let applies = |policy: &&Arc<Policy>| match policy.scope {
-            Scope::Mesh => true,
-            Scope::Namespace => policy.namespace == w.namespace,
-            _ => listed.contains(policy.key().as_str()),
-        };
+        let mut applying: Vec<&(String, &Arc<Policy>)> = global.clone();
+        applying.extend(by_namespace.get(w.namespace.as_str()).into_iter().flatten());
+        applying.extend(p.authorization_policies.iter().filter_map(|name| by_key.get(name.as_str())));
+        applying.sort_by(|a, b| a.0.cmp(&b.0));
+        applying.dedup_by(|a, b| a.0 == b.0);
         let (mtls, authz): (Vec<Arc<Policy>>, Vec<Arc<Policy>>) =
-            policies.iter().filter(applies).cloned().partition(|policy| is_peer_authn_policy(&policy.name));
+            applying.into_iter().map(|(_, p)| Arc::clone(p)).partition(|p| is_peer_authn_policy(&p.name));
         let key = (w.namespace.clone(), w.name.clone());
         if let Some(pa) = peer_authn_of(w, &mtls) {
             parts.peer_authn_by_workload.insert(key.clone(), Arc::new(pa));

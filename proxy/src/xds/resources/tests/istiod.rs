@@ -185,7 +185,7 @@ fn istiod_resources_decode_to_a_sensible_model() {
     let find = |name: &str| model.workloads.iter().find(|w| w.name == name).expect("workload");
     let waypoint_name = WaypointName { namespace: "shop".into(), name: "waypoint".into() };
 
-    // Item 3: a pod on a node run by ztunnel is reached over HBONE all the same.
+    // L4-1: a pod on a node run by ztunnel is reached over HBONE all the same.
     let web = find("web-7d4b9-x2x9z");
     assert_eq!(
         (web.protocol, web.captured, web.node.as_deref()),

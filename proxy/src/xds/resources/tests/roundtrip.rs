@@ -28,7 +28,7 @@ fn by_name<'a>(model: &'a Model, namespace: &str, name: &str) -> &'a Arc<Workloa
 }
 
 // Everything a node proxy decides a workload by survives: address, node, identity, capture,
-// protocol (item 3), waypoints and labels.
+// protocol (L4-1), waypoints and labels.
 #[test]
 fn workloads_survive_the_round_trip() {
     let (model, decoded, _) = rebuilt(&node_proxy("n1"));

@@ -71,3 +71,64 @@ fn one_pod_change_is_one_resource() {
     let removed = format!("{}{blank}{}", &DIRECTORY[..start], &DIRECTORY[end..]);
     assert_eq!(changed(&first, &served(&removed)), BTreeSet::from(["Kubernetes//Pod/shop/client".to_owned()]));
 }
+
+/// Figures at the size of `cargo xtask bench control` (10,000 pods, 1,000 services, 500 policies):
+/// `cargo test -p strait --release --lib scale_figures -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a test"]
+fn scale_figures() {
+    use std::{fmt::Write as _, time::Instant};
+    let mut yaml = String::new();
+    for ns in 0..20 {
+        let _ = write!(
+            yaml,
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns{ns}\n  labels: {{istio.io/dataplane-mode: ambient}}\n---\n"
+        );
+    }
+    for i in 0..10_000u32 {
+        let (ns, app) = (i % 20, i % 1000);
+        let ip = format!("10.{}.{}.{}", 1 + i / 65536, (i / 256) % 256, i % 256);
+        let _ = write!(
+            yaml,
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: ns{ns}, labels: {{app: a{app}}}}}\n\
+             spec: {{nodeName: n{}, serviceAccountName: sa{app}}}\nstatus: {{podIP: {ip}}}\n---\n",
+            i % 100
+        );
+    }
+    for s in 0..1000u32 {
+        let _ = write!(
+            yaml,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: a{s}, namespace: ns{}}}\nspec:\n  clusterIP: 10.96.{}.{}\n  \
+             selector: {{app: a{s}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n",
+            s % 20,
+            s / 256,
+            s % 256
+        );
+    }
+    for p in 0..500u32 {
+        let _ = write!(
+            yaml,
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: pol{p}, namespace: ns{}}}\nspec:\n  \
+             selector: {{matchLabels: {{app: a{}}}}}\n  rules: [{{from: [{{source: {{namespaces: [ns{}]}}}}], to: [{{operation: {{ports: [\"8080\"]}}}}]}}]\n---\n",
+            p % 20,
+            p * 2,
+            (p + 1) % 20
+        );
+    }
+    let clock = Instant::now();
+    let (resources, model) = directory_from(&yaml);
+    let compiled = clock.elapsed();
+    let clock = Instant::now();
+    let served = snapshot(&model, &resources, "cluster.local");
+    let snapshotted = clock.elapsed();
+    let bytes: usize = served.values().flat_map(|r| r.values()).map(|r| r.body.value.len()).sum();
+    let count: usize = served.values().map(|r| r.len()).sum();
+    let received = received_by(&served, &node_proxy("n1"));
+    let clock = Instant::now();
+    let decoded = model_from_xds(&received, "cluster.local").expect("decodes");
+    let rebuilt = clock.elapsed();
+    assert_eq!(decoded.workloads.len(), 10_000);
+    eprintln!(
+        "compile {compiled:?}; snapshot {snapshotted:?} ({count} resources, {bytes} bytes); model_from_xds {rebuilt:?}"
+    );
+}
