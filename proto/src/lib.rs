@@ -1,6 +1,7 @@
 //! Istio's APIs as Rust types: the workload API (`istio.workload`), ambient authorization
 //! (`istio.security`), the CA API (`istio.v1.auth`) and the delta xDS envelope
-//! (`envoy.service.discovery.v3`), with gRPC clients and servers for the two services.
+//! (`envoy.service.discovery.v3`), with gRPC clients and servers for the two services; and
+//! strait's own resource type for waypoints (`strait.config.v1`).
 //!
 //! The `.proto` files in `defs/` mirror Istio's and Envoy's public definitions (package, names
 //! and field numbers), which is what makes strait a valid peer of istiod and ztunnel. The Rust
@@ -40,6 +41,17 @@ pub mod envoy {
             }
         }
     }
+}
+
+/// strait's own types (`strait.config.v1`): the L7 resources waypoints follow, and the
+/// extensions strait attaches to workload API resources.
+pub mod strait {
+    pub mod config {
+        pub mod v1 {
+            include!("generated/strait.config.v1.rs");
+        }
+    }
+    pub use config::v1::L7Resource;
 }
 
 pub mod google {

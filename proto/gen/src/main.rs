@@ -8,7 +8,8 @@
 use std::{error::Error, path::Path};
 
 /// The roots protoc starts from; what they import is generated along with them.
-const ROOTS: [&str; 4] = ["workload.proto", "authorization.proto", "ca.proto", "discovery.proto"];
+const ROOTS: [&str; 5] =
+    ["workload.proto", "authorization.proto", "ca.proto", "discovery.proto", "strait/config.proto"];
 
 fn main() -> Result<(), Box<dyn Error>> {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("strait-proto-gen must live in proto/gen")?;
@@ -20,6 +21,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         .build_server(true)
         // The generated `connect()` needs tonic's transport feature, which strait does not use.
         .build_transport(false)
+        // Maps of served resources encode in key order, so the same resource always encodes to
+        // the same bytes and a hash of them can version it (CFG-3).
+        .btree_map(".istio.workload")
+        .btree_map(".strait.config")
         .out_dir(&out)
         .compile_protos(&roots, &[defs])
         .map_err(|e| format!("protoc failed (is protobuf-compiler installed?): {e}"))?;

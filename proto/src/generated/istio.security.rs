@@ -16,6 +16,10 @@ pub struct Authorization {
     /// The policy applies when any group matches.
     #[prost(message, repeated, tag = "5")]
     pub groups: ::prost::alloc::vec::Vec<Group>,
+    /// `istio.io/dry-run`: evaluated and logged, never enforced (a ztunnel that predates the field
+    /// ignores it and enforces the policy).
+    #[prost(bool, tag = "6")]
+    pub dry_run: bool,
 }
 /// One rule of the policy (its from, to and when): matches when every Rules entry matches.
 #[allow(clippy::all)]

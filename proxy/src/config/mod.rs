@@ -18,6 +18,7 @@ use std::{
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Deserialize;
@@ -108,6 +109,16 @@ impl fmt::Display for Diagnostic {
 pub struct Located<T> {
     pub origin: Origin,
     pub resource: T,
+    /// The document as written (YAML), kept for the kinds a control plane forwards to waypoints
+    /// as their users wrote them (CFG-3): VirtualService, DestinationRule, AuthorizationPolicy,
+    /// RequestAuthentication. `None` for other kinds.
+    pub document: Option<Arc<str>>,
+}
+
+impl<T> Located<T> {
+    pub fn new(origin: Origin, resource: T) -> Self {
+        Self { origin, resource, document: None }
+    }
 }
 
 /// Every resource kind strait reads. Kinds it does not use yet are kept as `Other` so that a
@@ -126,6 +137,17 @@ pub enum Resource {
 }
 
 impl Resource {
+    /// Whether a control plane forwards this kind to waypoints as written (see `Located`).
+    pub fn forwarded_as_written(&self) -> bool {
+        matches!(
+            self,
+            Resource::VirtualService(_)
+                | Resource::DestinationRule(_)
+                | Resource::AuthorizationPolicy(_)
+                | Resource::RequestAuthentication(_)
+        )
+    }
+
     /// Kind, namespace (empty for cluster-scoped kinds) and name: what makes a resource unique,
     /// as the API server sees it. `None` for kinds strait does not read.
     pub fn key(&self) -> Option<(&'static str, &str, &str)> {

@@ -1,6 +1,6 @@
 //! Multi-document YAML to typed resources, with file:line on every resource and error.
 
-use std::{fmt, path::Path};
+use std::{fmt, path::Path, sync::Arc};
 
 use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess};
 use serde::{Deserialize, Deserializer};
@@ -79,7 +79,8 @@ pub fn parse_file(file: &Path, text: &str) -> (Vec<Located<Resource>>, Vec<Diagn
         let origin = Origin::new(file, first_line);
         match parse_document(file, first_line, doc) {
             Ok((resource, warnings)) => {
-                resources.push(Located { origin, resource });
+                let document = resource.forwarded_as_written().then(|| Arc::from(doc));
+                resources.push(Located { origin, resource, document });
                 diagnostics.extend(warnings);
             }
             Err(diagnostic) => diagnostics.push(diagnostic),

@@ -163,7 +163,7 @@ pub struct Connector {
 impl Connector {
     pub async fn open(&self, endpoint: &UpstreamEndpoint, client_ip: IpAddr) -> io::Result<UpstreamIo> {
         let w = &endpoint.workload;
-        if !w.captured {
+        if !w.reached_over_hbone() {
             return Ok(UpstreamIo::Tcp(sys::connect(endpoint.addr).await?));
         }
         let request = ConnectRequest {

@@ -26,7 +26,7 @@ mod services;
 pub mod waypoints;
 
 pub use routes::Routing;
-pub use security::{RequestAuthn, Security};
+pub use security::{RequestAuthn, Security, SecurityParts, compile_security};
 pub use services::{AppProtocol, Endpoint, Service, ServicePort};
 pub use waypoints::{Waypoint, WaypointName};
 
@@ -69,6 +69,19 @@ pub struct Workload {
     pub waypoint: Option<WaypointName>,
     /// Set when this pod runs a waypoint: the waypoint's name.
     pub waypoint_role: Option<WaypointName>,
+    /// How the pod's own address is reached (Istio's tunnel protocol): HBONE when a mesh proxy
+    /// (strait or another HBONE proxy such as Istio's ztunnel) or the pod itself terminates
+    /// HBONE for it, plain TCP otherwise.
+    pub protocol: WorkloadProtocol,
+}
+
+/// How traffic to a workload's address travels (Istio's `TunnelProtocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum WorkloadProtocol {
+    /// HTTP/2 CONNECT inside mTLS to the pod's address on port 15008 (L4-1).
+    Hbone,
+    /// Plain TCP to the pod (L4-5).
+    Tcp,
 }
 
 impl Workload {
@@ -80,6 +93,12 @@ impl Workload {
     /// The SPIFFE identity the pod's service account gives it.
     pub fn identity(&self, trust_domain: &str) -> Identity {
         Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// Whether a connection to this pod's own address goes over HBONE: its protocol says so
+    /// and it is not a waypoint (a waypoint is reached as one, never as a destination).
+    pub fn reached_over_hbone(&self) -> bool {
+        self.protocol == WorkloadProtocol::Hbone && self.waypoint_role.is_none()
     }
 }
 
@@ -140,6 +159,31 @@ impl Model {
         self.waypoints.get(name)
     }
 
+    /// Builds a model from parts compiled elsewhere (a control plane's xDS resources, CFG-2),
+    /// with the indexes `compile` builds: workloads by IP (hostNetwork pods are not indexed),
+    /// services by VIP and by hostname (the first of each wins), waypoints from their pods.
+    pub fn from_parts(
+        workloads: Vec<Arc<Workload>>,
+        services: Vec<Arc<Service>>,
+        security: Security,
+        routing: Routing,
+    ) -> Model {
+        let mut model = Model { security, routing, ..Model::default() };
+        for w in workloads.iter().filter(|w| !w.host_network) {
+            model.by_ip.entry(w.ip).or_insert_with(|| w.clone());
+        }
+        for service in &services {
+            model.services_by_host.entry(service.hostname.clone()).or_insert_with(|| service.clone());
+            if let Some(vip) = service.vip {
+                model.services_by_vip.entry(vip).or_insert_with(|| service.clone());
+            }
+        }
+        model.waypoints = waypoints::collect_waypoints(&workloads);
+        model.workloads = workloads;
+        model.services = services;
+        model
+    }
+
     /// Workloads scheduled on `node`.
     pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
         self.workloads.iter().filter(move |w| w.node.as_deref() == Some(node))
@@ -193,6 +237,8 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
             .collect();
         pod_ports.insert((namespace.to_owned(), pod.metadata.name.clone()), named_ports);
         let waypoint_role = waypoints::waypoint_of_pod(namespace, &pod.metadata.labels);
+        // A waypoint speaks HBONE itself; capturing it would loop its traffic (as in Istio).
+        let captured = !host_network && waypoint_role.is_none() && is_enrolled(&pod.metadata.labels, ns_labels);
         let workload = Workload {
             name: pod.metadata.name.clone(),
             namespace: namespace.to_owned(),
@@ -201,8 +247,10 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
             ip,
             labels: pod.metadata.labels.clone(),
             host_network,
-            // A waypoint speaks HBONE itself; capturing it would loop its traffic (as in Istio).
-            captured: !host_network && waypoint_role.is_none() && is_enrolled(&pod.metadata.labels, ns_labels),
+            captured,
+            // Captured pods are reached over HBONE through their node's proxy; waypoints
+            // terminate HBONE themselves.
+            protocol: if captured || waypoint_role.is_some() { WorkloadProtocol::Hbone } else { WorkloadProtocol::Tcp },
             waypoint: waypoint_role
                 .is_none()
                 .then(|| waypoints::waypoint_for(namespace, &pod.metadata.labels, ns_labels))
@@ -362,6 +410,29 @@ mod tests {
         let a = m.workload_by_ip("10.1.0.10".parse().expect("ip")).expect("a");
         assert_eq!(a.service_account, "sa-a");
         assert!(m.workload_by_ip("10.255.0.1".parse().expect("ip")).is_none(), "hostNetwork not indexed");
+    }
+
+    // L4-1, CFG-2: a workload's protocol. Captured pods and waypoints are HBONE, the rest TCP.
+    #[test]
+    fn protocol_follows_capture_and_waypoints() {
+        let waypoint = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: wp\n  namespace: mesh\n  labels: {gateway.networking.k8s.io/gateway-name: wp}\nstatus:\n  podIP: 10.1.0.20\n---\n";
+        let yaml = [
+            ns("mesh", Some("ambient")),
+            ns("plain", None),
+            pod("a", "mesh", "10.1.0.10", "", false),
+            pod("hostnet", "mesh", "10.255.0.1", "", true),
+            pod("b", "plain", "10.1.0.12", "", false),
+            waypoint.to_owned(),
+        ]
+        .concat();
+        let (m, d) = model(&yaml);
+        assert!(d.is_empty(), "{d:?}");
+        let protocol =
+            |name: &str| m.workloads.iter().find(|w| w.name == name).map(|w| (w.protocol, w.reached_over_hbone()));
+        assert_eq!(protocol("a"), Some((WorkloadProtocol::Hbone, true)));
+        assert_eq!(protocol("wp"), Some((WorkloadProtocol::Hbone, false)), "a waypoint is reached as one");
+        assert_eq!(protocol("hostnet"), Some((WorkloadProtocol::Tcp, false)));
+        assert_eq!(protocol("b"), Some((WorkloadProtocol::Tcp, false)));
     }
 
     // L4-3: selector, targetPort by number and by name, round robin.

@@ -51,7 +51,43 @@ pub struct Security {
     pub root_namespace: String,
 }
 
+/// The parts of a `Security` that arrive already scoped, as a control plane serves them (CFG-2):
+/// policies bound to workloads by the control plane rather than by labels, and each workload's
+/// mTLS settings resolved into one workload-level PeerAuthentication.
+#[derive(Debug, Default)]
+pub struct SecurityParts {
+    /// The namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
+    /// Every policy, those bound to workloads and those bound to waypoints (`targetRefs`).
+    pub authorization_policies: Vec<Arc<Policy>>,
+    /// The policies applying to each workload, by (namespace, pod name), in evaluation order.
+    pub authorization_by_workload: HashMap<(String, String), Vec<Arc<Policy>>>,
+    /// The mTLS settings of each workload that has any, by (namespace, pod name).
+    pub peer_authn_by_workload: HashMap<(String, String), Arc<PeerAuthn>>,
+    pub request_authentications: Vec<Arc<RequestAuthn>>,
+}
+
 impl Security {
+    /// Builds the security part of a model from parts scoped elsewhere, with its indexes.
+    pub fn from_parts(parts: SecurityParts) -> Security {
+        let mut security = Security {
+            authorization_policies: parts.authorization_policies,
+            request_authentications: parts.request_authentications,
+            root_namespace: parts.root_namespace,
+            ..Security::default()
+        };
+        for ((namespace, name), policies) in parts.authorization_by_workload {
+            security.authz_by_workload.entry(namespace).or_default().insert(name, policies);
+        }
+        let mut peer: Vec<_> = parts.peer_authn_by_workload.into_iter().collect();
+        peer.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((namespace, name), pa) in peer {
+            security.peer_authentications.push(pa.clone());
+            security.peer_by_workload.entry(namespace).or_default().insert(name, pa);
+        }
+        security
+    }
+
     pub fn authorization_for(&self, workload: &Workload) -> &[Arc<Policy>] {
         self.authz_by_workload
             .get(&workload.namespace)

@@ -83,6 +83,11 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    pub fn new(port: u16, name: Option<String>, app_protocol: Option<String>, endpoints: Vec<Endpoint>) -> ServicePort {
+        let protocol = AppProtocol::select(app_protocol.as_deref(), name.as_deref());
+        ServicePort { port, name, app_protocol, protocol, endpoints, next: AtomicUsize::new(0) }
+    }
+
     /// The next endpoint in round-robin order, if the port has any.
     pub fn pick(&self) -> Option<&Endpoint> {
         if self.endpoints.is_empty() {
@@ -212,14 +217,7 @@ fn compile_one(
                 };
                 diagnostics.push(Diagnostic::warning(located.origin.clone(), Some(&field), message));
             }
-            ServicePort {
-                port: p.port,
-                name: p.name.clone(),
-                app_protocol: p.app_protocol.clone(),
-                protocol: AppProtocol::select(p.app_protocol.as_deref(), p.name.as_deref()),
-                endpoints,
-                next: AtomicUsize::new(0),
-            }
+            ServicePort::new(p.port, p.name.clone(), p.app_protocol.clone(), endpoints)
         })
         .collect();
     Service {

@@ -6,7 +6,7 @@ mod handover;
 pub(crate) mod inbound;
 mod live;
 mod outbound;
-mod policy;
+pub(crate) mod policy;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},

@@ -2,9 +2,9 @@
 //! with the pod's original destination as the socket's local address.
 //!
 //! The destination decides the journey: a service VIP is first resolved to one endpoint
-//! (round robin, L4-3); a captured workload is reached over HBONE as the source's identity
-//! (or, on this same node, through the inbound logic in-process with the same checks); anything
-//! else is plain TCP passthrough (L4-5).
+//! (round robin, L4-3); a workload whose protocol is HBONE is reached over HBONE as the
+//! source's identity (or, when this node captures it, through the inbound logic in-process with
+//! the same checks); anything else is plain TCP passthrough (L4-5).
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -25,7 +25,8 @@ pub const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_
 
 /// Where the outbound connection goes, decided from the model.
 enum Route {
-    /// Over HBONE (or in-process when on this node) to a captured workload.
+    /// Over HBONE to a workload whose protocol is HBONE (in-process when this node captures
+    /// it).
     Mesh { target: Arc<Workload>, addr: SocketAddr },
     /// Over HBONE to a waypoint pod, with the address the client dialled as the CONNECT
     /// target (L4-3): the waypoint applies L7 policy and picks the endpoint.
@@ -69,7 +70,7 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
             over_hbone(&ctx, &downstream, peer, &source, &waypoint, authority, &mut record).await;
         }
         (Route::Mesh { target, addr }, Some(source)) => {
-            if target.node.as_deref() == Some(ctx.node_name.as_str()) {
+            if target.captured && target.node.as_deref() == Some(ctx.node_name.as_str()) {
                 inbound::deliver_local(&ctx, &downstream, peer, &source, &target, addr, &mut record).await;
             } else {
                 over_hbone(&ctx, &downstream, peer, &source, &target, addr, &mut record).await;
@@ -105,11 +106,13 @@ fn route(model: &Model, destination: SocketAddr, trust_domain: &str, record: &mu
         (model.workload_by_ip(destination.ip()).cloned(), destination)
     };
     let Some(target) = target else { return Route::Passthrough(addr) };
-    if let (true, Some(name)) = (target.captured && addr == destination, &target.waypoint) {
+    // The destination's protocol decides, not whether this proxy captures it: a pod served by
+    // another HBONE proxy (Istio's ztunnel on its node) is in the mesh too.
+    if let (true, Some(name)) = (target.reached_over_hbone() && addr == destination, &target.waypoint) {
         return to_waypoint(model, name, destination, trust_domain, record);
     }
     record.destination_workload = Some(target.clone());
-    if target.captured {
+    if target.reached_over_hbone() {
         record.destination_identity = Some(target.identity(trust_domain).to_string());
         record.security = "mutual_tls";
         Route::Mesh { target, addr }
@@ -193,4 +196,57 @@ fn baggage(source: &Workload) -> String {
         canonical_service(source),
         canonical_revision(source),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{Routing, Security, WorkloadProtocol};
+
+    fn pod(name: &str, ip: &str, node: &str, protocol: WorkloadProtocol, captured: bool) -> Arc<Workload> {
+        Arc::new(Workload {
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: name.into(),
+            node: Some(node.into()),
+            ip: ip.parse().expect("ip"),
+            labels: BTreeMap::new(),
+            host_network: false,
+            captured,
+            waypoint: None,
+            waypoint_role: None,
+            protocol,
+        })
+    }
+
+    // L4-1, CFG-2: a destination whose protocol is HBONE is reached over HBONE whoever serves it (a
+    // pod on a node run by Istio's ztunnel, a pod terminating HBONE itself); TCP is passthrough.
+    #[test]
+    fn the_destination_protocol_decides() {
+        let model = Model::from_parts(
+            vec![
+                pod("behind-ztunnel", "10.3.0.5", "ztunnel-node", WorkloadProtocol::Hbone, true),
+                pod("native", "10.3.0.6", "ztunnel-node", WorkloadProtocol::Hbone, false),
+                pod("plain", "10.3.0.7", "n1", WorkloadProtocol::Tcp, false),
+            ],
+            Vec::new(),
+            Security::default(),
+            Routing::default(),
+        );
+        let decide = |to: &str| {
+            let destination: SocketAddr = to.parse().expect("addr");
+            let mut record = ConnectionRecord::start("outbound", "10.1.0.10:40000".parse().expect("addr"), destination);
+            let route = route(&model, destination, "cluster.local", &mut record);
+            (route, record.security)
+        };
+        for to in ["10.3.0.5:80", "10.3.0.6:80"] {
+            let (route, security) = decide(to);
+            assert!(matches!(route, Route::Mesh { .. }), "{to}");
+            assert_eq!(security, "mutual_tls", "{to}");
+        }
+        assert!(matches!(decide("10.3.0.7:80").0, Route::Passthrough(_)));
+        assert!(matches!(decide("10.9.9.9:80").0, Route::Passthrough(_)));
+    }
 }

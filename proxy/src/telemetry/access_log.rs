@@ -264,6 +264,7 @@ mod tests {
             captured: true,
             waypoint: None,
             waypoint_role: None,
+            protocol: crate::model::WorkloadProtocol::Hbone,
         }));
         r.source_identity = Some("spiffe://cluster.local/ns/mesh/sa/client".into());
         r.bytes_sent = 78;

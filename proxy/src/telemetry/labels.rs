@@ -229,6 +229,7 @@ mod tests {
             captured: true,
             waypoint: None,
             waypoint_role: None,
+            protocol: crate::model::WorkloadProtocol::Hbone,
         }
     }
 

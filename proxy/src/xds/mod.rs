@@ -8,6 +8,8 @@
 //! - the transport: the delta ADS server of `strait control` and the client of `strait node` and
 //!   `strait waypoint`, which move [`XdsResource`]s without knowing what they mean.
 
+pub mod resources;
+
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
@@ -59,6 +61,7 @@ pub struct Subscriber {
     pub namespace: Option<String>,
     /// The identity the peer authenticated as (client certificate, token), when known.
     pub identity: Option<Identity>,
-    /// The rest of `node.metadata`, flattened to strings.
+    /// The rest of `node.metadata`, flattened to strings. A strait waypoint names itself here
+    /// with `STRAIT_WAYPOINT=<namespace>/<name>` (`resources::subscriber_waypoint`).
     pub metadata: HashMap<String, String>,
 }

@@ -1,0 +1,263 @@
+//! A directory compiled, served, sent as bytes and rebuilt gives the same decisions.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use super::*;
+use crate::{
+    authz::{Connection, HttpRequest, evaluate},
+    identity::Identity,
+    model::{WaypointName, Workload, WorkloadProtocol},
+    node::policy::{authorize, kernel_policy, plaintext_allowed},
+    xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL},
+};
+
+fn rebuilt(subscriber: &Subscriber) -> (Model, Model, Vec<Located<Resource>>) {
+    let (resources, model) = directory();
+    let served = snapshot(&model, &resources, "cluster.local");
+    let decoded = model_from_xds(&received_by(&served, subscriber), "cluster.local").expect("decodes");
+    (model, decoded, resources)
+}
+
+fn by_name<'a>(model: &'a Model, namespace: &str, name: &str) -> &'a Arc<Workload> {
+    let found = model.workloads.iter().find(|w| w.namespace == namespace && w.name == name);
+    found.unwrap_or_else(|| panic!("no workload {namespace}/{name}"))
+}
+
+// Everything a node proxy decides a workload by survives: address, node, identity, capture,
+// protocol (L4-1), waypoints and labels.
+#[test]
+fn workloads_survive_the_round_trip() {
+    let (model, decoded, _) = rebuilt(&node_proxy("n1"));
+    assert_eq!(decoded.workloads.len(), model.workloads.len());
+    for w in &model.workloads {
+        let d = by_name(&decoded, &w.namespace, &w.name);
+        assert_eq!(**d, **w, "{}", w.display_name());
+        assert_eq!(decoded.workload_by_ip(w.ip).is_some(), !w.host_network, "{}", w.display_name());
+    }
+    let waypoint = WaypointName { namespace: "shop".into(), name: "waypoint".into() };
+    let pods: Vec<&str> = decoded.waypoint(&waypoint).expect("waypoint").pods.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(pods, ["waypoint-0"]);
+    let protocol = |name: &str| decoded.workloads.iter().find(|w| w.name == name).map(|w| w.protocol);
+    assert_eq!((protocol("web-2"), protocol("old")), (Some(WorkloadProtocol::Hbone), Some(WorkloadProtocol::Tcp)));
+}
+
+// L4-3: the same VIPs, ports, protocols, endpoints (named target ports resolved per pod) and
+// waypoints. The waypoint's own Service, synthesized as istiod would have it, comes on top.
+#[test]
+fn services_and_endpoints_survive_the_round_trip() {
+    let (model, decoded, _) = rebuilt(&node_proxy("n2"));
+    for s in &model.services {
+        let d = decoded.service_by_host(&s.hostname).expect("service");
+        assert_eq!(
+            (d.vip, &d.name, &d.namespace, &d.labels, &d.waypoint),
+            (s.vip, &s.name, &s.namespace, &s.labels, &s.waypoint)
+        );
+        assert_eq!(d.ports.len(), s.ports.len(), "{}", s.hostname);
+        for (dp, sp) in d.ports.iter().zip(&s.ports) {
+            assert_eq!(
+                (dp.port, &dp.name, &dp.app_protocol, dp.protocol),
+                (sp.port, &sp.name, &sp.app_protocol, sp.protocol)
+            );
+            let endpoints = |p: &crate::model::ServicePort| -> BTreeSet<String> {
+                p.endpoints.iter().map(|e| format!("{}={}", e.workload.display_name(), e.addr())).collect()
+            };
+            assert_eq!(endpoints(dp), endpoints(sp), "{}:{}", s.hostname, sp.port);
+        }
+    }
+    let web = decoded.service_by_vip("10.96.0.10".parse().expect("ip")).expect("web");
+    let ports: BTreeSet<u16> = web.ports[0].endpoints.iter().map(|e| e.port).collect();
+    assert_eq!(ports, BTreeSet::from([8080, 8081]), "targetPort `http` differs per pod");
+    let synthesized = decoded.service_by_host("waypoint.shop.svc.cluster.local").expect("waypoint service");
+    assert_eq!((synthesized.vip, synthesized.waypoint.as_ref()), (None, None));
+    assert_eq!(decoded.services.len(), model.services.len() + 1);
+}
+
+/// Identities a connection can come from, and plaintext.
+fn sources() -> Vec<Option<Identity>> {
+    let id = |ns: &str, sa: &str| Some(Identity::new("cluster.local", ns, sa));
+    vec![None, id("shop", "web"), id("shop", "client"), id("shop", "waypoint"), id("bank", "ledger"), id("other", "x")]
+}
+
+// AUTHZ-1/2, L4-4: every connection to every workload is decided the same, policy and mTLS;
+// the kernel gets the same STRICT pods and port modes, and at least the same DENY sources.
+#[test]
+fn decisions_are_the_same() {
+    let (model, decoded, _) = rebuilt(&node_proxy("n1"));
+    let source_ips: [IpAddr; 4] = ["10.1.0.12", "10.66.1.1", "10.1.0.99", "10.2.0.5"].map(|ip| ip.parse().expect("ip"));
+    let ports = [80, 1234, 8080, 8081, 9000, 9100];
+    let mut checked = 0;
+    for w in &model.workloads {
+        let d = by_name(&decoded, &w.namespace, &w.name);
+        for port in ports {
+            let at = SocketAddr::new(w.ip, port);
+            assert_eq!(
+                plaintext_allowed(&decoded, d, port),
+                plaintext_allowed(&model, w, port),
+                "mTLS mode of {} on {port}",
+                w.display_name()
+            );
+            for source in sources() {
+                for ip in source_ips {
+                    let want = authorize(&model, w, source.as_ref(), ip, at);
+                    let got = authorize(&decoded, d, source.as_ref(), ip, at);
+                    let what = format!("{source:?} from {ip} to {} on {port}: {want:?} vs {got:?}", w.display_name());
+                    assert_eq!(got.allowed, want.allowed, "{what}");
+                    assert_eq!(got.policy.is_some(), want.policy.is_some(), "{what}");
+                    let dry = |d: &crate::authz::Decision| d.dry_run.iter().cloned().collect::<BTreeSet<_>>();
+                    assert_eq!(dry(&got), dry(&want), "{what}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 1000, "{checked}");
+    for node in ["n1", "n2"] {
+        let (want, got) = (kernel_policy(&model, node), kernel_policy(&decoded, node));
+        assert_eq!((&got.strict, &got.port_modes), (&want.strict, &want.port_modes), "{node}");
+        assert!(got.deny_sources.is_superset(&want.deny_sources), "{node}: {got:?} vs {want:?}");
+    }
+}
+
+// The decisions above are not vacuous: each policy level decides something.
+#[test]
+fn the_directory_exercises_every_level() {
+    let (model, decoded, _) = rebuilt(&node_proxy("n1"));
+    let ledger = by_name(&decoded, "bank", "ledger-1");
+    let at = |port| SocketAddr::new(ledger.ip, port);
+    let id = |ns: &str, sa: &str| Identity::new("cluster.local", ns, sa);
+    let client: IpAddr = "10.1.0.12".parse().expect("ip");
+    assert!(authorize(&decoded, ledger, Some(&id("shop", "client")), client, at(9000)).allowed, "selector ALLOW");
+    assert!(!authorize(&decoded, ledger, Some(&id("shop", "client")), client, at(9200)).allowed, "no ALLOW matches");
+    assert!(
+        !authorize(&decoded, ledger, Some(&id("shop", "web")), "10.1.0.99".parse().expect("ip"), at(9000)).allowed,
+        "when DENY"
+    );
+    assert!(
+        !authorize(&decoded, ledger, Some(&id("shop", "waypoint")), "10.66.0.1".parse().expect("ip"), at(9000)).allowed,
+        "mesh DENY"
+    );
+    assert!(
+        !authorize(&decoded, ledger, Some(&id("other", "x")), client, at(9100)).allowed,
+        "DENY without its HTTP part"
+    );
+    assert!(
+        authorize(&decoded, ledger, None, "10.2.0.5".parse().expect("ip"), at(9000)).allowed,
+        "plaintext from an ipBlock"
+    );
+    let dry = authorize(&decoded, ledger, Some(&id("shop", "client")), client, at(9000)).dry_run;
+    assert_eq!(dry, [("bank/dry".to_owned(), true)]);
+    assert!(
+        !plaintext_allowed(&decoded, ledger, 9000) && plaintext_allowed(&decoded, ledger, 9100),
+        "mesh STRICT, port PERMISSIVE"
+    );
+    let web = by_name(&decoded, "shop", "web-2");
+    assert!(
+        plaintext_allowed(&decoded, web, 80) && !plaintext_allowed(&decoded, web, 8081),
+        "workload DISABLE, port STRICT"
+    );
+    assert!(plaintext_allowed(&decoded, by_name(&decoded, "shop", "client"), 80), "namespace PERMISSIVE");
+    assert!(!plaintext_allowed(&model, by_name(&model, "bank", "ledger-2"), 9000));
+}
+
+// A node proxy gets workloads, services and L4 policies, never the waypoints' L7 resources.
+#[test]
+fn node_proxies_get_no_l7_resources() {
+    let (resources, model) = directory();
+    let served = snapshot(&model, &resources, "cluster.local");
+    let received = received_by(&served, &node_proxy("n1"));
+    assert_eq!(received[ADDRESS_TYPE_URL].len(), served[ADDRESS_TYPE_URL].len());
+    assert_eq!(received[AUTHORIZATION_TYPE_URL].len(), served[AUTHORIZATION_TYPE_URL].len());
+    assert!(received[L7_TYPE_URL].is_empty());
+    let decoded = model_from_xds(&received, "cluster.local").expect("decodes");
+    assert!(decoded.routing.virtual_services.is_empty() && decoded.security.request_authentications.is_empty());
+}
+
+// L7: the waypoint gets its namespace's VirtualService, DestinationRule, policy and JWT rules
+// (not another namespace's DestinationRule) and routes and authorizes as from the directory.
+#[test]
+fn the_waypoint_routes_and_authorizes_the_same() {
+    let (model, decoded, _) = rebuilt(&waypoint_proxy("shop", "waypoint"));
+    let names: Vec<String> = decoded.routing.destination_rules.iter().map(|r| r.key()).collect();
+    assert_eq!(names, ["shop/web"]);
+    let host = "web.shop.svc.cluster.local";
+    let json = |v: &dyn erased::Json| v.json();
+    let (want_vs, got_vs) =
+        (model.routing.mesh_routes_for(host).expect("vs"), decoded.routing.mesh_routes_for(host).expect("vs"));
+    assert_eq!(json(got_vs.as_ref()), json(want_vs.as_ref()));
+    assert_eq!(got_vs.origin, want_vs.origin, "diagnostics point at the user's file and line");
+    let (want_dr, got_dr) = (
+        model.routing.destination_rule_for(host).expect("dr"),
+        decoded.routing.destination_rule_for(host).expect("dr"),
+    );
+    assert_eq!(json(got_dr.as_ref()), json(want_dr.as_ref()));
+
+    let waypoint = WaypointName { namespace: "shop".into(), name: "waypoint".into() };
+    let (want_svc, got_svc) =
+        (model.service_by_host(host).map(Arc::as_ref), decoded.service_by_host(host).map(Arc::as_ref));
+    let keys = |m: &Model, s| m.security.authorization_at_waypoint(s, &waypoint).map(|p| p.key()).collect::<Vec<_>>();
+    assert_eq!(keys(&decoded, got_svc), keys(&model, want_svc));
+    let authn =
+        |m: &Model, s| m.security.request_authn_at_waypoint(s, &waypoint).map(|r| r.name.clone()).collect::<Vec<_>>();
+    assert_eq!(authn(&decoded, got_svc), ["jwt"]);
+    assert_eq!(authn(&decoded, got_svc), authn(&model, want_svc));
+    for method in ["GET", "POST"] {
+        let conn = Connection {
+            source: Some(Identity::new("cluster.local", "shop", "client")),
+            source_ip: "10.1.0.12".parse().expect("ip"),
+            destination_ip: "10.96.0.10".parse().expect("ip"),
+            destination_port: 80,
+            http: Some(HttpRequest { method: method.into(), path: "/".into(), ..HttpRequest::default() }),
+        };
+        let want = evaluate(model.security.authorization_at_waypoint(want_svc, &waypoint), &conn);
+        let got = evaluate(decoded.security.authorization_at_waypoint(got_svc, &waypoint), &conn);
+        assert_eq!(got.allowed, want.allowed, "{method}");
+        assert_eq!(got.allowed, method == "GET");
+    }
+}
+
+// A waypoint of another namespace, and an unnamed subscriber, get none of shop's L7 resources;
+// a waypoint named without its namespace uses the NAMESPACE metadata.
+#[test]
+fn l7_resources_go_only_where_relevant() {
+    let (resources, model) = directory();
+    let served = snapshot(&model, &resources, "cluster.local");
+    let l7 = &served[L7_TYPE_URL];
+    let names: Vec<&str> = l7.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "AuthorizationPolicy/shop/web-get-only",
+            "DestinationRule/bank/ledger",
+            "DestinationRule/shop/web",
+            "RequestAuthentication/shop/jwt",
+            "VirtualService/shop/web"
+        ]
+    );
+    let count = |s: &Subscriber| l7.values().filter(|r| visible(s, L7_TYPE_URL, r)).count();
+    assert_eq!(count(&waypoint_proxy("shop", "waypoint")), 4);
+    assert_eq!(count(&waypoint_proxy("bank", "waypoint")), 0);
+    assert_eq!(count(&Subscriber::default()), 0);
+    let short = Subscriber {
+        namespace: Some("shop".into()),
+        metadata: HashMap::from([(WAYPOINT_METADATA.to_owned(), "waypoint".to_owned())]),
+        ..Subscriber::default()
+    };
+    assert_eq!(subscriber_waypoint(&short), Some(WaypointName { namespace: "shop".into(), name: "waypoint".into() }));
+    assert_eq!(count(&short), 4);
+}
+
+/// Serializes compiled routing for comparison (origins are left out by the model's serde).
+mod erased {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).expect("serializes")
+        }
+    }
+}
