@@ -10,23 +10,7 @@ use strait::{
     telemetry::{AccessLogFormat, logging::LogControl},
 };
 
-// Stand-ins until the resource mapping (xds::resources) is merged; replaced by it then.
-mod mapping {
-    use strait::{
-        config::{Located, Resource},
-        model::Model,
-        xds::{Received, Snapshot, Subscriber, XdsResource},
-    };
-    pub fn snapshot(_: &Model, _: &[Located<Resource>], _: &str) -> Snapshot {
-        Snapshot::new()
-    }
-    pub fn visible(_: &Subscriber, _: &str, _: &XdsResource) -> bool {
-        true
-    }
-    pub fn model_from_xds(_: &Received, _: &str) -> Result<Model, Vec<String>> {
-        Ok(Model::default())
-    }
-}
+use strait::xds::resources as mapping;
 
 #[derive(Parser)]
 #[command(name = "strait", version, about = "An ambient (sidecarless) service-mesh data plane")]

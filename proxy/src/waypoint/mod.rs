@@ -270,7 +270,7 @@ fn xds_node(name: &WaypointName) -> strait_proto::envoy::config::core::v3::Node 
         &env("POD_NAME", name.name.clone()),
         &name.namespace,
         None,
-        &[("STRAIT_WAYPOINT", name.to_string())],
+        &[(crate::xds::resources::WAYPOINT_METADATA, name.to_string())],
     )
 }
 

@@ -8,7 +8,10 @@
 //! - the transport: the delta ADS server of `strait control` and the client of `strait node` and
 //!   `strait waypoint`, which move [`XdsResource`]s without knowing what they mean.
 
+pub mod client;
+pub mod delta;
 pub mod resources;
+pub mod server;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,10 +19,6 @@ use std::{
 };
 
 use strait_proto::prost_types;
-
-pub mod client;
-pub mod delta;
-pub mod server;
 pub use strait_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 
 use crate::identity::Identity;

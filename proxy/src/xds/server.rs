@@ -430,7 +430,19 @@ pub fn subscriber_of(
     // Istio's ids: `<type>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`.
     let from_id = node.id.split('~').nth(3).and_then(|d| d.split('.').next()).filter(|s| !s.is_empty());
     let namespace = metadata.get("NAMESPACE").filter(|n| !n.is_empty()).cloned().or_else(|| from_id.map(str::to_owned));
-    Ok(Subscriber { id: node.id.clone(), node_name, namespace, identity, metadata })
+    let subscriber = Subscriber { id: node.id.clone(), node_name, namespace, identity, metadata };
+    // A waypoint's L7 resources go to its subscribers only: the claim must come from the
+    // waypoint's own namespace, where its service account lives.
+    if let Some(waypoint) = super::resources::subscriber_waypoint(&subscriber)
+        && subscriber.identity.as_ref().is_none_or(|id| id.namespace != waypoint.namespace)
+    {
+        let who = subscriber.identity.as_ref().map_or_else(|| "an unidentified caller".to_owned(), |id| id.to_string());
+        return Err(Status::permission_denied(format!(
+            "{who} cannot subscribe as waypoint {waypoint}: only an identity of namespace {} can",
+            waypoint.namespace
+        )));
+    }
+    Ok(subscriber)
 }
 
 fn flatten(kind: &Kind) -> String {

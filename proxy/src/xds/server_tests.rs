@@ -13,6 +13,7 @@ use crate::{
     xds::{
         AUTHORIZATION_TYPE_URL, Received,
         client::{XdsClient, XdsClientOptions, proxy_node},
+        resources::WAYPOINT_METADATA,
     },
 };
 
@@ -257,4 +258,12 @@ fn node_ids_and_metadata_describe_the_subscriber() {
     let s = subscriber_of(Some(&bare), None, None).expect("ok");
     assert_eq!((s.node_name, s.namespace.as_deref()), (None, Some("shop")));
     assert!(subscriber_of(None, None, None).is_err());
+
+    // Claiming a waypoint takes an identity of its namespace.
+    let waypoint = proxy_node("waypoint", "10.0.0.3", "wp", "shop", None, &[(WAYPOINT_METADATA, "shop/wp".to_owned())]);
+    let shop = Some(crate::identity::Identity::new("cluster.local", "shop", "wp"));
+    let other = Some(crate::identity::Identity::new("cluster.local", "mesh", "client"));
+    assert!(subscriber_of(Some(&waypoint), None, shop).is_ok());
+    let refused = subscriber_of(Some(&waypoint), None, other).expect_err("another namespace");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 }
