@@ -83,6 +83,8 @@ pub struct ControlReport {
     pub resources: u64,
     pub rss_ready_mib: f64,
     pub rss_serving_mib: f64,
+    /// After the changes, seconds later: what serving costs once the first states are sent.
+    pub rss_steady_mib: f64,
     /// Until every subscriber held both types.
     pub initial_sync_ms: u64,
     pub initial_bytes_per_subscriber: u64,
@@ -188,8 +190,10 @@ pub fn run(out: &Path, quick: bool) -> anyhow::Result<ControlReport> {
     let busy = procfs::cpu_seconds(control.pid()) - busy_start;
     let busy_window = busy_started.elapsed().as_secs_f64();
     let cpu_per_change_s = (busy - idle_vcpu * busy_window).max(0.0) / sizes.changes as f64;
-    control.stop();
+    let rss_steady = procfs::rss_bytes(control.pid());
+    // The subscribers first, so that stopping the control plane is no error of theirs.
     drop(rt);
+    control.stop();
 
     let subscribers = sizes.subscribers as u64;
     Ok(ControlReport {
@@ -199,6 +203,7 @@ pub fn run(out: &Path, quick: bool) -> anyhow::Result<ControlReport> {
         resources,
         rss_ready_mib: rss_ready as f64 / 1048576.0,
         rss_serving_mib: rss_serving as f64 / 1048576.0,
+        rss_steady_mib: rss_steady as f64 / 1048576.0,
         initial_sync_ms,
         initial_bytes_per_subscriber: initial_bytes as u64 / subscribers,
         change_delivery_ms,
@@ -424,7 +429,8 @@ pub fn markdown(r: &ControlReport) -> String {
         ("of which building the snapshot", format!("{} ms", r.snapshot_ms)),
         ("Resources served", r.resources.to_string()),
         ("RSS when ready", format!("{:.1} MiB", r.rss_ready_mib)),
-        ("RSS serving every subscriber", format!("{:.1} MiB", r.rss_serving_mib)),
+        ("RSS right after every subscriber got its first state", format!("{:.1} MiB", r.rss_serving_mib)),
+        ("RSS serving them, after the changes below", format!("{:.1} MiB", r.rss_steady_mib)),
         ("First state to every subscriber", format!("{} ms", r.initial_sync_ms)),
         ("First state, per subscriber", format!("{:.2} MiB", mib(r.initial_bytes_per_subscriber))),
         ("One pod change: write to every subscriber (500 ms settle included)", format!("{} ms", r.change_delivery_ms)),

@@ -441,7 +441,11 @@ pub async fn follow(
             Ok(Ok(())) => return Ok((model, status)),
             Ok(Err(_)) => return Err(XdsError::Stream(format!("{address}: the xDS client stopped"))),
             Err(_) => {
-                let last = status.lock().unwrap_or_else(|p| p.into_inner()).last_error.clone();
+                let last = {
+                    let status = status.lock().unwrap_or_else(|p| p.into_inner());
+                    let rejected = status.types.values().find_map(|t| t.rejected.clone());
+                    rejected.map(|r| format!("configuration rejected: {r}")).or_else(|| status.last_error.clone())
+                };
                 warn!(
                     %address,
                     waited_s = started.elapsed().as_secs(),

@@ -10,11 +10,56 @@
 //! subscriber holds what it was sent, so nothing is resent until that resource changes again.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    hash::{Hash, Hasher},
     sync::Arc,
 };
 
+use strait_proto::prost_types::Any;
+
 use super::XdsResource;
+
+/// A resource a subscriber holds: the one it was sent, or the name and version it said it had.
+/// Equal, and hashed, by name.
+#[derive(Debug, Clone)]
+struct Held(Arc<XdsResource>);
+
+impl Held {
+    /// What a subscriber said it holds (`initial_resource_versions`): a name and a version.
+    fn reported(name: &str, version: &str) -> Self {
+        Self(Arc::new(XdsResource {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            aliases: Vec::new(),
+            body: Any::default(),
+        }))
+    }
+
+    fn is(&self, resource: &Arc<XdsResource>) -> bool {
+        Arc::ptr_eq(&self.0, resource) || self.0.version == resource.version
+    }
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Held {}
+
+impl Hash for Held {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.name.as_str().hash(state);
+    }
+}
+
+impl Borrow<str> for Held {
+    fn borrow(&self) -> &str {
+        &self.0.name
+    }
+}
 
 /// The resources of one type URL, by name.
 pub type TypeResources = BTreeMap<String, Arc<XdsResource>>;
@@ -26,8 +71,10 @@ pub struct Subscription {
     wildcard: bool,
     /// Names subscribed to explicitly: resource names or aliases (`network/ip`).
     explicit: BTreeSet<String>,
-    /// What the subscriber holds, as far as the server knows: name -> version.
-    held: HashMap<String, String>,
+    /// What the subscriber holds, as far as the server knows, by name. The entries share the
+    /// snapshot's resources rather than copy their names and versions: with 100 subscribers of
+    /// a 10,000-pod mesh, copies would be a million strings.
+    held: HashSet<Held>,
     /// Whether the first request was seen (it decides the legacy wildcard).
     started: bool,
 }
@@ -100,7 +147,7 @@ impl Subscription {
             self.wildcard = request.subscribe.is_empty();
             if let Some(versions) = request.initial_versions {
                 for (name, version) in versions {
-                    self.held.insert(name.clone(), version.clone());
+                    self.held.insert(Held::reported(name, version));
                     if !self.wildcard && name != "*" {
                         self.explicit.insert(name.clone());
                     }
@@ -135,8 +182,8 @@ impl Subscription {
                 changed = true;
                 // The subscriber drops what it unsubscribed from; a wildcard one keeps it.
                 if !self.wildcard {
-                    let resolved = resolve(name, resources, aliases).unwrap_or(name).to_owned();
-                    self.held.remove(&resolved);
+                    let resolved = resolve(name, resources, aliases).unwrap_or(name);
+                    self.held.remove(resolved);
                 }
             }
         }
@@ -160,7 +207,7 @@ impl Subscription {
     ) -> Delta {
         let mut delta = Delta::default();
         let held_only: Vec<String> = if examine.all {
-            self.held.keys().filter(|n| !resources.contains_key(*n)).cloned().collect()
+            self.held.iter().map(|h| &h.0.name).filter(|n| !resources.contains_key(*n)).cloned().collect()
         } else {
             Vec::new()
         };
@@ -171,13 +218,13 @@ impl Subscription {
             });
             match wanted {
                 Some(resource) => {
-                    if self.held.get(name) != Some(&resource.version) {
-                        self.held.insert(name.to_owned(), resource.version.clone());
+                    if !self.held.get(name).is_some_and(|held| held.is(resource)) {
+                        self.held.replace(Held(resource.clone()));
                         delta.resources.push(resource.clone());
                     }
                 }
                 None => {
-                    if self.held.remove(name).is_some() {
+                    if self.held.remove(name) {
                         delta.removed.push(name.to_owned());
                     }
                 }
