@@ -164,6 +164,7 @@ pub fn run() -> anyhow::Result<()> {
     let waypoint = start_waypoint(&waypoint, &config_dir, &ca_dir)?;
     proxies.push(waypoint);
     l7_steps(&topo, &sleep, &proxies, &reviews_v2_server)?;
+    control_plane_step(&topo, &mut proxies, &sleep, &url)?;
 
     say("done; removing the namespaces and processes");
     drop(proxies);
@@ -264,6 +265,75 @@ fn l7_steps(topo: &Topology, sleep: &Pod, proxies: &[Process], mirror_target: &P
         "    sleep: 20 requests -> {} answered by reviews-v1; reviews-v2 received {mirrored} mirrored copies",
         summary.served("reviews-v1")
     );
+    Ok(())
+}
+
+/// Step 9: `strait control` on a node of its own; the node proxies are replaced by ones that
+/// follow it (each takes the running one's listeners over, so no connection is refused), and a
+/// policy written once to the directory reaches both through it.
+fn control_plane_step(topo: &Topology, proxies: &mut [Process], sleep: &Pod, url: &str) -> anyhow::Result<()> {
+    step(9, "one control plane: `strait control` compiles the directory once and serves the node proxies over xDS");
+    let control_node = topo.add_node("control")?;
+    let (config_dir, ca_dir, tokens) = (topo.config_dir(), topo.dir().join("ca"), topo.dir().join("tokens"));
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    std::fs::create_dir_all(tokens.join("nodes"))?;
+    let listen = format!("{}:15012", control_node.ip());
+    let args = ["control", "--config", &path(&config_dir), "--listen", &listen, "--ca-dir", &path(&ca_dir)];
+    let control = control_node.spawn(
+        "strait-control",
+        bin_path("strait"),
+        &[&args[..], &["--bootstrap-tokens", &path(&tokens)]].concat(),
+        &[],
+    )?;
+    control.wait_for_log("strait control ready", TIMEOUT).context("the control plane did not start")?;
+    println!("    control$ strait control --config cluster/ --listen {listen} --bootstrap-tokens tokens/");
+    let nodes = topo.nodes();
+    for (slot, node) in nodes.iter().filter(|n| n.name() != "control").enumerate() {
+        let token = tokens.join("nodes").join(node.name());
+        std::fs::write(&token, format!("demo-token-{}-{}\n", node.name(), std::process::id()))?;
+        let xds = format!("https://{listen}");
+        let args = [
+            "node",
+            "--node",
+            node.name(),
+            "--xds-address",
+            &xds,
+            "--ca-root",
+            &path(&ca_dir.join("root-cert.pem")),
+            "--ca-token-file",
+            &path(&token),
+            "--bpf-pin-dir",
+            &path(&node.bpf_pin_dir()),
+            "--detach-on-exit",
+        ];
+        let follower = node.spawn(&format!("strait-{}-xds", node.name()), bin_path("strait"), &args, &[])?;
+        follower
+            .wait_for_log("strait node ready", TIMEOUT)
+            .context("the node proxy following the control plane did not start")?;
+        println!(
+            "    {}$ strait node --xds-address {xds} ...  (takes the running proxy's listeners over)",
+            node.name()
+        );
+        if let Some(old) = proxies.get_mut(slot) {
+            *old = follower;
+        }
+    }
+    for line in
+        control.log().lines().filter(|l| l.contains("subscriber connected") || l.contains("to the node proxy of"))
+    {
+        println!("    control log: {}", line.split_once("  INFO ").map_or(line, |(_, l)| l).trim());
+    }
+    let deny_sleep = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-sleep\n  namespace: {MESH_NS}\n\
+         spec:\n  selector:\n    matchLabels: {{app: web}}\n  action: DENY\n  rules:\n  - from:\n    - source:\n        \
+         principals: [cluster.local/ns/{MESH_NS}/sa/sleep]\n"
+    );
+    let followers: Vec<&Process> = proxies.iter().take(2).chain([&control]).collect();
+    topo.apply_config("deny-sleep.yaml", &deny_sleep, &followers).context("the policy did not reach the proxies")?;
+    let reply = sleep.curl(url, Duration::from_secs(3))?;
+    println!("    a DENY for `sleep` written to the directory, pushed by the control plane:");
+    println!("    sleep$ curl {url}  -> {}", if reply.ok() { "allowed (a bug)" } else { "refused" });
+    topo.remove_config("deny-sleep.yaml")?;
     Ok(())
 }
 

@@ -128,6 +128,9 @@ impl IstioCaClient {
             Some(slot) => builder.with_client_cert_resolver(slot.clone()),
             None => builder.with_no_client_auth(),
         };
+        // A resumed session keeps the identity of the one it resumes: one opened before the
+        // caller held its certificate would go on without it.
+        tls.resumption = rustls::client::Resumption::disabled();
         tls.alpn_protocols = vec![ALPN_H2.to_vec()];
 
         Ok(Self {
@@ -261,6 +264,9 @@ pub async fn keep_own_certificate(
     loop {
         let wait = match client.issue_own(&identity, ttl).await.and_then(|cert| slot.set(&cert).map(|()| cert)) {
             Ok(cert) => {
+                // The connection in use was opened without it: the next request opens one that
+                // presents it.
+                *client.connection.lock().await = None;
                 tracing::info!(%identity, serial = %cert.serial, "own certificate issued: presented to the control plane from now on");
                 if let Some(first) = first.take() {
                     let _ = first.send(Ok(()));

@@ -164,6 +164,9 @@ impl XdsClient {
             Some(slot) => builder.with_client_cert_resolver(slot.clone()),
             None => builder.with_no_client_auth(),
         };
+        // A resumed session keeps the identity of the one it resumes: one opened before the
+        // proxy held its certificate would go on without it.
+        tls.resumption = rustls::client::Resumption::disabled();
         tls.alpn_protocols = vec![crate::identity::ALPN_H2.to_vec()];
         let status = Arc::new(Mutex::new(XdsStatus { address: address.clone(), ..XdsStatus::default() }));
         Ok(Self {
