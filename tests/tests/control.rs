@@ -154,6 +154,9 @@ fn proxies_following_the_control_plane_pass_the_core_cases() -> io::Result<()> {
         control_log.contains("spiffe://cluster.local/ns/shop/sa/waypoint (by client certificate)"),
         "{control_log}"
     );
+    // Workload certificates too are asked for over mutual TLS once the node holds its own.
+    let client_cert = r.control.wait_for_log(&format!("issued {CLIENT_ID} for"), TIMEOUT)?;
+    assert!(client_cert.contains("to the node proxy of node1 (by client certificate)"), "{client_cert}");
 
     // mTLS pod to pod, both identities in the access lines.
     assert!(b.reaches(&b.client, &b.server_url())?, "{}", r.p1.log_tail());
