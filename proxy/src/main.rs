@@ -10,8 +10,6 @@ use strait::{
     telemetry::{AccessLogFormat, logging::LogControl},
 };
 
-use strait::xds::resources as mapping;
-
 #[derive(Parser)]
 #[command(name = "strait", version, about = "An ambient (sidecarless) service-mesh data plane")]
 struct Cli {
@@ -67,7 +65,6 @@ impl SourceArgs {
                 root: identity.ca_root.clone().ok_or_else(|| anyhow::anyhow!("--xds-address needs --ca-root"))?,
                 server_name: identity.ca_server_name.clone(),
                 token: read_token(identity.ca_token_file.as_deref())?,
-                decode: mapping::model_from_xds,
             }),
             (Some(dir), None) => {
                 ConfigSource::Directory { dir: dir.clone(), empty_config_hold: self.empty_config_hold }
@@ -422,8 +419,7 @@ fn run_control(args: ControlArgs) -> anyhow::Result<()> {
         cert_ttl: args.cert_ttl,
         bootstrap_tokens: args.bootstrap_tokens,
     };
-    let compiler = strait::control::Compiler { snapshot: mapping::snapshot, visible: mapping::visible };
-    rt.block_on(strait::control::run(options, compiler))
+    rt.block_on(strait::control::run(options))
 }
 
 fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {

@@ -21,15 +21,14 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    config::{Located, Resource},
     identity::{
         CaServerOptions, CallerAuthenticator, LocalCa,
         caserver::{CallerPolicy, ca_service},
     },
-    model::{self, Model},
+    model,
     telemetry::MetricsRegistry,
     xds::{
-        Snapshot, Subscriber, XdsResource,
+        Snapshot, resources,
         server::{AdsMetrics, AdsServer},
     },
 };
@@ -54,21 +53,14 @@ pub struct ControlOptions {
     pub bootstrap_tokens: Option<PathBuf>,
 }
 
-/// How the model becomes xDS resources and who may see which: `xds::resources` in the binary.
-#[derive(Clone, Copy)]
-pub struct Compiler {
-    pub snapshot: fn(&Model, &[Located<Resource>], &str) -> Snapshot,
-    pub visible: fn(&Subscriber, &str, &XdsResource) -> bool,
-}
-
-pub async fn run(options: ControlOptions, compiler: Compiler) -> anyhow::Result<()> {
+pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
     let ca = Arc::new(LocalCa::load_or_create(&options.ca_dir, &options.trust_domain)?);
     let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::new()));
     let trust_domain = options.trust_domain.clone();
     let model =
         model::reload::load_and_watch_then(&options.config_dir, options.empty_config_hold, move |model, resources| {
             let started = Instant::now();
-            let snapshot = (compiler.snapshot)(model, resources, &trust_domain);
+            let snapshot = resources::snapshot(model, resources, &trust_domain);
             let counts: Vec<String> =
                 snapshot.iter().map(|(t, r)| format!("{}={}", t.rsplit('.').next().unwrap_or(t), r.len())).collect();
             info!(resources = %counts.join(" "), took_ms = started.elapsed().as_millis() as u64, "xDS snapshot built");
@@ -83,8 +75,7 @@ pub async fn run(options: ControlOptions, compiler: Compiler) -> anyhow::Result<
     }
     let authenticator = Arc::new(CallerAuthenticator::new(&options.trust_domain, options.bootstrap_tokens.as_deref()));
     let metrics = Arc::new(AdsMetrics::default());
-    let visible = compiler.visible;
-    let ads = AdsServer::new(snapshots, Arc::new(visible), authenticator.clone(), metrics.clone());
+    let ads = AdsServer::new(snapshots, Arc::new(resources::visible), authenticator.clone(), metrics.clone());
     let trust_domain = options.trust_domain.clone();
     let pods_on_node = move |node: &str, identity: &crate::identity::Identity| {
         model.current().workloads_on(node).any(|w| w.identity(&trust_domain) == *identity)

@@ -106,8 +106,6 @@ pub struct ControlPlane {
     pub server_name: Option<String>,
     /// Bootstrap token (until the proxy holds a certificate of its own).
     pub token: Option<String>,
-    /// xDS resources to a model (`xds::resources::model_from_xds`).
-    pub decode: crate::xds::client::Decode,
 }
 
 impl std::fmt::Display for ConfigSource {
@@ -233,8 +231,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
             let node = xds_node(&options.node_name);
             let client = control_plane.client_options(node, &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL], own_cert);
             info!(address = %control_plane.address, "waiting for the configuration from the control plane");
-            let (model, status) =
-                crate::xds::client::follow(client, control_plane.decode, &options.trust_domain).await?;
+            let (model, status) = crate::xds::client::follow(client, &options.trust_domain).await?;
             (model, Some(status))
         }
     };

@@ -123,8 +123,7 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
                 Some(slot),
             );
             info!(address = %control_plane.address, "waiting for the configuration from the control plane");
-            let (model, status) =
-                crate::xds::client::follow(client, control_plane.decode, &options.trust_domain).await?;
+            let (model, status) = crate::xds::client::follow(client, &options.trust_domain).await?;
             (model, Some(status))
         }
     };

@@ -410,15 +410,11 @@ pub fn proxy_node(
     }
 }
 
-/// Turns what a control plane sent into a model (`xds::resources::model_from_xds`).
-pub type Decode = fn(&Received, &str) -> Result<crate::model::Model, Vec<String>>;
-
 /// The model of a proxy that follows a control plane: starts the client and returns once the
 /// first state has been accepted (a proxy without configuration must not start serving). The
 /// model is replaced on every accepted change; the status feeds `/config_dump`.
 pub async fn follow(
     options: XdsClientOptions,
-    decode: Decode,
     trust_domain: &str,
 ) -> Result<(crate::model::ModelHandle, SharedStatus), XdsError> {
     let address = options.address.clone();
@@ -427,7 +423,7 @@ pub async fn follow(
     let (mut publisher, model) = crate::model::channel(crate::model::Model::default());
     let trust_domain = trust_domain.to_owned();
     let sink: Sink = Box::new(move |received: &Received| {
-        let model = decode(received, &trust_domain)?;
+        let model = super::resources::model_from_xds(received, &trust_domain)?;
         info!(
             workloads = model.workloads.len(),
             services = model.services.len(),
