@@ -29,9 +29,17 @@ fn vs(spec: &str) -> String {
     )
 }
 
-/// The waypoint's `/clusters` admin page.
+/// The service-wide cluster of reviews (no subset) on the waypoint's `/clusters` admin page,
+/// as JSON text. The page lists the DestinationRule's subset clusters too, each with its own
+/// outlier state.
 fn clusters(m: &WaypointMesh) -> io::Result<String> {
-    m.waypoint_pod.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15000/clusters"])
+    let page = m.waypoint_pod.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15000/clusters"])?;
+    let all: serde_json::Value = serde_json::from_str(&page).map_err(|e| io::Error::other(format!("{e}: {page}")))?;
+    let cluster = all
+        .as_array()
+        .and_then(|clusters| clusters.iter().find(|c| c["subset"].is_null() && c["port"] == 9080))
+        .ok_or_else(|| io::Error::other(format!("no cluster for reviews:9080 in {page}")))?;
+    Ok(cluster.to_string())
 }
 
 /// Lines of a node proxy's log that show it treated the waypoint's HBONE connection as
