@@ -158,6 +158,13 @@ fn proxies_following_the_control_plane_pass_the_core_cases() -> io::Result<()> {
     let client_cert = r.control.wait_for_log(&format!("issued {CLIENT_ID} for"), TIMEOUT)?;
     assert!(client_cert.contains("to the node proxy of node1 (by client certificate)"), "{client_cert}");
 
+    // The admin API shows what the proxy follows.
+    let dump = b.n1.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15000/config_dump"])?;
+    let dump: serde_json::Value = serde_json::from_str(&dump).map_err(io::Error::other)?;
+    assert_eq!(dump["xds"]["connected"], true, "{}", dump["xds"]);
+    assert_eq!(dump["xds"]["address"], b.control.address());
+    assert!(dump["xds"]["types"][ADDRESS]["resources"].as_u64().is_some_and(|n| n >= 7), "{}", dump["xds"]);
+
     // mTLS pod to pod, both identities in the access lines.
     assert!(b.reaches(&b.client, &b.server_url())?, "{}", r.p1.log_tail());
     let line = wait_access_line(&r.p2, &["inbound", &format!("dst.addr={}:8080", b.server_a.ip())], TIMEOUT)?;
