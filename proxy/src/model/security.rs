@@ -178,9 +178,19 @@ pub fn compile_security(
 }
 
 fn scope_authorization(security: &mut Security, workloads: &[Arc<Workload>], diagnostics: &mut Vec<Diagnostic>) {
+    let by_namespace = super::services::by_namespace(workloads);
+    let all: Vec<&Arc<Workload>> = workloads.iter().collect();
     for policy in &security.authorization_policies {
         let mut selected = false;
-        for w in workloads.iter().filter(|w| policy.selects(w)) {
+        // Only the workloads the policy's scope can reach are looked at (see `by_namespace`).
+        let candidates: &[&Arc<Workload>] = match &policy.scope {
+            Scope::Mesh | Scope::Selector { all_namespaces: true, .. } => &all,
+            Scope::Namespace | Scope::Selector { .. } => {
+                by_namespace.get(policy.namespace.as_str()).map_or(&[][..], Vec::as_slice)
+            }
+            Scope::TargetRefs(_) => &[],
+        };
+        for w in candidates.iter().filter(|w| policy.selects(w)) {
             selected = true;
             let pods = security.authz_by_workload.entry(w.namespace.clone()).or_default();
             pods.entry(w.name.clone()).or_default().push(policy.clone());
