@@ -33,6 +33,13 @@ pub const SETTLE: Duration = Duration::from_millis(500);
 pub const GENERATION_FILE: &str = ".strait-generation";
 /// After this long without the directory settling, say why nothing is applied.
 const UNSETTLED_WARNING: Duration = Duration::from_secs(5);
+/// A directory that never stays still for [`SETTLE`] (a writer changing a file every 100 ms,
+/// as `cargo xtask bench control` does) is read anyway once it has been changing this long, or
+/// no change would ever apply: measured, 300 pod changes over 30 s applied none until the
+/// writes stopped. istiod bounds its debounce the same way (10 s). A state read this way still
+/// passes the loss guard (`--empty-config-hold`); a writer that must never be read half-way
+/// uses the generation marker, which this does not override.
+pub const MAX_UNSETTLED: Duration = Duration::from_secs(10);
 
 /// A snapshot of what a directory held, to tell whether it changed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -62,26 +69,34 @@ pub struct Settle {
     read: Option<Fingerprint>,
     /// A state not read yet, and since when the directory has been in it.
     candidate: Option<(Fingerprint, Instant)>,
+    /// Since when the directory has differed from what was read, through any number of states.
+    changing_since: Option<Instant>,
 }
 
 impl Settle {
     /// Starts with a directory nobody has read, already unchanged since `since` (its newest
     /// modification), so a proxy starting on a quiet directory does not wait.
     pub fn starting(fingerprint: Fingerprint, since: Instant) -> Self {
-        Self { read: None, candidate: Some((fingerprint, since)) }
+        Self { read: None, candidate: Some((fingerprint, since)), changing_since: None }
     }
 
     /// Decides what to do with the directory found in state `fingerprint` at `now`.
     pub fn observe(&mut self, now: Instant, fingerprint: Fingerprint, settle: Duration) -> Step {
         if self.read.as_ref() == Some(&fingerprint) {
             self.candidate = None;
+            self.changing_since = None;
             return Step::Unchanged;
         }
         let same_generation = fingerprint.generation.is_some()
             && self.read.as_ref().is_some_and(|read| read.generation == fingerprint.generation);
         if same_generation {
             self.candidate = None;
+            self.changing_since = None;
             return Step::AwaitingGeneration;
+        }
+        let changing_since = *self.changing_since.get_or_insert(now);
+        if self.read.is_some() && now.saturating_duration_since(changing_since) >= MAX_UNSETTLED {
+            return Step::Read;
         }
         match &self.candidate {
             Some((candidate, since)) if *candidate == fingerprint => {
@@ -98,11 +113,13 @@ impl Settle {
     pub fn mark_read(&mut self, fingerprint: Fingerprint) {
         self.read = Some(fingerprint);
         self.candidate = None;
+        self.changing_since = None;
     }
 
     /// Forgets what was read (the directory became unreadable): whatever comes back is new.
     fn forget(&mut self) -> bool {
         self.candidate = None;
+        self.changing_since = None;
         self.read.take().is_some()
     }
 }
@@ -189,9 +206,10 @@ impl ConfigDir {
                     warn!(
                         dir = %self.dir.display(),
                         "the configuration directory has kept changing for {}s; it is applied once it stays \
-                         unchanged for {}ms",
+                         unchanged for {}ms, or after {}s of changes",
                         UNSETTLED_WARNING.as_secs(),
-                        SETTLE.as_millis()
+                        SETTLE.as_millis(),
+                        MAX_UNSETTLED.as_secs()
                     );
                 }
             }
@@ -425,6 +443,26 @@ mod tests {
         let mut fresh = Settle::starting(dir.clone(), ms(t0, 300));
         assert_eq!(fresh.observe(ms(t0, 500), dir.clone(), S), Step::Settling);
         assert_eq!(fresh.observe(ms(t0, 800), dir, S), Step::Read);
+    }
+
+    // CFG-1 under churn: a directory that changes every 100 ms never settles, and is read once
+    // it has been changing for MAX_UNSETTLED, then the clock starts again.
+    #[test]
+    fn a_directory_that_never_settles_is_read_after_the_longest_wait() {
+        let t0 = Instant::now();
+        let mut settle = Settle::default();
+        settle.mark_read(state(&[("a.yaml", 0)], None));
+        let max = MAX_UNSETTLED.as_millis() as u64;
+        let mut reads = Vec::new();
+        for tick in 1..=(2 * max / 100 + 2) {
+            let at = tick * 100;
+            let now = state(&[("a.yaml", tick)], None);
+            if settle.observe(ms(t0, at), now.clone(), S) == Step::Read {
+                reads.push(at);
+                settle.mark_read(now);
+            }
+        }
+        assert_eq!(reads, [max + 100, 2 * max + 200]);
     }
 
     #[test]
