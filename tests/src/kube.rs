@@ -7,14 +7,13 @@
 //! work; audiences are the API server's own and `istio-ca`). There is no controller-manager,
 //! scheduler or kubelet: tests play those parts (`bind_pod`, `set_pod_status`).
 //!
-//! Dropping the handle stops both processes (SIGTERM, then SIGKILL) and removes the directory;
-//! the children also get SIGKILL if the thread that started them dies (`PR_SET_PDEATHSIG`), and
-//! directories left by crashed runs are swept by the next `start`.
+//! Dropping the handle stops both processes (SIGTERM, then SIGKILL) and removes the directory.
+//! A test binary that crashes leaves both running; the next `start` kills them (their pids are
+//! recorded in the directory) and removes the directory.
 
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -132,7 +131,9 @@ impl KubeApi {
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-outputs=stderr");
-        api.etcd = Some(spawn_logged(&mut cmd, &etcd_log)?);
+        let etcd_child = spawn_logged(&mut cmd, &etcd_log)?;
+        write_pid(&api.dir, "etcd", etcd_child.id());
+        api.etcd = Some(etcd_child);
         let started = Instant::now();
         loop {
             if http_get_ok(client_port, "/health", "\"health\":\"true\"") {
@@ -203,7 +204,9 @@ impl KubeApi {
         let mut cmd = Command::new(&self.apiserver_bin);
         cmd.args(&self.apiserver_args);
         let started = Instant::now();
-        self.apiserver = Some(spawn_logged(&mut cmd, &log)?);
+        let child = spawn_logged(&mut cmd, &log)?;
+        write_pid(&self.dir, "kube-apiserver", child.id());
+        self.apiserver = Some(child);
         loop {
             if self.readyz() {
                 self.apiserver_start = started.elapsed();
@@ -625,8 +628,8 @@ fn write_pki(dir: &Path) -> io::Result<()> {
     openssl(&["ec", "-in", &sa_key, "-pubout", "-out", &sa_pub])
 }
 
-/// Spawns `cmd` with stdout and stderr appended to `log`, killed (SIGKILL) if the spawning
-/// thread dies without dropping the handle.
+/// Spawns `cmd` with stdout and stderr appended to `log`. Not `PR_SET_PDEATHSIG`: it fires when
+/// the spawning *thread* exits, and tests start instances from helper threads.
 fn spawn_logged(cmd: &mut Command, log: &Path) -> io::Result<Child> {
     let file = fs::OpenOptions::new()
         .create(true)
@@ -634,16 +637,6 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> io::Result<Child> {
         .open(log)
         .map_err(context(format!("opening {}", log.display())))?;
     cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        });
-    }
     let line = command_line(cmd.get_program(), &cmd.get_args().collect::<Vec<_>>());
     cmd.spawn().map_err(context(line))
 }
@@ -695,17 +688,39 @@ fn http_get_ok(port: u16, path: &str, expect: &str) -> bool {
     body.contains(expect)
 }
 
-/// Removes `strait-kube-<pid>-<n>` directories whose process is gone (a crashed test run).
+/// Records a child's pid so a later run can stop it if this test binary crashes.
+fn write_pid(dir: &Path, name: &str, pid: u32) {
+    let _ = fs::write(dir.join(format!("{name}.pid")), pid.to_string());
+}
+
+/// For each `strait-kube-<pid>-<n>` directory whose test process is gone (a crashed run): kills
+/// the etcd and API server it recorded (if their command line still names the directory, so a
+/// reused pid is left alone) and removes the directory.
 fn sweep_stale_dirs() {
     let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)).and_then(|r| r.split('-').next()) else {
+        let Some(owner) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)).and_then(|r| r.split('-').next())
+        else {
             continue;
         };
-        if pid.parse::<u32>().is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-            let _ = fs::remove_dir_all(entry.path());
+        if !owner.parse::<u32>().is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            continue;
         }
+        let dir = entry.path();
+        for child in ["kube-apiserver", "etcd"] {
+            let Some(pid) =
+                fs::read_to_string(dir.join(format!("{child}.pid"))).ok().and_then(|p| p.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+                // SAFETY: kill has no memory effects; the pid was checked to be that child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 }
 
