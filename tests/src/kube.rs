@@ -2,7 +2,9 @@
 //!
 //! [`KubeApi::start`] runs Debian's etcd 3.4 and the kube-apiserver that `cargo xtask setup`
 //! builds (cached under `~/.cache/strait/kube-apiserver/<version>/`), each on ports picked free on
-//! 127.0.0.1 and with data in a fresh directory, so tests run in parallel. The API server has a
+//! 127.0.0.1 and with data in a fresh directory, so tests run in parallel
+//! ([`KubeApi::start_in_netns`] puts them in a topology's fabric instead, where its nodes reach
+//! them). The API server has a
 //! static admin token, RBAC, and a service-account signing key (TokenRequest and TokenReview
 //! work; audiences are the API server's own and `istio-ca`). There is no controller-manager,
 //! scheduler or kubelet: tests play those parts (`bind_pod`, `set_pod_status`).
@@ -52,6 +54,10 @@ static INSTANCES: AtomicU32 = AtomicU32::new(0);
 #[derive(Debug)]
 pub struct KubeApi {
     dir: PathBuf,
+    /// The network namespace etcd, the API server and kubectl run in (`None`: the test's own).
+    netns: Option<String>,
+    /// The API server's address: 127.0.0.1, or the address given to `start_in_netns`.
+    address: Ipv4Addr,
     kubeconfig: PathBuf,
     token: String,
     apiserver_port: u16,
@@ -74,6 +80,20 @@ impl KubeApi {
 
     /// Starts etcd and the API server with only the built-in APIs.
     pub fn start_without_crds() -> io::Result<KubeApi> {
+        KubeApi::start_where(None, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts etcd and the API server inside the network namespace `netns`, the API server on
+    /// `address` (an address of that namespace, e.g. a topology's fabric gateway, so that
+    /// processes in the nodes reach it), and installs the CRDs. kubectl runs there too. Ports
+    /// are the standard ones (2379, 2380, 6443): one instance per namespace.
+    pub fn start_in_netns(netns: &str, address: Ipv4Addr) -> io::Result<KubeApi> {
+        let api = KubeApi::start_where(Some(netns.to_string()), address)?;
+        api.install_crds()?;
+        Ok(api)
+    }
+
+    fn start_where(netns: Option<String>, address: Ipv4Addr) -> io::Result<KubeApi> {
         let apiserver = kube_apiserver_path()?;
         let etcd = which("etcd").ok_or_else(|| {
             io::Error::new(
@@ -84,7 +104,7 @@ impl KubeApi {
         sweep_stale_dirs();
         let mut last_err = None;
         for _ in 0..START_ATTEMPTS {
-            match KubeApi::try_start(&apiserver, &etcd) {
+            match KubeApi::try_start(&apiserver, &etcd, netns.clone(), address) {
                 Ok(api) => return Ok(api),
                 // Only a lost race for a port is worth another try; anything else is reported.
                 Err(StartError::PortTaken(err)) => last_err = Some(err),
@@ -94,7 +114,12 @@ impl KubeApi {
         Err(last_err.unwrap_or_else(|| io::Error::other("no start attempt made")))
     }
 
-    fn try_start(apiserver: &Path, etcd: &Path) -> Result<KubeApi, StartError> {
+    fn try_start(
+        apiserver: &Path,
+        etcd: &Path,
+        netns: Option<String>,
+        address: Ipv4Addr,
+    ) -> Result<KubeApi, StartError> {
         let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -102,6 +127,8 @@ impl KubeApi {
         // From here on, `api` owns the directory and the processes: an error drops it, which
         // stops whatever was started and removes the directory.
         let mut api = KubeApi {
+            netns,
+            address,
             kubeconfig: dir.join("kubeconfig"),
             token: random_token(),
             apiserver_port: 0,
@@ -113,14 +140,16 @@ impl KubeApi {
             apiserver_start: Duration::ZERO,
             dir,
         };
-        write_pki(&api.dir.join("pki"))?;
+        write_pki(&api.dir.join("pki"), address)?;
         fs::write(api.dir.join("pki/tokens.csv"), format!("{},admin,admin-uid,system:masters\n", api.token))?;
 
-        let (client_port, peer_port, apiserver_port) = (free_port()?, free_port()?, free_port()?);
+        // A fresh namespace has every port free, and `free_port` could only look at ours.
+        let (client_port, peer_port, apiserver_port) =
+            if api.netns.is_some() { (2379, 2380, 6443) } else { (free_port()?, free_port()?, free_port()?) };
         api.etcd_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let etcd_log = api.dir.join("etcd.log");
-        let mut cmd = Command::new(etcd);
+        let mut cmd = api.command(etcd);
         cmd.arg("--name=strait-test")
             .arg(format!("--data-dir={}", api.dir.join("etcd").display()))
             .arg(format!("--listen-client-urls={}", api.etcd_url))
@@ -136,7 +165,7 @@ impl KubeApi {
         api.etcd = Some(etcd_child);
         let started = Instant::now();
         loop {
-            if http_get_ok(client_port, "/health", "\"health\":\"true\"") {
+            if api.etcd_healthy() {
                 break;
             }
             if let Some(status) = try_wait(&mut api.etcd) {
@@ -164,8 +193,8 @@ impl KubeApi {
         let p = |f: &str| pki.join(f).display().to_string();
         api.apiserver_args = vec![
             format!("--etcd-servers={}", api.etcd_url),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={address}"),
+            format!("--advertise-address={address}"),
             format!("--secure-port={apiserver_port}"),
             "--insecure-port=0".into(),
             format!("--tls-cert-file={}", p("apiserver.crt")),
@@ -201,7 +230,7 @@ impl KubeApi {
 
     fn spawn_apiserver(&mut self) -> io::Result<()> {
         let log = self.dir.join("kube-apiserver.log");
-        let mut cmd = Command::new(&self.apiserver_bin);
+        let mut cmd = self.command(&self.apiserver_bin);
         cmd.args(&self.apiserver_args);
         let started = Instant::now();
         let child = spawn_logged(&mut cmd, &log)?;
@@ -230,7 +259,8 @@ impl KubeApi {
 
     /// `GET /readyz` with the admin token answers `ok`.
     fn readyz(&self) -> bool {
-        let out = Command::new("curl")
+        let out = self
+            .command("curl")
             .args(["-sS", "-m", "2", "--cacert"])
             .arg(self.ca_cert())
             .arg("-H")
@@ -292,9 +322,27 @@ impl KubeApi {
         Ok(())
     }
 
-    /// The server's URL, `https://127.0.0.1:<port>`.
+    /// etcd's `/health` says it is healthy.
+    fn etcd_healthy(&self) -> bool {
+        let out = self.command("curl").args(["-sS", "-m", "1"]).arg(format!("{}/health", self.etcd_url)).output();
+        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\""))
+    }
+
+    /// `program` to run in this instance's network namespace.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// The server's URL, `https://<address>:<port>`.
     pub fn server_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.apiserver_port)
+        format!("https://{}:{}", self.address, self.apiserver_port)
     }
 
     pub fn port(&self) -> u16 {
@@ -343,7 +391,7 @@ impl KubeApi {
 
     /// A `kubectl` command with this instance's kubeconfig, to run or spawn as the test likes.
     pub fn kubectl_command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
-        let mut cmd = Command::new("kubectl");
+        let mut cmd = self.command("kubectl");
         cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
         // kubectl's disk cache of discovery would be shared between instances on different ports;
         // keep it per instance.
@@ -581,9 +629,9 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A CA, the API server's serving certificate (127.0.0.1, localhost, the in-cluster names) and
-/// the service-account signing key. P-256 keys: generating them is instant, RSA's is not.
-fn write_pki(dir: &Path) -> io::Result<()> {
+/// A CA, the API server's serving certificate (`address`, 127.0.0.1, localhost, the in-cluster
+/// names) and the service-account signing key. P-256 keys: generating them is instant, RSA's is not.
+fn write_pki(dir: &Path, address: Ipv4Addr) -> io::Result<()> {
     let f = |name: &str| dir.join(name).display().to_string();
     let openssl = |args: &[&str]| -> io::Result<()> {
         let out = Command::new("openssl").args(args).output().map_err(context("running openssl"))?;
@@ -603,8 +651,10 @@ fn write_pki(dir: &Path) -> io::Result<()> {
     let ext = f("apiserver.ext");
     fs::write(
         &ext,
-        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,\
-         DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n",
+        format!(
+            "subjectAltName=IP:{address},IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,\
+             DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n"
+        ),
     )?;
     openssl(&[
         "x509",
@@ -671,21 +721,6 @@ fn stop(child: &mut Option<Child>) {
         let _ = c.kill();
     }
     let _ = c.wait();
-}
-
-/// Plain-HTTP `GET` on loopback (etcd's health); true if the body contains `expect`.
-fn http_get_ok(port: u16, path: &str, expect: &str) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(1))
-    else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).is_err() {
-        return false;
-    }
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.contains(expect)
 }
 
 /// Records a child's pid so a later run can stop it if this test binary crashes.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use strait_testbed::kube::KubeApi;
+use strait_testbed::{FABRIC_GATEWAY, Topology};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -90,7 +91,7 @@ fn objects_watches_crds_and_token_review() -> io::Result<()> {
         TIMEOUT,
     )?;
     // The raw watch is one JSON event per line; the last one carries everything.
-    let last = json(seen.lines().filter(|l| l.starts_with('{')).last().expect("a watch event"));
+    let last = json(seen.lines().rfind(|l| l.starts_with('{')).expect("a watch event"));
     assert_eq!(last["type"], "MODIFIED");
     assert_eq!(last["object"]["status"]["phase"], "Running");
     assert_eq!(last["object"]["status"]["hostIP"], "10.0.0.1");
@@ -205,5 +206,21 @@ fn apiserver_restart_keeps_etcd_data_and_watches_resume() -> io::Result<()> {
     let mut watch = api.watch(&["get", "--raw", &format!("/api/v1/namespaces?watch=1&resourceVersion={rv}")])?;
     let seen = watch.wait_for(&["\"name\":\"after-restart\""], TIMEOUT)?;
     assert!(!seen.contains("\"name\":\"kept\""), "resumed watch replayed an older object: {seen}");
+    Ok(())
+}
+
+#[test]
+fn nodes_of_a_topology_reach_an_apiserver_on_its_fabric() -> io::Result<()> {
+    let topo = Topology::new("kube_api::fabric")?;
+    let node = topo.add_node("node1")?;
+    let api = KubeApi::start_in_netns(topo.fabric().name(), FABRIC_GATEWAY)?;
+    assert_eq!(api.server_url(), format!("https://{FABRIC_GATEWAY}:6443"));
+    api.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: from-the-test}\n")?;
+    // A process in a node (where `strait control` and the node proxies run) uses the kubeconfig.
+    let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
+    let seen =
+        node.run_ok("kubectl", &["--kubeconfig", &kubeconfig, "get", "namespace", "from-the-test", "-o", "name"])?;
+    assert_eq!(seen.trim(), "namespace/from-the-test");
+    node.run_ok("kubectl", &["--kubeconfig", &kubeconfig, "get", "crd", "gateways.gateway.networking.k8s.io"])?;
     Ok(())
 }
