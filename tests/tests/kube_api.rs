@@ -224,3 +224,46 @@ fn nodes_of_a_topology_reach_an_apiserver_on_its_fabric() -> io::Result<()> {
     node.run_ok("kubectl", &["--kubeconfig", &kubeconfig, "get", "crd", "gateways.gateway.networking.k8s.io"])?;
     Ok(())
 }
+
+/// Run by `a_crashed_test_run_is_cleaned_up_by_the_next_start` in a child process, which it kills.
+#[test]
+#[ignore = "helper: started and killed by another test"]
+fn crash_helper_starts_and_waits_to_be_killed() -> io::Result<()> {
+    if std::env::var_os("KUBE_API_CRASH_HELPER").is_none() {
+        return Ok(());
+    }
+    let api = KubeApi::start_without_crds()?;
+    let (etcd, apiserver) = api.pids();
+    println!("STARTED {} {} {}", api.dir().display(), etcd.unwrap_or(0), apiserver.unwrap_or(0));
+    std::thread::sleep(Duration::from_secs(120));
+    Ok(())
+}
+
+#[test]
+fn a_crashed_test_run_is_cleaned_up_by_the_next_start() -> io::Result<()> {
+    use std::io::BufRead;
+    let mut helper = std::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "--ignored", "--nocapture", "crash_helper_starts_and_waits_to_be_killed"])
+        .env("KUBE_API_CRASH_HELPER", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = helper.stdout.take().expect("piped stdout");
+    let line = io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("STARTED "))
+        .expect("the helper started an API server");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (dir, etcd, apiserver) =
+        (std::path::PathBuf::from(fields[1]), fields[2].parse::<u32>(), fields[3].parse::<u32>());
+    let (etcd, apiserver) = (etcd.expect("etcd pid"), apiserver.expect("apiserver pid"));
+    helper.kill()?; // SIGKILL: no destructor runs
+    helper.wait()?;
+    assert!(pid_alive(etcd) && pid_alive(apiserver) && dir.exists(), "the crash should leave them behind");
+
+    let _next = KubeApi::start_without_crds()?;
+    assert!(!pid_alive(etcd), "etcd {etcd} of the crashed run still running");
+    assert!(!pid_alive(apiserver), "kube-apiserver {apiserver} of the crashed run still running");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    Ok(())
+}
