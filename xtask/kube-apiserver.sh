@@ -15,6 +15,15 @@ GIT_COMMIT=faecb196815e248d3ecfb03c680a4507229c2a56 # upstream v1.20.2
 
 PARENT=$(dirname "$DEST")
 mkdir -p "$PARENT"
+# One build at a time per cache (parallel setups wait here); the winner's result is reused.
+exec 9>"$PARENT/.lock"
+flock 9
+if [ "$("$DEST/kube-apiserver" --version 2>/dev/null)" = "Kubernetes v$VERSION" ]; then
+  echo "kube-apiserver build: $DEST already built"
+  exit 0
+fi
+# Scratch directories of builds that were killed (SIGKILL skips the trap below).
+rm -rf "$PARENT"/.build-*
 WORK=$(mktemp -d "$PARENT/.build-$VERSION.XXXXXX")
 trap 'chmod -R u+w "$WORK" 2>/dev/null; rm -rf "$WORK"' EXIT
 cd "$WORK"
