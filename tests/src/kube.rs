@@ -4,9 +4,8 @@
 //! builds (cached under `~/.cache/strait/kube-apiserver/<version>/`), each on ports picked free on
 //! 127.0.0.1 and with data in a fresh directory, so tests run in parallel
 //! ([`KubeApi::start_in_netns`] puts them in a topology's fabric instead, where its nodes reach
-//! them). The API server has a
-//! static admin token, RBAC, and a service-account signing key (TokenRequest and TokenReview
-//! work; audiences are the API server's own and `istio-ca`). There is no controller-manager,
+//! them). The API server has a static admin token, RBAC, and a service-account signing key
+//! (TokenRequest and TokenReview work; audiences are the API server's own and `istio-ca`). There is no controller-manager,
 //! scheduler or kubelet: tests play those parts (`bind_pod`, `set_pod_status`).
 //!
 //! Dropping the handle stops both processes (SIGTERM, then SIGKILL) and removes the directory.
@@ -489,6 +488,7 @@ impl KubeApi {
 
     /// A service-account token from the TokenRequest API (`kubectl create token`), for
     /// `audience`, valid `seconds`; bound to `pod` if given (as a projected volume's token is).
+    /// The ServiceAccount (and the pod) must exist.
     pub fn service_account_token(
         &self,
         namespace: &str,
