@@ -146,6 +146,13 @@ fn objects_watches_crds_and_token_review() -> io::Result<()> {
     ))?);
     assert_ne!(wrong["status"]["authenticated"], true, "{wrong}");
 
+    let rss = |pid: Option<u32>| {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", pid.unwrap_or(0))).unwrap_or_default();
+        status.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l[6..].trim().to_string()).unwrap_or_default()
+    };
+    let (etcd, apiserver) = api.pids();
+    eprintln!("kube_api: RSS after the test's objects: kube-apiserver {}, etcd {}", rss(apiserver), rss(etcd));
+
     // RBAC is on: the service account may do nothing it was not granted.
     let sa = ["--as=system:serviceaccount:demo:web"];
     let denied = api.kubectl_fails(&[sa[0], "get", "pods", "-n", "demo"])?;
