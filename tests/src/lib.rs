@@ -28,6 +28,7 @@ pub mod echo;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod k8s;
+pub mod kube;
 mod names;
 mod netns;
 pub mod pcap;

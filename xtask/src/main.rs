@@ -1,6 +1,7 @@
 //! Developer commands for strait, run as `cargo xtask <command>`:
 //!
-//! - `setup`: installs what building and testing need (Debian packages, bpf-linker); does
+//! - `setup`: installs what building and testing need (Debian packages, bpf-linker, a
+//!   kube-apiserver built once per machine, see `kube.rs`); does
 //!   nothing when everything is present.
 //! - `test`: setup, then formatting, clippy with warnings denied, and every test, end to end
 //!   included. This is what CI runs.
@@ -15,6 +16,7 @@
 //! std only: this crate is the first thing compiled on a fresh machine.
 
 mod fuzz;
+mod kube;
 
 use std::{
     env,
@@ -39,6 +41,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     "util-linux",
     "fonts-dejavu-core",
+    // The Kubernetes tests: etcd 3.4 under the kube-apiserver that `kube.rs` builds.
+    "etcd-server",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -134,17 +138,10 @@ fn setup() -> Result {
                 missing.join(" ")
             ));
         }
-        println!("xtask: installing Debian packages: {}", missing.join(" "));
-        run(Command::new("apt-get").arg("update").arg("-q"), "apt-get update")?;
-        run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-            "apt-get install",
-        )?;
+        apt_install(&missing)?;
     }
     ensure_bpf_linker()?;
+    kube::ensure_kube_apiserver()?;
     ensure_python_module("prometheus_client", "prometheus-client")?;
     if !have("rustup") {
         return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".into());
@@ -153,22 +150,41 @@ fn setup() -> Result {
     Ok(())
 }
 
+/// `apt-get update` and `install`; waits up to 10 minutes for another apt (e.g. a parallel setup)
+/// to release the dpkg lock instead of failing at once.
+fn apt_install(packages: &[String]) -> Result {
+    println!("xtask: installing Debian packages: {}", packages.join(" "));
+    run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-q"]), "apt-get update")?;
+    run(
+        Command::new("apt-get")
+            .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install",
+    )
+}
+
 fn missing_packages() -> Result<Vec<String>> {
+    missing_of(DEBIAN_PACKAGES)
+}
+
+/// Which of `packages` dpkg does not list as installed.
+fn missing_of(packages: &[&str]) -> Result<Vec<String>> {
     if !have("dpkg-query") {
         return Err(format!(
             "this is not a Debian-based machine (no dpkg-query); install by hand: {}",
-            DEBIAN_PACKAGES.join(" ")
+            packages.join(" ")
         ));
     }
     let output = Command::new("dpkg-query")
         .args(["-W", "-f", "${Package} ${db:Status-Status}\\n"])
-        .args(DEBIAN_PACKAGES)
+        .args(packages)
         .output()
         .map_err(|e| format!("dpkg-query: {e}"))?;
     let text = String::from_utf8_lossy(&output.stdout);
     let installed: Vec<&str> =
         text.lines().filter_map(|l| l.strip_suffix(" installed")).map(|p| p.split(':').next().unwrap_or(p)).collect();
-    Ok(DEBIAN_PACKAGES.iter().filter(|p| !installed.contains(p)).map(|p| (*p).to_owned()).collect())
+    Ok(packages.iter().filter(|p| !installed.contains(p)).map(|p| (*p).to_owned()).collect())
 }
 
 /// The observability test checks `/metrics` with a real Prometheus parser, Python's.

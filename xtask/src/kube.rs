@@ -1,0 +1,69 @@
+//! A real kube-apiserver for the Kubernetes tests, built once per machine.
+//!
+//! No registry this project reaches ships a kube-apiserver binary, so `kube-apiserver.sh` (next
+//! to this crate's `Cargo.toml`) builds one from Debian bookworm's `kubernetes` source package
+//! with Debian's Go, into `~/.cache/strait/kube-apiserver/<version>/`. The tests
+//! (`tests/src/kube.rs`) look for it there; etcd comes from the `etcd-server` package.
+//!
+//! Idempotent: a cached binary that reports the right version means nothing to do. The script
+//! builds in a scratch directory and renames it into place only when the build succeeded.
+
+use std::{env, path::PathBuf, process::Command, time::Instant};
+
+use crate::{Result, apt_install, is_root, missing_of, run};
+
+/// The version Debian bookworm's source package builds (`1.20.5+really1.20.2`). Keep in step with
+/// `KUBE_APISERVER_VERSION` in `tests/src/kube.rs` and `DEB_VERSION` in the script.
+pub const KUBE_APISERVER_VERSION: &str = "1.20.2";
+
+/// Only needed while building: Go 1.19 (what 1.20 builds with in bookworm) and the reflect2 fix.
+const BUILD_PACKAGES: &[&str] = &["golang-1.19-go", "golang-github-modern-go-reflect2-dev"];
+
+/// `$STRAIT_CACHE_DIR`, else `$XDG_CACHE_HOME/strait`, else `~/.cache/strait`.
+fn cache_root() -> PathBuf {
+    if let Some(dir) = env::var_os("STRAIT_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("strait");
+    }
+    PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/strait")
+}
+
+fn cached_version_ok(binary: &std::path::Path) -> bool {
+    Command::new(binary).arg("--version").output().is_ok_and(|o| {
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout).trim() == format!("Kubernetes v{KUBE_APISERVER_VERSION}")
+    })
+}
+
+pub fn ensure_kube_apiserver() -> Result {
+    let dest = cache_root().join("kube-apiserver").join(KUBE_APISERVER_VERSION);
+    let binary = dest.join("kube-apiserver");
+    if cached_version_ok(&binary) {
+        return Ok(());
+    }
+    let missing = missing_of(BUILD_PACKAGES)?;
+    if !missing.is_empty() {
+        if !is_root() {
+            return Err(format!(
+                "building kube-apiserver needs {}; apt-get needs root: run `sudo -E cargo xtask setup` once",
+                missing.join(" ")
+            ));
+        }
+        apt_install(&missing)?;
+    }
+    println!(
+        "xtask: building kube-apiserver {KUBE_APISERVER_VERSION} from Debian's source package into {} \
+         (once per machine; about 5 minutes, 1.5 GB of memory)",
+        dest.display()
+    );
+    let started = Instant::now();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kube-apiserver.sh");
+    run(Command::new("bash").arg(&script).arg(KUBE_APISERVER_VERSION).arg(&dest), "building kube-apiserver")?;
+    if !cached_version_ok(&binary) {
+        return Err(format!("{} was built but does not report v{KUBE_APISERVER_VERSION}", binary.display()));
+    }
+    println!("xtask: kube-apiserver built in {:.0}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
