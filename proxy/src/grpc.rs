@@ -82,3 +82,35 @@ impl Service<http::Request<Body>> for H2Channel {
         Box::pin(self.0.send_request(request))
     }
 }
+
+/// Where a gRPC client over TLS connects, from an address as users write it
+/// (`[https://]host[:port]`).
+#[derive(Debug, Clone)]
+pub struct TlsEndpoint {
+    /// `host:port`, to dial.
+    pub authority: String,
+    /// `https://host:port`, the origin of the requests.
+    pub origin: http::Uri,
+    /// The name to verify in the server's certificate: `server_name`, else the host (IPv6
+    /// without the URI's brackets, as certificates name it).
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl TlsEndpoint {
+    /// Parses `address`; `what` names the service in messages ("the CA API", "xDS").
+    pub fn parse(address: &str, default_port: u16, server_name: Option<&str>, what: &str) -> Result<Self, String> {
+        let with_scheme = if address.contains("://") { address.to_owned() } else { format!("https://{address}") };
+        let uri: http::Uri = with_scheme.parse().map_err(|e| format!("not [https://]host[:port]: {e}"))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(format!("{what} is only spoken over TLS: use https://"));
+        }
+        let host = uri.host().ok_or("no host in the address")?;
+        let authority = format!("{host}:{}", uri.port_u16().unwrap_or(default_port));
+        let origin = format!("https://{authority}").parse().map_err(|e| format!("not [https://]host[:port]: {e}"))?;
+        let name =
+            server_name.map_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_owned(), str::to_owned);
+        let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|_| format!("`{name}` is not a valid TLS server name"))?;
+        Ok(Self { authority, origin, server_name })
+    }
+}

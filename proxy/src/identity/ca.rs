@@ -78,9 +78,19 @@ impl LocalCa {
 
     /// Issues a certificate and a fresh ECDSA P-256 key for `identity`.
     pub fn issue_local(&self, identity: &Identity, ttl: Duration) -> Result<IssuedCert, IdentityError> {
+        self.issue_with_key(identity, None, ttl)
+    }
+
+    /// A fresh key and its certificate for `identity`, naming `node` when given.
+    fn issue_with_key(
+        &self,
+        identity: &Identity,
+        node: Option<&str>,
+        ttl: Duration,
+    ) -> Result<IssuedCert, IdentityError> {
         let fail = |reason: String| IdentityError::Issue { identity: identity.to_string(), reason };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
-        let (leaf, not_before, not_after, serial) = self.sign(identity, None, ttl, &key).map_err(fail)?;
+        let (leaf, not_before, not_after, serial) = self.sign(identity, node, ttl, &key).map_err(fail)?;
         Ok(IssuedCert {
             identity: identity.clone(),
             chain: self.full_chain(leaf),
@@ -117,19 +127,7 @@ impl LocalCa {
 
     /// A node proxy's certificate and a fresh key, naming `node` (see `caller`).
     pub fn issue_for_node(&self, identity: &Identity, node: &str, ttl: Duration) -> Result<IssuedCert, IdentityError> {
-        let fail = |reason: String| IdentityError::Issue { identity: identity.to_string(), reason };
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
-        let (leaf, not_before, not_after, serial) = self.sign(identity, Some(node), ttl, &key).map_err(fail)?;
-        Ok(IssuedCert {
-            identity: identity.clone(),
-            chain: self.full_chain(leaf),
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-            roots: self.roots.clone(),
-            not_before,
-            not_after,
-            received: SystemTime::now(),
-            serial,
-        })
+        self.issue_with_key(identity, Some(node), ttl)
     }
 
     /// Issues a TLS server certificate and a fresh ECDSA P-256 key for one of strait's own

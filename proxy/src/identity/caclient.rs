@@ -95,23 +95,9 @@ impl IstioCaClient {
     /// the roots that both the CA endpoint and the issued certificates chain to.
     pub fn new(address: &str, ca_root: &Path, options: CaClientOptions) -> Result<Self, IdentityError> {
         let bad = |reason: String| IdentityError::CaRequest(format!("{address}: {reason}"));
-        let with_scheme = if address.contains("://") { address.to_owned() } else { format!("https://{address}") };
-        let uri: http::Uri =
-            with_scheme.parse().map_err(|e| bad(format!("not a CA address ([https://]host[:port]): {e}")))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(bad("the CA API is only spoken over TLS: use https://".into()));
-        }
-        let host = uri.host().ok_or_else(|| bad("no host in the CA address".into()))?;
-        let port = uri.port_u16().unwrap_or(DEFAULT_CA_PORT);
-        let authority = format!("{host}:{port}");
-        let origin = format!("https://{authority}").parse().map_err(|e| bad(format!("not a CA address: {e}")))?;
-        // Certificates name IPv6 addresses without the URI's brackets.
-        let name = options
-            .server_name
-            .clone()
-            .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_owned());
-        let server_name =
-            ServerName::try_from(name.clone()).map_err(|_| bad(format!("`{name}` is not a valid TLS server name")))?;
+        let crate::grpc::TlsEndpoint { authority, origin, server_name } =
+            crate::grpc::TlsEndpoint::parse(address, DEFAULT_CA_PORT, options.server_name.as_deref(), "the CA API")
+                .map_err(bad)?;
 
         let pem = fs::read_to_string(ca_root)
             .map_err(|e| bad(format!("cannot read the CA root file {}: {e}", ca_root.display())))?;

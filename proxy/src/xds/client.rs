@@ -136,20 +136,9 @@ impl XdsClient {
     pub fn new(options: XdsClientOptions) -> Result<Self, XdsError> {
         let address = options.address.clone();
         let bad = |reason: String| XdsError::Setup { address: address.clone(), reason };
-        let with_scheme = if address.contains("://") { address.clone() } else { format!("https://{address}") };
-        let uri: http::Uri = with_scheme.parse().map_err(|e| bad(format!("not [https://]host[:port]: {e}")))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(bad("xDS is only spoken over TLS: use https://".into()));
-        }
-        let host = uri.host().ok_or_else(|| bad("no host".into()))?;
-        let authority = format!("{host}:{}", uri.port_u16().unwrap_or(DEFAULT_XDS_PORT));
-        let origin = format!("https://{authority}").parse().map_err(|e| bad(format!("{e}")))?;
-        let name = options
-            .server_name
-            .clone()
-            .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_owned());
-        let server_name =
-            ServerName::try_from(name.clone()).map_err(|_| bad(format!("`{name}` is not a valid TLS server name")))?;
+        let crate::grpc::TlsEndpoint { authority, origin, server_name } =
+            crate::grpc::TlsEndpoint::parse(&address, DEFAULT_XDS_PORT, options.server_name.as_deref(), "xDS")
+                .map_err(bad)?;
         let pem = fs::read_to_string(&options.root)
             .map_err(|e| bad(format!("cannot read the root file {}: {e}", options.root.display())))?;
         let mut roots = RootCertStore::empty();
