@@ -278,14 +278,9 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::config::parse_file;
 
     fn model(yaml: &str) -> Model {
-        let (resources, diagnostics) = parse_file(std::path::Path::new("test.yaml"), yaml);
-        assert!(diagnostics.is_empty(), "{diagnostics:?}");
-        let (model, diagnostics) = crate::model::compile(&resources);
-        assert!(!diagnostics.iter().any(|d| d.is_error()), "{diagnostics:?}");
-        model
+        crate::model::compile_clean(yaml)
     }
 
     const MESH: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n\

@@ -343,10 +343,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{
-        config::parse_file,
-        identity::{Identity, LocalCa},
-    };
+    use crate::identity::{Identity, LocalCa};
 
     #[test]
     fn query_values_are_percent_decoded() {
@@ -358,11 +355,7 @@ mod tests {
     }
 
     fn model(yaml: &str) -> Model {
-        let (resources, diagnostics) = parse_file(std::path::Path::new("test.yaml"), yaml);
-        assert!(diagnostics.is_empty(), "{diagnostics:?}");
-        let (model, diagnostics) = crate::model::compile(&resources);
-        assert!(!diagnostics.iter().any(|d| d.is_error()), "{diagnostics:?}");
-        model
+        crate::model::compile_clean(yaml)
     }
 
     #[test]

@@ -104,14 +104,9 @@ impl LocalCa {
     }
 
     /// Signs a CSR (PEM) for `identity`. Only the CSR's public key is used: the identity, the
-    /// validity and the usages are the CA's decision, never the requester's. Returns the chain
-    /// in PEM, leaf first, as Istio's CA API answers.
-    pub fn sign_csr(&self, csr_pem: &str, identity: &Identity, ttl: Duration) -> Result<Vec<String>, IdentityError> {
-        self.sign_csr_for(csr_pem, identity, None, ttl)
-    }
-
-    /// Like `sign_csr`; with `node`, the certificate also names the node its holder serves
-    /// (a node proxy's certificate, see `caller`).
+    /// validity and the usages are the CA's decision, never the requester's. With `node`, the
+    /// certificate also names the node its holder serves (a node proxy's certificate, see
+    /// `caller`). Returns the chain in PEM, leaf first, as Istio's CA API answers.
     pub fn sign_csr_for(
         &self,
         csr_pem: &str,
@@ -336,7 +331,7 @@ mod tests {
         params.distinguished_name = DistinguishedName::new();
         let csr = params.serialize_request(&key).expect("csr").pem().expect("pem");
         let id = Identity::new("cluster.local", "ns1", "sa1");
-        let chain = ca.sign_csr(&csr, &id, Duration::from_secs(60)).expect("sign");
+        let chain = ca.sign_csr_for(&csr, &id, None, Duration::from_secs(60)).expect("sign");
         let der = parse_certs(&chain[0]).expect("pem");
         let (_, x509) = x509_parser::parse_x509_certificate(&der[0]).expect("parse");
         let san = x509.subject_alternative_name().expect("ext").expect("san");

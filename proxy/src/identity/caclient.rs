@@ -549,7 +549,7 @@ mod tests {
         let (asked, other) = (Identity::new("cluster.local", "a", "b"), Identity::new("cluster.local", "x", "y"));
         let csr = csr_for(&asked, &key).expect("csr");
         let answer = |id: &Identity, csr: &str| IstioCertificateResponse {
-            cert_chain: ca.sign_csr(csr, id, Duration::from_secs(60)).expect("sign"),
+            cert_chain: ca.sign_csr_for(csr, id, None, Duration::from_secs(60)).expect("sign"),
             root_cert: None,
         };
         let err = accept_chain(&answer(&other, &csr), &asked, &key, ca.roots()).expect_err("id");

@@ -292,6 +292,17 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
     (model, diagnostics)
 }
 
+/// Tests: the model of one YAML text that must parse without diagnostics and compile without
+/// errors.
+#[cfg(test)]
+pub(crate) fn compile_clean(yaml: &str) -> Model {
+    let (resources, diagnostics) = crate::config::parse_file(std::path::Path::new("test.yaml"), yaml);
+    assert!(diagnostics.is_empty(), "{diagnostics:?}");
+    let (model, diagnostics) = compile(&resources);
+    assert!(!diagnostics.iter().any(|d| d.is_error()), "{diagnostics:?}");
+    model
+}
+
 fn waypoint_list<S: serde::Serializer>(
     waypoints: &HashMap<WaypointName, Arc<Waypoint>>,
     s: S,
