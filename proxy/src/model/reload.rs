@@ -386,4 +386,28 @@ mod tests {
             assert_eq!(change(&now, &candidate), expected, "{what}");
         }
     }
+
+    // CFG-3: from the API server, a resource with an error is left out and the rest applies;
+    // from a directory, the whole change is rejected (CFG-1).
+    #[test]
+    fn a_source_of_independent_objects_leaves_out_only_the_bad_one() {
+        let read = |file: &str, yaml: &str| parse_file(FsPath::new(file), yaml).0;
+        let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n";
+        let pod = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: mesh}}\nspec: {{nodeName: n1}}\nstatus: {{podIP: 10.1.0.1}}\n"
+            )
+        };
+        let loaded = || {
+            let resources =
+                [read("k8s:Namespace/mesh", ns), read("k8s:Pod/mesh/a", &pod("a")), read("k8s:Pod/mesh/b", &pod("b"))]
+                    .concat();
+            Loaded { resources, ..Loaded::default() }
+        };
+        let (model, kept) = compile_source(loaded(), true);
+        let model = model.expect("the rest compiles");
+        assert_eq!(model.workloads.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(kept.resources.len(), 2);
+        assert!(compile_source(loaded(), false).0.is_err());
+    }
 }
