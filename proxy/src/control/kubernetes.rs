@@ -234,7 +234,8 @@ impl Store {
     fn read(&self, kind: &Kind, key: &Key, object: &DynamicObject) -> Option<Entry> {
         let resource_version = object.metadata.resource_version.clone();
         let previous = self.entries.get(key);
-        if let Some(previous) = previous.filter(|p| p.resource_version.is_some() && p.resource_version == resource_version)
+        if let Some(previous) =
+            previous.filter(|p| p.resource_version.is_some() && p.resource_version == resource_version)
         {
             return Some(previous.clone());
         }
@@ -417,8 +418,8 @@ pub async fn start() -> anyhow::Result<KubeSource> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot configure the Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
     let server = config.cluster_url.to_string();
-    let client =
-        Client::try_from(config).map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))?;
+    let client = Client::try_from(config)
+        .map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))?;
     let mut kinds = kinds();
     choose_versions(&client, &mut kinds).await;
     let store = Arc::new(Mutex::new(Store::new(&kinds)));

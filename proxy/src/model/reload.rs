@@ -392,7 +392,8 @@ mod tests {
     #[test]
     fn a_source_of_independent_objects_leaves_out_only_the_bad_one() {
         let read = |file: &str, yaml: &str| parse_file(FsPath::new(file), yaml).0;
-        let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n";
+        let ns =
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n";
         let pod = |name: &str| {
             format!(
                 "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: mesh}}\nspec: {{nodeName: n1}}\nstatus: {{podIP: 10.1.0.1}}\n"
