@@ -24,7 +24,7 @@ use kube::{
     Api, Client,
     api::{DynamicObject, GroupVersionKind},
     discovery::ApiResource,
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::watcher,
 };
 use serde_json::{Map, Value};
 use tracing::{error, info, warn};
@@ -164,7 +164,15 @@ pub fn convert(kind: &Kind, object: &DynamicObject) -> Result<Located<Resource>,
     // so the checks and the document forwarded to waypoints are the same as from a file.
     let text = serde_yaml_ng::to_string(&Value::Object(document)).map_err(|e| e.to_string())?;
     let (mut resources, diagnostics) = parse_file(&origin.file, &text);
-    let errors: Vec<String> = diagnostics.iter().filter(|d| d.is_error()).map(|d| without_place(d, &origin)).collect();
+    // Told without the place: the caller names the object.
+    let errors: Vec<String> = diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| match &d.field {
+            Some(field) => format!("field `{field}`: {}", d.message),
+            None => d.message.clone(),
+        })
+        .collect();
     if !errors.is_empty() {
         return Err(errors.join("; "));
     }
@@ -430,7 +438,8 @@ pub async fn start() -> anyhow::Result<KubeSource> {
 }
 
 /// How a failing watch retries: 200 ms, doubling up to [`WatchBackoff::MAX`], each with up to
-/// 50 % jitter so the watches of many replicas do not retry in step; reset by the next event.
+/// 50 % jitter so the watches of many replicas do not retry in step; reset by the next event
+/// that shows the watch working (not the `Init` a failing relist starts with).
 #[derive(Debug)]
 struct WatchBackoff {
     next: Duration,
@@ -446,19 +455,13 @@ impl WatchBackoff {
     fn new() -> Self {
         Self { next: Self::FIRST }
     }
-}
 
-impl Iterator for WatchBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
+    fn next_delay(&mut self) -> Duration {
         let delay = self.next;
         self.next = (self.next * 2).min(Self::MAX);
-        Some(delay.mul_f64(1.0 + fastrand::f64() / 2.0))
+        delay.mul_f64(1.0 + fastrand::f64() / 2.0)
     }
-}
 
-impl kube::runtime::utils::Backoff for WatchBackoff {
     fn reset(&mut self) {
         self.next = Self::FIRST;
     }
@@ -469,14 +472,18 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 /// ([`WatchBackoff`]) and never end the watch.
 async fn follow(client: Client, kind: Kind, store: Arc<Mutex<Store>>) {
     let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
-    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).backoff(WatchBackoff::new()));
+    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
+    let mut backoff = WatchBackoff::new();
     let mut failing = false;
     while let Some(event) = events.next().await {
         match event {
             Ok(event) => {
-                if failing {
-                    info!(kind = kind.kind, "watching {} again", kind.plural);
-                    failing = false;
+                if !matches!(event, watcher::Event::Init) {
+                    backoff.reset();
+                    if failing {
+                        info!(kind = kind.kind, "watching {} again", kind.plural);
+                        failing = false;
+                    }
                 }
                 lock(&store).apply(&kind, event, Instant::now());
             }
@@ -488,6 +495,7 @@ async fn follow(client: Client, kind: Kind, store: Arc<Mutex<Store>>) {
                     warn!(kind = kind.kind, "watch of {} ({}) failed: {e}; retrying", kind.plural, kind.api_version());
                     failing = true;
                 }
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }
@@ -495,7 +503,8 @@ async fn follow(client: Client, kind: Kind, store: Arc<Mutex<Store>>) {
 
 fn not_installed(e: &watcher::Error) -> bool {
     match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(status)) => status.is_not_found(),
+        // The body of this 404 is plain text ("404 page not found"), so only the code tells.
+        watcher::Error::InitialListFailed(kube::Error::Api(status)) => status.code == 404,
         _ => false,
     }
 }
@@ -574,7 +583,7 @@ mod tests {
         assert!(document.contains("principals"), "{document}");
         assert!(!document.contains("status") && !document.contains("resourceVersion"), "{document}");
         let error = convert(&kind("AuthorizationPolicy"), &policy("bad", "8", "BOGUS")).expect_err("rejected");
-        assert!(error.contains("k8s:AuthorizationPolicy/demo/bad") && error.contains("BOGUS"), "{error}");
+        assert!(error.starts_with("field `spec.action`") && error.contains("BOGUS"), "{error}");
     }
 
     fn names(store: &Store) -> Vec<String> {
