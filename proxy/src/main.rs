@@ -180,8 +180,12 @@ struct WaypointArgs {
 #[derive(Args)]
 struct ControlArgs {
     /// Directory of Kubernetes and Istio YAML resources, watched for changes.
+    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    config: Option<PathBuf>,
+    /// Read the configuration from the Kubernetes API server instead: the in-cluster service
+    /// account, else KUBECONFIG (or ~/.kube/config).
     #[arg(long)]
-    config: PathBuf,
+    kubernetes: bool,
     /// How long a configuration that captures no workload because the captured ones are missing
     /// from it must stay so before it replaces the one in force; 0s applies it at once.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -410,7 +414,10 @@ fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
 fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     let rt = runtime(args.workers)?;
     let options = strait::control::ControlOptions {
-        config_dir: args.config,
+        source: match args.config {
+            Some(dir) => strait::control::ConfigSource::Directory(dir),
+            None => strait::control::ConfigSource::Kubernetes,
+        },
         empty_config_hold: args.empty_config_hold,
         listen: args.listen,
         metrics: args.metrics_addr,

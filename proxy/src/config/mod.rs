@@ -38,7 +38,7 @@ pub use security::{
     PeerAuthenticationSpec, PolicyTargetRef, RequestAuthentication, RequestAuthenticationSpec, Rule, RuleFrom, RuleTo,
     Source, WorkloadSelector, parse_port,
 };
-pub use source::{ConfigDir, Loaded, POLL as CONFIG_POLL, load_dir};
+pub use source::{ConfigDir, Loaded, MAX_UNSETTLED, POLL as CONFIG_POLL, load_dir};
 
 /// Where a resource or a problem is: file and 1-based line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +55,10 @@ impl Origin {
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Line 0: a resource without lines, such as an API object (`k8s:Pod/ns/name`).
+        if self.line == 0 {
+            return write!(f, "{}", self.file.display());
+        }
         write!(f, "{}:{}", self.file.display(), self.line)
     }
 }

@@ -146,6 +146,11 @@ impl ConfigDir {
         }
     }
 
+    /// The directory watched.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The first read, at start: waits until the directory has been quiet for [`SETTLE`], so a
     /// proxy started in the middle of a rewrite does not start from half of it.
     pub fn first_read(&mut self) -> Loaded {

@@ -4,6 +4,7 @@
 //! protocols on one TLS port: delta ADS with the workload API and strait's L7 type, and the CA
 //! API (ID-2) with istiod's authorization.
 
+pub mod kubernetes;
 pub mod listener;
 
 use std::{
@@ -34,10 +35,29 @@ use crate::{
 };
 use listener::GrpcService;
 
+/// Where `strait control` reads the mesh's configuration (CFG-3).
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A directory of YAML resources (CFG-1).
+    Directory(PathBuf),
+    /// The Kubernetes API server (in-cluster service account, or `KUBECONFIG`).
+    Kubernetes,
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::Directory(dir) => write!(f, "{}", dir.display()),
+            ConfigSource::Kubernetes => f.write_str("kubernetes"),
+        }
+    }
+}
+
 /// Command-line settings of `strait control`.
 #[derive(Debug, Clone)]
 pub struct ControlOptions {
-    pub config_dir: PathBuf,
+    /// Where the configuration comes from.
+    pub source: ConfigSource,
     /// How long a configuration capturing no workload is held back (OPS-5).
     pub empty_config_hold: Duration,
     /// The one TLS port of delta ADS and the CA API.
@@ -57,15 +77,25 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
     let ca = Arc::new(LocalCa::load_or_create(&options.ca_dir, &options.trust_domain)?);
     let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::new()));
     let trust_domain = options.trust_domain.clone();
-    let model =
-        model::reload::load_and_watch_then(&options.config_dir, options.empty_config_hold, move |model, resources| {
-            let started = Instant::now();
-            let snapshot = resources::snapshot(model, resources, &trust_domain);
-            let counts: Vec<String> =
-                snapshot.iter().map(|(t, r)| format!("{}={}", t.rsplit('.').next().unwrap_or(t), r.len())).collect();
-            info!(resources = %counts.join(" "), took_ms = started.elapsed().as_millis() as u64, "xDS snapshot built");
-            snapshots_tx.send_replace(Arc::new(snapshot));
-        })?;
+    let publish = move |model: &model::Model, resources: &[crate::config::Located<crate::config::Resource>]| {
+        let started = Instant::now();
+        let snapshot = resources::snapshot(model, resources, &trust_domain);
+        let counts: Vec<String> =
+            snapshot.iter().map(|(t, r)| format!("{}={}", t.rsplit('.').next().unwrap_or(t), r.len())).collect();
+        info!(resources = %counts.join(" "), took_ms = started.elapsed().as_millis() as u64, "xDS snapshot built");
+        snapshots_tx.send_replace(Arc::new(snapshot));
+    };
+    let hold = options.empty_config_hold;
+    let model = match &options.source {
+        ConfigSource::Directory(dir) => model::reload::load_and_watch_then(dir, hold, publish)?,
+        ConfigSource::Kubernetes => {
+            let source = kubernetes::start().await?;
+            // The first read waits for every kind to be listed: off the async workers.
+            tokio::task::spawn_blocking(move || model::reload::follow_then(source, hold, publish))
+                .await
+                .context("the Kubernetes source stopped")??
+        }
+    };
 
     if options.bootstrap_tokens.is_none() {
         warn!(
@@ -105,7 +135,7 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
 
     info!(
         listen = %options.listen,
-        config = %options.config_dir.display(),
+        config = %options.source,
         "strait control ready: delta ADS and the CA API on {}, metrics on {}",
         options.listen,
         options.metrics

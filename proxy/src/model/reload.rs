@@ -48,12 +48,90 @@ pub fn load_and_watch(dir: &Path, empty_hold: Duration) -> anyhow::Result<ModelH
 pub fn load_and_watch_then(
     dir: &Path,
     empty_hold: Duration,
+    on_apply: impl FnMut(&Model, &[Located<Resource>]) + Send + 'static,
+) -> anyhow::Result<ModelHandle> {
+    follow_then(ConfigDir::new(dir), empty_hold, on_apply)
+}
+
+/// Where settled configurations come from (CFG-1, CFG-3): a directory, or the Kubernetes API.
+pub trait Source: Send + 'static {
+    /// The first complete configuration; blocks until there is one.
+    fn first_read(&mut self) -> Loaded;
+    /// The next settled change, if any; called every [`CONFIG_POLL`].
+    fn poll(&mut self) -> Option<Loaded>;
+    /// What the source is, for messages.
+    fn describe(&self) -> String;
+    /// Whether a resource with errors is left out and the rest applied, instead of the whole
+    /// change being rejected: true for the API server, whose objects are independent and
+    /// already accepted by it (CFG-3); false for a directory, written as one change (CFG-1).
+    fn skips_invalid(&self) -> bool {
+        false
+    }
+}
+
+impl Source for ConfigDir {
+    fn first_read(&mut self) -> Loaded {
+        ConfigDir::first_read(self)
+    }
+
+    fn poll(&mut self) -> Option<Loaded> {
+        ConfigDir::poll(self)
+    }
+
+    fn describe(&self) -> String {
+        self.dir().display().to_string()
+    }
+}
+
+/// Compiles `loaded`; with `skip_invalid`, leaves out every resource an error names and
+/// compiles again, so that one bad object never holds the others back.
+fn compile_source(loaded: Loaded, skip_invalid: bool) -> (Result<Model, usize>, Loaded) {
+    if !skip_invalid {
+        let compiled = compile_or_report(&loaded);
+        return (compiled, loaded);
+    }
+    let mut loaded = loaded;
+    // Each round removes at least one resource, so this ends.
+    loop {
+        let (model, mut diagnostics) = compile(&loaded.resources);
+        loaded.locate(&mut diagnostics);
+        let bad: BTreeSet<&Path> = loaded
+            .diagnostics
+            .iter()
+            .chain(diagnostics.iter())
+            .filter(|d| d.is_error())
+            .map(|d| d.origin.file.as_path())
+            .collect();
+        if bad.is_empty() {
+            for diagnostic in loaded.diagnostics.iter().chain(diagnostics.iter()) {
+                warn!("{diagnostic}");
+            }
+            return (Ok(model), loaded);
+        }
+        let before = loaded.resources.len();
+        let bad: BTreeSet<std::path::PathBuf> = bad.into_iter().map(Path::to_path_buf).collect();
+        for diagnostic in loaded.diagnostics.iter().chain(diagnostics.iter()).filter(|d| d.is_error()) {
+            error!("{diagnostic}; this resource is left out");
+        }
+        loaded.resources.retain(|r| !bad.contains(&r.origin.file));
+        loaded.diagnostics.retain(|d| !d.is_error());
+        if loaded.resources.len() == before {
+            // An error about no resource that can be left out: reject the change.
+            return (Err(bad.len()), loaded);
+        }
+    }
+}
+
+/// Like `load_and_watch_then`, for any [`Source`].
+pub fn follow_then(
+    mut source: impl Source,
+    empty_hold: Duration,
     mut on_apply: impl FnMut(&Model, &[Located<Resource>]) + Send + 'static,
 ) -> anyhow::Result<ModelHandle> {
-    let mut config_dir = ConfigDir::new(dir);
-    let loaded = config_dir.first_read();
-    let initial = compile_or_report(&loaded).map_err(|n| {
-        anyhow!("the configuration in {} has {n} error(s), listed above; fix them and start again", dir.display())
+    let loaded = source.first_read();
+    let (initial, loaded) = compile_source(loaded, source.skips_invalid());
+    let initial = initial.map_err(|n| {
+        anyhow!("the configuration in {} has {n} error(s), listed above; fix them and start again", source.describe())
     })?;
     let in_force = captured(&initial);
     on_apply(&initial, &loaded.resources);
@@ -61,7 +139,7 @@ pub fn load_and_watch_then(
     let guard = LossGuard::new(empty_hold);
     std::thread::Builder::new()
         .name("config-watch".into())
-        .spawn(move || watch(config_dir, publisher, guard, in_force, &mut on_apply))
+        .spawn(move || watch(source, publisher, guard, in_force, &mut on_apply))
         .map_err(|e| anyhow!("cannot start the configuration watcher: {e}"))?;
     Ok(model)
 }
@@ -72,7 +150,7 @@ fn captured(model: &Model) -> BTreeSet<(String, String)> {
 }
 
 fn watch(
-    mut dir: ConfigDir,
+    mut dir: impl Source,
     mut publisher: ModelPublisher,
     mut guard: LossGuard,
     mut in_force: BTreeSet<(String, String)>,
@@ -84,7 +162,8 @@ fn watch(
     loop {
         std::thread::sleep(CONFIG_POLL);
         if let Some(loaded) = dir.poll() {
-            match compile_or_report(&loaded) {
+            let (compiled, loaded) = compile_source(loaded, dir.skips_invalid());
+            match compiled {
                 Ok(model) => {
                     let change = Change::between(&in_force, &model, &loaded);
                     held = Some((model, change, loaded));
@@ -306,5 +385,30 @@ mod tests {
         for (what, candidate, expected) in cases {
             assert_eq!(change(&now, &candidate), expected, "{what}");
         }
+    }
+
+    // CFG-3: from the API server, a resource with an error is left out and the rest applies;
+    // from a directory, the whole change is rejected (CFG-1).
+    #[test]
+    fn a_source_of_independent_objects_leaves_out_only_the_bad_one() {
+        let read = |file: &str, yaml: &str| parse_file(FsPath::new(file), yaml).0;
+        let ns =
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}\n";
+        let pod = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: mesh}}\nspec: {{nodeName: n1}}\nstatus: {{podIP: 10.1.0.1}}\n"
+            )
+        };
+        let loaded = || {
+            let resources =
+                [read("k8s:Namespace/mesh", ns), read("k8s:Pod/mesh/a", &pod("a")), read("k8s:Pod/mesh/b", &pod("b"))]
+                    .concat();
+            Loaded { resources, ..Loaded::default() }
+        };
+        let (model, kept) = compile_source(loaded(), true);
+        let model = model.expect("the rest compiles");
+        assert_eq!(model.workloads.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(kept.resources.len(), 2);
+        assert!(compile_source(loaded(), false).0.is_err());
     }
 }
