@@ -58,7 +58,9 @@ fn bed(name: &str) -> io::Result<Bed> {
     let server = topo.add_pod(&n2, "server")?;
     let api = KubeApi::start_in_netns(topo.fabric().name(), FABRIC_GATEWAY)?;
     let objects = [
-        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n  labels: {{istio.io/dataplane-mode: ambient}}\n"),
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n  labels: {{istio.io/dataplane-mode: ambient}}\n"
+        ),
         format!("---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: client, namespace: {NS}}}\n"),
         format!("---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: server, namespace: {NS}}}\n"),
         pod_object(&client, "client", "app: client"),
@@ -131,6 +133,7 @@ impl Bed {
     ) -> io::Result<Duration> {
         let started = Instant::now();
         change()?;
+        eprintln!("kubernetes: (kubectl returned after {} ms)", started.elapsed().as_millis());
         loop {
             if self.reaches_server()? == reachable {
                 return Ok(started.elapsed());
@@ -207,7 +210,10 @@ fn pods_from_the_api_server_get_mtls_and_kubectl_policies_within_a_second() -> i
     assert_eq!(event["source"]["component"], "strait-control", "{event}");
     assert_eq!(event["reportingComponent"], "strait-control", "{event}");
     let message = event["message"].as_str().unwrap_or_default();
-    assert!(message.contains("spec.rules[0].from[0].source.ipBlocks") && message.contains("not-an-address"), "{message}");
+    assert!(
+        message.contains("spec.rules[0].from[0].source.ipBlocks") && message.contains("not-an-address"),
+        "{message}"
+    );
     r.control.wait_for_log("k8s:AuthorizationPolicy/mesh/bad-ip", TIMEOUT)?;
     // A new resourceVersion with the same problem (a label, no new generation) is not told again.
     b.api.kubectl(&["label", "authorizationpolicies.security.istio.io", "-n", NS, "bad-ip", "touched=yes"])?;
@@ -249,7 +255,8 @@ fn pods_from_the_api_server_get_mtls_and_kubectl_policies_within_a_second() -> i
     for _ in 0..3 {
         assert!(b.reaches_server()?);
     }
-    let plain = wait_access_line(&r.p2, &["inbound", &format!("src.addr={}:", b.client.ip()), "security=none"], TIMEOUT)?;
+    let plain =
+        wait_access_line(&r.p2, &["inbound", &format!("src.addr={}:", b.client.ip()), "security=none"], TIMEOUT)?;
     assert!(plain.contains("src.identity=-"), "{plain}");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(captured(&r.p1), before, "no connection of the opted-out client went through its node proxy");
@@ -301,7 +308,9 @@ fn an_apiserver_restart_loses_nothing_and_resends_nothing() -> io::Result<()> {
         "one snapshot, for the policy; none for the restart:\n{control_log}"
     );
     let (addresses_after, policies_after) = (sent(&b, "Address")? - addresses, sent(&b, "Authorization")? - policies);
-    eprintln!("kubernetes: after the restart, {addresses_after} Address and {policies_after} Authorization resources sent");
+    eprintln!(
+        "kubernetes: after the restart, {addresses_after} Address and {policies_after} Authorization resources sent"
+    );
     // The server's workload (it lists the new policy) and the policy, to each of the two
     // proxies; a full resend would be 46 addresses.
     assert!(addresses_after <= 2, "only the server's workload resent: {addresses_after}");

@@ -205,10 +205,8 @@ mod tests {
 
     #[test]
     fn an_event_names_the_object_and_the_field() {
-        let kind = super::super::kubernetes::kinds()
-            .into_iter()
-            .find(|k| k.kind == "AuthorizationPolicy")
-            .expect("a kind");
+        let kind =
+            super::super::kubernetes::kinds().into_iter().find(|k| k.kind == "AuthorizationPolicy").expect("a kind");
         let object: DynamicObject = serde_json::from_value(serde_json::json!({
             "apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
             "metadata": {"name": "bad", "namespace": "demo", "uid": "u-7", "resourceVersion": "42", "generation": 3},

@@ -476,14 +476,22 @@ pub async fn start() -> anyhow::Result<KubeSource> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot configure the Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
     let server = config.cluster_url.to_string();
-    let client = Client::try_from(config)
-        .map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))?;
+    let client_for = |config: kube::Config| {
+        Client::try_from(config).map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))
+    };
+    // The watches retry on their own schedule (`WatchBackoff`). kube's retry of 503s honours the
+    // server's Retry-After, which a starting API server sets to 10 s: behind it, a change made
+    // right after an API server restart reached the snapshot 9 s late (measured).
+    let mut watch_config = config.clone();
+    watch_config.default_retry = false;
+    let watches = client_for(watch_config)?;
+    let client = client_for(config)?;
     let mut kinds = kinds();
     choose_versions(&client, &mut kinds).await;
     let store = Arc::new(Mutex::new(Store::new(&kinds)));
-    let reporter = Reporter::start(client.clone());
+    let reporter = Reporter::start(client);
     for kind in kinds {
-        tokio::spawn(follow(client.clone(), kind, store.clone(), reporter.clone()));
+        tokio::spawn(follow(watches.clone(), kind, store.clone(), reporter.clone()));
     }
     Ok(KubeSource { store, server })
 }
