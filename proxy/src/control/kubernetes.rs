@@ -271,14 +271,15 @@ impl Store {
     /// The entry for `object`: converted, or the previous one kept when it cannot be read.
     fn read(&mut self, kind: &Kind, key: &Key, object: &DynamicObject) -> Option<Entry> {
         let resource_version = object.metadata.resource_version.clone();
-        let previous = self.entries.get(key).cloned();
+        // Borrowed, not cloned: a relist reads every object of its kind.
+        let previous = self.entries.get(key);
         let same_version = |rv: &Option<String>| rv.is_some() && *rv == resource_version;
-        if let Some(previous) = previous.as_ref().filter(|p| same_version(&p.resource_version)) {
+        if let Some(previous) = previous.filter(|p| same_version(&p.resource_version)) {
             return Some(previous.clone());
         }
         // A version already found unreadable (a relist returns it again): told once.
         if self.rejected.get(key).is_some_and(|r| same_version(&r.resource_version)) {
-            return previous;
+            return previous.cloned();
         }
         match convert(kind, object) {
             Ok(located) => {
@@ -297,7 +298,7 @@ impl Store {
                 if !told {
                     self.rejections.push(rejection);
                 }
-                previous
+                previous.cloned()
             }
         }
     }
