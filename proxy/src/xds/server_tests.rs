@@ -93,7 +93,7 @@ fn options(fixture: &Fixture, token: Option<&str>, node: &str) -> XdsClientOptio
         address: format!("https://{}", fixture.addr),
         root: fixture.ca.root_cert_path(),
         server_name: None,
-        token: token.map(str::to_owned),
+        token: token.map(crate::identity::BearerToken::from),
         client_cert: None,
         node: proxy_node("ztunnel", "10.0.0.1", "ztunnel-x", "istio-system", Some(node), &[]),
         type_urls: vec![ADDRESS_TYPE_URL.to_owned(), AUTHORIZATION_TYPE_URL.to_owned()],

@@ -1,0 +1,267 @@
+//! End to end: the CA API of `strait control --kubernetes` authorizes callers by their
+//! Kubernetes service-account tokens (SPEC ID-2, CFG-3), as istiod does. A real kube-apiserver on
+//! a real etcd issues pod-bound tokens (TokenRequest) and verifies them (TokenReview); the test
+//! asks for certificates over gRPC on TLS with a client written from the public protos:
+//! - a node proxy's token gets the identity of a pod on its node, not of a pod on another node,
+//!   and its own identity naming its node;
+//! - a pod's token gets its own identity only;
+//! - a token for a deleted pod, for another audience, of another cluster, or not a token at all
+//!   is refused; a token of an unrelated service account, or a node proxy's token bound to no
+//!   pod, cannot impersonate.
+//!
+//! Needs root and `cargo xtask setup` (kube-apiserver, etcd).
+
+mod common;
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use common::{certificate_text, csr, impersonating};
+use strait_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use strait_testbed::{FABRIC_GATEWAY, Node, Process, Topology, bin_path, grpc as raw, kube::KubeApi};
+
+const CA: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+const TIMEOUT: Duration = Duration::from_secs(20);
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+const STRAIT_NODE: &str = "spiffe://cluster.local/ns/strait-system/sa/strait-node";
+/// gRPC status codes.
+const UNAUTHENTICATED: u32 = 16;
+const PERMISSION_DENIED: u32 = 7;
+/// Requests sent at once with one token.
+const BURST: usize = 20;
+
+/// The node proxies (strait's DaemonSet: one pod per node, service account strait-node) and
+/// the workloads: web-0 on node-a, db-0 on node-b, gone-0 (deleted during the test) on node-a.
+const OBJECTS: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: strait-system}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: strait-node, namespace: strait-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: strait-node-a, namespace: strait-system}
+spec: {nodeName: node-a, serviceAccountName: strait-node, containers: [{name: node, image: example.invalid/strait:1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: strait-node-b, namespace: strait-system}
+spec: {nodeName: node-b, serviceAccountName: strait-node, containers: [{name: node, image: example.invalid/strait:1}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: db, namespace: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: other, namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: web, image: example.invalid/web:1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop}
+spec: {nodeName: node-b, serviceAccountName: db, containers: [{name: db, image: example.invalid/db:1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: gone-0, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: web, image: example.invalid/web:1}]}
+";
+
+/// `strait control --kubernetes` on `node`, with the API server's kubeconfig; waits until ready.
+fn start_control(topo: &Topology, node: &Node, api: &KubeApi) -> io::Result<Process> {
+    let (listen, metrics) = (format!("{}:15012", node.ip()), format!("{}:15014", node.ip()));
+    let ca = topo.dir().join("control-ca").to_string_lossy().into_owned();
+    let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
+    let args = ["control", "--kubernetes", "--listen", &listen, "--metrics-addr", &metrics, "--ca-dir", &ca];
+    let envs = [("KUBECONFIG", kubeconfig.as_str()), ("STRAIT_LOG", "info,strait::identity=debug")];
+    let control = node.spawn("strait-control", bin_path("strait"), &args, &envs)?;
+    control.wait_for_log("strait control ready", TIMEOUT)?;
+    Ok(control)
+}
+
+/// The answer to one certificate request: the chain, or `<code> <message>`.
+type Answer = Result<String, (u32, String)>;
+
+/// Asks the CA at `addr` (from `node`) for a certificate, with `token` and, if given, the
+/// identity to impersonate and a `ClusterID`.
+fn ask(
+    node: &Node,
+    addr: SocketAddr,
+    root: &Path,
+    token: &str,
+    identity: Option<&str>,
+    cluster: Option<&str>,
+) -> io::Result<Answer> {
+    node.netns().run_in(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let mut grpc = raw::connect(addr, root).await?;
+            let request = IstioCertificateRequest {
+                csr: csr(),
+                validity_duration: 3600,
+                metadata: identity.and_then(impersonating),
+            };
+            // Istio's proxies name their cluster in a gRPC header.
+            let headers: Vec<(&str, &str)> = cluster.map(|c| ("ClusterID", c)).into_iter().collect();
+            let reply: Result<IstioCertificateResponse, raw::GrpcError> =
+                raw::unary_with_headers(&mut grpc, addr, CA, Some(token), &headers, &request).await?;
+            Ok(reply.map(|r| r.cert_chain.join("")).map_err(|e| (e.code, e.message)))
+        })
+    })?
+}
+
+/// `count` requests for the token's own identity at once, on one connection.
+fn ask_many(node: &Node, addr: SocketAddr, root: &Path, token: &str, count: usize) -> io::Result<Vec<Answer>> {
+    node.netns().run_in(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let grpc = raw::connect(addr, root).await?;
+            let calls = (0..count).map(|_| {
+                let (mut grpc, token) = (grpc.clone(), token.to_owned());
+                let request = IstioCertificateRequest { csr: csr(), validity_duration: 3600, metadata: None };
+                tokio::spawn(async move {
+                    let reply: Result<IstioCertificateResponse, raw::GrpcError> =
+                        raw::unary(&mut grpc, addr, CA, Some(&token), &request).await?;
+                    Ok::<_, io::Error>(reply.map(|r| r.cert_chain.join("")).map_err(|e| (e.code, e.message)))
+                })
+            });
+            let mut answers = Vec::new();
+            for call in calls.collect::<Vec<_>>() {
+                answers.push(call.await.map_err(io::Error::other)??);
+            }
+            Ok(answers)
+        })
+    })?
+}
+
+fn granted(answer: &Answer, what: &str) -> String {
+    match answer {
+        Ok(chain) => certificate_text(chain),
+        Err((code, message)) => panic!("{what}: refused with {code} {message}"),
+    }
+}
+
+fn refused(answer: &Answer, code: u32, needle: &str, what: &str) {
+    match answer {
+        Err((c, message)) => {
+            assert_eq!(*c, code, "{what}: {message}");
+            assert!(message.contains(needle), "{what}: `{needle}` not in: {message}");
+        }
+        Ok(chain) => panic!("{what}: granted {}", certificate_text(chain)),
+    }
+}
+
+// ID-2: what istiod grants to Kubernetes tokens, and nothing else.
+#[test]
+fn kubernetes_tokens_get_what_istiod_grants() -> io::Result<()> {
+    let topo = Topology::new("kube_ca::tokens")?;
+    let node = topo.add_node("control")?;
+    let api = KubeApi::start_in_netns(topo.fabric().name(), FABRIC_GATEWAY)?;
+    api.apply(OBJECTS)?;
+    for (ns, pod, ip) in
+        [("shop", "web-0", "10.244.1.10"), ("shop", "db-0", "10.244.2.10"), ("shop", "gone-0", "10.244.1.11")]
+    {
+        api.set_pod_status(ns, pod, ip, "10.0.0.1")?;
+    }
+    let token =
+        |ns: &str, sa: &str, audience: &str, pod: Option<&str>| api.service_account_token(ns, sa, audience, pod, 3600);
+    let node_a = token("strait-system", "strait-node", "istio-ca", Some("strait-node-a"))?;
+    let node_unbound = token("strait-system", "strait-node", "istio-ca", None)?;
+    let web = token("shop", "web", "istio-ca", Some("web-0"))?;
+    let other = token("shop", "other", "istio-ca", None)?;
+    let wrong_audience = token("shop", "web", "someone-else", Some("web-0"))?;
+    let gone = token("shop", "web", "istio-ca", Some("gone-0"))?;
+    let db = token("shop", "db", "istio-ca", Some("db-0"))?;
+
+    let control = start_control(&topo, &node, &api)?;
+    let addr: SocketAddr = format!("{}:15012", node.ip()).parse().map_err(io::Error::other)?;
+    let root = topo.dir().join("control-ca/root-cert.pem");
+    let ask = |token: &str, identity: Option<&str>| ask(&node, addr, &root, token, identity, None);
+
+    // The node proxy of node-a gets web (on node-a) once the control plane has read the pods.
+    let deadline = Instant::now() + TIMEOUT;
+    let started = Instant::now();
+    let mut first = ask(&node_a, Some(WEB))?;
+    while first.is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        first = ask(&node_a, Some(WEB))?;
+    }
+    let until_pods = started.elapsed();
+    assert!(granted(&first, "node-a's proxy, pod on node-a").contains(WEB));
+    refused(&ask(&node_a, Some(DB))?, PERMISSION_DENIED, "node-a", "node-a's proxy, pod on node-b");
+    let own = granted(&ask(&node_a, None)?, "node-a's proxy, its own identity");
+    assert!(own.contains(STRAIT_NODE) && own.contains("system:node:node-a"), "{own}");
+
+    // A pod's token: its own identity, nothing else.
+    let started = Instant::now();
+    let web_own = ask(&web, None)?;
+    let reviewed = started.elapsed();
+    let started = Instant::now();
+    let web_again = ask(&web, Some(WEB))?;
+    let cached = started.elapsed();
+    let web_own = granted(&web_own, "web, its own identity");
+    assert!(web_own.contains(WEB) && !web_own.contains("system:node"), "{web_own}");
+    assert!(granted(&web_again, "web, naming itself").contains(WEB));
+    refused(&ask(&web, Some(DB))?, PERMISSION_DENIED, "only", "web asking for db");
+
+    // A burst of requests with one new token (a node agent asking for its pods at once) makes
+    // one TokenReview, not one each.
+    let burst = ask_many(&node, addr, &root, &db, BURST)?;
+    assert_eq!(burst.len(), BURST);
+    for answer in &burst {
+        assert!(granted(answer, "db, a burst").contains(DB));
+    }
+    let reviews = control.log().lines().filter(|l| l.contains("Kubernetes token reviewed") && l.contains(DB)).count();
+    assert_eq!(reviews, 1, "one review for {BURST} requests with one token");
+
+    // No impersonation without a node proxy's account and a bound pod.
+    refused(&ask(&other, Some(WEB))?, PERMISSION_DENIED, "ns/shop/sa/other", "an unrelated service account");
+    assert!(granted(&ask(&other, None)?, "other, itself").contains("spiffe://cluster.local/ns/shop/sa/other"));
+    refused(&ask(&node_unbound, Some(WEB))?, PERMISSION_DENIED, "only", "a node proxy's token bound to no pod");
+
+    // Refused outright: another audience, another cluster, not a token, a deleted pod's token.
+    refused(&ask(&wrong_audience, None)?, UNAUTHENTICATED, "Kubernetes token refused", "wrong audience");
+    let other_cluster = self::ask(&node, addr, &root, &web, None, Some("cluster-2"))?;
+    refused(&other_cluster, UNAUTHENTICATED, "cluster-2", "another cluster");
+    assert!(granted(&self::ask(&node, addr, &root, &web, None, Some("Kubernetes"))?, "our cluster").contains(WEB));
+    refused(&ask("not-a-token", None)?, UNAUTHENTICATED, "Kubernetes token refused", "garbage");
+    api.kubectl(&["delete", "pod", "-n", "shop", "gone-0", "--grace-period=0", "--force"])?;
+    let deadline = Instant::now() + TIMEOUT;
+    while api.kubectl(&["get", "pod", "-n", "shop", "gone-0", "--ignore-not-found", "-o", "name"])?.trim() != "" {
+        assert!(Instant::now() < deadline, "gone-0 was not deleted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    refused(&ask(&gone, None)?, UNAUTHENTICATED, "Kubernetes token refused", "a deleted pod's token");
+
+    let log = control.log();
+    assert!(log.contains("CA API: refused"), "refusals are logged:\n{log}");
+    eprintln!(
+        "kube_ca: pods readable by the CA {:.0} ms after start; a CSR with a new token (TokenReview) {:.1} ms, \
+         with a reviewed one (cached) {:.1} ms",
+        until_pods.as_secs_f64() * 1e3,
+        reviewed.as_secs_f64() * 1e3,
+        cached.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
