@@ -84,7 +84,7 @@ async fn start(dir: &TempDir, ca: Arc<LocalCa>, initial: Arc<Snapshot>, addr: Op
     let routes =
         vec![("/envoy.service.discovery.v3.AggregatedDiscoveryService/", GrpcService::new(ads.into_service()))];
     let tls = server_tls(ca.clone(), vec!["127.0.0.1".parse().expect("ip")]).expect("tls");
-    let task = tokio::spawn(serve(listener, tls, routes));
+    let task = tokio::spawn(serve(listener, tls, routes, crate::identity::NodeAccounts::default()));
     Fixture { ca, addr, snapshots, metrics, task }
 }
 
