@@ -129,10 +129,10 @@ pub fn node_of_bound_pod(
         return Err(format!("the token's pod {name} was replaced (uid {:?}, the token's {:?})", uid, bound.uid));
     }
     let node = node.filter(|n| !n.is_empty());
-    if let (Some(claimed), Some(actual)) = (bound.node.as_deref(), node) {
-        if claimed != actual {
-            return Err(format!("the token's pod {name} runs on {actual}, the token says {claimed}"));
-        }
+    if let (Some(claimed), Some(actual)) = (bound.node.as_deref(), node)
+        && claimed != actual
+    {
+        return Err(format!("the token's pod {name} runs on {actual}, the token says {claimed}"));
     }
     Ok(node.map(str::to_owned))
 }
@@ -186,14 +186,14 @@ impl KubeTokens {
 
     /// The caller `token` names, or why not.
     pub async fn authenticate(&self, token: &str, metadata: &MetadataMap) -> Result<Caller, Status> {
-        if let Some(claimed) = metadata.get(CLUSTER_ID_METADATA).and_then(|v| v.to_str().ok()) {
-            if !claimed.is_empty() && claimed != self.cluster_id {
-                return Err(Status::unauthenticated(format!(
-                    "the caller says it is in cluster `{claimed}`; this control plane verifies tokens of cluster \
-                     `{}` only (--cluster-id)",
-                    self.cluster_id
-                )));
-            }
+        // Istio's proxies may name their cluster; a name that is not ours (or not text) is refused.
+        let claimed = metadata.get(CLUSTER_ID_METADATA).map(|v| v.to_str().unwrap_or("<not text>"));
+        if let Some(claimed) = claimed.filter(|c| !c.is_empty() && *c != self.cluster_id) {
+            return Err(Status::unauthenticated(format!(
+                "the caller says it is in cluster `{claimed}`; this control plane verifies tokens of cluster `{}` \
+                 only (--cluster-id)",
+                self.cluster_id
+            )));
         }
         let key = super::caller::digest(token);
         if let Some(caller) = self.cached(&key) {
