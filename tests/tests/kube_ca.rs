@@ -265,3 +265,52 @@ fn kubernetes_tokens_get_what_istiod_grants() -> io::Result<()> {
     );
     Ok(())
 }
+
+// ID-2, CFG-3: a node proxy deployed as strait's DaemonSet bootstraps with its projected token
+// alone: it gets its own certificate (its service account, naming its node) with the token,
+// then follows the control plane over mutual TLS with that certificate, and gets the
+// certificates of the pods on its node with it.
+#[test]
+fn a_node_proxy_bootstraps_with_its_kubernetes_token() -> io::Result<()> {
+    let topo = Topology::new("kube_ca::node")?;
+    let (control_node, node_a) = (topo.add_node("control")?, topo.add_node("node-a")?);
+    let api = KubeApi::start_in_netns(topo.fabric().name(), FABRIC_GATEWAY)?;
+    api.apply(OBJECTS)?;
+    api.set_pod_status("shop", "web-0", "10.244.1.10", &node_a.ip().to_string())?;
+    let token_file = topo.dir().join("strait-node-a.token");
+    // What the kubelet writes in the pod's projected volume.
+    let token = api.service_account_token("strait-system", "strait-node", "istio-ca", Some("strait-node-a"), 3600)?;
+    std::fs::write(&token_file, format!("{token}\n"))?;
+    let control = start_control(&topo, &control_node, &api)?;
+
+    let pins = node_a.bpf_pin_dir().to_string_lossy().into_owned();
+    let (root, token_file) = (topo.dir().join("control-ca/root-cert.pem"), token_file.to_string_lossy().into_owned());
+    let (root, address) = (root.to_string_lossy().into_owned(), format!("https://{}:15012", control_node.ip()));
+    let args = [
+        "node",
+        "--node",
+        "node-a",
+        "--bpf-pin-dir",
+        &pins,
+        "--xds-address",
+        &address,
+        "--ca-root",
+        &root,
+        "--ca-token-file",
+        &token_file,
+        "--detach-on-exit",
+    ];
+    // The downward API's variables of strait's DaemonSet.
+    let envs = [("POD_NAMESPACE", "strait-system"), ("SERVICE_ACCOUNT", "strait-node"), ("STRAIT_LOG", "info")];
+    let proxy = node_a.spawn("strait-node-a", bin_path("strait"), &args, &envs)?;
+    proxy.wait_for_log("strait node ready", TIMEOUT)?;
+
+    let own = format!("issued {STRAIT_NODE} for");
+    let line = control.wait_for_log(&own, TIMEOUT)?;
+    assert!(line.contains("the node proxy of node-a (by Kubernetes token)"), "{line}");
+    let line = control.wait_for_log("ADS: subscriber connected", TIMEOUT)?;
+    assert!(line.contains("the node proxy of node-a (by client certificate)"), "{line}");
+    let line = control.wait_for_log(&format!("issued {WEB} for"), TIMEOUT)?;
+    assert!(line.contains("the node proxy of node-a (by client certificate)"), "{line}");
+    Ok(())
+}
