@@ -21,10 +21,17 @@ use std::{
 };
 
 use common::{certificate_text, csr, impersonating};
-use strait_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use strait_proto::{
+    envoy::{
+        config::core::v3::Node as XdsNode,
+        service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse},
+    },
+    istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse},
+};
 use strait_testbed::{FABRIC_GATEWAY, Node, Process, Topology, bin_path, grpc as raw, kube::KubeApi};
 
 const CA: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+const ADS: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 const TIMEOUT: Duration = Duration::from_secs(20);
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
@@ -127,6 +134,34 @@ fn ask(
             let reply: Result<IstioCertificateResponse, raw::GrpcError> =
                 raw::unary_with_headers(&mut grpc, addr, CA, Some(token), &headers, &request).await?;
             Ok(reply.map(|r| r.cert_chain.join("")).map_err(|e| (e.code, e.message)))
+        })
+    })?
+}
+
+/// Opens a delta ADS stream with `token`, as web-0 would, and waits for the first response:
+/// `Ok(())`, or the refusal.
+fn subscribe(node: &Node, addr: SocketAddr, root: &Path, token: &str) -> io::Result<Result<(), (u32, String)>> {
+    node.netns().run_in(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let mut grpc = raw::connect(addr, root).await?;
+            let first = DeltaDiscoveryRequest {
+                node: Some(XdsNode {
+                    id: "sidecar~10.244.1.10~web-0.shop~shop.svc.cluster.local".into(),
+                    ..XdsNode::default()
+                }),
+                type_url: "type.googleapis.com/istio.workload.Address".into(),
+                ..DeltaDiscoveryRequest::default()
+            };
+            let mut stream = match raw::BidiStream::open(&mut grpc, addr, ADS, Some(token), &first).await? {
+                Ok(stream) => stream,
+                Err(e) => return Ok(Err((e.code, e.message))),
+            };
+            match stream.recv::<DeltaDiscoveryResponse>(TIMEOUT).await? {
+                Some(Ok(_)) => Ok(Ok(())),
+                Some(Err(e)) => Ok(Err((e.code, e.message))),
+                None => Err(io::Error::other("no response on the ADS stream")),
+            }
         })
     })?
 }
@@ -253,6 +288,13 @@ fn kubernetes_tokens_get_what_istiod_grants() -> io::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     refused(&ask(&gone, None)?, UNAUTHENTICATED, "Kubernetes token refused", "a deleted pod's token");
+
+    // The same tokens on the ADS port.
+    subscribe(&node, addr, &root, &web)?.map_err(|e| io::Error::other(format!("ADS refused web's token: {e:?}")))?;
+    let line = control.wait_for_log("ADS: subscriber connected", TIMEOUT)?;
+    assert!(line.contains(&format!("{WEB} (by Kubernetes token)")), "{line}");
+    let refused_stream = subscribe(&node, addr, &root, &wrong_audience)?;
+    assert!(refused_stream.as_ref().is_err_and(|(code, _)| *code == UNAUTHENTICATED), "{refused_stream:?}");
 
     let log = control.log();
     assert!(log.contains("CA API: refused"), "refusals are logged:\n{log}");
