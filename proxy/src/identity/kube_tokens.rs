@@ -47,10 +47,10 @@ const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 /// How long a positive review is reused (never past the token's `exp`). A TokenReview is a
 /// round trip to the API server (plus a GET of the pod for a node proxy): 2.1-2.5 ms each
-/// against a local kube-apiserver 1.20 (debug build), which made a whole CSR 8.7 ms with a new
-/// token against 3.9 ms with a reviewed one (tests/tests/kube_ca.rs prints both); and Istio's
-/// ztunnel sends its token with every CSR, so a node starting 100 pods would cost the API
-/// server 100 reviews. 10 s keeps that to one per token while bounding how long a revoked token
+/// against a local kube-apiserver 1.20 on an idle machine, 6-7 ms with its cores busy (debug
+/// build; tests/tests/kube_ca.rs prints it), as much as the rest of a CSR; and Istio's ztunnel
+/// sends its token with every CSR, so a node starting 100 pods would cost the API server 100
+/// reviews. 10 s keeps that to one per token while bounding how long a revoked token
 /// (its pod deleted) still works.
 const REVIEW_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Bound on cached reviews: one per live token, so a caller presenting many valid tokens cannot
