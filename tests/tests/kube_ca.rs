@@ -19,7 +19,7 @@ use std::{
     io,
     net::SocketAddr,
     path::Path,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use common::{certificate_text, csr, impersonating};
@@ -108,6 +108,93 @@ fn start_control(topo: &Topology, node: &Node, api: &KubeApi) -> io::Result<Proc
     let control = node.spawn("strait-control", bin_path("strait"), &args, &envs)?;
     control.wait_for_log("strait control ready", TIMEOUT)?;
     Ok(control)
+}
+
+/// `token` (the API server's) with `exp` moved to `seconds` from now (`iat` and `nbf` an hour
+/// before that), signed again with the API server's service-account key (ES256), as the API
+/// server would have issued it.
+fn resign(api: &KubeApi, token: &str, seconds: i64) -> io::Result<String> {
+    let bad = |what: &str| io::Error::other(format!("{what} in token {token}"));
+    let mut parts = token.split('.');
+    let (header, payload) =
+        (parts.next().ok_or_else(|| bad("no header"))?, parts.next().ok_or_else(|| bad("no claims"))?);
+    let mut claims: serde_json::Value =
+        serde_json::from_slice(&base64url_decode(payload).ok_or_else(|| bad("bad base64"))?)
+            .map_err(io::Error::other)?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(io::Error::other)?.as_secs() as i64;
+    claims["exp"] = (now + seconds).into();
+    claims["iat"] = (now + seconds - 3600).into();
+    claims["nbf"] = (now + seconds - 3600).into();
+    let signed = format!("{header}.{}", base64url_encode(&serde_json::to_vec(&claims).map_err(io::Error::other)?));
+    let message = api.dir().join(format!("resign-{seconds}.msg"));
+    std::fs::write(&message, &signed)?;
+    let key = api.dir().join("pki/sa.key");
+    let out = std::process::Command::new("openssl")
+        .arg("dgst")
+        .arg("-sha256")
+        .arg("-sign")
+        .arg(&key)
+        .arg(&message)
+        .output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!("openssl dgst: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    let signature = jose_signature(&out.stdout).ok_or_else(|| bad("openssl's signature not DER"))?;
+    Ok(format!("{signed}.{}", base64url_encode(&signature)))
+}
+
+/// An ECDSA P-256 signature as JWS wants it (r and s, 32 bytes each) from DER
+/// (`SEQUENCE { INTEGER r, INTEGER s }`).
+fn jose_signature(der: &[u8]) -> Option<Vec<u8>> {
+    let body = der.strip_prefix(&[0x30])?;
+    let (&len, mut rest) = body.split_first()?;
+    if usize::from(len) != rest.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(64);
+    for _ in 0..2 {
+        let (&tag, after) = rest.split_first()?;
+        let (&n, after) = after.split_first()?;
+        if tag != 0x02 || after.len() < usize::from(n) {
+            return None;
+        }
+        let (int, after) = after.split_at(usize::from(n));
+        let int = &int[int.iter().take_while(|&&b| b == 0).count()..];
+        if int.len() > 32 {
+            return None;
+        }
+        out.extend(std::iter::repeat_n(0, 32 - int.len()));
+        out.extend_from_slice(int);
+        rest = after;
+    }
+    Some(out)
+}
+
+const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+fn base64url_encode(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(BASE64URL[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
+}
+
+fn base64url_decode(text: &str) -> Option<Vec<u8>> {
+    let (mut out, mut n, mut bits) = (Vec::new(), 0u32, 0);
+    for c in text.trim_end_matches('=').bytes() {
+        n = n << 6 | BASE64URL.iter().position(|&b| b == c)? as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((n >> bits) as u8);
+            n &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }
 
 /// The answer to one certificate request: the chain, or `<code> <message>`.
@@ -232,6 +319,10 @@ fn kubernetes_tokens_get_what_istiod_grants() -> io::Result<()> {
     let gone = token("shop", "web", "istio-ca", Some("gone-0"))?;
     let db = token("shop", "db", "istio-ca", Some("db-0"))?;
     let unasked = token("shop", "db", "istio-ca", None)?;
+    // The API server's own token for web-0, signed again with its key: once valid for another
+    // hour (accepted: the copy is sound), once expired an hour ago.
+    let resigned = resign(&api, &web, 3600)?;
+    let expired = resign(&api, &web, -3600)?;
 
     let control = start_control(&topo, &node, &api)?;
     let addr: SocketAddr = format!("{}:15012", node.ip()).parse().map_err(io::Error::other)?;
@@ -285,6 +376,8 @@ fn kubernetes_tokens_get_what_istiod_grants() -> io::Result<()> {
     refused(&other_cluster, UNAUTHENTICATED, "cluster-2", "another cluster");
     assert!(granted(&self::ask(&node, addr, &root, &web, None, Some("Kubernetes"))?, "our cluster").contains(WEB));
     refused(&ask("not-a-token", None)?, UNAUTHENTICATED, "Kubernetes token refused", "garbage");
+    assert!(granted(&ask(&resigned, None)?, "web's token, signed again").contains(WEB));
+    refused(&ask(&expired, None)?, UNAUTHENTICATED, "expired", "an expired token");
     api.kubectl(&["delete", "pod", "-n", "shop", "gone-0", "--grace-period=0", "--force"])?;
     let deadline = Instant::now() + TIMEOUT;
     while api.kubectl(&["get", "pod", "-n", "shop", "gone-0", "--ignore-not-found", "-o", "name"])?.trim() != "" {
