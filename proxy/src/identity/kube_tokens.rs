@@ -276,8 +276,11 @@ impl KubeTokens {
     fn remember(&self, key: [u8; 32], token: &str, caller: &Caller) {
         let now = Instant::now();
         let mut until = now + REVIEW_CACHE_TTL;
-        if let Some(left) = expiry_of(token).and_then(|exp| exp.duration_since(SystemTime::now()).ok()) {
-            until = until.min(now + left);
+        if let Some(exp) = expiry_of(token) {
+            until = until.min(now + exp.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
+        }
+        if until <= now {
+            return;
         }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= REVIEW_CACHE_MAX {
@@ -364,6 +367,52 @@ mod tests {
             assert_eq!(caller.node.as_deref(), node, "{ns}/{sa}");
             assert_eq!(caller.by, Credential::KubernetesToken);
         }
+    }
+
+    fn jwt_expiring_in(seconds: i64) -> String {
+        let encode = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_secs() as i64;
+        format!("{}.{}.sig", encode("{\"alg\":\"ES256\"}"), encode(&format!("{{\"exp\":{}}}", now + seconds)))
+    }
+
+    /// Verifying against an address where no API server listens.
+    fn unreachable() -> KubeTokens {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        let client = Client::try_from(config).expect("client");
+        KubeTokens::new(client, "td", DEFAULT_CLUSTER_ID, NodeAccounts::default())
+    }
+
+    // A review is reused no longer than the token lives; no API server to ask, or a caller of
+    // another cluster: refused.
+    #[tokio::test]
+    async fn reviews_are_cached_within_the_tokens_life_and_failures_refuse() {
+        let tokens = unreachable();
+        let caller = Caller { identity: Identity::new("td", "a", "b"), node: None, by: Credential::KubernetesToken };
+        let (lives, expiring, expired) = (jwt_expiring_in(3600), jwt_expiring_in(2), jwt_expiring_in(-10));
+        for token in [&lives, &expiring, &expired] {
+            tokens.remember(crate::identity::caller::digest(token), token, &caller);
+        }
+        let cached = |token: &str| tokens.cached(&crate::identity::caller::digest(token));
+        assert_eq!(cached(&lives), Some(caller.clone()));
+        assert_eq!(cached(&expiring), Some(caller.clone()));
+        assert_eq!(cached(&expired), None, "an expired token is not cached");
+        // exp has whole seconds: 1-2 s were left.
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(cached(&expiring), None, "gone with the token's exp");
+        let metadata = MetadataMap::new();
+        assert_eq!(tokens.authenticate(&lives, &metadata).await.expect("cached"), caller);
+
+        let down = tokens.authenticate(&jwt_expiring_in(60), &metadata).await.expect_err("no API server");
+        assert_eq!(down.code(), tonic::Code::Unavailable, "{down:?}");
+        assert!(down.message().contains("TokenReview failed"), "{down:?}");
+        let mut elsewhere = MetadataMap::new();
+        elsewhere.insert("clusterid", "cluster-2".parse().expect("ascii"));
+        let refused = tokens.authenticate(&lives, &elsewhere).await.expect_err("another cluster");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert!(refused.message().contains("cluster-2"), "{refused:?}");
+        let mut ours = MetadataMap::new();
+        ours.insert("clusterid", DEFAULT_CLUSTER_ID.parse().expect("ascii"));
+        assert_eq!(tokens.authenticate(&lives, &ours).await.expect("our cluster"), caller);
     }
 
     #[test]
