@@ -64,7 +64,7 @@ impl SourceArgs {
                 address: address.clone(),
                 root: identity.ca_root.clone().ok_or_else(|| anyhow::anyhow!("--xds-address needs --ca-root"))?,
                 server_name: identity.ca_server_name.clone(),
-                token: read_token(identity.ca_token_file.as_deref())?,
+                token: client_token(identity.ca_token_file.as_deref())?,
             }),
             (Some(dir), None) => {
                 ConfigSource::Directory { dir: dir.clone(), empty_config_hold: self.empty_config_hold }
@@ -211,6 +211,16 @@ struct ControlArgs {
     /// Read again at most once a second.
     #[arg(long)]
     bootstrap_tokens: Option<PathBuf>,
+    /// With --kubernetes: a service account node proxies run as (`<namespace>/<name>`,
+    /// repeatable); its pod-bound token may get certificates for the pods of its pod's node.
+    /// Istio's istio-system/ztunnel always is one.
+    #[arg(long = "node-service-account", default_value = "strait-system/strait-node",
+          value_parser = strait::identity::NodeAccounts::parse_account)]
+    node_service_accounts: Vec<(String, String)>,
+    /// With --kubernetes: the cluster whose service-account tokens are verified; a caller
+    /// sending another `ClusterID` is refused (Istio's default name).
+    #[arg(long, default_value = strait::identity::kube_tokens::DEFAULT_CLUSTER_ID)]
+    cluster_id: String,
     /// Worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
@@ -313,11 +323,13 @@ impl IdentityArgs {
     /// The CA to use; `listen` serves the local one over Istio's CA API too. A proxy following
     /// a control plane gets certificates there unless told otherwise, as Istio's do.
     fn ca(self, listen: Option<SocketAddr>, xds_address: Option<&str>) -> anyhow::Result<CaSource> {
-        let token = read_token(self.ca_token_file.as_deref())?;
         let address = self.ca_address.or_else(|| xds_address.map(str::to_owned));
         Ok(match (address, self.ca_root) {
-            (Some(address), Some(root)) => CaSource::Remote { address, root, token, server_name: self.ca_server_name },
-            _ => CaSource::Local { dir: self.ca_dir, listen, token },
+            (Some(address), Some(root)) => {
+                let token = client_token(self.ca_token_file.as_deref())?;
+                CaSource::Remote { address, root, token, server_name: self.ca_server_name }
+            }
+            _ => CaSource::Local { dir: self.ca_dir, listen, token: read_token(self.ca_token_file.as_deref())? },
         })
     }
 }
@@ -425,8 +437,17 @@ fn run_control(args: ControlArgs) -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         cert_ttl: args.cert_ttl,
         bootstrap_tokens: args.bootstrap_tokens,
+        node_accounts: strait::identity::NodeAccounts::new(args.node_service_accounts),
+        cluster_id: args.cluster_id,
     };
     rt.block_on(strait::control::run(options))
+}
+
+/// The token a proxy presents (--ca-token-file): read again for every request, as a Kubernetes
+/// projected token is rotated by the kubelet; read once now so a bad file fails at startup.
+fn client_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<strait::identity::BearerToken>> {
+    let Some(path) = path else { return Ok(None) };
+    strait::identity::BearerToken::from_file(path).map(Some).map_err(|e| anyhow::anyhow!("--ca-token-file: {e}"))
 }
 
 fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {

@@ -50,12 +50,20 @@ pub async fn connect(addr: SocketAddr, root: &Path) -> io::Result<SendRequest<By
     Ok(client)
 }
 
-fn request(addr: SocketAddr, path: &str, token: Option<&str>) -> io::Result<http::Request<()>> {
+fn request(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> io::Result<http::Request<()>> {
     let mut builder = http::Request::post(format!("https://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     if let Some(token) = token {
         builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
     }
     builder.body(()).map_err(other)
 }
@@ -119,9 +127,21 @@ pub async fn unary<Req: Message, Resp: Message + Default>(
     token: Option<&str>,
     message: &Req,
 ) -> io::Result<Result<Resp, GrpcError>> {
+    unary_with_headers(client, addr, path, token, &[], message).await
+}
+
+/// A unary call with more metadata (gRPC headers, such as Istio's `ClusterID`).
+pub async fn unary_with_headers<Req: Message, Resp: Message + Default>(
+    client: &mut SendRequest<Bytes>,
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    message: &Req,
+) -> io::Result<Result<Resp, GrpcError>> {
     let ready = client.clone().ready().await.map_err(other)?;
     *client = ready;
-    let (response, mut send) = client.send_request(request(addr, path, token)?, false).map_err(other)?;
+    let (response, mut send) = client.send_request(request(addr, path, token, headers)?, false).map_err(other)?;
     send.send_data(frame(message), true).map_err(other)?;
     let response = response.await.map_err(other)?;
     if let Some(status) = status_of(response.headers()).filter(|s| s.code != 0) {
@@ -148,7 +168,7 @@ impl BidiStream {
     ) -> io::Result<Result<BidiStream, GrpcError>> {
         let ready = client.clone().ready().await.map_err(other)?;
         *client = ready;
-        let (response, mut send) = client.send_request(request(addr, path, token)?, false).map_err(other)?;
+        let (response, mut send) = client.send_request(request(addr, path, token, &[])?, false).map_err(other)?;
         send.send_data(frame(first), false).map_err(other)?;
         let response = response.await.map_err(other)?;
         if let Some(status) = status_of(response.headers()).filter(|s| s.code != 0) {

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Control, TIMEOUT, apply, wait_access_line, wait_request_lines};
+use common::{Control, TIMEOUT, apply, certificate_text, csr, impersonating, wait_access_line, wait_request_lines};
 use strait_proto::{
     envoy::{
         config::core::v3::Node as XdsNode,
@@ -302,18 +302,6 @@ fn the_mesh_outlives_the_control_plane_and_resyncs_without_resending() -> io::Re
     Ok(())
 }
 
-fn csr() -> String {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.serialize_request(&key).and_then(|c| c.pem()).expect("csr")
-}
-
-fn impersonating(identity: &str) -> Option<Struct> {
-    let value = Value { kind: Some(Kind::StringValue(identity.to_owned())) };
-    Some(Struct { fields: [("ImpersonatedIdentity".to_owned(), value)].into() })
-}
-
 // ID-2: the CA gives what istiod would: a node proxy gets the identities of the pods on its own
 // node and is refused those of another node's pods; a proxy asking for itself, without
 // ImpersonatedIdentity, gets its own identity; a workload token gets only its own identity.
@@ -363,20 +351,6 @@ fn the_ca_gives_each_caller_what_istiod_would() -> io::Result<()> {
     assert!(san(waypoint_itself.as_ref().expect("own")).contains("spiffe://cluster.local/ns/shop/sa/waypoint"));
     assert!(waypoint_other.as_ref().is_err_and(|e| e.starts_with("7 ")), "{waypoint_other:?}");
     Ok(())
-}
-
-/// The subject and subjectAltName of the first certificate of a PEM chain, as openssl prints
-/// them.
-fn certificate_text(pem: &str) -> String {
-    let path = std::env::temp_dir().join(format!("strait-control-test-{}-{}.pem", std::process::id(), pem.len()));
-    std::fs::write(&path, pem).expect("write");
-    let out = std::process::Command::new("openssl")
-        .args(["x509", "-noout", "-subject", "-ext", "subjectAltName", "-in"])
-        .arg(&path)
-        .output()
-        .expect("openssl");
-    let _ = std::fs::remove_file(&path);
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn node_metadata(node: &str) -> XdsNode {

@@ -14,7 +14,8 @@ use tonic::{body::Body, codegen::Service};
 use tracing::{debug, info, warn};
 
 use crate::identity::{
-    ALPN_H2, IdentityError, LocalCa, PeerCertificate, caller::caller_of_certificate, caserver::serving_cert,
+    ALPN_H2, IdentityError, LocalCa, NodeAccounts, PeerCertificate, caller::caller_of_certificate,
+    caserver::serving_cert,
 };
 
 /// A client that connects but never finishes its TLS handshake gives up its slot after this.
@@ -44,10 +45,12 @@ pub fn server_tls(ca: Arc<LocalCa>, ips: Vec<IpAddr>) -> Result<Arc<rustls::Serv
     Ok(Arc::new(tls))
 }
 
-/// Serves `routes` on `listener` until dropped.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, routes: Routes) {
+/// Serves `routes` on `listener` until dropped. A client certificate naming a node is believed
+/// for `node_accounts` only.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, routes: Routes, node_accounts: NodeAccounts) {
     let acceptor = TlsAcceptor::from(tls);
     let routes: Arc<Routes> = Arc::new(routes);
+    let node_accounts = Arc::new(node_accounts);
     if let Ok(addr) = listener.local_addr() {
         info!("control plane listening on {addr} (delta ADS and the CA API)");
     }
@@ -61,7 +64,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, routes
                 continue;
             }
         };
-        let (acceptor, routes) = (acceptor.clone(), routes.clone());
+        let (acceptor, routes, node_accounts) = (acceptor.clone(), routes.clone(), node_accounts.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -71,7 +74,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, routes
             };
             let caller = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
                 None => None,
-                Some(leaf) => match caller_of_certificate(leaf) {
+                Some(leaf) => match caller_of_certificate(leaf, &node_accounts) {
                     Ok(caller) => Some(PeerCertificate(caller)),
                     Err(e) => return warn!("control plane: refused {peer}: {e}"),
                 },

@@ -24,8 +24,9 @@ use tracing::{info, warn};
 
 use crate::{
     identity::{
-        CaServerOptions, CallerAuthenticator, LocalCa,
+        CaServerOptions, CallerAuthenticator, LocalCa, NodeAccounts,
         caserver::{CallerPolicy, ca_service},
+        kube_tokens::KubeTokens,
     },
     model,
     telemetry::MetricsRegistry,
@@ -72,6 +73,11 @@ pub struct ControlOptions {
     pub cert_ttl: Duration,
     /// Bootstrap tokens, one file per caller (layout in `identity::caller`).
     pub bootstrap_tokens: Option<PathBuf>,
+    /// The node proxies' service accounts (ID-2): with `--kubernetes`, their tokens impersonate
+    /// the pods of their node.
+    pub node_accounts: NodeAccounts,
+    /// The cluster whose tokens are verified; a caller naming another (`ClusterID`) is refused.
+    pub cluster_id: String,
 }
 
 pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
@@ -87,9 +93,20 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
         snapshots_tx.send_replace(Arc::new(snapshot));
     };
     let hold = options.empty_config_hold;
+    let mut kube_tokens = None;
     let model = match &options.source {
         ConfigSource::Directory(dir) => model::reload::load_and_watch_then(dir, hold, publish)?,
         ConfigSource::Kubernetes => {
+            // The CA API verifies service-account tokens with this cluster's API server (ID-2).
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
+            kube_tokens = Some(KubeTokens::new(
+                client,
+                &options.trust_domain,
+                &options.cluster_id,
+                options.node_accounts.clone(),
+            ));
             let source = kubernetes::start().await?;
             // The first read waits for every kind to be listed: off the async workers.
             tokio::task::spawn_blocking(move || model::reload::follow_then(source, hold, publish))
@@ -98,13 +115,17 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
         }
     };
 
-    if options.bootstrap_tokens.is_none() {
+    if options.bootstrap_tokens.is_none() && kube_tokens.is_none() {
         warn!(
             "no --bootstrap-tokens: only callers holding a certificate of this mesh are served, so no new proxy can \
              bootstrap"
         );
     }
-    let authenticator = Arc::new(CallerAuthenticator::new(&options.trust_domain, options.bootstrap_tokens.as_deref()));
+    let mut authenticator = CallerAuthenticator::new(&options.trust_domain, options.bootstrap_tokens.as_deref());
+    if let Some(kube_tokens) = kube_tokens {
+        authenticator = authenticator.with_kubernetes(kube_tokens);
+    }
+    let authenticator = Arc::new(authenticator);
     let metrics = Arc::new(AdsMetrics::default());
     let ads = AdsServer::new(snapshots, Arc::new(resources::visible), authenticator.clone(), metrics.clone());
     let trust_domain = options.trust_domain.clone();
@@ -125,7 +146,7 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
     let port = tokio::net::TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", options.listen))?;
-    tokio::spawn(listener::serve(port, tls, routes));
+    tokio::spawn(listener::serve(port, tls, routes, options.node_accounts.clone()));
 
     let mut registry = MetricsRegistry::new();
     metrics.register(&mut registry);

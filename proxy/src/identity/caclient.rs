@@ -11,7 +11,7 @@
 use std::{
     collections::BTreeMap,
     fmt, fs,
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -47,11 +47,67 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One CreateCertificate call on an established connection.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A bearer token a proxy presents to the CA and the control plane: a bootstrap token, or a
+/// Kubernetes projected service-account token (audience `istio-ca`). One kept in a file is read
+/// again for every request, as the kubelet rewrites a projected token well before it expires.
+#[derive(Clone)]
+pub enum BearerToken {
+    Value(Arc<str>),
+    File(PathBuf),
+}
+
+impl BearerToken {
+    /// The token in `path`, read now so that a missing file is reported at startup.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let token = Self::File(path.to_path_buf());
+        token.current()?;
+        Ok(token)
+    }
+
+    /// The token as of now, trimmed.
+    pub fn current(&self) -> Result<String, String> {
+        match self {
+            Self::Value(token) => Ok(token.trim().to_owned()),
+            Self::File(path) => match fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_owned()),
+                Ok(_) => Err(format!("the token file {} is empty", path.display())),
+                Err(e) => Err(format!("cannot read the token file {}: {e}", path.display())),
+            },
+        }
+    }
+
+    /// `authorization: Bearer <token>` metadata, from the token as of now.
+    pub fn metadata(&self) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, String> {
+        format!("Bearer {}", self.current()?).parse().map_err(|_| "the token is not valid in a gRPC header".to_owned())
+    }
+}
+
+impl fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Value(_) => f.write_str("BearerToken(<redacted>)"),
+            Self::File(path) => write!(f, "BearerToken({})", path.display()),
+        }
+    }
+}
+
+impl From<&str> for BearerToken {
+    fn from(token: &str) -> Self {
+        Self::Value(token.into())
+    }
+}
+
+impl From<String> for BearerToken {
+    fn from(token: String) -> Self {
+        Self::Value(token.into())
+    }
+}
+
 /// How to reach and authenticate to the CA, besides its address and root.
 #[derive(Clone, Default)]
 pub struct CaClientOptions {
     /// Sent as `authorization: Bearer <token>`: what lets the CA trust the impersonation.
-    pub token: Option<String>,
+    pub token: Option<BearerToken>,
     /// The name to verify the CA's certificate against, when it differs from the address's
     /// host (e.g. dialling an IP, or a CA certified as `istiod.istio-system.svc`).
     pub server_name: Option<String>,
@@ -80,7 +136,7 @@ pub struct IstioCaClient {
     server_name: ServerName<'static>,
     tls: TlsConnector,
     roots: Vec<CertificateDer<'static>>,
-    token: Option<String>,
+    token: Option<BearerToken>,
     connection: Mutex<Option<H2Channel>>,
 }
 
@@ -140,10 +196,7 @@ impl IstioCaClient {
         let channel = self.channel().await?;
         let mut request = tonic::Request::new(request);
         if let Some(token) = &self.token {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| self.error("the token is not valid in a gRPC header".into()))?;
-            request.metadata_mut().insert("authorization", value);
+            request.metadata_mut().insert("authorization", token.metadata().map_err(|e| self.error(e))?);
         }
         let mut client = IstioCertificateServiceClient::with_origin(channel, self.origin.clone());
         let result = tokio::time::timeout(REQUEST_TIMEOUT, client.create_certificate(request)).await;
@@ -397,7 +450,7 @@ mod tests {
     }
 
     fn client(ca: &CaEndpoint, token: Option<&str>) -> IstioCaClient {
-        let options = CaClientOptions { token: token.map(str::to_owned), ..CaClientOptions::default() };
+        let options = CaClientOptions { token: token.map(BearerToken::from), ..CaClientOptions::default() };
         IstioCaClient::new(&format!("https://{}", ca.addr), &ca.ca.root_cert_path(), options).expect("client")
     }
 
@@ -490,6 +543,28 @@ mod tests {
             .expect_err("no token configured: nobody may impersonate")
             .to_string();
         assert!(err.contains("PermissionDenied"), "{err}");
+    }
+
+    // A token file is read for every request: the token rotated in it (as the kubelet rotates
+    // a projected token) is the one sent next, without restarting the client.
+    #[tokio::test]
+    async fn a_token_file_is_read_for_every_request() {
+        let endpoint = start("token-file", Some(TOKEN)).await;
+        let file = endpoint.dir.join("token");
+        fs::write(&file, "stale\n").expect("write");
+        let token = BearerToken::from_file(&file).expect("readable");
+        let options = CaClientOptions { token: Some(token.clone()), ..CaClientOptions::default() };
+        let client = IstioCaClient::new(&format!("https://{}", endpoint.addr), &endpoint.ca.root_cert_path(), options)
+            .expect("client");
+        let id = Identity::new("cluster.local", "a", "b");
+        let err = client.issue(&id, Duration::from_secs(60)).await.expect_err("stale token").to_string();
+        assert!(err.contains("Unauthenticated"), "{err}");
+        fs::write(&file, format!("{TOKEN}\n")).expect("rotate");
+        client.issue(&id, Duration::from_secs(60)).await.expect("the rotated token is used");
+        fs::remove_file(&file).expect("remove");
+        let err = client.issue(&id, Duration::from_secs(60)).await.expect_err("no file").to_string();
+        assert!(err.contains(&file.display().to_string()), "names the file: {err}");
+        assert!(BearerToken::from_file(&file).is_err_and(|e| e.contains("cannot read the token file")));
     }
 
     #[tokio::test]

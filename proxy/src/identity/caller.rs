@@ -1,5 +1,6 @@
 //! Who is calling the control plane (CFG-3, ID-2): a node proxy or a workload, established by a
-//! bootstrap token or by a client certificate the control plane's CA issued.
+//! bootstrap token, a Kubernetes service-account token (`kube_tokens`, with `--kubernetes`), or
+//! a client certificate the control plane's CA issued.
 //!
 //! Bootstrap tokens live in one directory, one file per caller, holding the token on one line:
 //! ```text
@@ -10,11 +11,12 @@
 //! The directory is read again at most once a second, so tokens can be added and revoked while
 //! the control plane runs.
 //!
-//! A node proxy's certificate names its node: its SPIFFE URI is the node proxies' identity
-//! (`spiffe://<td>/ns/istio-system/sa/ztunnel`, the one istiod trusts to impersonate
-//! workloads) and its subject is `O=system:nodes, CN=system:node:<node-name>`, as Kubernetes
-//! names nodes in their client certificates. Only the CA puts that subject in, and only for a
-//! caller already authenticated as that node, so presenting the certificate proves the node.
+//! A node proxy's certificate names its node: its SPIFFE URI is a node proxy's service account
+//! (`spiffe://<td>/ns/istio-system/sa/ztunnel`, the one istiod trusts to impersonate workloads,
+//! which bootstrap tokens give, or another of [`NodeAccounts`]) and its subject is
+//! `O=system:nodes, CN=system:node:<node-name>`, as Kubernetes names nodes in their client
+//! certificates. Only the CA puts that subject in, and only for a caller already authenticated
+//! as that node, so presenting the certificate proves the node.
 
 use std::{
     collections::HashMap,
@@ -33,12 +35,15 @@ use rustls::{
 use tonic::{Status, metadata::MetadataMap};
 use tracing::warn;
 
-use super::{Identity, IssuedCert, tls::identity_of};
+use super::{Identity, IssuedCert, kube_tokens::KubeTokens, tls::identity_of};
 
 /// Namespace and service account of node proxies: Istio's ztunnel's, which is what istiod lets
 /// impersonate the workloads of its node.
 pub const NODE_PROXY_NAMESPACE: &str = "istio-system";
 pub const NODE_PROXY_SERVICE_ACCOUNT: &str = "ztunnel";
+/// The node proxies' service account in a strait install (its DaemonSet's), the default of
+/// `--node-service-account`.
+pub const STRAIT_NODE_ACCOUNT: (&str, &str) = ("strait-system", "strait-node");
 /// Prefix of the common name of a node proxy's certificate (Kubernetes' node naming).
 pub const NODE_COMMON_NAME_PREFIX: &str = "system:node:";
 /// Organization of a node proxy's certificate.
@@ -53,6 +58,36 @@ const TOKENS_REFRESH_ON_MISS: Duration = Duration::from_millis(100);
 /// The identity node proxies hold in `trust_domain`.
 pub fn node_proxy_identity(trust_domain: &str) -> Identity {
     Identity::new(trust_domain, NODE_PROXY_NAMESPACE, NODE_PROXY_SERVICE_ACCOUNT)
+}
+
+/// The service accounts node proxies run as: their tokens and certificates may name a node, and
+/// so impersonate the workloads of that node. Istio's `istio-system/ztunnel` always is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAccounts(Vec<(String, String)>);
+
+impl NodeAccounts {
+    pub fn new(accounts: Vec<(String, String)>) -> Self {
+        Self(accounts)
+    }
+
+    pub fn contains(&self, namespace: &str, service_account: &str) -> bool {
+        (namespace, service_account) == (NODE_PROXY_NAMESPACE, NODE_PROXY_SERVICE_ACCOUNT)
+            || self.0.iter().any(|(ns, sa)| ns == namespace && sa == service_account)
+    }
+
+    /// `namespace/service-account`, as `--node-service-account` takes it.
+    pub fn parse_account(text: &str) -> Result<(String, String), String> {
+        match text.split_once('/') {
+            Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => Ok((ns.into(), sa.into())),
+            _ => Err(format!("`{text}` is not <namespace>/<service-account>")),
+        }
+    }
+}
+
+impl Default for NodeAccounts {
+    fn default() -> Self {
+        Self(vec![(STRAIT_NODE_ACCOUNT.0.into(), STRAIT_NODE_ACCOUNT.1.into())])
+    }
 }
 
 /// An authenticated caller.
@@ -71,6 +106,8 @@ pub struct Caller {
 pub enum Credential {
     BootstrapToken,
     ClientCertificate,
+    /// A service-account token the Kubernetes API server verified (TokenReview).
+    KubernetesToken,
 }
 
 impl std::fmt::Display for Caller {
@@ -78,6 +115,7 @@ impl std::fmt::Display for Caller {
         let by = match self.by {
             Credential::BootstrapToken => "bootstrap token",
             Credential::ClientCertificate => "client certificate",
+            Credential::KubernetesToken => "Kubernetes token",
         };
         match &self.node {
             Some(node) => write!(f, "the node proxy of {node} (by {by})"),
@@ -92,7 +130,7 @@ impl std::fmt::Display for Caller {
 pub struct PeerCertificate(pub Caller);
 
 /// The caller named by a client certificate that chains to the mesh root (checked by TLS).
-pub fn caller_of_certificate(leaf: &CertificateDer<'_>) -> Result<Caller, String> {
+pub fn caller_of_certificate(leaf: &CertificateDer<'_>, node_accounts: &NodeAccounts) -> Result<Caller, String> {
     let identity = identity_of(leaf).map_err(|e| format!("client certificate: {e}"))?;
     let (_, x509) = x509_parser::parse_x509_certificate(leaf).map_err(|e| format!("client certificate: {e}"))?;
     let node = x509
@@ -102,11 +140,7 @@ pub fn caller_of_certificate(leaf: &CertificateDer<'_>) -> Result<Caller, String
         .find_map(|cn| cn.strip_prefix(NODE_COMMON_NAME_PREFIX))
         .map(str::to_owned);
     let node = match node {
-        Some(node)
-            if identity.namespace == NODE_PROXY_NAMESPACE && identity.service_account == NODE_PROXY_SERVICE_ACCOUNT =>
-        {
-            Some(node)
-        }
+        Some(node) if node_accounts.contains(&identity.namespace, &identity.service_account) => Some(node),
         Some(node) => {
             return Err(format!("client certificate names node {node} but is for {identity}, not a node proxy"));
         }
@@ -116,32 +150,43 @@ pub fn caller_of_certificate(leaf: &CertificateDer<'_>) -> Result<Caller, String
 }
 
 /// Authenticates callers of the control plane: a verified client certificate first, else a
-/// bootstrap token.
+/// bearer token.
+#[tonic::async_trait]
 pub trait Authenticate: Send + Sync {
-    fn authenticate(&self, extensions: &http::Extensions, metadata: &MetadataMap) -> Result<Caller, Status>;
+    async fn authenticate(&self, extensions: &http::Extensions, metadata: &MetadataMap) -> Result<Caller, Status>;
 }
 
-/// Bootstrap tokens from a directory (layout in the module docs), and client certificates.
+/// Client certificates, bootstrap tokens from a directory (layout in the module docs), and
+/// Kubernetes service-account tokens when the control plane runs with `--kubernetes`.
 pub struct CallerAuthenticator {
     trust_domain: String,
     tokens: Option<BootstrapTokens>,
+    kube: Option<KubeTokens>,
 }
 
 impl CallerAuthenticator {
     pub fn new(trust_domain: &str, token_dir: Option<&Path>) -> Self {
-        Self { trust_domain: trust_domain.to_owned(), tokens: token_dir.map(BootstrapTokens::new) }
+        Self { trust_domain: trust_domain.to_owned(), tokens: token_dir.map(BootstrapTokens::new), kube: None }
+    }
+
+    /// Also accepts service-account tokens, verified by the API server.
+    pub fn with_kubernetes(mut self, kube: KubeTokens) -> Self {
+        self.kube = Some(kube);
+        self
     }
 }
 
+#[tonic::async_trait]
 impl Authenticate for CallerAuthenticator {
-    fn authenticate(&self, extensions: &http::Extensions, metadata: &MetadataMap) -> Result<Caller, Status> {
+    async fn authenticate(&self, extensions: &http::Extensions, metadata: &MetadataMap) -> Result<Caller, Status> {
         if let Some(PeerCertificate(caller)) = extensions.get::<PeerCertificate>() {
             return Ok(caller.clone());
         }
         let Some(header) = metadata.get("authorization") else {
             return Err(Status::unauthenticated(
                 "no credential: present a client certificate issued by this control plane, or \
-                 `authorization: Bearer <token>` with a bootstrap token",
+                 `authorization: Bearer <token>` with a bootstrap token or a Kubernetes service-account token \
+                 (audience istio-ca)",
             ));
         };
         let token = header
@@ -150,12 +195,8 @@ impl Authenticate for CallerAuthenticator {
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or_else(|| Status::unauthenticated("the authorization metadata is not `Bearer <token>`"))?;
-        let Some(tokens) = &self.tokens else {
-            return Err(Status::unauthenticated(
-                "this control plane has no bootstrap tokens (--bootstrap-tokens): present a client certificate",
-            ));
-        };
-        match tokens.lookup(token) {
+        let holder = self.tokens.as_ref().and_then(|tokens| tokens.lookup(token));
+        match holder {
             Some(Holder::Node(node)) => Ok(Caller {
                 identity: node_proxy_identity(&self.trust_domain),
                 node: Some(node),
@@ -166,7 +207,14 @@ impl Authenticate for CallerAuthenticator {
                 node: None,
                 by: Credential::BootstrapToken,
             }),
-            None => Err(Status::unauthenticated("bootstrap token not accepted by this control plane")),
+            None => match (&self.kube, &self.tokens) {
+                (Some(kube), _) => kube.authenticate(token, metadata).await,
+                (None, Some(_)) => Err(Status::unauthenticated("bootstrap token not accepted by this control plane")),
+                (None, None) => Err(Status::unauthenticated(
+                    "this control plane has no bootstrap tokens (--bootstrap-tokens) and does not verify Kubernetes \
+                     tokens (--kubernetes): present a client certificate",
+                )),
+            },
         }
     }
 }
@@ -210,7 +258,7 @@ impl BootstrapTokens {
     }
 }
 
-fn digest(token: &str) -> [u8; 32] {
+pub(super) fn digest(token: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(::ring::digest::digest(&::ring::digest::SHA256, token.trim().as_bytes()).as_ref());
     out
@@ -337,8 +385,8 @@ mod tests {
 
     // The documented layout: nodes/<node>, serviceaccounts/<ns>/<sa>; shared tokens count for
     // nobody; files added later are found.
-    #[test]
-    fn tokens_name_nodes_and_service_accounts() {
+    #[tokio::test]
+    async fn tokens_name_nodes_and_service_accounts() {
         let dir = temp("tokens");
         fs::create_dir_all(dir.join("nodes")).expect("mkdir");
         fs::create_dir_all(dir.join("serviceaccounts/shop")).expect("mkdir");
@@ -348,13 +396,13 @@ mod tests {
         fs::write(dir.join("serviceaccounts/shop/other"), "shared").expect("write");
         let auth = CallerAuthenticator::new("cluster.local", Some(&dir));
         let ext = http::Extensions::new();
-        let node1 = auth.authenticate(&ext, &metadata(Some("n1-secret"))).expect("node1");
+        let node1 = auth.authenticate(&ext, &metadata(Some("n1-secret"))).await.expect("node1");
         assert_eq!(node1.node.as_deref(), Some("node1"));
         assert_eq!(node1.identity, node_proxy_identity("cluster.local"));
-        let wp = auth.authenticate(&ext, &metadata(Some("wp-secret"))).expect("waypoint");
+        let wp = auth.authenticate(&ext, &metadata(Some("wp-secret"))).await.expect("waypoint");
         assert_eq!((wp.identity, wp.node), (Identity::new("cluster.local", "shop", "waypoint"), None));
         for bad in [Some("shared"), Some("nope"), None] {
-            let err = auth.authenticate(&ext, &metadata(bad)).expect_err("refused");
+            let err = auth.authenticate(&ext, &metadata(bad)).await.expect_err("refused");
             assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
         let _ = fs::remove_dir_all(&dir);
@@ -362,22 +410,30 @@ mod tests {
 
     // A node proxy's certificate names its node; a workload's names none; the certificate wins
     // over a token.
-    #[test]
-    fn certificates_name_their_caller() {
+    #[tokio::test]
+    async fn certificates_name_their_caller() {
         let dir = temp("certs");
         let ca = LocalCa::load_or_create(&dir, "cluster.local").expect("ca");
         let node = ca.issue_for_node(&node_proxy_identity("cluster.local"), "node7", Duration::from_secs(60));
         let node = node.expect("issue");
-        let caller = caller_of_certificate(&node.chain[0]).expect("caller");
+        let caller = caller_of_certificate(&node.chain[0], &NodeAccounts::default()).expect("caller");
         assert_eq!(caller.node.as_deref(), Some("node7"));
         let workload =
             ca.issue_local(&Identity::new("cluster.local", "a", "b"), Duration::from_secs(60)).expect("issue");
-        let caller = caller_of_certificate(&workload.chain[0]).expect("caller");
+        let caller = caller_of_certificate(&workload.chain[0], &NodeAccounts::default()).expect("caller");
         assert_eq!(caller.node, None);
+        // A node certificate is believed only for a node proxy's service account.
+        let strait_node = Identity::new("cluster.local", "strait-system", "strait-node");
+        let cert = ca.issue_for_node(&strait_node, "node8", Duration::from_secs(60)).expect("issue");
+        let named = caller_of_certificate(&cert.chain[0], &NodeAccounts::default()).expect("caller");
+        assert_eq!((named.identity, named.node.as_deref()), (strait_node, Some("node8")));
+        let only_istio = NodeAccounts::new(Vec::new());
+        let refused = caller_of_certificate(&cert.chain[0], &only_istio).expect_err("not a node account");
+        assert!(refused.contains("not a node proxy"), "{refused}");
         let mut ext = http::Extensions::new();
         ext.insert(PeerCertificate(caller.clone()));
         let auth = CallerAuthenticator::new("cluster.local", None);
-        assert_eq!(auth.authenticate(&ext, &metadata(Some("whatever"))).expect("cert"), caller);
+        assert_eq!(auth.authenticate(&ext, &metadata(Some("whatever"))).await.expect("cert"), caller);
         let _ = fs::remove_dir_all(&dir);
     }
 }

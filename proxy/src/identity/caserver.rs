@@ -151,9 +151,10 @@ pub struct Grant {
 }
 
 /// Decides who gets a certificate for which identity.
+#[tonic::async_trait]
 pub trait CaPolicy: Send + Sync {
     /// `requested` is the `ImpersonatedIdentity`, already checked to be in the trust domain.
-    fn authorize(
+    async fn authorize(
         &self,
         extensions: &http::Extensions,
         metadata: &tonic::metadata::MetadataMap,
@@ -164,8 +165,9 @@ pub trait CaPolicy: Send + Sync {
 /// One bearer token for every caller, which may then ask for any identity (node mode only).
 pub struct SharedToken(pub Option<String>);
 
+#[tonic::async_trait]
 impl CaPolicy for SharedToken {
-    fn authorize(
+    async fn authorize(
         &self,
         _extensions: &http::Extensions,
         metadata: &tonic::metadata::MetadataMap,
@@ -191,17 +193,18 @@ pub struct CallerPolicy<F> {
     pub pods_on_node: F,
 }
 
+#[tonic::async_trait]
 impl<F> CaPolicy for CallerPolicy<F>
 where
     F: Fn(&str, &Identity) -> bool + Send + Sync,
 {
-    fn authorize(
+    async fn authorize(
         &self,
         extensions: &http::Extensions,
         metadata: &tonic::metadata::MetadataMap,
         requested: Option<Identity>,
     ) -> Result<Grant, Status> {
-        let caller = self.authenticator.authenticate(extensions, metadata)?;
+        let caller = self.authenticator.authenticate(extensions, metadata).await?;
         authorize_caller(&caller, requested, &self.pods_on_node)
     }
 }
@@ -243,7 +246,7 @@ impl IstioCertificateService for CaService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let requested = requested_identity(request.get_ref(), self.ca.trust_domain())?;
-        let grant = match self.policy.authorize(request.extensions(), request.metadata(), requested) {
+        let grant = match self.policy.authorize(request.extensions(), request.metadata(), requested).await {
             Ok(grant) => grant,
             Err(status) => {
                 warn!("CA API: refused: {}", status.message());
@@ -422,8 +425,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn identity_comes_from_impersonation_metadata_in_our_trust_domain() {
+    #[tokio::test]
+    async fn identity_comes_from_impersonation_metadata_in_our_trust_domain() {
         let ok = request(Some(Kind::StringValue("spiffe://cluster.local/ns/a/sa/b".into())));
         let want = Some(Identity::new("cluster.local", "a", "b"));
         assert_eq!(requested_identity(&ok, "cluster.local").expect("valid"), want);
@@ -431,7 +434,7 @@ mod tests {
         let shared = SharedToken(Some("t".into()));
         let mut metadata = tonic::metadata::MetadataMap::new();
         metadata.insert("authorization", "Bearer t".parse().expect("ascii"));
-        let refused = shared.authorize(&http::Extensions::new(), &metadata, None).expect_err("node mode only");
+        let refused = shared.authorize(&http::Extensions::new(), &metadata, None).await.expect_err("node mode only");
         assert_eq!(refused.code(), Code::Unauthenticated);
         let cases = [
             (request(Some(Kind::BoolValue(true))), Code::InvalidArgument),

@@ -5,6 +5,7 @@ mod ca;
 mod caclient;
 pub mod caller;
 pub mod caserver;
+pub mod kube_tokens;
 mod renewal;
 mod store;
 mod tls;
@@ -16,8 +17,10 @@ use thiserror::Error;
 
 pub use ca::LocalCa;
 pub(crate) use ca::parse_certs;
-pub use caclient::{CaClientOptions, DEFAULT_CA_PORT, IstioCaClient, keep_own_certificate};
-pub use caller::{Authenticate, Caller, CallerAuthenticator, ClientCertSlot, PeerCertificate, node_proxy_identity};
+pub use caclient::{BearerToken, CaClientOptions, DEFAULT_CA_PORT, IstioCaClient, keep_own_certificate};
+pub use caller::{
+    Authenticate, Caller, CallerAuthenticator, ClientCertSlot, NodeAccounts, PeerCertificate, node_proxy_identity,
+};
 pub use caserver::{CA_SERVER_NAMES, CaServerOptions, IMPERSONATED_IDENTITY, serve_ca};
 pub use store::{CertStore, PendingCert};
 pub use tls::{ALPN_H2, TlsSettings, peer_identity};

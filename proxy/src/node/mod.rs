@@ -36,8 +36,8 @@ use crate::{
     capture::{self, Capture, SteerRouting},
     hbone::HbonePool,
     identity::{
-        CaClientOptions, CaServerOptions, CertStore, CertificateProvider, ClientCertSlot, IstioCaClient, LocalCa,
-        serve_ca,
+        BearerToken, CaClientOptions, CaServerOptions, CertStore, CertificateProvider, ClientCertSlot, IstioCaClient,
+        LocalCa, serve_ca,
     },
     model::{self, Model, ModelHandle},
     sys,
@@ -104,8 +104,8 @@ pub struct ControlPlane {
     pub root: PathBuf,
     /// The name to verify in its certificate, when not the address's host.
     pub server_name: Option<String>,
-    /// Bootstrap token (until the proxy holds a certificate of its own).
-    pub token: Option<String>,
+    /// Bootstrap or Kubernetes token (until the proxy holds a certificate of its own).
+    pub token: Option<BearerToken>,
 }
 
 impl std::fmt::Display for ConfigSource {
@@ -144,7 +144,7 @@ pub enum CaSource {
     /// proxies presenting `token`.
     Local { dir: PathBuf, listen: Option<SocketAddr>, token: Option<String> },
     /// A remote CA speaking Istio's CA API (istiod, `strait control`, or another strait node).
-    Remote { address: String, root: PathBuf, token: Option<String>, server_name: Option<String> },
+    Remote { address: String, root: PathBuf, token: Option<BearerToken>, server_name: Option<String> },
 }
 
 impl CaSource {
@@ -469,16 +469,28 @@ async fn wait_for_shutdown(
     }
 }
 
-/// The node proxy's own certificate (`spiffe://<td>/ns/istio-system/sa/ztunnel`, naming its
-/// node), asked for with the bootstrap token and kept renewed; waits for the first attempt, as
-/// the xDS stream is better opened with it, but carries on with the token if it fails.
+/// The node proxy's own certificate (naming its node), asked for with the bootstrap or
+/// Kubernetes token and kept renewed; waits for the first attempt, as the xDS stream is better
+/// opened with it, but carries on with the token if it fails.
 async fn obtain_own_certificate(ca: Arc<IstioCaClient>, options: &NodeOptions, slot: Arc<ClientCertSlot>) {
     let (first_tx, first) = tokio::sync::oneshot::channel();
-    let identity = crate::identity::node_proxy_identity(&options.trust_domain);
+    let identity = own_identity(&options.trust_domain);
     tokio::spawn(crate::identity::keep_own_certificate(ca, identity, options.cert_ttl, slot, first_tx));
     match tokio::time::timeout(Duration::from_secs(10), first).await {
         Ok(Ok(Ok(()))) => {}
         _ => warn!("no certificate of this node proxy yet: authenticating to the control plane with the token"),
+    }
+}
+
+/// The node proxy's identity: its pod's service account where Kubernetes' downward API names
+/// it (`POD_NAMESPACE` and `SERVICE_ACCOUNT`, as ztunnel reads them), which is what its
+/// Kubernetes token proves (ID-2); else the node proxies' identity bootstrap tokens give
+/// (`spiffe://<td>/ns/istio-system/sa/ztunnel`).
+fn own_identity(trust_domain: &str) -> crate::identity::Identity {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    match (env("POD_NAMESPACE"), env("SERVICE_ACCOUNT")) {
+        (Some(namespace), Some(account)) => crate::identity::Identity::new(trust_domain, &namespace, &account),
+        _ => crate::identity::node_proxy_identity(trust_domain),
     }
 }
 

@@ -71,8 +71,8 @@ pub struct XdsClientOptions {
     pub root: PathBuf,
     /// The name to verify in the server's certificate when it differs from the address's host.
     pub server_name: Option<String>,
-    /// Sent as `authorization: Bearer <token>`.
-    pub token: Option<String>,
+    /// Sent as `authorization: Bearer <token>`, read afresh for each stream.
+    pub token: Option<crate::identity::BearerToken>,
     /// The proxy's own certificate, presented when set.
     pub client_cert: Option<Arc<ClientCertSlot>>,
     /// Sent in the first request of each type.
@@ -239,10 +239,7 @@ impl XdsClient {
         }
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         if let Some(token) = &self.options.token {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| fail("the token is not valid in a gRPC header".into()))?;
-            request.metadata_mut().insert("authorization", value);
+            request.metadata_mut().insert("authorization", token.metadata().map_err(fail)?);
         }
         let opened = async {
             let channel = self.connect().await?;

@@ -186,7 +186,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let caller = match self.authenticator.authenticate(request.extensions(), request.metadata()) {
+        let caller = match self.authenticator.authenticate(request.extensions(), request.metadata()).await {
             Ok(caller) => caller,
             Err(status) => {
                 warn!("ADS: refused a stream: {}", status.message());

@@ -84,7 +84,7 @@ async fn start(dir: &TempDir, ca: Arc<LocalCa>, initial: Arc<Snapshot>, addr: Op
     let routes =
         vec![("/envoy.service.discovery.v3.AggregatedDiscoveryService/", GrpcService::new(ads.into_service()))];
     let tls = server_tls(ca.clone(), vec!["127.0.0.1".parse().expect("ip")]).expect("tls");
-    let task = tokio::spawn(serve(listener, tls, routes));
+    let task = tokio::spawn(serve(listener, tls, routes, crate::identity::NodeAccounts::default()));
     Fixture { ca, addr, snapshots, metrics, task }
 }
 
@@ -93,7 +93,7 @@ fn options(fixture: &Fixture, token: Option<&str>, node: &str) -> XdsClientOptio
         address: format!("https://{}", fixture.addr),
         root: fixture.ca.root_cert_path(),
         server_name: None,
-        token: token.map(str::to_owned),
+        token: token.map(crate::identity::BearerToken::from),
         client_cert: None,
         node: proxy_node("ztunnel", "10.0.0.1", "ztunnel-x", "istio-system", Some(node), &[]),
         type_urls: vec![ADDRESS_TYPE_URL.to_owned(), AUTHORIZATION_TYPE_URL.to_owned()],

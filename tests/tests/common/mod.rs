@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use strait_proto::prost_types::{Struct, Value, value::Kind};
 use strait_testbed::{Node, Pod, Process, Topology, bin_path, k8s};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -431,4 +432,32 @@ impl Control {
         let prefix = format!("{name}{{{labels}}} ");
         Ok(text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0))
     }
+}
+
+/// A certificate signing request for a fresh P-256 key, as a CA API request carries it.
+pub fn csr() -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.serialize_request(&key).and_then(|c| c.pem()).expect("csr")
+}
+
+/// The CA API metadata asking for `identity` (node mode).
+pub fn impersonating(identity: &str) -> Option<Struct> {
+    let value = Value { kind: Some(Kind::StringValue(identity.to_owned())) };
+    Some(Struct { fields: [("ImpersonatedIdentity".to_owned(), value)].into() })
+}
+
+/// The subject and subjectAltName of the first certificate of a PEM chain, as openssl prints
+/// them.
+pub fn certificate_text(pem: &str) -> String {
+    let path = std::env::temp_dir().join(format!("strait-control-test-{}-{}.pem", std::process::id(), pem.len()));
+    std::fs::write(&path, pem).expect("write");
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-ext", "subjectAltName", "-in"])
+        .arg(&path)
+        .output()
+        .expect("openssl");
+    let _ = std::fs::remove_file(&path);
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
