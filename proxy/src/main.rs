@@ -211,6 +211,13 @@ struct ControlArgs {
     /// Read again at most once a second.
     #[arg(long)]
     bootstrap_tokens: Option<PathBuf>,
+    /// With --kubernetes: the image of the waypoints reconciled from Gateways of class
+    /// istio-waypoint or strait-waypoint.
+    #[arg(long, default_value = concat!("strait:", env!("CARGO_PKG_VERSION")))]
+    waypoint_image: String,
+    /// With --kubernetes: where those waypoints follow the control plane (its Service).
+    #[arg(long, default_value = "https://strait-control.strait-system.svc:15012")]
+    waypoint_xds_address: String,
     /// Worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
@@ -425,6 +432,8 @@ fn run_control(args: ControlArgs) -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         cert_ttl: args.cert_ttl,
         bootstrap_tokens: args.bootstrap_tokens,
+        waypoint_image: args.waypoint_image,
+        waypoint_xds_address: args.waypoint_xds_address,
     };
     rt.block_on(strait::control::run(options))
 }
