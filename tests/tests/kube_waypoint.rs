@@ -175,7 +175,7 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
 
     // The data path: node proxies and the waypoint follow the control plane.
     let _p1 = control.start_node(&topo, &n1)?;
-    let _p2 = control.start_node(&topo, &n2)?;
+    let p2 = control.start_node(&topo, &n2)?;
     let waypoint = control.start_waypoint(&waypoint_pod, "waypoint", "shop")?;
     let vs = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n\
               spec:\n  hosts: [reviews]\n  http:\n  - match:\n    - headers:\n        x-version: {exact: v2}\n    \
@@ -195,6 +195,16 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
     let plain = client.echo_get(&url, 10, &[])?;
     assert_eq!(plain.served("reviews-v1"), 10, "{plain:?}");
     wait_request_lines(&waypoint, &["route=shop/reviews"], before + 20)?;
+
+    // The Gateway says istio.io/waypoint-for: service (istioctl's): traffic to a pod's own IP
+    // goes straight to it, the client's identity reaching the pod's node.
+    let direct = client.echo_get(&format!("http://{}:9080/direct", reviews_v1.ip()), 3, &[])?;
+    assert_eq!(direct.served("reviews-v1"), 3, "{direct:?}");
+    let dst = format!("dst.addr={}:9080", reviews_v1.ip());
+    let line = common::wait_access_line(&p2, &["inbound", &dst, "src.identity=spiffe://cluster.local/ns/mesh/sa/client"], TIMEOUT)?;
+    assert!(line.contains("security=mutual_tls"), "{line}");
+    thread::sleep(Duration::from_millis(300));
+    assert!(common::request_lines(&waypoint, &["path=\"/direct\""]).is_empty(), "{}", waypoint.log_tail());
 
     // Deleted: no longer reconciled. The garbage collector would delete its objects (their owner
     // references name it); here the Deployment is deleted as it would, and stays deleted.

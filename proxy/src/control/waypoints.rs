@@ -38,11 +38,10 @@ use crate::model::waypoints::WAYPOINT_POD_LABEL;
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 /// Gateway classes strait runs waypoints for: Istio's (so Gateways written for Istio work
 /// unchanged) and strait's own.
-pub const WAYPOINT_CLASSES: [&str; 2] = ["istio-waypoint", "strait-waypoint"];
+pub const WAYPOINT_CLASSES: [&str; 2] = crate::config::WAYPOINT_GATEWAY_CLASSES;
 /// The class `strait ctl waypoint apply` writes, as istioctl does.
 pub const DEFAULT_CLASS: &str = WAYPOINT_CLASSES[0];
-/// What traffic a waypoint handles; istioctl's default is `service`.
-pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
+pub use crate::model::waypoints::WAYPOINT_FOR_LABEL;
 /// The one listener of a waypoint Gateway: HBONE on 15008, named as istioctl names it.
 pub const MESH_LISTENER: &str = "mesh";
 pub const HBONE_PORT: u16 = 15008;
