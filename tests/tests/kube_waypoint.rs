@@ -11,8 +11,7 @@
 mod common;
 
 use std::{
-    io,
-    thread,
+    io, thread,
     time::{Duration, Instant},
 };
 
@@ -46,9 +45,9 @@ fn start_control(topo: &Topology, control: &Control, api: &KubeApi) -> io::Resul
     let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
     let env = [("STRAIT_LOG", "info"), ("KUBECONFIG", kubeconfig.as_str())];
     let process = control.node.spawn("strait-control", bin_path("strait"), &args, &env)?;
-    process.wait_for_log("strait control ready", TIMEOUT).map_err(|e| {
-        io::Error::other(format!("{e}: {}\n{}", process.log_tail(), topo.dir().display()))
-    })?;
+    process
+        .wait_for_log("strait control ready", TIMEOUT)
+        .map_err(|e| io::Error::other(format!("{e}: {}\n{}", process.log_tail(), topo.dir().display())))?;
     process.wait_for_log("waypoints: reconciling Gateways", TIMEOUT)?;
     Ok(process)
 }
@@ -67,10 +66,10 @@ fn wait_json(api: &KubeApi, get: &[&str], what: &str, done: impl Fn(&Value) -> b
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let last = api.kubectl(get).map(|text| json(&text));
-        if let Ok(object) = &last {
-            if done(object) {
-                return Ok(object.clone());
-            }
+        if let Ok(object) = &last
+            && done(object)
+        {
+            return Ok(object.clone());
         }
         if Instant::now() > deadline {
             return Err(io::Error::other(format!("{what}: not after {TIMEOUT:?}; last: {last:?}")));
@@ -122,12 +121,17 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
     // istioctl's Gateway, and the namespace enrolled.
     let out = ctl(&control.node, &api, &["waypoint", "apply", "-n", "shop", "--enroll-namespace"])?;
     assert!(out.contains("waypoint shop/waypoint applied"), "{out}");
-    let gateway = json(&api.kubectl(&["get", "gateway.gateway.networking.k8s.io", "-n", "shop", "waypoint", "-o", "json"])?);
+    let gateway =
+        json(&api.kubectl(&["get", "gateway.gateway.networking.k8s.io", "-n", "shop", "waypoint", "-o", "json"])?);
     assert_eq!(gateway["apiVersion"], "gateway.networking.k8s.io/v1");
     assert_eq!(gateway["spec"]["gatewayClassName"], "istio-waypoint");
     assert_eq!(gateway["metadata"]["labels"]["istio.io/waypoint-for"], "service");
     let listeners = &gateway["spec"]["listeners"];
-    assert_eq!((listeners[0]["name"].as_str(), listeners[0]["port"].as_u64()), (Some("mesh"), Some(15008)), "{listeners}");
+    assert_eq!(
+        (listeners[0]["name"].as_str(), listeners[0]["port"].as_u64()),
+        (Some("mesh"), Some(15008)),
+        "{listeners}"
+    );
     assert_eq!(listeners[0]["protocol"], "HBONE");
     let ns = json(&api.kubectl(&["get", "namespace", "shop", "-o", "json"])?);
     assert_eq!(ns["metadata"]["labels"]["istio.io/use-waypoint"], "waypoint");
@@ -147,7 +151,8 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
     }
     let service = json(&api.kubectl(&["get", "service", "-n", "shop", "waypoint", "-o", "json"])?);
     let cluster_ip = service["spec"]["clusterIP"].as_str().expect("a cluster IP").to_owned();
-    let ports: Vec<u64> = service["spec"]["ports"].as_array().expect("ports").iter().filter_map(|p| p["port"].as_u64()).collect();
+    let ports: Vec<u64> =
+        service["spec"]["ports"].as_array().expect("ports").iter().filter_map(|p| p["port"].as_u64()).collect();
     assert_eq!(ports, [15021, 15008]);
     let deployment = json(&api.kubectl(&["get", "deployment", "-n", "shop", "waypoint", "-o", "json"])?);
     let template = &deployment["spec"]["template"];
@@ -156,22 +161,59 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
 
     // Not ready yet: Accepted, not Programmed.
     let get_gateway = ["get", "gateway.gateway.networking.k8s.io", "-n", "shop", "waypoint", "-o", "json"];
-    let pending = wait_json(&api, &get_gateway, "Accepted", |g| condition(g, "Accepted").is_some_and(|c| c["status"] == "True"))?;
+    let pending =
+        wait_json(&api, &get_gateway, "Accepted", |g| condition(g, "Accepted").is_some_and(|c| c["status"] == "True"))?;
     let programmed = condition(&pending, "Programmed").expect("Programmed told");
-    assert_eq!((programmed["status"].as_str(), programmed["reason"].as_str()), (Some("False"), Some("Pending")), "{programmed}");
+    assert_eq!(
+        (programmed["status"].as_str(), programmed["reason"].as_str()),
+        (Some("False"), Some("Pending")),
+        "{programmed}"
+    );
+
+    let e = ctl(&control.node, &api, &["waypoint", "apply", "-n", "shop", "--wait", "--timeout", "1s"])
+        .expect_err("not ready yet");
+    assert!(
+        e.to_string()
+            .contains("waypoint shop/waypoint not ready after 1s: waiting for the waypoint's Deployment: 0 of 1"),
+        "{e}"
+    );
 
     // What the Deployment controller and the ReplicaSet's pod would do.
     let status = r#"{"status":{"observedGeneration":1,"replicas":1,"updatedReplicas":1,"readyReplicas":1,"availableReplicas":1}}"#;
-    api.kubectl(&["patch", "deployment", "-n", "shop", "waypoint", "--subresource=status", "--type=merge", "-p", status])?;
-    create_pod(&api, &waypoint_pod, "waypoint-5d8f7-abcde", "shop", "waypoint", &[("gateway.networking.k8s.io/gateway-name", "waypoint")])?;
-    let ready = wait_json(&api, &get_gateway, "Programmed", |g| condition(g, "Programmed").is_some_and(|c| c["status"] == "True"))?;
+    api.kubectl(&[
+        "patch",
+        "deployment",
+        "-n",
+        "shop",
+        "waypoint",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        status,
+    ])?;
+    create_pod(
+        &api,
+        &waypoint_pod,
+        "waypoint-5d8f7-abcde",
+        "shop",
+        "waypoint",
+        &[("gateway.networking.k8s.io/gateway-name", "waypoint")],
+    )?;
+    let ready = wait_json(&api, &get_gateway, "Programmed", |g| {
+        condition(g, "Programmed").is_some_and(|c| c["status"] == "True")
+    })?;
     assert_eq!(ready["status"]["addresses"], serde_json::json!([{"type": "IPAddress", "value": cluster_ip}]));
     let accepted = condition(&ready, "Accepted").expect("Accepted");
-    assert_eq!(accepted["lastTransitionTime"], condition(&pending, "Accepted").expect("Accepted")["lastTransitionTime"]);
+    assert_eq!(
+        accepted["lastTransitionTime"],
+        condition(&pending, "Accepted").expect("Accepted")["lastTransitionTime"]
+    );
     let listed = ctl(&control.node, &api, &["waypoint", "list", "-n", "shop"])?;
     let row: Vec<&str> = listed.lines().nth(1).unwrap_or_default().split_whitespace().collect();
     assert_eq!(row, ["waypoint", "istio-waypoint", "True", cluster_ip.as_str()], "{listed}");
     control_process.wait_for_log("waypoints: Gateway shop/waypoint programmed", TIMEOUT)?;
+    let out = ctl(&control.node, &api, &["waypoint", "apply", "-n", "shop", "--wait"])?;
+    assert!(out.contains("waypoint shop/waypoint is ready"), "{out}");
 
     // The data path: node proxies and the waypoint follow the control plane.
     let _p1 = control.start_node(&topo, &n1)?;
@@ -201,7 +243,11 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
     let direct = client.echo_get(&format!("http://{}:9080/direct", reviews_v1.ip()), 3, &[])?;
     assert_eq!(direct.served("reviews-v1"), 3, "{direct:?}");
     let dst = format!("dst.addr={}:9080", reviews_v1.ip());
-    let line = common::wait_access_line(&p2, &["inbound", &dst, "src.identity=spiffe://cluster.local/ns/mesh/sa/client"], TIMEOUT)?;
+    let line = common::wait_access_line(
+        &p2,
+        &["inbound", &dst, "src.identity=spiffe://cluster.local/ns/mesh/sa/client"],
+        TIMEOUT,
+    )?;
     assert!(line.contains("security=mutual_tls"), "{line}");
     thread::sleep(Duration::from_millis(300));
     assert!(common::request_lines(&waypoint, &["path=\"/direct\""]).is_empty(), "{}", waypoint.log_tail());
@@ -244,7 +290,8 @@ fn gateways_it_cannot_run_are_told_and_others_left_alone() -> io::Result<()> {
     control_process.wait_for_log("waypoints: Gateway shop/my.waypoint refused: metadata.name", TIMEOUT)?;
     let deployments = api.kubectl(&["get", "deployments,services", "-n", "shop", "-o", "name"])?;
     assert!(deployments.trim().is_empty(), "{deployments}");
-    let ingress = json(&api.kubectl(&["get", "gateway.gateway.networking.k8s.io", "-n", "shop", "ingress", "-o", "json"])?);
+    let ingress =
+        json(&api.kubectl(&["get", "gateway.gateway.networking.k8s.io", "-n", "shop", "ingress", "-o", "json"])?);
     assert!(ingress.get("status").is_none_or(|s| s.get("conditions").is_none()), "another class: {ingress}");
 
     let e = ctl(&control.node, &api, &["waypoint", "apply", "-n", "nowhere"]).expect_err("no such namespace");

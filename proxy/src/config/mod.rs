@@ -139,7 +139,10 @@ pub enum Resource {
     DestinationRule(DestinationRule),
     /// Only of a waypoint class: other Gateways are `Other` until GWAPI-1.
     Gateway(Gateway),
-    Other { api_version: String, kind: String },
+    Other {
+        api_version: String,
+        kind: String,
+    },
 }
 
 impl Resource {

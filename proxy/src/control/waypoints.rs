@@ -165,7 +165,8 @@ pub fn render(template: &str, values: &TemplateValues) -> Result<Vec<Value>, Str
     }
     let mut objects = Vec::new();
     for document in serde_yaml_ng::Deserializer::from_str(&text) {
-        let value: Value = serde::Deserialize::deserialize(document).map_err(|e| format!("the waypoint template: {e}"))?;
+        let value: Value =
+            serde::Deserialize::deserialize(document).map_err(|e| format!("the waypoint template: {e}"))?;
         if !value.is_null() {
             objects.push(value);
         }
@@ -227,8 +228,11 @@ pub fn gateway_status(current: Option<&Value>, generation: Option<i64>, seen: &O
         .filter(|ip| !ip.is_empty() && *ip != "None")
         .map(|ip| json!({"type": "IPAddress", "value": ip}))
         .collect();
-    let old_conditions: Vec<&Value> =
-        current.and_then(|s| s.get("conditions")).and_then(Value::as_array).map(|c| c.iter().collect()).unwrap_or_default();
+    let old_conditions: Vec<&Value> = current
+        .and_then(|s| s.get("conditions"))
+        .and_then(Value::as_array)
+        .map(|c| c.iter().collect())
+        .unwrap_or_default();
     let mut changed = current.and_then(|s| s.get("addresses")).cloned().unwrap_or(json!([])) != json!(addresses);
     for new in &mut conditions {
         let old = old_conditions.iter().find(|c| c.get("type") == new.get("type"));
@@ -358,7 +362,8 @@ async fn watch_gateways(client: Client, version: String, shared: Arc<Shared>) {
 /// A Deployment's readiness changes its Gateway's status: its owner is reconciled again.
 async fn watch_deployments(client: Client, shared: Arc<Shared>) {
     let api: Api<Deployment> = Api::all(client);
-    let config = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by=strait,{WAYPOINT_POD_LABEL}"));
+    let config =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by=strait,{WAYPOINT_POD_LABEL}"));
     let mut events = std::pin::pin!(watcher(api, config));
     while let Some(event) = events.next().await {
         match event {
@@ -516,7 +521,8 @@ async fn reconcile(
     let Some(status) = gateway_status(gateway.data.get("status"), gateway.metadata.generation, &seen, &now) else {
         return Ok((seen, false));
     };
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &gateway_resource(version_of(api_version)));
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &namespace, &gateway_resource(version_of(api_version)));
     // A merge patch of status only: the spec stays its user's.
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": status })))
         .await
@@ -614,7 +620,10 @@ mod tests {
         let ready = gateway_status(Some(&pending), Some(1), &seen, "T3").expect("programmed");
         assert_eq!(ready["conditions"][0]["lastTransitionTime"], "T1", "Accepted did not change");
         assert_eq!(ready["conditions"][1]["lastTransitionTime"], "T3");
-        assert_eq!((ready["conditions"][1]["status"].as_str(), ready["conditions"][1]["reason"].as_str()), (Some("True"), Some("Programmed")));
+        assert_eq!(
+            (ready["conditions"][1]["status"].as_str(), ready["conditions"][1]["reason"].as_str()),
+            (Some("True"), Some("Programmed"))
+        );
         seen.invalid = Some("metadata.name: bad".into());
         let invalid = gateway_status(Some(&ready), Some(2), &seen, "T4").expect("invalid");
         assert_eq!(invalid["conditions"][0]["reason"], "Invalid");

@@ -118,7 +118,13 @@ fn programmed(gateway: &DynamicObject) -> Option<(String, String)> {
     Some((field("status"), field("message")))
 }
 
-async fn wait_programmed(client: &Client, version: &str, ns: &str, name: &str, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_programmed(
+    client: &Client,
+    version: &str,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let api = gateways(client, version, ns);
     let deadline = Instant::now() + timeout;
     loop {
@@ -180,7 +186,9 @@ async fn delete(client: &Client, version: &str, ns: &str, names: &[String]) -> a
         if waypoint_class(&gateway).is_none() {
             bail!("Gateway {ns}/{name} is not a waypoint (its class is not {})", WAYPOINT_CLASSES.join(" or "));
         }
-        api.delete(name, &DeleteParams::default()).await.with_context(|| format!("cannot delete Gateway {ns}/{name}"))?;
+        api.delete(name, &DeleteParams::default())
+            .await
+            .with_context(|| format!("cannot delete Gateway {ns}/{name}"))?;
         println!("waypoint {ns}/{name} deleted");
     }
     Ok(())

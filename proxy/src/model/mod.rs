@@ -277,14 +277,8 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
         model.workloads.push(workload);
     }
     model.waypoints = waypoints::collect_waypoints(&model.workloads);
-    model.services = services::compile_services(
-        resources,
-        &model.workloads,
-        &pod_ports,
-        &namespaces,
-        &declared,
-        &mut diagnostics,
-    );
+    model.services =
+        services::compile_services(resources, &model.workloads, &pod_ports, &namespaces, &declared, &mut diagnostics);
     model.routing = routes::compile_routing(resources, &model.services, &mut diagnostics);
     model.security = security::compile_security(resources, &model.workloads, &options.root_namespace, &mut diagnostics);
     for service in &model.services {

@@ -79,7 +79,9 @@ pub fn declared_waypoints(
                 diagnostics.push(Diagnostic::warning(
                     located.origin.clone(),
                     Some(&format!("metadata.labels.{WAYPOINT_FOR_LABEL}")),
-                    format!("unknown value `{other}` (service, workload, all or none); the waypoint takes service traffic"),
+                    format!(
+                        "unknown value `{other}` (service, workload, all or none); the waypoint takes service traffic"
+                    ),
                 ));
                 WaypointFor::Service
             }
@@ -217,7 +219,8 @@ mod tests {
         let (resources, diagnostics) = crate::config::parse_file(path, &[MESH, &gateway("nginx", None)].concat());
         assert!(matches!(resources.last().map(|r| &r.resource), Some(Resource::Other { .. })));
         assert!(diagnostics.iter().any(|d| d.message.contains("not supported yet")), "{diagnostics:?}");
-        let (resources, _) = crate::config::parse_file(path, &[MESH, &gateway("istio-waypoint", Some("pods"))].concat());
+        let (resources, _) =
+            crate::config::parse_file(path, &[MESH, &gateway("istio-waypoint", Some("pods"))].concat());
         let (model, diagnostics) = crate::model::compile(&resources);
         let warning = diagnostics.iter().find(|d| d.message.contains("`pods`")).expect("a warning");
         assert_eq!(warning.field.as_deref(), Some("metadata.labels.istio.io/waypoint-for"));
