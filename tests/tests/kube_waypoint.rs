@@ -119,6 +119,7 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
     let control_process = start_control(&topo, &control, &api)?;
 
     // istioctl's Gateway, and the namespace enrolled.
+    let applied = Instant::now();
     let out = ctl(&control.node, &api, &["waypoint", "apply", "-n", "shop", "--enroll-namespace"])?;
     assert!(out.contains("waypoint shop/waypoint applied"), "{out}");
     let gateway =
@@ -138,9 +139,11 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
     let uid = gateway["metadata"]["uid"].as_str().expect("a uid").to_owned();
 
     // The reconciler's objects, each owned by the Gateway (what the garbage collector follows).
+    let mut created_after = None;
     for kind in ["deployment", "service", "serviceaccount", "configmap"] {
         let name = if kind == "configmap" { "waypoint-strait-root" } else { "waypoint" };
         let object = wait_json(&api, &["get", kind, "-n", "shop", name, "-o", "json"], kind, |_| true)?;
+        created_after.get_or_insert_with(|| applied.elapsed());
         let owners = object["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();
         assert_eq!(owners.len(), 1, "{kind}: {owners:?}");
         let owner = &owners[0];
@@ -191,6 +194,7 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
         "-p",
         status,
     ])?;
+    let deployment_ready = Instant::now();
     create_pod(
         &api,
         &waypoint_pod,
@@ -202,6 +206,12 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
     let ready = wait_json(&api, &get_gateway, "Programmed", |g| {
         condition(g, "Programmed").is_some_and(|c| c["status"] == "True")
     })?;
+    eprintln!(
+        "ctl waypoint apply -> waypoint Deployment seen after {:?} (incl. strait ctl and kubectl); Deployment ready -> \
+         Gateway Programmed seen after {:?} (incl. creating the pod and kubectl)",
+        created_after.unwrap_or_default(),
+        deployment_ready.elapsed()
+    );
     assert_eq!(ready["status"]["addresses"], serde_json::json!([{"type": "IPAddress", "value": cluster_ip}]));
     let accepted = condition(&ready, "Accepted").expect("Accepted");
     assert_eq!(
