@@ -41,7 +41,21 @@ fn create_pod(api: &KubeApi, pod: &Pod, name: &str, ns: &str, sa: &str, labels: 
 fn start_control(topo: &Topology, control: &Control, api: &KubeApi) -> io::Result<Process> {
     let (ca, tokens) = (control.ca_dir.to_string_lossy(), control.tokens.to_string_lossy());
     let listen = format!("{}:15012", control.node.ip());
-    let args = ["control", "--kubernetes", "--listen", &listen, "--ca-dir", &ca, "--bootstrap-tokens", &tokens];
+    let xds = control.address();
+    let args = [
+        "control",
+        "--kubernetes",
+        "--listen",
+        &listen,
+        "--ca-dir",
+        &ca,
+        "--bootstrap-tokens",
+        &tokens,
+        "--waypoint-image",
+        "example.invalid/strait:test",
+        "--waypoint-xds-address",
+        &xds,
+    ];
     let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
     let env = [("STRAIT_LOG", "info"), ("KUBECONFIG", kubeconfig.as_str())];
     let process = control.node.spawn("strait-control", bin_path("strait"), &args, &env)?;
@@ -76,6 +90,51 @@ fn wait_json(api: &KubeApi, get: &[&str], what: &str, done: impl Fn(&Value) -> b
         }
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `strait waypoint` in `pod` with the arguments of the reconciler's Deployment, the files a
+/// kubelet would mount given from the test: the root certificate of the reconciler's ConfigMap,
+/// and a token of the waypoint's service account.
+fn start_waypoint_as_deployed(topo: &Topology, control: &Control, api: &KubeApi, pod: &Pod) -> io::Result<Process> {
+    let deployment = json(&api.kubectl(&["get", "deployment", "-n", "shop", "waypoint", "-o", "json"])?);
+    let spec = &deployment["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    assert_eq!(container["image"], "example.invalid/strait:test");
+    let mounts = container["volumeMounts"].as_array().expect("mounts");
+    let mounted = |volume: &str| mounts.iter().find(|m| m["name"] == volume).and_then(|m| m["mountPath"].as_str());
+    assert_eq!(mounted("strait-root"), Some("/etc/strait/root"));
+    assert_eq!(mounted("istio-token"), Some("/var/run/secrets/tokens"));
+    let volumes = spec["volumes"].as_array().expect("volumes");
+    let token = volumes.iter().find(|v| v["name"] == "istio-token").expect("the token volume");
+    let projected = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!((projected["audience"].as_str(), projected["path"].as_str()), (Some("istio-ca"), Some("istio-token")));
+
+    let config_map = json(&api.kubectl(&["get", "configmap", "-n", "shop", "waypoint-strait-root", "-o", "json"])?);
+    let root = topo.dir().join("waypoint-root-cert.pem");
+    std::fs::write(&root, config_map["data"]["root-cert.pem"].as_str().expect("a root certificate"))?;
+    let token = control.token("serviceaccounts/shop/waypoint")?;
+    let mut replaced = 0;
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| {
+            let a = a.as_str().expect("a string");
+            let local = match a {
+                "--ca-root=/etc/strait/root/root-cert.pem" => format!("--ca-root={}", root.display()),
+                "--ca-token-file=/var/run/secrets/tokens/istio-token" => format!("--ca-token-file={}", token.display()),
+                other => return other.to_owned(),
+            };
+            replaced += 1;
+            local
+        })
+        .collect();
+    assert_eq!(replaced, 2, "{args:?}");
+    assert!(args.contains(&format!("--xds-address={}", control.address())), "{args:?}");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let waypoint = pod.spawn("waypoint-waypoint", bin_path("strait"), &args, &[("STRAIT_LOG", "info")])?;
+    waypoint.wait_for_log("strait waypoint ready", TIMEOUT)?;
+    Ok(waypoint)
 }
 
 fn condition<'a>(gateway: &'a Value, type_: &str) -> Option<&'a Value> {
@@ -228,7 +287,7 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
     // The data path: node proxies and the waypoint follow the control plane.
     let _p1 = control.start_node(&topo, &n1)?;
     let p2 = control.start_node(&topo, &n2)?;
-    let waypoint = control.start_waypoint(&waypoint_pod, "waypoint", "shop")?;
+    let waypoint = start_waypoint_as_deployed(&topo, &control, &api, &waypoint_pod)?;
     let vs = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n\
               spec:\n  hosts: [reviews]\n  http:\n  - match:\n    - headers:\n        x-version: {exact: v2}\n    \
               route:\n    - destination: {host: reviews, subset: v2}\n  - route:\n    - destination: {host: reviews, subset: v1}\n";

@@ -329,7 +329,11 @@ async fn watch_gateways(client: Client, version: String, shared: Arc<Shared>) {
     let api: Api<DynamicObject> = Api::all_with(client, &gateway_resource(&version));
     let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
     let mut relisted = BTreeSet::new();
+    let mut failing = false;
     while let Some(event) = events.next().await {
+        if event.is_ok() && std::mem::take(&mut failing) {
+            info!("waypoints: watching Gateways again");
+        }
         match event {
             Ok(watcher::Event::Apply(gateway) | watcher::Event::InitApply(gateway)) => {
                 let key = key_of(&gateway);
@@ -352,7 +356,10 @@ async fn watch_gateways(client: Client, version: String, shared: Arc<Shared>) {
                 }
             }
             Err(e) => {
-                warn!("waypoints: the watch of Gateways failed: {e}; retrying");
+                if !failing {
+                    warn!("waypoints: the watch of Gateways failed: {e}; retrying every second");
+                    failing = true;
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -365,7 +372,11 @@ async fn watch_deployments(client: Client, shared: Arc<Shared>) {
     let config =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by=strait,{WAYPOINT_POD_LABEL}"));
     let mut events = std::pin::pin!(watcher(api, config));
+    let mut failing = false;
     while let Some(event) = events.next().await {
+        if event.is_ok() && std::mem::take(&mut failing) {
+            info!("waypoints: watching waypoint Deployments again");
+        }
         match event {
             Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d) | watcher::Event::Delete(d)) => {
                 let namespace = d.metadata.namespace.clone().unwrap_or_default();
@@ -377,7 +388,10 @@ async fn watch_deployments(client: Client, shared: Arc<Shared>) {
             }
             Ok(_) => {}
             Err(e) => {
-                warn!("waypoints: the watch of waypoint Deployments failed: {e}; retrying");
+                if !failing {
+                    warn!("waypoints: the watch of waypoint Deployments failed: {e}; retrying every second");
+                    failing = true;
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
