@@ -538,7 +538,8 @@ async fn reconcile(
     let api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &namespace, &gateway_resource(version_of(api_version)));
     // A merge patch of status only: the spec stays its user's.
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": status })))
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
+    api.patch_status(&name, &params, &Patch::Merge(json!({ "status": status })))
         .await
         .map_err(|e| format!("cannot write the Gateway's status: {e}"))?;
     Ok((seen, true))
