@@ -12,6 +12,7 @@
 
 mod chart;
 mod control;
+mod kube;
 mod report;
 mod scenarios;
 
@@ -34,7 +35,8 @@ struct Cli {
     #[arg(long, conflicts_with_all = ["quick", "scenarios"])]
     soak_minutes: Option<u64>,
     /// Scenarios to run: throughput, latency, max-rps, connections, cpu, memory (default: all);
-    /// or `control` alone: the control plane with a generated 10,000-pod mesh (control.md).
+    /// or `control` alone: the control plane with a generated 10,000-pod mesh (control.md); or
+    /// `kube` alone: `strait control --kubernetes` on a real API server with 10,000 pods (kube.md).
     scenarios: Vec<String>,
 }
 
@@ -42,6 +44,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.scenarios == ["control"] {
         return match run_control(&cli) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strait-bench: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if cli.scenarios == ["kube"] {
+        return match run_kube(&cli) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("strait-bench: error: {e:#}");
@@ -73,6 +84,16 @@ fn run_control(cli: &Cli) -> anyhow::Result<()> {
     control::write(&cli.out, &report)?;
     println!("{}", control::markdown(&report));
     eprintln!("strait-bench: wrote {}/control.md and control.json", cli.out.display());
+    Ok(())
+}
+
+/// `strait control --kubernetes` against a real API server.
+fn run_kube(cli: &Cli) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cli.out)?;
+    let report = kube::run(&cli.out, cli.quick)?;
+    kube::write(&cli.out, &report)?;
+    println!("{}", kube::markdown(&report));
+    eprintln!("strait-bench: wrote {}/kube.md and kube.json", cli.out.display());
     Ok(())
 }
 

@@ -58,6 +58,13 @@ static DENY_SOURCES: LpmTrie<DenyKeyData, u8> = LpmTrie::pinned(16384, 0);
 #[map]
 static LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 
+/// Pod veths that are ports of a bridge (bridge CNIs), by interface index: the bridge's MAC.
+/// A packet steered to the proxy from such a port is re-addressed to the bridge, or the bridge
+/// would switch a packet for a pod of the same bridge straight to that pod's port and the
+/// socket assignment would never be seen (CAP-1).
+#[map]
+static BRIDGE_PORTS: HashMap<u32, [u8; 6]> = HashMap::pinned(4096, 0);
+
 /// Counters, indexed by `stat::*`; per CPU so the hot path never contends on a cache line.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
@@ -128,24 +135,53 @@ fn pod_state(ip: u32) -> Option<u8> {
 
 #[classifier]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
-    if marked_by_proxy(&ctx) {
+    let verdict = pod_ingress_verdict(&ctx);
+    if verdict == TCX_NEXT && steered(&ctx) {
+        to_bridge(&ctx);
+    }
+    verdict
+}
+
+#[inline(always)]
+fn steered(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer is the live __sk_buff of this invocation.
+    unsafe { (*ctx.skb.skb).mark == STEER_MARK }
+}
+
+/// On a bridge port, addresses a steered packet to the bridge itself so that it goes up the
+/// node's stack, where the assigned socket takes it.
+#[inline(always)]
+fn to_bridge(ctx: &TcContext) {
+    // SAFETY: the context pointer is the live __sk_buff of this invocation.
+    let index = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain lookup; the value is copied out before the map can change.
+    if let Some(mac) = unsafe { BRIDGE_PORTS.get(&index) }.copied()
+        && ctx.store(0, &mac, 0).is_err()
+    {
+        bump(stat::ASSIGN_ERRORS);
+    }
+}
+
+#[inline(always)]
+fn pod_ingress_verdict(ctx: &TcContext) -> i32 {
+    if marked_by_proxy(ctx) {
         return TCX_NEXT;
     }
-    let Some(pkt) = parse_tcp(&ctx) else {
+    let Some(pkt) = parse_tcp(ctx) else {
         return TCX_NEXT;
     };
     if let Some(state) = pod_state(pkt.saddr) {
         bump(stat::POD_PACKETS);
         // Flows the proxy holds: the pod's captured connections, and its replies to the
         // connections the proxy opened to it. Draining pods keep theirs this way (CAP-5).
-        if let Some(verdict) = assign_established(&ctx, &pkt) {
+        if let Some(verdict) = assign_established(ctx, &pkt) {
             return verdict;
         }
         if !pkt.is_syn() {
             return TCX_NEXT;
         }
         if state & POD_CAPTURED != 0 {
-            return assign_listener(&ctx, LISTENER_OUTBOUND, stat::OUTBOUND_NEW, state);
+            return assign_listener(ctx, LISTENER_OUTBOUND, stat::OUTBOUND_NEW, state);
         }
         if state & POD_DRAINING != 0 {
             bump(stat::DRAINING_PASSED);
@@ -153,7 +189,7 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
         return TCX_NEXT;
     }
     // A pod outside the mesh calling a captured pod of this node.
-    inbound(&ctx, &pkt)
+    inbound(ctx, &pkt)
 }
 
 #[classifier]

@@ -49,6 +49,14 @@ const CRD_FIXTURES: &[&str] = &["istio-crds.json", "gateway-api-crds.yaml"];
 
 static INSTANCES: AtomicU32 = AtomicU32::new(0);
 
+/// Logs every request once, when it arrives (a watch is counted when it starts).
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [ResponseStarted, ResponseComplete, Panic]
+rules:
+- level: Metadata
+";
+
 /// A running etcd + kube-apiserver; stopped and cleaned up on drop.
 #[derive(Debug)]
 pub struct KubeApi {
@@ -215,7 +223,12 @@ impl KubeApi {
             "--profiling=false".into(),
             "--logtostderr=true".into(),
             "--v=1".into(),
+            // One audit line per request as it arrives, so tests and benchmarks can count what
+            // a client asked (`audit_events`).
+            format!("--audit-policy-file={}", api.dir.join("audit-policy.yaml").display()),
+            format!("--audit-log-path={}", api.dir.join("audit.log").display()),
         ];
+        fs::write(api.dir.join("audit-policy.yaml"), AUDIT_POLICY)?;
         api.spawn_apiserver().map_err(|e| {
             if e.to_string().contains("address already in use") {
                 StartError::PortTaken(e)
@@ -254,6 +267,13 @@ impl KubeApi {
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// The audit log so far: one JSON event per request the API server received (stage
+    /// `RequestReceived`, level Metadata: verb, requestURI, user, userAgent, time).
+    pub fn audit_events(&self) -> io::Result<Vec<serde_json::Value>> {
+        let text = read_lossy(&self.dir.join("audit.log"));
+        Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
     }
 
     /// `GET /readyz` with the admin token answers `ok`.

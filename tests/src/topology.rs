@@ -65,6 +65,9 @@ pub struct Node {
     name: String,
     index: u32,
     netns: Netns,
+    /// Pods hang off a bridge `cni0` holding 10.<i>.0.1/24, as bridge CNIs (flannel, the
+    /// reference `bridge` plugin) connect them, instead of Calico-like /32 routes.
+    bridge: bool,
 }
 
 /// A pod: its own namespace behind a veth to its node, or the node's namespace (hostNetwork).
@@ -126,6 +129,17 @@ impl Topology {
     /// Adds node `name` (index 1, 2, ...): underlay address 10.255.0.<i>/24 on `eth0`, pod CIDR
     /// 10.<i>.0.0/24, and routes between its pod CIDR and every other node's.
     pub fn add_node(&self, name: &str) -> io::Result<Node> {
+        self.add_node_wired(name, false)
+    }
+
+    /// Like `add_node`, but the node connects its pods the way bridge CNIs do: every pod's veth
+    /// is a port of the bridge `cni0`, which holds the gateway 10.<i>.0.1/24 of the pod subnet,
+    /// and the node has no route per pod.
+    pub fn add_bridge_node(&self, name: &str) -> io::Result<Node> {
+        self.add_node_wired(name, true)
+    }
+
+    fn add_node_wired(&self, name: &str, bridge: bool) -> io::Result<Node> {
         let mut state = self.lock();
         // Counting created namespaces, not working nodes: a node that failed half-way still
         // holds its underlay address until the topology is dropped.
@@ -134,7 +148,7 @@ impl Topology {
             return Err(io::Error::other(format!("cannot add node {name}: at most {MAX_NODES} nodes")));
         }
         let ns = self.claim_netns_name(&mut state, name)?;
-        let node = Node { name: name.to_string(), index, netns: Netns::new(ns, Arc::clone(&self.shared)) };
+        let node = Node { name: name.to_string(), index, netns: Netns::new(ns, Arc::clone(&self.shared)), bridge };
         let others = state.nodes.clone();
         create_netns(node.netns.name()).map_err(context(format!("adding node {name}")))?;
         state.node_netns.push(node.netns.name().to_string());
@@ -161,6 +175,11 @@ impl Topology {
         command::ip(&["-n", ns, "addr", "add", &underlay, "dev", "eth0"])?;
         command::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         command::ip(&["-n", ns, "route", "add", "default", "via", &gateway, "dev", "eth0"])?;
+        if node.bridge {
+            command::ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
+            command::ip(&["-n", ns, "addr", "add", &format!("{}/24", node.bridge_gateway()), "dev", "cni0"])?;
+            command::ip(&["-n", ns, "link", "set", "cni0", "up"])?;
+        }
         for other in others {
             let (their_cidr, their_ip) = (other.pod_cidr(), other.ip().to_string());
             let (our_cidr, our_ip) = (node.pod_cidr(), node.ip().to_string());
@@ -347,8 +366,11 @@ impl Drop for Topology {
     }
 }
 
-/// Connects a pod to its node the way Calico does.
+/// Connects a pod to its node the way Calico does, or as bridge CNIs do on a bridge node.
 fn wire_pod(node: &Node, pod: &Pod) -> io::Result<()> {
+    if node.bridge {
+        return wire_bridged_pod(node, pod);
+    }
     let (node_ns, pod_ns) = (node.netns.name(), pod.netns.name());
     let veth = pod.host_veth.as_deref().unwrap_or_default();
     let pod_addr = format!("{}/32", pod.ip);
@@ -365,6 +387,20 @@ fn wire_pod(node: &Node, pod: &Pod) -> io::Result<()> {
     command::ip(&["-n", pod_ns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
     command::ip(&["-n", pod_ns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
     command::ip(&["-n", node_ns, "route", "add", &pod_addr, "dev", veth])?;
+    Ok(())
+}
+
+/// Connects a pod to its node's bridge `cni0`: a /24 address and a default route through the
+/// bridge's address, nothing on the node but the port.
+fn wire_bridged_pod(node: &Node, pod: &Pod) -> io::Result<()> {
+    let (node_ns, pod_ns) = (node.netns.name(), pod.netns.name());
+    let veth = pod.host_veth.as_deref().unwrap_or_default();
+    command::ip(&["link", "add", veth, "netns", node_ns, "type", "veth", "peer", "name", "eth0", "netns", pod_ns])?;
+    command::ip(&["-n", node_ns, "link", "set", veth, "master", "cni0", "up"])?;
+    command::ip(&["-n", pod_ns, "link", "set", "lo", "up"])?;
+    command::ip(&["-n", pod_ns, "addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
+    command::ip(&["-n", pod_ns, "link", "set", "eth0", "up"])?;
+    command::ip(&["-n", pod_ns, "route", "add", "default", "via", &node.bridge_gateway().to_string(), "dev", "eth0"])?;
     Ok(())
 }
 
@@ -392,6 +428,11 @@ impl Node {
     /// removed with the topology.
     pub fn bpf_pin_dir(&self) -> std::path::PathBuf {
         Path::new(cleanup::BPF_PIN_ROOT).join(self.netns.name())
+    }
+
+    /// The bridge's address on a bridge node: 10.<i>.0.1.
+    pub fn bridge_gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, node_octet(self.index), 0, 1)
     }
 
     pub fn pod_cidr(&self) -> String {

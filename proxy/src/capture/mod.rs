@@ -10,12 +10,15 @@
 //! STRICT pods stay protected meanwhile by the classifiers, which fail closed.
 //!
 //! The pod-ingress program is attached to the host-side veth of every pod of this node, found
-//! from the node's `/32` pod routes as routed CNIs install them; the uplink gets the inbound
+//! from the node's `/32` pod routes as routed CNIs install them, or from the bridge port a
+//! bridge CNI put the pod's veth in (see `routes` and `bridge`); the uplink gets the inbound
 //! classifier and the XDP guard. Which pods are captured, which are STRICT and which sources are
 //! denied is decided by maps alone, so enrolling, un-enrolling or a policy change is a map
 //! write. A pod being un-enrolled keeps its open connections: it moves to "draining", where only
 //! packets of connections the proxy already holds are steered.
 
+mod bridge;
+mod netlink;
 mod pin;
 mod routes;
 mod routing;
@@ -46,7 +49,7 @@ use strait_ebpf_common::{
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-pub use routes::{pod_interfaces, uplink_interface};
+pub use routes::{PodInterfaces, uplink_interface};
 pub use routing::SteerRouting;
 
 use crate::model::Model;
@@ -130,7 +133,10 @@ pub struct Capture {
     port_mtls: BpfHashMap<MapData, PortKey, u8>,
     deny_sources: LpmTrie<MapData, DenyKeyData, u8>,
     listeners: SockMap<MapData>,
+    bridge_ports: BpfHashMap<MapData, u32, [u8; 6]>,
     stats: PerCpuArray<MapData, u64>,
+    /// Finds pods' host-side interfaces.
+    finder: PodInterfaces,
     /// Pod interfaces with the pod-ingress program, by name.
     pod_links: BTreeMap<String, AttachedLink>,
     uplink_links: Vec<AttachedLink>,
@@ -152,6 +158,8 @@ pub struct Capture {
     left_capture: HashSet<Ipv4Addr>,
     /// When TIME_WAIT sockets of draining pods were last reaped.
     last_reap: Instant,
+    /// `release` ended this run: a reconcile still under way must not attach anything again.
+    released: bool,
 }
 
 /// How often the TIME_WAIT sockets of draining pods are reaped: their proxied connections keep
@@ -185,7 +193,9 @@ impl Capture {
             port_mtls: take_map(&mut ebpf, "PORT_MTLS")?,
             deny_sources: take_map(&mut ebpf, "DENY_SOURCES")?,
             listeners: take_map(&mut ebpf, "LISTENERS")?,
+            bridge_ports: take_map(&mut ebpf, "BRIDGE_PORTS")?,
             stats: take_map(&mut ebpf, "STATS")?,
+            finder: PodInterfaces::default(),
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             pod_links: BTreeMap::new(),
@@ -199,6 +209,7 @@ impl Capture {
             missing_route: BTreeSet::new(),
             left_capture: HashSet::new(),
             last_reap: Instant::now(),
+            released: false,
         })
     }
 
@@ -259,6 +270,9 @@ impl Capture {
         interfaces: &HashMap<Ipv4Addr, Interface>,
         policy: &KernelPolicy,
     ) {
+        if self.released {
+            return;
+        }
         let mut desired: HashMap<Ipv4Addr, u8> = HashMap::new();
         let mut local_pods = BTreeSet::new();
         for workload in model.workloads_on(node) {
@@ -288,7 +302,7 @@ impl Capture {
                 }
                 None => {
                     if self.missing_route.insert(*ip) {
-                        warn!(pod = %ip, "no /32 route to this pod on the node; its traffic cannot be captured until one appears");
+                        warn!(pod = %ip, "neither a /32 route nor a bridge port leads to this pod on the node; its traffic cannot be captured until one appears");
                     }
                 }
             }
@@ -303,6 +317,7 @@ impl Capture {
         let stale: Vec<String> = self.pod_links.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
         for name in stale {
             if let Some(link) = self.pod_links.remove(&name) {
+                self.forget_bridge_port(link.index);
                 drop(link);
                 info!(interface = name, "capture detached: pod gone");
             }
@@ -396,12 +411,38 @@ impl Capture {
         }
         if let Some(old) = self.pod_links.remove(&interface.name) {
             // Same name, new device: the old filter went away with the old device.
+            self.forget_bridge_port(old.index);
             drop(old);
+        }
+        // Before the program sees the port's first packet (CAP-1).
+        if let Some(mac) = interface.bridge_mac {
+            self.bridge_ports
+                .insert(interface.index, mac, 0)
+                .map_err(|e| CaptureError::Map { map: "BRIDGE_PORTS", reason: e.to_string() })?;
         }
         let link = self.attach_classifier(POD_INGRESS, &interface.name, interface.index)?;
         info!(interface = %interface.name, "capture attached (TC ingress)");
         self.pod_links.insert(interface.name.clone(), link);
         Ok(())
+    }
+
+    fn forget_bridge_port(&mut self, index: u32) {
+        if let Err(e) = self.bridge_ports.remove(&index) {
+            debug!(index, "removing from BRIDGE_PORTS: {e}");
+        }
+    }
+
+    /// The host-side interfaces of this node's pods in `model` (see `PodInterfaces`).
+    pub fn pod_interfaces(&mut self, model: &Model, node: &str) -> std::io::Result<HashMap<Ipv4Addr, Interface>> {
+        let pods: BTreeSet<Ipv4Addr> = model
+            .workloads_on(node)
+            .filter(|w| !w.host_network)
+            .filter_map(|w| match w.ip {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        self.finder.find(&pods)
     }
 
     /// Attaches a classifier as strait's `clsact` ingress filter on `interface`, replacing in
@@ -473,6 +514,7 @@ impl Capture {
     /// sockets of the pods' proxied connections go too, since no proxy holds the pods' flows
     /// any more (not after a handover: the successor does).
     pub fn release(&mut self, detach: bool, reap: bool) {
+        self.released = true;
         if reap {
             reap_time_waits(&self.states.keys().copied().collect());
         }
@@ -568,4 +610,6 @@ fn state_name(state: u8) -> &'static str {
 pub struct Interface {
     pub name: String,
     pub index: u32,
+    /// The MAC of the bridge the interface is a port of (bridge CNIs).
+    pub bridge_mac: Option<[u8; 6]>,
 }

@@ -1,17 +1,76 @@
-//! Finds each pod's host-side interface from the node's routing table: routed CNIs install a
-//! `/32` route to every pod through its veth, so that route names the interface to attach to.
+//! Finds each pod's host-side interface. Routed CNIs (Calico, Cilium in routing mode, kindnet,
+//! the AWS VPC CNI...) install a `/32` route to every pod through its veth, so that route names
+//! the interface to attach to; bridge CNIs put the veths in a bridge instead (see `bridge`).
 
-use std::{collections::HashMap, fs, io, net::Ipv4Addr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs, io,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
-use super::Interface;
+use super::{Interface, bridge};
+
+/// A pod not found yet is probed at most this often (one datagram, see `bridge::probe`).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Pods' host-side interfaces, with what bridges taught about them kept while their ports
+/// exist.
+#[derive(Debug, Default)]
+pub struct PodInterfaces {
+    bridged: HashMap<Ipv4Addr, Interface>,
+    probed: HashMap<Ipv4Addr, Instant>,
+}
+
+impl PodInterfaces {
+    /// The host-side interface of each of `pods` that has one now: its `/32` route's, else its
+    /// bridge port. The netlink dumps are made only when some pod has no route, so routed CNIs
+    /// pay nothing for bridge support.
+    pub fn find(&mut self, pods: &BTreeSet<Ipv4Addr>) -> io::Result<HashMap<Ipv4Addr, Interface>> {
+        let mut out = pod_interfaces()?;
+        let missing: Vec<Ipv4Addr> = pods.iter().filter(|ip| !out.contains_key(ip)).copied().collect();
+        self.bridged.retain(|ip, _| missing.contains(ip));
+        self.probed.retain(|ip, _| missing.contains(ip));
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let links = bridge::links()?;
+        if !links.values().any(|l| l.is_bridge) {
+            return Ok(out);
+        }
+        let fresh = bridge::bridged_pods(&links)?;
+        let now = Instant::now();
+        for ip in missing {
+            if let Some(interface) = fresh.get(&ip) {
+                self.bridged.insert(ip, interface.clone());
+            } else {
+                // Forgotten by the tables (a quiet pod) but the same port still there: keep it.
+                let port_remains = self.bridged.get(&ip).is_some_and(|known| {
+                    links.get(&known.index).is_some_and(|l| l.name == known.name && l.master.is_some())
+                });
+                if !port_remains {
+                    self.bridged.remove(&ip);
+                    if self.probed.get(&ip).is_none_or(|at| now.duration_since(*at) >= PROBE_EVERY) {
+                        self.probed.insert(ip, now);
+                        bridge::probe(ip);
+                    }
+                }
+            }
+            if let Some(interface) = self.bridged.get(&ip) {
+                out.insert(ip, interface.clone());
+            }
+        }
+        Ok(out)
+    }
+}
 
 /// Pod IP → host-side interface, from `/proc/net/route` of the current network namespace.
-pub fn pod_interfaces() -> io::Result<HashMap<Ipv4Addr, Interface>> {
+fn pod_interfaces() -> io::Result<HashMap<Ipv4Addr, Interface>> {
     let table = fs::read_to_string("/proc/net/route")?;
     let mut out = HashMap::new();
     for (ip, name) in parse_host_routes(&table) {
         if let Some(index) = interface_index(&name) {
-            out.insert(ip, Interface { name, index });
+            out.insert(ip, Interface { name, index, bridge_mac: None });
         }
     }
     Ok(out)

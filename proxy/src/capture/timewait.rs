@@ -10,25 +10,16 @@ use std::{
     collections::HashSet,
     io, mem,
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::OwnedFd,
 };
 
-const NETLINK_SOCK_DIAG: libc::c_int = 4;
+use super::netlink::{NETLINK_SOCK_DIAG, NlMsgHdr, as_bytes, messages, netlink_error, receive, send};
+
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const TCP_TIME_WAIT: u32 = 6;
 /// Destroy requests sent per `sendmsg`: the kernel handles every message of a buffer in turn.
 const BATCH: usize = 128;
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct NlMsgHdr {
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
 
 /// `struct inet_diag_sockid`: ports and addresses in network byte order.
 #[repr(C)]
@@ -80,7 +71,7 @@ pub fn reap(pods: &HashSet<Ipv4Addr>) -> io::Result<usize> {
         return Ok(0);
     }
     let host = host_addresses();
-    let socket = open()?;
+    let socket = super::netlink::open(NETLINK_SOCK_DIAG)?;
     let found: Vec<SockId> = dump_time_wait(&socket)?
         .into_iter()
         .filter(|id| {
@@ -99,53 +90,8 @@ fn ipv4(network_order: u32) -> Ipv4Addr {
     Ipv4Addr::from(network_order.to_ne_bytes())
 }
 
-fn open() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn request(kind: u16, flags: u16, seq: u32, body: DiagRequest) -> Request {
     Request { header: NlMsgHdr { len: mem::size_of::<Request>() as u32, kind, flags, seq, pid: 0 }, body }
-}
-
-fn as_bytes<T: Copy>(value: &T) -> &[u8] {
-    // SAFETY: T is a repr(C) plain-data struct without padding bytes that matter to the kernel.
-    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), mem::size_of::<T>()) }
-}
-
-fn send(socket: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
-    // SAFETY: sending a live buffer on a netlink socket (the kernel is the default peer).
-    let sent = unsafe { libc::send(socket.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
-    if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
-fn receive(socket: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: receiving into a live buffer of the given length.
-    let n = unsafe { libc::recv(socket.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), 0) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-}
-
-/// Netlink messages in a received buffer: (type, payload).
-fn messages(buffer: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    let header_len = mem::size_of::<NlMsgHdr>();
-    while offset + header_len <= buffer.len() {
-        // SAFETY: bounds checked above; read_unaligned copes with any alignment.
-        let header: NlMsgHdr = unsafe { std::ptr::read_unaligned(buffer[offset..].as_ptr().cast()) };
-        let len = header.len as usize;
-        if len < header_len || offset + len > buffer.len() {
-            break;
-        }
-        out.push((header.kind, &buffer[offset + header_len..offset + len]));
-        offset += (len + 3) & !3;
-    }
-    out
 }
 
 fn dump_time_wait(socket: &OwnedFd) -> io::Result<Vec<SockId>> {
@@ -155,35 +101,15 @@ fn dump_time_wait(socket: &OwnedFd) -> io::Result<Vec<SockId>> {
         states: 1 << TCP_TIME_WAIT,
         ..Default::default()
     };
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    send(socket, as_bytes(&request(SOCK_DIAG_BY_FAMILY, flags, 1, body)))?;
-    let mut found = Vec::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let n = receive(socket, &mut buffer)?;
-        for (kind, payload) in messages(&buffer[..n]) {
-            match kind as libc::c_int {
-                libc::NLMSG_DONE => return Ok(found),
-                libc::NLMSG_ERROR => {
-                    return Err(netlink_error(payload).unwrap_or_else(|| io::Error::other("dump failed")));
-                }
-                _ if payload.len() >= mem::size_of::<DiagMessage>() => {
-                    // SAFETY: length checked; read_unaligned copes with any alignment.
-                    let msg: DiagMessage = unsafe { std::ptr::read_unaligned(payload.as_ptr().cast()) };
-                    if u32::from(msg.state) == TCP_TIME_WAIT && i32::from(msg.family) == libc::AF_INET {
-                        found.push(msg.id);
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-/// The error an `NLMSG_ERROR` carries; `None` for an acknowledgement (error 0).
-fn netlink_error(payload: &[u8]) -> Option<io::Error> {
-    let code = i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?);
-    (code != 0).then(|| io::Error::from_raw_os_error(-code))
+    let answers = super::netlink::dump(socket, SOCK_DIAG_BY_FAMILY, as_bytes(&body))?;
+    Ok(answers
+        .iter()
+        .filter(|payload| payload.len() >= mem::size_of::<DiagMessage>())
+        // SAFETY: length checked; read_unaligned copes with any alignment.
+        .map(|payload| unsafe { std::ptr::read_unaligned::<DiagMessage>(payload.as_ptr().cast()) })
+        .filter(|msg| u32::from(msg.state) == TCP_TIME_WAIT && i32::from(msg.family) == libc::AF_INET)
+        .map(|msg| msg.id)
+        .collect())
 }
 
 /// Destroys one batch; a socket that expired meanwhile (`ENOENT`) is not an error.
@@ -261,19 +187,5 @@ mod tests {
         assert_eq!(mem::size_of::<SockId>(), 48);
         assert_eq!(mem::size_of::<DiagRequest>(), 56);
         assert_eq!(mem::size_of::<Request>(), 72);
-    }
-
-    #[test]
-    fn parses_netlink_messages_and_errors() {
-        let mut buffer = Vec::new();
-        for (kind, code) in [(libc::NLMSG_ERROR as u16, 0i32), (libc::NLMSG_ERROR as u16, -libc::ENOENT)] {
-            let header = NlMsgHdr { len: 20, kind, ..Default::default() };
-            buffer.extend_from_slice(as_bytes(&header));
-            buffer.extend_from_slice(&code.to_ne_bytes());
-        }
-        let parsed = messages(&buffer);
-        assert_eq!(parsed.len(), 2);
-        assert!(netlink_error(parsed[0].1).is_none());
-        assert_eq!(netlink_error(parsed[1].1).and_then(|e| e.raw_os_error()), Some(libc::ENOENT));
     }
 }

@@ -9,8 +9,17 @@
 //!
 //! Watches resume from the last `resourceVersion` seen and relist when the server answers 410
 //! Gone (kube's watcher); a relist replaces everything of its kind, so a deletion missed while
-//! disconnected is applied too. An object strait cannot read is logged and left out, never
-//! fatal; an object that becomes unreadable keeps its last readable version (last good state).
+//! disconnected is applied too. An object strait cannot read is logged, reported on the object
+//! as a Kubernetes Event (`events`) and left out, never fatal; an object that becomes unreadable
+//! keeps its last readable version (last good state). Each version is told once: a relist
+//! returning it again neither logs nor reports it again.
+//!
+//! Endpoints come from Pods and Service selectors, not EndpointSlices: for a Service with a
+//! selector the EndpointSlice controller derives its slices from the same Pods, and strait's
+//! workloads (as ambient's, whose proxies address pods by IP from the workload API) are Pods.
+//! Slices would add only the endpoints of Services without a selector, which are not Pods and
+//! which strait does not model (nor WorkloadEntry/ServiceEntry); so neither discovery.k8s.io
+//! version is watched, which also spares a watch and its memory on large clusters.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -29,6 +38,7 @@ use kube::{
 use serde_json::{Map, Value};
 use tracing::{error, info, warn};
 
+use super::events::{Rejection, Reporter};
 use crate::config::{Loaded, Located, Origin, Resource, parse_file};
 use crate::model::reload::Source;
 
@@ -204,6 +214,20 @@ struct Entry {
     located: Located<Resource>,
 }
 
+/// The version of an object last found unreadable, and the Event that told it.
+#[derive(Debug, Clone)]
+struct Rejected {
+    resource_version: Option<String>,
+    event_name: String,
+}
+
+/// A relist in progress: what it returned so far, readable or not.
+#[derive(Debug, Default)]
+struct Relist {
+    entries: BTreeMap<Key, Entry>,
+    seen: BTreeSet<Key>,
+}
+
 /// What the watches have seen, converted; applies watch events, and tells when to compile.
 #[derive(Debug)]
 pub struct Store {
@@ -211,8 +235,12 @@ pub struct Store {
     /// Kinds whose first list is complete (or whose API is not installed).
     synced: BTreeSet<&'static str>,
     expected: BTreeSet<&'static str>,
-    /// A relist in progress, per kind: the objects it has returned so far.
-    relisting: BTreeMap<&'static str, BTreeMap<Key, Entry>>,
+    /// A relist in progress, per kind.
+    relisting: BTreeMap<&'static str, Relist>,
+    /// Objects whose current version cannot be read.
+    rejected: BTreeMap<Key, Rejected>,
+    /// Rejections not yet handed to the [`Reporter`].
+    rejections: Vec<Rejection>,
     /// Since when the store differs from what was last taken, and when it last changed.
     dirty: Option<(Instant, Instant)>,
 }
@@ -224,6 +252,8 @@ impl Store {
             synced: BTreeSet::new(),
             expected: kinds.iter().map(|k| k.kind).collect(),
             relisting: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+            rejections: Vec::new(),
             dirty: None,
         }
     }
@@ -242,30 +272,43 @@ impl Store {
     }
 
     /// The entry for `object`: converted, or the previous one kept when it cannot be read.
-    fn read(&self, kind: &Kind, key: &Key, object: &DynamicObject) -> Option<Entry> {
+    fn read(&mut self, kind: &Kind, key: &Key, object: &DynamicObject) -> Option<Entry> {
         let resource_version = object.metadata.resource_version.clone();
+        // Borrowed, not cloned: a relist reads every object of its kind.
         let previous = self.entries.get(key);
-        if let Some(previous) =
-            previous.filter(|p| p.resource_version.is_some() && p.resource_version == resource_version)
-        {
+        let same_version = |rv: &Option<String>| rv.is_some() && *rv == resource_version;
+        if let Some(previous) = previous.filter(|p| same_version(&p.resource_version)) {
             return Some(previous.clone());
         }
+        // A version already found unreadable (a relist returns it again): told once.
+        if self.rejected.get(key).is_some_and(|r| same_version(&r.resource_version)) {
+            return previous.cloned();
+        }
         match convert(kind, object) {
-            Ok(located) => Some(Entry { resource_version, located }),
+            Ok(located) => {
+                self.rejected.remove(key);
+                Some(Entry { resource_version, located })
+            }
             Err(e) => {
                 let what = origin(kind.kind, kind.namespaced.then_some(key.1.as_str()), &key.2);
-                match previous {
-                    Some(previous) => {
-                        error!("{what}: {e}; its previous version stays in force");
-                        Some(previous.clone())
-                    }
-                    None => {
-                        error!("{what}: {e}; left out");
-                        None
-                    }
+                let outcome = if previous.is_some() { "its previous version stays in force" } else { "left out" };
+                error!("{what}: {e}; {outcome}");
+                let rejection =
+                    Rejection::new(kind, object, &format!("strait cannot use this {}: {e}; {outcome}", kind.kind));
+                let told = self.rejected.get(key).is_some_and(|r| r.event_name == rejection.event_name);
+                self.rejected
+                    .insert(key.clone(), Rejected { resource_version, event_name: rejection.event_name.clone() });
+                if !told {
+                    self.rejections.push(rejection);
                 }
+                previous.cloned()
             }
         }
+    }
+
+    /// The rejections found since the last call, to report on their objects.
+    pub fn take_rejections(&mut self) -> Vec<Rejection> {
+        std::mem::take(&mut self.rejections)
     }
 
     /// Applies one watch event of `kind`.
@@ -285,21 +328,28 @@ impl Store {
                 }
             }
             watcher::Event::Delete(object) => {
-                if self.entries.remove(&Self::key(kind, &object)).is_some() {
+                let key = Self::key(kind, &object);
+                self.rejected.remove(&key);
+                if self.entries.remove(&key).is_some() {
                     self.touch(now);
                 }
             }
             watcher::Event::Init => {
-                self.relisting.insert(kind.kind, BTreeMap::new());
+                self.relisting.insert(kind.kind, Relist::default());
             }
             watcher::Event::InitApply(object) => {
                 let key = Self::key(kind, &object);
-                if let Some(entry) = self.read(kind, &key, &object) {
-                    self.relisting.entry(kind.kind).or_default().insert(key, entry);
+                let entry = self.read(kind, &key, &object);
+                let relist = self.relisting.entry(kind.kind).or_default();
+                relist.seen.insert(key.clone());
+                if let Some(entry) = entry {
+                    relist.entries.insert(key, entry);
                 }
             }
             watcher::Event::InitDone => {
-                let listed = self.relisting.remove(kind.kind).unwrap_or_default();
+                let Relist { entries: listed, seen } = self.relisting.remove(kind.kind).unwrap_or_default();
+                // Objects deleted while the watch was away are not rejected any more.
+                self.rejected.retain(|k, _| k.0 != kind.kind || seen.contains(k));
                 let current: BTreeMap<&Key, Option<&String>> = self
                     .entries
                     .iter()
@@ -423,19 +473,29 @@ impl Source for KubeSource {
 }
 
 /// Connects (in-cluster service account, else `KUBECONFIG` or `~/.kube/config`) and starts
-/// one watch task per kind on the current runtime.
+/// one watch task per kind on the current runtime, and the writer of Events on unreadable
+/// objects.
 pub async fn start() -> anyhow::Result<KubeSource> {
     let config = kube::Config::infer()
         .await
         .map_err(|e| anyhow::anyhow!("cannot configure the Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
     let server = config.cluster_url.to_string();
-    let client = Client::try_from(config)
-        .map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))?;
+    let client_for = |config: kube::Config| {
+        Client::try_from(config).map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))
+    };
+    // The watches retry on their own schedule (`WatchBackoff`). kube's retry of 503s honours the
+    // server's Retry-After, which a starting API server sets to 10 s: behind it, a change made
+    // right after an API server restart reached the snapshot 9 s late (measured).
+    let mut watch_config = config.clone();
+    watch_config.default_retry = false;
+    let watches = client_for(watch_config)?;
+    let client = client_for(config)?;
     let mut kinds = kinds();
     choose_versions(&client, &mut kinds).await;
     let store = Arc::new(Mutex::new(Store::new(&kinds)));
+    let reporter = Reporter::start(client);
     for kind in kinds {
-        tokio::spawn(follow(client.clone(), kind, store.clone()));
+        tokio::spawn(follow(watches.clone(), kind, store.clone(), reporter.clone()));
     }
     Ok(KubeSource { store, server })
 }
@@ -473,7 +533,7 @@ impl WatchBackoff {
 /// One kind's watch, for as long as the process runs. kube's watcher resumes from the last
 /// `resourceVersion` after a dropped connection and relists after 410 Gone; errors back off
 /// ([`WatchBackoff`]) and never end the watch.
-async fn follow(client: Client, kind: Kind, store: Arc<Mutex<Store>>) {
+async fn follow(client: Client, kind: Kind, store: Arc<Mutex<Store>>, reporter: Reporter) {
     let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
     let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
     let mut backoff = WatchBackoff::new();
@@ -488,7 +548,14 @@ async fn follow(client: Client, kind: Kind, store: Arc<Mutex<Store>>) {
                         failing = false;
                     }
                 }
-                lock(&store).apply(&kind, event, Instant::now());
+                let rejections = {
+                    let mut store = lock(&store);
+                    store.apply(&kind, event, Instant::now());
+                    store.take_rejections()
+                };
+                for rejection in rejections {
+                    reporter.report(rejection);
+                }
             }
             Err(e) => {
                 if not_installed(&e) {
@@ -654,6 +721,41 @@ mod tests {
             panic!("not a policy")
         };
         assert_eq!(format!("{:?}", p.spec.action), "Deny");
+    }
+
+    // Each unreadable version is reported once, naming the object and the field: a relist
+    // returning it again reports nothing more; a new bad version is reported again; a fixed
+    // object, then broken again, too.
+    #[test]
+    fn each_unreadable_version_is_reported_once() {
+        let (mut store, t0) = synced_store();
+        let ap = kind("AuthorizationPolicy");
+        store.apply(&ap, watcher::Event::Apply(policy("bad", "1", "BOGUS")), t0);
+        let first = store.take_rejections();
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert_eq!(first[0].involved.name.as_deref(), Some("bad"));
+        assert!(first[0].message.contains("field `spec.action`") && first[0].message.contains("left out"), "{first:?}");
+        for _ in 0..3 {
+            store.apply(&ap, watcher::Event::Init, t0);
+            store.apply(&ap, watcher::Event::InitApply(policy("bad", "1", "BOGUS")), t0);
+            store.apply(&ap, watcher::Event::InitDone, t0);
+            store.apply(&ap, watcher::Event::Apply(policy("bad", "1", "BOGUS")), t0);
+        }
+        assert!(store.take_rejections().is_empty(), "relists report nothing more");
+        store.apply(&ap, watcher::Event::Apply(policy("bad", "2", "NOPE")), t0);
+        let second = store.take_rejections();
+        assert_eq!(second.len(), 1);
+        assert_ne!(second[0].event_name, first[0].event_name);
+        store.apply(&ap, watcher::Event::Apply(policy("bad", "3", "DENY")), t0);
+        assert_eq!(names(&store), ["k8s:AuthorizationPolicy/demo/bad"]);
+        store.apply(&ap, watcher::Event::Apply(policy("bad", "4", "NOPE")), t0);
+        let third = store.take_rejections();
+        assert!(third.len() == 1 && third[0].message.contains("previous version stays in force"), "{third:?}");
+        assert_eq!(names(&store), ["k8s:AuthorizationPolicy/demo/bad"], "the last good version stays");
+        // Deleted while the watch was away: forgotten by the relist.
+        store.apply(&ap, watcher::Event::Init, t0);
+        store.apply(&ap, watcher::Event::InitDone, t0);
+        assert!(store.rejected.is_empty() && store.is_empty());
     }
 
     // Nothing is compiled before every kind is listed; then only once the store settles, or

@@ -4,6 +4,7 @@
 //! protocols on one TLS port: delta ADS with the workload API and strait's L7 type, and the CA
 //! API (ID-2) with istiod's authorization.
 
+pub mod events;
 pub mod kubernetes;
 pub mod listener;
 pub mod waypoints;

@@ -626,15 +626,12 @@ async fn keep_capture_in_step(
 }
 
 fn reconcile(capture: &Mutex<Capture>, model: &Model, node: &str) {
-    let interfaces = match capture::pod_interfaces() {
-        Ok(i) => i,
-        Err(e) => {
-            warn!("cannot read the routing table: {e}");
-            return;
-        }
+    let Ok(mut capture) = capture.lock() else {
+        error!("capture state was poisoned; capture is no longer updated");
+        return;
     };
-    match capture.lock() {
-        Ok(mut c) => c.reconcile(model, node, &interfaces, &policy::kernel_policy(model, node)),
-        Err(_) => error!("capture state was poisoned; capture is no longer updated"),
+    match capture.pod_interfaces(model, node) {
+        Ok(interfaces) => capture.reconcile(model, node, &interfaces, &policy::kernel_policy(model, node)),
+        Err(e) => warn!("cannot read the node's routes, links or neighbours: {e}"),
     }
 }
