@@ -221,6 +221,13 @@ struct ControlArgs {
     /// sending another `ClusterID` is refused (Istio's default name).
     #[arg(long, default_value = strait::identity::kube_tokens::DEFAULT_CLUSTER_ID)]
     cluster_id: String,
+    /// With --kubernetes: the image of the waypoints reconciled from Gateways of class
+    /// istio-waypoint or strait-waypoint.
+    #[arg(long, default_value = concat!("strait:", env!("CARGO_PKG_VERSION")))]
+    waypoint_image: String,
+    /// With --kubernetes: where those waypoints follow the control plane (its Service).
+    #[arg(long, default_value = "https://strait-control.strait-system.svc:15012")]
+    waypoint_xds_address: String,
     /// Worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
@@ -439,6 +446,8 @@ fn run_control(args: ControlArgs) -> anyhow::Result<()> {
         bootstrap_tokens: args.bootstrap_tokens,
         node_accounts: strait::identity::NodeAccounts::new(args.node_service_accounts),
         cluster_id: args.cluster_id,
+        waypoint_image: args.waypoint_image,
+        waypoint_xds_address: args.waypoint_xds_address,
     };
     rt.block_on(strait::control::run(options))
 }

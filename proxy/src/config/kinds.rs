@@ -8,6 +8,9 @@
 pub const NETWORKING: [&str; 3] =
     ["networking.istio.io/v1alpha3", "networking.istio.io/v1beta1", "networking.istio.io/v1"];
 pub const SECURITY: [&str; 2] = ["security.istio.io/v1beta1", "security.istio.io/v1"];
+/// The versions of the Gateway API's `Gateway` read when its class is a waypoint's.
+pub const GATEWAY_API: [&str; 3] =
+    ["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2"];
 
 /// Istio kinds, by API group, with the versions Istio serves them in. The ones strait reads
 /// are matched before this table is consulted.
@@ -123,8 +126,8 @@ pub fn classify(api_version: &str, kind: &str) -> Verdict {
 fn not_yet(group: &str, kind: &str) -> String {
     let hint = match (group, kind) {
         ("gateway.networking.k8s.io", "Gateway") => {
-            " (a waypoint is a pod labelled `gateway.networking.k8s.io/gateway-name: NAME` running `strait \
-             waypoint --name NAME`; policies whose targetRefs name this Gateway apply to that waypoint)"
+            " (only Gateways of class istio-waypoint or strait-waypoint are read: they declare waypoints, whose \
+             pods are labelled `gateway.networking.k8s.io/gateway-name: NAME` and run `strait waypoint --name NAME`)"
         }
         ("gateway.networking.k8s.io", "HTTPRoute") => " (route with a VirtualService meanwhile)",
         ("telemetry.istio.io", _) => " (strait's metrics and access logs are always on, with Istio's names)",

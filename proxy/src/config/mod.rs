@@ -137,7 +137,12 @@ pub enum Resource {
     RequestAuthentication(RequestAuthentication),
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
-    Other { api_version: String, kind: String },
+    /// Only of a waypoint class: other Gateways are `Other` until GWAPI-1.
+    Gateway(Gateway),
+    Other {
+        api_version: String,
+        kind: String,
+    },
 }
 
 impl Resource {
@@ -164,6 +169,7 @@ impl Resource {
             Resource::RequestAuthentication(r) => ("RequestAuthentication", &r.metadata),
             Resource::VirtualService(r) => ("VirtualService", &r.metadata),
             Resource::DestinationRule(r) => ("DestinationRule", &r.metadata),
+            Resource::Gateway(r) => ("Gateway", &r.metadata),
             Resource::Other { .. } => return None,
         };
         Some((kind, meta.namespace_or_default(), &meta.name))
@@ -188,6 +194,24 @@ impl ObjectMeta {
     pub fn namespace_or_default(&self) -> &str {
         self.namespace.as_deref().unwrap_or("default")
     }
+}
+
+/// Gateway classes whose Gateways declare waypoints (L4-3): Istio's, so Gateways written for
+/// Istio work unchanged, and strait's own.
+pub const WAYPOINT_GATEWAY_CLASSES: [&str; 2] = ["istio-waypoint", "strait-waypoint"];
+
+/// Gateway API `Gateway` of a waypoint class (`WAYPOINT_GATEWAY_CLASSES`): declares the waypoint
+/// named after it, and with its `istio.io/waypoint-for` label, what traffic it takes (L4-3).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Gateway {
+    pub metadata: ObjectMeta,
+    pub spec: GatewaySpec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    pub gateway_class_name: String,
 }
 
 /// Kubernetes `v1` Namespace: its labels decide enrolment.

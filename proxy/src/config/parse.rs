@@ -5,7 +5,7 @@ use std::{fmt, path::Path, sync::Arc};
 use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess};
 use serde::{Deserialize, Deserializer};
 
-use super::kinds::{self, NETWORKING, SECURITY, Verdict};
+use super::kinds::{self, GATEWAY_API, NETWORKING, SECURITY, Verdict};
 use super::syntax::{explain, normalize_indentation};
 use super::{Diagnostic, Located, Origin, Resource, positions};
 
@@ -170,6 +170,10 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<(Resource
         (group, "DestinationRule") if NETWORKING.contains(&group) => {
             checked(Resource::DestinationRule(from_yaml(file, first_line, doc)?))
         }
+        (group, "Gateway") if GATEWAY_API.contains(&group) && is_waypoint_gateway(doc) => {
+            check_top_level(&meta, &kind, &origin)?;
+            checked(Resource::Gateway(from_yaml(file, first_line, doc)?))
+        }
         ("v1", "List") => Err(error(
             "kind",
             "`List` documents are not supported; write one document per resource, separated by `---`".into(),
@@ -191,6 +195,14 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<(Resource
             }
         },
     }
+}
+
+/// Whether a Gateway API `Gateway` document is of a waypoint class (the others are not read).
+fn is_waypoint_gateway(doc: &str) -> bool {
+    let class = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(doc)
+        .ok()
+        .and_then(|v| v.get("spec")?.get("gatewayClassName")?.as_str().map(str::to_owned));
+    class.is_some_and(|c| super::WAYPOINT_GATEWAY_CLASSES.contains(&c.as_str()))
 }
 
 /// Istio and Kubernetes resources have `apiVersion`, `kind`, `metadata`, `spec` and `status` at

@@ -92,6 +92,9 @@ pub fn kinds() -> Vec<Kind> {
         Kind::istio("security.istio.io", "RequestAuthentication", "requestauthentications"),
         Kind::istio("networking.istio.io", "VirtualService", "virtualservices"),
         Kind::istio("networking.istio.io", "DestinationRule", "destinationrules"),
+        // Waypoints' Gateways (L4-3): those of a waypoint class declare waypoints, others are
+        // not read yet (GWAPI-1).
+        Kind::istio("gateway.networking.k8s.io", "Gateway", "gateways"),
     ]
 }
 

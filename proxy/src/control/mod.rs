@@ -7,6 +7,7 @@
 pub mod events;
 pub mod kubernetes;
 pub mod listener;
+pub mod waypoints;
 
 use std::{
     net::SocketAddr,
@@ -78,6 +79,28 @@ pub struct ControlOptions {
     pub node_accounts: NodeAccounts,
     /// The cluster whose tokens are verified; a caller naming another (`ClusterID`) is refused.
     pub cluster_id: String,
+    /// The image and control plane address of the waypoints reconciled from Gateways.
+    pub waypoint_image: String,
+    pub waypoint_xds_address: String,
+}
+
+/// The waypoint reconciler of `--kubernetes` (L4-3). Only the leader writes: until leader
+/// election is wired in, this replica counts as the leader.
+async fn start_waypoints(options: &ControlOptions, ca: &LocalCa) -> anyhow::Result<()> {
+    let root_path = ca.root_cert_path();
+    let root_cert =
+        std::fs::read_to_string(&root_path).with_context(|| format!("cannot read {}", root_path.display()))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for the waypoint reconciler: {e}"))?;
+    let settings = waypoints::WaypointSettings {
+        image: options.waypoint_image.clone(),
+        xds_address: options.waypoint_xds_address.clone(),
+        trust_domain: options.trust_domain.clone(),
+        root_cert,
+    };
+    waypoints::start(client, settings, Arc::new(|| true));
+    Ok(())
 }
 
 pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
@@ -108,6 +131,7 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
                 options.node_accounts.clone(),
             ));
             let source = kubernetes::start().await?;
+            start_waypoints(&options, &ca).await?;
             // The first read waits for every kind to be listed: off the async workers.
             tokio::task::spawn_blocking(move || model::reload::follow_then(source, hold, publish))
                 .await

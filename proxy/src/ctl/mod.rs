@@ -14,6 +14,7 @@ mod admin_client;
 mod proxy_config;
 mod render;
 mod table;
+pub mod waypoint;
 
 pub use proxy_config::{Output, ProxyConfigArgs, ViewCommand};
 
@@ -34,6 +35,10 @@ pub enum CtlCommand {
     /// workloads, services, policies, certs, routes, clusters, endpoints.
     #[command(alias = "pc")]
     ProxyConfig(ProxyConfigArgs),
+    /// A namespace's waypoint (a Gateway API Gateway of class istio-waypoint), in the
+    /// Kubernetes API server: apply, list, delete.
+    #[command(subcommand)]
+    Waypoint(waypoint::WaypointCommand),
 }
 
 pub fn run(command: CtlCommand) -> anyhow::Result<()> {
@@ -47,6 +52,7 @@ pub fn run(command: CtlCommand) -> anyhow::Result<()> {
             Ok(())
         }
         CtlCommand::ProxyConfig(args) => proxy_config::run(args),
+        CtlCommand::Waypoint(command) => waypoint::run(command),
     }
 }
 

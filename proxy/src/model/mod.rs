@@ -207,6 +207,7 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
         }
     }
 
+    let declared = waypoints::declared_waypoints(resources, &mut diagnostics);
     let mut model = Model::default();
     let mut pod_ports: BTreeMap<(String, String), BTreeMap<String, u16>> = BTreeMap::new();
     let mut first_owner: HashMap<IpAddr, &Origin> = HashMap::new();
@@ -254,7 +255,8 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
             waypoint: waypoint_role
                 .is_none()
                 .then(|| waypoints::waypoint_for(namespace, &pod.metadata.labels, ns_labels))
-                .flatten(),
+                .flatten()
+                .filter(|w| declared.get(w).is_none_or(|takes| takes.workloads())),
             waypoint_role,
         };
         if !host_network {
@@ -275,7 +277,8 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
         model.workloads.push(workload);
     }
     model.waypoints = waypoints::collect_waypoints(&model.workloads);
-    model.services = services::compile_services(resources, &model.workloads, &pod_ports, &namespaces, &mut diagnostics);
+    model.services =
+        services::compile_services(resources, &model.workloads, &pod_ports, &namespaces, &declared, &mut diagnostics);
     model.routing = routes::compile_routing(resources, &model.services, &mut diagnostics);
     model.security = security::compile_security(resources, &model.workloads, &options.root_namespace, &mut diagnostics);
     for service in &model.services {

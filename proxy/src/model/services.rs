@@ -127,6 +127,7 @@ pub fn compile_services(
     workloads: &[Arc<Workload>],
     pod_ports: &BTreeMap<(String, String), BTreeMap<String, u16>>,
     namespaces: &HashMap<&str, &BTreeMap<String, String>>,
+    declared: &HashMap<waypoints::WaypointName, waypoints::WaypointFor>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<Arc<Service>> {
     let mut services = Vec::new();
@@ -140,7 +141,8 @@ pub fn compile_services(
             service.ports.iter().flat_map(|p| &p.endpoints).any(|e| e.workload.waypoint_role.is_some());
         if !fronts_waypoint {
             let ns_labels = namespaces.get(service.namespace.as_str()).copied();
-            service.waypoint = waypoints::waypoint_for(&service.namespace, &svc.metadata.labels, ns_labels);
+            service.waypoint = waypoints::waypoint_for(&service.namespace, &svc.metadata.labels, ns_labels)
+                .filter(|w| declared.get(w).is_none_or(|takes| takes.services()));
         }
         services.push(Arc::new(service));
     }

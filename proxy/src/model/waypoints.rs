@@ -7,6 +7,13 @@
 //! when its destination is labelled `istio.io/use-waypoint: NAME` (a service for traffic to its
 //! VIP, a pod for traffic to its IP), or else its namespace is; `none` opts out of a namespace's
 //! waypoint. `istio.io/use-waypoint-namespace` names a waypoint in another namespace.
+//!
+//! A Gateway API `Gateway` of a waypoint class (as `strait ctl waypoint apply` writes, and as
+//! `strait control --kubernetes` reconciles into a Deployment and a Service named after it)
+//! declares the waypoint of its name, and its `istio.io/waypoint-for` label says which traffic
+//! it takes, as in Istio: `service` (the default: traffic to service VIPs), `workload` (traffic
+//! to pod IPs), `all` or `none`. A waypoint no Gateway declares (pods only, the directory's
+//! older way) takes both.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -20,6 +27,7 @@ use std::{
 use serde::Serialize;
 
 use super::Workload;
+use crate::config::{Diagnostic, Located, Resource};
 
 pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
@@ -27,6 +35,61 @@ pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace"
 pub const WAYPOINT_POD_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// The value of `istio.io/use-waypoint` that opts out of the namespace's waypoint.
 pub const NO_WAYPOINT: &str = "none";
+/// On a waypoint's Gateway: which traffic the waypoint takes.
+pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
+
+/// Which traffic a waypoint takes (`istio.io/waypoint-for`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaypointFor {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+impl WaypointFor {
+    pub fn services(self) -> bool {
+        matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+
+    pub fn workloads(self) -> bool {
+        matches!(self, WaypointFor::Workload | WaypointFor::All)
+    }
+}
+
+/// The waypoints declared by Gateways, and what each takes. An unknown `istio.io/waypoint-for`
+/// is a warning naming the label, and the waypoint takes service traffic, Istio's default.
+pub fn declared_waypoints(
+    resources: &[Located<Resource>],
+    diagnostics: &mut Vec<Diagnostic>,
+) -> HashMap<WaypointName, WaypointFor> {
+    let mut declared = HashMap::new();
+    for located in resources {
+        let Resource::Gateway(gateway) = &located.resource else { continue };
+        let name = WaypointName {
+            namespace: gateway.metadata.namespace_or_default().to_owned(),
+            name: gateway.metadata.name.clone(),
+        };
+        let takes = match gateway.metadata.labels.get(WAYPOINT_FOR_LABEL).map(String::as_str) {
+            None | Some("service") => WaypointFor::Service,
+            Some("workload") => WaypointFor::Workload,
+            Some("all") => WaypointFor::All,
+            Some("none") => WaypointFor::None,
+            Some(other) => {
+                diagnostics.push(Diagnostic::warning(
+                    located.origin.clone(),
+                    Some(&format!("metadata.labels.{WAYPOINT_FOR_LABEL}")),
+                    format!(
+                        "unknown value `{other}` (service, workload, all or none); the waypoint takes service traffic"
+                    ),
+                ));
+                WaypointFor::Service
+            }
+        };
+        declared.insert(name, takes);
+    }
+    declared
+}
 
 /// A waypoint's name: namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -116,5 +179,52 @@ mod tests {
             waypoint_for("shop", &elsewhere, None),
             Some(WaypointName { namespace: "infra".into(), name: "shared".into() })
         );
+    }
+
+    const MESH: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: reviews\n  namespace: shop\n  labels: {app: reviews}\nstatus:\n  podIP: 10.1.0.10\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: wp-0\n  namespace: shop\n  labels: {gateway.networking.k8s.io/gateway-name: wp}\nstatus:\n  podIP: 10.1.0.20\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: reviews\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.30\n  selector: {app: reviews}\n  ports:\n  - {name: http, port: 9080}\n";
+
+    fn gateway(class: &str, waypoint_for: Option<&str>) -> String {
+        let labels = waypoint_for.map_or(String::new(), |f| format!("\n  labels: {{istio.io/waypoint-for: {f}}}"));
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: shop{labels}\n\
+             spec:\n  gatewayClassName: {class}\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE}}\n"
+        )
+    }
+
+    /// Whether traffic to the service's VIP, and to the pod's IP, goes through the waypoint.
+    fn through_waypoint(yaml: &str) -> (bool, bool) {
+        let model = crate::model::compile_clean(yaml);
+        let service = model.service_by_host("reviews.shop.svc.cluster.local").expect("the service");
+        let pod = model.workload_by_ip("10.1.0.10".parse().expect("ip")).expect("the pod");
+        (service.waypoint.is_some(), pod.waypoint.is_some())
+    }
+
+    // L4-3: a waypoint's Gateway says which traffic it takes (istio.io/waypoint-for, `service`
+    // by default, as istioctl writes it); a waypoint of pods only takes both, as before.
+    #[test]
+    fn the_gateway_says_which_traffic_the_waypoint_takes() {
+        assert_eq!(through_waypoint(MESH), (true, true), "no Gateway: both");
+        assert_eq!(through_waypoint(&[MESH, &gateway("istio-waypoint", None)].concat()), (true, false));
+        assert_eq!(through_waypoint(&[MESH, &gateway("strait-waypoint", Some("service"))].concat()), (true, false));
+        assert_eq!(through_waypoint(&[MESH, &gateway("istio-waypoint", Some("workload"))].concat()), (false, true));
+        assert_eq!(through_waypoint(&[MESH, &gateway("istio-waypoint", Some("all"))].concat()), (true, true));
+        assert_eq!(through_waypoint(&[MESH, &gateway("istio-waypoint", Some("none"))].concat()), (false, false));
+    }
+
+    // A Gateway of another class is not a waypoint's (ignored with a warning, GWAPI-1); an
+    // unknown waypoint-for is a warning naming the label.
+    #[test]
+    fn other_gateways_and_bad_labels_are_told() {
+        let path = std::path::Path::new("gw.yaml");
+        let (resources, diagnostics) = crate::config::parse_file(path, &[MESH, &gateway("nginx", None)].concat());
+        assert!(matches!(resources.last().map(|r| &r.resource), Some(Resource::Other { .. })));
+        assert!(diagnostics.iter().any(|d| d.message.contains("not supported yet")), "{diagnostics:?}");
+        let (resources, _) =
+            crate::config::parse_file(path, &[MESH, &gateway("istio-waypoint", Some("pods"))].concat());
+        let (model, diagnostics) = crate::model::compile(&resources);
+        let warning = diagnostics.iter().find(|d| d.message.contains("`pods`")).expect("a warning");
+        assert_eq!(warning.field.as_deref(), Some("metadata.labels.istio.io/waypoint-for"));
+        let service = model.service_by_host("reviews.shop.svc.cluster.local").expect("the service");
+        assert!(service.waypoint.is_some(), "service traffic, Istio's default");
     }
 }
