@@ -9,6 +9,10 @@ mod kinds;
 mod networking;
 mod parse;
 mod positions;
+#[cfg(feature = "crd-schema")]
+pub mod crds;
+#[cfg(feature = "crd-schema")]
+pub mod schema;
 mod security;
 mod source;
 mod syntax;

@@ -56,6 +56,8 @@ pub use destination_rule::{
     LoadBalancerSettings, OutlierDetectionSettings, SimpleLb, SubsetSpec, TlsMode, TrafficPolicySpec,
 };
 pub use resilience::{HttpRetry, RetryOnToken};
+#[cfg(feature = "crd-schema")]
+pub(super) use {destination_rule::H2UpgradePolicy, resilience::GrpcStatus, virtual_service::DerivePort};
 pub use virtual_service::{
     DestinationSpec, HeaderOperations, Headers, HttpMatch, HttpRoute, L4MatchAttributes, RouteDestination, StringMatch,
     VirtualService, VirtualServiceSpec,
@@ -63,8 +65,10 @@ pub use virtual_service::{
 
 /// `percentage: {value: 0.1}`: a share of requests in percent, 0 to 100.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Percent {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "f64"))]
     #[serde(deserialize_with = "percent_value")]
     pub value: f64,
 }
