@@ -214,6 +214,16 @@ struct ControlArgs {
     /// Worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
+    /// With --kubernetes: the Lease (in --leader-election-namespace) whose holder is the one
+    /// replica writing to the API server (Events, waypoints, Gateway status).
+    #[arg(long, default_value = "strait-control")]
+    leader_election_lease: String,
+    /// Namespace of the Lease: the pod's own (the downward API's POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "strait-system")]
+    leader_election_namespace: String,
+    /// This replica's name in the Lease (default: the pod's name, POD_NAME, else host and pid).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
 }
 
 /// Client-side limits of an HTTP listener (defaults and their reasons: `strait::l7::limits`).
@@ -425,8 +435,19 @@ fn run_control(args: ControlArgs) -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         cert_ttl: args.cert_ttl,
         bootstrap_tokens: args.bootstrap_tokens,
+        leader: Some(strait::control::leader::LeaderOptions::new(
+            &args.leader_election_namespace,
+            &args.leader_election_lease,
+            &args.leader_election_identity.unwrap_or_else(default_identity),
+        )),
     };
     rt.block_on(strait::control::run(options))
+}
+
+/// A replica's name when the pod's is not given: the host's name and the process id.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
 }
 
 fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {

@@ -419,15 +419,22 @@ impl Source for KubeSource {
     }
 }
 
-/// Connects (in-cluster service account, else `KUBECONFIG` or `~/.kube/config`) and starts
-/// one watch task per kind on the current runtime.
-pub async fn start() -> anyhow::Result<KubeSource> {
+/// A client of the API server (the in-cluster service account, else KUBECONFIG), and the
+/// server's URL for messages.
+pub async fn client() -> anyhow::Result<(Client, String)> {
     let config = kube::Config::infer()
         .await
         .map_err(|e| anyhow::anyhow!("cannot configure the Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
     let server = config.cluster_url.to_string();
     let client = Client::try_from(config)
         .map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))?;
+    Ok((client, server))
+}
+
+/// Connects (in-cluster service account, else `KUBECONFIG` or `~/.kube/config`) and starts
+/// one watch task per kind on the current runtime.
+pub async fn start() -> anyhow::Result<KubeSource> {
+    let (client, server) = client().await?;
     let mut kinds = kinds();
     choose_versions(&client, &mut kinds).await;
     let store = Arc::new(Mutex::new(Store::new(&kinds)));

@@ -5,6 +5,7 @@
 //! API (ID-2) with istiod's authorization.
 
 pub mod kubernetes;
+pub mod leader;
 pub mod listener;
 
 use std::{
@@ -71,6 +72,8 @@ pub struct ControlOptions {
     pub cert_ttl: Duration,
     /// Bootstrap tokens, one file per caller (layout in `identity::caller`).
     pub bootstrap_tokens: Option<PathBuf>,
+    /// The Lease that elects the one replica writing to the API server (Kubernetes source only).
+    pub leader: Option<leader::LeaderOptions>,
 }
 
 pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
@@ -86,6 +89,15 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
         snapshots_tx.send_replace(Arc::new(snapshot));
     };
     let hold = options.empty_config_hold;
+    // Campaign from the start: a replica that wins while still listing is ready to write as
+    // soon as it has something to write.
+    let election = match (&options.source, options.leader.clone()) {
+        (ConfigSource::Kubernetes, Some(leader_options)) => {
+            let (client, _) = kubernetes::client().await?;
+            Some(leader::start(client, leader_options))
+        }
+        _ => None,
+    };
     let model = match &options.source {
         ConfigSource::Directory(dir) => model::reload::load_and_watch_then(dir, hold, publish)?,
         ConfigSource::Kubernetes => {
@@ -147,5 +159,8 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
         _ = interrupt.recv() => {}
     }
     info!("stopping");
+    if let Some((election, _leadership)) = election {
+        election.release().await;
+    }
     Ok(())
 }
