@@ -43,8 +43,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     "util-linux",
     "fonts-dejavu-core",
-    // The Kubernetes tests: etcd 3.4 under the kube-apiserver that `kube.rs` builds.
+    // The Kubernetes tests: etcd 3.4 under the kube-apiserver that `kube.rs` builds, and a
+    // venv for kubernetes-validate.
     "etcd-server",
+    "python3-venv",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -145,6 +147,7 @@ fn setup() -> Result {
     }
     ensure_bpf_linker()?;
     kube::ensure_kube_apiserver()?;
+    kube::ensure_kubernetes_validate()?;
     ensure_python_module("prometheus_client", "prometheus-client")?;
     if !have("rustup") {
         return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".into());

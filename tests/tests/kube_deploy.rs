@@ -1,0 +1,588 @@
+//! `deploy/` against a real kube-apiserver and etcd (OPS-2): `kubectl apply -k` installs it
+//! (server-side apply, the API server's schemas and RBAC), the rendered objects pass
+//! `kubernetes-validate`, the generated CRDs accept the Istio resources of the seed docs
+//! unchanged, each component can do its job with exactly its RBAC rules and is refused one step
+//! beyond them, and the control plane's replicas elect one leader and fail over.
+//!
+//! The API server is 1.20 (`cargo xtask setup` builds it), which serves PodDisruptionBudget only
+//! as policy/v1beta1 and has no DaemonSet surge: it gets `deploy/k8s-1.20/`, which swaps exactly
+//! those two in; `deploy/` itself is checked by `kubernetes-validate` for current releases.
+
+use std::fs;
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use strait_testbed::kube::KubeApi;
+
+const CONTROL_SA: &str = "system:serviceaccount:strait-system:strait-control";
+const NODE_SA: &str = "system:serviceaccount:strait-system:strait-node";
+/// client-go's lease timings, as `control/leader.rs` uses them: a dead leader is replaced within
+/// the 15 s lease plus one 2 s retry; the margin is for a loaded machine.
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+fn other(message: String) -> io::Error {
+    io::Error::other(message)
+}
+
+/// `kubectl kustomize deploy/<overlay>`.
+fn render(overlay: &str) -> io::Result<String> {
+    let dir = workspace().join("deploy").join(overlay);
+    let out = Command::new("kubectl").arg("kustomize").arg(&dir).output()?;
+    if !out.status.success() {
+        return Err(other(format!("kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The venv `cargo xtask setup` installs kubernetes-validate into (xtask/src/kube.rs).
+fn kubernetes_validate() -> io::Result<PathBuf> {
+    let cache = match std::env::var_os("STRAIT_CACHE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => match std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+            Some(dir) => PathBuf::from(dir).join("strait"),
+            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/strait"),
+        },
+    };
+    let bin = cache.join("kubernetes-validate/bin/kubernetes-validate");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(other(format!("{} is missing: run `cargo xtask setup`", bin.display())))
+    }
+}
+
+/// Runs kubernetes-validate (strict: unknown fields are errors) on `yaml` for `version`;
+/// its output, and whether every object passed.
+fn validate(yaml: &str, version: &str, dir: &Path) -> io::Result<(bool, String)> {
+    let file = dir.join(format!("rendered-{version}.yaml"));
+    fs::write(&file, yaml)?;
+    let out = Command::new(kubernetes_validate()?)
+        .args(["--strict", "--quiet", "-k", version])
+        .arg(&file)
+        .output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success() && !text.contains("ERROR"), text))
+}
+
+#[test]
+fn rendered_manifests_pass_kubernetes_validate() -> io::Result<()> {
+    let dir = std::env::temp_dir().join(format!("strait-kube-deploy-validate-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let current = render("")?;
+    let kinds = current.lines().filter(|l| l.starts_with("kind: ")).count();
+    assert_eq!(kinds, 18, "deploy/ renders 7 CRDs and 11 other objects:\n{current}");
+    // The newest release kubernetes-validate knows, and the oldest (1.25: it has none older;
+    // 1.20 is checked by the real 1.20 API server in `apply_k_installs_and_rbac_is_least_privilege`).
+    for version in ["1.37.0", "1.25.0"] {
+        let (ok, report) = validate(&current, version, &dir)?;
+        assert!(ok, "deploy/ fails kubernetes-validate {version}:\n{report}");
+    }
+    // The validator does refuse what a cluster would: a misspelt field of the DaemonSet.
+    let broken = current.replacen("hostNetwork: true", "hostNetwrok: true", 1);
+    assert_ne!(broken, current);
+    let (ok, report) = validate(&broken, "1.37.0", &dir)?;
+    assert!(!ok && report.contains("hostNetwrok"), "a misspelt field passed kubernetes-validate:\n{report}");
+
+    // What the node proxy gets: no API token at all, the istio-ca token, host network, and
+    // only the capabilities named in node.yaml.
+    for needle in [
+        "automountServiceAccountToken: false",
+        "audience: istio-ca",
+        "hostNetwork: true",
+        "fieldPath: spec.nodeName",
+        "terminationGracePeriodSeconds: 35",
+        "maxSurge: 1",
+        "maxUnavailable: 0",
+        "- BPF\n",
+        "image: ghcr.io/strait-mesh/strait:0.1.0",
+    ] {
+        assert!(current.contains(needle), "deploy/ renders without `{needle}`");
+    }
+    assert!(!current.contains("privileged: true"), "the node proxy runs privileged");
+    fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// `kubectl apply --server-side -k deploy/k8s-1.20`, then waits for the CRDs to be served.
+fn install(api: &KubeApi) -> io::Result<()> {
+    let overlay = workspace().join("deploy/k8s-1.20");
+    let overlay = overlay.to_string_lossy();
+    api.kubectl(&["apply", "--server-side", "-k", overlay.as_ref()])?;
+    api.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "app.kubernetes.io/part-of=strait"])?;
+    Ok(())
+}
+
+/// A token of `service_account` in strait-system from the TokenRequest API.
+fn token(api: &KubeApi, service_account: &str, audience: &str) -> io::Result<String> {
+    api.service_account_token("strait-system", service_account, audience, None, 3600)
+}
+
+/// `kubectl auth can-i VERB RESOURCE -n NAMESPACE --as USER`; `RESOURCE` is `resource[/name]`,
+/// or `resource#subresource`.
+fn can_i(api: &KubeApi, user: &str, verb: &str, resource: &str, namespace: &str) -> io::Result<bool> {
+    let mut args = vec!["auth", "can-i", verb, "-n", namespace, "--as", user];
+    match resource.split_once('#') {
+        Some((resource, subresource)) => args.extend([resource, "--subresource", subresource]),
+        None => args.push(resource),
+    }
+    let out = api.kubectl_command(&args).output()?;
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match answer.as_str() {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        _ => Err(other(format!("kubectl auth can-i {verb} {resource}: {answer} {}", String::from_utf8_lossy(&out.stderr)))),
+    }
+}
+
+/// kubectl as the holder of `token` (its `--token` replaces the admin's).
+fn kubectl_as(api: &KubeApi, token: &str, args: &[&str]) -> io::Result<(bool, String)> {
+    let mut all = vec!["--token", token];
+    all.extend_from_slice(args);
+    let out = api.kubectl_command(&all).output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
+fn kubectl_as_stdin(api: &KubeApi, token: &str, args: &[&str], stdin: &str) -> io::Result<(bool, String)> {
+    use std::io::Write as _;
+    let mut all = vec!["--token", token];
+    all.extend_from_slice(args);
+    let mut child =
+        api.kubectl_command(&all).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    child.stdin.take().ok_or_else(|| other("no stdin".into()))?.write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
+fn assert_forbidden((ok, text): (bool, String), what: &str) {
+    assert!(!ok && text.contains("forbidden"), "{what} was not forbidden: {text}");
+}
+
+#[test]
+fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
+    let api = KubeApi::start_without_crds()?;
+    install(&api)?;
+    // Applying again changes nothing and conflicts with nothing (an upgrade is the same command).
+    install(&api)?;
+    // deploy/ itself asks 1.20 for what it does not serve, which is why deploy/k8s-1.20 exists.
+    let deploy = workspace().join("deploy");
+    let refused = api.kubectl_fails(&["apply", "--server-side", "--dry-run=server", "-k", &deploy.to_string_lossy()])?;
+    assert!(refused.contains("policy/v1"), "deploy/ on 1.20: {refused}");
+    for (kind, name) in [
+        ("daemonset", "strait-node"),
+        ("deployment", "strait-control"),
+        ("service", "strait-control"),
+        ("poddisruptionbudget", "strait-control"),
+        ("serviceaccount", "strait-control"),
+        ("serviceaccount", "strait-node"),
+        ("role", "strait-control-leader"),
+        ("rolebinding", "strait-control-leader"),
+    ] {
+        api.kubectl(&["get", "-n", "strait-system", kind, name])?;
+    }
+    for crd in ["virtualservices.networking.istio.io", "authorizationpolicies.security.istio.io"] {
+        let got = json(&api.kubectl(&["get", "crd", crd, "-o", "json"])?);
+        let versions = got["spec"]["versions"].as_array().cloned().unwrap_or_default();
+        let storage: Vec<&str> = versions.iter().filter(|v| v["storage"] == true).filter_map(|v| v["name"].as_str()).collect();
+        let expected = if crd.contains("networking") { "v1alpha3" } else { "v1beta1" };
+        assert_eq!(storage, [expected], "{crd}: storage version as Istio's");
+    }
+
+    // The Gateway API is the cluster's, not strait's (kubectl resolves resource names by
+    // discovery, so it must be served for `auth can-i` to ask about it).
+    let gateway_api = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kube/gateway-api-crds.yaml");
+    api.kubectl(&["apply", "-f", &gateway_api.to_string_lossy()])?;
+    api.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "app.kubernetes.io/part-of=strait-tests"])?;
+
+    // The control plane: what it reads and writes, and one step beyond each.
+    let cluster = [
+        ("list", "pods", true),
+        ("watch", "namespaces", true),
+        ("watch", "services", true),
+        ("watch", "endpointslices.discovery.k8s.io", true),
+        ("watch", "virtualservices.networking.istio.io", true),
+        ("watch", "authorizationpolicies.security.istio.io", true),
+        ("watch", "gateways.gateway.networking.k8s.io", true),
+        ("patch", "gateways.gateway.networking.k8s.io#status", true),
+        ("create", "tokenreviews.authentication.k8s.io", true),
+        ("create", "events", true),
+        ("create", "deployments.apps", true),
+        ("get", "secrets", false),
+        ("list", "configmaps", false),
+        ("delete", "pods", false),
+        ("update", "pods", false),
+        ("create", "virtualservices.networking.istio.io", false),
+        ("update", "gateways.gateway.networking.k8s.io", false),
+        ("create", "networkpolicies.networking.k8s.io", false),
+        ("create", "clusterroles.rbac.authorization.k8s.io", false),
+        ("create", "pods#exec", false),
+        ("create", "serviceaccounts#token", false),
+        ("update", "gateways.gateway.networking.k8s.io#finalizers", false),
+    ];
+    for (verb, resource, allowed) in cluster {
+        assert_eq!(can_i(&api, CONTROL_SA, verb, resource, "default")?, allowed, "control: {verb} {resource}");
+    }
+    assert!(can_i(&api, CONTROL_SA, "create", "leases.coordination.k8s.io", "strait-system")?);
+    assert!(can_i(&api, CONTROL_SA, "update", "leases.coordination.k8s.io/strait-control", "strait-system")?);
+    assert!(!can_i(&api, CONTROL_SA, "update", "leases.coordination.k8s.io/kube-scheduler", "strait-system")?);
+    assert!(!can_i(&api, CONTROL_SA, "create", "leases.coordination.k8s.io", "kube-system")?);
+    // The node proxy: nothing at all.
+    for (verb, resource) in [("list", "pods"), ("get", "configmaps"), ("create", "tokenreviews.authentication.k8s.io"), ("get", "secrets")] {
+        assert!(!can_i(&api, NODE_SA, verb, resource, "default")?, "node: {verb} {resource}");
+    }
+
+    // Real calls with the components' own tokens.
+    api.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")?;
+    api.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec:\n  containers: [{name: web, image: \
+         example.invalid/web:1}]\n",
+    )?;
+    let control = token(&api, "strait-control", "https://kubernetes.default.svc.cluster.local")?;
+    let node = token(&api, "strait-node", "istio-ca")?;
+    let (ok, text) = kubectl_as(&api, &control, &["get", "pods", "-A"])?;
+    assert!(ok && text.contains("web"), "control cannot list pods: {text}");
+    let review = format!(
+        "apiVersion: authentication.k8s.io/v1\nkind: TokenReview\nspec:\n  token: {node}\n  audiences: [istio-ca]\n"
+    );
+    let (ok, text) = kubectl_as_stdin(&api, &control, &["create", "-f", "-", "-o", "json"], &review)?;
+    assert!(ok, "control cannot review tokens: {text}");
+    let reviewed = json(&text);
+    assert_eq!(reviewed["status"]["authenticated"], true, "{text}");
+    assert_eq!(reviewed["status"]["user"]["username"], NODE_SA, "{text}");
+    let event = "apiVersion: v1\nkind: Event\nmetadata: {name: web.strait-test, namespace: shop}\ninvolvedObject: \
+                 {kind: Pod, name: web, namespace: shop}\nreason: Test\nmessage: from the control plane's \
+                 account\ntype: Warning\nsource: {component: strait-control}\n";
+    let (ok, text) = kubectl_as_stdin(&api, &control, &["create", "-f", "-"], event)?;
+    assert!(ok, "control cannot create events: {text}");
+    assert_forbidden(kubectl_as(&api, &control, &["get", "secrets", "-n", "strait-system"])?, "control reading secrets");
+    assert_forbidden(kubectl_as(&api, &control, &["delete", "pod", "web", "-n", "shop"])?, "control deleting a pod");
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\n\
+                  spec: {podSelector: {}}\n";
+    assert_forbidden(kubectl_as_stdin(&api, &control, &["create", "-f", "-"], policy)?, "control writing NetworkPolicies");
+    assert_forbidden(kubectl_as(&api, &node, &["get", "pods", "-n", "shop"])?, "node listing pods");
+    assert_forbidden(kubectl_as(&api, &node, &["get", "secrets", "-n", "strait-system"])?, "node reading secrets");
+    api.kubectl(&["get", "pod", "web", "-n", "shop"])?;
+
+    // `strait control --kubernetes` with only the control plane's token: it lists and watches
+    // everything it reads (it is ready only then) and takes the Lease.
+    let kubeconfig = token_kubeconfig(&api, &control, "control")?;
+    let a = Control::start(&api, &kubeconfig, "replica-a")?;
+    a.wait_for("strait control ready", READY_TIMEOUT)?;
+    a.wait_for("leader election: leading", READY_TIMEOUT)?;
+    assert_eq!(lease_holder(&api)?, "replica-a");
+    let log = a.log();
+    assert!(!log.contains("forbidden") && !log.contains("403"), "strait control was refused something:\n{log}");
+    Ok(())
+}
+
+/// A kubeconfig with the API server of `api` and `token` as the user.
+fn token_kubeconfig(api: &KubeApi, token: &str, name: &str) -> io::Result<PathBuf> {
+    let path = api.dir().join(format!("{name}.kubeconfig"));
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: \
+         {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: \
+         u\ncurrent-context: c\n",
+        api.server_url(),
+        api.ca_cert().display()
+    );
+    fs::write(&path, config)?;
+    Ok(path)
+}
+
+fn lease_holder(api: &KubeApi) -> io::Result<String> {
+    let lease = json(&api.kubectl(&["get", "lease", "strait-control", "-n", "strait-system", "-o", "json"])?);
+    Ok(lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string())
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One `strait control --kubernetes` replica on loopback; killed on drop.
+struct Control {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Control {
+    fn start(api: &KubeApi, kubeconfig: &Path, identity: &str) -> io::Result<Control> {
+        let strait = strait_testbed::require_bin("strait")?;
+        let log = api.dir().join(format!("control-{identity}.log"));
+        let out = fs::File::create(&log)?;
+        let ca = api.dir().join(format!("ca-{identity}"));
+        let child = Command::new(strait)
+            .args(["control", "--kubernetes", "--ca-dir"])
+            .arg(&ca)
+            .arg(format!("--listen=127.0.0.1:{}", free_port()?))
+            .arg(format!("--metrics-addr=127.0.0.1:{}", free_port()?))
+            .args(["--leader-election-namespace=strait-system", "--leader-election-identity", identity])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        Ok(Control { child: Some(child), log })
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_for(&self, needle: &str, timeout: Duration) -> io::Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Err(other(format!("no `{needle}` in {:?}; log:\n{}", timeout, self.log())))
+    }
+
+    fn signal(&mut self, signal: i32) {
+        if let Some(child) = &self.child {
+            let pid = i32::try_from(child.id()).expect("pid fits i32");
+            // SAFETY: signalling our own child, not yet reaped.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
+    fn wait(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits until the Lease names `holder`; how long it took.
+fn wait_for_holder(api: &KubeApi, holder: &str, timeout: Duration) -> io::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let now = lease_holder(api)?;
+        if now == holder {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            return Err(other(format!("the lease is held by `{now}`, not `{holder}`, after {timeout:?}")));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn control_replicas_elect_one_leader_and_fail_over() -> io::Result<()> {
+    let api = KubeApi::start_without_crds()?;
+    install(&api)?;
+    let control = token(&api, "strait-control", "https://kubernetes.default.svc.cluster.local")?;
+    let kubeconfig = token_kubeconfig(&api, &control, "control")?;
+    let mut a = Control::start(&api, &kubeconfig, "replica-a")?;
+    a.wait_for("leader election: leading", READY_TIMEOUT)?;
+    let mut b = Control::start(&api, &kubeconfig, "replica-b")?;
+    b.wait_for("strait control ready", READY_TIMEOUT)?;
+    // Several renewals later, still one leader: a keeps the Lease, b never leads.
+    thread::sleep(Duration::from_secs(6));
+    assert_eq!(lease_holder(&api)?, "replica-a");
+    assert!(!b.log().contains("leader election: leading"), "two leaders:\n{}", b.log());
+
+    // A stopping leader releases the Lease: b takes over at its next try, not a lease later.
+    a.signal(libc::SIGTERM);
+    a.wait();
+    assert!(a.log().contains("released the lease"), "{}", a.log());
+    let took = wait_for_holder(&api, "replica-b", Duration::from_secs(10))?;
+    b.wait_for("leader election: leading", Duration::from_secs(5))?;
+    eprintln!("kube_deploy: failover after a released lease: {:.1}s", took.as_secs_f64());
+
+    // A leader that dies without a word: c takes over once the lease has run out.
+    let c = Control::start(&api, &kubeconfig, "replica-c")?;
+    c.wait_for("strait control ready", READY_TIMEOUT)?;
+    assert_eq!(lease_holder(&api)?, "replica-b");
+    b.signal(libc::SIGKILL);
+    b.wait();
+    let took = wait_for_holder(&api, "replica-c", FAILOVER_TIMEOUT)?;
+    c.wait_for("leader election: leading", Duration::from_secs(5))?;
+    assert!(took >= Duration::from_secs(5), "c took the lease of a live-looking leader after {took:?}");
+    eprintln!("kube_deploy: failover after a killed leader: {:.1}s", took.as_secs_f64());
+    let lease = json(&api.kubectl(&["get", "lease", "strait-control", "-n", "strait-system", "-o", "json"])?);
+    assert_eq!(lease["spec"]["leaseTransitions"], 2, "{lease}");
+    Ok(())
+}
+
+/// The Istio kinds deploy/crds defines.
+const CRD_KINDS: &[&str] = &[
+    "VirtualService",
+    "DestinationRule",
+    "Gateway",
+    "ServiceEntry",
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "RequestAuthentication",
+];
+
+/// YAML documents in a seed doc: fenced ```yaml blocks and `<<EOF` heredocs, dedented.
+fn yaml_blocks(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut blocks = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i].trim_end();
+        let end: Option<&str> = if line.trim_start().starts_with("```yaml") {
+            Some("```")
+        } else if line.ends_with("<<EOF") || line.ends_with("<< EOF") || line.contains("<<EOF ") || line.contains("<< EOF ") {
+            Some("EOF")
+        } else {
+            None
+        };
+        if let Some(end) = end {
+            let body: Vec<&str> = lines[i + 1..].iter().take_while(|l| l.trim() != end).copied().collect();
+            i += body.len() + 1;
+            let indent = body.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min();
+            let indent = indent.unwrap_or(0);
+            let dedented: Vec<&str> = body.iter().map(|l| l.get(indent..).unwrap_or("")).collect();
+            blocks.push(dedented.join("\n"));
+        }
+        i += 1;
+    }
+    blocks
+}
+
+/// The string constants of a Rust file of seed configurations (`const NAME: &str = "\` ... `";`).
+fn rust_yaml_consts(text: &str) -> Vec<String> {
+    text.split("&str = \"\\\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("\n\";").next())
+        .map(|body| body.replace("\\\"", "\"").replace("\\\\", "\\"))
+        .collect()
+}
+
+/// Documents of the CRD kinds, each with where it came from.
+fn istio_documents(source: &str, text: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for block in text.split("\n---").map(str::trim) {
+        let api_version = block.lines().find_map(|l| l.strip_prefix("apiVersion:")).map(str::trim);
+        let kind = block.lines().find_map(|l| l.strip_prefix("kind:")).map(str::trim);
+        if let (Some(api_version), Some(kind)) = (api_version, kind)
+            && (api_version.starts_with("networking.istio.io/") || api_version.starts_with("security.istio.io/"))
+            && CRD_KINDS.contains(&kind)
+        {
+            found.push((format!("{source} ({kind} #{})", found.len() + 1), format!("{block}\n")));
+        }
+    }
+    found
+}
+
+/// Whether strait's loader accepts `doc` alone (`strait ctl validate`: errors exit non-zero).
+fn loader_accepts(doc: &str, dir: &Path) -> io::Result<bool> {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir)?;
+    fs::write(dir.join("doc.yaml"), doc)?;
+    let out = Command::new(strait_testbed::require_bin("strait")?).args(["ctl", "validate"]).arg(dir).output()?;
+    Ok(out.status.success())
+}
+
+#[test]
+fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
+    let mut docs = Vec::new();
+    let seeds = workspace().join("../shared/seeds");
+    let mut files: Vec<PathBuf> = fs::read_dir(&seeds)
+        .map_err(|e| other(format!("{}: {e}", seeds.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    for file in files {
+        let text = fs::read_to_string(&file)?;
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        for block in yaml_blocks(&text) {
+            docs.extend(istio_documents(&name, &block));
+        }
+    }
+    let from_docs = docs.len();
+    let routes = workspace().join("proxy/src/model/routes/tests/seeds.rs");
+    for block in rust_yaml_consts(&fs::read_to_string(&routes)?) {
+        docs.extend(istio_documents("proxy/src/model/routes/tests/seeds.rs", &block));
+    }
+    assert!(from_docs >= 10 && docs.len() > from_docs, "too few seed documents found: {from_docs} + {}", docs.len() - from_docs);
+
+    let api = KubeApi::start_without_crds()?;
+    install(&api)?;
+    let scratch = api.dir().join("loader");
+    let (mut applied, mut skipped) = (0, Vec::new());
+    for (n, (source, doc)) in docs.iter().enumerate() {
+        if !loader_accepts(doc, &scratch)? {
+            skipped.push(source.clone());
+            continue;
+        }
+        // Each document in a namespace of its own, unless it names one.
+        let file = api.dir().join(format!("seed-{n}.yaml"));
+        fs::write(&file, doc)?;
+        let file = file.to_string_lossy().into_owned();
+        let local = json(&api.kubectl(&["create", "--dry-run=client", "-o", "json", "-f", &file])?);
+        let namespace = match local["metadata"]["namespace"].as_str() {
+            Some(ns) => ns.to_string(),
+            None => format!("seed-{n}"),
+        };
+        let _ = api.kubectl(&["create", "namespace", &namespace]);
+        api.kubectl(&["apply", "--server-side", "--force-conflicts", "-n", &namespace, "-f", &file])
+            .map_err(|e| other(format!("{source} refused by the CRD: {e}\n{doc}")))?;
+        let kind = local["kind"].as_str().unwrap_or_default();
+        let group = local["apiVersion"].as_str().and_then(|v| v.split('/').next()).unwrap_or_default();
+        let name = local["metadata"]["name"].as_str().unwrap_or_default();
+        let stored =
+            json(&api.kubectl(&["get", &format!("{}.{group}", kind.to_lowercase()), name, "-n", &namespace, "-o", "json"])?);
+        assert_eq!(stored["spec"], local["spec"], "{source}: the API server changed (pruned) the spec\n{doc}");
+        applied += 1;
+    }
+    eprintln!(
+        "kube_deploy: {applied} seed documents applied unchanged; {} the loader refuses alone were skipped: {skipped:?}",
+        skipped.len()
+    );
+    assert!(applied >= 10, "only {applied} seed documents were applied");
+
+    // And the schemas do refuse what strait cannot read: a timeout that is not a duration, a
+    // port that is not a number, an action that does not exist.
+    for (what, bad) in [
+        (
+            "timeout",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: bad, namespace: default}\nspec:\n  \
+             hosts: [reviews]\n  http: [{route: [{destination: {host: reviews}}], timeout: {seconds: 1}}]\n",
+        ),
+        (
+            "port",
+            "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: bad, namespace: \
+             default}\nspec:\n  host: reviews\n  trafficPolicy:\n    portLevelSettings: [{port: {number: [80]}}]\n",
+        ),
+        (
+            "action",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: \
+             default}\nspec: {action: PERMIT}\n",
+        ),
+    ] {
+        let refused = api.apply_fails(bad)?;
+        assert!(refused.contains("Invalid value") || refused.contains("invalid"), "{what}: {refused}");
+    }
+    Ok(())
+}
