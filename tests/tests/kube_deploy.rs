@@ -443,8 +443,10 @@ const CRD_KINDS: &[&str] = &[
     "RequestAuthentication",
 ];
 
-/// YAML documents in a seed doc: fenced ```yaml blocks and `<<EOF` heredocs, dedented.
+/// YAML documents in a seed doc: fenced ```yaml blocks and `<<EOF` heredocs, dedented, with
+/// the no-break spaces of pages copied from the web made plain spaces again.
 fn yaml_blocks(text: &str) -> Vec<String> {
+    let text = text.replace('\u{a0}', " ");
     let lines: Vec<&str> = text.lines().collect();
     let mut blocks = Vec::new();
     let mut i = 0;
@@ -540,7 +542,10 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
         let file = api.dir().join(format!("seed-{n}.yaml"));
         fs::write(&file, doc)?;
         let file = file.to_string_lossy().into_owned();
-        let local = json(&api.kubectl(&["create", "--dry-run=client", "-o", "json", "-f", &file])?);
+        let local = json(
+            &api.kubectl(&["create", "--dry-run=client", "-o", "json", "-f", &file])
+                .map_err(|e| other(format!("{source}: {e}\n{doc}")))?,
+        );
         let namespace = match local["metadata"]["namespace"].as_str() {
             Some(ns) => ns.to_string(),
             None => format!("seed-{n}"),
@@ -584,5 +589,39 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
         let refused = api.apply_fails(bad)?;
         assert!(refused.contains("Invalid value") || refused.contains("invalid"), "{what}: {refused}");
     }
+    Ok(())
+}
+
+/// `cargo run --example gen-crds -- --check DIR` (the generator, with the `crd-schema` feature).
+fn gen_crds_check(dir: &Path) -> io::Result<(bool, String)> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace())
+        .args(["run", "--quiet", "-p", "strait", "--features", "crd-schema", "--example", "gen-crds", "--", "--check"])
+        .arg(dir)
+        .output()?;
+    Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+/// The committed deploy/crds is what strait's types generate: a type changed without `cargo
+/// xtask gen-crds` fails here (and in `cargo xtask test`'s own check).
+#[test]
+fn committed_crds_are_what_the_types_generate() -> io::Result<()> {
+    let committed = workspace().join("deploy/crds");
+    let (ok, report) = gen_crds_check(&committed)?;
+    assert!(ok, "deploy/crds is out of date: {report}");
+    // The check does notice a difference: a copy with one property renamed fails it.
+    let copy = std::env::temp_dir().join(format!("strait-kube-deploy-crds-{}", std::process::id()));
+    fs::create_dir_all(&copy)?;
+    for entry in fs::read_dir(&committed)? {
+        let entry = entry?;
+        fs::copy(entry.path(), copy.join(entry.file_name()))?;
+    }
+    let file = copy.join("peerauthentications.security.istio.io.yaml");
+    let text = fs::read_to_string(&file)?;
+    fs::write(&file, text.replacen("portLevelMtls:", "portLevelMTLS:", 1))?;
+    let (ok, report) = gen_crds_check(&copy)?;
+    fs::remove_dir_all(&copy)?;
+    assert!(!ok && report.contains("peerauthentications"), "a changed CRD passed the check: {report}");
     Ok(())
 }

@@ -134,6 +134,25 @@ impl JsonSchema for Cidr {
     }
 }
 
+/// The older spellings the loader still accepts (`#[serde(alias)]`, which schemars does not
+/// see), as properties of their own: the API server would prune them otherwise, and strait
+/// would read the object without them.
+fn alias(schema: &mut Schema, field: &str, alias: &str) {
+    if let Some(Value::Object(properties)) = schema.get_mut("properties")
+        && let Some(property) = properties.get(field).cloned()
+    {
+        properties.insert(alias.to_owned(), property);
+    }
+}
+
+pub fn mirror_percent_alias(schema: &mut Schema) {
+    alias(schema, "mirrorPercent", "mirror_percent");
+}
+
+pub fn sni_hosts_alias(schema: &mut Schema) {
+    alias(schema, "sniHosts", "sni_hosts");
+}
+
 /// The structural OpenAPI v3 schema of `T`, as a CRD's `spec` takes it.
 pub fn crd_schema<T: JsonSchema>() -> Value {
     let settings = SchemaSettings::openapi3().with(|s| {

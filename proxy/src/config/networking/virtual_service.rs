@@ -44,7 +44,7 @@ pub struct VirtualServiceSpec {
 /// `delegate`) says where matching requests go.
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
-#[cfg_attr(feature = "crd-schema", schemars(rename = "HttpRoute"))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "HttpRoute", transform = crate::config::schema::mirror_percent_alias))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {
     #[serde(default)]
@@ -380,6 +380,7 @@ impl Check for TlsRoute {
 /// Match conditions of `tcp[]` and `tls[]` (`sniHosts` only in `tls[]`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(transform = crate::config::schema::sni_hosts_alias))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct L4MatchAttributes {
     #[serde(default)]
