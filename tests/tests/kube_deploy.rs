@@ -8,6 +8,8 @@
 //! as policy/v1beta1 and has no DaemonSet surge: it gets `deploy/k8s-1.20/`, which swaps exactly
 //! those two in; `deploy/` itself is checked by `kubernetes-validate` for current releases.
 
+mod common;
+
 use std::fs;
 use std::io;
 use std::net::TcpListener;
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use strait_testbed::kube::KubeApi;
+use strait_testbed::{EchoKind, Node, Process};
 
 const CONTROL_SA: &str = "system:serviceaccount:strait-system:strait-control";
 const NODE_SA: &str = "system:serviceaccount:strait-system:strait-node";
@@ -623,5 +626,85 @@ fn committed_crds_are_what_the_types_generate() -> io::Result<()> {
     let (ok, report) = gen_crds_check(&copy)?;
     fs::remove_dir_all(&copy)?;
     assert!(!ok && report.contains("peerauthentications"), "a changed CRD passed the check: {report}");
+    Ok(())
+}
+
+/// The capabilities deploy/base/node.yaml adds for the node proxy (`add: [BPF, ...]`).
+fn daemonset_capabilities() -> io::Result<Vec<String>> {
+    let node = fs::read_to_string(workspace().join("deploy/base/node.yaml"))?;
+    let line = node
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: ["))
+        .ok_or_else(|| other("deploy/base/node.yaml adds no capabilities".into()))?;
+    Ok(line.trim_end_matches(']').split(',').map(|c| c.trim().to_ascii_lowercase()).collect())
+}
+
+/// `strait node` on `node` (the topology's config, CA directory `ca`) started under `setpriv`
+/// with only `caps` in its bounding set, as a container given exactly those capabilities runs.
+fn node_with_capabilities(t: &common::TwoNodes, node: &Node, ca: &Path, caps: &[String]) -> io::Result<Process> {
+    let strait = strait_testbed::require_bin("strait")?;
+    let bounding = format!("--bounding-set=-all,{}", caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(","));
+    let (pins, config) = (node.bpf_pin_dir(), t.topo.config_dir());
+    let (strait, pins, config, ca) =
+        (strait.to_string_lossy(), pins.to_string_lossy(), config.to_string_lossy(), ca.to_string_lossy());
+    let args = [
+        bounding.as_str(),
+        "--inh-caps=-all",
+        strait.as_ref(),
+        "node",
+        "--node",
+        node.name(),
+        "--bpf-pin-dir",
+        pins.as_ref(),
+        "--config",
+        config.as_ref(),
+        "--ca-dir",
+        ca.as_ref(),
+        "--detach-on-exit",
+    ];
+    let proxy = node.spawn(&format!("strait-{}-{}", node.name(), caps.join("-")), "setpriv", &args, &[("STRAIT_LOG", "info")])?;
+    let deadline = Instant::now() + common::TIMEOUT;
+    while proxy.count_log_lines("strait node ready") == 0 {
+        if Instant::now() > deadline || !proxy.is_running() {
+            return Err(other(format!("strait node with {caps:?} did not become ready:\n{}", proxy.log_tail())));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(proxy)
+}
+
+/// The capabilities a process holds (`CapEff` of /proc/PID/status), as a bit mask.
+fn effective_capabilities(pid: u32) -> io::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).map(str::trim).unwrap_or_default();
+    u64::from_str_radix(hex, 16).map_err(|e| other(format!("CapEff `{hex}`: {e}")))
+}
+
+/// The node proxy works with exactly the DaemonSet's capabilities (mTLS between two nodes, the
+/// eBPF capture loaded and attached), and without any one of them it does not start: the set is
+/// both sufficient and minimal.
+#[test]
+fn node_proxy_runs_with_exactly_the_daemonset_capabilities() -> io::Result<()> {
+    let caps = daemonset_capabilities()?;
+    assert_eq!(caps, ["bpf", "perfmon", "net_admin"], "node.yaml changed: update this test's reasons");
+    let t = common::TwoNodes::new("kube-deploy::caps")?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let ca = common::ca_dir(&t.topo, "ca");
+    {
+        let p1 = node_with_capabilities(&t, &t.n1, &ca, &caps)?;
+        let _p2 = node_with_capabilities(&t, &t.n2, &ca, &caps)?;
+        // CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39: nothing else.
+        assert_eq!(effective_capabilities(p1.pid())?, (1 << 12) | (1 << 38) | (1 << 39));
+        let reply = t.client.curl_args(&[&format!("http://{}:8080/", t.server.ip())])?;
+        assert!(reply.ok(), "{reply:?}");
+        let line = common::wait_access_line(&p1, &["outbound", "security=mutual_tls"], common::TIMEOUT)?;
+        assert!(line.contains("result=ok"), "{line}");
+    }
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let started = node_with_capabilities(&t, &t.n1, &ca, &fewer);
+        assert!(started.is_err(), "strait node started without CAP_{}", missing.to_ascii_uppercase());
+    }
     Ok(())
 }
