@@ -61,11 +61,7 @@ fn kubernetes_validate() -> io::Result<PathBuf> {
         },
     };
     let bin = cache.join("kubernetes-validate/bin/kubernetes-validate");
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(other(format!("{} is missing: run `cargo xtask setup`", bin.display())))
-    }
+    if bin.is_file() { Ok(bin) } else { Err(other(format!("{} is missing: run `cargo xtask setup`", bin.display()))) }
 }
 
 /// Runs kubernetes-validate (strict: unknown fields are errors) on `yaml` for `version`;
@@ -73,10 +69,7 @@ fn kubernetes_validate() -> io::Result<PathBuf> {
 fn validate(yaml: &str, version: &str, dir: &Path) -> io::Result<(bool, String)> {
     let file = dir.join(format!("rendered-{version}.yaml"));
     fs::write(&file, yaml)?;
-    let out = Command::new(kubernetes_validate()?)
-        .args(["--strict", "--quiet", "-k", version])
-        .arg(&file)
-        .output()?;
+    let out = Command::new(kubernetes_validate()?).args(["--strict", "--quiet", "-k", version]).arg(&file).output()?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok((out.status.success() && !text.contains("ERROR"), text))
 }
@@ -125,7 +118,14 @@ fn install(api: &KubeApi) -> io::Result<()> {
     let overlay = workspace().join("deploy/k8s-1.20");
     let overlay = overlay.to_string_lossy();
     api.kubectl(&["apply", "--server-side", "-k", overlay.as_ref()])?;
-    api.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "app.kubernetes.io/part-of=strait"])?;
+    api.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=strait",
+    ])?;
     Ok(())
 }
 
@@ -147,7 +147,10 @@ fn can_i(api: &KubeApi, user: &str, verb: &str, resource: &str, namespace: &str)
     match answer.as_str() {
         "yes" => Ok(true),
         "no" => Ok(false),
-        _ => Err(other(format!("kubectl auth can-i {verb} {resource}: {answer} {}", String::from_utf8_lossy(&out.stderr)))),
+        _ => Err(other(format!(
+            "kubectl auth can-i {verb} {resource}: {answer} {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))),
     }
 }
 
@@ -184,7 +187,8 @@ fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
     install(&api)?;
     // deploy/ itself asks 1.20 for what it does not serve, which is why deploy/k8s-1.20 exists.
     let deploy = workspace().join("deploy");
-    let refused = api.kubectl_fails(&["apply", "--server-side", "--dry-run=server", "-k", &deploy.to_string_lossy()])?;
+    let refused =
+        api.kubectl_fails(&["apply", "--server-side", "--dry-run=server", "-k", &deploy.to_string_lossy()])?;
     assert!(refused.contains("policy/v1"), "deploy/ on 1.20: {refused}");
     for (kind, name) in [
         ("daemonset", "strait-node"),
@@ -201,7 +205,8 @@ fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
     for crd in ["virtualservices.networking.istio.io", "authorizationpolicies.security.istio.io"] {
         let got = json(&api.kubectl(&["get", "crd", crd, "-o", "json"])?);
         let versions = got["spec"]["versions"].as_array().cloned().unwrap_or_default();
-        let storage: Vec<&str> = versions.iter().filter(|v| v["storage"] == true).filter_map(|v| v["name"].as_str()).collect();
+        let storage: Vec<&str> =
+            versions.iter().filter(|v| v["storage"] == true).filter_map(|v| v["name"].as_str()).collect();
         let expected = if crd.contains("networking") { "v1alpha3" } else { "v1beta1" };
         assert_eq!(storage, [expected], "{crd}: storage version as Istio's");
     }
@@ -210,7 +215,14 @@ fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
     // discovery, so it must be served for `auth can-i` to ask about it).
     let gateway_api = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kube/gateway-api-crds.yaml");
     api.kubectl(&["apply", "-f", &gateway_api.to_string_lossy()])?;
-    api.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "app.kubernetes.io/part-of=strait-tests"])?;
+    api.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=strait-tests",
+    ])?;
 
     // The control plane: what it reads and writes, and one step beyond each.
     let cluster = [
@@ -245,7 +257,9 @@ fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
     assert!(!can_i(&api, CONTROL_SA, "update", "leases.coordination.k8s.io/kube-scheduler", "strait-system")?);
     assert!(!can_i(&api, CONTROL_SA, "create", "leases.coordination.k8s.io", "kube-system")?);
     // The node proxy: nothing at all.
-    for (verb, resource) in [("list", "pods"), ("get", "configmaps"), ("create", "tokenreviews.authentication.k8s.io"), ("get", "secrets")] {
+    for (verb, resource) in
+        [("list", "pods"), ("get", "configmaps"), ("create", "tokenreviews.authentication.k8s.io"), ("get", "secrets")]
+    {
         assert!(!can_i(&api, NODE_SA, verb, resource, "default")?, "node: {verb} {resource}");
     }
 
@@ -272,11 +286,17 @@ fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
                  account\ntype: Warning\nsource: {component: strait-control}\n";
     let (ok, text) = kubectl_as_stdin(&api, &control, &["create", "-f", "-"], event)?;
     assert!(ok, "control cannot create events: {text}");
-    assert_forbidden(kubectl_as(&api, &control, &["get", "secrets", "-n", "strait-system"])?, "control reading secrets");
+    assert_forbidden(
+        kubectl_as(&api, &control, &["get", "secrets", "-n", "strait-system"])?,
+        "control reading secrets",
+    );
     assert_forbidden(kubectl_as(&api, &control, &["delete", "pod", "web", "-n", "shop"])?, "control deleting a pod");
     let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\n\
                   spec: {podSelector: {}}\n";
-    assert_forbidden(kubectl_as_stdin(&api, &control, &["create", "-f", "-"], policy)?, "control writing NetworkPolicies");
+    assert_forbidden(
+        kubectl_as_stdin(&api, &control, &["create", "-f", "-"], policy)?,
+        "control writing NetworkPolicies",
+    );
     assert_forbidden(kubectl_as(&api, &node, &["get", "pods", "-n", "shop"])?, "node listing pods");
     assert_forbidden(kubectl_as(&api, &node, &["get", "secrets", "-n", "strait-system"])?, "node reading secrets");
     api.kubectl(&["get", "pod", "web", "-n", "shop"])?;
@@ -457,7 +477,11 @@ fn yaml_blocks(text: &str) -> Vec<String> {
         let line = lines[i].trim_end();
         let end: Option<&str> = if line.trim_start().starts_with("```yaml") {
             Some("```")
-        } else if line.ends_with("<<EOF") || line.ends_with("<< EOF") || line.contains("<<EOF ") || line.contains("<< EOF ") {
+        } else if line.ends_with("<<EOF")
+            || line.ends_with("<< EOF")
+            || line.contains("<<EOF ")
+            || line.contains("<< EOF ")
+        {
             Some("EOF")
         } else {
             None
@@ -530,7 +554,11 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
     for block in rust_yaml_consts(&fs::read_to_string(&routes)?) {
         docs.extend(istio_documents("proxy/src/model/routes/tests/seeds.rs", &block));
     }
-    assert!(from_docs >= 10 && docs.len() > from_docs, "too few seed documents found: {from_docs} + {}", docs.len() - from_docs);
+    assert!(
+        from_docs >= 10 && docs.len() > from_docs,
+        "too few seed documents found: {from_docs} + {}",
+        docs.len() - from_docs
+    );
 
     let api = KubeApi::start_without_crds()?;
     install(&api)?;
@@ -559,8 +587,15 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
         let kind = local["kind"].as_str().unwrap_or_default();
         let group = local["apiVersion"].as_str().and_then(|v| v.split('/').next()).unwrap_or_default();
         let name = local["metadata"]["name"].as_str().unwrap_or_default();
-        let stored =
-            json(&api.kubectl(&["get", &format!("{}.{group}", kind.to_lowercase()), name, "-n", &namespace, "-o", "json"])?);
+        let stored = json(&api.kubectl(&[
+            "get",
+            &format!("{}.{group}", kind.to_lowercase()),
+            name,
+            "-n",
+            &namespace,
+            "-o",
+            "json",
+        ])?);
         assert_eq!(stored["spec"], local["spec"], "{source}: the API server changed (pruned) the spec\n{doc}");
         applied += 1;
     }
@@ -643,7 +678,8 @@ fn daemonset_capabilities() -> io::Result<Vec<String>> {
 /// with only `caps` in its bounding set, as a container given exactly those capabilities runs.
 fn node_with_capabilities(t: &common::TwoNodes, node: &Node, ca: &Path, caps: &[String]) -> io::Result<Process> {
     let strait = strait_testbed::require_bin("strait")?;
-    let bounding = format!("--bounding-set=-all,{}", caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(","));
+    let bounding =
+        format!("--bounding-set=-all,{}", caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(","));
     let (pins, config) = (node.bpf_pin_dir(), t.topo.config_dir());
     let (strait, pins, config, ca) =
         (strait.to_string_lossy(), pins.to_string_lossy(), config.to_string_lossy(), ca.to_string_lossy());
@@ -662,7 +698,8 @@ fn node_with_capabilities(t: &common::TwoNodes, node: &Node, ca: &Path, caps: &[
         ca.as_ref(),
         "--detach-on-exit",
     ];
-    let proxy = node.spawn(&format!("strait-{}-{}", node.name(), caps.join("-")), "setpriv", &args, &[("STRAIT_LOG", "info")])?;
+    let proxy =
+        node.spawn(&format!("strait-{}-{}", node.name(), caps.join("-")), "setpriv", &args, &[("STRAIT_LOG", "info")])?;
     let deadline = Instant::now() + common::TIMEOUT;
     while proxy.count_log_lines("strait node ready") == 0 {
         if Instant::now() > deadline || !proxy.is_running() {

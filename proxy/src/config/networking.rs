@@ -56,12 +56,12 @@ pub use destination_rule::{
     LoadBalancerSettings, OutlierDetectionSettings, SimpleLb, SubsetSpec, TlsMode, TrafficPolicySpec,
 };
 pub use resilience::{HttpRetry, RetryOnToken};
-#[cfg(feature = "crd-schema")]
-pub(super) use {destination_rule::H2UpgradePolicy, resilience::GrpcStatus, virtual_service::DerivePort};
 pub use virtual_service::{
     DestinationSpec, HeaderOperations, Headers, HttpMatch, HttpRoute, L4MatchAttributes, RouteDestination, StringMatch,
     VirtualService, VirtualServiceSpec,
 };
+#[cfg(feature = "crd-schema")]
+pub(super) use {destination_rule::H2UpgradePolicy, resilience::GrpcStatus, virtual_service::DerivePort};
 
 /// `percentage: {value: 0.1}`: a share of requests in percent, 0 to 100.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]

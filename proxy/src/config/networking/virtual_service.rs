@@ -319,10 +319,16 @@ pub struct Headers {
 #[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HeaderOperations {
-    #[cfg_attr(feature = "crd-schema", schemars(with = "std::collections::BTreeMap<String, crate::config::schema::Scalar>"))]
+    #[cfg_attr(
+        feature = "crd-schema",
+        schemars(with = "std::collections::BTreeMap<String, crate::config::schema::Scalar>")
+    )]
     #[serde(default, deserialize_with = "header_values")]
     pub set: BTreeMap<String, String>,
-    #[cfg_attr(feature = "crd-schema", schemars(with = "std::collections::BTreeMap<String, crate::config::schema::Scalar>"))]
+    #[cfg_attr(
+        feature = "crd-schema",
+        schemars(with = "std::collections::BTreeMap<String, crate::config::schema::Scalar>")
+    )]
     #[serde(default, deserialize_with = "header_values")]
     pub add: BTreeMap<String, String>,
     #[serde(default, deserialize_with = "header_names")]
