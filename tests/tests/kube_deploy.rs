@@ -183,8 +183,11 @@ fn assert_forbidden((ok, text): (bool, String), what: &str) {
 fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
     let api = KubeApi::start_without_crds()?;
     install(&api)?;
-    // Applying again changes nothing and conflicts with nothing (an upgrade is the same command).
+    // Applying again changes nothing and conflicts with nothing (an upgrade is the same command);
+    // plain (client-side) `kubectl apply -k` is accepted as well.
     install(&api)?;
+    let overlay = workspace().join("deploy/k8s-1.20");
+    api.kubectl(&["apply", "--dry-run=server", "-k", &overlay.to_string_lossy()])?;
     // deploy/ itself asks 1.20 for what it does not serve, which is why deploy/k8s-1.20 exists.
     let deploy = workspace().join("deploy");
     let refused =
