@@ -2,7 +2,8 @@
 //! (server-side apply, the API server's schemas and RBAC), the rendered objects pass
 //! `kubernetes-validate`, the generated CRDs accept the Istio resources of the seed docs
 //! unchanged, each component can do its job with exactly its RBAC rules and is refused one step
-//! beyond them, and the control plane's replicas elect one leader and fail over.
+//! beyond them, the control plane's replicas elect one leader and fail over, and the node proxy
+//! runs with exactly the capabilities the DaemonSet gives it.
 //!
 //! The API server is 1.20 (`cargo xtask setup` builds it), which serves PodDisruptionBudget only
 //! as policy/v1beta1 and has no DaemonSet surge: it gets `deploy/k8s-1.20/`, which swaps exactly
@@ -443,7 +444,9 @@ fn control_replicas_elect_one_leader_and_fail_over() -> io::Result<()> {
     b.wait_for("leader election: leading", Duration::from_secs(5))?;
     eprintln!("kube_deploy: failover after a released lease: {:.1}s", took.as_secs_f64());
 
-    // A leader that dies without a word: c takes over once the lease has run out.
+    // A leader that dies without a word: c takes over once the lease has run out. c reads the
+    // mesh CA from a read-only directory, as the control Deployment mounts the `cacerts` Secret.
+    let read_only_ca = ReadOnlyMount::new(&api.dir().join("ca-replica-a"), &api.dir().join("ca-replica-c"))?;
     let c = Control::start(&api, &kubeconfig, "replica-c")?;
     c.wait_for("strait control ready", READY_TIMEOUT)?;
     assert_eq!(lease_holder(&api)?, "replica-b");
@@ -455,7 +458,38 @@ fn control_replicas_elect_one_leader_and_fail_over() -> io::Result<()> {
     eprintln!("kube_deploy: failover after a killed leader: {:.1}s", took.as_secs_f64());
     let lease = json(&api.kubectl(&["get", "lease", "strait-control", "-n", "strait-system", "-o", "json"])?);
     assert_eq!(lease["spec"]["leaseTransitions"], 2, "{lease}");
+    drop(c);
+    drop(read_only_ca);
     Ok(())
+}
+
+/// A read-only bind mount of `source` on `target` (created), unmounted on drop.
+struct ReadOnlyMount {
+    target: PathBuf,
+}
+
+impl ReadOnlyMount {
+    fn new(source: &Path, target: &Path) -> io::Result<ReadOnlyMount> {
+        fs::create_dir_all(target)?;
+        let run = |args: &[&std::ffi::OsStr]| -> io::Result<()> {
+            let out = Command::new("mount").args(args).output()?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(other(format!("mount {args:?}: {}", String::from_utf8_lossy(&out.stderr))))
+            }
+        };
+        run(&["--bind".as_ref(), source.as_os_str(), target.as_os_str()])?;
+        let mount = ReadOnlyMount { target: target.to_path_buf() };
+        run(&["-o".as_ref(), "remount,bind,ro".as_ref(), target.as_os_str()])?;
+        Ok(mount)
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.target).status();
+    }
 }
 
 /// The Istio kinds deploy/crds defines.
