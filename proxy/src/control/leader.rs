@@ -132,11 +132,27 @@ async fn campaign(api: Api<Lease>, options: Arc<LeaderOptions>, leading: Arc<wat
     let mut observed: Option<Observed> = None;
     // When this replica last renewed successfully.
     let mut renewed: Option<Instant> = None;
+    // The last error logged: one that repeats every retry (no such namespace, forbidden) is
+    // logged once, not every 2 s.
+    let mut last_error = String::new();
     loop {
         match try_acquire_or_renew(&api, &options, &mut observed).await {
-            Ok(true) => renewed = Some(Instant::now()),
-            Ok(false) => renewed = None,
-            Err(e) => warn!(lease = %options.name, "leader election: {e}"),
+            Ok(held) => {
+                renewed = if held { Some(Instant::now()) } else { None };
+                last_error.clear();
+            }
+            Err(e) => {
+                let error = e.to_string();
+                if error != last_error {
+                    warn!(
+                        lease = %options.name,
+                        namespace = %options.namespace,
+                        "leader election: {error} (retrying every {:?})",
+                        options.retry_period
+                    );
+                    last_error = error;
+                }
+            }
         }
         // Held only while renewed within the deadline: a replica cut off from the API server
         // stops writing before another may take the Lease (renew_deadline < lease_duration).
