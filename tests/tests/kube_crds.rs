@@ -189,6 +189,43 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
     );
     assert!(applied >= 10, "only {applied} seed documents were applied");
 
+    // Istio's own CRDs (tests/fixtures/kube, built from Istio's schemas) have the same identity
+    // as strait's, and can replace them under stored objects, and be replaced back: either set
+    // can be installed over the other.
+    let istio_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kube/istio-crds.json");
+    let istio = json(&fs::read_to_string(&istio_file)?);
+    let identity = |crd: &Value| {
+        let versions: Vec<(Value, Value, Value)> = crd["spec"]["versions"]
+            .as_array()
+            .map(|vs| vs.iter().map(|v| (v["name"].clone(), v["served"].clone(), v["storage"].clone())).collect())
+            .unwrap_or_default();
+        (crd["spec"]["group"].clone(), crd["spec"]["names"].clone(), crd["spec"]["scope"].clone(), versions)
+    };
+    let ours = json(&api.kubectl(&["get", "crd", "-l", "app.kubernetes.io/part-of=strait", "-o", "json"])?);
+    let ours = ours["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(ours.len(), CRD_KINDS.len());
+    for crd in &ours {
+        let name = &crd["metadata"]["name"];
+        let theirs = istio["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|c| c["metadata"]["name"] == *name))
+            .unwrap_or_else(|| panic!("Istio has no CRD {name}"));
+        assert_eq!(identity(crd), identity(theirs), "{name}: not Istio's names, scope or versions");
+    }
+    // A seed VirtualService that was applied above.
+    let file = (0..docs.len())
+        .map(|n| api.dir().join(format!("seed-{n}.yaml")))
+        .find(|f| fs::read_to_string(f).is_ok_and(|doc| doc.contains("kind: VirtualService")))
+        .expect("a seed VirtualService was applied");
+    let file = file.to_string_lossy().into_owned();
+    let before = json(&api.kubectl(&["get", "-f", &file, "-o", "json"])?);
+    api.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &istio_file.to_string_lossy()])?;
+    let under_istio = json(&api.kubectl(&["get", "-f", &file, "-o", "json"])?);
+    assert_eq!(under_istio["spec"], before["spec"], "the object changed under Istio's CRD");
+    install(&api)?;
+    let back = json(&api.kubectl(&["get", "-f", &file, "-o", "json"])?);
+    assert_eq!(back["spec"], before["spec"], "the object changed back under strait's CRD");
+
     // And the schemas do refuse what strait cannot read: a timeout that is not a duration, a
     // port that is not a number, an action that does not exist.
     for (what, bad) in [
