@@ -223,7 +223,7 @@ struct ControlArgs {
     cluster_id: String,
     /// With --kubernetes: the image of the waypoints reconciled from Gateways of class
     /// istio-waypoint or strait-waypoint.
-    #[arg(long, default_value = concat!("strait:", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, default_value = concat!("ghcr.io/strait-mesh/strait:", env!("CARGO_PKG_VERSION")))]
     waypoint_image: String,
     /// With --kubernetes: where those waypoints follow the control plane (its Service).
     #[arg(long, default_value = "https://strait-control.strait-system.svc:15012")]
@@ -231,6 +231,16 @@ struct ControlArgs {
     /// Worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
+    /// With --kubernetes: the Lease (in --leader-election-namespace) whose holder is the one
+    /// replica writing to the API server (Events, waypoints, Gateway status).
+    #[arg(long, default_value = "strait-control")]
+    leader_election_lease: String,
+    /// Namespace of the Lease: the pod's own (the downward API's POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "strait-system")]
+    leader_election_namespace: String,
+    /// This replica's name in the Lease (default: the pod's name, POD_NAME, else host and pid).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
 }
 
 /// Client-side limits of an HTTP listener (defaults and their reasons: `strait::l7::limits`).
@@ -448,6 +458,11 @@ fn run_control(args: ControlArgs) -> anyhow::Result<()> {
         cluster_id: args.cluster_id,
         waypoint_image: args.waypoint_image,
         waypoint_xds_address: args.waypoint_xds_address,
+        leader: Some(strait::control::leader::LeaderOptions::new(
+            &args.leader_election_namespace,
+            &args.leader_election_lease,
+            &args.leader_election_identity.unwrap_or_else(default_identity),
+        )),
     };
     rt.block_on(strait::control::run(options))
 }
@@ -457,6 +472,12 @@ fn run_control(args: ControlArgs) -> anyhow::Result<()> {
 fn client_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<strait::identity::BearerToken>> {
     let Some(path) = path else { return Ok(None) };
     strait::identity::BearerToken::from_file(path).map(Some).map_err(|e| anyhow::anyhow!("--ca-token-file: {e}"))
+}
+
+/// A replica's name when the pod's is not given: the host's name and the process id.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
 }
 
 fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {

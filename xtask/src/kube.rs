@@ -20,7 +20,7 @@ pub const KUBE_APISERVER_VERSION: &str = "1.20.2";
 const BUILD_PACKAGES: &[&str] = &["golang-1.19-go", "golang-github-modern-go-reflect2-dev"];
 
 /// `$STRAIT_CACHE_DIR`, else `$XDG_CACHE_HOME/strait`, else `~/.cache/strait`.
-fn cache_root() -> PathBuf {
+pub fn cache_root() -> PathBuf {
     if let Some(dir) = env::var_os("STRAIT_CACHE_DIR") {
         return PathBuf::from(dir);
     }
@@ -66,4 +66,30 @@ pub fn ensure_kube_apiserver() -> Result {
     }
     println!("xtask: kube-apiserver built in {:.0}s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Pinned: what `deploy/` is checked against must not change under the tests.
+pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// `kubernetes-validate` (PyPI), which checks manifests against the schemas of many Kubernetes
+/// releases, in its own venv under the cache (`tests/tests/kube_deploy.rs` runs it from there).
+pub fn ensure_kubernetes_validate() -> Result {
+    let venv = cache_root().join("kubernetes-validate");
+    let bin = venv.join("bin").join("kubernetes-validate");
+    let installed = Command::new(&bin).arg("--version").output();
+    if installed
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == KUBERNETES_VALIDATE_VERSION)
+    {
+        return Ok(());
+    }
+    println!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}", venv.display());
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv")?;
+    run(
+        Command::new(venv.join("bin").join("pip")).args([
+            "install",
+            "-q",
+            &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        ]),
+        "pip install kubernetes-validate",
+    )
 }

@@ -12,6 +12,8 @@
 //!   through the node proxies and a waypoint with connection churn; fails on any error, a
 //!   proxy's RSS changing by more than 5 % or its descriptors growing. Not part of `test`.
 //! - `fuzz [TARGET] [SECONDS]`: setup, then the fuzz targets of `fuzz/` (see `fuzz.rs`).
+//! - `gen-crds [--check]`: writes `deploy/crds` from strait's configuration types (with
+//!   `--check`, fails if the committed files differ); `test` runs the check.
 //!
 //! std only: this crate is the first thing compiled on a fresh machine.
 
@@ -41,8 +43,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     "util-linux",
     "fonts-dejavu-core",
-    // The Kubernetes tests: etcd 3.4 under the kube-apiserver that `kube.rs` builds.
+    // The Kubernetes tests: etcd 3.4 under the kube-apiserver that `kube.rs` builds, and a
+    // venv for kubernetes-validate.
     "etcd-server",
+    "python3-venv",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Some("bench") => setup().and_then(|()| bench(&args[1..])),
         Some("soak") => soak_minutes(&args[1..]).and_then(|minutes| setup().and_then(|()| soak(minutes))),
         Some("fuzz") => setup().and_then(|()| fuzz::fuzz(&args[1..])),
+        Some("gen-crds") => gen_crds(&args[1..]),
         _ => Err(usage()),
     };
     match result {
@@ -73,7 +78,7 @@ fn main() -> ExitCode {
 fn usage() -> String {
     format!(
         "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO...] | \
-         soak [--minutes N] | fuzz [TARGET] [SECONDS]>\n\
+         soak [--minutes N] | fuzz [TARGET] [SECONDS] | gen-crds [--check]>\n\
          fuzz targets: {}",
         fuzz::TARGETS.join(", ")
     )
@@ -142,6 +147,7 @@ fn setup() -> Result {
     }
     ensure_bpf_linker()?;
     kube::ensure_kube_apiserver()?;
+    kube::ensure_kubernetes_validate()?;
     ensure_python_module("prometheus_client", "prometheus-client")?;
     if !have("rustup") {
         return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".into());
@@ -227,12 +233,31 @@ fn test(filters: &[String]) -> Result {
         "clippy",
     )?;
     fuzz::regression()?;
+    gen_crds(&["--check".to_owned()])?;
     println!("xtask: building binaries");
     run(cargo().args(["build", "--bins"]), "build")?;
     println!("xtask: running unit and end-to-end tests");
     run(cargo().args(["test", "--workspace", "--exclude", "strait-ebpf", "--"]).args(filters), "tests")?;
     println!("xtask: all checks passed in {:.0}s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// `deploy/crds` from strait's types: the `gen-crds` example, built with the `crd-schema`
+/// feature (schemars), which the normal build leaves out.
+fn gen_crds(args: &[String]) -> Result {
+    let check = match args {
+        [] => false,
+        [flag] if flag == "--check" => true,
+        _ => return Err(usage()),
+    };
+    println!("xtask: gen-crds{}", if check { " --check" } else { "" });
+    let dir = workspace_root().join("deploy").join("crds");
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "-p", "strait", "--features", "crd-schema", "--example", "gen-crds", "--"]);
+    if check {
+        cmd.arg("--check");
+    }
+    run(cmd.arg(&dir), "gen-crds")
 }
 
 fn demo() -> Result {

@@ -4,11 +4,15 @@
 //! Every resource remembers the file and line it came from, so any later complaint about it
 //! can point the user at the exact place.
 
+#[cfg(feature = "crd-schema")]
+pub mod crds;
 mod duration;
 mod kinds;
 mod networking;
 mod parse;
 mod positions;
+#[cfg(feature = "crd-schema")]
+pub mod schema;
 mod security;
 mod source;
 mod syntax;

@@ -60,11 +60,15 @@ pub use virtual_service::{
     DestinationSpec, HeaderOperations, Headers, HttpMatch, HttpRoute, L4MatchAttributes, RouteDestination, StringMatch,
     VirtualService, VirtualServiceSpec,
 };
+#[cfg(feature = "crd-schema")]
+pub(super) use {destination_rule::H2UpgradePolicy, resilience::GrpcStatus, virtual_service::DerivePort};
 
 /// `percentage: {value: 0.1}`: a share of requests in percent, 0 to 100.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Percent {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "f64"))]
     #[serde(deserialize_with = "percent_value")]
     pub value: f64,
 }

@@ -22,6 +22,7 @@ pub struct AuthorizationPolicy {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     #[serde(default)]
@@ -41,6 +42,7 @@ pub struct AuthorizationPolicySpec {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum AuthorizationAction {
     #[default]
@@ -51,6 +53,7 @@ pub enum AuthorizationAction {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
@@ -58,6 +61,7 @@ pub struct WorkloadSelector {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyTargetRef {
     #[serde(default)]
@@ -69,6 +73,7 @@ pub struct PolicyTargetRef {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExtensionProvider {
     #[serde(default)]
@@ -78,6 +83,7 @@ pub struct ExtensionProvider {
 /// One rule: `from` AND `to` AND `when`. A list left out is no constraint; `Some(vec![])` is an
 /// explicit empty list, which Istio rejects.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
@@ -89,6 +95,7 @@ pub struct Rule {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RuleFrom {
     #[serde(default)]
@@ -97,6 +104,7 @@ pub struct RuleFrom {
 
 /// Who is calling. Fields AND, values within a field OR, `not*` fields must match none.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     #[serde(default)]
@@ -133,6 +141,7 @@ pub struct Source {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RuleTo {
     #[serde(default)]
@@ -141,14 +150,17 @@ pub struct RuleTo {
 
 /// What is being done to the workload.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default)]
     pub hosts: Vec<String>,
     #[serde(default)]
     pub not_hosts: Vec<String>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Vec<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "ports")]
     pub ports: Vec<u16>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Vec<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "ports")]
     pub not_ports: Vec<u16>,
     #[serde(default)]
@@ -164,11 +176,14 @@ pub struct Operation {
 /// `when` entry: an attribute (`source.ip`, `request.headers[x]`, ...) and the values it must
 /// (or must not) have. Values are checked against the key when the policy is compiled.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
     pub key: String,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Vec<crate::config::schema::Scalar>"))]
     #[serde(default, deserialize_with = "scalars")]
     pub values: Vec<String>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Vec<crate::config::schema::Scalar>"))]
     #[serde(default, deserialize_with = "scalars")]
     pub not_values: Vec<String>,
 }
@@ -182,6 +197,7 @@ pub struct PeerAuthentication {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     #[serde(default)]
@@ -190,11 +206,13 @@ pub struct PeerAuthenticationSpec {
     pub mtls: Option<MutualTls>,
     /// Per target port of the selected pods; `None` when absent, so that an explicit empty map
     /// can be rejected as Istio does.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<std::collections::BTreeMap<String, MutualTls>>"))]
     #[serde(default, deserialize_with = "port_map")]
     pub port_level_mtls: Option<BTreeMap<u16, MutualTls>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MutualTls {
     #[serde(default)]
@@ -203,6 +221,7 @@ pub struct MutualTls {
 
 /// A mode as written; `Unset` inherits from the enclosing scope.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsModeSetting {
     #[default]
@@ -222,6 +241,7 @@ pub struct RequestAuthentication {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestAuthenticationSpec {
     #[serde(default)]
@@ -237,6 +257,7 @@ pub struct RequestAuthenticationSpec {
 /// How to find and check one issuer's tokens. Unknown fields are rejected like everywhere else:
 /// a misspelt `audience:` silently ignored would drop the audience check.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtRule {
     #[serde(default)]
@@ -270,6 +291,7 @@ pub struct JwtRule {
 
 /// `outputClaimToHeaders` entry: copy a claim of a verified token into a request header.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClaimToHeader {
     pub header: String,
@@ -277,6 +299,7 @@ pub struct ClaimToHeader {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JwtHeader {
     pub name: String,

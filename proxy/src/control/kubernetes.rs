@@ -472,14 +472,28 @@ impl Source for KubeSource {
     }
 }
 
-/// Connects (in-cluster service account, else `KUBECONFIG` or `~/.kube/config`) and starts
-/// one watch task per kind on the current runtime, and the writer of Events on unreadable
-/// objects.
-pub async fn start() -> anyhow::Result<KubeSource> {
+/// A client of the API server (the in-cluster service account, else KUBECONFIG), and the
+/// server's URL for messages.
+pub async fn client() -> anyhow::Result<(Client, String)> {
+    let (config, server) = config().await?;
+    let client = Client::try_from(config)
+        .map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))?;
+    Ok((client, server))
+}
+
+async fn config() -> anyhow::Result<(kube::Config, String)> {
     let config = kube::Config::infer()
         .await
         .map_err(|e| anyhow::anyhow!("cannot configure the Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
     let server = config.cluster_url.to_string();
+    Ok((config, server))
+}
+
+/// Connects (in-cluster service account, else `KUBECONFIG` or `~/.kube/config`) and starts
+/// one watch task per kind on the current runtime, and the writer of Events on unreadable
+/// objects.
+pub async fn start() -> anyhow::Result<KubeSource> {
+    let (config, server) = config().await?;
     let client_for = |config: kube::Config| {
         Client::try_from(config).map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))
     };

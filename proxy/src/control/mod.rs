@@ -6,6 +6,7 @@
 
 pub mod events;
 pub mod kubernetes;
+pub mod leader;
 pub mod listener;
 pub mod waypoints;
 
@@ -82,24 +83,28 @@ pub struct ControlOptions {
     /// The image and control plane address of the waypoints reconciled from Gateways.
     pub waypoint_image: String,
     pub waypoint_xds_address: String,
+    /// The Lease that elects the one replica writing to the API server (Kubernetes source only).
+    pub leader: Option<leader::LeaderOptions>,
 }
 
-/// The waypoint reconciler of `--kubernetes` (L4-3). Only the leader writes: until leader
-/// election is wired in, this replica counts as the leader.
-async fn start_waypoints(options: &ControlOptions, ca: &LocalCa) -> anyhow::Result<()> {
+/// The waypoint reconciler of `--kubernetes` (L4-3). Only the leader writes; without an
+/// election (no `leader` options) this replica is the only writer.
+async fn start_waypoints(
+    options: &ControlOptions,
+    ca: &LocalCa,
+    leadership: Option<leader::Leadership>,
+) -> anyhow::Result<()> {
     let root_path = ca.root_cert_path();
     let root_cert =
         std::fs::read_to_string(&root_path).with_context(|| format!("cannot read {}", root_path.display()))?;
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for the waypoint reconciler: {e}"))?;
+    let (client, _) = kubernetes::client().await?;
     let settings = waypoints::WaypointSettings {
         image: options.waypoint_image.clone(),
         xds_address: options.waypoint_xds_address.clone(),
         trust_domain: options.trust_domain.clone(),
         root_cert,
     };
-    waypoints::start(client, settings, Arc::new(|| true));
+    waypoints::start(client, settings, Arc::new(move || leadership.as_ref().is_none_or(|l| l.is_leader())));
     Ok(())
 }
 
@@ -117,13 +122,20 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
     };
     let hold = options.empty_config_hold;
     let mut kube_tokens = None;
+    // Campaign from the start: a replica that wins while still listing is ready to write as
+    // soon as it has something to write.
+    let election = match (&options.source, options.leader.clone()) {
+        (ConfigSource::Kubernetes, Some(leader_options)) => {
+            let (client, _) = kubernetes::client().await?;
+            Some(leader::start(client, leader_options))
+        }
+        _ => None,
+    };
     let model = match &options.source {
         ConfigSource::Directory(dir) => model::reload::load_and_watch_then(dir, hold, publish)?,
         ConfigSource::Kubernetes => {
             // The CA API verifies service-account tokens with this cluster's API server (ID-2).
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
+            let (client, _) = kubernetes::client().await?;
             kube_tokens = Some(KubeTokens::new(
                 client,
                 &options.trust_domain,
@@ -131,7 +143,7 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
                 options.node_accounts.clone(),
             ));
             let source = kubernetes::start().await?;
-            start_waypoints(&options, &ca).await?;
+            start_waypoints(&options, &ca, election.as_ref().map(|(_, leadership)| leadership.clone())).await?;
             // The first read waits for every kind to be listed: off the async workers.
             tokio::task::spawn_blocking(move || model::reload::follow_then(source, hold, publish))
                 .await
@@ -193,5 +205,8 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
         _ = interrupt.recv() => {}
     }
     info!("stopping");
+    if let Some((election, _leadership)) = election {
+        election.release().await;
+    }
     Ok(())
 }

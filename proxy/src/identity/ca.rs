@@ -47,7 +47,13 @@ impl LocalCa {
     pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, IdentityError> {
         let err = |reason: String| IdentityError::CaDirectory { dir: dir.display().to_string(), reason };
         fs::create_dir_all(dir).map_err(|e| err(format!("cannot create it: {e}")))?;
-        let _lock = DirLock::acquire(dir).map_err(|e| err(format!("cannot lock it: {e}")))?;
+        // A read-only directory (a mounted Secret, as in deploy/) is one nobody is writing: the
+        // lock only keeps two processes from creating the CA at once.
+        let _lock = match DirLock::acquire(dir) {
+            Ok(lock) => Some(lock),
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) && dir.join(CA_KEY).exists() => None,
+            Err(e) => return Err(err(format!("cannot lock it: {e}"))),
+        };
         if !dir.join(CA_KEY).exists() {
             create_root(dir, trust_domain).map_err(err)?;
         }

@@ -20,6 +20,7 @@ pub struct DestinationRule {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationRuleSpec {
     /// As written; resolved later in the rule's namespace. Empty only for `spec:` left blank.
@@ -39,6 +40,7 @@ pub struct DestinationRuleSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SubsetSpec {
     #[serde(deserialize_with = "name")]
@@ -51,6 +53,8 @@ pub struct SubsetSpec {
 
 /// `trafficPolicy`, at the rule or subset level.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "TrafficPolicySpec"))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
     #[serde(default)]
@@ -85,8 +89,11 @@ impl Check for TrafficPolicySpec {
 
 /// `portLevelSettings[]`: overrides for one service port.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "PortTrafficPolicy"))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortTrafficPolicy {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "crate::config::schema::PortSelector"))]
     #[serde(deserialize_with = "port_selector")]
     pub port: u16,
     #[serde(default)]
@@ -118,6 +125,8 @@ impl Check for PortTrafficPolicy {
 
 /// `loadBalancer`: `simple` or `consistentHash`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "LoadBalancerSettings"))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancerSettings {
     #[serde(default)]
@@ -126,8 +135,10 @@ pub struct LoadBalancerSettings {
     pub consistent_hash: Option<ConsistentHash>,
     /// Not supported by strait (no localities); kept so that it can be reported.
     #[serde(default)]
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::Ignored>"))]
     pub locality_lb_setting: Option<IgnoredAny>,
     /// Not supported by strait; kept so that it can be reported.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "duration")]
     pub warmup_duration_secs: Option<Duration>,
 }
@@ -168,6 +179,8 @@ impl<'de> Deserialize<'de> for SimpleLb {
 
 /// `consistentHash`: exactly one hash key; the ring tuning is accepted and has no effect.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "ConsistentHash"))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConsistentHash {
     /// Lower case.
@@ -183,6 +196,7 @@ pub struct ConsistentHash {
     pub ring_hash: Option<RingHash>,
     #[serde(default)]
     pub maglev: Option<Maglev>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub minimum_ring_size: Option<u32>,
 }
@@ -206,32 +220,40 @@ impl Check for ConsistentHash {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpCookie {
     pub name: String,
     #[serde(default)]
     pub path: Option<String>,
     /// `0s` is allowed: a session cookie.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "cookie_ttl")]
     pub ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RingHash {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub minimum_ring_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Maglev {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub table_size: Option<u32>,
 }
 
 /// `connectionPool`. Istio reads 0 as "not set" for every limit.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "ConnectionPoolSettings"))]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct ConnectionPoolSettings {
     #[serde(default)]
@@ -250,45 +272,61 @@ impl Check for ConnectionPoolSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpPoolSettings {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub max_connections: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "duration")]
     pub connect_timeout: Option<Duration>,
     /// Not supported by strait; kept so that it can be reported.
     #[serde(default)]
     pub tcp_keepalive: Option<TcpKeepalive>,
     /// Not supported by strait; kept so that it can be reported.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "duration")]
     pub max_connection_duration: Option<Duration>,
     /// Not supported by strait; kept so that it can be reported.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "duration")]
     pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TcpKeepalive {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub probes: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "duration")]
     pub time: Option<Duration>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "duration")]
     pub interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "HttpPoolSettings"))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpPoolSettings {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub http1_max_pending_requests: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub http2_max_requests: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub max_requests_per_connection: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub max_retries: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "duration")]
     pub idle_timeout: Option<Duration>,
     /// Accepted and ignored: strait speaks to each upstream in the protocol of its port.
@@ -298,6 +336,7 @@ pub struct HttpPoolSettings {
     #[serde(default)]
     pub use_client_protocol: bool,
     /// Not supported by strait; kept so that it can be reported.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub max_concurrent_streams: Option<u32>,
 }
@@ -331,25 +370,35 @@ impl<'de> Deserialize<'de> for H2UpgradePolicy {
 
 /// `outlierDetection`, as written; defaults are applied by the model.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "OutlierDetectionSettings"))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetectionSettings {
     /// Legacy: Istio reads it as gateway errors (502, 503, 504) and then stops counting 5xx.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub consecutive_errors: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, rename = "consecutive5xxErrors", deserialize_with = "count")]
     pub consecutive_5xx_errors: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub consecutive_gateway_errors: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub consecutive_local_origin_failures: Option<u32>,
     #[serde(default)]
     pub split_external_local_origin_errors: bool,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "duration")]
     pub interval: Option<Duration>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "duration")]
     pub base_ejection_time: Option<Duration>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "percent_integer")]
     pub max_ejection_percent: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "percent_integer")]
     pub min_health_percent: Option<u32>,
 }
@@ -367,6 +416,8 @@ impl Check for OutlierDetectionSettings {
 
 /// `tls`: how to secure connections to the destination.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "ClientTlsSettings"))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClientTlsSettings {
     #[serde(default = "tls_disable")]

@@ -7,14 +7,19 @@ use serde::{Deserialize, Deserializer};
 use super::{Check, Percent, at_most_one, count, duration, http_status, percent_integer, required_duration, scalar};
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "HttpRetry"))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRetry {
     /// Retries after the first try; `None` or 0 turns retries off.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub attempts: Option<u32>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "duration")]
     pub per_try_timeout: Option<Duration>,
     /// `None` when not written: Istio's default conditions apply.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<String>"))]
     #[serde(default, deserialize_with = "retry_on")]
     pub retry_on: Option<Vec<RetryOnToken>>,
     /// Accepted and ignored: strait has no localities.
@@ -79,6 +84,8 @@ impl RetryOnToken {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "Fault"))]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct Fault {
     #[serde(default)]
@@ -98,26 +105,33 @@ impl Check for Fault {
 
 /// `fault.delay`. Share of requests: `percentage`, else the legacy `percent`, else all.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Delay {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "crate::config::schema::DurationText"))]
     #[serde(deserialize_with = "required_duration")]
     pub fixed_delay: Duration,
     #[serde(default)]
     pub percentage: Option<Percent>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "percent_integer")]
     pub percent: Option<u32>,
 }
 
 /// `fault.abort`: one of `httpStatus` and `grpcStatus`; the share as for `Delay`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "FaultAbort"))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultAbort {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "opt_http_status")]
     pub http_status: Option<u16>,
     #[serde(default)]
     pub grpc_status: Option<GrpcStatus>,
     #[serde(default)]
     pub percentage: Option<Percent>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "percent_integer")]
     pub percent: Option<u32>,
 }

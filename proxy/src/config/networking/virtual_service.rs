@@ -22,6 +22,7 @@ pub struct VirtualService {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualServiceSpec {
     #[serde(default, deserialize_with = "hosts")]
@@ -42,6 +43,8 @@ pub struct VirtualServiceSpec {
 /// One `http[]` entry. Exactly one of `route`, `redirect`, `directResponse` (or the unsupported
 /// `delegate`) says where matching requests go.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "HttpRoute", transform = crate::config::schema::mirror_percent_alias))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {
     #[serde(default)]
@@ -56,10 +59,12 @@ pub struct HttpRoute {
     pub direct_response: Option<DirectResponse>,
     /// Not supported by strait; kept so that it can be reported.
     #[serde(default)]
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::Ignored>"))]
     pub delegate: Option<IgnoredAny>,
     #[serde(default)]
     pub rewrite: Option<HttpRewrite>,
     /// `0s` is Istio's way to write "no timeout"; it is read as `None`.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::DurationText>"))]
     #[serde(default, deserialize_with = "timeout")]
     pub timeout: Option<Duration>,
     #[serde(default)]
@@ -74,10 +79,12 @@ pub struct HttpRoute {
     #[serde(default)]
     pub mirror_percentage: Option<Percent>,
     /// The legacy integer form of `mirrorPercentage`.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, alias = "mirror_percent", deserialize_with = "percent_integer")]
     pub mirror_percent: Option<u32>,
     /// Not supported by strait; kept so that it can be reported.
     #[serde(default)]
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::Ignored>"))]
     pub cors_policy: Option<IgnoredAny>,
     #[serde(default)]
     pub headers: Headers,
@@ -112,6 +119,7 @@ impl Check for HttpRoute {
 
 /// One `match[]` entry: all conditions must hold.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpMatch {
     #[serde(default)]
@@ -131,6 +139,7 @@ pub struct HttpMatch {
     pub without_headers: BTreeMap<String, StringMatch>,
     #[serde(default)]
     pub query_params: BTreeMap<String, StringMatch>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "port")]
     pub port: Option<u16>,
     #[serde(default)]
@@ -145,6 +154,8 @@ pub struct HttpMatch {
 
 /// Istio's StringMatch: at most one of the three; none (`{}`) means "present, any value".
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "StringMatch"))]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct StringMatch {
     #[serde(default, deserialize_with = "text")]
@@ -152,6 +163,7 @@ pub struct StringMatch {
     #[serde(default, deserialize_with = "text")]
     pub prefix: Option<String>,
     /// Compiled and anchored: RE2 semantics, the whole value must match.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<String>"))]
     #[serde(default, deserialize_with = "regex")]
     pub regex: Option<regex::Regex>,
 }
@@ -167,10 +179,12 @@ impl Check for StringMatch {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteDestination {
     pub destination: DestinationSpec,
     /// `None` when not written (Istio reads it as 0, or 100 for a lone destination).
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub weight: Option<u32>,
     #[serde(default)]
@@ -179,6 +193,7 @@ pub struct HttpRouteDestination {
 
 /// `destination`: a host as written (resolved later, in the resource's namespace).
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DestinationSpec {
     #[serde(deserialize_with = "destination_host")]
@@ -186,21 +201,26 @@ pub struct DestinationSpec {
     #[serde(default, deserialize_with = "opt_subset")]
     pub subset: Option<String>,
     /// `port: {number: 9080}`.
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::PortSelector>"))]
     #[serde(default, deserialize_with = "opt_port_selector")]
     pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "HttpRedirect"))]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRedirect {
     #[serde(default)]
     pub uri: Option<String>,
     #[serde(default)]
     pub authority: Option<String>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "port")]
     pub port: Option<u16>,
     #[serde(default, deserialize_with = "redirect_scheme")]
     pub scheme: Option<String>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "redirect_code")]
     pub redirect_code: Option<u16>,
     /// Not supported by strait; kept so that it can be reported.
@@ -237,8 +257,10 @@ impl<'de> Deserialize<'de> for DerivePort {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DirectResponse {
+    #[cfg_attr(feature = "crd-schema", schemars(with = "crate::config::schema::IntOrString"))]
     #[serde(deserialize_with = "http_status")]
     pub status: u16,
     #[serde(default)]
@@ -246,12 +268,15 @@ pub struct DirectResponse {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Body {
     pub string: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "HttpRewrite"))]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct HttpRewrite {
     #[serde(default)]
@@ -271,6 +296,7 @@ impl Check for HttpRewrite {
 
 /// One `mirrors[]` entry; the percentage defaults to 100.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MirrorPolicy {
     pub destination: DestinationSpec,
@@ -279,6 +305,7 @@ pub struct MirrorPolicy {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Headers {
     #[serde(default)]
@@ -289,10 +316,19 @@ pub struct Headers {
 
 /// Names are lower case (`:authority` reads as `host`); values are text.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HeaderOperations {
+    #[cfg_attr(
+        feature = "crd-schema",
+        schemars(with = "std::collections::BTreeMap<String, crate::config::schema::Scalar>")
+    )]
     #[serde(default, deserialize_with = "header_values")]
     pub set: BTreeMap<String, String>,
+    #[cfg_attr(
+        feature = "crd-schema",
+        schemars(with = "std::collections::BTreeMap<String, crate::config::schema::Scalar>")
+    )]
     #[serde(default, deserialize_with = "header_values")]
     pub add: BTreeMap<String, String>,
     #[serde(default, deserialize_with = "header_names")]
@@ -301,6 +337,8 @@ pub struct HeaderOperations {
 
 /// One `tcp[]` entry.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "TcpRoute"))]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct TcpRoute {
     #[serde(default, rename = "match")]
@@ -323,6 +361,8 @@ impl Check for TcpRoute {
 
 /// One `tls[]` entry: routed by SNI without terminating TLS.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(rename = "TlsRoute"))]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct TlsRoute {
     #[serde(default, rename = "match")]
@@ -345,10 +385,13 @@ impl Check for TlsRoute {
 
 /// Match conditions of `tcp[]` and `tls[]` (`sniHosts` only in `tls[]`).
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd-schema", schemars(transform = crate::config::schema::sni_hosts_alias))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct L4MatchAttributes {
     #[serde(default)]
     pub destination_subnets: Vec<Cidr>,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "port")]
     pub port: Option<u16>,
     #[serde(default)]
@@ -363,9 +406,11 @@ pub struct L4MatchAttributes {
 
 /// A weighted destination of a tcp or tls route.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "crd-schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RouteDestination {
     pub destination: DestinationSpec,
+    #[cfg_attr(feature = "crd-schema", schemars(with = "Option<crate::config::schema::IntOrString>"))]
     #[serde(default, deserialize_with = "count")]
     pub weight: Option<u32>,
 }
