@@ -194,6 +194,27 @@ fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
     let refused =
         api.kubectl_fails(&["apply", "--server-side", "--dry-run=server", "-k", &deploy.to_string_lossy()])?;
     assert!(refused.contains("policy/v1"), "deploy/ on 1.20: {refused}");
+    // The install guide's CA step: `strait ctl ca init`, then the `cacerts` Secret from its files.
+    let ca = api.dir().join("guide-cacerts");
+    let init =
+        Command::new(strait_testbed::bin_path("strait")).args(["ctl", "ca", "init", "--dir"]).arg(&ca).output()?;
+    assert!(init.status.success(), "ca init: {}", String::from_utf8_lossy(&init.stderr));
+    assert!(String::from_utf8_lossy(&init.stdout).contains("now holds a new mesh CA"));
+    api.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "cacerts",
+        "-n",
+        "strait-system",
+        "--from-file",
+        &ca.to_string_lossy(),
+    ])?;
+    let keys = json(&api.kubectl(&["get", "secret", "cacerts", "-n", "strait-system", "-o", "json"])?);
+    let mut names: Vec<&str> =
+        keys["data"].as_object().map(|d| d.keys().map(String::as_str).collect()).unwrap_or_default();
+    names.sort_unstable();
+    assert_eq!(names, ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"]);
     for (kind, name) in [
         ("daemonset", "strait-node"),
         ("deployment", "strait-control"),

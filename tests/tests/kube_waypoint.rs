@@ -55,6 +55,10 @@ fn start_control(topo: &Topology, control: &Control, api: &KubeApi) -> io::Resul
         "example.invalid/strait:test",
         "--waypoint-xds-address",
         &xds,
+        // Only the leader writes (the reconciler included): the Lease goes in a namespace that
+        // exists here, as the pod's own does in a cluster.
+        "--leader-election-namespace",
+        "default",
     ];
     let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
     let env = [("STRAIT_LOG", "info"), ("KUBECONFIG", kubeconfig.as_str())];
@@ -63,6 +67,7 @@ fn start_control(topo: &Topology, control: &Control, api: &KubeApi) -> io::Resul
         .wait_for_log("strait control ready", TIMEOUT)
         .map_err(|e| io::Error::other(format!("{e}: {}\n{}", process.log_tail(), topo.dir().display())))?;
     process.wait_for_log("waypoints: reconciling Gateways", TIMEOUT)?;
+    process.wait_for_log("leader election: leading", TIMEOUT)?;
     Ok(process)
 }
 

@@ -147,7 +147,8 @@ async fn campaign(api: Api<Lease>, options: Arc<LeaderOptions>, leading: Arc<wat
                     warn!(
                         lease = %options.name,
                         namespace = %options.namespace,
-                        "leader election: {error} (retrying every {:?})",
+                        "leader election: {error} (retrying every {:?}; until this replica leads, it writes nothing: \
+                         no waypoints reconciled, no Gateway status)",
                         options.retry_period
                     );
                     last_error = error;

@@ -39,6 +39,22 @@ pub enum CtlCommand {
     /// Kubernetes API server: apply, list, delete.
     #[command(subcommand)]
     Waypoint(waypoint::WaypointCommand),
+    /// The mesh CA's files, in Istio's plug-in layout (ca-cert.pem, ca-key.pem, root-cert.pem,
+    /// cert-chain.pem), for the `cacerts` Secret `deploy/` mounts.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a new self-signed mesh root in DIR; a DIR that already holds a CA is left as it is.
+    Init {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The trust domain of the mesh's SPIFFE identities.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 pub fn run(command: CtlCommand) -> anyhow::Result<()> {
@@ -53,6 +69,19 @@ pub fn run(command: CtlCommand) -> anyhow::Result<()> {
         }
         CtlCommand::ProxyConfig(args) => proxy_config::run(args),
         CtlCommand::Waypoint(command) => waypoint::run(command),
+        CtlCommand::Ca(CaCommand::Init { dir, trust_domain }) => {
+            let existed = dir.join("ca-key.pem").exists();
+            crate::identity::LocalCa::load_or_create(&dir, &trust_domain)?;
+            // The creation lock is no CA file: `--from-file=DIR` would put it in the Secret.
+            let _ = std::fs::remove_file(dir.join(".lock"));
+            let what = if existed { "already holds a CA; left as it is" } else { "now holds a new mesh CA" };
+            println!(
+                "{} {what}.\nkubectl create secret generic cacerts -n strait-system --from-file={}",
+                dir.display(),
+                dir.display()
+            );
+            Ok(())
+        }
     }
 }
 
