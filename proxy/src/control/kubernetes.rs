@@ -14,12 +14,12 @@
 //! keeps its last readable version (last good state). Each version is told once: a relist
 //! returning it again neither logs nor reports it again.
 //!
-//! Endpoints come from Pods and Service selectors, not EndpointSlices: for a Service with a
-//! selector the EndpointSlice controller derives its slices from the same Pods, and strait's
-//! workloads (as ambient's, whose proxies address pods by IP from the workload API) are Pods.
-//! Slices would add only the endpoints of Services without a selector, which are not Pods and
-//! which strait does not model (nor WorkloadEntry/ServiceEntry); so neither discovery.k8s.io
-//! version is watched, which also spares a watch and its memory on large clusters.
+//! Endpoints of a Service with a selector come from Pods and the selector: the EndpointSlice
+//! controller derives its slices from the same Pods, and strait's workloads (as ambient's,
+//! whose proxies address pods by IP from the workload API) are Pods. A Service without a
+//! selector takes its endpoints from its EndpointSlices (L4-3), watched at `discovery.k8s.io/v1`
+//! where the server serves it (Kubernetes 1.21 and later); a server serving only `v1beta1`
+//! (1.20) is not watched for slices, and such Services have no endpoints there.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -67,6 +67,22 @@ impl Kind {
         Self { group: "", version: "v1".into(), kind, plural, namespaced }
     }
 
+    /// EndpointSlices, only ever at `v1`: see [`endpoint_slices`].
+    fn endpoint_slices() -> Self {
+        Self {
+            group: DISCOVERY_GROUP,
+            version: "v1".into(),
+            kind: "EndpointSlice",
+            plural: "endpointslices",
+            namespaced: true,
+        }
+    }
+
+    /// Kinds converted straight from JSON by serde (no directory parser in between).
+    fn is_plain(&self) -> bool {
+        self.group.is_empty() || self.group == DISCOVERY_GROUP
+    }
+
     fn istio(group: &'static str, kind: &'static str, plural: &'static str) -> Self {
         Self { group, version: "v1beta1".into(), kind, plural, namespaced: true }
     }
@@ -87,6 +103,7 @@ pub fn kinds() -> Vec<Kind> {
         Kind::core("Namespace", "namespaces", false),
         Kind::core("Pod", "pods", true),
         Kind::core("Service", "services", true),
+        Kind::endpoint_slices(),
         Kind::istio("security.istio.io", "AuthorizationPolicy", "authorizationpolicies"),
         Kind::istio("security.istio.io", "PeerAuthentication", "peerauthentications"),
         Kind::istio("security.istio.io", "RequestAuthentication", "requestauthentications"),
@@ -98,10 +115,36 @@ pub fn kinds() -> Vec<Kind> {
     ]
 }
 
+const DISCOVERY_GROUP: &str = "discovery.k8s.io";
+
+/// Keeps the EndpointSlice watch only where the server serves `discovery.k8s.io/v1`; elsewhere
+/// (Kubernetes 1.20 serves only `v1beta1`) Services keep their selector's Pods, and those
+/// without a selector have no endpoints. Told once at start, either way.
+pub async fn endpoint_slices(client: &Client, kinds: &mut Vec<Kind>) {
+    let served = match kube::discovery::oneshot::group(client, DISCOVERY_GROUP).await {
+        Ok(found) => found.versions().any(|v| v == "v1"),
+        Err(e) => {
+            warn!("cannot discover {DISCOVERY_GROUP} ({e}); EndpointSlices are not watched");
+            false
+        }
+    };
+    if served {
+        info!(
+            "watching EndpointSlices ({DISCOVERY_GROUP}/v1): Services without a selector take their endpoints from them"
+        );
+    } else {
+        info!(
+            "the API server does not serve {DISCOVERY_GROUP}/v1 (Kubernetes before 1.21): EndpointSlices are not \
+             watched; endpoints come from Pods and Service selectors, and Services without a selector have none"
+        );
+        kinds.retain(|k| k.group != DISCOVERY_GROUP);
+    }
+}
+
 /// Watches the Istio groups at `v1` where the server serves it (Istio 1.22 and later), else
 /// at `v1beta1`; a group not installed yet keeps `v1beta1`, whose watch waits for it.
 pub async fn choose_versions(client: &Client, kinds: &mut [Kind]) {
-    let groups: BTreeSet<&'static str> = kinds.iter().map(|k| k.group).filter(|g| !g.is_empty()).collect();
+    let groups: BTreeSet<&'static str> = kinds.iter().filter(|k| !k.is_plain()).map(|k| k.group).collect();
     for group in groups {
         let version = match kube::discovery::oneshot::group(client, group).await {
             Ok(found) if found.versions().any(|v| v == "v1") => "v1",
@@ -157,18 +200,22 @@ pub fn convert(kind: &Kind, object: &DynamicObject) -> Result<Located<Resource>,
     if let Some(spec) = &spec {
         document.insert("spec".into(), spec.clone());
     }
-    if kind.group.is_empty() {
-        // Core kinds: plain serde types, read straight from JSON (no text in between: with
-        // 10,000 pods this is what a relist costs).
-        if let Some(status) = object.data.get("status") {
-            document.insert("status".into(), status.clone());
+    if kind.is_plain() {
+        // Core kinds and EndpointSlices: plain serde types, read straight from JSON (no text in
+        // between: with 10,000 pods this is what a relist costs). A slice's fields are
+        // top-level, it has no spec.
+        for field in ["status", "addressType", "endpoints", "ports"] {
+            if let Some(value) = object.data.get(field) {
+                document.insert(field.into(), value.clone());
+            }
         }
         let value = Value::Object(document);
         let resource = match kind.kind {
             "Namespace" => serde_json::from_value(value).map(Resource::Namespace),
             "Pod" => serde_json::from_value(value).map(Resource::Pod),
             "Service" => serde_json::from_value(value).map(Resource::Service),
-            other => return Err(format!("strait does not read the core kind {other}")),
+            "EndpointSlice" => serde_json::from_value(value).map(Resource::EndpointSlice),
+            other => return Err(format!("strait does not read the kind {other}")),
         }
         .map_err(|e| e.to_string())?;
         return Ok(Located::new(origin, resource));
@@ -505,6 +552,7 @@ pub async fn start() -> anyhow::Result<KubeSource> {
     let watches = client_for(watch_config)?;
     let client = client_for(config)?;
     let mut kinds = kinds();
+    endpoint_slices(&client, &mut kinds).await;
     choose_versions(&client, &mut kinds).await;
     let store = Arc::new(Mutex::new(Store::new(&kinds)));
     let reporter = Reporter::start(client);
@@ -602,11 +650,11 @@ mod tests {
     }
 
     fn kind(name: &str) -> Kind {
-        let mut kinds = kinds();
+        let mut found = kinds().into_iter().find(|k| k.kind == name).expect("a known kind");
         if name == "AuthorizationPolicy" {
-            kinds[3].version = "v1".into();
+            found.version = "v1".into();
         }
-        kinds.into_iter().find(|k| k.kind == name).expect("a known kind")
+        found
     }
 
     fn pod(name: &str, rv: &str, ip: &str) -> DynamicObject {

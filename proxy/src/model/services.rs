@@ -1,4 +1,5 @@
-//! Services (L4-3): a virtual IP and ports in front of the pods its selector matches.
+//! Services (L4-3): a virtual IP and ports in front of the pods its selector matches, or, for a
+//! Service without a selector, of the endpoints its EndpointSlices list.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -12,10 +13,12 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    Workload,
+    Workload, WorkloadProtocol,
     waypoints::{self, WaypointName},
 };
-use crate::config::{Diagnostic, Located, Origin, PortRef, Resource, Service as ServiceResource};
+use crate::config::{
+    Diagnostic, EndpointSlice, Located, Origin, PortRef, Resource, SERVICE_NAME_LABEL, Service as ServiceResource,
+};
 
 /// The application protocol of a service port, as Istio selects it (L7-1): `appProtocol` first,
 /// then the port name's prefix (`http`, `http-web`, `grpc`, `tcp-db`, ...).
@@ -121,7 +124,9 @@ impl Service {
     }
 }
 
-/// Builds services and their endpoints from the resources and the compiled workloads.
+/// Builds services and their endpoints from the resources and the compiled workloads. Returns
+/// the services, and the workloads made for EndpointSlice addresses that are not pods (to add
+/// to the model's workloads, so that they reach proxies as every endpoint does).
 pub fn compile_services(
     resources: &[Located<Resource>],
     workloads: &[Arc<Workload>],
@@ -129,13 +134,17 @@ pub fn compile_services(
     namespaces: &HashMap<&str, &BTreeMap<String, String>>,
     declared: &HashMap<waypoints::WaypointName, waypoints::WaypointFor>,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Vec<Arc<Service>> {
+) -> (Vec<Arc<Service>>, Vec<Arc<Workload>>) {
     let mut services = Vec::new();
     let by_namespace = by_namespace(workloads);
+    let mut sliced = Sliced::new(resources, workloads, diagnostics);
     for located in resources {
         let Resource::Service(svc) = &located.resource else { continue };
         let in_namespace = by_namespace.get(svc.metadata.namespace_or_default()).map_or(&[][..], Vec::as_slice);
         let mut service = compile_one(located, svc, in_namespace, pod_ports, diagnostics);
+        if svc.spec.selector.is_empty() {
+            sliced.fill(&mut service, svc);
+        }
         // The service in front of a waypoint's own pods never routes through a waypoint.
         let fronts_waypoint =
             service.ports.iter().flat_map(|p| &p.endpoints).any(|e| e.workload.waypoint_role.is_some());
@@ -146,7 +155,159 @@ pub fn compile_services(
         }
         services.push(Arc::new(service));
     }
-    services
+    (services, sliced.made)
+}
+
+/// One ready endpoint of a slice: which Service port (by name) it serves, and where.
+struct SliceBackend {
+    port_name: String,
+    port: u16,
+    workload: Arc<Workload>,
+}
+
+/// The endpoints of EndpointSlices, by the Service they belong to (namespace and name), and the
+/// workloads made for addresses that are not pods.
+struct Sliced {
+    by_service: HashMap<(String, String), Vec<SliceBackend>>,
+    made: Vec<Arc<Workload>>,
+}
+
+impl Sliced {
+    /// Reads every EndpointSlice. An endpoint whose `targetRef` is a Pod is that pod's workload
+    /// (left out while strait does not know the pod, or it has no IP); an address that is a
+    /// known pod's is that pod's workload; any other address becomes a workload of its own, one
+    /// per namespace and address, reached over plain TCP (not captured, no identity: nothing
+    /// strait knows runs a mesh proxy for it), as Istio makes workloads of such endpoints.
+    /// `conditions.ready: false` leaves an endpoint out; unset means ready.
+    fn new(resources: &[Located<Resource>], workloads: &[Arc<Workload>], diagnostics: &mut Vec<Diagnostic>) -> Self {
+        let mut sliced = Sliced { by_service: HashMap::new(), made: Vec::new() };
+        let slices: Vec<(&Origin, &EndpointSlice)> = resources
+            .iter()
+            .filter_map(|r| match &r.resource {
+                Resource::EndpointSlice(slice) => Some((&r.origin, slice)),
+                _ => None,
+            })
+            .collect();
+        if slices.is_empty() {
+            // Indexes built only when there are slices: a cluster serving only
+            // discovery.k8s.io/v1beta1 (or a directory without slices) pays nothing.
+            return sliced;
+        }
+        let by_name: HashMap<(&str, &str), &Arc<Workload>> =
+            workloads.iter().map(|w| ((w.namespace.as_str(), w.name.as_str()), w)).collect();
+        let by_ip: HashMap<IpAddr, &Arc<Workload>> =
+            workloads.iter().filter(|w| !w.host_network).map(|w| (w.ip, w)).collect();
+        let mut made: HashMap<(String, IpAddr), Arc<Workload>> = HashMap::new();
+        for (origin, slice) in slices {
+            let namespace = slice.metadata.namespace_or_default();
+            let Some(service) = slice.service_name() else {
+                diagnostics.push(Diagnostic::warning(
+                    origin.clone(),
+                    Some("metadata.labels"),
+                    format!("no `{SERVICE_NAME_LABEL}` label: the slice belongs to no Service; ignored"),
+                ));
+                continue;
+            };
+            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+                diagnostics.push(Diagnostic::warning(
+                    origin.clone(),
+                    Some("addressType"),
+                    format!("`{}` addresses are not supported (only IPv4 and IPv6); ignored", slice.address_type),
+                ));
+                continue;
+            }
+            let ports: Vec<(String, u16)> = slice
+                .ports
+                .iter()
+                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?)))
+                .collect();
+            let backends = sliced.by_service.entry((namespace.to_owned(), service.to_owned())).or_default();
+            for (i, endpoint) in slice.endpoints.iter().enumerate() {
+                if endpoint.conditions.ready == Some(false) {
+                    continue;
+                }
+                let pod = endpoint.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod"));
+                let workloads: Vec<Arc<Workload>> = match pod {
+                    Some(target) => {
+                        let pod_namespace = target.namespace.as_deref().unwrap_or(namespace);
+                        let name = target.name.as_deref().unwrap_or_default();
+                        by_name.get(&(pod_namespace, name)).map(|w| (*w).clone()).into_iter().collect()
+                    }
+                    None => endpoint
+                        .addresses
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(j, text)| match text.parse::<IpAddr>() {
+                            Ok(ip) => Some(match by_ip.get(&ip) {
+                                Some(w) => (*w).clone(),
+                                None => made
+                                    .entry((namespace.to_owned(), ip))
+                                    .or_insert_with(|| Arc::new(address_workload(namespace, ip)))
+                                    .clone(),
+                            }),
+                            Err(_) => {
+                                diagnostics.push(Diagnostic::warning(
+                                    origin.clone(),
+                                    Some(&format!("endpoints[{i}].addresses[{j}]")),
+                                    format!("`{text}` is not an IP address; the endpoint is left out"),
+                                ));
+                                None
+                            }
+                        })
+                        // A Kubernetes endpoint has one address in use (the API's rule).
+                        .take(1)
+                        .collect(),
+                };
+                for workload in workloads {
+                    for (port_name, port) in &ports {
+                        backends.push(SliceBackend { port_name: port_name.clone(), port: *port, workload: workload.clone() });
+                    }
+                }
+            }
+        }
+        let mut made: Vec<Arc<Workload>> = made.into_values().collect();
+        // In a stable order: the model's workloads are listed and sent in it.
+        made.sort_by(|a, b| (&a.namespace, a.ip).cmp(&(&b.namespace, b.ip)));
+        sliced.made = made;
+        sliced
+    }
+
+    /// Endpoints of a Service without a selector, from its slices: a slice port serves the
+    /// Service port of the same name (both unnamed for a Service's only port).
+    fn fill(&mut self, service: &mut Service, svc: &ServiceResource) {
+        let Some(backends) = self.by_service.get(&(service.namespace.clone(), svc.metadata.name.clone())) else {
+            return;
+        };
+        for port in &mut service.ports {
+            let name = port.name.as_deref().unwrap_or_default();
+            for backend in backends.iter().filter(|b| b.port_name == name) {
+                let duplicate =
+                    port.endpoints.iter().any(|e| e.port == backend.port && Arc::ptr_eq(&e.workload, &backend.workload));
+                if !duplicate {
+                    port.endpoints.push(Endpoint { workload: backend.workload.clone(), port: backend.port });
+                }
+            }
+        }
+    }
+}
+
+/// The workload of an EndpointSlice address that is no pod strait knows. Its name cannot be a
+/// pod's (a pod's name has no `/`), so it never collides with one.
+fn address_workload(namespace: &str, ip: IpAddr) -> Workload {
+    Workload {
+        name: format!("endpointslice/{ip}"),
+        namespace: namespace.to_owned(),
+        service_account: "default".to_owned(),
+        // Not on any node: no node proxy captures or serves it as a local pod.
+        node: None,
+        ip,
+        labels: BTreeMap::new(),
+        host_network: false,
+        captured: false,
+        waypoint: None,
+        waypoint_role: None,
+        protocol: WorkloadProtocol::Tcp,
+    }
 }
 
 /// The workloads of each namespace, in their order. A selector only ever matches workloads of
