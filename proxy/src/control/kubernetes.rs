@@ -704,6 +704,56 @@ mod tests {
         assert_eq!(located.resource.key(), Some(("Namespace", "", "demo")));
     }
 
+    // CFG-3, L4-3: an EndpointSlice as the API serves it (top-level fields, no spec; nulls
+    // where empty) converts to the directory's type, with its Service's label.
+    #[test]
+    fn an_endpoint_slice_converts_from_discovery_v1() {
+        let slice = object(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "db-x7k2p", "namespace": "demo", "resourceVersion": "9", "generateName": "db-",
+                         "labels": {"kubernetes.io/service-name": "db",
+                                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "db", "uid": "u"}]},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.244.1.7"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                 "nodeName": "node-a", "targetRef": {"kind": "Pod", "namespace": "demo", "name": "db-0", "uid": "p"}},
+                {"addresses": ["192.0.2.1"], "conditions": {"ready": false}},
+                {"addresses": ["192.0.2.2"], "conditions": {}}
+            ],
+            "ports": [{"name": "sql", "port": 5432, "protocol": "TCP", "appProtocol": "postgresql"}]
+        }));
+        let located = convert(&kind("EndpointSlice"), &slice).expect("converts");
+        assert_eq!(located.origin.to_string(), "k8s:EndpointSlice/demo/db-x7k2p");
+        assert_eq!(located.resource.key(), Some(("EndpointSlice", "demo", "db-x7k2p")));
+        let Resource::EndpointSlice(s) = &located.resource else { panic!("not a slice: {:?}", located.resource) };
+        assert_eq!((s.service_name(), s.address_type.as_str()), (Some("db"), "IPv4"));
+        let ready: Vec<Option<bool>> = s.endpoints.iter().map(|e| e.conditions.ready).collect();
+        assert_eq!(ready, [Some(true), Some(false), None]);
+        let target = s.endpoints[0].target_ref.as_ref().expect("targetRef");
+        assert_eq!((target.kind.as_deref(), target.name.as_deref()), (Some("Pod"), Some("db-0")));
+        assert_eq!((s.ports[0].name.as_deref(), s.ports[0].port), (Some("sql"), Some(5432)));
+
+        let empty = object(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "e", "namespace": "demo", "labels": {"kubernetes.io/service-name": "db"}},
+            "addressType": "IPv4", "endpoints": null, "ports": null
+        }));
+        let Resource::EndpointSlice(s) = convert(&kind("EndpointSlice"), &empty).expect("converts").resource else {
+            panic!("not a slice")
+        };
+        assert!(s.endpoints.is_empty() && s.ports.is_empty());
+        // Bad objects are errors (reported on the object by the store), never panics.
+        let untyped = object(serde_json::json!({"metadata": {"name": "b", "namespace": "demo"}, "endpoints": []}));
+        let error = convert(&kind("EndpointSlice"), &untyped).expect_err("no addressType");
+        assert!(error.contains("addressType"), "{error}");
+        let broken = object(serde_json::json!({
+            "metadata": {"name": "b", "namespace": "demo"}, "addressType": "IPv4",
+            "endpoints": [{"addresses": "10.0.0.1"}]
+        }));
+        assert!(convert(&kind("EndpointSlice"), &broken).is_err());
+    }
+
     // Istio kinds go through the directory's parser: same checks, and the document forwarded
     // to waypoints is the object as its user wrote it (no status, no API bookkeeping).
     #[test]

@@ -2,7 +2,7 @@
 //! Service without a selector, of the endpoints its EndpointSlices list.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
@@ -193,6 +193,17 @@ impl Sliced {
             // discovery.k8s.io/v1beta1 (or a directory without slices) pays nothing.
             return sliced;
         }
+        // Only the slices of Services without a selector are read: those of a Service with one
+        // list its pods, and a slice of no Service (yet) serves nothing.
+        let selectorless: BTreeSet<(&str, &str)> = resources
+            .iter()
+            .filter_map(|r| match &r.resource {
+                Resource::Service(s) if s.spec.selector.is_empty() => {
+                    Some((s.metadata.namespace_or_default(), s.metadata.name.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
         let by_name: HashMap<(&str, &str), &Arc<Workload>> =
             workloads.iter().map(|w| ((w.namespace.as_str(), w.name.as_str()), w)).collect();
         let by_ip: HashMap<IpAddr, &Arc<Workload>> =
@@ -208,6 +219,9 @@ impl Sliced {
                 ));
                 continue;
             };
+            if !selectorless.contains(&(namespace, service)) {
+                continue;
+            }
             if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
                 diagnostics.push(Diagnostic::warning(
                     origin.clone(),
@@ -407,5 +421,186 @@ fn compile_one(
         ports,
         waypoint: None,
         origin: located.origin.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::parse_file;
+    use crate::model::{Model, compile};
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db}}
+spec: {nodeName: n1, serviceAccountName: db}
+status: {podIP: 10.1.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: shop, labels: {app: db}}
+spec: {nodeName: n2, serviceAccountName: db}
+status: {podIP: 10.1.0.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: n1
+  containers: [{name: web, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: 10.1.0.7}
+---
+# No selector: endpoints from the slices below.
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: sql, port: 5432}, {name: admin, port: 9000}]
+---
+# A selector: its pods, whatever its slices say.
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.21
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-abcde, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: sql, port: 15432, protocol: TCP}, {name: admin, port: 19000}]
+endpoints:
+- addresses: [10.1.0.5]
+  conditions: {ready: true}
+  targetRef: {kind: Pod, namespace: shop, name: db-0}
+- addresses: [10.1.0.6]
+  conditions: {ready: false}
+  targetRef: {kind: Pod, namespace: shop, name: db-1}
+- addresses: [192.0.2.10]
+- addresses: [192.0.2.11]
+  conditions: {ready: false}
+- addresses: [10.1.0.7]
+---
+apiVersion: discovery.k8s.io/v1beta1
+kind: EndpointSlice
+metadata: {name: db-fghij, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: sql, port: 15432}]
+endpoints:
+- addresses: [192.0.2.10]
+- addresses: [192.0.2.12]
+  conditions: {}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-xyz, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints:
+- addresses: [192.0.2.99]
+"#;
+
+    fn compiled(yaml: &str) -> (Model, Vec<Diagnostic>) {
+        let (resources, d) = parse_file(Path::new("mesh.yaml"), yaml);
+        assert!(d.is_empty(), "{d:?}");
+        compile(&resources)
+    }
+
+    fn endpoints(model: &Model, host: &str, port: u16) -> Vec<String> {
+        let service = model.service_by_host(host).expect("service");
+        let port = service.port(port).expect("port");
+        port.endpoints.iter().map(|e| format!("{} {}", e.workload.display_name(), e.addr())).collect()
+    }
+
+    // L4-3: a Service without a selector takes its endpoints from its slices: a Pod targetRef
+    // is that pod's workload, an address of a known pod is that pod, any other address a
+    // workload of its own (one per address, however many slices list it); ready false is left
+    // out, unset ready is in; each Service port takes the slice port of its name.
+    #[test]
+    fn a_service_without_a_selector_takes_its_slices() {
+        let (model, d) = compiled(MESH);
+        assert!(d.is_empty(), "{d:?}");
+        assert_eq!(
+            endpoints(&model, "db.shop.svc.cluster.local", 5432),
+            [
+                "shop/db-0 10.1.0.5:15432",
+                "shop/endpointslice/192.0.2.10 192.0.2.10:15432",
+                "shop/web-0 10.1.0.7:15432",
+                "shop/endpointslice/192.0.2.12 192.0.2.12:15432",
+            ]
+        );
+        assert_eq!(
+            endpoints(&model, "db.shop.svc.cluster.local", 9000),
+            ["shop/db-0 10.1.0.5:19000", "shop/endpointslice/192.0.2.10 192.0.2.10:19000", "shop/web-0 10.1.0.7:19000"]
+        );
+        // Addresses that are no pod's are workloads: plain TCP, not captured, on no node,
+        // indexed by address; pods keep theirs.
+        let made: Vec<&Arc<Workload>> = model.workloads.iter().filter(|w| w.name.starts_with("endpointslice/")).collect();
+        assert_eq!(made.len(), 2, "{made:?}");
+        for w in made {
+            assert!(!w.captured && w.node.is_none() && w.protocol == WorkloadProtocol::Tcp, "{w:?}");
+            assert_eq!(model.workload_by_ip(w.ip).map(|x| x.name.as_str()), Some(w.name.as_str()));
+        }
+        assert_eq!(model.workload_by_ip("10.1.0.7".parse().expect("ip")).map(|w| w.name.as_str()), Some("web-0"));
+        assert!(model.workloads.iter().all(|w| w.ip.to_string() != "192.0.2.11"), "not ready: no workload");
+    }
+
+    // A Service with a selector keeps its pods (the slice controller derives its slices from
+    // the same pods): a stray slice address is no endpoint and no workload.
+    #[test]
+    fn a_service_with_a_selector_ignores_its_slices() {
+        let (model, _) = compiled(MESH);
+        assert_eq!(endpoints(&model, "web.shop.svc.cluster.local", 80), ["shop/web-0 10.1.0.7:8080"]);
+        assert!(model.workload_by_ip("192.0.2.99".parse().expect("ip")).is_none());
+    }
+
+    // Slices strait cannot use are told, naming the field, and skipped; never an error.
+    #[test]
+    fn unusable_slices_warn_and_are_skipped() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: shop}
+spec: {clusterIP: 10.96.0.30, ports: [{port: 443}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ext-1, namespace: shop, labels: {kubernetes.io/service-name: ext}}
+addressType: IPv4
+ports: [{port: 8443}]
+endpoints:
+- addresses: [not-an-ip]
+- addresses: [192.0.2.40]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ext-2, namespace: shop, labels: {kubernetes.io/service-name: ext}}
+addressType: FQDN
+ports: [{port: 443}]
+endpoints: [{addresses: [db.example.com]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: orphan, namespace: shop}
+addressType: IPv4
+endpoints: null
+ports: null
+"#;
+        let (model, d) = compiled(yaml);
+        assert!(d.iter().all(|d| !d.is_error()), "{d:?}");
+        let fields: Vec<Option<&str>> = d.iter().map(|d| d.field.as_deref()).collect();
+        assert_eq!(fields, [Some("endpoints[0].addresses[0]"), Some("addressType"), Some("metadata.labels")], "{d:?}");
+        assert!(d[0].message.contains("not-an-ip") && d[0].origin.line > 1, "{d:?}");
+        assert_eq!(endpoints(&model, "ext.shop.svc.cluster.local", 443), ["shop/endpointslice/192.0.2.40 192.0.2.40:8443"]);
     }
 }
