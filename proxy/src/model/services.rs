@@ -230,11 +230,8 @@ impl Sliced {
                 ));
                 continue;
             }
-            let ports: Vec<(String, u16)> = slice
-                .ports
-                .iter()
-                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?)))
-                .collect();
+            let ports: Vec<(String, u16)> =
+                slice.ports.iter().filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?))).collect();
             let backends = sliced.by_service.entry((namespace.to_owned(), service.to_owned())).or_default();
             for (i, endpoint) in slice.endpoints.iter().enumerate() {
                 if endpoint.conditions.ready == Some(false) {
@@ -274,7 +271,11 @@ impl Sliced {
                 };
                 for workload in workloads {
                     for (port_name, port) in &ports {
-                        backends.push(SliceBackend { port_name: port_name.clone(), port: *port, workload: workload.clone() });
+                        backends.push(SliceBackend {
+                            port_name: port_name.clone(),
+                            port: *port,
+                            workload: workload.clone(),
+                        });
                     }
                 }
             }
@@ -295,8 +296,10 @@ impl Sliced {
         for port in &mut service.ports {
             let name = port.name.as_deref().unwrap_or_default();
             for backend in backends.iter().filter(|b| b.port_name == name) {
-                let duplicate =
-                    port.endpoints.iter().any(|e| e.port == backend.port && Arc::ptr_eq(&e.workload, &backend.workload));
+                let duplicate = port
+                    .endpoints
+                    .iter()
+                    .any(|e| e.port == backend.port && Arc::ptr_eq(&e.workload, &backend.workload));
                 if !duplicate {
                     port.endpoints.push(Endpoint { workload: backend.workload.clone(), port: backend.port });
                 }
@@ -545,7 +548,8 @@ endpoints:
         );
         // Addresses that are no pod's are workloads: plain TCP, not captured, on no node,
         // indexed by address; pods keep theirs.
-        let made: Vec<&Arc<Workload>> = model.workloads.iter().filter(|w| w.name.starts_with("endpointslice/")).collect();
+        let made: Vec<&Arc<Workload>> =
+            model.workloads.iter().filter(|w| w.name.starts_with("endpointslice/")).collect();
         assert_eq!(made.len(), 2, "{made:?}");
         for w in made {
             assert!(!w.captured && w.node.is_none() && w.protocol == WorkloadProtocol::Tcp, "{w:?}");
@@ -601,6 +605,9 @@ ports: null
         let fields: Vec<Option<&str>> = d.iter().map(|d| d.field.as_deref()).collect();
         assert_eq!(fields, [Some("endpoints[0].addresses[0]"), Some("addressType"), Some("metadata.labels")], "{d:?}");
         assert!(d[0].message.contains("not-an-ip") && d[0].origin.line > 1, "{d:?}");
-        assert_eq!(endpoints(&model, "ext.shop.svc.cluster.local", 443), ["shop/endpointslice/192.0.2.40 192.0.2.40:8443"]);
+        assert_eq!(
+            endpoints(&model, "ext.shop.svc.cluster.local", 443),
+            ["shop/endpointslice/192.0.2.40 192.0.2.40:8443"]
+        );
     }
 }

@@ -299,7 +299,10 @@ endpoints:
         let service = m.service_by_vip("10.96.0.20".parse().expect("ip")).expect("db");
         service.ports[0].endpoints.iter().map(|e| format!("{}={}", e.workload.display_name(), e.addr())).collect()
     };
-    let want = BTreeSet::from(["shop/db-0=10.1.0.5:15432".to_owned(), "shop/endpointslice/192.0.2.10=192.0.2.10:15432".to_owned()]);
+    let want = BTreeSet::from([
+        "shop/db-0=10.1.0.5:15432".to_owned(),
+        "shop/endpointslice/192.0.2.10=192.0.2.10:15432".to_owned(),
+    ]);
     assert_eq!(endpoints(&model), want);
     assert_eq!(endpoints(&decoded), want);
     for w in &model.workloads {
