@@ -47,7 +47,7 @@ fn endpoint_addresses(service: &Value) -> Vec<String> {
         .into_iter()
         .flatten()
         .flat_map(|p| p["endpoints"].as_array().cloned().unwrap_or_default())
-        .map(|e| format!("{}:{}", e["workload"]["ip"].as_str().unwrap_or("?"), e["port"]))
+        .map(|e| e["address"].as_str().unwrap_or("?").to_owned())
         .collect();
     out.sort();
     out
