@@ -60,11 +60,13 @@ pub struct Kind {
     pub kind: &'static str,
     pub plural: &'static str,
     pub namespaced: bool,
+    /// A label selector the watch asks the server to apply, if any.
+    pub label_selector: Option<&'static str>,
 }
 
 impl Kind {
     fn core(kind: &'static str, plural: &'static str, namespaced: bool) -> Self {
-        Self { group: "", version: "v1".into(), kind, plural, namespaced }
+        Self { group: "", version: "v1".into(), kind, plural, namespaced, label_selector: None }
     }
 
     /// EndpointSlices, only ever at `v1`: see [`endpoint_slices`].
@@ -75,6 +77,12 @@ impl Kind {
             kind: "EndpointSlice",
             plural: "endpointslices",
             namespaced: true,
+            // The slices the EndpointSlice controller writes are those of Services with a
+            // selector, whose endpoints strait takes from the Pods: asking the server to leave
+            // them out spares one object per Service (and a rewrite per pod change) in the watch
+            // and the store; slices of Services without a selector are written by users or
+            // mirrored from Endpoints by another controller, and keep coming.
+            label_selector: Some(NOT_FROM_SELECTORS),
         }
     }
 
@@ -84,7 +92,7 @@ impl Kind {
     }
 
     fn istio(group: &'static str, kind: &'static str, plural: &'static str) -> Self {
-        Self { group, version: "v1beta1".into(), kind, plural, namespaced: true }
+        Self { group, version: "v1beta1".into(), kind, plural, namespaced: true, label_selector: None }
     }
 
     pub fn api_version(&self) -> String {
@@ -116,6 +124,8 @@ pub fn kinds() -> Vec<Kind> {
 }
 
 const DISCOVERY_GROUP: &str = "discovery.k8s.io";
+/// EndpointSlices not written by the controller that derives them from Service selectors.
+const NOT_FROM_SELECTORS: &str = "endpointslice.kubernetes.io/managed-by!=endpointslice-controller.k8s.io";
 
 /// Keeps the EndpointSlice watch only where the server serves `discovery.k8s.io/v1`; elsewhere
 /// (Kubernetes 1.20 serves only `v1beta1`) Services keep their selector's Pods, and those
@@ -597,7 +607,11 @@ impl WatchBackoff {
 /// ([`WatchBackoff`]) and never end the watch.
 async fn follow(client: Client, kind: Kind, store: Arc<Mutex<Store>>, reporter: Reporter) {
     let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
-    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
+    let mut config = watcher::Config::default();
+    if let Some(selector) = kind.label_selector {
+        config = config.labels(selector);
+    }
+    let mut events = std::pin::pin!(watcher(api, config));
     let mut backoff = WatchBackoff::new();
     let mut failing = false;
     while let Some(event) = events.next().await {
@@ -723,7 +737,12 @@ mod tests {
             ],
             "ports": [{"name": "sql", "port": 5432, "protocol": "TCP", "appProtocol": "postgresql"}]
         }));
-        let located = convert(&kind("EndpointSlice"), &slice).expect("converts");
+        let slices = kind("EndpointSlice");
+        assert_eq!(
+            (slices.api_version(), slices.label_selector),
+            ("discovery.k8s.io/v1".into(), Some(NOT_FROM_SELECTORS))
+        );
+        let located = convert(&slices, &slice).expect("converts");
         assert_eq!(located.origin.to_string(), "k8s:EndpointSlice/demo/db-x7k2p");
         assert_eq!(located.resource.key(), Some(("EndpointSlice", "demo", "db-x7k2p")));
         let Resource::EndpointSlice(s) = &located.resource else { panic!("not a slice: {:?}", located.resource) };
