@@ -136,6 +136,7 @@ pub enum Resource {
     Namespace(Namespace),
     Pod(Pod),
     Service(Service),
+    EndpointSlice(EndpointSlice),
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
     RequestAuthentication(RequestAuthentication),
@@ -168,6 +169,7 @@ impl Resource {
             Resource::Namespace(ns) => return Some(("Namespace", "", &ns.metadata.name)),
             Resource::Pod(r) => ("Pod", &r.metadata),
             Resource::Service(r) => ("Service", &r.metadata),
+            Resource::EndpointSlice(r) => ("EndpointSlice", &r.metadata),
             Resource::AuthorizationPolicy(r) => ("AuthorizationPolicy", &r.metadata),
             Resource::PeerAuthentication(r) => ("PeerAuthentication", &r.metadata),
             Resource::RequestAuthentication(r) => ("RequestAuthentication", &r.metadata),
@@ -311,4 +313,88 @@ pub struct ServicePort {
 pub enum PortRef {
     Number(u16),
     Name(String),
+}
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The versions of `EndpointSlice` read from a directory: `discovery.k8s.io/v1` (the only one
+/// `strait control --kubernetes` watches) and `v1beta1` (Kubernetes 1.17-1.24), whose fields
+/// strait reads are the same.
+pub const DISCOVERY: [&str; 2] = ["discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"];
+
+/// Kubernetes `discovery.k8s.io` EndpointSlice: the endpoints of the Service named by its
+/// `kubernetes.io/service-name` label. strait uses them for Services without a selector (L4-3);
+/// a Service with a selector takes its endpoints from the Pods it selects.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    pub metadata: ObjectMeta,
+    /// `IPv4`, `IPv6` or `FQDN`.
+    pub address_type: String,
+    /// Null in the API when the slice is empty.
+    #[serde(default, deserialize_with = "null_is_empty")]
+    pub endpoints: Vec<SliceEndpoint>,
+    #[serde(default, deserialize_with = "null_is_empty")]
+    pub ports: Vec<SlicePort>,
+}
+
+impl EndpointSlice {
+    /// The Service this slice belongs to (`kubernetes.io/service-name`).
+    pub fn service_name(&self) -> Option<&str> {
+        self.metadata.labels.get(SERVICE_NAME_LABEL).map(String::as_str)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceEndpoint {
+    /// Addresses of `addressType`, kept as text so that one bad address is told and skipped
+    /// without losing the slice.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub conditions: EndpointConditions,
+    #[serde(default)]
+    pub target_ref: Option<ObjectReference>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct EndpointConditions {
+    /// Unset means unknown, which consumers read as ready (the API's documented rule).
+    #[serde(default)]
+    pub ready: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ObjectReference {
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlicePort {
+    /// The name of the Service port it serves (empty for a Service's only, unnamed port).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Unset means "every port", which strait cannot map to a Service port: not used.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+fn null_is_empty<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default())
 }

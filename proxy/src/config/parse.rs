@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::kinds::{self, GATEWAY_API, NETWORKING, SECURITY, Verdict};
 use super::syntax::{explain, normalize_indentation};
-use super::{Diagnostic, Located, Origin, Resource, positions};
+use super::{DISCOVERY, Diagnostic, Located, Origin, Resource, positions};
 
 /// What every document has: its type, its name, and which other top-level fields it carries
 /// (read without deserializing them).
@@ -155,6 +155,10 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<(Resource
         ("v1", "Namespace") => checked(Resource::Namespace(from_yaml(file, first_line, doc)?)),
         ("v1", "Pod") => checked(Resource::Pod(from_yaml(file, first_line, doc)?)),
         ("v1", "Service") => checked(Resource::Service(from_yaml(file, first_line, doc)?)),
+        // No `spec`: its fields are top-level (addressType, endpoints, ports).
+        (group, "EndpointSlice") if DISCOVERY.contains(&group) => {
+            checked(Resource::EndpointSlice(from_yaml(file, first_line, doc)?))
+        }
         (group, "AuthorizationPolicy") if SECURITY.contains(&group) => {
             checked(Resource::AuthorizationPolicy(from_yaml(file, first_line, doc)?))
         }

@@ -14,12 +14,12 @@
 //! keeps its last readable version (last good state). Each version is told once: a relist
 //! returning it again neither logs nor reports it again.
 //!
-//! Endpoints come from Pods and Service selectors, not EndpointSlices: for a Service with a
-//! selector the EndpointSlice controller derives its slices from the same Pods, and strait's
-//! workloads (as ambient's, whose proxies address pods by IP from the workload API) are Pods.
-//! Slices would add only the endpoints of Services without a selector, which are not Pods and
-//! which strait does not model (nor WorkloadEntry/ServiceEntry); so neither discovery.k8s.io
-//! version is watched, which also spares a watch and its memory on large clusters.
+//! Endpoints of a Service with a selector come from Pods and the selector: the EndpointSlice
+//! controller derives its slices from the same Pods, and strait's workloads (as ambient's,
+//! whose proxies address pods by IP from the workload API) are Pods. A Service without a
+//! selector takes its endpoints from its EndpointSlices (L4-3), watched at `discovery.k8s.io/v1`
+//! where the server serves it (Kubernetes 1.21 and later); a server serving only `v1beta1`
+//! (1.20) is not watched for slices, and such Services have no endpoints there.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -60,15 +60,39 @@ pub struct Kind {
     pub kind: &'static str,
     pub plural: &'static str,
     pub namespaced: bool,
+    /// A label selector the watch asks the server to apply, if any.
+    pub label_selector: Option<&'static str>,
 }
 
 impl Kind {
     fn core(kind: &'static str, plural: &'static str, namespaced: bool) -> Self {
-        Self { group: "", version: "v1".into(), kind, plural, namespaced }
+        Self { group: "", version: "v1".into(), kind, plural, namespaced, label_selector: None }
+    }
+
+    /// EndpointSlices, only ever at `v1`: see [`endpoint_slices`].
+    fn endpoint_slices() -> Self {
+        Self {
+            group: DISCOVERY_GROUP,
+            version: "v1".into(),
+            kind: "EndpointSlice",
+            plural: "endpointslices",
+            namespaced: true,
+            // The slices the EndpointSlice controller writes are those of Services with a
+            // selector, whose endpoints strait takes from the Pods: asking the server to leave
+            // them out spares one object per Service (and a rewrite per pod change) in the watch
+            // and the store; slices of Services without a selector are written by users or
+            // mirrored from Endpoints by another controller, and keep coming.
+            label_selector: Some(NOT_FROM_SELECTORS),
+        }
+    }
+
+    /// Kinds converted straight from JSON by serde (no directory parser in between).
+    fn is_plain(&self) -> bool {
+        self.group.is_empty() || self.group == DISCOVERY_GROUP
     }
 
     fn istio(group: &'static str, kind: &'static str, plural: &'static str) -> Self {
-        Self { group, version: "v1beta1".into(), kind, plural, namespaced: true }
+        Self { group, version: "v1beta1".into(), kind, plural, namespaced: true, label_selector: None }
     }
 
     pub fn api_version(&self) -> String {
@@ -87,6 +111,7 @@ pub fn kinds() -> Vec<Kind> {
         Kind::core("Namespace", "namespaces", false),
         Kind::core("Pod", "pods", true),
         Kind::core("Service", "services", true),
+        Kind::endpoint_slices(),
         Kind::istio("security.istio.io", "AuthorizationPolicy", "authorizationpolicies"),
         Kind::istio("security.istio.io", "PeerAuthentication", "peerauthentications"),
         Kind::istio("security.istio.io", "RequestAuthentication", "requestauthentications"),
@@ -98,10 +123,38 @@ pub fn kinds() -> Vec<Kind> {
     ]
 }
 
+const DISCOVERY_GROUP: &str = "discovery.k8s.io";
+/// EndpointSlices not written by the controller that derives them from Service selectors.
+const NOT_FROM_SELECTORS: &str = "endpointslice.kubernetes.io/managed-by!=endpointslice-controller.k8s.io";
+
+/// Keeps the EndpointSlice watch only where the server serves `discovery.k8s.io/v1`; elsewhere
+/// (Kubernetes 1.20 serves only `v1beta1`) Services keep their selector's Pods, and those
+/// without a selector have no endpoints. Told once at start, either way.
+pub async fn endpoint_slices(client: &Client, kinds: &mut Vec<Kind>) {
+    let served = match kube::discovery::oneshot::group(client, DISCOVERY_GROUP).await {
+        Ok(found) => found.versions().any(|v| v == "v1"),
+        Err(e) => {
+            warn!("cannot discover {DISCOVERY_GROUP} ({e}); EndpointSlices are not watched");
+            false
+        }
+    };
+    if served {
+        info!(
+            "watching EndpointSlices ({DISCOVERY_GROUP}/v1): Services without a selector take their endpoints from them"
+        );
+    } else {
+        info!(
+            "the API server does not serve {DISCOVERY_GROUP}/v1 (Kubernetes before 1.21): EndpointSlices are not \
+             watched; endpoints come from Pods and Service selectors, and Services without a selector have none"
+        );
+        kinds.retain(|k| k.group != DISCOVERY_GROUP);
+    }
+}
+
 /// Watches the Istio groups at `v1` where the server serves it (Istio 1.22 and later), else
 /// at `v1beta1`; a group not installed yet keeps `v1beta1`, whose watch waits for it.
 pub async fn choose_versions(client: &Client, kinds: &mut [Kind]) {
-    let groups: BTreeSet<&'static str> = kinds.iter().map(|k| k.group).filter(|g| !g.is_empty()).collect();
+    let groups: BTreeSet<&'static str> = kinds.iter().filter(|k| !k.is_plain()).map(|k| k.group).collect();
     for group in groups {
         let version = match kube::discovery::oneshot::group(client, group).await {
             Ok(found) if found.versions().any(|v| v == "v1") => "v1",
@@ -157,18 +210,22 @@ pub fn convert(kind: &Kind, object: &DynamicObject) -> Result<Located<Resource>,
     if let Some(spec) = &spec {
         document.insert("spec".into(), spec.clone());
     }
-    if kind.group.is_empty() {
-        // Core kinds: plain serde types, read straight from JSON (no text in between: with
-        // 10,000 pods this is what a relist costs).
-        if let Some(status) = object.data.get("status") {
-            document.insert("status".into(), status.clone());
+    if kind.is_plain() {
+        // Core kinds and EndpointSlices: plain serde types, read straight from JSON (no text in
+        // between: with 10,000 pods this is what a relist costs). A slice's fields are
+        // top-level, it has no spec.
+        for field in ["status", "addressType", "endpoints", "ports"] {
+            if let Some(value) = object.data.get(field) {
+                document.insert(field.into(), value.clone());
+            }
         }
         let value = Value::Object(document);
         let resource = match kind.kind {
             "Namespace" => serde_json::from_value(value).map(Resource::Namespace),
             "Pod" => serde_json::from_value(value).map(Resource::Pod),
             "Service" => serde_json::from_value(value).map(Resource::Service),
-            other => return Err(format!("strait does not read the core kind {other}")),
+            "EndpointSlice" => serde_json::from_value(value).map(Resource::EndpointSlice),
+            other => return Err(format!("strait does not read the kind {other}")),
         }
         .map_err(|e| e.to_string())?;
         return Ok(Located::new(origin, resource));
@@ -505,6 +562,7 @@ pub async fn start() -> anyhow::Result<KubeSource> {
     let watches = client_for(watch_config)?;
     let client = client_for(config)?;
     let mut kinds = kinds();
+    endpoint_slices(&client, &mut kinds).await;
     choose_versions(&client, &mut kinds).await;
     let store = Arc::new(Mutex::new(Store::new(&kinds)));
     let reporter = Reporter::start(client);
@@ -549,7 +607,11 @@ impl WatchBackoff {
 /// ([`WatchBackoff`]) and never end the watch.
 async fn follow(client: Client, kind: Kind, store: Arc<Mutex<Store>>, reporter: Reporter) {
     let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
-    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
+    let mut config = watcher::Config::default();
+    if let Some(selector) = kind.label_selector {
+        config = config.labels(selector);
+    }
+    let mut events = std::pin::pin!(watcher(api, config));
     let mut backoff = WatchBackoff::new();
     let mut failing = false;
     while let Some(event) = events.next().await {
@@ -602,11 +664,11 @@ mod tests {
     }
 
     fn kind(name: &str) -> Kind {
-        let mut kinds = kinds();
+        let mut found = kinds().into_iter().find(|k| k.kind == name).expect("a known kind");
         if name == "AuthorizationPolicy" {
-            kinds[3].version = "v1".into();
+            found.version = "v1".into();
         }
-        kinds.into_iter().find(|k| k.kind == name).expect("a known kind")
+        found
     }
 
     fn pod(name: &str, rv: &str, ip: &str) -> DynamicObject {
@@ -654,6 +716,61 @@ mod tests {
         let located = convert(&kind("Namespace"), &ns).expect("converts");
         assert_eq!(located.origin.to_string(), "k8s:Namespace/demo");
         assert_eq!(located.resource.key(), Some(("Namespace", "", "demo")));
+    }
+
+    // CFG-3, L4-3: an EndpointSlice as the API serves it (top-level fields, no spec; nulls
+    // where empty) converts to the directory's type, with its Service's label.
+    #[test]
+    fn an_endpoint_slice_converts_from_discovery_v1() {
+        let slice = object(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "db-x7k2p", "namespace": "demo", "resourceVersion": "9", "generateName": "db-",
+                         "labels": {"kubernetes.io/service-name": "db",
+                                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "db", "uid": "u"}]},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.244.1.7"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                 "nodeName": "node-a", "targetRef": {"kind": "Pod", "namespace": "demo", "name": "db-0", "uid": "p"}},
+                {"addresses": ["192.0.2.1"], "conditions": {"ready": false}},
+                {"addresses": ["192.0.2.2"], "conditions": {}}
+            ],
+            "ports": [{"name": "sql", "port": 5432, "protocol": "TCP", "appProtocol": "postgresql"}]
+        }));
+        let slices = kind("EndpointSlice");
+        assert_eq!(
+            (slices.api_version(), slices.label_selector),
+            ("discovery.k8s.io/v1".into(), Some(NOT_FROM_SELECTORS))
+        );
+        let located = convert(&slices, &slice).expect("converts");
+        assert_eq!(located.origin.to_string(), "k8s:EndpointSlice/demo/db-x7k2p");
+        assert_eq!(located.resource.key(), Some(("EndpointSlice", "demo", "db-x7k2p")));
+        let Resource::EndpointSlice(s) = &located.resource else { panic!("not a slice: {:?}", located.resource) };
+        assert_eq!((s.service_name(), s.address_type.as_str()), (Some("db"), "IPv4"));
+        let ready: Vec<Option<bool>> = s.endpoints.iter().map(|e| e.conditions.ready).collect();
+        assert_eq!(ready, [Some(true), Some(false), None]);
+        let target = s.endpoints[0].target_ref.as_ref().expect("targetRef");
+        assert_eq!((target.kind.as_deref(), target.name.as_deref()), (Some("Pod"), Some("db-0")));
+        assert_eq!((s.ports[0].name.as_deref(), s.ports[0].port), (Some("sql"), Some(5432)));
+
+        let empty = object(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "e", "namespace": "demo", "labels": {"kubernetes.io/service-name": "db"}},
+            "addressType": "IPv4", "endpoints": null, "ports": null
+        }));
+        let Resource::EndpointSlice(s) = convert(&kind("EndpointSlice"), &empty).expect("converts").resource else {
+            panic!("not a slice")
+        };
+        assert!(s.endpoints.is_empty() && s.ports.is_empty());
+        // Bad objects are errors (reported on the object by the store), never panics.
+        let untyped = object(serde_json::json!({"metadata": {"name": "b", "namespace": "demo"}, "endpoints": []}));
+        let error = convert(&kind("EndpointSlice"), &untyped).expect_err("no addressType");
+        assert!(error.contains("addressType"), "{error}");
+        let broken = object(serde_json::json!({
+            "metadata": {"name": "b", "namespace": "demo"}, "addressType": "IPv4",
+            "endpoints": [{"addresses": "10.0.0.1"}]
+        }));
+        assert!(convert(&kind("EndpointSlice"), &broken).is_err());
     }
 
     // Istio kinds go through the directory's parser: same checks, and the document forwarded

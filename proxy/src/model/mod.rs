@@ -277,8 +277,15 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
         model.workloads.push(workload);
     }
     model.waypoints = waypoints::collect_waypoints(&model.workloads);
-    model.services =
+    let (services, addresses) =
         services::compile_services(resources, &model.workloads, &pod_ports, &namespaces, &declared, &mut diagnostics);
+    model.services = services;
+    // EndpointSlice addresses that are no pod's: workloads too, so that proxies learn them as
+    // every endpoint (no pod has their address, so the index keeps pods first).
+    for workload in addresses {
+        model.by_ip.entry(workload.ip).or_insert_with(|| workload.clone());
+        model.workloads.push(workload);
+    }
     model.routing = routes::compile_routing(resources, &model.services, &mut diagnostics);
     model.security = security::compile_security(resources, &model.workloads, &options.root_namespace, &mut diagnostics);
     for service in &model.services {

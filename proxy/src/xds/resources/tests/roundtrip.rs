@@ -261,3 +261,51 @@ mod erased {
         }
     }
 }
+
+// L4-3, CFG-2: a Service without a selector, backed by an EndpointSlice (a pod by targetRef,
+// an address that is no pod), reaches a node proxy with the same endpoints and workloads.
+#[test]
+fn endpoint_slice_endpoints_survive_the_round_trip() {
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop}
+spec: {nodeName: n1, serviceAccountName: db}
+status: {podIP: 10.1.0.5}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: sql, port: 15432}]
+endpoints:
+- addresses: [10.1.0.5]
+  targetRef: {kind: Pod, name: db-0}
+- addresses: [192.0.2.10]
+"#;
+    let (resources, model) = directory_from(yaml);
+    let served = snapshot(&model, &resources, "cluster.local");
+    let decoded = model_from_xds(&received_by(&served, &node_proxy("n2")), "cluster.local").expect("decodes");
+    let endpoints = |m: &Model| -> BTreeSet<String> {
+        let service = m.service_by_vip("10.96.0.20".parse().expect("ip")).expect("db");
+        service.ports[0].endpoints.iter().map(|e| format!("{}={}", e.workload.display_name(), e.addr())).collect()
+    };
+    let want = BTreeSet::from([
+        "shop/db-0=10.1.0.5:15432".to_owned(),
+        "shop/endpointslice/192.0.2.10=192.0.2.10:15432".to_owned(),
+    ]);
+    assert_eq!(endpoints(&model), want);
+    assert_eq!(endpoints(&decoded), want);
+    for w in &model.workloads {
+        assert_eq!(**by_name(&decoded, &w.namespace, &w.name), **w, "{}", w.display_name());
+    }
+}
