@@ -469,21 +469,30 @@ fn namespace_yaml(sizes: &Sizes, ns: usize, revision: usize) -> String {
     yaml
 }
 
-/// The `strait control` process under measurement.
-struct Control {
+/// The `strait control` process under measurement (here and in `kube`).
+pub(crate) struct Control {
     child: Child,
     log: PathBuf,
 }
 
 impl Control {
     fn start(dir: &Path) -> anyhow::Result<Self> {
+        let path = |p: &str| dir.join(p).to_string_lossy().into_owned();
+        Self::spawn(dir, &["--config", &path("config"), "--listen", LISTEN, "--metrics-addr", METRICS], &[])
+    }
+
+    /// `strait control` with `args` after the CA and token directories under `dir`, logging
+    /// to `dir/control.log`.
+    pub(crate) fn spawn(dir: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<Self> {
         let strait = strait_testbed::require_bin("strait")?;
         let log = dir.join("control.log");
         let file = fs::File::create(&log)?;
         let path = |p: &str| dir.join(p).to_string_lossy().into_owned();
         let child = Command::new(strait)
-            .args(["control", "--config", &path("config"), "--listen", LISTEN, "--metrics-addr", METRICS])
+            .arg("control")
+            .args(args)
             .args(["--ca-dir", &path("ca"), "--bootstrap-tokens", &path("tokens"), "--empty-config-hold", "0s"])
+            .envs(env.iter().copied())
             .env("STRAIT_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
@@ -492,7 +501,7 @@ impl Control {
         Ok(Self { child, log })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -500,11 +509,11 @@ impl Control {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn count(&self, needle: &str) -> usize {
+    pub(crate) fn count(&self, needle: &str) -> usize {
         self.text().matches(needle).count()
     }
 
-    fn wait_for(&mut self, needle: &str, count: usize) -> anyhow::Result<()> {
+    pub(crate) fn wait_for(&mut self, needle: &str, count: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + WAIT;
         while self.count(needle) < count {
             if Instant::now() > deadline || self.child.try_wait()?.is_some() {
@@ -529,7 +538,7 @@ impl Control {
         line.split_whitespace().filter_map(|w| w.split_once('=')).filter_map(|(_, n)| n.parse::<u64>().ok()).sum()
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         // SAFETY: a signal to our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();

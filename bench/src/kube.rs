@@ -14,7 +14,7 @@ use std::{
     fmt::Write as _,
     fs,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -22,11 +22,10 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 use strait_testbed::kube::KubeApi;
 
-use crate::scenarios::procfs;
+use crate::{control::Control, scenarios::procfs};
 
 const LISTEN: &str = "127.0.0.1:25112";
 const METRICS: &str = "127.0.0.1:25114";
-const WAIT: Duration = Duration::from_secs(300);
 const NAMESPACES: usize = 20;
 /// Transfers curl keeps in flight at once on its HTTP/2 connections.
 const PARALLEL: &str = "32";
@@ -97,7 +96,13 @@ pub fn run(out: &Path, quick: bool) -> anyhow::Result<KubeReport> {
 
     let audit_before = api.audit_events()?.len();
     let started = Instant::now();
-    let mut control = Control::start(&dir, &api)?;
+    let kubeconfig = api.kubeconfig().as_os_str();
+    let mut control = Control::spawn(
+        &dir,
+        // The Lease in a namespace that exists, so this replica leads as one in a cluster.
+        &["--kubernetes", "--listen", LISTEN, "--metrics-addr", METRICS, "--leader-election-namespace", "default"],
+        &[("KUBECONFIG", kubeconfig)],
+    )?;
     control.wait_for("strait control ready", 1)?;
     let startup_ms = started.elapsed().as_millis() as u64;
     let rss_ready_mib = procfs::rss_bytes(control.pid()) as f64 / 1048576.0;
@@ -280,67 +285,6 @@ fn policy_yaml(namespace: &str, name: &str, round: usize) -> String {
          spec:\n  selector:\n    matchLabels:\n      app: app-1\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"{}\"]\n",
         9000 + round
     )
-}
-
-/// The `strait control --kubernetes` process under measurement.
-struct Control {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Control {
-    fn start(dir: &Path, api: &KubeApi) -> anyhow::Result<Self> {
-        let strait = strait_testbed::require_bin("strait")?;
-        let log = dir.join("control.log");
-        let file = fs::File::create(&log)?;
-        let path = |p: &str| dir.join(p).to_string_lossy().into_owned();
-        let child = Command::new(strait)
-            .args(["control", "--kubernetes", "--listen", LISTEN, "--metrics-addr", METRICS])
-            .args(["--ca-dir", &path("ca"), "--bootstrap-tokens", &path("tokens"), "--empty-config-hold", "0s"])
-            // The Lease in a namespace that exists, so this replica leads as one in a cluster.
-            .args(["--leader-election-namespace", "default"])
-            .env("KUBECONFIG", api.kubeconfig())
-            .env("STRAIT_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .context("cannot start strait control")?;
-        Ok(Self { child, log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        fs::read_to_string(&self.log).unwrap_or_default().matches(needle).count()
-    }
-
-    fn wait_for(&mut self, needle: &str, count: usize) -> anyhow::Result<()> {
-        let deadline = Instant::now() + WAIT;
-        while self.count(needle) < count {
-            if Instant::now() > deadline || self.child.try_wait()?.is_some() {
-                let text = fs::read_to_string(&self.log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(20).collect();
-                bail!("no `{needle}` from strait control; its log ends with:\n{}", tail.join("\n"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 pub fn markdown(r: &KubeReport) -> String {

@@ -49,6 +49,11 @@ const CRD_FIXTURES: &[&str] = &["istio-crds.json", "gateway-api-crds.yaml"];
 
 static INSTANCES: AtomicU32 = AtomicU32::new(0);
 
+/// The repository's root directory.
+pub fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 /// Logs every request once, when it arrives (a watch is counted when it starts).
 const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -330,15 +335,19 @@ impl KubeApi {
             args.push(fixtures.join(f).display().to_string());
         }
         self.kubectl(&args)?;
-        self.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd",
-            "-l",
-            "app.kubernetes.io/part-of=strait-tests",
-        ])?;
-        Ok(())
+        self.wait_crds_established("app.kubernetes.io/part-of=strait-tests")
+    }
+
+    /// `kubectl apply --server-side -k deploy/k8s-1.20` (this API server is 1.20), then waits
+    /// until its CRDs are served.
+    pub fn install_deploy(&self) -> io::Result<()> {
+        let overlay = workspace_dir().join("deploy/k8s-1.20");
+        self.kubectl(&["apply", "--server-side", "-k", &overlay.to_string_lossy()])?;
+        self.wait_crds_established("app.kubernetes.io/part-of=strait")
+    }
+
+    fn wait_crds_established(&self, selector: &str) -> io::Result<()> {
+        self.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", selector]).map(drop)
     }
 
     /// etcd's `/health` says it is healthy.

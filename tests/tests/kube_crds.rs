@@ -9,34 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use strait_testbed::kube::KubeApi;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use strait_testbed::kube::{KubeApi, workspace_dir};
 
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
-fn other(message: String) -> io::Error {
-    io::Error::other(message)
-}
-
-/// `kubectl apply --server-side -k deploy/k8s-1.20` (the API server is 1.20), then waits for
-/// the CRDs to be served.
-fn install(api: &KubeApi) -> io::Result<()> {
-    let overlay = workspace().join("deploy/k8s-1.20");
-    api.kubectl(&["apply", "--server-side", "-k", &overlay.to_string_lossy()])?;
-    api.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "-l",
-        "app.kubernetes.io/part-of=strait",
-    ])?;
-    Ok(())
 }
 
 /// The Istio kinds deploy/crds defines.
@@ -121,9 +97,9 @@ fn loader_accepts(doc: &str, dir: &Path) -> io::Result<bool> {
 fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
     let mut docs = Vec::new();
     // The seed documents as the repository carries them (proxy/tests/seeds.rs reads them too).
-    let seeds = workspace().join("proxy/tests/fixtures/seeds");
+    let seeds = workspace_dir().join("proxy/tests/fixtures/seeds");
     let mut files: Vec<PathBuf> = fs::read_dir(&seeds)
-        .map_err(|e| other(format!("{}: {e}", seeds.display())))?
+        .map_err(|e| io::Error::other(format!("{}: {e}", seeds.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.file_name().is_some_and(|n| n != "expected.txt"))
         .collect();
@@ -136,7 +112,7 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
         }
     }
     let from_docs = docs.len();
-    let routes = workspace().join("proxy/src/model/routes/tests/seeds.rs");
+    let routes = workspace_dir().join("proxy/src/model/routes/tests/seeds.rs");
     for block in rust_yaml_consts(&fs::read_to_string(&routes)?) {
         docs.extend(istio_documents("proxy/src/model/routes/tests/seeds.rs", &block));
     }
@@ -147,7 +123,7 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
     );
 
     let api = KubeApi::start_without_crds()?;
-    install(&api)?;
+    api.install_deploy()?;
     let scratch = api.dir().join("loader");
     let (mut applied, mut skipped) = (0, Vec::new());
     for (n, (source, doc)) in docs.iter().enumerate() {
@@ -161,7 +137,7 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
         let file = file.to_string_lossy().into_owned();
         let local = json(
             &api.kubectl(&["create", "--dry-run=client", "-o", "json", "-f", &file])
-                .map_err(|e| other(format!("{source}: {e}\n{doc}")))?,
+                .map_err(|e| io::Error::other(format!("{source}: {e}\n{doc}")))?,
         );
         let namespace = match local["metadata"]["namespace"].as_str() {
             Some(ns) => ns.to_string(),
@@ -169,7 +145,7 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
         };
         let _ = api.kubectl(&["create", "namespace", &namespace]);
         api.kubectl(&["apply", "--server-side", "--force-conflicts", "-n", &namespace, "-f", &file])
-            .map_err(|e| other(format!("{source} refused by the CRD: {e}\n{doc}")))?;
+            .map_err(|e| io::Error::other(format!("{source} refused by the CRD: {e}\n{doc}")))?;
         let kind = local["kind"].as_str().unwrap_or_default();
         let group = local["apiVersion"].as_str().and_then(|v| v.split('/').next()).unwrap_or_default();
         let name = local["metadata"]["name"].as_str().unwrap_or_default();
@@ -224,7 +200,7 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
     api.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &istio_file.to_string_lossy()])?;
     let under_istio = json(&api.kubectl(&["get", "-f", &file, "-o", "json"])?);
     assert_eq!(under_istio["spec"], before["spec"], "the object changed under Istio's CRD");
-    install(&api)?;
+    api.install_deploy()?;
     let back = json(&api.kubectl(&["get", "-f", &file, "-o", "json"])?);
     assert_eq!(back["spec"], before["spec"], "the object changed back under strait's CRD");
 
@@ -257,7 +233,7 @@ fn crds_accept_the_seed_configs_unchanged() -> io::Result<()> {
 fn gen_crds_check(dir: &Path) -> io::Result<(bool, String)> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
-        .current_dir(workspace())
+        .current_dir(workspace_dir())
         .args(["run", "--quiet", "-p", "strait", "--features", "crd-schema", "--example", "gen-crds", "--", "--check"])
         .arg(dir)
         .output()?;
@@ -268,7 +244,7 @@ fn gen_crds_check(dir: &Path) -> io::Result<(bool, String)> {
 /// xtask gen-crds` fails here (and in `cargo xtask test`'s own check).
 #[test]
 fn committed_crds_are_what_the_types_generate() -> io::Result<()> {
-    let committed = workspace().join("deploy/crds");
+    let committed = workspace_dir().join("deploy/crds");
     let (ok, report) = gen_crds_check(&committed)?;
     assert!(ok, "deploy/crds is out of date: {report}");
     // The check does notice a difference: a copy with one property renamed fails it.

@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use strait_testbed::kube::KubeApi;
+use strait_testbed::kube::{KubeApi, workspace_dir};
 use strait_testbed::{EchoKind, Node, Process};
 
 const CONTROL_SA: &str = "system:serviceaccount:strait-system:strait-control";
@@ -30,24 +30,20 @@ const NODE_SA: &str = "system:serviceaccount:strait-system:strait-node";
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-fn other(message: String) -> io::Error {
-    io::Error::other(message)
-}
-
 /// `kubectl kustomize deploy/<overlay>`.
 fn render(overlay: &str) -> io::Result<String> {
-    let dir = workspace().join("deploy").join(overlay);
+    let dir = workspace_dir().join("deploy").join(overlay);
     let out = Command::new("kubectl").arg("kustomize").arg(&dir).output()?;
     if !out.status.success() {
-        return Err(other(format!("kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr))));
+        return Err(io::Error::other(format!(
+            "kubectl kustomize {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -62,7 +58,11 @@ fn kubernetes_validate() -> io::Result<PathBuf> {
         },
     };
     let bin = cache.join("kubernetes-validate/bin/kubernetes-validate");
-    if bin.is_file() { Ok(bin) } else { Err(other(format!("{} is missing: run `cargo xtask setup`", bin.display()))) }
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(io::Error::other(format!("{} is missing: run `cargo xtask setup`", bin.display())))
+    }
 }
 
 /// Runs kubernetes-validate (strict: unknown fields are errors) on `yaml` for `version`;
@@ -114,22 +114,6 @@ fn rendered_manifests_pass_kubernetes_validate() -> io::Result<()> {
     Ok(())
 }
 
-/// `kubectl apply --server-side -k deploy/k8s-1.20`, then waits for the CRDs to be served.
-fn install(api: &KubeApi) -> io::Result<()> {
-    let overlay = workspace().join("deploy/k8s-1.20");
-    let overlay = overlay.to_string_lossy();
-    api.kubectl(&["apply", "--server-side", "-k", overlay.as_ref()])?;
-    api.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "-l",
-        "app.kubernetes.io/part-of=strait",
-    ])?;
-    Ok(())
-}
-
 /// A token of `service_account` in strait-system from the TokenRequest API.
 fn token(api: &KubeApi, service_account: &str, audience: &str) -> io::Result<String> {
     api.service_account_token("strait-system", service_account, audience, None, 3600)
@@ -148,7 +132,7 @@ fn can_i(api: &KubeApi, user: &str, verb: &str, resource: &str, namespace: &str)
     match answer.as_str() {
         "yes" => Ok(true),
         "no" => Ok(false),
-        _ => Err(other(format!(
+        _ => Err(io::Error::other(format!(
             "kubectl auth can-i {verb} {resource}: {answer} {}",
             String::from_utf8_lossy(&out.stderr)
         ))),
@@ -170,7 +154,7 @@ fn kubectl_as_stdin(api: &KubeApi, token: &str, args: &[&str], stdin: &str) -> i
     all.extend_from_slice(args);
     let mut child =
         api.kubectl_command(&all).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    child.stdin.take().ok_or_else(|| other("no stdin".into()))?.write_all(stdin.as_bytes())?;
+    child.stdin.take().ok_or_else(|| io::Error::other("no stdin"))?.write_all(stdin.as_bytes())?;
     let out = child.wait_with_output()?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok((out.status.success(), text))
@@ -183,14 +167,14 @@ fn assert_forbidden((ok, text): (bool, String), what: &str) {
 #[test]
 fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
     let api = KubeApi::start_without_crds()?;
-    install(&api)?;
+    api.install_deploy()?;
     // Applying again changes nothing and conflicts with nothing (an upgrade is the same command);
     // plain (client-side) `kubectl apply -k` is accepted as well.
-    install(&api)?;
-    let overlay = workspace().join("deploy/k8s-1.20");
+    api.install_deploy()?;
+    let overlay = workspace_dir().join("deploy/k8s-1.20");
     api.kubectl(&["apply", "--dry-run=server", "-k", &overlay.to_string_lossy()])?;
     // deploy/ itself asks 1.20 for what it does not serve, which is why deploy/k8s-1.20 exists.
-    let deploy = workspace().join("deploy");
+    let deploy = workspace_dir().join("deploy");
     let refused =
         api.kubectl_fails(&["apply", "--server-side", "--dry-run=server", "-k", &deploy.to_string_lossy()])?;
     assert!(refused.contains("policy/v1"), "deploy/ on 1.20: {refused}");
@@ -403,7 +387,7 @@ impl Control {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        Err(other(format!("no `{needle}` in {:?}; log:\n{}", timeout, self.log())))
+        Err(io::Error::other(format!("no `{needle}` in {:?}; log:\n{}", timeout, self.log())))
     }
 
     fn signal(&mut self, signal: i32) {
@@ -439,7 +423,7 @@ fn wait_for_holder(api: &KubeApi, holder: &str, timeout: Duration) -> io::Result
             return Ok(started.elapsed());
         }
         if started.elapsed() > timeout {
-            return Err(other(format!("the lease is held by `{now}`, not `{holder}`, after {timeout:?}")));
+            return Err(io::Error::other(format!("the lease is held by `{now}`, not `{holder}`, after {timeout:?}")));
         }
         thread::sleep(Duration::from_millis(100));
     }
@@ -448,7 +432,7 @@ fn wait_for_holder(api: &KubeApi, holder: &str, timeout: Duration) -> io::Result
 #[test]
 fn control_replicas_elect_one_leader_and_fail_over() -> io::Result<()> {
     let api = KubeApi::start_without_crds()?;
-    install(&api)?;
+    api.install_deploy()?;
     let control = token(&api, "strait-control", "https://kubernetes.default.svc.cluster.local")?;
     let kubeconfig = token_kubeconfig(&api, &control, "control")?;
     let mut a = Control::start(&api, &kubeconfig, "replica-a")?;
@@ -500,7 +484,7 @@ impl ReadOnlyMount {
             if out.status.success() {
                 Ok(())
             } else {
-                Err(other(format!("mount {args:?}: {}", String::from_utf8_lossy(&out.stderr))))
+                Err(io::Error::other(format!("mount {args:?}: {}", String::from_utf8_lossy(&out.stderr))))
             }
         };
         run(&["--bind".as_ref(), source.as_os_str(), target.as_os_str()])?;
@@ -518,11 +502,11 @@ impl Drop for ReadOnlyMount {
 
 /// The capabilities deploy/base/node.yaml adds for the node proxy (`add: [BPF, ...]`).
 fn daemonset_capabilities() -> io::Result<Vec<String>> {
-    let node = fs::read_to_string(workspace().join("deploy/base/node.yaml"))?;
+    let node = fs::read_to_string(workspace_dir().join("deploy/base/node.yaml"))?;
     let line = node
         .lines()
         .find_map(|l| l.trim().strip_prefix("add: ["))
-        .ok_or_else(|| other("deploy/base/node.yaml adds no capabilities".into()))?;
+        .ok_or_else(|| io::Error::other("deploy/base/node.yaml adds no capabilities"))?;
     Ok(line.trim_end_matches(']').split(',').map(|c| c.trim().to_ascii_lowercase()).collect())
 }
 
@@ -555,7 +539,10 @@ fn node_with_capabilities(t: &common::TwoNodes, node: &Node, ca: &Path, caps: &[
     let deadline = Instant::now() + common::TIMEOUT;
     while proxy.count_log_lines("strait node ready") == 0 {
         if Instant::now() > deadline || !proxy.is_running() {
-            return Err(other(format!("strait node with {caps:?} did not become ready:\n{}", proxy.log_tail())));
+            return Err(io::Error::other(format!(
+                "strait node with {caps:?} did not become ready:\n{}",
+                proxy.log_tail()
+            )));
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -566,7 +553,7 @@ fn node_with_capabilities(t: &common::TwoNodes, node: &Node, ca: &Path, caps: &[
 fn effective_capabilities(pid: u32) -> io::Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).map(str::trim).unwrap_or_default();
-    u64::from_str_radix(hex, 16).map_err(|e| other(format!("CapEff `{hex}`: {e}")))
+    u64::from_str_radix(hex, 16).map_err(|e| io::Error::other(format!("CapEff `{hex}`: {e}")))
 }
 
 /// The node proxy works with exactly the DaemonSet's capabilities (mTLS between two nodes, the

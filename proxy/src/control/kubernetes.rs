@@ -529,13 +529,10 @@ impl Source for KubeSource {
     }
 }
 
-/// A client of the API server (the in-cluster service account, else KUBECONFIG), and the
-/// server's URL for messages.
-pub async fn client() -> anyhow::Result<(Client, String)> {
+/// A client of the API server (the in-cluster service account, else KUBECONFIG).
+pub async fn client() -> anyhow::Result<Client> {
     let (config, server) = config().await?;
-    let client = Client::try_from(config)
-        .map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))?;
-    Ok((client, server))
+    Client::try_from(config).map_err(|e| anyhow::anyhow!("cannot create the Kubernetes client for {server}: {e}"))
 }
 
 async fn config() -> anyhow::Result<(kube::Config, String)> {

@@ -89,7 +89,8 @@ pub struct ControlOptions {
 
 /// The waypoint reconciler of `--kubernetes` (L4-3). Only the leader writes; without an
 /// election (no `leader` options) this replica is the only writer.
-async fn start_waypoints(
+fn start_waypoints(
+    client: kube::Client,
     options: &ControlOptions,
     ca: &LocalCa,
     leadership: Option<leader::Leadership>,
@@ -97,7 +98,6 @@ async fn start_waypoints(
     let root_path = ca.root_cert_path();
     let root_cert =
         std::fs::read_to_string(&root_path).with_context(|| format!("cannot read {}", root_path.display()))?;
-    let (client, _) = kubernetes::client().await?;
     let settings = waypoints::WaypointSettings {
         image: options.waypoint_image.clone(),
         xds_address: options.waypoint_xds_address.clone(),
@@ -122,28 +122,31 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
     };
     let hold = options.empty_config_hold;
     let mut kube_tokens = None;
+    // One client (and connection pool) for the election, the token reviews and the waypoint
+    // reconciler; the watches have their own (see `kubernetes::start`).
+    let client = match &options.source {
+        ConfigSource::Kubernetes => Some(kubernetes::client().await?),
+        ConfigSource::Directory(_) => None,
+    };
     // Campaign from the start: a replica that wins while still listing is ready to write as
     // soon as it has something to write.
-    let election = match (&options.source, options.leader.clone()) {
-        (ConfigSource::Kubernetes, Some(leader_options)) => {
-            let (client, _) = kubernetes::client().await?;
-            Some(leader::start(client, leader_options))
-        }
+    let election = match (&client, options.leader.clone()) {
+        (Some(client), Some(leader_options)) => Some(leader::start(client.clone(), leader_options)),
         _ => None,
     };
     let model = match &options.source {
         ConfigSource::Directory(dir) => model::reload::load_and_watch_then(dir, hold, publish)?,
         ConfigSource::Kubernetes => {
+            let client = client.context("no Kubernetes client")?;
             // The CA API verifies service-account tokens with this cluster's API server (ID-2).
-            let (client, _) = kubernetes::client().await?;
             kube_tokens = Some(KubeTokens::new(
-                client,
+                client.clone(),
                 &options.trust_domain,
                 &options.cluster_id,
                 options.node_accounts.clone(),
             ));
             let source = kubernetes::start().await?;
-            start_waypoints(&options, &ca, election.as_ref().map(|(_, leadership)| leadership.clone())).await?;
+            start_waypoints(client, &options, &ca, election.as_ref().map(|(_, leadership)| leadership.clone()))?;
             // The first read waits for every kind to be listed: off the async workers.
             tokio::task::spawn_blocking(move || model::reload::follow_then(source, hold, publish))
                 .await
