@@ -18,7 +18,7 @@ use tokio::{
 use crate::{
     http::{self, HttpError},
     latency::{self, round3},
-    net,
+    tls::Dialer,
 };
 
 /// Body size requested: small, so the figure is about connections, not bytes.
@@ -38,6 +38,10 @@ pub struct ConnectionsConfig {
     /// start connection n at n / rate seconds (a late worker starts at once), so a restart
     /// measured under them sees a steady stream of new connections.
     pub rate: Option<u64>,
+    /// Plain TCP or TLS: with TLS every connection is a full handshake (no resumption).
+    pub dialer: Dialer,
+    /// The `Host` header (default: the target address).
+    pub host: Option<String>,
 }
 
 /// What a `connections` run prints.
@@ -58,7 +62,9 @@ pub struct ConnectionsReport {
 
 /// Runs the workers for the configured duration; fails if no connection succeeded.
 pub async fn run(config: ConnectionsConfig) -> anyhow::Result<ConnectionsReport> {
-    let request: Arc<[u8]> = http::request(&format!("/bytes/{BODY}"), &config.target.to_string(), true).into();
+    let request: Arc<[u8]> =
+        http::request(&format!("/bytes/{BODY}"), config.host.as_deref().unwrap_or(&config.target.to_string()), true)
+            .into();
     let start = Instant::now();
     let stop = start + config.duration;
     let mut workers = JoinSet::new();
@@ -66,6 +72,7 @@ pub async fn run(config: ConnectionsConfig) -> anyhow::Result<ConnectionsReport>
     for _ in 0..config.concurrency.max(1) {
         let request = Arc::clone(&request);
         let (target, limit, rate, tickets) = (config.target, config.timeout, config.rate, tickets.clone());
+        let dialer = config.dialer.clone();
         workers.spawn(async move {
             let mut histogram = latency::new_histogram();
             let (mut errors, mut first_error) = (0u64, None);
@@ -81,7 +88,7 @@ pub async fn run(config: ConnectionsConfig) -> anyhow::Result<ConnectionsReport>
                     tokio::time::sleep_until(due).await;
                 }
                 let began = Instant::now();
-                match timeout(limit, one_connection(target, &request, &mut buf)).await {
+                match timeout(limit, one_connection(&dialer, target, &request, &mut buf)).await {
                     Ok(Ok(responded)) => latency::record(&mut histogram, responded - began),
                     failed => {
                         errors += 1;
@@ -126,9 +133,15 @@ pub async fn run(config: ConnectionsConfig) -> anyhow::Result<ConnectionsReport>
 }
 
 /// One connection's life; returns when its response was complete.
-async fn one_connection(target: SocketAddr, request: &[u8], buf: &mut [u8]) -> Result<Instant, HttpError> {
-    let mut stream = net::connect(target).await?;
+async fn one_connection(
+    dialer: &Dialer,
+    target: SocketAddr,
+    request: &[u8],
+    buf: &mut [u8],
+) -> Result<Instant, HttpError> {
+    let mut stream = dialer.dial(target).await?;
     stream.write_all(request).await?;
+    stream.flush().await?;
     let head = http::read_response(&mut stream, buf).await?;
     let responded = Instant::now();
     head.check(Some(BODY))?;

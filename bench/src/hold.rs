@@ -22,7 +22,10 @@ use tokio::{
     time::{sleep, timeout},
 };
 
-use crate::net;
+use crate::{
+    net,
+    tls::{Dialer, Stream},
+};
 
 /// Tries per connection before it counts as failed; with the backoff below about 1.5 s in all.
 const CONNECT_TRIES: u32 = 8;
@@ -40,6 +43,8 @@ pub struct HoldConfig {
     pub ready_file: PathBuf,
     /// Connects in flight at once.
     pub concurrency: usize,
+    /// Plain TCP or TLS (each held connection then finished its handshake).
+    pub dialer: Dialer,
 }
 
 /// What a `hold` run prints.
@@ -96,9 +101,9 @@ pub async fn run(config: HoldConfig) -> anyhow::Result<HoldReport> {
 }
 
 /// Opens `config.count` connections, at most `config.concurrency` connecting at once.
-async fn open_all(config: &HoldConfig, held: &mut Vec<TcpStream>, failed: &mut u64, first_error: &mut Option<String>) {
+async fn open_all(config: &HoldConfig, held: &mut Vec<Stream>, failed: &mut u64, first_error: &mut Option<String>) {
     let mut connecting = JoinSet::new();
-    let mut settle = |result: Option<Result<io::Result<TcpStream>, tokio::task::JoinError>>| match result {
+    let mut settle = |result: Option<Result<io::Result<Stream>, tokio::task::JoinError>>| match result {
         Some(Ok(Ok(stream))) => held.push(stream),
         Some(Ok(Err(e))) => {
             *failed += 1;
@@ -115,7 +120,7 @@ async fn open_all(config: &HoldConfig, held: &mut Vec<TcpStream>, failed: &mut u
             settle(connecting.join_next().await);
         }
         let target = *target;
-        connecting.spawn(connect_with_retry(target));
+        connecting.spawn(connect_with_retry(config.dialer.clone(), target));
         if i % 10_000 == 9_999 {
             eprintln!("strait-load hold: {} of {} connections started", i + 1, config.count);
         }
@@ -126,13 +131,13 @@ async fn open_all(config: &HoldConfig, held: &mut Vec<TcpStream>, failed: &mut u
 }
 
 /// Connects, retrying briefly through the momentary exhaustion that opening thousands causes.
-async fn connect_with_retry(target: SocketAddr) -> io::Result<TcpStream> {
+async fn connect_with_retry(dialer: Dialer, target: SocketAddr) -> io::Result<Stream> {
     let mut pause = Duration::from_millis(5);
     let mut tries = 0;
     loop {
         tries += 1;
         let error = match timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Ok(stream)) => return dialer.wrap(stream).await,
             Ok(Err(e)) => e,
             Err(_) => io::Error::new(io::ErrorKind::TimedOut, format!("connect to {target} timed out")),
         };
@@ -146,9 +151,9 @@ async fn connect_with_retry(target: SocketAddr) -> io::Result<TcpStream> {
 
 /// Whether the peer closed or reset a held connection. The connection was idle, so readable
 /// means EOF, a reset, or data the server should not have sent (which also means it is not idle).
-fn closed_by_peer(stream: &TcpStream) -> bool {
+fn closed_by_peer(stream: &Stream) -> bool {
     let mut byte = [0u8; 1];
-    !matches!(stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    !matches!(stream.tcp().try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// Writes `holding N` through a temporary file and a rename, so a reader never sees half of it.

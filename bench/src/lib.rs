@@ -19,6 +19,7 @@ pub mod schedule;
 pub mod server;
 pub mod sink;
 pub mod stream;
+pub mod tls;
 
 use std::io;
 

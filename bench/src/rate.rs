@@ -22,7 +22,6 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::{
     io::AsyncWriteExt,
-    net::TcpStream,
     task::JoinSet,
     time::{Instant, sleep_until, timeout_at},
 };
@@ -30,8 +29,8 @@ use tokio::{
 use crate::{
     http::{self, HttpError},
     latency::{self, Percentiles, round3},
-    net,
     schedule::{IdealTimeline, Schedule},
+    tls::{Dialer, Stream},
 };
 
 /// Read buffer per connection, reused for every response: a head plus a 1 KiB body fit in one
@@ -56,6 +55,10 @@ pub struct RateConfig {
     /// Every this many requests a connection sends `Connection: close` and the next request
     /// opens a fresh one: connection churn next to keep-alive reuse (0: never).
     pub close_every: u64,
+    /// Plain TCP or TLS (`--tls-ca`, `--tls-sni`).
+    pub dialer: Dialer,
+    /// The `Host` header (default: the target address).
+    pub host: Option<String>,
 }
 
 /// What a `rate` run prints.
@@ -93,14 +96,15 @@ pub async fn run(config: RateConfig) -> anyhow::Result<RateReport> {
     if schedule.measured_requests() == 0 {
         bail!("--duration is too short for a single request at {} req/s", config.rps);
     }
-    let request: Arc<[u8]> = http::request(&config.path, &config.target.to_string(), false).into();
-    let closing: Arc<[u8]> = http::request(&config.path, &config.target.to_string(), true).into();
+    let host = config.host.clone().unwrap_or_else(|| config.target.to_string());
+    let request: Arc<[u8]> = http::request(&config.path, &host, false).into();
+    let closing: Arc<[u8]> = http::request(&config.path, &host, true).into();
     let expected_len = http::expected_body_len(&config.path);
 
     // Every connection opens before the clock starts: this mode measures requests, not handshakes.
     let mut streams = Vec::new();
     for i in 0..config.connections {
-        let stream = net::connect(config.target).await.with_context(|| {
+        let stream = config.dialer.dial(config.target).await.with_context(|| {
             format!("could not open connection {} of {} to {}", i + 1, config.connections, config.target)
         })?;
         streams.push(stream);
@@ -113,6 +117,7 @@ pub async fn run(config: RateConfig) -> anyhow::Result<RateReport> {
     for (index, stream) in (0u64..).zip(streams) {
         let connection = Connection {
             target: config.target,
+            dialer: config.dialer.clone(),
             stream: Some(stream),
             request: Arc::clone(&request),
             closing: Arc::clone(&closing),
@@ -160,8 +165,9 @@ pub async fn run(config: RateConfig) -> anyhow::Result<RateReport> {
 /// One keep-alive connection and what it reuses for every request.
 struct Connection {
     target: SocketAddr,
+    dialer: Dialer,
     /// `None` after an error or a `Connection: close`; the next request reconnects.
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     /// The request bytes, shared by all connections.
     request: Arc<[u8]>,
     /// The same request with `Connection: close`, sent every `close_every` requests.
@@ -236,12 +242,13 @@ impl Connection {
         let stream = match &mut self.stream {
             Some(stream) => stream,
             None => {
-                let stream = net::connect(self.target).await?;
+                let stream = self.dialer.dial(self.target).await?;
                 *reconnects += 1;
                 self.stream.insert(stream)
             }
         };
         stream.write_all(if close { &self.closing } else { &self.request }).await?;
+        stream.flush().await?;
         let head = http::read_response(stream, &mut self.buf).await?;
         head.check(self.expected_len)?;
         if head.close || close {

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::Context;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
     task::JoinSet,
 };
@@ -23,6 +23,7 @@ use crate::{
     http::{self, MAX_HEAD, Protocol, RequestHead, Route},
     net::ZEROS,
     sink,
+    tls::Stream,
 };
 
 /// Accept queue length: `hold` and `connections` open connections in bursts, and a SYN dropped
@@ -34,11 +35,13 @@ const BACKLOG: u32 = 4096;
 const SMALL_WRITE: usize = 16 * 1024;
 
 /// Where the server listens.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerConfig {
     pub bind: IpAddr,
     /// Ports to listen on; 0 picks a free one (the stderr line tells which).
     pub ports: Vec<u16>,
+    /// Speak TLS (HTTP only, no sink) on every port: the direct baseline of the gateway benchmark.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Binds every port, announces each on stderr, then serves until the process is killed.
@@ -48,7 +51,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         let listener = listen(SocketAddr::new(config.bind, port))
             .with_context(|| format!("could not listen on {}:{port}", config.bind))?;
         eprintln!("listening on {}", listener.local_addr()?);
-        accept_loops.spawn(accept_loop(listener));
+        accept_loops.spawn(accept_loop(listener, config.tls.clone()));
     }
     // Accept loops never return; joining keeps the runtime alive until the process is killed.
     while let Some(joined) = accept_loops.join_next().await {
@@ -65,13 +68,14 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-async fn accept_loop(listener: TcpListener) {
+async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
     let mut last_warning: Option<Instant> = None;
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream));
-            }
+            Ok((stream, _)) => match &tls {
+                None => drop(tokio::spawn(serve_connection(stream))),
+                Some(acceptor) => drop(tokio::spawn(serve_tls(acceptor.clone(), stream))),
+            },
             Err(e) => {
                 // Out of file descriptors (or a connection reset while queued) passes once
                 // connections close; pause so the loop does not spin, and warn at most once a second.
@@ -124,8 +128,24 @@ async fn serve_connection(mut stream: TcpStream) {
     let _ = sink::serve(&mut stream, filled as u64, &mut sink_buf).await;
 }
 
+/// Serves keep-alive HTTP/1.1 over TLS. As on plain connections, nothing is allocated for a
+/// connection until its client speaks (here: sends its ClientHello).
+async fn serve_tls(acceptor: tokio_rustls::TlsAcceptor, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    if stream.peek(&mut [0u8; 1]).await.is_err() {
+        return;
+    }
+    let Ok(tls) = acceptor.accept(stream).await else { return };
+    let mut stream = Stream::TlsServer(Box::new(tls));
+    let _ = serve_http(&mut stream, vec![0u8; MAX_HEAD], 0).await;
+}
+
 /// Serves keep-alive HTTP/1.1; `buf[..filled]` holds what was read during protocol detection.
-async fn serve_http(stream: &mut TcpStream, mut buf: Vec<u8>, mut filled: usize) -> Result<(), http::HttpError> {
+async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    mut buf: Vec<u8>,
+    mut filled: usize,
+) -> Result<(), http::HttpError> {
     // Reused for every response head (and small body) on this connection; it grows once to the
     // size the client's responses need, so a 64-byte exchange does not pay for a 16 KiB one.
     let mut out = Vec::new();
@@ -152,6 +172,8 @@ async fn serve_http(stream: &mut TcpStream, mut buf: Vec<u8>, mut filled: usize)
         };
         let consumed = discard_body(stream, &mut buf, filled, &head).await?;
         respond(stream, &mut out, &head).await?;
+        // Nothing for TCP; TLS may hold the last record until flushed.
+        stream.flush().await?;
         if head.close {
             stream.shutdown().await?;
             return Ok(());
@@ -167,7 +189,12 @@ async fn serve_http(stream: &mut TcpStream, mut buf: Vec<u8>, mut filled: usize)
 /// Reads and drops the request body; returns how much of `buf[..filled]` the request used.
 ///
 /// A body longer than what is buffered streams through `buf`, whose content is then spent.
-async fn discard_body(stream: &mut TcpStream, buf: &mut [u8], filled: usize, head: &RequestHead) -> io::Result<usize> {
+async fn discard_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut [u8],
+    filled: usize,
+    head: &RequestHead,
+) -> io::Result<usize> {
     let buffered = (filled - head.head_len) as u64;
     if buffered >= head.content_length {
         return Ok(head.head_len + head.content_length as usize);
@@ -184,7 +211,7 @@ async fn discard_body(stream: &mut TcpStream, buf: &mut [u8], filled: usize, hea
     Ok(filled)
 }
 
-async fn respond(stream: &mut TcpStream, out: &mut Vec<u8>, head: &RequestHead) -> io::Result<()> {
+async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut Vec<u8>, head: &RequestHead) -> io::Result<()> {
     let (status, body): (&str, Body) = match head.route {
         Route::Bytes(n) => ("200 OK", Body::Zeros(n)),
         Route::Ok => ("200 OK", Body::Static(b"ok")),
@@ -213,7 +240,7 @@ async fn respond(stream: &mut TcpStream, out: &mut Vec<u8>, head: &RequestHead) 
     stream.write_all(out).await
 }
 
-async fn respond_error(stream: &mut TcpStream, out: &mut Vec<u8>, status: &str) -> io::Result<()> {
+async fn respond_error<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut Vec<u8>, status: &str) -> io::Result<()> {
     out.clear();
     write!(out, "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
     stream.write_all(out).await?;

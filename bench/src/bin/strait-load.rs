@@ -13,7 +13,10 @@ use std::{
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
-use strait_bench::{connections, hold, limits, rate, runtime, server, stream};
+use strait_bench::{
+    connections, hold, limits, rate, runtime, server, stream,
+    tls::{self, Dialer},
+};
 
 #[derive(Parser)]
 #[command(name = "strait-load", version, about = "Load generator and test server for strait's benchmarks")]
@@ -35,6 +38,13 @@ enum Command {
         /// Runtime worker threads.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Serve HTTPS with this certificate chain (PEM) on every port, instead of plain HTTP
+        /// and the sink.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of `--tls-cert`.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Open-loop keep-alive HTTP load at a fixed rate; latency counts from each request's due time.
     Rate {
@@ -64,6 +74,8 @@ enum Command {
         /// Runtime threads; 1 is a current-thread runtime, the cheapest.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Closed loop of new connections, each one `GET /bytes/64` with `Connection: close`.
     Connections {
@@ -83,6 +95,8 @@ enum Command {
         rate: Option<u64>,
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Bulk throughput: K parallel connections to the sink, N bytes in all, each count checked.
     Stream {
@@ -113,7 +127,32 @@ enum Command {
         concurrency: usize,
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+}
+
+/// HTTPS instead of HTTP, and the name the request is for.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Speak TLS, trusting only the CA certificates in this PEM file.
+    #[arg(long, requires = "tls_sni")]
+    tls_ca: Option<PathBuf>,
+    /// The server name sent in the ClientHello and verified in the certificate.
+    #[arg(long, requires = "tls_ca")]
+    tls_sni: Option<String>,
+    /// The `Host` header (default: the target address).
+    #[arg(long)]
+    host: Option<String>,
+}
+
+impl TlsArgs {
+    fn dialer(&self) -> anyhow::Result<Dialer> {
+        match (&self.tls_ca, &self.tls_sni) {
+            (Some(ca), Some(sni)) => Dialer::tls(ca, sni),
+            _ => Ok(Dialer::plain()),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -128,25 +167,42 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Server { ports, bind, workers } => {
+        Command::Server { ports, bind, workers, tls_cert, tls_key } => {
             raise_fd_limit();
-            runtime(workers)?.block_on(server::run(server::ServerConfig { bind, ports }))
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(tls::acceptor(&cert, &key)?),
+                _ => None,
+            };
+            runtime(workers)?.block_on(server::run(server::ServerConfig { bind, ports, tls }))
         }
-        Command::Rate { target, rps, duration, connections, path, warmup, timeout, close_every, threads } => {
-            let config = rate::RateConfig { target, rps, duration, warmup, connections, path, timeout, close_every };
+        Command::Rate { target, rps, duration, connections, path, warmup, timeout, close_every, threads, tls } => {
+            let (dialer, host) = (tls.dialer()?, tls.host);
+            let config = rate::RateConfig {
+                target,
+                rps,
+                duration,
+                warmup,
+                connections,
+                path,
+                timeout,
+                close_every,
+                dialer,
+                host,
+            };
             print(&runtime(threads)?.block_on(rate::run(config))?)
         }
-        Command::Connections { target, duration, concurrency, timeout, rate, threads } => {
-            let config = connections::ConnectionsConfig { target, duration, concurrency, timeout, rate };
+        Command::Connections { target, duration, concurrency, timeout, rate, threads, tls } => {
+            let (dialer, host) = (tls.dialer()?, tls.host);
+            let config = connections::ConnectionsConfig { target, duration, concurrency, timeout, rate, dialer, host };
             print(&runtime(threads)?.block_on(connections::run(config))?)
         }
         Command::Stream { target, bytes, streams, timeout, threads } => {
             let config = stream::StreamConfig { target, bytes, streams, timeout };
             print(&runtime(threads)?.block_on(stream::run(config))?)
         }
-        Command::Hold { targets, count, ready_file, concurrency, threads } => {
+        Command::Hold { targets, count, ready_file, concurrency, threads, tls } => {
             raise_fd_limit();
-            let config = hold::HoldConfig { targets, count, ready_file, concurrency };
+            let config = hold::HoldConfig { targets, count, ready_file, concurrency, dialer: tls.dialer()? };
             print(&runtime(threads)?.block_on(hold::run(config))?)
         }
     }
