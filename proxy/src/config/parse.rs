@@ -143,7 +143,7 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<(Resource
         || (SECURITY.contains(&api_version.as_str())
             && matches!(kind.as_str(), "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"))
         || (NETWORKING.contains(&api_version.as_str())
-            && matches!(kind.as_str(), "VirtualService" | "DestinationRule"));
+            && matches!(kind.as_str(), "VirtualService" | "DestinationRule" | "Gateway"));
     if reads {
         // Before the typed parse, whose complaint about a flattened document (`spec` empty, a
         // field missing) would not say why.
@@ -173,6 +173,9 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<(Resource
         }
         (group, "DestinationRule") if NETWORKING.contains(&group) => {
             checked(Resource::DestinationRule(from_yaml(file, first_line, doc)?))
+        }
+        (group, "Gateway") if NETWORKING.contains(&group) => {
+            checked(Resource::IstioGateway(from_yaml(file, first_line, doc)?))
         }
         (group, "Gateway") if GATEWAY_API.contains(&group) && is_waypoint_gateway(doc) => {
             check_top_level(&meta, &kind, &origin)?;

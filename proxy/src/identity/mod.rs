@@ -4,6 +4,7 @@
 mod ca;
 mod caclient;
 pub mod caller;
+pub mod credentials;
 pub mod caserver;
 pub mod kube_tokens;
 mod renewal;
