@@ -30,9 +30,9 @@ use serde::Deserialize;
 pub use duration::parse_duration;
 pub use networking::{
     ClientTlsSettings, ConnectionPoolSettings, ConsistentHash, DestinationRule, DestinationRuleSpec, DestinationSpec,
-    HeaderOperations, Headers, HttpMatch, HttpRetry, HttpRoute, IstioGateway, IstioGatewaySpec, L4MatchAttributes, LoadBalancerSettings,
-    OutlierDetectionSettings, Percent, RetryOnToken, RouteDestination, SimpleLb, StringMatch, SubsetSpec, TlsMode,
-    TrafficPolicySpec, VirtualService, VirtualServiceSpec,
+    HeaderOperations, Headers, HttpMatch, HttpRetry, HttpRoute, IstioGateway, IstioGatewaySpec, L4MatchAttributes,
+    LoadBalancerSettings, OutlierDetectionSettings, Percent, RetryOnToken, RouteDestination, SimpleLb, StringMatch,
+    SubsetSpec, TlsMode, TrafficPolicySpec, VirtualService, VirtualServiceSpec,
 };
 pub use networking::{ServerHost, ServerPort, ServerProtocol, ServerSpec, ServerTls, ServerTlsMode, TlsVersion};
 pub use parse::parse_file;

@@ -37,7 +37,11 @@ const RECHECK: Duration = Duration::from_millis(500);
 /// Where a credential comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CredentialSource {
-    Files { cert: Option<PathBuf>, key: Option<PathBuf>, ca: Option<PathBuf> },
+    Files {
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        ca: Option<PathBuf>,
+    },
     /// `credentialName`, looked up in the credentials directory.
     Named(String),
 }

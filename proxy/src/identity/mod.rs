@@ -4,8 +4,8 @@
 mod ca;
 mod caclient;
 pub mod caller;
-pub mod credentials;
 pub mod caserver;
+pub mod credentials;
 pub mod kube_tokens;
 mod renewal;
 mod store;

@@ -19,9 +19,7 @@ use serde::Serialize;
 
 use super::{
     Model,
-    routes::{
-        MESH_GATEWAY, TcpRoute, TlsRoute, VirtualService, host_covers, host_matches, host_specificity,
-    },
+    routes::{MESH_GATEWAY, TcpRoute, TlsRoute, VirtualService, host_covers, host_matches, host_specificity},
 };
 use crate::{
     config::{Diagnostic, Located, Origin, Resource, ServerProtocol, ServerTlsMode, TlsVersion},
@@ -119,7 +117,10 @@ pub fn compile_gateways(
                     .hosts
                     .iter()
                     .map(|h| Host {
-                        namespace: h.namespace.as_ref().map(|ns| if ns == "." { namespace.clone() } else { ns.clone() }),
+                        namespace: h
+                            .namespace
+                            .as_ref()
+                            .map(|ns| if ns == "." { namespace.clone() } else { ns.clone() }),
                         host: h.host.clone(),
                     })
                     .collect(),
@@ -219,7 +220,11 @@ fn check_conflicts(gateways: &[Arc<Gateway>], diagnostics: &mut Vec<Diagnostic>)
     }
 }
 
-fn check_bindings(gateways: &[Arc<Gateway>], virtual_services: &[Arc<VirtualService>], diagnostics: &mut Vec<Diagnostic>) {
+fn check_bindings(
+    gateways: &[Arc<Gateway>],
+    virtual_services: &[Arc<VirtualService>],
+    diagnostics: &mut Vec<Diagnostic>,
+) {
     let by_key: HashMap<String, &Arc<Gateway>> = gateways.iter().map(|g| (g.key(), g)).collect();
     for vs in virtual_services {
         for (i, name) in vs.gateways.iter().enumerate().filter(|(_, g)| *g != MESH_GATEWAY) {
@@ -412,10 +417,9 @@ fn tls_route_matches(route: &TlsRoute, gateway: &str, port: u16, sni: &str) -> b
 
 fn tcp_route_matches(route: &TcpRoute, gateway: &str, port: u16) -> bool {
     route.matches.is_empty()
-        || route
-            .matches
-            .iter()
-            .any(|m| (m.gateways.is_empty() || m.gateways.iter().any(|g| g == gateway)) && m.port.is_none_or(|p| p == port))
+        || route.matches.iter().any(|m| {
+            (m.gateways.is_empty() || m.gateways.iter().any(|g| g == gateway)) && m.port.is_none_or(|p| p == port)
+        })
 }
 
 #[cfg(test)]

@@ -244,10 +244,8 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
         // A strait gateway terminates HBONE itself, like a waypoint (GW-3: the two-hop egress).
         let gateway_role = pod.metadata.labels.get(gateways::GATEWAY_POD_LABEL).is_some_and(|v| !v.is_empty());
         // A waypoint speaks HBONE itself; capturing it would loop its traffic (as in Istio).
-        let captured = !host_network
-            && waypoint_role.is_none()
-            && !gateway_role
-            && is_enrolled(&pod.metadata.labels, ns_labels);
+        let captured =
+            !host_network && waypoint_role.is_none() && !gateway_role && is_enrolled(&pod.metadata.labels, ns_labels);
         let workload = Workload {
             name: pod.metadata.name.clone(),
             namespace: namespace.to_owned(),

@@ -165,10 +165,10 @@ impl Check for ServerTls {
                 if self.credential_name.is_some() && files {
                     return Err("set either `credentialName` or `serverCertificate`/`privateKey`, not both".into());
                 }
-                if self.credential_name.is_none() && (self.server_certificate.is_none() || self.private_key.is_none())
-                {
-                    return Err("SIMPLE and MUTUAL need `credentialName`, or both `serverCertificate` and `privateKey`"
-                        .into());
+                if self.credential_name.is_none() && (self.server_certificate.is_none() || self.private_key.is_none()) {
+                    return Err(
+                        "SIMPLE and MUTUAL need `credentialName`, or both `serverCertificate` and `privateKey`".into(),
+                    );
                 }
                 if self.mode == Some(ServerTlsMode::Mutual)
                     && self.credential_name.is_none()
@@ -250,11 +250,14 @@ fn server_host(text: &str) -> Result<ServerHost, String> {
         None | Some("*") => None,
         Some(ns)
             if ns == "."
-                || (!ns.is_empty() && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')) =>
+                || (!ns.is_empty()
+                    && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')) =>
         {
             Some(ns.to_owned())
         }
-        Some(ns) => return Err(format!("`{ns}` in `{text}` is not a namespace; write `ns/host`, `*/host` or `./host`")),
+        Some(ns) => {
+            return Err(format!("`{ns}` in `{text}` is not a namespace; write `ns/host`, `*/host` or `./host`"));
+        }
     };
     Ok(ServerHost { namespace, host: host_name(host)?.to_ascii_lowercase() })
 }

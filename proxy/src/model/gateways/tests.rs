@@ -76,7 +76,8 @@ fn view_selects_by_labels_and_orders_hosts() {
     let view = GatewayView::build(&model, &labels(&[("istio", "ingressgateway"), ("app", "x")]));
     assert_eq!(view.ports.keys().copied().collect::<Vec<_>>(), [80, 443]);
     assert_eq!(view.ports[&443].kind, PortKind::Tls);
-    let names = |host| view.http_candidates(80, host).iter().map(|c| c.virtual_service.name.clone()).collect::<Vec<_>>();
+    let names =
+        |host| view.http_candidates(80, host).iter().map(|c| c.virtual_service.name.clone()).collect::<Vec<_>>();
     assert_eq!(names("exact.example.com"), ["exact", "wild"]);
     assert_eq!(names("b.example.com"), ["wild"]);
     assert!(names("example.org").is_empty());
@@ -179,10 +180,16 @@ spec:
     assert!(warnings.is_empty(), "{warnings:?}");
     let view = GatewayView::build(&model, &BTreeMap::new());
     let server = view.tls_server(443, Some("a.example.com")).expect("server");
-    assert_eq!(view.tls_route(server, 443, "a.example.com").map(|(vs, i)| (vs.name.clone(), i)), Some(("vs".into(), 0)));
+    assert_eq!(
+        view.tls_route(server, 443, "a.example.com").map(|(vs, i)| (vs.name.clone(), i)),
+        Some(("vs".into(), 0))
+    );
     let server = view.tls_server(443, Some("b.example.com")).expect("server");
     assert!(view.tls_route(server, 443, "b.example.com").is_none());
-    assert_eq!(view.tcp_route(31400).map(|(g, vs, i)| (g, vs.name.clone(), i)), Some(("web/g".into(), "tcp".into(), 0)));
+    assert_eq!(
+        view.tcp_route(31400).map(|(g, vs, i)| (g, vs.name.clone(), i)),
+        Some(("web/g".into(), "tcp".into(), 0))
+    );
     assert!(view.tcp_route(443).is_none());
 }
 
