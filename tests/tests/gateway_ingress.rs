@@ -68,7 +68,7 @@ fn start_gateway(topo: &Topology, pod: &Pod, extra: &[&str]) -> io::Result<Proce
     let ca = ca_dir(topo, "ca").to_string_lossy().into_owned();
     let mut args = vec!["gateway", "--config", &config, "--ca-dir", &ca, "--labels", "istio=ingressgateway"];
     args.extend_from_slice(extra);
-    let gw = pod.spawn("gateway", &bin_path("strait"), &args, &[("STRAIT_LOG", "info")])?;
+    let gw = pod.spawn("gateway", bin_path("strait"), &args, &[("STRAIT_LOG", "info")])?;
     let deadline = Instant::now() + TIMEOUT;
     while gw.count_log_lines("strait gateway ready") == 0 {
         if Instant::now() > deadline || !gw.is_running() {

@@ -72,11 +72,16 @@ impl ResolvesServerCert for Fixed {
     }
 }
 
+/// A server: its Gateway (`ns/name`) and index in `servers`.
+type ServerKey = (String, usize);
+/// A configuration and the credential it was built from.
+type Built = (Arc<Credential>, Arc<ServerConfig>);
+
 /// Server configurations, one per server, rebuilt when its credential changed on disk: a
 /// handshake reuses the cached one (its session cache included) while the files stay the same.
 pub struct ServerConfigs {
     credentials: Arc<Credentials>,
-    cache: Mutex<HashMap<(String, usize), (Arc<Credential>, Arc<ServerConfig>)>>,
+    cache: Mutex<HashMap<ServerKey, Built>>,
 }
 
 impl ServerConfigs {

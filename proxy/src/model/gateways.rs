@@ -357,7 +357,7 @@ impl GatewayView {
             }
         }
         // Stable: equally specific VirtualServices keep configuration order.
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|(rank, _)| std::cmp::Reverse(*rank));
         found.into_iter().map(|(_, c)| c).collect()
     }
 
