@@ -323,14 +323,14 @@ mod tests {
     // the resource; the directory still loads.
     #[test]
     fn unimplemented_kinds_warn_once_at_their_kind_line() {
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n# the ingress\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: gw\n  namespace: shop\nspec:\n  selector: {istio: ingressgateway}\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: mesh-default\nspec:\n  accessLogging: [{providers: [{name: envoy}]}]\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {}\n";
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n# the sidecar\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: gw\n  namespace: shop\nspec:\n  workloadSelector: {labels: {app: web}}\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: mesh-default\nspec:\n  accessLogging: [{providers: [{name: envoy}]}]\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {}\n";
         let (r, d) = parse(text);
         assert_eq!(r.len(), 4);
         let lines: Vec<String> = d.iter().map(ToString::to_string).collect();
         assert_eq!(
             lines,
             [
-                "c.yaml:7: warning: field `kind`: Gateway shop/gw: not supported yet; ignored",
+                "c.yaml:7: warning: field `kind`: Sidecar shop/gw: not supported yet; ignored",
                 "c.yaml:15: warning: field `kind`: Telemetry default/mesh-default: not supported yet; ignored (strait's \
                  metrics and access logs are always on, with Istio's names)",
                 "c.yaml:22: warning: field `kind`: Deployment default/web: strait's directory source reads Pods (with \
