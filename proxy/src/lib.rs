@@ -14,6 +14,7 @@ pub mod ctl;
 pub mod demo;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod gateway;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

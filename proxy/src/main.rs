@@ -26,6 +26,9 @@ enum Command {
     Node(Box<NodeArgs>),
     /// Run a namespace's waypoint: the L7 proxy for services labelled istio.io/use-waypoint.
     Waypoint(Box<WaypointArgs>),
+    /// Run an ingress or egress gateway: the listeners of the Istio Gateways selecting --labels.
+    #[command(long_about = GATEWAY_HELP)]
+    Gateway(Box<GatewayArgs>),
     /// Run the mesh's control plane: compile a configuration directory once and serve every
     /// proxy over Istio's delta xDS and CA API (one TLS port, like istiod's 15012).
     Control(Box<ControlArgs>),
@@ -175,6 +178,106 @@ struct WaypointArgs {
     workers: Option<usize>,
     #[command(flatten)]
     http_limits: HttpLimitArgs,
+}
+
+const GATEWAY_HELP: &str = "\
+Run an ingress or egress gateway (GW-1, GW-2): the waypoint's L7 engine behind the listeners
+of every networking.istio.io Gateway whose `selector` matches --labels, from any namespace,
+routing by the VirtualServices bound to them (`gateways: [name]` or `[ns/name]`,
+`match[].gateways` honoured).
+
+Listeners, one per server port (`port.number`, moved by --port-map):
+  HTTP, HTTP2, GRPC   HTTP/1.1 and h2c; Host matched against the servers' hosts and the
+                      VirtualServices' hosts (wildcards allowed); no match -> 404
+  HTTPS / TLS         the ClientHello's SNI picks the server (most specific host wins):
+    SIMPLE              terminate with its certificate, ALPN h2 and http/1.1, then route
+    MUTUAL              the same, and the client must present a certificate signed by the
+                        server's CA (caCertificates, or the credential's ca.crt)
+    PASSTHROUGH         no termination: the bytes go to the `tls[]` route whose
+                        `match[].sniHosts` names the SNI
+  TCP                 spliced to the `tcp[]` route
+  15008 (HBONE)       with --hbone: mutual TLS from mesh proxies; a CONNECT to a server port
+                      (or its mapped port) is served as a connection on that listener. Node
+                      proxies use it for pods labelled strait.io/gateway.
+
+Certificates: `serverCertificate`, `privateKey`, `caCertificates` are file paths (PEM);
+`credentialName: NAME` is read from --credentials DIR laid out like Istio's secrets:
+  DIR/NAME/tls.crt, DIR/NAME/tls.key, DIR/NAME/ca.crt (optional),
+  DIR/NAME-cacert/ca.crt (Istio's separate CA secret; preferred when present).
+Files changed on disk are used for new handshakes within a second; open connections keep
+theirs; a broken file keeps the last good certificate.
+
+Backends: mesh endpoints over HBONE as the gateway's own identity (--service-account in
+--namespace), other pods in plain TCP.
+
+Example (Istio's default ingress maps 80 to 8080 and 443 to 8443):
+  strait gateway --config ./cluster --labels istio=ingressgateway --namespace istio-system \\
+    --port-map 80=8080,443=8443 --credentials ./credentials --ca-dir ./ca";
+
+#[derive(Args)]
+struct GatewayArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Labels of this gateway's pods, `k=v,k2=v2`: Gateways whose selector they satisfy are
+    /// served.
+    #[arg(long, value_parser = parse_labels)]
+    labels: std::collections::BTreeMap<String, String>,
+    /// The gateway's namespace (its identity's).
+    #[arg(long, default_value = "istio-system")]
+    namespace: String,
+    /// The gateway's name, in logs (default: the first label's value, e.g. ingressgateway).
+    #[arg(long)]
+    name: Option<String>,
+    /// Service account whose identity the gateway holds (default: istio-<name>).
+    #[arg(long)]
+    service_account: Option<String>,
+    /// Server port to listening port, `80=8080,443=8443`.
+    #[arg(long, value_parser = parse_port_map, default_value = "")]
+    port_map: std::collections::BTreeMap<u16, u16>,
+    /// Directory of named credentials (`credentialName`), see above.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Also listen for HBONE on 15008.
+    #[arg(long)]
+    hbone: bool,
+    #[command(flatten)]
+    operator: OperatorArgs,
+    #[command(flatten)]
+    identity: IdentityArgs,
+    /// `server` header set on responses that carry none; an empty value sets none.
+    #[arg(long, default_value = "istio-envoy")]
+    server_header: String,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    #[command(flatten)]
+    limits: ListenerArgs,
+    /// Data-plane worker threads (default: half the CPUs, at least one).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[command(flatten)]
+    http_limits: HttpLimitArgs,
+}
+
+fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    text.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            _ => Err(format!("`{pair}` is not key=value")),
+        })
+        .collect()
+}
+
+fn parse_port_map(text: &str) -> Result<std::collections::BTreeMap<u16, u16>, String> {
+    text.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (from, to) = pair.split_once('=').ok_or_else(|| format!("`{pair}` is not PORT=PORT"))?;
+            let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or(format!("`{p}` is not a port"));
+            Ok((port(from)?, port(to)?))
+        })
+        .collect()
 }
 
 #[derive(Args)]
@@ -364,6 +467,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Node(args) => run_node(*args, logging),
         Command::Waypoint(args) => run_waypoint(*args, logging),
+        Command::Gateway(args) => run_gateway(*args, logging),
         Command::Control(args) => run_control(*args),
         Command::Demo => strait::demo::run(),
         Command::Ctl(command) => strait::ctl::run(command),
@@ -437,6 +541,44 @@ fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
         },
         max_open_files: args.limits.max_open_files,
         http_limits: args.http_limits.limits(),
+    }))
+}
+
+fn run_gateway(args: GatewayArgs, logging: LogControl) -> anyhow::Result<()> {
+    let rt = runtime(args.workers)?;
+    let (endpoints, access_log_format) = (args.operator.endpoints(), args.operator.format());
+    let (trust_domain, cert_ttl) = (args.identity.trust_domain.clone(), args.identity.cert_ttl);
+    let source = args.source.source(&args.identity)?;
+    let ca = args.identity.ca(None, args.source.xds_address.as_deref())?;
+    let name = args.name.or_else(|| args.labels.values().next().cloned()).unwrap_or_else(|| "gateway".into());
+    let base = strait::waypoint::WaypointOptions {
+        source,
+        service_account: args.service_account.unwrap_or_else(|| format!("istio-{name}")),
+        name,
+        namespace: args.namespace,
+        trust_domain,
+        ca,
+        cert_ttl,
+        endpoints,
+        access_log_format,
+        access_log: args.operator.access_log,
+        logging: Some(logging),
+        server_header: Some(args.server_header).filter(|s| !s.is_empty()),
+        drain_timeout: args.drain_timeout,
+        limits: LimitSettings {
+            handshakes_per_source: args.limits.hbone_handshakes_per_source,
+            handshakes: args.limits.hbone_handshakes,
+            ..Default::default()
+        },
+        max_open_files: args.limits.max_open_files,
+        http_limits: args.http_limits.limits(),
+    };
+    rt.block_on(strait::gateway::run(strait::gateway::GatewayOptions {
+        base,
+        labels: args.labels,
+        port_map: args.port_map,
+        credentials: args.credentials,
+        hbone: args.hbone,
     }))
 }
 

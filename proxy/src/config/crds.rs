@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::schema::crd_schema;
 use super::{
-    AuthorizationPolicySpec, DestinationRuleSpec, PeerAuthenticationSpec, RequestAuthenticationSpec, VirtualServiceSpec,
+    AuthorizationPolicySpec, DestinationRuleSpec, IstioGatewaySpec, PeerAuthenticationSpec, RequestAuthenticationSpec, VirtualServiceSpec,
 };
 
 /// Written at the top of every generated file.
@@ -115,7 +115,7 @@ fn kinds() -> Vec<IstioKind> {
             kind: "Gateway",
             plural: "gateways",
             short_names: &["gw"],
-            spec: unread("ingress and egress gateways are configured with the Gateway API"),
+            spec: crd_schema::<IstioGatewaySpec>(),
         },
         IstioKind {
             group: networking,

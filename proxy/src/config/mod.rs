@@ -30,10 +30,11 @@ use serde::Deserialize;
 pub use duration::parse_duration;
 pub use networking::{
     ClientTlsSettings, ConnectionPoolSettings, ConsistentHash, DestinationRule, DestinationRuleSpec, DestinationSpec,
-    HeaderOperations, Headers, HttpMatch, HttpRetry, HttpRoute, L4MatchAttributes, LoadBalancerSettings,
-    OutlierDetectionSettings, Percent, RetryOnToken, RouteDestination, SimpleLb, StringMatch, SubsetSpec, TlsMode,
-    TrafficPolicySpec, VirtualService, VirtualServiceSpec,
+    HeaderOperations, Headers, HttpMatch, HttpRetry, HttpRoute, IstioGateway, IstioGatewaySpec, L4MatchAttributes,
+    LoadBalancerSettings, OutlierDetectionSettings, Percent, RetryOnToken, RouteDestination, SimpleLb, StringMatch,
+    SubsetSpec, TlsMode, TrafficPolicySpec, VirtualService, VirtualServiceSpec,
 };
+pub use networking::{ServerHost, ServerPort, ServerProtocol, ServerSpec, ServerTls, ServerTlsMode, TlsVersion};
 pub use parse::parse_file;
 pub use positions::locate;
 pub use security::{
@@ -144,6 +145,8 @@ pub enum Resource {
     DestinationRule(DestinationRule),
     /// Only of a waypoint class: other Gateways are `Other` until GWAPI-1.
     Gateway(Gateway),
+    /// `networking.istio.io` Gateway: the listeners of ingress and egress gateways (GW-1).
+    IstioGateway(IstioGateway),
     Other {
         api_version: String,
         kind: String,
@@ -176,6 +179,8 @@ impl Resource {
             Resource::VirtualService(r) => ("VirtualService", &r.metadata),
             Resource::DestinationRule(r) => ("DestinationRule", &r.metadata),
             Resource::Gateway(r) => ("Gateway", &r.metadata),
+            // Not `Gateway`: a Gateway API Gateway of the same name is another resource.
+            Resource::IstioGateway(r) => ("networking.istio.io/Gateway", &r.metadata),
             Resource::Other { .. } => return None,
         };
         Some((kind, meta.namespace_or_default(), &meta.name))

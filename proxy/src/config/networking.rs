@@ -1,5 +1,5 @@
 //! Istio's traffic resources (`networking.istio.io/v1alpha3|v1beta1|v1`) as users write them:
-//! VirtualService (L7-2, L7-3, L7-5..L7-8) and DestinationRule (L7-4).
+//! VirtualService (L7-2, L7-3, L7-5..L7-8), DestinationRule (L7-4) and Gateway (GW-1, GW-2).
 //!
 //! As in `security.rs`, unknown fields are rejected and values whose form the schema fixes
 //! (durations, percentages, statuses, regexes, enum names, header names) are checked while
@@ -48,12 +48,17 @@ macro_rules! checked {
 }
 
 mod destination_rule;
+mod gateway;
 mod resilience;
 mod virtual_service;
 
 pub use destination_rule::{
     ClientTlsSettings, ConnectionPoolSettings, ConsistentHash, DestinationRule, DestinationRuleSpec,
     LoadBalancerSettings, OutlierDetectionSettings, SimpleLb, SubsetSpec, TlsMode, TrafficPolicySpec,
+};
+pub use gateway::{
+    IstioGateway, IstioGatewaySpec, ServerHost, ServerPort, ServerProtocol, ServerSpec, ServerTls, ServerTlsMode,
+    TlsVersion,
 };
 pub use resilience::{HttpRetry, RetryOnToken};
 pub use virtual_service::{

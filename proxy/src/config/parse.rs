@@ -143,7 +143,7 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<(Resource
         || (SECURITY.contains(&api_version.as_str())
             && matches!(kind.as_str(), "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"))
         || (NETWORKING.contains(&api_version.as_str())
-            && matches!(kind.as_str(), "VirtualService" | "DestinationRule"));
+            && matches!(kind.as_str(), "VirtualService" | "DestinationRule" | "Gateway"));
     if reads {
         // Before the typed parse, whose complaint about a flattened document (`spec` empty, a
         // field missing) would not say why.
@@ -173,6 +173,9 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<(Resource
         }
         (group, "DestinationRule") if NETWORKING.contains(&group) => {
             checked(Resource::DestinationRule(from_yaml(file, first_line, doc)?))
+        }
+        (group, "Gateway") if NETWORKING.contains(&group) => {
+            checked(Resource::IstioGateway(from_yaml(file, first_line, doc)?))
         }
         (group, "Gateway") if GATEWAY_API.contains(&group) && is_waypoint_gateway(doc) => {
             check_top_level(&meta, &kind, &origin)?;
@@ -320,14 +323,14 @@ mod tests {
     // the resource; the directory still loads.
     #[test]
     fn unimplemented_kinds_warn_once_at_their_kind_line() {
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n# the ingress\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: gw\n  namespace: shop\nspec:\n  selector: {istio: ingressgateway}\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: mesh-default\nspec:\n  accessLogging: [{providers: [{name: envoy}]}]\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {}\n";
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n# the sidecar\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: gw\n  namespace: shop\nspec:\n  workloadSelector: {labels: {app: web}}\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: mesh-default\nspec:\n  accessLogging: [{providers: [{name: envoy}]}]\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {}\n";
         let (r, d) = parse(text);
         assert_eq!(r.len(), 4);
         let lines: Vec<String> = d.iter().map(ToString::to_string).collect();
         assert_eq!(
             lines,
             [
-                "c.yaml:7: warning: field `kind`: Gateway shop/gw: not supported yet; ignored",
+                "c.yaml:7: warning: field `kind`: Sidecar shop/gw: not supported yet; ignored",
                 "c.yaml:15: warning: field `kind`: Telemetry default/mesh-default: not supported yet; ignored (strait's \
                  metrics and access logs are always on, with Istio's names)",
                 "c.yaml:22: warning: field `kind`: Deployment default/web: strait's directory source reads Pods (with \

@@ -5,6 +5,7 @@ mod ca;
 mod caclient;
 pub mod caller;
 pub mod caserver;
+pub mod credentials;
 pub mod kube_tokens;
 mod renewal;
 mod store;

@@ -94,6 +94,9 @@ pub enum Target {
     Service { service: Arc<Service>, port: u16 },
     /// A pod's IP and port.
     Workload { workload: Arc<Workload>, port: u16 },
+    /// A gateway's server port (`port.number`, GW-1): requests are routed by Host among the
+    /// VirtualServices bound to the Gateways served there, as `view` has them now.
+    Gateway { port: u16, view: tokio::sync::watch::Receiver<Arc<crate::model::gateways::GatewayView>> },
 }
 
 impl Target {
@@ -104,19 +107,20 @@ impl Target {
                 SocketAddr::new(service.vip.unwrap_or(IpAddr::from([0, 0, 0, 0])), *port)
             }
             Target::Workload { workload, port } => SocketAddr::new(workload.ip, *port),
+            Target::Gateway { port, .. } => SocketAddr::new(IpAddr::from([0, 0, 0, 0]), *port),
         }
     }
 
     pub fn port(&self) -> u16 {
         match self {
-            Target::Service { port, .. } | Target::Workload { port, .. } => *port,
+            Target::Service { port, .. } | Target::Workload { port, .. } | Target::Gateway { port, .. } => *port,
         }
     }
 
     pub fn service(&self) -> Option<&Arc<Service>> {
         match self {
             Target::Service { service, .. } => Some(service),
-            Target::Workload { .. } => None,
+            Target::Workload { .. } | Target::Gateway { .. } => None,
         }
     }
 }

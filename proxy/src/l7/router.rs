@@ -29,6 +29,7 @@ use crate::{
     authz::{self, Connection, HttpRequest},
     model::{
         Model,
+        gateways::HttpCandidate,
         routes::{AbortStatus, Destination, HttpRoute, Percentage, RouteAction},
     },
     telemetry::RequestRecord,
@@ -203,35 +204,39 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: RequestBod
     let jwt = authenticate(x, parts)?;
     authorize(x, parts, jwt.as_deref())?;
 
-    let model = x.model.clone();
-    let (route, matched) = match x.down.target.service().and_then(|s| model.routing.mesh_routes_for(&s.hostname)) {
-        Some(vs) => {
-            let path = parts.uri.path();
-            let view = RequestView {
-                path,
-                query: parts.uri.query(),
-                method: parts.method.as_str(),
-                authority: authority(parts),
-                scheme: "http",
-                headers: &parts.headers,
-                port: x.down.target.port(),
-                source_labels: x.down.source_workload.as_ref().map(|w| &w.labels),
-                source_namespace: x.down.identity.as_ref().map(|i| i.namespace.as_str()),
-                gateway: &x.ctx.gateway,
-            };
-            let Some((route, matched)) = select_route(vs, &view) else {
-                return Err(Local::new(StatusCode::NOT_FOUND, "")
-                    .flagged(ResponseFlags::NR)
-                    .because(format!("no route of VirtualService {} matches", vs.key())));
-            };
-            x.record.route = Some(match &route.name {
-                Some(name) => format!("{}:{name}", vs.key()),
-                None => vs.key(),
-            });
-            (route, matched)
-        }
+    let candidates = match candidates(x, parts) {
+        Some(found) => found,
         None => return forward_default(x, parts, body).await,
     };
+    let view = RequestView {
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        method: parts.method.as_str(),
+        authority: authority(parts),
+        scheme: "http",
+        headers: &parts.headers,
+        port: x.down.target.port(),
+        source_labels: x.down.source_workload.as_ref().map(|w| &w.labels),
+        source_namespace: x.down.identity.as_ref().map(|i| i.namespace.as_str()),
+        gateway: &x.ctx.gateway,
+    };
+    let selected = candidates.iter().find_map(|c| {
+        let view = RequestView { gateway: &c.gateway, ..view };
+        select_route(&c.virtual_service, &view).map(|(route, matched)| (&c.virtual_service, route, matched))
+    });
+    let Some((vs, route, matched)) = selected else {
+        let names: Vec<String> = candidates.iter().map(|c| c.virtual_service.key()).collect();
+        let reason = if names.is_empty() {
+            format!("no VirtualService of the gateway serves host `{}`", host_of(view.authority))
+        } else {
+            format!("no route of VirtualService {} matches", names.join(", "))
+        };
+        return Err(Local::new(StatusCode::NOT_FOUND, "").flagged(ResponseFlags::NR).because(reason));
+    };
+    x.record.route = Some(match &route.name {
+        Some(name) => format!("{}:{name}", vs.key()),
+        None => vs.key(),
+    });
 
     let destinations = match &route.action {
         RouteAction::DirectResponse { status, body } => {
@@ -267,6 +272,32 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: RequestBod
     Ok(forwarded)
 }
 
+/// The VirtualServices that may route the request, each with the gateway it is bound through:
+/// at a waypoint the one of the target service (`None`: there is none, go straight to the
+/// service); at a gateway those bound to the servers of the port that serve the Host (GW-1), or
+/// a 404 when none does.
+fn candidates(x: &mut Exchange, parts: &Parts) -> Option<Vec<HttpCandidate>> {
+    match &x.down.target {
+        Target::Gateway { port, view } => {
+            let host = host_of(authority(parts));
+            Some(view.borrow().http_candidates(*port, &host))
+        }
+        target => {
+            let vs = target.service().and_then(|s| x.model.routing.mesh_routes_for(&s.hostname))?;
+            Some(vec![HttpCandidate { gateway: x.ctx.gateway.clone(), virtual_service: vs.clone() }])
+        }
+    }
+}
+
+/// The host of a Host header, lower case, without its port.
+fn host_of(authority: &str) -> String {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.rsplit_once(':').map_or(authority, |(host, _)| host),
+    };
+    host.to_ascii_lowercase()
+}
+
 /// Traffic to a service without a VirtualService (or to a pod): straight to its endpoints.
 async fn forward_default(x: &mut Exchange, parts: &mut Parts, body: RequestBody) -> Result<Forwarded, Local> {
     let replay = if body.is_end_stream() {
@@ -282,6 +313,9 @@ async fn forward_default(x: &mut Exchange, parts: &mut Parts, body: RequestBody)
             forward::resolve(x, &destination)?
         }
         Target::Workload { workload, port } => x.ctx.upstreams.workload_cluster(&x.model, workload, *port),
+        Target::Gateway { .. } => {
+            return Err(Local::new(StatusCode::NOT_FOUND, "").flagged(ResponseFlags::NR).because("no route"));
+        }
     };
     forward::forward(x, cluster, request, replay, None, timeout).await
 }

@@ -19,6 +19,7 @@ use crate::{
     identity::Identity,
 };
 
+pub mod gateways;
 pub mod reload;
 pub mod routes;
 mod security;
@@ -111,6 +112,8 @@ pub struct Model {
     pub security: Security,
     /// VirtualServices and DestinationRules.
     pub routing: Routing,
+    /// Istio Gateways (`networking.istio.io`), in file order (GW-1).
+    pub gateways: Vec<Arc<gateways::Gateway>>,
     /// Waypoints and their pods, by name.
     #[serde(serialize_with = "waypoint_list")]
     pub waypoints: HashMap<WaypointName, Arc<Waypoint>>,
@@ -238,8 +241,11 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
             .collect();
         pod_ports.insert((namespace.to_owned(), pod.metadata.name.clone()), named_ports);
         let waypoint_role = waypoints::waypoint_of_pod(namespace, &pod.metadata.labels);
+        // A strait gateway terminates HBONE itself, like a waypoint (GW-3: the two-hop egress).
+        let gateway_role = pod.metadata.labels.get(gateways::GATEWAY_POD_LABEL).is_some_and(|v| !v.is_empty());
         // A waypoint speaks HBONE itself; capturing it would loop its traffic (as in Istio).
-        let captured = !host_network && waypoint_role.is_none() && is_enrolled(&pod.metadata.labels, ns_labels);
+        let captured =
+            !host_network && waypoint_role.is_none() && !gateway_role && is_enrolled(&pod.metadata.labels, ns_labels);
         let workload = Workload {
             name: pod.metadata.name.clone(),
             namespace: namespace.to_owned(),
@@ -251,7 +257,11 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
             captured,
             // Captured pods are reached over HBONE through their node's proxy; waypoints
             // terminate HBONE themselves.
-            protocol: if captured || waypoint_role.is_some() { WorkloadProtocol::Hbone } else { WorkloadProtocol::Tcp },
+            protocol: if captured || waypoint_role.is_some() || gateway_role {
+                WorkloadProtocol::Hbone
+            } else {
+                WorkloadProtocol::Tcp
+            },
             waypoint: waypoint_role
                 .is_none()
                 .then(|| waypoints::waypoint_for(namespace, &pod.metadata.labels, ns_labels))
@@ -287,6 +297,7 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
         model.workloads.push(workload);
     }
     model.routing = routes::compile_routing(resources, &model.services, &mut diagnostics);
+    model.gateways = gateways::compile_gateways(resources, &model.routing.virtual_services, &mut diagnostics);
     model.security = security::compile_security(resources, &model.workloads, &options.root_namespace, &mut diagnostics);
     for service in &model.services {
         model.services_by_host.insert(service.hostname.clone(), service.clone());

@@ -37,15 +37,20 @@ use crate::{
 /// server-first protocol waits for the server to speak).
 const DETECTION_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// Serves one HBONE connection from a node proxy (or another waypoint or gateway).
-pub async fn serve_connection(
+/// Serves one HBONE connection from a node proxy (or another waypoint or gateway); each
+/// CONNECT stream goes to `handle` (`handle_stream` at a waypoint).
+pub async fn serve_connection<F, Fut>(
     ctx: Arc<WaypointContext>,
     certs: Arc<CertStore>,
     identity: Identity,
     tcp: TcpStream,
     peer: SocketAddr,
     admission: Option<Pass>,
-) {
+    handle: F,
+) where
+    F: Fn(Arc<WaypointContext>, InboundStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let _ = tcp.set_nodelay(true);
     let settings = match certs.get(&identity).await {
         Ok(s) => s,
@@ -61,7 +66,7 @@ pub async fn serve_connection(
         peer,
         settings.server.clone(),
         admission,
-        move |stream| handle_stream(stream_ctx.clone(), stream),
+        move |stream| handle(stream_ctx.clone(), stream),
         drain,
     )
     .await;

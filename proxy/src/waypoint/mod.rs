@@ -100,95 +100,114 @@ impl Drop for ActiveStream {
     }
 }
 
-pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
-    let fd_limit = sys::set_fd_limit(options.max_open_files);
-    let limits = options.limits.resolve(fd_limit);
-    let name = WaypointName { namespace: options.namespace.clone(), name: options.name.clone() };
-    let identity = Identity::new(&options.trust_domain, &options.namespace, &options.service_account);
-    // The waypoint's own certificate, once held, authenticates it to the control plane.
-    let own_cert = matches!(options.source, ConfigSource::ControlPlane(_)).then(|| Arc::new(ClientCertSlot::default()));
-    let certs = CertStore::new(certificate_provider(&options, own_cert.clone()).await?, options.cert_ttl);
-    let tls = certs.get(&identity).await.with_context(|| format!("cannot obtain a certificate for {identity}"))?;
-    let (model, xds) = match &options.source {
-        ConfigSource::Directory { dir, empty_config_hold } => {
-            (model::reload::load_and_watch(dir, *empty_config_hold)?, None)
-        }
-        ConfigSource::ControlPlane(control_plane) => {
-            let slot = own_cert.unwrap_or_default();
-            slot.set(&tls.cert)?;
-            tokio::spawn(keep_client_cert(certs.clone(), identity.clone(), slot.clone()));
-            let client = control_plane.client_options(
-                xds_node(&name),
-                &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL],
-                Some(slot),
-            );
-            info!(address = %control_plane.address, "waiting for the configuration from the control plane");
-            let (model, status) = crate::xds::client::follow(client, &options.trust_domain).await?;
-            (model, Some(status))
-        }
-    };
-    drop(tls);
-    if model.current().waypoint(&name).is_none() {
-        warn!(
-            waypoint = %name,
-            "no pod of the configuration runs this waypoint (label gateway.networking.k8s.io/gateway-name={}): \
-             node proxies will not send it traffic",
-            name.name
-        );
+/// What a waypoint and a gateway start alike (GW-1: a gateway is this engine behind other
+/// listeners): identity and certificates, the configuration, telemetry, the L7 engine, the
+/// operator endpoints.
+pub(crate) struct Engine {
+    pub ctx: Arc<WaypointContext>,
+    pub certs: Arc<CertStore>,
+    pub identity: Identity,
+    pub gate: Arc<Gate>,
+    pub ready: Readiness,
+    pub drain_tx: tokio::sync::watch::Sender<bool>,
+    pub fd_limit: u64,
+}
+
+impl Engine {
+    /// Starts everything but the listeners; `reporter` and `gateway` are the L7 engine's.
+    pub(crate) async fn start(
+        options: &WaypointOptions,
+        reporter: Reporter,
+        gateway: String,
+    ) -> anyhow::Result<Engine> {
+        let fd_limit = sys::set_fd_limit(options.max_open_files);
+        let limits = options.limits.resolve(fd_limit);
+        let name = WaypointName { namespace: options.namespace.clone(), name: options.name.clone() };
+        let identity = Identity::new(&options.trust_domain, &options.namespace, &options.service_account);
+        // The proxy's own certificate, once held, authenticates it to the control plane.
+        let own_cert =
+            matches!(options.source, ConfigSource::ControlPlane(_)).then(|| Arc::new(ClientCertSlot::default()));
+        let certs = CertStore::new(certificate_provider(options, own_cert.clone()).await?, options.cert_ttl);
+        let tls = certs.get(&identity).await.with_context(|| format!("cannot obtain a certificate for {identity}"))?;
+        let (model, xds) = match &options.source {
+            ConfigSource::Directory { dir, empty_config_hold } => {
+                (model::reload::load_and_watch(dir, *empty_config_hold)?, None)
+            }
+            ConfigSource::ControlPlane(control_plane) => {
+                let slot = own_cert.unwrap_or_default();
+                slot.set(&tls.cert)?;
+                tokio::spawn(keep_client_cert(certs.clone(), identity.clone(), slot.clone()));
+                let client = control_plane.client_options(
+                    xds_node(&name),
+                    &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL],
+                    Some(slot),
+                );
+                info!(address = %control_plane.address, "waiting for the configuration from the control plane");
+                let (model, status) = crate::xds::client::follow(client, &options.trust_domain).await?;
+                (model, Some(status))
+            }
+        };
+        drop(tls);
+
+        let access_log = AccessLog::open(options.access_log_format, options.access_log.as_deref())?;
+        let mut metrics = MetricsRegistry::new();
+        let requests = metrics.register_requests();
+        let gate = Gate::new("hbone", limits.handshakes);
+        metrics.register(admission::refusal_counters(vec![gate.clone()]));
+        metrics.register(crate::hbone::server::handshake_failure_counters());
+        let telemetry = Telemetry::new(access_log, metrics.traffic());
+        let upstreams = Upstreams::new(Connector {
+            hbone: HbonePool::unmarked(certs.clone()),
+            identity: identity.clone(),
+            trust_domain: options.trust_domain.clone(),
+        });
+        let server_header = match &options.server_header {
+            Some(v) => {
+                Some(HeaderValue::from_str(v).map_err(|_| anyhow!("--server-header `{v}` is not a header value"))?)
+            }
+            None => None,
+        };
+        let authn = Authn::start(model.clone(), name.clone()).await;
+        let (drain_tx, drain) = tokio::sync::watch::channel(false);
+        let l7 = Arc::new(L7Context {
+            model: model.clone(),
+            upstreams,
+            authn,
+            telemetry: RequestTelemetry::new(telemetry.access_log(), requests),
+            reporter,
+            gateway,
+            waypoint: name.clone(),
+            server_header,
+            drain,
+            limits: options.http_limits,
+            body_budget: BodyBudget::new(options.http_limits.body_buffer_budget),
+        });
+        let ctx = Arc::new(WaypointContext {
+            name,
+            trust_domain: options.trust_domain.clone(),
+            model: model.clone(),
+            l7: l7.clone(),
+            telemetry,
+            active_streams: Arc::default(),
+        });
+        tokio::spawn(forget_removed_destinations(ctx.clone()));
+        let ready = serve_operator_endpoints(options, &model, &certs, metrics, &l7, xds).await?;
+        Ok(Engine { ctx, certs, identity, gate, ready, drain_tx, fd_limit })
     }
 
-    let access_log = AccessLog::open(options.access_log_format, options.access_log.as_deref())?;
-    let mut metrics = MetricsRegistry::new();
-    let requests = metrics.register_requests();
-    let gate = Gate::new("hbone", limits.handshakes);
-    metrics.register(admission::refusal_counters(vec![gate.clone()]));
-    metrics.register(crate::hbone::server::handshake_failure_counters());
-    let telemetry = Telemetry::new(access_log, metrics.traffic());
-    let upstreams = Upstreams::new(Connector {
-        hbone: HbonePool::unmarked(certs.clone()),
-        identity: identity.clone(),
-        trust_domain: options.trust_domain.clone(),
-    });
-    let server_header = match &options.server_header {
-        Some(v) => Some(HeaderValue::from_str(v).map_err(|_| anyhow!("--server-header `{v}` is not a header value"))?),
-        None => None,
-    };
-    let authn = Authn::start(model.clone(), name.clone()).await;
-    let (drain_tx, drain) = tokio::sync::watch::channel(false);
-    let l7 = Arc::new(L7Context {
-        model: model.clone(),
-        upstreams,
-        authn,
-        telemetry: RequestTelemetry::new(telemetry.access_log(), requests),
-        reporter: Reporter::Waypoint,
-        gateway: model::routes::MESH_GATEWAY.to_owned(),
-        waypoint: name.clone(),
-        server_header,
-        drain,
-        limits: options.http_limits,
-        body_budget: BodyBudget::new(options.http_limits.body_buffer_budget),
-    });
-    let ctx = Arc::new(WaypointContext {
-        name: name.clone(),
-        trust_domain: options.trust_domain.clone(),
-        model: model.clone(),
-        l7: l7.clone(),
-        telemetry,
-        active_streams: Arc::default(),
-    });
-    tokio::spawn(forget_removed_destinations(ctx.clone()));
-    let ready = serve_operator_endpoints(&options, &model, &certs, metrics, &l7, xds).await?;
-
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for HBONE on {addr} (is another proxy running in this pod?)"))?;
-    ready.set_ready();
-    info!(waypoint = %name, %identity, "strait waypoint ready on port {HBONE_PORT} (open-file limit {fd_limit})");
-
-    let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
-    let accept = {
-        let (ctx, certs, identity, gate) = (ctx.clone(), certs.clone(), identity.clone(), gate.clone());
+    /// Serves HBONE on `listener` (peer identity verified), each CONNECT stream to `handle`.
+    pub(crate) fn serve_hbone<F, Fut>(
+        &self,
+        listener: tokio::net::TcpListener,
+        accepting: tokio::sync::watch::Receiver<bool>,
+        handle: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Arc<WaypointContext>, crate::hbone::server::InboundStream) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (ctx, certs, identity, gate) =
+            (self.ctx.clone(), self.certs.clone(), self.identity.clone(), self.gate.clone());
         tokio::spawn(async move {
             admission::accept_loop("HBONE", &listener, Some(&gate), accepting, |stream, peer, pass| {
                 tokio::spawn(inbound::serve_connection(
@@ -198,37 +217,73 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
                     stream,
                     peer,
                     pass,
+                    handle.clone(),
                 ));
             })
             .await;
         })
-    };
-    let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
     }
-    let _ = stop_accepting.send(true);
-    let _ = accept.await;
-    // Graceful drain: no new connections (the accept loop ended with the listener), GOAWAY on
-    // open ones, HTTP connections close after their request; what is in flight may finish,
-    // for a while.
-    ready.set_not_ready();
-    let _ = drain_tx.send(true);
-    let deadline = std::time::Instant::now() + options.drain_timeout;
-    let active = || ctx.active_streams.load(std::sync::atomic::Ordering::Acquire);
-    if active() > 0 {
-        info!(
-            streams = active(),
-            "draining: waiting for open streams to finish (--drain-timeout {:?})", options.drain_timeout
+
+    /// Runs until SIGTERM or SIGINT, then drains: `stop_accepting` ends the accept loops
+    /// (`accepts`), open connections get GOAWAY or close after their request, and what is in
+    /// flight may finish for `drain_timeout`.
+    pub(crate) async fn run_until_signal(
+        self,
+        stop_accepting: tokio::sync::watch::Sender<bool>,
+        accepts: Vec<tokio::task::JoinHandle<()>>,
+        drain_timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        let _ = stop_accepting.send(true);
+        for accept in accepts {
+            let _ = accept.await;
+        }
+        self.ready.set_not_ready();
+        let _ = self.drain_tx.send(true);
+        let deadline = std::time::Instant::now() + drain_timeout;
+        let active = || self.ctx.active_streams.load(std::sync::atomic::Ordering::Acquire);
+        if active() > 0 {
+            info!(
+                streams = active(),
+                "draining: waiting for open streams to finish (--drain-timeout {drain_timeout:?})"
+            );
+        }
+        while active() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        info!(left = active(), "shutting down");
+        Ok(())
+    }
+}
+
+pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
+    let engine = Engine::start(&options, Reporter::Waypoint, model::routes::MESH_GATEWAY.to_owned()).await?;
+    let name = engine.ctx.name.clone();
+    if engine.ctx.model.current().waypoint(&name).is_none() {
+        warn!(
+            waypoint = %name,
+            "no pod of the configuration runs this waypoint (label gateway.networking.k8s.io/gateway-name={}): \
+             node proxies will not send it traffic",
+            name.name
         );
     }
-    while active() > 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    info!(left = active(), "shutting down");
-    Ok(())
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for HBONE on {addr} (is another proxy running in this pod?)"))?;
+    engine.ready.set_ready();
+    info!(
+        waypoint = %name, identity = %engine.identity,
+        "strait waypoint ready on port {HBONE_PORT} (open-file limit {})", engine.fd_limit
+    );
+    let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
+    let accept = engine.serve_hbone(listener, accepting, inbound::handle_stream);
+    engine.run_until_signal(stop_accepting, vec![accept], options.drain_timeout).await
 }
 
 async fn certificate_provider(

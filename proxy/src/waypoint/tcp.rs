@@ -114,6 +114,7 @@ fn decide(ctx: &WaypointContext, model: &Model, down: &Downstream) -> Result<Arc
     let service = match &down.target {
         Target::Workload { workload, port } => return Ok(upstreams.workload_cluster(model, workload, *port)),
         Target::Service { service, .. } => service,
+        Target::Gateway { .. } => return Err((StatusCode::BAD_REQUEST, "not a waypoint target".into())),
     };
     let port = down.target.port();
     let routes = model.routing.mesh_routes_for(&service.hostname).map(|vs| vs.tcp.as_slice()).unwrap_or_default();

@@ -67,7 +67,7 @@ impl<'a> KnownHosts<'a> {
 
 /// Whether `pattern` (an FQDN, `*.suffix` or `*`) matches the concrete host `host`. A wildcard
 /// covers any number of labels, as in Istio: `*.example.com` matches `a.b.example.com`.
-pub(super) fn matches(pattern: &str, host: &str) -> bool {
+pub(crate) fn matches(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix('*') {
         Some("") => true,
         Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
@@ -76,7 +76,7 @@ pub(super) fn matches(pattern: &str, host: &str) -> bool {
 }
 
 /// Whether every host `inner` matches is matched by `outer` too (both may be wildcards).
-pub(super) fn covers(outer: &str, inner: &str) -> bool {
+pub(crate) fn covers(outer: &str, inner: &str) -> bool {
     match (outer.strip_prefix('*'), inner.strip_prefix('*')) {
         (Some(""), _) => true,
         (Some(outer), Some(inner)) => inner.ends_with(outer),
@@ -87,7 +87,7 @@ pub(super) fn covers(outer: &str, inner: &str) -> bool {
 
 /// How specific a host pattern is, for "exact beats wildcard, longer wildcard beats shorter":
 /// greater is more specific.
-pub(super) fn specificity(pattern: &str) -> (bool, usize) {
+pub(crate) fn specificity(pattern: &str) -> (bool, usize) {
     (!pattern.starts_with('*'), pattern.len())
 }
 

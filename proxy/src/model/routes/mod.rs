@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::config::Origin;
 
 pub use compile::compile_routing;
+pub(crate) use hosts::{covers as host_covers, matches as host_matches, specificity as host_specificity};
 
 /// The gateway name that means "traffic inside the mesh" (the waypoint's).
 pub const MESH_GATEWAY: &str = "mesh";

@@ -20,9 +20,11 @@ fn compile_yaml(yaml: &str) -> (Model, Vec<Diagnostic>) {
     compile(&resources)
 }
 
-/// Compiles `yaml` and fails the test on any diagnostic at all.
+/// Compiles `yaml` and fails the test on any diagnostic at all, but for Gateways missing: the
+/// seeds' VirtualServices are tested here without their Gateways (`model::gateways` has those).
 fn compile_clean(yaml: &str) -> Model {
-    let (model, d) = compile_yaml(yaml);
+    let (model, mut d) = compile_yaml(yaml);
+    d.retain(|d| !(d.message.starts_with("Gateway ") && d.message.contains(" does not exist")));
     assert!(d.is_empty(), "{}", d.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
     model
 }

@@ -483,7 +483,8 @@ spec:
           number: 443
 ";
     let (model, d) = super::compile_yaml(&[namespace("default"), yaml.to_owned()].concat());
-    let hosts: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    let hosts: Vec<&str> =
+        d.iter().map(|d| d.message.as_str()).filter(|m| !m.starts_with("Gateway default/proxy")).collect();
     assert_eq!(
         hosts,
         [
@@ -508,6 +509,22 @@ fn gateway_paths_with_rewrite() {
         service("simple", "simple", &[(80, "http")]),
         service("nginx", "simple", &[(80, "http")]),
         "\
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata:
+  name: simple
+  namespace: simple
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+    - hosts:
+        - simple.baihl.io
+      port:
+        name: http-simple
+        number: 80
+        protocol: HTTP
+---
 apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
 metadata:
