@@ -364,6 +364,7 @@ fn service(s: &ServiceIn, backing: &Backing, waypoint: Option<WaypointName>) -> 
         ports,
         waypoint,
         origin: xds_origin("Address", &s.name),
+        entry: None,
     }
 }
 
