@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 
 use super::schema::crd_schema;
 use super::{
-    AuthorizationPolicySpec, DestinationRuleSpec, IstioGatewaySpec, PeerAuthenticationSpec, RequestAuthenticationSpec, VirtualServiceSpec,
+    AuthorizationPolicySpec, DestinationRuleSpec, IstioGatewaySpec, PeerAuthenticationSpec, RequestAuthenticationSpec,
+    ServiceEntrySpec, VirtualServiceSpec,
 };
 
 /// Written at the top of every generated file.
@@ -122,7 +123,7 @@ fn kinds() -> Vec<IstioKind> {
             kind: "ServiceEntry",
             plural: "serviceentries",
             short_names: &["se"],
-            spec: unread("external services are not in strait's registry"),
+            spec: crd_schema::<ServiceEntrySpec>(),
         },
         IstioKind {
             group: security,

@@ -8,6 +8,7 @@
 pub mod crds;
 mod duration;
 mod kinds;
+mod mesh;
 mod networking;
 mod parse;
 mod positions;
@@ -35,6 +36,10 @@ pub use networking::{
     SubsetSpec, TlsMode, TrafficPolicySpec, VirtualService, VirtualServiceSpec,
 };
 pub use networking::{ServerHost, ServerPort, ServerProtocol, ServerSpec, ServerTls, ServerTlsMode, TlsVersion};
+pub use networking::{
+    EntryEndpoint, EntryWorkloadSelector, Location, Resolution, ServiceEntry, ServiceEntryPort, ServiceEntrySpec,
+};
+pub use mesh::{MeshConfig, OutboundMode};
 pub use parse::parse_file;
 pub use positions::locate;
 pub use security::{
@@ -147,6 +152,9 @@ pub enum Resource {
     Gateway(Gateway),
     /// `networking.istio.io` Gateway: the listeners of ingress and egress gateways (GW-1).
     IstioGateway(IstioGateway),
+    ServiceEntry(ServiceEntry),
+    /// The `istio` ConfigMap of `istio-system`: the mesh-wide settings (L4-5).
+    MeshConfig(MeshConfig),
     Other {
         api_version: String,
         kind: String,
@@ -181,6 +189,8 @@ impl Resource {
             Resource::Gateway(r) => ("Gateway", &r.metadata),
             // Not `Gateway`: a Gateway API Gateway of the same name is another resource.
             Resource::IstioGateway(r) => ("networking.istio.io/Gateway", &r.metadata),
+            Resource::ServiceEntry(r) => ("ServiceEntry", &r.metadata),
+            Resource::MeshConfig(r) => ("ConfigMap", &r.metadata),
             Resource::Other { .. } => return None,
         };
         Some((kind, meta.namespace_or_default(), &meta.name))

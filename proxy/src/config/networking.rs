@@ -50,6 +50,7 @@ macro_rules! checked {
 mod destination_rule;
 mod gateway;
 mod resilience;
+mod service_entry;
 mod virtual_service;
 
 pub use destination_rule::{
@@ -61,6 +62,9 @@ pub use gateway::{
     TlsVersion,
 };
 pub use resilience::{HttpRetry, RetryOnToken};
+pub use service_entry::{
+    EntryEndpoint, EntryWorkloadSelector, Location, Resolution, ServiceEntry, ServiceEntryPort, ServiceEntrySpec,
+};
 pub use virtual_service::{
     DestinationSpec, HeaderOperations, Headers, HttpMatch, HttpRoute, L4MatchAttributes, RouteDestination, StringMatch,
     VirtualService, VirtualServiceSpec,

@@ -62,11 +62,13 @@ pub struct Kind {
     pub namespaced: bool,
     /// A label selector the watch asks the server to apply, if any.
     pub label_selector: Option<&'static str>,
+    /// A field selector the watch asks the server to apply, if any.
+    pub field_selector: Option<&'static str>,
 }
 
 impl Kind {
     fn core(kind: &'static str, plural: &'static str, namespaced: bool) -> Self {
-        Self { group: "", version: "v1".into(), kind, plural, namespaced, label_selector: None }
+        Self { group: "", version: "v1".into(), kind, plural, namespaced, label_selector: None, field_selector: None }
     }
 
     /// EndpointSlices, only ever at `v1`: see [`endpoint_slices`].
@@ -83,16 +85,34 @@ impl Kind {
             // and the store; slices of Services without a selector are written by users or
             // mirrored from Endpoints by another controller, and keep coming.
             label_selector: Some(NOT_FROM_SELECTORS),
+            field_selector: None,
+        }
+    }
+
+    /// Istio's mesh configuration (L4-5): the one ConfigMap `istio` of `istio-system`, asked
+    /// for by name so that no other ConfigMap of the cluster is listed.
+    fn mesh_config() -> Self {
+        Self {
+            field_selector: Some("metadata.namespace=istio-system,metadata.name=istio"),
+            ..Self::core("ConfigMap", "configmaps", true)
         }
     }
 
     /// Kinds converted straight from JSON by serde (no directory parser in between).
     fn is_plain(&self) -> bool {
-        self.group.is_empty() || self.group == DISCOVERY_GROUP
+        (self.group.is_empty() && self.kind != "ConfigMap") || self.group == DISCOVERY_GROUP
     }
 
     fn istio(group: &'static str, kind: &'static str, plural: &'static str) -> Self {
-        Self { group, version: "v1beta1".into(), kind, plural, namespaced: true, label_selector: None }
+        Self {
+            group,
+            version: "v1beta1".into(),
+            kind,
+            plural,
+            namespaced: true,
+            label_selector: None,
+            field_selector: None,
+        }
     }
 
     pub fn api_version(&self) -> String {
@@ -117,6 +137,8 @@ pub fn kinds() -> Vec<Kind> {
         Kind::istio("security.istio.io", "RequestAuthentication", "requestauthentications"),
         Kind::istio("networking.istio.io", "VirtualService", "virtualservices"),
         Kind::istio("networking.istio.io", "DestinationRule", "destinationrules"),
+        Kind::istio("networking.istio.io", "ServiceEntry", "serviceentries"),
+        Kind::mesh_config(),
         // Waypoints' Gateways (L4-3): those of a waypoint class declare waypoints, others are
         // not read yet (GWAPI-1).
         Kind::istio("gateway.networking.k8s.io", "Gateway", "gateways"),
@@ -209,6 +231,10 @@ pub fn convert(kind: &Kind, object: &DynamicObject) -> Result<Located<Resource>,
     let spec = object.data.get("spec").cloned();
     if let Some(spec) = &spec {
         document.insert("spec".into(), spec.clone());
+    }
+    // The mesh ConfigMap's settings are under `data`.
+    if let Some(data) = object.data.get("data").filter(|_| kind.kind == "ConfigMap") {
+        document.insert("data".into(), data.clone());
     }
     if kind.is_plain() {
         // Core kinds and EndpointSlices: plain serde types, read straight from JSON (no text in
@@ -607,6 +633,9 @@ async fn follow(client: Client, kind: Kind, store: Arc<Mutex<Store>>, reporter: 
     let mut config = watcher::Config::default();
     if let Some(selector) = kind.label_selector {
         config = config.labels(selector);
+    }
+    if let Some(selector) = kind.field_selector {
+        config = config.fields(selector);
     }
     let mut events = std::pin::pin!(watcher(api, config));
     let mut backoff = WatchBackoff::new();
