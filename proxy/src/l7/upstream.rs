@@ -28,8 +28,9 @@ use tokio::{
 
 use super::{
     lb::Balancer,
+    origination::{Loaded, Origination},
     outlier::{self, Health, TryOutcome},
-    pool::{Detached, EndpointPool},
+    pool::{Detached, EndpointPool, UpstreamVersion},
 };
 use crate::{
     hbone::{ConnectRequest, H2Stream, HbonePool},
@@ -117,6 +118,9 @@ pub struct Cluster {
     pub endpoints: Vec<Arc<UpstreamEndpoint>>,
     pub balancer: Balancer,
     pub limits: Arc<Limits>,
+    /// TLS towards endpoints outside the mesh (DestinationRule `tls` SIMPLE or MUTUAL); kept
+    /// across rebuilds while the settings stay the same, so its configs are built once.
+    pub origination: Option<Arc<Origination>>,
     /// The model generation this cluster was built from.
     generation: u64,
 }
@@ -152,7 +156,7 @@ impl Cluster {
 }
 
 /// Opens upstream connections: HBONE as the proxy's identity to endpoints in the mesh, plain
-/// TCP to endpoints outside it.
+/// TCP or TLS (origination, SPEC GW-3) to endpoints outside it.
 pub struct Connector {
     pub hbone: Arc<HbonePool>,
     /// The identity this proxy speaks as (the waypoint's).
@@ -161,10 +165,21 @@ pub struct Connector {
 }
 
 impl Connector {
-    pub async fn open(&self, endpoint: &UpstreamEndpoint, client_ip: IpAddr) -> io::Result<UpstreamIo> {
+    /// `tls`: originate TLS with these configs when the endpoint is outside the mesh (the mesh's
+    /// endpoints always get HBONE).
+    pub async fn open(
+        &self,
+        endpoint: &UpstreamEndpoint,
+        client_ip: IpAddr,
+        tls: Option<(&Loaded, UpstreamVersion)>,
+    ) -> io::Result<UpstreamIo> {
         let w = &endpoint.workload;
         if !w.reached_over_hbone() {
-            return Ok(UpstreamIo::Tcp(sys::connect(endpoint.addr).await?));
+            let tcp = sys::connect(endpoint.addr).await?;
+            return match tls {
+                None => Ok(UpstreamIo::Tcp(tcp)),
+                Some((loaded, version)) => Ok(UpstreamIo::Tls(Box::new(loaded.connect(version, tcp).await?))),
+            };
         }
         let request = ConnectRequest {
             source: self.identity.clone(),
@@ -181,10 +196,11 @@ impl Connector {
     }
 }
 
-/// An upstream connection: an HBONE stream or a TCP socket.
+/// An upstream connection: an HBONE stream, a TCP socket, or TLS originated over one.
 pub enum UpstreamIo {
     Hbone(Box<H2Stream>),
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl AsyncRead for UpstreamIo {
@@ -192,6 +208,7 @@ impl AsyncRead for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Hbone(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -201,6 +218,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Hbone(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -212,6 +230,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Hbone(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -223,6 +242,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Hbone(s) => Pin::new(s.as_mut()).poll_flush(cx),
             UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -230,6 +250,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Hbone(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -312,6 +333,7 @@ impl Upstreams {
             balancer: Balancer::new(None, &[addr]),
             endpoints: vec![endpoint],
             limits: previous.map(|c| c.limits.clone()).unwrap_or_default(),
+            origination: None,
             generation: model.generation,
         });
         clusters.insert(key, cluster.clone());
@@ -345,8 +367,16 @@ fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) ->
         ),
     };
     let policy = rule.map(|r| r.policy_for(key.subset.as_deref(), key.port)).unwrap_or_default();
-    let old: HashMap<SocketAddr, &Arc<UpstreamEndpoint>> =
-        previous.map(|c| c.endpoints.iter().map(|e| (e.addr, e)).collect()).unwrap_or_default();
+    // Pools hold connections of one kind of TLS: new settings start with new endpoints.
+    let same_tls = previous.is_some_and(|c| c.policy.tls == policy.tls);
+    let origination = match previous.and_then(|c| c.origination.as_ref()) {
+        Some(kept) if same_tls => Some(kept.clone()),
+        _ => Origination::new(policy.tls.as_ref(), &key.host).map(Arc::new),
+    };
+    let old: HashMap<SocketAddr, &Arc<UpstreamEndpoint>> = previous
+        .filter(|_| same_tls)
+        .map(|c| c.endpoints.iter().map(|e| (e.addr, e)).collect())
+        .unwrap_or_default();
     let endpoints: Vec<Arc<UpstreamEndpoint>> = port
         .endpoints
         .iter()
@@ -366,6 +396,16 @@ fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) ->
             }
         })
         .collect();
+    if let Some(o) = &origination
+        && endpoints.iter().any(|e| e.workload.reached_over_hbone())
+    {
+        // As in Istio, TLS inside the mesh's mTLS would be encrypted twice: HBONE is kept.
+        tracing::warn!(
+            cluster = %key.name(),
+            mode = ?o.settings.mode,
+            "DestinationRule tls applies to endpoints outside the mesh; endpoints in the mesh keep HBONE"
+        );
+    }
     let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
     Ok(Cluster {
         key: key.clone(),
@@ -375,6 +415,7 @@ fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) ->
         policy,
         endpoints,
         limits: previous.map(|c| c.limits.clone()).unwrap_or_default(),
+        origination,
         generation: model.generation,
     })
 }

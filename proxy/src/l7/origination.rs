@@ -1,0 +1,380 @@
+//! TLS origination towards destinations outside the mesh (SPEC GW-3): a DestinationRule's
+//! `trafficPolicy.tls` with mode SIMPLE (verify the server) or MUTUAL (also present a client
+//! certificate) makes the L7 engine speak TLS to endpoints it would otherwise reach in plain
+//! TCP. Endpoints in the mesh keep HBONE whatever the mode (ISTIO_MUTUAL is what they get
+//! anyway); DISABLE sends plaintext.
+//!
+//! One `Origination` per cluster holds the rustls client configs, built once and shared by every
+//! connection to the cluster. Building one parses the CA bundle (the system's has ~140 roots:
+//! MEASURE) and
+//! a fresh config has an empty session cache, so rebuilding per connection would also turn every
+//! resumable handshake into a full one. The certificate files are looked at again at most every
+//! `RECHECK`; a change builds new configs and a new `epoch`, and pooled connections of an older
+//! epoch are closed instead of reused, so a rotated client certificate is presented on the next
+//! request (the certificate files are watched like the node's own certificates).
+
+use std::{
+    fmt, fs, io,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant, SystemTime},
+};
+
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, Error as TlsError, RootCertStore, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    crypto::{WebPkiSupportedAlgorithms, ring},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsConnector, client::TlsStream};
+
+use super::pool::UpstreamVersion;
+use crate::model::routes::{UpstreamTls, UpstreamTlsMode};
+
+/// How often, at most, the certificate files are looked at for changes: a `stat` of three files
+/// per request would be cheap, but once per half second is enough to pick a rotation up well
+/// within the 2 s the gateway's certificates get (SPEC GW-2).
+const RECHECK: Duration = Duration::from_millis(500);
+
+/// A cluster's TLS origination: its settings, and the client configs built from them.
+pub struct Origination {
+    pub settings: UpstreamTls,
+    /// The name sent as SNI: `sni`, else the destination's host.
+    pub sni: String,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for Origination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origination").field("mode", &self.settings.mode).field("sni", &self.sni).finish()
+    }
+}
+
+struct State {
+    /// When the files were last looked at; `None` before the first load.
+    checked: Option<Instant>,
+    stamps: Vec<Stamp>,
+    loaded: Result<Arc<Loaded>, String>,
+    epoch: u64,
+}
+
+/// A file's size and modification time, `None` when it cannot be read.
+type Stamp = Option<(u64, SystemTime)>;
+
+/// The client configs of one version of the certificate files.
+pub struct Loaded {
+    http1: Arc<ClientConfig>,
+    http2: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    sni: String,
+    /// Connections opened with an older epoch are not reused.
+    pub epoch: u64,
+}
+
+impl Origination {
+    /// The origination `tls` asks for towards `host`; `None` when it asks for none (DISABLE, and
+    /// ISTIO_MUTUAL, which is the mesh's HBONE).
+    pub fn new(tls: Option<&UpstreamTls>, host: &str) -> Option<Origination> {
+        let tls = tls?;
+        if !matches!(tls.mode, UpstreamTlsMode::Simple | UpstreamTlsMode::Mutual) {
+            return None;
+        }
+        Some(Origination {
+            settings: tls.clone(),
+            sni: tls.sni.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| host.to_owned()),
+            state: Mutex::new(State {
+                checked: None,
+                stamps: Vec::new(),
+                loaded: Err("not loaded yet".to_owned()),
+                epoch: 0,
+            }),
+        })
+    }
+
+    /// The configs to connect with now, reloaded when the files changed. A file that goes
+    /// missing or bad after a good load keeps the last good configs (and is logged); one that
+    /// never loaded is an error for every request to the cluster.
+    pub fn current(&self) -> Result<Arc<Loaded>, String> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if state.checked.is_some_and(|t| now.duration_since(t) < RECHECK) {
+            return state.loaded.clone();
+        }
+        let first = state.checked.is_none();
+        state.checked = Some(now);
+        let stamps: Vec<Stamp> = self.files().iter().map(|f| stamp(f)).collect();
+        if !first && stamps == state.stamps {
+            return state.loaded.clone();
+        }
+        state.stamps = stamps;
+        let epoch = state.epoch + 1;
+        match load(&self.settings, &self.sni, epoch) {
+            Ok(loaded) => {
+                if !first {
+                    tracing::info!(sni = %self.sni, epoch, "TLS origination certificates reloaded");
+                }
+                state.epoch = epoch;
+                state.loaded = Ok(Arc::new(loaded));
+            }
+            Err(e) if state.loaded.is_ok() => {
+                tracing::warn!(sni = %self.sni, "TLS origination: {e}; the previous certificates stay in use");
+            }
+            Err(e) => {
+                tracing::warn!(sni = %self.sni, "TLS origination: {e}");
+                state.loaded = Err(e);
+            }
+        }
+        state.loaded.clone()
+    }
+
+    fn files(&self) -> Vec<&str> {
+        let s = &self.settings;
+        [&s.ca_certificates, &s.client_certificate, &s.private_key].into_iter().flatten().map(String::as_str).collect()
+    }
+}
+
+fn stamp(path: &str) -> Stamp {
+    let meta = fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
+}
+
+impl Loaded {
+    /// Opens TLS over `tcp`, offering the ALPN protocol of `version`.
+    pub async fn connect(&self, version: UpstreamVersion, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+        let config = match version {
+            UpstreamVersion::Http1 => self.http1.clone(),
+            UpstreamVersion::Http2 => self.http2.clone(),
+        };
+        TlsConnector::from(config)
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake (sni {}) failed: {e}", self.sni)))
+    }
+}
+
+/// Builds the client configs from the settings and the files they name.
+fn load(settings: &UpstreamTls, sni: &str, epoch: u64) -> Result<Loaded, String> {
+    let server_name = ServerName::try_from(sni.to_owned())
+        .map_err(|_| format!("sni `{sni}` is neither a DNS name nor an IP address"))?;
+    let paths_given = settings.ca_certificates.is_some()
+        || settings.client_certificate.is_some()
+        || settings.private_key.is_some();
+    if let Some(name) = &settings.credential_name
+        && !paths_given
+    {
+        return Err(format!(
+            "credentialName `{name}`: named credentials are not resolved for TLS origination yet; give \
+             caCertificates, clientCertificate and privateKey as file paths"
+        ));
+    }
+    let provider = Arc::new(ring::default_provider());
+    let algorithms = provider.signature_verification_algorithms;
+    let verifier: Arc<dyn ServerCertVerifier> = if settings.insecure_skip_verify {
+        Arc::new(SkipVerification { algorithms })
+    } else {
+        let roots = match &settings.ca_certificates {
+            Some(path) => Arc::new(read_roots(path)?),
+            None => system_roots()?,
+        };
+        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| format!("CA certificates: {e}"))?;
+        if settings.subject_alt_names.is_empty() {
+            inner
+        } else {
+            Arc::new(SanVerifier { inner, names: settings.subject_alt_names.clone() })
+        }
+    };
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let config = match settings.mode {
+        UpstreamTlsMode::Mutual => {
+            let (Some(cert), Some(key)) = (&settings.client_certificate, &settings.private_key) else {
+                return Err("mode MUTUAL needs clientCertificate and privateKey".to_owned());
+            };
+            let chain = read_certs(cert, "clientCertificate")?;
+            let key = read_key(key)?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| format!("clientCertificate {cert}: {e}"))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let mut http1 = config.clone();
+    http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut http2 = config;
+    http2.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Loaded { http1: Arc::new(http1), http2: Arc::new(http2), server_name, sni: sni.to_owned(), epoch })
+}
+
+fn read_certs(path: &str, field: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = fs::read(path).map_err(|e| format!("{field} {path}: {e}"))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{field} {path}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{field} {path}: no PEM certificate in the file"));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = fs::read(path).map_err(|e| format!("privateKey {path}: {e}"))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| format!("privateKey {path}: {e}"))?
+        .ok_or_else(|| format!("privateKey {path}: no PEM private key in the file"))
+}
+
+fn read_roots(path: &str) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path, "caCertificates")? {
+        roots.add(cert).map_err(|e| format!("caCertificates {path}: {e}"))?;
+    }
+    Ok(roots)
+}
+
+/// The system's CA bundle, read once: the platform's usual places, or the files `SSL_CERT_FILE`
+/// and `SSL_CERT_DIR` name (what tests use to trust their own CA without `caCertificates`, as
+/// Istio's sample DestinationRules have none).
+fn system_roots() -> Result<Arc<RootCertStore>, String> {
+    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found.errors.first().map(|e| format!(": {e}")).unwrap_or_default();
+                return Err(format!("no caCertificates given and no system CA certificates found{why}"));
+            }
+            Ok(Arc::new(roots))
+        })
+        .clone()
+}
+
+/// `subjectAltNames`: the chain must verify, and the server's certificate must carry one of the
+/// names (DNS, IP or URI), which replaces the check against the SNI.
+#[derive(Debug)]
+struct SanVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    names: Vec<String>,
+}
+
+impl ServerCertVerifier for SanVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        let bad = |why: String| TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+            io::Error::other(why),
+        ))));
+        let present = certificate_names(end_entity).map_err(bad)?;
+        if !self.names.iter().any(|n| present.iter().any(|p| p.eq_ignore_ascii_case(n))) {
+            return Err(bad(format!(
+                "the certificate names {} but subjectAltNames asks for {}",
+                present.join(", "),
+                self.names.join(", ")
+            )));
+        }
+        // The chain is verified against a name the certificate carries, which always matches:
+        // the name that matters was checked above.
+        let own = present
+            .iter()
+            .find_map(|n| ServerName::try_from(n.as_str()).ok())
+            .ok_or_else(|| bad("the certificate has no DNS or IP name to verify its chain with".to_owned()))?;
+        self.inner.verify_server_cert(end_entity, intermediates, &own, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The DNS names, IP addresses and URIs a certificate's subjectAltName lists.
+fn certificate_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).map_err(|_| "unparsable certificate".to_owned())?;
+    let san = x509.subject_alternative_name().map_err(|_| "malformed subjectAltName".to_owned())?;
+    let names = san.map(|s| s.value.general_names.clone()).unwrap_or_default();
+    Ok(names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some((*d).to_owned()),
+            GeneralName::URI(u) => Some((*u).to_owned()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b).ok().map(|a| std::net::IpAddr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b).ok().map(|a| std::net::IpAddr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
+}
+
+/// `insecureSkipVerify`: any certificate is accepted; the handshake's signatures are still
+/// checked, so the connection is at least with the holder of the certificate's key.
+#[derive(Debug)]
+struct SkipVerification {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for SkipVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
