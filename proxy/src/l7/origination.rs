@@ -5,8 +5,8 @@
 //! anyway); DISABLE sends plaintext.
 //!
 //! One `Origination` per cluster holds the rustls client configs, built once and shared by every
-//! connection to the cluster. Building one parses the CA bundle (the system's has ~140 roots:
-//! MEASURE) and
+//! connection to the cluster. Building one parses the CA bundle (reading the system's bundle
+//! took 26 ms in a debug build, a config with a file CA and a client key 0.13 ms) and
 //! a fresh config has an empty session cache, so rebuilding per connection would also turn every
 //! resumable handshake into a full one. The certificate files are looked at again at most every
 //! `RECHECK`; a change builds new configs and a new `epoch`, and pooled connections of an older
@@ -159,9 +159,8 @@ impl Loaded {
 fn load(settings: &UpstreamTls, sni: &str, epoch: u64) -> Result<Loaded, String> {
     let server_name = ServerName::try_from(sni.to_owned())
         .map_err(|_| format!("sni `{sni}` is neither a DNS name nor an IP address"))?;
-    let paths_given = settings.ca_certificates.is_some()
-        || settings.client_certificate.is_some()
-        || settings.private_key.is_some();
+    let paths_given =
+        settings.ca_certificates.is_some() || settings.client_certificate.is_some() || settings.private_key.is_some();
     if let Some(name) = &settings.credential_name
         && !paths_given
     {
@@ -273,9 +272,9 @@ impl ServerCertVerifier for SanVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let bad = |why: String| TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-            io::Error::other(why),
-        ))));
+        let bad = |why: String| {
+            TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(io::Error::other(why)))))
+        };
         let present = certificate_names(end_entity).map_err(bad)?;
         if !self.names.iter().any(|n| present.iter().any(|p| p.eq_ignore_ascii_case(n))) {
             return Err(bad(format!(
@@ -376,5 +375,216 @@ impl ServerCertVerifier for SkipVerification {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+    use tokio_rustls::TlsAcceptor;
+
+    use super::*;
+
+    /// A CA, a server certificate for `external.test` and a client certificate signed by it, and
+    /// a second, unrelated CA, as PEM files in a directory of their own.
+    struct Pki {
+        dir: PathBuf,
+    }
+
+    impl Pki {
+        fn new(tag: &str) -> Pki {
+            let dir = std::env::temp_dir().join(format!("strait-origination-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).expect("temp dir");
+            let pki = Pki { dir };
+            let ca = pki.ca("ca");
+            pki.ca("other-ca");
+            pki.leaf(&ca, "server", &["external.test"]);
+            pki.leaf(&ca, "client", &["client.test"]);
+            pki
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.dir.join(name).to_string_lossy().into_owned()
+        }
+
+        fn ca(&self, name: &str) -> Issuer<'static, KeyPair> {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(rcgen::DnType::CommonName, format!("test {name}"));
+            let cert = params.self_signed(&key).expect("self-signed");
+            fs::write(self.path(&format!("{name}.pem")), cert.pem()).expect("write");
+            Issuer::new(params, key)
+        }
+
+        fn leaf(&self, ca: &Issuer<'static, KeyPair>, name: &str, names: &[&str]) {
+            let key = KeyPair::generate().expect("key");
+            let params =
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+            let cert = params.signed_by(&key, ca).expect("signed");
+            fs::write(self.path(&format!("{name}.pem")), cert.pem()).expect("write");
+            fs::write(self.path(&format!("{name}-key.pem")), key.serialize_pem()).expect("write");
+        }
+
+        fn settings(&self, mode: UpstreamTlsMode, ca: &str) -> UpstreamTls {
+            UpstreamTls {
+                mode,
+                sni: None,
+                client_certificate: Some(self.path("client.pem")),
+                private_key: Some(self.path("client-key.pem")),
+                ca_certificates: Some(self.path(ca)),
+                credential_name: None,
+                subject_alt_names: Vec::new(),
+                insecure_skip_verify: false,
+            }
+        }
+
+        /// A TLS server for one connection that answers `hello` once the handshake is over;
+        /// `client_ca` makes it require a client certificate signed by that CA.
+        async fn server(&self, client_ca: bool) -> std::net::SocketAddr {
+            let chain = read_certs(&self.path("server.pem"), "server").expect("chain");
+            let key = read_key(&self.path("server-key.pem")).expect("key");
+            let provider = Arc::new(ring::default_provider());
+            let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("versions");
+            let builder = if client_ca {
+                let roots = Arc::new(read_roots(&self.path("ca.pem")).expect("roots"));
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .expect("verifier");
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_no_client_auth()
+            };
+            let config = builder.with_single_cert(chain, key).expect("server config");
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                if let Ok(mut tls) = TlsAcceptor::from(Arc::new(config)).accept(tcp).await {
+                    let _ = tls.write_all(b"hello").await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+            addr
+        }
+    }
+
+    /// Connects with `settings` towards host `external.test` and reads the server's greeting.
+    async fn exchange(pki: &Pki, settings: UpstreamTls, client_ca: bool) -> Result<String, String> {
+        let addr = pki.server(client_ca).await;
+        let origination = Origination::new(Some(&settings), "external.test").expect("originates");
+        let loaded = origination.current()?;
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut tls = loaded.connect(UpstreamVersion::Http1, tcp).await.map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        // In TLS 1.3 a refused client certificate shows on the first read, not in the handshake.
+        tls.read_to_string(&mut answer).await.map_err(|e| e.to_string())?;
+        Ok(answer)
+    }
+
+    // GW-3: only SIMPLE and MUTUAL originate; SNI is `sni`, else the destination's host.
+    #[test]
+    fn modes_and_sni() {
+        let pki = Pki::new("modes");
+        for mode in [UpstreamTlsMode::Disable, UpstreamTlsMode::IstioMutual] {
+            assert!(Origination::new(Some(&pki.settings(mode, "ca.pem")), "h").is_none(), "{mode:?}");
+        }
+        assert!(Origination::new(None, "h").is_none());
+        let simple = pki.settings(UpstreamTlsMode::Simple, "ca.pem");
+        assert_eq!(Origination::new(Some(&simple), "www.googleapis.com").expect("simple").sni, "www.googleapis.com");
+        let named = UpstreamTls { sni: Some("api.test".into()), ..simple };
+        assert_eq!(Origination::new(Some(&named), "www.googleapis.com").expect("simple").sni, "api.test");
+    }
+
+    // GW-3: SIMPLE verifies the server against `caCertificates` and the SNI, or against
+    // `subjectAltNames` when given; `insecureSkipVerify` accepts any certificate.
+    #[tokio::test]
+    async fn simple_verifies_the_server() {
+        let pki = Pki::new("simple");
+        let simple = pki.settings(UpstreamTlsMode::Simple, "ca.pem");
+        assert_eq!(exchange(&pki, simple.clone(), false).await.as_deref(), Ok("hello"));
+
+        let wrong_ca = pki.settings(UpstreamTlsMode::Simple, "other-ca.pem");
+        let refused = exchange(&pki, wrong_ca.clone(), false).await.expect_err("unknown issuer");
+        assert!(refused.contains("sni external.test") && refused.contains("UnknownIssuer"), "{refused}");
+
+        let wrong_sni = UpstreamTls { sni: Some("other.test".into()), ..simple.clone() };
+        let refused = exchange(&pki, wrong_sni.clone(), false).await.expect_err("wrong name");
+        assert!(refused.contains("not valid for name \"other.test\""), "{refused}");
+
+        let by_san = UpstreamTls { subject_alt_names: vec!["external.test".into()], ..wrong_sni };
+        assert_eq!(exchange(&pki, by_san.clone(), false).await.as_deref(), Ok("hello"));
+        let other_san =
+            UpstreamTls { subject_alt_names: vec!["spiffe://x/ns/a/sa/b".into(), "a.test".into()], ..by_san };
+        let refused = exchange(&pki, other_san, false).await.expect_err("SAN mismatch");
+        assert!(refused.contains("the certificate names external.test but subjectAltNames asks for"), "{refused}");
+
+        let skip = UpstreamTls { insecure_skip_verify: true, ..wrong_ca };
+        assert_eq!(exchange(&pki, skip, false).await.as_deref(), Ok("hello"));
+    }
+
+    // GW-3: MUTUAL presents the client certificate; SIMPLE to a server requiring one is refused.
+    #[tokio::test]
+    async fn mutual_presents_the_client_certificate() {
+        let pki = Pki::new("mutual");
+        let mutual = pki.settings(UpstreamTlsMode::Mutual, "ca.pem");
+        assert_eq!(exchange(&pki, mutual, true).await.as_deref(), Ok("hello"));
+        let simple = pki.settings(UpstreamTlsMode::Simple, "ca.pem");
+        let refused = exchange(&pki, simple, true).await.expect_err("no client certificate");
+        assert!(refused.contains("CertificateRequired") || refused.contains("certificate"), "{refused}");
+    }
+
+    // GW-3: settings that cannot be used are an error naming the file or field, not a panic.
+    #[test]
+    fn unusable_settings_are_clear_errors() {
+        let pki = Pki::new("errors");
+        let error = |settings: UpstreamTls| match Origination::new(Some(&settings), "external.test") {
+            Some(o) => o.current().err().unwrap_or_default(),
+            None => "no origination".to_owned(),
+        };
+        let missing = pki.settings(UpstreamTlsMode::Simple, "absent.pem");
+        assert!(error(missing).contains(&format!("caCertificates {}: No such file", pki.path("absent.pem"))));
+        fs::write(pki.path("junk.pem"), "not a certificate\n").expect("write");
+        let junk = pki.settings(UpstreamTlsMode::Simple, "junk.pem");
+        assert!(error(junk).contains("no PEM certificate in the file"));
+        let keyless = UpstreamTls { private_key: None, ..pki.settings(UpstreamTlsMode::Mutual, "ca.pem") };
+        assert!(error(keyless).contains("mode MUTUAL needs clientCertificate and privateKey"));
+        let named = UpstreamTls {
+            credential_name: Some("google-creds".into()),
+            ca_certificates: None,
+            client_certificate: None,
+            private_key: None,
+            ..pki.settings(UpstreamTlsMode::Simple, "ca.pem")
+        };
+        assert!(error(named).contains("credentialName `google-creds`"));
+        let bad_sni = UpstreamTls { sni: Some("not a name".into()), ..pki.settings(UpstreamTlsMode::Simple, "ca.pem") };
+        assert!(error(bad_sni).contains("sni `not a name` is neither a DNS name nor an IP address"));
+    }
+
+    // GW-3: a changed certificate file makes a new epoch (after `RECHECK`); a file that breaks
+    // after a good load keeps the last good configs.
+    #[test]
+    fn changed_files_are_reloaded() {
+        let pki = Pki::new("reload");
+        let origination =
+            Origination::new(Some(&pki.settings(UpstreamTlsMode::Mutual, "ca.pem")), "external.test").expect("o");
+        assert_eq!(origination.current().expect("loaded").epoch, 1);
+        assert_eq!(origination.current().expect("loaded").epoch, 1, "unchanged");
+        let ca = pki.ca("ca-unused");
+        pki.leaf(&ca, "client", &["rotated.test"]);
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert_eq!(origination.current().expect("reloaded").epoch, 2);
+        fs::write(pki.path("client.pem"), "broken\n").expect("write");
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert_eq!(origination.current().expect("last good kept").epoch, 2);
     }
 }

@@ -233,9 +233,9 @@ pub async fn acquire(
     client_ip: IpAddr,
 ) -> Result<Lease, AcquireError> {
     let tls = match &cluster.origination {
-        Some(o) if !endpoint.workload.reached_over_hbone() => {
-            Some(o.current().map_err(|e| AcquireError::Tls(format!("TLS origination to {}: {e}", cluster.key.name())))?)
-        }
+        Some(o) if !endpoint.workload.reached_over_hbone() => Some(
+            o.current().map_err(|e| AcquireError::Tls(format!("TLS origination to {}: {e}", cluster.key.name())))?,
+        ),
         _ => None,
     };
     let dial = Dial { connector: connector.clone(), client_ip, tls, version };

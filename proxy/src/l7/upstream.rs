@@ -373,10 +373,8 @@ fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) ->
         Some(kept) if same_tls => Some(kept.clone()),
         _ => Origination::new(policy.tls.as_ref(), &key.host).map(Arc::new),
     };
-    let old: HashMap<SocketAddr, &Arc<UpstreamEndpoint>> = previous
-        .filter(|_| same_tls)
-        .map(|c| c.endpoints.iter().map(|e| (e.addr, e)).collect())
-        .unwrap_or_default();
+    let old: HashMap<SocketAddr, &Arc<UpstreamEndpoint>> =
+        previous.filter(|_| same_tls).map(|c| c.endpoints.iter().map(|e| (e.addr, e)).collect()).unwrap_or_default();
     let endpoints: Vec<Arc<UpstreamEndpoint>> = port
         .endpoints
         .iter()

@@ -190,11 +190,6 @@ fn upstream_tls(cx: &mut Context, at: &str, tls: &cfg::ClientTlsSettings) -> Ups
     };
     // SIMPLE and MUTUAL originate TLS towards endpoints outside the mesh (SPEC GW-3,
     // `l7::origination`); the files are read there, so that a rotation needs no new config.
-    if tls.mode == cfg::TlsMode::Mutual && (tls.client_certificate.is_none() || tls.private_key.is_none())
-        && tls.credential_name.is_none()
-    {
-        cx.error(at, "mode MUTUAL needs `clientCertificate` and `privateKey` (or `credentialName`)");
-    }
     if tls.ca_crl.is_some() {
         cx.unsupported(&format!("{at}.caCrl"), "`caCrl`");
     }

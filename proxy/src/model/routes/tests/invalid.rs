@@ -310,12 +310,6 @@ fn references_and_semantics_are_analyzed() {
             "PASSTHROUGH (original destination) is not supported by strait; ROUND_ROBIN is used",
         ),
         (
-            "  host: reviews\n  trafficPolicy:\n    tls:\n      mode: MUTUAL\n      clientCertificate: /c.pem",
-            Error,
-            "spec.trafficPolicy.tls",
-            "mode MUTUAL needs `clientCertificate` and `privateKey`",
-        ),
-        (
             "  host: reviews\n  workloadSelector:\n    matchLabels:\n      app: productpage",
             Warning,
             "spec.workloadSelector",
