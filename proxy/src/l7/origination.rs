@@ -449,6 +449,10 @@ mod tests {
         /// A TLS server for one connection that answers `hello` once the handshake is over;
         /// `client_ca` makes it require a client certificate signed by that CA.
         async fn server(&self, client_ca: bool) -> std::net::SocketAddr {
+            self.server_with_alpn(client_ca, Vec::new()).await
+        }
+
+        async fn server_with_alpn(&self, client_ca: bool, alpn: Vec<Vec<u8>>) -> std::net::SocketAddr {
             let chain = read_certs(&self.path("server.pem"), "server").expect("chain");
             let key = read_key(&self.path("server-key.pem")).expect("key");
             let provider = Arc::new(ring::default_provider());
@@ -464,7 +468,8 @@ mod tests {
             } else {
                 builder.with_no_client_auth()
             };
-            let config = builder.with_single_cert(chain, key).expect("server config");
+            let mut config = builder.with_single_cert(chain, key).expect("server config");
+            config.alpn_protocols = alpn;
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
             tokio::spawn(async move {
@@ -530,6 +535,21 @@ mod tests {
 
         let skip = UpstreamTls { insecure_skip_verify: true, ..wrong_ca };
         assert_eq!(exchange(&pki, skip, false).await.as_deref(), Ok("hello"));
+    }
+
+    // GW-3: ALPN follows the upstream's protocol: h2 for http2/grpc ports, else http/1.1.
+    #[tokio::test]
+    async fn alpn_follows_the_upstream_version() {
+        let pki = Pki::new("alpn");
+        let settings = pki.settings(UpstreamTlsMode::Simple, "ca.pem");
+        let origination = Origination::new(Some(&settings), "external.test").expect("originates");
+        let loaded = origination.current().expect("loaded");
+        for (version, expected) in [(UpstreamVersion::Http2, b"h2".as_slice()), (UpstreamVersion::Http1, b"http/1.1")] {
+            let addr = pki.server_with_alpn(false, vec![b"h2".to_vec(), b"http/1.1".to_vec()]).await;
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let tls = loaded.connect(version, tcp).await.expect("handshake");
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(expected), "{version:?}");
+        }
     }
 
     // GW-3: MUTUAL presents the client certificate; SIMPLE to a server requiring one is refused.
