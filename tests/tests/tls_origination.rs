@@ -15,9 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{APP_NS, TIMEOUT, WaypointMesh, apply, wait_request_lines};
+use common::{APP_NS, TIMEOUT, WaypointMesh, apply, start_node, wait_request_lines};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use strait_testbed::{EchoKind, Pod, Process, Topology, UnderlayCapture, k8s, pcap, require_bin};
+use strait_testbed::{EchoKind, Pod, Process, Topology, UnderlayCapture, bin_path, k8s, pcap, require_bin};
 
 const EXT_VIP: &str = "10.96.0.41";
 const HTTPS_PORT: u16 = 8443;
@@ -259,5 +259,29 @@ fn disable_sends_plaintext() -> io::Result<()> {
         "plaintext to the server"
     );
     wait_request_lines(&wp, &["path=\"/plain\"", "status=200"], 1)?;
+    Ok(())
+}
+
+// GW-3: a DestinationRule without `caCertificates` (as Istio's samples write them) verifies
+// the server against the system's CA bundle, which `SSL_CERT_FILE` replaces: here the test CA.
+#[test]
+fn simple_without_ca_trusts_the_system_bundle() -> io::Result<()> {
+    let m = WaypointMesh::new("tls::system", &["ext"])?;
+    let pki = Pki::new(&m.topo)?;
+    m.topo.write_config("c.yaml", &config(&m, &rule("      mode: SIMPLE\n      sni: api.external.test\n")))?;
+    let _server = start_https(&m.backends[0], &pki, "external", None)?;
+    let _p1 = start_node(&m.topo, &m.n1, &m.ca, &[])?;
+    let _p2 = start_node(&m.topo, &m.n2, &m.ca, &[])?;
+    let (config_dir, ca_dir) = (m.topo.config_dir(), m.ca.to_string_lossy().into_owned());
+    let config_dir = config_dir.to_string_lossy().into_owned();
+    let bundle = pki.path("ca.pem");
+    let args = ["waypoint", "--name", "waypoint", "--namespace", APP_NS, "--config", &config_dir, "--ca-dir", &ca_dir];
+    let env = [("STRAIT_LOG", "info"), ("SSL_CERT_FILE", bundle.as_str())];
+    let wp = m.waypoint_pod.spawn("waypoint-system-roots", &bin_path("strait"), &args, &env)?;
+    wp.wait_for_log("strait waypoint ready", TIMEOUT)?;
+    let reply = m.client.curl(&url("/system"), TIMEOUT)?;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.body.contains("sni=api.external.test"), "{}", reply.body);
+    wait_request_lines(&wp, &["path=\"/system\"", "status=200"], 1)?;
     Ok(())
 }
