@@ -36,6 +36,8 @@ pub(crate) fn delete_netns(name: &str) -> io::Result<()> {
         return Ok(());
     }
     kill_netns_processes(name);
+    // The namespace's own resolver configuration (`Netns::set_resolv_conf`), if it had one.
+    let _ = std::fs::remove_dir_all(crate::netns::etc_dir(name));
     let _lock = GlobalLock::acquire()?;
     match command::ip(&["netns", "del", name]) {
         // Another process's stale sweep may have deleted it since we looked.

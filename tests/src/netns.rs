@@ -103,14 +103,24 @@ impl Netns {
         let stderr = log.try_clone()?;
         let netns_file = self.open()?;
         let netns_fd = netns_file.as_raw_fd();
+        // Prepared before the fork: the child may not allocate.
+        let resolv_conf = self.resolv_conf_path().filter(|p| p.exists()).map(|p| c_path(&p)).transpose()?;
+        let etc_resolv_conf = c_path(Path::new("/etc/resolv.conf"))?;
 
         let mut cmd = Command::new(program);
         cmd.args(args).envs(envs.iter().copied()).stdin(Stdio::null()).stdout(log).stderr(stderr);
-        // SAFETY: the closure runs in the forked child before exec and only makes one system
-        // call, which is async-signal-safe; `netns_file` outlives the spawn below.
+        // SAFETY: the closure runs in the forked child before exec and only makes system calls,
+        // which are async-signal-safe, on C strings prepared before the fork; `netns_file`
+        // outlives the spawn below.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if let Some(source) = &resolv_conf {
+                    private_resolv_conf(source, &etc_resolv_conf)?;
+                }
+                Ok(())
             });
         }
         let child = cmd.spawn().map_err(|e| spawn_error(&line, e))?;
@@ -139,6 +149,22 @@ impl Netns {
         })
     }
 
+    /// Gives this namespace its own resolver configuration, as `ip netns exec` reads it from
+    /// `/etc/netns/<name>/resolv.conf`: commands run with [`Netns::run`] see it as
+    /// `/etc/resolv.conf` (ip does the bind mount), and so do processes started afterwards with
+    /// [`Netns::spawn`] (in a private mount namespace of their own). The host's
+    /// `/etc/resolv.conf` is never touched; the file goes with the namespace.
+    pub fn set_resolv_conf(&self, content: &str) -> io::Result<()> {
+        let dir = etc_dir(&self.name);
+        std::fs::create_dir_all(&dir).map_err(context(format!("creating {}", dir.display())))?;
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, content).map_err(context(format!("writing {}", path.display())))
+    }
+
+    fn resolv_conf_path(&self) -> Option<PathBuf> {
+        Some(etc_dir(&self.name).join("resolv.conf"))
+    }
+
     /// Opens the namespace file, for `setns`.
     fn open(&self) -> io::Result<File> {
         let path = Path::new("/run/netns").join(&self.name);
@@ -155,5 +181,35 @@ impl fmt::Display for Netns {
 impl AsRef<OsStr> for Netns {
     fn as_ref(&self) -> &OsStr {
         OsStr::new(&self.name)
+    }
+}
+
+/// `/etc/netns/<name>`: where `ip netns exec` finds files to show a namespace's commands in
+/// place of `/etc`'s.
+pub(crate) fn etc_dir(name: &str) -> PathBuf {
+    Path::new("/etc/netns").join(name)
+}
+
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+/// In a forked child: a mount namespace of its own whose `/etc/resolv.conf` is `source`, as
+/// `ip netns exec` arranges. Mounts are made slaves first so that the bind never propagates back
+/// to the host's namespace.
+fn private_resolv_conf(source: &std::ffi::CStr, target: &std::ffi::CStr) -> io::Result<()> {
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+    // SAFETY: plain system calls on NUL-terminated strings that outlive them.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()))
     }
 }

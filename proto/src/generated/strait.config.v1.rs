@@ -39,6 +39,38 @@ pub struct ServiceExtension {
     >,
     #[prost(message, repeated, tag = "2")]
     pub ports: ::prost::alloc::vec::Vec<ServicePortInfo>,
+    /// Set when the service is a host of a ServiceEntry (GW-3).
+    #[prost(message, optional, tag = "3")]
+    pub entry: ::core::option::Option<ServiceEntryInfo>,
+}
+/// What a service made from a ServiceEntry host has besides a Kubernetes Service's fields. Its
+/// single-IP addresses are also the service's `addresses`; STATIC endpoints are workloads.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ServiceEntryInfo {
+    /// "namespace/name" of the entry.
+    #[prost(string, tag = "1")]
+    pub entry: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub mesh_internal: bool,
+    /// "NONE", "STATIC", "DNS" or "DNS_ROUND_ROBIN".
+    #[prost(string, tag = "3")]
+    pub resolution: ::prost::alloc::string::String,
+    /// Every address of `addresses` as written in CIDR form ("240.0.0.1/32").
+    #[prost(string, repeated, tag = "4")]
+    pub addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// For resolution DNS: the names to resolve.
+    #[prost(message, repeated, tag = "5")]
+    pub dns: ::prost::alloc::vec::Vec<DnsEndpoint>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DnsEndpoint {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Service port to the port the endpoint listens on.
+    #[prost(btree_map = "uint32, uint32", tag = "2")]
+    pub ports: ::prost::alloc::collections::BTreeMap<u32, u32>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

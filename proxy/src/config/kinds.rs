@@ -149,7 +149,6 @@ mod tests {
     fn unimplemented_istio_and_gateway_api_kinds_are_ignored_with_a_warning() {
         for (api_version, kind) in [
             ("networking.istio.io/v1alpha3", "Gateway"),
-            ("networking.istio.io/v1", "ServiceEntry"),
             ("networking.istio.io/v1beta1", "Sidecar"),
             ("networking.istio.io/v1alpha3", "EnvoyFilter"),
             ("networking.istio.io/v1", "WorkloadEntry"),

@@ -8,6 +8,7 @@
 pub mod crds;
 mod duration;
 mod kinds;
+mod mesh;
 mod networking;
 mod parse;
 mod positions;
@@ -34,6 +35,10 @@ pub use networking::{
     OutlierDetectionSettings, Percent, RetryOnToken, RouteDestination, SimpleLb, StringMatch, SubsetSpec, TlsMode,
     TrafficPolicySpec, VirtualService, VirtualServiceSpec,
 };
+pub use networking::{
+    EntryEndpoint, EntryWorkloadSelector, Location, Resolution, ServiceEntry, ServiceEntryPort, ServiceEntrySpec,
+};
+pub use mesh::{MeshConfig, OutboundMode};
 pub use parse::parse_file;
 pub use positions::locate;
 pub use security::{
@@ -144,6 +149,9 @@ pub enum Resource {
     DestinationRule(DestinationRule),
     /// Only of a waypoint class: other Gateways are `Other` until GWAPI-1.
     Gateway(Gateway),
+    ServiceEntry(ServiceEntry),
+    /// The `istio` ConfigMap of `istio-system`: the mesh-wide settings (L4-5).
+    MeshConfig(MeshConfig),
     Other {
         api_version: String,
         kind: String,
@@ -176,6 +184,8 @@ impl Resource {
             Resource::VirtualService(r) => ("VirtualService", &r.metadata),
             Resource::DestinationRule(r) => ("DestinationRule", &r.metadata),
             Resource::Gateway(r) => ("Gateway", &r.metadata),
+            Resource::ServiceEntry(r) => ("ServiceEntry", &r.metadata),
+            Resource::MeshConfig(r) => ("ConfigMap", &r.metadata),
             Resource::Other { .. } => return None,
         };
         Some((kind, meta.namespace_or_default(), &meta.name))

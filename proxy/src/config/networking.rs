@@ -49,6 +49,7 @@ macro_rules! checked {
 
 mod destination_rule;
 mod resilience;
+mod service_entry;
 mod virtual_service;
 
 pub use destination_rule::{
@@ -56,6 +57,9 @@ pub use destination_rule::{
     LoadBalancerSettings, OutlierDetectionSettings, SimpleLb, SubsetSpec, TlsMode, TrafficPolicySpec,
 };
 pub use resilience::{HttpRetry, RetryOnToken};
+pub use service_entry::{
+    EntryEndpoint, EntryWorkloadSelector, Location, Resolution, ServiceEntry, ServiceEntryPort, ServiceEntrySpec,
+};
 pub use virtual_service::{
     DestinationSpec, HeaderOperations, Headers, HttpMatch, HttpRoute, L4MatchAttributes, RouteDestination, StringMatch,
     VirtualService, VirtualServiceSpec,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::kinds::{self, GATEWAY_API, NETWORKING, SECURITY, Verdict};
 use super::syntax::{explain, normalize_indentation};
-use super::{DISCOVERY, Diagnostic, Located, Origin, Resource, positions};
+use super::{DISCOVERY, Diagnostic, Located, Origin, Resource, mesh, positions};
 
 /// What every document has: its type, its name, and which other top-level fields it carries
 /// (read without deserializing them).
@@ -143,7 +143,7 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<(Resource
         || (SECURITY.contains(&api_version.as_str())
             && matches!(kind.as_str(), "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"))
         || (NETWORKING.contains(&api_version.as_str())
-            && matches!(kind.as_str(), "VirtualService" | "DestinationRule"));
+            && matches!(kind.as_str(), "VirtualService" | "DestinationRule" | "ServiceEntry"));
     if reads {
         // Before the typed parse, whose complaint about a flattened document (`spec` empty, a
         // field missing) would not say why.
@@ -173,6 +173,15 @@ fn parse_document(file: &Path, first_line: usize, doc: &str) -> Result<(Resource
         }
         (group, "DestinationRule") if NETWORKING.contains(&group) => {
             checked(Resource::DestinationRule(from_yaml(file, first_line, doc)?))
+        }
+        (group, "ServiceEntry") if NETWORKING.contains(&group) => {
+            checked(Resource::ServiceEntry(from_yaml(file, first_line, doc)?))
+        }
+        ("v1", "ConfigMap") if mesh::is_mesh_config(meta.name.as_deref(), meta.namespace.as_deref()) => {
+            mesh::parse(doc).map(|config| (Resource::MeshConfig(config), Vec::new())).map_err(|(field, message)| {
+                let field = (!field.is_empty()).then_some(field);
+                Diagnostic::error(origin.clone(), field.as_deref(), format!("mesh config: {message}"))
+            })
         }
         (group, "Gateway") if GATEWAY_API.contains(&group) && is_waypoint_gateway(doc) => {
             check_top_level(&meta, &kind, &origin)?;

@@ -15,18 +15,20 @@ use tokio::sync::watch;
 
 use crate::{
     authz::{self, peer_authn::PeerAuthnChain},
-    config::{Diagnostic, Located, Origin, Resource},
+    config::{Cidr, Diagnostic, Located, OutboundMode, Origin, Resource},
     identity::Identity,
 };
 
 pub mod reload;
 pub mod routes;
 mod security;
+mod service_entries;
 mod services;
 pub mod waypoints;
 
 pub use routes::Routing;
 pub use security::{RequestAuthn, Security, SecurityParts, compile_security};
+pub use service_entries::{DnsEndpoint, ServiceEntryInfo};
 pub use services::{AppProtocol, Endpoint, Service, ServicePort};
 pub use waypoints::{Waypoint, WaypointName};
 
@@ -121,6 +123,18 @@ pub struct Model {
     services_by_vip: HashMap<IpAddr, Arc<Service>>,
     #[serde(skip)]
     services_by_host: HashMap<String, Arc<Service>>,
+    /// ServiceEntry addresses that are CIDR blocks, with their service (few: scanned).
+    #[serde(skip)]
+    entry_blocks: Vec<(Cidr, Arc<Service>)>,
+    /// ServiceEntry STATIC endpoint addresses, to name the service a connection to one reaches.
+    #[serde(skip)]
+    entries_by_endpoint: HashMap<IpAddr, Arc<Service>>,
+    /// ServiceEntries of resolution NONE without addresses, by port: as in Istio's sidecars,
+    /// any destination on the port that nothing else claims is that service.
+    #[serde(skip)]
+    entries_by_port: HashMap<u16, Arc<Service>>,
+    /// `outboundTrafficPolicy.mode` of the mesh config (L4-5).
+    pub outbound_mode: OutboundMode,
     /// Counts published models: state derived from a model (the L7 engine's destinations)
     /// compares it to know when to rebuild.
     pub generation: u64,
@@ -140,6 +154,71 @@ impl Model {
     /// The service named `host` (`name.namespace.svc.cluster.local`).
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
         self.services_by_host.get(host)
+    }
+
+    /// The service whose virtual IP is `ip`, or whose ServiceEntry addresses cover it.
+    pub fn service_by_address(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services_by_vip.get(&ip).or_else(|| self.entry_blocks.iter().find(|(c, _)| c.contains(ip)).map(|(_, s)| s))
+    }
+
+    /// The ServiceEntry service one of whose STATIC endpoints is `ip`.
+    pub fn service_by_endpoint(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.entries_by_endpoint.get(&ip)
+    }
+
+    /// The ServiceEntry of resolution NONE without addresses that declares `port`.
+    pub fn service_by_port(&self, port: u16) -> Option<&Arc<Service>> {
+        self.entries_by_port.get(&port)
+    }
+
+    /// The names a node proxy resolves through DNS for ServiceEntries (sorted, no duplicates,
+    /// no IP addresses).
+    pub fn dns_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .services
+            .iter()
+            .filter_map(|s| s.entry.as_ref())
+            .flat_map(|e| &e.dns)
+            .filter(|d| d.name.parse::<IpAddr>().is_err())
+            .map(|d| d.name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Indexes the ServiceEntry services' addresses, endpoints and ports; the first service
+    /// wins each key. Returns the services whose address was already taken, with the address.
+    fn index_entries(&mut self) -> Vec<(Arc<Service>, IpAddr)> {
+        let mut clashes = Vec::new();
+        for service in &self.services {
+            let Some(entry) = &service.entry else { continue };
+            for block in &entry.addresses {
+                let single = block.prefix() == if block.addr().is_ipv4() { 32 } else { 128 };
+                if !single {
+                    self.entry_blocks.push((*block, service.clone()));
+                    continue;
+                }
+                match self.services_by_vip.get(&block.addr()) {
+                    Some(other) if !Arc::ptr_eq(other, service) && other.entry.as_ref().is_none_or(|o| o.entry != entry.entry) => {
+                        clashes.push((service.clone(), block.addr()));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.services_by_vip.insert(block.addr(), service.clone());
+                    }
+                }
+            }
+            for endpoint in service.ports.iter().flat_map(|p| &p.endpoints) {
+                self.entries_by_endpoint.entry(endpoint.workload.ip).or_insert_with(|| service.clone());
+            }
+            if entry.resolution == crate::config::Resolution::None && entry.addresses.is_empty() {
+                for port in &service.ports {
+                    self.entries_by_port.entry(port.port).or_insert_with(|| service.clone());
+                }
+            }
+        }
+        clashes
     }
 
     /// The AuthorizationPolicies applying to `workload` at the node proxy (AUTHZ-1), ready for
@@ -172,15 +251,19 @@ impl Model {
         for w in workloads.iter().filter(|w| !w.host_network) {
             model.by_ip.entry(w.ip).or_insert_with(|| w.clone());
         }
-        for service in &services {
+        for service in services.iter().filter(|s| s.entry.is_none()) {
             model.services_by_host.entry(service.hostname.clone()).or_insert_with(|| service.clone());
             if let Some(vip) = service.vip {
                 model.services_by_vip.entry(vip).or_insert_with(|| service.clone());
             }
         }
+        for service in services.iter().filter(|s| s.entry.is_some()) {
+            model.services_by_host.entry(service.hostname.clone()).or_insert_with(|| service.clone());
+        }
         model.waypoints = waypoints::collect_waypoints(&workloads);
         model.workloads = workloads;
         model.services = services;
+        model.index_entries();
         model
     }
 
@@ -279,17 +362,35 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
     model.waypoints = waypoints::collect_waypoints(&model.workloads);
     let (services, addresses) =
         services::compile_services(resources, &model.workloads, &pod_ports, &namespaces, &declared, &mut diagnostics);
-    model.services = services;
     // EndpointSlice addresses that are no pod's: workloads too, so that proxies learn them as
     // every endpoint (no pod has their address, so the index keeps pods first).
     for workload in addresses {
         model.by_ip.entry(workload.ip).or_insert_with(|| workload.clone());
         model.workloads.push(workload);
     }
+    let taken: HashMap<String, Origin> = services.iter().map(|s| (s.hostname.clone(), s.origin.clone())).collect();
+    let (entries, entry_workloads) = service_entries::compile_service_entries(
+        resources,
+        &model.workloads,
+        &taken,
+        &namespaces,
+        &declared,
+        &mut diagnostics,
+    );
+    for workload in entry_workloads {
+        model.by_ip.entry(workload.ip).or_insert_with(|| workload.clone());
+        model.workloads.push(workload);
+    }
+    model.services = services;
+    model.services.extend(entries);
+    model.outbound_mode = mesh_outbound_mode(resources);
     model.routing = routes::compile_routing(resources, &model.services, &mut diagnostics);
     model.security = security::compile_security(resources, &model.workloads, &options.root_namespace, &mut diagnostics);
     for service in &model.services {
         model.services_by_host.insert(service.hostname.clone(), service.clone());
+        if service.entry.is_some() {
+            continue;
+        }
         let Some(vip) = service.vip else { continue };
         if let Some(previous) = model.services_by_vip.insert(vip, service.clone()) {
             diagnostics.push(Diagnostic::error(
@@ -299,7 +400,26 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
             ));
         }
     }
+    for (service, address) in model.index_entries() {
+        let previous = model.services_by_vip.get(&address).map(|p| format!("{} at {}", p.hostname, p.origin));
+        diagnostics.push(Diagnostic::error(
+            service.origin.clone(),
+            Some("spec.addresses"),
+            format!("address {address} is already used by service {}", previous.unwrap_or_default()),
+        ));
+    }
     (model, diagnostics)
+}
+
+/// `outboundTrafficPolicy.mode` from the mesh config, ALLOW_ANY without one (Istio's default).
+fn mesh_outbound_mode(resources: &[Located<Resource>]) -> OutboundMode {
+    resources
+        .iter()
+        .find_map(|r| match &r.resource {
+            Resource::MeshConfig(mesh) => Some(mesh.outbound_mode),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 /// Tests: the model of one YAML text that must parse without diagnostics and compile without

@@ -116,6 +116,9 @@ pub struct Service {
     /// Where the Service was written, for diagnostics.
     #[serde(skip)]
     pub origin: Origin,
+    /// Set for a service made from a ServiceEntry host (GW-3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<super::ServiceEntryInfo>,
 }
 
 impl Service {
@@ -424,6 +427,7 @@ fn compile_one(
         ports,
         waypoint: None,
         origin: located.origin.clone(),
+        entry: None,
     }
 }
 

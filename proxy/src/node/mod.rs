@@ -2,6 +2,7 @@
 //! the configuration, and proxies every connection they hand it.
 
 pub(crate) mod copy;
+mod dns;
 mod handover;
 pub(crate) mod inbound;
 mod live;
@@ -175,6 +176,8 @@ pub struct NodeContext {
     /// Turns true when the proxy drains: HBONE connections get GOAWAY, so peers move their
     /// new streams to a fresh connection (the successor's, after a handover).
     pub draining: watch::Receiver<bool>,
+    /// What ServiceEntry hosts of resolution DNS resolve to (GW-3).
+    pub dns: Arc<dns::DnsCache>,
 }
 
 /// Counts one connection as in flight while it lives.
@@ -282,8 +285,10 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
         live: Arc::default(),
         in_flight: Arc::default(),
         draining,
+        dns: Arc::default(),
     });
     tokio::spawn(recheck_on_change(ctx.clone()));
+    tokio::spawn(dns::keep_resolved(ctx.dns.clone(), ctx.model.clone()));
     let fds = [listeners.outbound.as_raw_fd(), listeners.plaintext.as_raw_fd(), listeners.hbone.as_raw_fd()];
     let (stop_accepting, accepting) = watch::channel(false);
     accept_all(&ctx, listeners, &gates, accepting)?;
@@ -591,6 +596,7 @@ async fn serve_operator_endpoints(
     let gates = [gates.hbone.clone(), gates.plaintext.clone(), gates.outbound.clone()];
     metrics.register(admission::refusal_counters(gates.to_vec()));
     metrics.register(crate::hbone::server::handshake_failure_counters());
+    metrics.register(outbound::refusal_counters());
     let telemetry = Telemetry::new(access_log, metrics.traffic());
     let ready = Readiness::default();
     let state = AdminState {

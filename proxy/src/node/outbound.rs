@@ -6,16 +6,24 @@
 //! source's identity (or, when this node captures it, through the inbound logic in-process with
 //! the same checks); anything else is plain TCP passthrough (L4-5).
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
 
 use strait_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{NodeContext, copy, inbound};
+use super::{NodeContext, copy, dns::DnsCache, inbound};
 use crate::{
     hbone::{self, ConnectRequest},
-    model::{Model, WaypointName, Workload},
+    config::{OutboundMode, Resolution},
+    model::{Model, Service, WaypointName, Workload},
     sys,
     telemetry::{ConnectionRecord, DEFAULT_CLUSTER, Outcome, canonical_revision, canonical_service},
 };
@@ -33,8 +41,26 @@ enum Route {
     Waypoint { waypoint: Arc<Workload>, authority: SocketAddr },
     /// Plain TCP to an address outside the mesh.
     Passthrough(SocketAddr),
+    /// Plain TCP to an address of a ServiceEntry's DNS endpoint, resolved when the connection
+    /// comes (GW-3): the name and the port to dial on it.
+    Resolve { name: String, port: u16 },
     /// Nowhere: the reason is logged.
     Refuse(String),
+    /// Nowhere, because REGISTRY_ONLY admits only what the registry knows (L4-5).
+    Blocked(String),
+}
+
+/// Outbound connections refused by REGISTRY_ONLY, for `strait_outbound_refused_total`.
+static REGISTRY_ONLY_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// `strait_outbound_refused_total{reason="registry_only"}`, read at every scrape.
+pub fn refusal_counters() -> crate::telemetry::ScrapedCounters {
+    crate::telemetry::ScrapedCounters::by_label(
+        "strait_outbound_refused",
+        "Outbound connections of enrolled pods refused by the mesh's outbound traffic policy (L4-5)",
+        "reason",
+        || [("registry_only", REGISTRY_ONLY_REFUSED.load(Ordering::Relaxed))],
+    )
 }
 
 pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAddr) {
@@ -51,12 +77,20 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
         record.source_workload = Some(source.clone());
         record.source_identity = Some(source.identity(&ctx.trust_domain).to_string());
     }
-    let route = route(&model, destination, &ctx.trust_domain, &mut record);
+    let route = route(&model, &ctx.dns, destination, &ctx.trust_domain, &mut record);
     drop(model);
     ctx.telemetry.opened(&mut record);
 
     match (route, source) {
         (Route::Refuse(reason), _) => record.outcome = Outcome::Refused(reason),
+        (Route::Blocked(reason), _) => {
+            REGISTRY_ONLY_REFUSED.fetch_add(1, Ordering::Relaxed);
+            record.outcome = Outcome::Refused(reason);
+        }
+        (Route::Resolve { name, port }, _) => match ctx.dns.pick(&name).await {
+            Ok(ip) => passthrough(&downstream, SocketAddr::new(ip, port), &mut record).await,
+            Err(e) => record.outcome = Outcome::UpstreamConnectFailed(format!("cannot resolve {name}: {e}")),
+        },
         (Route::Mesh { .. }, None) => {
             // Without a known source there is no identity to speak for: fail closed.
             record.outcome = Outcome::Refused("the source is not a known workload of this node".into());
@@ -86,17 +120,45 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
 }
 
 /// Decides where the connection goes, noting in `record` the service and workload it reaches.
-fn route(model: &Model, destination: SocketAddr, trust_domain: &str, record: &mut ConnectionRecord) -> Route {
+fn route(
+    model: &Model,
+    dns: &DnsCache,
+    destination: SocketAddr,
+    trust_domain: &str,
+    record: &mut ConnectionRecord,
+) -> Route {
     if PROXY_PORTS.contains(&destination.port()) {
         return Route::Refuse(format!("port {} is reserved for the mesh proxy", destination.port()));
     }
-    let (target, addr) = if let Some(service) = model.service_by_vip(destination.ip()) {
+    let (target, addr) = if let Some(service) = model.service_by_address(destination.ip()) {
         record.destination_service = Some(service.clone());
         let Some(port) = service.port(destination.port()) else {
             return Route::Refuse(format!("service {} has no port {}", service.hostname, destination.port()));
         };
         if let Some(name) = &service.waypoint {
             return to_waypoint(model, name, destination, trust_domain, record);
+        }
+        if let Some(entry) = &service.entry {
+            match entry.resolution {
+                // The address the client dialled is the endpoint.
+                Resolution::None => return Route::Passthrough(destination),
+                Resolution::Dns | Resolution::DnsRoundRobin => {
+                    // One of the entry's names, in turn; each name spreads over its addresses.
+                    let Some(endpoint) = pick_dns(service) else {
+                        return Route::Refuse(format!("service {} has no endpoint to resolve", service.hostname));
+                    };
+                    return Route::Resolve { name: endpoint.name.clone(), port: endpoint.target(port.port) };
+                }
+                // Outside the mesh: plain TCP to the endpoint, whatever it is (GW-3).
+                Resolution::Static if entry.external() => {
+                    let Some(endpoint) = port.pick() else {
+                        return Route::Refuse(format!("service {} has no endpoint for port {}", service.hostname, port.port));
+                    };
+                    record.destination_workload = Some(endpoint.workload.clone());
+                    return Route::Passthrough(endpoint.addr());
+                }
+                Resolution::Static => {}
+            }
         }
         let Some(endpoint) = port.pick() else {
             return Route::Refuse(format!("service {} has no ready endpoint for port {}", service.hostname, port.port));
@@ -105,7 +167,10 @@ fn route(model: &Model, destination: SocketAddr, trust_domain: &str, record: &mu
     } else {
         (model.workload_by_ip(destination.ip()).cloned(), destination)
     };
-    let Some(target) = target else { return Route::Passthrough(addr) };
+    if let Some(service) = model.service_by_endpoint(addr.ip()).filter(|_| record.destination_service.is_none()) {
+        record.destination_service = Some(service.clone());
+    }
+    let Some(target) = target else { return outside_the_registry(model, dns, destination, record) };
     // The destination's protocol decides, not whether this proxy captures it: a pod served by
     // another HBONE proxy (Istio's ztunnel on its node) is in the mesh too.
     if let (true, Some(name)) = (target.reached_over_hbone() && addr == destination, &target.waypoint) {
@@ -119,6 +184,40 @@ fn route(model: &Model, destination: SocketAddr, trust_domain: &str, record: &mu
     } else {
         Route::Passthrough(addr)
     }
+}
+
+/// A destination that is no service VIP and no workload: a ServiceEntry's when one of its DNS
+/// names resolved to it, or when an entry of resolution NONE without addresses declares its port
+/// (as Istio's sidecars match such entries); plain TCP in any case, unless the mesh is
+/// REGISTRY_ONLY and no entry claims it (L4-5).
+fn outside_the_registry(model: &Model, dns: &DnsCache, destination: SocketAddr, record: &mut ConnectionRecord) -> Route {
+    let by_name = dns.name_of(destination.ip()).and_then(|name| {
+        model
+            .services
+            .iter()
+            .filter(|s| s.port(destination.port()).is_some())
+            .find(|s| s.entry.as_ref().is_some_and(|e| e.dns.iter().any(|d| d.name == name)))
+    });
+    if let Some(service) = by_name.or_else(|| model.service_by_port(destination.port())) {
+        record.destination_service = Some(service.clone());
+        return Route::Passthrough(destination);
+    }
+    if model.outbound_mode == OutboundMode::RegistryOnly {
+        return Route::Blocked(format!(
+            "outboundTrafficPolicy is REGISTRY_ONLY and {destination} is no service, workload or ServiceEntry of the \
+             mesh"
+        ));
+    }
+    Route::Passthrough(destination)
+}
+
+/// The DNS endpoint of a ServiceEntry service a new connection goes to, taking them in turn.
+fn pick_dns(service: &Service) -> Option<&crate::model::DnsEndpoint> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let endpoints = &service.entry.as_ref()?.dns;
+    let n = u64::try_from(endpoints.len()).ok().filter(|n| *n > 0)?;
+    let i = usize::try_from(NEXT.fetch_add(1, Ordering::Relaxed) % n).ok()?;
+    endpoints.get(i)
 }
 
 /// Traffic for a destination behind a waypoint: to one of the waypoint's pods. Without a
@@ -238,7 +337,7 @@ mod tests {
         let decide = |to: &str| {
             let destination: SocketAddr = to.parse().expect("addr");
             let mut record = ConnectionRecord::start("outbound", "10.1.0.10:40000".parse().expect("addr"), destination);
-            let route = route(&model, destination, "cluster.local", &mut record);
+            let route = route(&model, &DnsCache::default(), destination, "cluster.local", &mut record);
             (route, record.security)
         };
         for to in ["10.3.0.5:80", "10.3.0.6:80"] {
@@ -248,5 +347,115 @@ mod tests {
         }
         assert!(matches!(decide("10.3.0.7:80").0, Route::Passthrough(_)));
         assert!(matches!(decide("10.9.9.9:80").0, Route::Passthrough(_)));
+    }
+
+    const EGRESS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: n1}
+status: {podIP: 10.1.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outside, namespace: plain}
+spec: {nodeName: n1}
+status: {podIP: 10.1.0.20}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: static, namespace: shop}
+spec:
+  hosts: [db.example.com]
+  addresses: [240.0.0.10]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.20, ports: {tcp: 15432}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: none, namespace: shop}
+spec:
+  hosts: [legacy.example.com]
+  addresses: [192.0.2.64/26]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dns, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  addresses: [240.0.0.11]
+  ports: [{number: 443, name: tls, protocol: TLS, targetPort: 8443}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wild, namespace: shop}
+spec:
+  hosts: ["*.example.org"]
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+"#;
+
+    const REGISTRY_ONLY: &str = "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n";
+
+    fn decide(model: &Model, dns: &DnsCache, to: &str) -> (Route, Option<String>) {
+        let destination: SocketAddr = to.parse().expect("addr");
+        let mut record = ConnectionRecord::start("outbound", "10.1.0.10:40000".parse().expect("addr"), destination);
+        let route = route(model, dns, destination, "cluster.local", &mut record);
+        (route, record.destination_service.map(|s| s.hostname.clone()))
+    }
+
+    // GW-3, L4-3, L4-5: ServiceEntry destinations by VIP, CIDR, STATIC endpoint, resolved name
+    // and port are known as their service and leave in plain TCP; REGISTRY_ONLY refuses the rest
+    // and ALLOW_ANY passes it through.
+    #[tokio::test]
+    async fn service_entries_and_registry_only() {
+        let dns = DnsCache::default();
+        for (yaml, registry_only) in [(EGRESS.to_owned(), false), (format!("{EGRESS}{REGISTRY_ONLY}"), true)] {
+            let model = crate::model::compile_clean(&yaml);
+            let passthrough = |to: &str, addr: &str, host: Option<&str>| {
+                let (route, service) = decide(&model, &dns, to);
+                assert!(matches!(route, Route::Passthrough(a) if a.to_string() == addr), "{to}: {}", kind(&route));
+                assert_eq!(service.as_deref(), host, "{to}");
+            };
+            passthrough("240.0.0.10:5432", "192.0.2.20:15432", Some("db.example.com"));
+            passthrough("192.0.2.20:15432", "192.0.2.20:15432", Some("db.example.com"));
+            passthrough("192.0.2.70:80", "192.0.2.70:80", Some("legacy.example.com"));
+            passthrough("203.0.113.9:9000", "203.0.113.9:9000", Some("*.example.org"));
+            passthrough("10.1.0.20:8080", "10.1.0.20:8080", None);
+            let (route, service) = decide(&model, &dns, "240.0.0.11:443");
+            assert!(matches!(&route, Route::Resolve { name, port: 8443 } if name == "api.example.com"), "{}", kind(&route));
+            assert_eq!(service.as_deref(), Some("api.example.com"));
+            let (route, service) = decide(&model, &dns, "203.0.113.9:80");
+            assert_eq!(service, None);
+            if registry_only {
+                assert!(matches!(&route, Route::Blocked(r) if r.contains("REGISTRY_ONLY")), "{}", kind(&route));
+            } else {
+                assert!(matches!(route, Route::Passthrough(_)), "{}", kind(&route));
+            }
+        }
+        // An address a DNS entry's host resolved to is that entry's.
+        let model = crate::model::compile_clean(&format!("{EGRESS}{REGISTRY_ONLY}"));
+        let answers = super::super::dns::tests_support::answers(&[("api.example.com", "198.51.100.7")]);
+        let (route, service) = decide(&model, &answers, "198.51.100.7:443");
+        assert!(matches!(route, Route::Passthrough(_)), "{}", kind(&route));
+        assert_eq!(service.as_deref(), Some("api.example.com"));
+        assert!(matches!(decide(&model, &answers, "198.51.100.7:80").0, Route::Blocked(_)), "port not declared");
+    }
+
+    fn kind(route: &Route) -> String {
+        match route {
+            Route::Mesh { addr, .. } => format!("mesh {addr}"),
+            Route::Waypoint { authority, .. } => format!("waypoint {authority}"),
+            Route::Passthrough(a) => format!("passthrough {a}"),
+            Route::Resolve { name, port } => format!("resolve {name}:{port}"),
+            Route::Refuse(r) => format!("refuse {r}"),
+            Route::Blocked(r) => format!("blocked {r}"),
+        }
     }
 }

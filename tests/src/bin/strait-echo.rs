@@ -8,13 +8,15 @@ use std::time::Duration;
 use strait_testbed::echo::abuse::{self, AbuseOptions};
 use strait_testbed::echo::client::{self, GetOptions, HttpUrl};
 use strait_testbed::echo::rapid_reset::{self, RapidResetOptions};
-use strait_testbed::echo::{ServerConfig, flood, grpc, http, tcp, tls, websocket};
+use strait_testbed::echo::{ServerConfig, dns, flood, grpc, http, tcp, websocket};
+use strait_testbed::echo::tls;
 
 const USAGE: &str = "usage:
   strait-echo http PORT [--name NAME] [--delay-ms N] [--http-version 1.0|1.1]
   strait-echo grpc PORT [--name NAME] [--delay-ms N]
   strait-echo https PORT --cert PEM --key PEM [--client-ca PEM] [--name NAME]
   strait-echo tcp PORT
+  strait-echo dns PORT --record NAME=IP[,IP...]...
   strait-echo probe IP:PORT [--timeout-ms N]
   strait-echo send IP:PORT --bytes N [--timeout-secs N]
   strait-echo hold IP:PORT --secs S
@@ -77,6 +79,11 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         "tcp" => {
             Options::parse(rest, &[])?;
             Ok(serve_result(tcp::serve(parse(positional, "PORT")?)))
+        }
+        "dns" => {
+            let opts = Options::parse(rest, &["--record"])?;
+            let table: dns::Table = opts.get_all("--record").map(dns::parse_record).collect::<Result<_, _>>()?;
+            Ok(serve_result(dns::serve(parse(positional, "PORT")?, &table)))
         }
         "probe" => {
             let opts = Options::parse(rest, &["--timeout-ms"])?;

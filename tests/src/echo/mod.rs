@@ -11,6 +11,7 @@
 pub mod abuse;
 pub mod base64;
 pub mod client;
+pub mod dns;
 pub mod flood;
 pub mod grpc;
 pub mod http;

@@ -22,7 +22,7 @@ use strait_proto::{
     },
     prost::Message,
     prost_types::Any,
-    strait::config::v1::{ServiceExtension, ServicePortInfo, WorkloadExtension},
+    strait::config::v1::{self as api_entry, ServiceExtension, ServicePortInfo, WorkloadExtension},
 };
 
 use super::{
@@ -31,7 +31,8 @@ use super::{
 };
 use crate::{
     authz::Scope,
-    model::{Model, Service, WaypointName, Workload, WorkloadProtocol},
+    config::{Location, Resolution},
+    model::{Model, Service, ServiceEntryInfo, WaypointName, Workload, WorkloadProtocol},
     telemetry::{canonical_revision, canonical_service, workload_name},
     xds::{ADDRESS_TYPE_URL, XdsResource},
 };
@@ -220,21 +221,64 @@ fn encode_service(s: &Service) -> (String, Arc<XdsResource>) {
                 app_protocol: p.app_protocol.clone().unwrap_or_default(),
             })
             .collect(),
+        entry: s.entry.as_ref().map(entry_info),
     };
+    let addresses = service_addresses(s);
     let service = api::Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
         hostname: s.hostname.clone(),
-        addresses: s
-            .vip
+        addresses: addresses
             .iter()
-            .map(|vip| NetworkAddress { network: NETWORK.to_owned(), address: ip_bytes(*vip) })
+            .map(|ip| NetworkAddress { network: NETWORK.to_owned(), address: ip_bytes(*ip) })
             .collect(),
         ports,
         waypoint: s.waypoint.as_ref().map(gateway_address),
         extensions: vec![extension(SERVICE_EXTENSION, SERVICE_EXTENSION_TYPE_URL, &info)],
         ..Default::default()
     };
-    let aliases = s.vip.iter().map(|vip| alias(*vip)).collect();
+    let aliases = addresses.iter().map(|ip| alias(*ip)).collect();
     resource(key, aliases, ADDRESS_TYPE_URL, &as_address(address::Type::Service(service)))
+}
+
+/// A service's addresses: its VIP, or for a ServiceEntry host every single-IP address of the
+/// entry (CIDR blocks travel in the extension only).
+fn service_addresses(s: &Service) -> Vec<IpAddr> {
+    match &s.entry {
+        None => s.vip.into_iter().collect(),
+        Some(entry) => entry
+            .addresses
+            .iter()
+            .filter(|c| c.prefix() == if c.addr().is_ipv4() { 32 } else { 128 })
+            .map(|c| c.addr())
+            .collect(),
+    }
+}
+
+/// The ServiceEntry part of a service, for `strait.io/service`.
+fn entry_info(entry: &ServiceEntryInfo) -> api_entry::ServiceEntryInfo {
+    api_entry::ServiceEntryInfo {
+        entry: entry.entry.clone(),
+        mesh_internal: entry.location == Location::MeshInternal,
+        resolution: resolution_name(entry.resolution).to_owned(),
+        addresses: entry.addresses.iter().map(ToString::to_string).collect(),
+        dns: entry
+            .dns
+            .iter()
+            .map(|d| api_entry::DnsEndpoint {
+                name: d.name.clone(),
+                ports: d.ports.iter().map(|(k, v)| (u32::from(*k), u32::from(*v))).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Istio's name of a resolution, as `ServiceEntryInfo.resolution` carries it.
+pub(super) fn resolution_name(resolution: Resolution) -> &'static str {
+    match resolution {
+        Resolution::None => "NONE",
+        Resolution::Static => "STATIC",
+        Resolution::Dns => "DNS",
+        Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
+    }
 }

@@ -32,8 +32,9 @@ use super::{
 };
 use crate::{
     authz::{Policy, Scope},
+    config::{Cidr, Location, Resolution},
     model::{
-        CompileOptions, Endpoint, Model, Security, SecurityParts, Service, ServicePort, WaypointName, Workload,
+        CompileOptions, DnsEndpoint, Endpoint, Model, ServiceEntryInfo, Security, SecurityParts, Service, ServicePort, WaypointName, Workload,
         WorkloadProtocol, compile_security, routes::compile_routing, waypoints,
     },
     xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL, Received},
@@ -341,6 +342,7 @@ fn service(s: &ServiceIn, backing: &Backing, waypoint: Option<WaypointName>) -> 
     let p = &s.service;
     let info = extension::<ServiceExtension>(&p.extensions, SERVICE_EXTENSION).unwrap_or_default();
     let backends = backing.get(s.key.as_str()).map_or(&[][..], Vec::as_slice);
+    let labels = info.labels.clone();
     let ports = p
         .ports
         .iter()
@@ -360,10 +362,11 @@ fn service(s: &ServiceIn, backing: &Backing, waypoint: Option<WaypointName>) -> 
         namespace: p.namespace.clone(),
         hostname: p.hostname.clone(),
         vip: s.vip,
-        labels: info.labels,
+        labels,
         ports,
         waypoint,
         origin: xds_origin("Address", &s.name),
+        entry: info.entry.as_ref().map(entry_from),
     }
 }
 
@@ -434,4 +437,34 @@ fn security(
     }
     parts.authorization_policies = policies.into_iter().filter(|p| !is_peer_authn_policy(&p.name)).collect();
     parts
+}
+
+/// The ServiceEntry part of a service from `strait.io/service`. What does not read (an unknown
+/// resolution, a bad address) is left out rather than failing the service: the entry's VIPs are
+/// its `addresses`, already checked.
+fn entry_from(info: &strait_proto::strait::config::v1::ServiceEntryInfo) -> ServiceEntryInfo {
+    let resolution = match info.resolution.as_str() {
+        "STATIC" => Resolution::Static,
+        "DNS" => Resolution::Dns,
+        "DNS_ROUND_ROBIN" => Resolution::DnsRoundRobin,
+        _ => Resolution::None,
+    };
+    ServiceEntryInfo {
+        entry: info.entry.clone(),
+        location: if info.mesh_internal { Location::MeshInternal } else { Location::MeshExternal },
+        resolution,
+        addresses: info.addresses.iter().filter_map(|a| a.parse::<Cidr>().ok()).collect(),
+        dns: info
+            .dns
+            .iter()
+            .map(|d| DnsEndpoint {
+                name: d.name.clone(),
+                ports: d
+                    .ports
+                    .iter()
+                    .filter_map(|(k, v)| Some((u16::try_from(*k).ok()?, u16::try_from(*v).ok()?)))
+                    .collect(),
+            })
+            .collect(),
+    }
 }

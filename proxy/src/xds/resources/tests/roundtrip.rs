@@ -10,7 +10,7 @@ use super::*;
 use crate::{
     authz::{Connection, HttpRequest, evaluate},
     identity::Identity,
-    model::{WaypointName, Workload, WorkloadProtocol},
+    model::{Service, WaypointName, Workload, WorkloadProtocol},
     node::policy::{authorize, kernel_policy, plaintext_allowed},
     xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL},
 };
@@ -308,4 +308,60 @@ endpoints:
     for w in &model.workloads {
         assert_eq!(**by_name(&decoded, &w.namespace, &w.name), **w, "{}", w.display_name());
     }
+}
+
+// GW-3, CFG-2: ServiceEntry hosts reach a node proxy whole: VIPs and CIDR blocks, location,
+// resolution, DNS names with their target ports, STATIC endpoints as workloads.
+#[test]
+fn service_entries_survive_the_round_trip() {
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db.example.com]
+  addresses: [240.0.0.10, 240.0.0.11, 240.1.0.0/16]
+  ports: [{number: 5432, name: tcp, protocol: TCP, targetPort: 15432}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.20}, {address: 192.0.2.21, ports: {tcp: 25432}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: https, protocol: HTTPS, targetPort: 8443}]
+  resolution: DNS
+  endpoints: [{address: eu.api.example.com}, {address: us.api.example.com, ports: {https: 9443}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wild, namespace: shop}
+spec:
+  hosts: ["*.example.org"]
+  ports: [{number: 9000, name: tcp}]
+"#;
+    let (resources, model) = directory_from(yaml);
+    let served = snapshot(&model, &resources, "cluster.local");
+    let decoded = model_from_xds(&received_by(&served, &node_proxy("n1")), "cluster.local").expect("decodes");
+    for host in ["db.example.com", "api.example.com", "*.example.org"] {
+        let (s, d) = (model.service_by_host(host).expect(host), decoded.service_by_host(host).expect(host));
+        assert_eq!((&d.entry, d.vip), (&s.entry, s.vip), "{host}");
+        let endpoints = |s: &Service| -> Vec<String> {
+            s.ports.iter().flat_map(|p| &p.endpoints).map(|e| format!("{}={}", e.workload.display_name(), e.addr())).collect()
+        };
+        assert_eq!(endpoints(d), endpoints(s), "{host}");
+    }
+    for ip in ["240.0.0.11", "240.1.2.3", "192.0.2.21"] {
+        let ip: IpAddr = ip.parse().expect("ip");
+        let known = decoded.service_by_address(ip).or_else(|| decoded.service_by_endpoint(ip));
+        assert_eq!(known.map(|s| s.hostname.as_str()), Some("db.example.com"), "{ip}");
+    }
+    assert_eq!(decoded.service_by_port(9000).map(|s| s.hostname.as_str()), Some("*.example.org"));
+    assert_eq!(decoded.dns_names(), model.dns_names());
 }

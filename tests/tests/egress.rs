@@ -1,0 +1,164 @@
+//! End to end: traffic from the mesh to hosts outside it (SPEC GW-3, L4-3, L4-5): ServiceEntries
+//! resolved through DNS (a resolver of ours, `strait-echo dns`, that the node proxy and the
+//! client pod reach through resolv.conf files of their own), STATIC endpoints, NONE with
+//! addresses, wildcard hosts, and `outboundTrafficPolicy.mode: REGISTRY_ONLY` from Istio's mesh
+//! ConfigMap, switched on reload. The "external" servers are pods of the topology that no
+//! configuration names, on a node without a proxy: nothing of the mesh runs for them. Needs root.
+
+mod common;
+
+use std::{io, time::Duration};
+
+use common::{MESH, TIMEOUT, TwoNodes, apply, ca_dir, start_node, wait_access_line};
+use strait_testbed::{CurlResult, EchoKind, Node, Pod, Process, bin_path, k8s};
+
+/// Istio's mesh configuration with the given outbound mode (L4-5).
+fn mesh_config(mode: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |-\n    \
+         accessLogFile: /dev/stdout\n    outboundTrafficPolicy:\n      mode: {mode}\n"
+    )
+}
+
+/// The mesh namespace and its client pod.
+fn mesh(t: &TwoNodes) -> String {
+    [k8s::namespace_yaml(MESH, &[("istio.io/dataplane-mode", "ambient")]), k8s::pod_yaml(&t.client, MESH, "client", &[])]
+        .concat()
+}
+
+/// Starts `strait-echo dns` on port 53 of `pod` with `records` (`name=ip`).
+fn start_dns(pod: &Pod, records: &[String]) -> io::Result<Process> {
+    let mut args = vec!["dns", "53"];
+    for record in records {
+        args.extend(["--record", record.as_str()]);
+    }
+    let server = pod.spawn("dns", bin_path("strait-echo"), &args, &[])?;
+    server.wait_for_log("dns serving", TIMEOUT)?;
+    Ok(server)
+}
+
+/// Points the node (its proxy, started afterwards) and the client pod at the resolver in `dns`.
+fn use_resolver(t: &TwoNodes, dns: &Pod) -> io::Result<()> {
+    let conf = format!("nameserver {}\noptions timeout:1 attempts:2\n", dns.ip());
+    t.n1.netns().set_resolv_conf(&conf)?;
+    t.client.netns().set_resolv_conf(&conf)
+}
+
+fn refused_count(node: &Node) -> io::Result<u64> {
+    let text = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("strait_outbound_refused_total{reason=\"registry_only\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+fn get(client: &Pod, url: &str) -> io::Result<CurlResult> {
+    client.curl(url, Duration::from_secs(5))
+}
+
+/// Sends bytes through a TCP echo server at `target` from `pod` and checks they come back.
+fn tcp_round_trip(pod: &Pod, target: &str) -> io::Result<bool> {
+    let out = pod.run(bin_path("strait-echo"), &["send", target, "--bytes", "10000", "--timeout-secs", "5"])?;
+    Ok(out.status.success())
+}
+
+// GW-3, L4-5: a DNS ServiceEntry host resolves (for the app and for the node proxy) to an
+// external server; the connection is known as that service and leaves in plain TCP. Under
+// REGISTRY_ONLY a host without an entry is refused (reset, counted, access line with the reason);
+// switching the mesh config to ALLOW_ANY on reload admits it, and back to REGISTRY_ONLY refuses it
+// again.
+#[test]
+fn dns_service_entry_and_registry_only_switched_on_reload() -> io::Result<()> {
+    let t = TwoNodes::new("egress::dns")?;
+    let other = t.topo.add_pod(&t.n2, "other")?;
+    let resolver = t.topo.add_pod(&t.n2, "resolver")?;
+    let _cnn = t.server.echo_server(EchoKind::Http, 80).name("cnn-stand-in").start()?;
+    let _other = other.echo_server(EchoKind::Http, 80).name("unlisted-server").start()?;
+    let _dns = start_dns(
+        &resolver,
+        &[format!("edition.cnn.com={}", t.server.ip()), format!("unlisted.example.com={}", other.ip())],
+    )?;
+    use_resolver(&t, &resolver)?;
+    // The seed's ServiceEntry, verbatim (seed 002).
+    let entry = "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\nmetadata:\n  name: cnn\n  namespace: mesh\n\
+                 spec:\n  hosts:\n  - edition.cnn.com\n  ports:\n  - number: 80\n    name: http-port\n    protocol: HTTP\n  \
+                 - number: 443\n    name: https\n    protocol: HTTPS\n  resolution: DNS\n";
+    t.topo.write_config("mesh.yaml", &mesh(&t))?;
+    t.topo.write_config("entry.yaml", entry)?;
+    t.topo.write_config("meshconfig.yaml", &mesh_config("REGISTRY_ONLY"))?;
+    let p1 = start_node(&t.topo, &t.n1, &ca_dir(&t.topo, "ca"), &[])?;
+    p1.wait_for_log("ServiceEntry host resolved", TIMEOUT)?;
+
+    let reply = get(&t.client, "http://edition.cnn.com/politics")?;
+    assert!(reply.ok() && reply.body.contains("hello from cnn-stand-in"), "{reply:?}");
+    let line = wait_access_line(&p1, &["outbound", "dst.service=edition.cnn.com"], TIMEOUT)?;
+    assert!(line.contains("result=ok") && line.contains("security=none"), "plain TCP, never HBONE: {line}");
+
+    let refused = get(&t.client, "http://unlisted.example.com/")?;
+    assert_eq!(refused.status, 0, "refused: {refused:?}");
+    let other_addr = format!("dst.addr={}:80", other.ip());
+    let line = wait_access_line(&p1, &["outbound", &other_addr, "result=refused"], TIMEOUT)?;
+    assert!(line.contains("REGISTRY_ONLY"), "{line}");
+    assert_eq!(refused_count(&t.n1)?, 1);
+
+    apply(&t.topo, &[&p1], "meshconfig.yaml", &mesh_config("ALLOW_ANY"))?;
+    let reply = get(&t.client, "http://unlisted.example.com/")?;
+    assert!(reply.ok() && reply.body.contains("hello from unlisted-server"), "ALLOW_ANY: {reply:?}");
+    assert!(get(&t.client, "http://edition.cnn.com/")?.ok(), "the entry's host still works");
+
+    apply(&t.topo, &[&p1], "meshconfig.yaml", &mesh_config("REGISTRY_ONLY"))?;
+    assert_eq!(get(&t.client, "http://unlisted.example.com/")?.status, 0, "REGISTRY_ONLY again");
+    assert!(get(&t.client, "http://edition.cnn.com/")?.ok());
+    assert_eq!(refused_count(&t.n1)?, 2);
+    // The resolver was asked by the node proxy, not only by the app (it knows the host's address).
+    assert!(_dns.log().lines().any(|l| l.contains("edition.cnn.com type 1") && l.contains(&t.n1.ip().to_string())));
+    Ok(())
+}
+
+// GW-3, L4-3, L4-5: STATIC endpoints behind a VIP (with targetPort), NONE with an address, and a
+// wildcard host of resolution NONE (any address on its port), all admitted under REGISTRY_ONLY
+// and known as their service; the same server on an undeclared port is refused.
+#[test]
+fn static_none_and_wildcard_entries() -> io::Result<()> {
+    let t = TwoNodes::new("egress::static")?;
+    let legacy = t.topo.add_pod(&t.n2, "legacy")?;
+    let far = t.topo.add_pod(&t.n2, "far")?;
+    let _db = t.server.echo_server(EchoKind::Http, 8080).name("static-endpoint").start()?;
+    let _legacy = legacy.echo_server(EchoKind::Http, 80).name("legacy-host").start()?;
+    let _far_tcp = far.start_echo_server(EchoKind::Tcp, 9000)?;
+    let _far_http = far.echo_server(EchoKind::Http, 80).name("far").start()?;
+    let entries = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db, namespace: mesh}}\nspec:\n  \
+         hosts: [db.internal.example]\n  addresses: [240.240.0.10]\n  ports: [{{number: 80, name: http, protocol: HTTP, \
+         targetPort: 8080}}]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  endpoints: [{{address: {}}}]\n---\n\
+         apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata: {{name: legacy, namespace: mesh}}\n\
+         spec:\n  hosts: [legacy.example.com]\n  addresses: [{}/32]\n  ports: [{{number: 80, name: http}}]\n  \
+         resolution: NONE\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: wild, \
+         namespace: mesh}}\nspec:\n  hosts: [\"*.example.org\"]\n  ports: [{{number: 9000, name: tcp, protocol: TCP}}]\n",
+        t.server.ip(),
+        legacy.ip()
+    );
+    t.topo.write_config("mesh.yaml", &mesh(&t))?;
+    t.topo.write_config("entries.yaml", &entries)?;
+    t.topo.write_config("meshconfig.yaml", &mesh_config("REGISTRY_ONLY"))?;
+    let p1 = start_node(&t.topo, &t.n1, &ca_dir(&t.topo, "ca"), &[])?;
+
+    let reply = get(&t.client, "http://240.240.0.10/")?;
+    assert!(reply.ok() && reply.body.contains("hello from static-endpoint"), "VIP to the endpoint: {reply:?}");
+    let line = wait_access_line(&p1, &["dst.service=db.internal.example"], TIMEOUT)?;
+    assert!(line.contains(&format!("dst.addr={}:8080", t.server.ip())) && line.contains("result=ok"), "{line}");
+    let direct = get(&t.client, &format!("http://{}:8080/", t.server.ip()))?;
+    assert!(direct.ok(), "the endpoint's own address is the entry's too: {direct:?}");
+
+    let reply = get(&t.client, &format!("http://{}/", legacy.ip()))?;
+    assert!(reply.ok() && reply.body.contains("hello from legacy-host"), "{reply:?}");
+    wait_access_line(&p1, &["dst.service=legacy.example.com", "result=ok"], TIMEOUT)?;
+
+    assert!(tcp_round_trip(&t.client, &format!("{}:9000", far.ip()))?, "the wildcard entry's port");
+    wait_access_line(&p1, &["dst.service=*.example.org", "result=ok"], TIMEOUT)?;
+    let refused = get(&t.client, &format!("http://{}/", far.ip()))?;
+    assert_eq!(refused.status, 0, "port 80 of that host is in no entry: {refused:?}");
+    wait_access_line(&p1, &[&format!("dst.addr={}:80", far.ip()), "result=refused"], TIMEOUT)?;
+    Ok(())
+}
