@@ -285,3 +285,130 @@ fn simple_without_ca_trusts_the_system_bundle() -> io::Result<()> {
     wait_request_lines(&wp, &["path=\"/system\"", "status=200"], 1)?;
     Ok(())
 }
+
+/// Istio's `samples/bookinfo/networking/egress-rule-google-apis.yaml`, verbatim: a DNS
+/// ServiceEntry for www.googleapis.com (ports 80 HTTP and 443 HTTPS), a VirtualService sending
+/// port 80 to port 443, and a DestinationRule originating TLS (SIMPLE) on port 443.
+const GOOGLE_APIS_SAMPLE: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: googleapis
+spec:
+  hosts:
+  - www.googleapis.com
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  - number: 443
+    name: https
+    protocol: HTTPS
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: rewrite-port-for-googleapis
+spec:
+  hosts:
+  - www.googleapis.com
+  http:
+  - match:
+    - port: 80
+    route:
+    - destination:
+        host: www.googleapis.com
+        port:
+          number: 443
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: originate-tls-for-googleapis
+spec:
+  host: www.googleapis.com
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+    portLevelSettings:
+    - port:
+        number: 443
+      tls:
+        mode: SIMPLE # initiates HTTPS when accessing www.googleapis.com
+";
+
+// GW-3, GW-4, the egress waypoint: Istio's egress-rule-google-apis sample, loaded verbatim (no
+// diagnostic at all) into namespace `default`, whose label `istio.io/use-waypoint` makes the
+// ServiceEntry's traffic go through the waypoint. The client's `http://www.googleapis.com/...`
+// resolves (through a resolver of ours) to a stand-in HTTPS server; the node proxy sends the
+// connection to the waypoint, which routes port 80 to 443 and originates TLS with SNI
+// www.googleapis.com, verified against the system bundle (`SSL_CERT_FILE`: the test CA).
+#[test]
+fn google_apis_sample_through_the_egress_waypoint() -> io::Result<()> {
+    const NS: &str = "default";
+    let m = WaypointMesh::new("tls::googleapis", &["google", "resolver"])?;
+    let (google, resolver) = (&m.backends[0], &m.backends[1]);
+    let pki = Pki::new(&m.topo)?;
+    pki.leaf("googleapis", "www.googleapis.com")?;
+    let base = [
+        k8s::namespace_yaml(NS, &[("istio.io/dataplane-mode", "ambient"), ("istio.io/use-waypoint", "waypoint")]),
+        k8s::pod_yaml(&m.client, NS, "client", &[("app", "client")]),
+        k8s::pod_yaml(&m.waypoint_pod, NS, "waypoint", &[(common::WAYPOINT_POD_LABEL, "waypoint")]),
+    ]
+    .concat();
+    m.topo.write_config("base.yaml", &base)?;
+    m.topo.write_config("googleapis.yaml", GOOGLE_APIS_SAMPLE)?;
+
+    let record = format!("www.googleapis.com={}", google.ip());
+    let dns = resolver.spawn("dns", bin_path("strait-echo"), &["dns", "53", "--record", &record], &[])?;
+    dns.wait_for_log("dns serving", TIMEOUT)?;
+    let conf = format!("nameserver {}\noptions timeout:1 attempts:2\n", resolver.ip());
+    for netns in [m.n1.netns(), m.client.netns(), m.waypoint_pod.netns()] {
+        netns.set_resolv_conf(&conf)?;
+    }
+    let (cert, key) = (pki.path("googleapis.pem"), pki.path("googleapis-key.pem"));
+    let https = google.spawn(
+        "https-googleapis",
+        &require_bin("strait-echo")?,
+        &["https", "443", "--cert", &cert, "--key", &key, "--name", "googleapis-stand-in"],
+        &[],
+    )?;
+    https.wait_for_log("listening on", TIMEOUT)?;
+    let p1 = start_node(&m.topo, &m.n1, &m.ca, &[])?;
+    let p2 = start_node(&m.topo, &m.n2, &m.ca, &[])?;
+    let (config_dir, ca_dir) = (m.topo.config_dir(), m.ca.to_string_lossy().into_owned());
+    let config_dir = config_dir.to_string_lossy().into_owned();
+    let bundle = pki.path("ca.pem");
+    let args = ["waypoint", "--name", "waypoint", "--namespace", NS, "--config", &config_dir, "--ca-dir", &ca_dir];
+    let env = [("STRAIT_LOG", "info"), ("SSL_CERT_FILE", bundle.as_str())];
+    let wp = m.waypoint_pod.spawn("waypoint-googleapis", &bin_path("strait"), &args, &env)?;
+    wp.wait_for_log("strait waypoint ready", TIMEOUT)?;
+
+    // The node proxy resolves the entry's host every 5 s; the first round runs at start.
+    let deadline = Instant::now() + TIMEOUT;
+    let reply = loop {
+        let reply = m.client.curl("http://www.googleapis.com/books/v1/volumes?q=isbn:0486424618", TIMEOUT)?;
+        if reply.status == 200 || Instant::now() > deadline {
+            break reply;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(reply.status, 200, "{reply:?}\nwaypoint:\n{}", wp.log_tail());
+    assert!(
+        reply.body.contains("hello from googleapis-stand-in sni=www.googleapis.com alpn=http/1.1 client_cert=-"),
+        "{}",
+        reply.body
+    );
+    assert!(reply.body.contains("path=/books/v1/volumes"), "{}", reply.body);
+    let line = wait_request_lines(&wp, &["path=\"/books/v1/volumes?q=isbn:0486424618\"", "status=200"], 1)?.remove(0);
+    assert!(line.contains("cluster=outbound|443||www.googleapis.com"), "{line}");
+    assert!(line.contains(&format!("upstream={}:443", google.ip())), "{line}");
+    assert!(line.contains("src.identity=spiffe://cluster.local/ns/default/sa/client"), "{line}");
+    // Loaded verbatim: not one diagnostic about the sample's file, from any proxy.
+    for proxy in [&p1, &p2, &wp] {
+        let log = proxy.log();
+        let noted: Vec<&str> = log.lines().filter(|l| l.contains("googleapis.yaml:")).collect();
+        assert!(noted.is_empty(), "diagnostics on the sample: {noted:?}");
+    }
+    Ok(())
+}

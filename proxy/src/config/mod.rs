@@ -29,6 +29,7 @@ use std::{
 use serde::Deserialize;
 
 pub use duration::parse_duration;
+pub use mesh::{MeshConfig, OutboundMode};
 pub use networking::{
     ClientTlsSettings, ConnectionPoolSettings, ConsistentHash, DestinationRule, DestinationRuleSpec, DestinationSpec,
     HeaderOperations, Headers, HttpMatch, HttpRetry, HttpRoute, L4MatchAttributes, LoadBalancerSettings,
@@ -38,7 +39,6 @@ pub use networking::{
 pub use networking::{
     EntryEndpoint, EntryWorkloadSelector, Location, Resolution, ServiceEntry, ServiceEntryPort, ServiceEntrySpec,
 };
-pub use mesh::{MeshConfig, OutboundMode};
 pub use parse::parse_file;
 pub use positions::locate;
 pub use security::{

@@ -33,12 +33,14 @@ use super::{
     pool::{Detached, EndpointPool, UpstreamVersion},
 };
 use crate::{
+    config::Resolution,
     hbone::{ConnectRequest, H2Stream, HbonePool},
     identity::Identity,
     model::{
-        AppProtocol, Model, Service, Workload,
+        AppProtocol, Model, Service, Workload, entry_workload,
         routes::{Destination, EffectivePolicy, OutlierDetection},
     },
+    node::dns::DnsCache,
     sys,
 };
 
@@ -123,6 +125,8 @@ pub struct Cluster {
     pub origination: Option<Arc<Origination>>,
     /// The model generation this cluster was built from.
     generation: u64,
+    /// For a ServiceEntry of resolution DNS: the DNS answers' generation its endpoints are from.
+    dns_generation: Option<u64>,
 }
 
 impl Cluster {
@@ -282,24 +286,34 @@ pub struct Upstreams {
     pub connector: Arc<Connector>,
     /// Exchanges finished in the background after their client went away.
     pub detached: Arc<Detached>,
+    /// The addresses of ServiceEntry hosts of resolution DNS (SPEC GW-3): the endpoints of
+    /// those destinations. Kept resolved by the engine's owner (`node::dns::keep_resolved`).
+    pub dns: Arc<DnsCache>,
     clusters: Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
 }
 
 impl Upstreams {
     pub fn new(connector: Connector) -> Self {
-        Self { connector: Arc::new(connector), detached: Arc::default(), clusters: Mutex::new(HashMap::new()) }
+        Self {
+            connector: Arc::new(connector),
+            detached: Arc::default(),
+            dns: Arc::default(),
+            clusters: Mutex::new(HashMap::new()),
+        }
     }
 
-    /// The cluster for `key` under `model`, built (or rebuilt for a newer model) on demand.
+    /// The cluster for `key` under `model`, built (or rebuilt for a newer model, or new DNS
+    /// answers) on demand.
     pub fn cluster(&self, model: &Model, key: &ClusterKey) -> Result<Arc<Cluster>, ClusterError> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let previous = clusters.get(key);
         if let Some(c) = previous
             && c.generation == model.generation
+            && c.dns_generation.is_none_or(|g| g == self.dns.generation())
         {
             return Ok(c.clone());
         }
-        let cluster = Arc::new(build_cluster(model, key, previous.map(Arc::as_ref))?);
+        let cluster = Arc::new(build_cluster(model, &self.dns, key, previous.map(Arc::as_ref))?);
         clusters.insert(key.clone(), cluster.clone());
         Ok(cluster)
     }
@@ -335,6 +349,7 @@ impl Upstreams {
             limits: previous.map(|c| c.limits.clone()).unwrap_or_default(),
             origination: None,
             generation: model.generation,
+            dns_generation: None,
         });
         clusters.insert(key, cluster.clone());
         cluster
@@ -353,7 +368,12 @@ impl Upstreams {
     }
 }
 
-fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) -> Result<Cluster, ClusterError> {
+fn build_cluster(
+    model: &Model,
+    dns: &DnsCache,
+    key: &ClusterKey,
+    previous: Option<&Cluster>,
+) -> Result<Cluster, ClusterError> {
     let service = model.service_by_host(&key.host).ok_or_else(|| ClusterError::UnknownHost(key.host.clone()))?;
     let port = service.port(key.port).ok_or_else(|| ClusterError::UnknownPort(key.host.clone(), key.port))?;
     let rule = model.routing.destination_rule_for(&key.host);
@@ -375,18 +395,39 @@ fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) ->
     };
     let old: HashMap<SocketAddr, &Arc<UpstreamEndpoint>> =
         previous.filter(|_| same_tls).map(|c| c.endpoints.iter().map(|e| (e.addr, e)).collect()).unwrap_or_default();
-    let endpoints: Vec<Arc<UpstreamEndpoint>> = port
-        .endpoints
-        .iter()
-        .filter(|e| labels.is_none_or(|l| l.iter().all(|(k, v)| e.workload.labels.get(k) == Some(v))))
-        .map(|e| {
-            let addr = e.addr();
+    // A ServiceEntry of resolution DNS: its names' addresses, as last resolved, are the
+    // endpoints, outside the mesh (SPEC GW-3). The generation is read first: answers newer than
+    // it only cause one rebuild too many.
+    let dns_generation = dns.generation();
+    let dns_entry =
+        service.entry.as_ref().filter(|e| matches!(e.resolution, Resolution::Dns | Resolution::DnsRoundRobin));
+    let resolved: Vec<(SocketAddr, Arc<Workload>)> = dns_entry
+        .map(|entry| {
+            entry
+                .dns
+                .iter()
+                .flat_map(|d| dns.addresses(&d.name).into_iter().map(move |ip| SocketAddr::new(ip, d.target(key.port))))
+                .map(|addr| {
+                    let workload = match old.get(&addr) {
+                        Some(kept) => kept.workload.clone(),
+                        None => Arc::new(entry_workload(&service.namespace, addr.ip(), Default::default(), None)),
+                    };
+                    (addr, workload)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let listed = port.endpoints.iter().map(|e| (e.addr(), e.workload.clone()));
+    let endpoints: Vec<Arc<UpstreamEndpoint>> = listed
+        .chain(resolved)
+        .filter(|(_, w)| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .map(|(addr, workload)| {
             match old.get(&addr) {
                 // Same pod, same identity: keep its health and connections.
-                Some(kept) if kept.workload == e.workload => (*kept).clone(),
+                Some(kept) if kept.workload == workload => (*kept).clone(),
                 _ => Arc::new(UpstreamEndpoint {
                     addr,
-                    workload: e.workload.clone(),
+                    workload,
                     health: Health::default(),
                     active: AtomicU32::new(0),
                     pool: EndpointPool::default(),
@@ -415,5 +456,6 @@ fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) ->
         limits: previous.map(|c| c.limits.clone()).unwrap_or_default(),
         origination,
         generation: model.generation,
+        dns_generation: dns_entry.map(|_| dns_generation),
     })
 }

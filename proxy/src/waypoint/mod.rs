@@ -153,6 +153,8 @@ pub async fn run(options: WaypointOptions) -> anyhow::Result<()> {
         Some(v) => Some(HeaderValue::from_str(v).map_err(|_| anyhow!("--server-header `{v}` is not a header value"))?),
         None => None,
     };
+    // ServiceEntry hosts of resolution DNS, resolved like the node proxy does (SPEC GW-3).
+    tokio::spawn(crate::node::dns::keep_resolved(upstreams.dns.clone(), model.clone()));
     let authn = Authn::start(model.clone(), name.clone()).await;
     let (drain_tx, drain) = tokio::sync::watch::channel(false);
     let l7 = Arc::new(L7Context {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use strait_testbed::echo::abuse::{self, AbuseOptions};
 use strait_testbed::echo::client::{self, GetOptions, HttpUrl};
 use strait_testbed::echo::rapid_reset::{self, RapidResetOptions};
-use strait_testbed::echo::{ServerConfig, dns, flood, grpc, http, tcp, websocket};
 use strait_testbed::echo::tls;
+use strait_testbed::echo::{ServerConfig, dns, flood, grpc, http, tcp, websocket};
 
 const USAGE: &str = "usage:
   strait-echo http PORT [--name NAME] [--delay-ms N] [--http-version 1.0|1.1]
