@@ -22,8 +22,11 @@ fn mesh_config(mode: &str) -> String {
 
 /// The mesh namespace and its client pod.
 fn mesh(t: &TwoNodes) -> String {
-    [k8s::namespace_yaml(MESH, &[("istio.io/dataplane-mode", "ambient")]), k8s::pod_yaml(&t.client, MESH, "client", &[])]
-        .concat()
+    [
+        k8s::namespace_yaml(MESH, &[("istio.io/dataplane-mode", "ambient")]),
+        k8s::pod_yaml(&t.client, MESH, "client", &[]),
+    ]
+    .concat()
 }
 
 /// Starts `strait-echo dns` on port 53 of `pod` with `records` (`name=ip`).

@@ -83,20 +83,26 @@ mod tests {
     use super::*;
 
     fn doc(mesh: &str) -> String {
-        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |-\n{mesh}")
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |-\n{mesh}"
+        )
     }
 
     // L4-5: Istio's form of the mesh config, ALLOW_ANY by default.
     #[test]
     fn reads_the_outbound_mode() {
-        let registry = parse(&doc("    accessLogFile: /dev/stdout\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n"));
+        let registry =
+            parse(&doc("    accessLogFile: /dev/stdout\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n"));
         assert_eq!(registry.map(|m| m.outbound_mode), Ok(OutboundMode::RegistryOnly));
         let allow = parse(&doc("    outboundTrafficPolicy:\n      mode: ALLOW_ANY\n"));
         assert_eq!(allow.map(|m| m.outbound_mode), Ok(OutboundMode::AllowAny));
         let unset = parse("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\n");
         assert_eq!(unset.map(|m| m.outbound_mode), Ok(OutboundMode::AllowAny));
         let bad = parse(&doc("    outboundTrafficPolicy:\n      mode: DENY_ALL\n")).map(|m| m.outbound_mode);
-        assert!(matches!(&bad, Err((field, message)) if field == "data.mesh" && message.contains("DENY_ALL")), "{bad:?}");
+        assert!(
+            matches!(&bad, Err((field, message)) if field == "data.mesh" && message.contains("DENY_ALL")),
+            "{bad:?}"
+        );
         let typo = parse(&doc("    outboundTrafficPolicy:\n      mdoe: REGISTRY_ONLY\n")).map(|m| m.outbound_mode);
         assert!(matches!(&typo, Err((_, message)) if message.contains("mdoe")), "{typo:?}");
     }

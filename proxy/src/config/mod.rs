@@ -29,6 +29,7 @@ use std::{
 use serde::Deserialize;
 
 pub use duration::parse_duration;
+pub use mesh::{MeshConfig, OutboundMode};
 pub use networking::{
     ClientTlsSettings, ConnectionPoolSettings, ConsistentHash, DestinationRule, DestinationRuleSpec, DestinationSpec,
     HeaderOperations, Headers, HttpMatch, HttpRetry, HttpRoute, IstioGateway, IstioGatewaySpec, L4MatchAttributes,
@@ -39,7 +40,6 @@ pub use networking::{ServerHost, ServerPort, ServerProtocol, ServerSpec, ServerT
 pub use networking::{
     EntryEndpoint, EntryWorkloadSelector, Location, Resolution, ServiceEntry, ServiceEntryPort, ServiceEntrySpec,
 };
-pub use mesh::{MeshConfig, OutboundMode};
 pub use parse::parse_file;
 pub use positions::locate;
 pub use security::{

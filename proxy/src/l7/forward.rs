@@ -243,6 +243,15 @@ pub async fn forward(
             }
             Some(Err(TryError::Overflow(why))) => return Err(overflow(why).flagged(flags)),
             Some(Err(TryError::ClientBody(local))) => return Err(local.flagged(flags)),
+            Some(Err(TryError::Tls(why))) => {
+                return Err(Local::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure, \
+                     transport failure reason: TLS origination is misconfigured",
+                )
+                .flagged(ResponseFlags::UF | flags)
+                .because(why));
+            }
             Some(Err(TryError::Connect(e))) => {
                 cluster.record(&endpoint, TryOutcome::ConnectFailure);
                 last = Some(
@@ -416,6 +425,8 @@ enum TryError {
     /// The client's request body failed: the client's fault, not the upstream's (OPS-4).
     ClientBody(Local),
     Connect(std::io::Error),
+    /// The destination's TLS origination cannot be set up (SPEC GW-3).
+    Tls(String),
     Reset(String),
 }
 
@@ -432,6 +443,7 @@ async fn one_try(
         .map_err(|e| match e {
             AcquireError::Overflow(why) => TryError::Overflow(why),
             AcquireError::Connect(e) => TryError::Connect(e),
+            AcquireError::Tls(why) => TryError::Tls(why),
         })?;
     pool::exchange(lease, request, &upstreams.detached).await.map_err(TryError::Reset)
 }

@@ -17,6 +17,7 @@ pub mod lb;
 pub mod limits;
 pub mod matching;
 pub mod memory;
+pub mod origination;
 pub mod outlier;
 pub mod pool;
 pub mod request_body;

@@ -34,6 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{
     body::UpstreamBody,
+    origination::Loaded,
     upstream::{Cluster, Connector, Limits, UpstreamEndpoint},
 };
 
@@ -90,12 +91,13 @@ impl EndpointPool {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 
-    fn take_idle(&self) -> Option<Http1Connection> {
+    /// An idle connection opened with TLS certificates of `epoch` (older ones are closed).
+    fn take_idle(&self, epoch: u64) -> Option<Http1Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(conn) = idle.pop() {
             // Not `is_ready`: a connection whose task has not run since its handshake is not
             // ready yet, and is perfectly good (`Lease::send` waits for it).
-            if !conn.sender.is_closed() {
+            if !conn.sender.is_closed() && conn.epoch == epoch {
                 return Some(conn);
             }
             // Closed by the upstream while idle: dropping it frees its slot.
@@ -111,9 +113,9 @@ impl EndpointPool {
 
     /// The endpoint's HTTP/2 connection, if it has one that is still open (waits while a task
     /// is opening one).
-    async fn live_http2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+    async fn live_http2(&self, epoch: u64) -> Option<http2::SendRequest<UpstreamBody>> {
         let slot = self.http2.lock().await;
-        slot.as_ref().filter(|c| !c.sender.is_closed()).map(|c| c.sender.clone())
+        slot.as_ref().filter(|c| !c.sender.is_closed() && c.epoch == epoch).map(|c| c.sender.clone())
     }
 
     fn put_idle(&self, conn: Http1Connection) {
@@ -141,11 +143,14 @@ struct Http1Connection {
     sender: http1::SendRequest<UpstreamBody>,
     /// Requests this connection has carried.
     served: u32,
+    /// The TLS origination certificates' epoch it was opened with (0 without TLS).
+    epoch: u64,
     _open: OpenConnection,
 }
 
 struct Http2Connection {
     sender: http2::SendRequest<UpstreamBody>,
+    epoch: u64,
     _open: Arc<OpenConnection>,
 }
 
@@ -165,6 +170,9 @@ pub enum AcquireError {
     Overflow(&'static str),
     /// Connecting or the HTTP handshake failed (`UF`).
     Connect(io::Error),
+    /// The destination's TLS origination settings cannot be used (a certificate file is
+    /// missing or bad): no endpoint is to blame.
+    Tls(String),
 }
 
 /// A connection lent to one request; give it back with `release` when the response is over.
@@ -224,18 +232,40 @@ pub async fn acquire(
     connector: &Arc<Connector>,
     client_ip: IpAddr,
 ) -> Result<Lease, AcquireError> {
+    let tls = match &cluster.origination {
+        Some(o) if !endpoint.workload.reached_over_hbone() => Some(
+            o.current().map_err(|e| AcquireError::Tls(format!("TLS origination to {}: {e}", cluster.key.name())))?,
+        ),
+        _ => None,
+    };
+    let dial = Dial { connector: connector.clone(), client_ip, tls, version };
     match version {
-        UpstreamVersion::Http1 => acquire_http1(cluster, endpoint, connector, client_ip).await,
-        UpstreamVersion::Http2 => acquire_http2(cluster, endpoint, connector, client_ip).await,
+        UpstreamVersion::Http1 => acquire_http1(cluster, endpoint, dial).await,
+        UpstreamVersion::Http2 => acquire_http2(cluster, endpoint, dial).await,
     }
 }
 
-async fn acquire_http1(
-    cluster: &Cluster,
-    endpoint: &Arc<UpstreamEndpoint>,
-    connector: &Arc<Connector>,
+/// How to open a connection for one request.
+#[derive(Clone)]
+struct Dial {
+    connector: Arc<Connector>,
     client_ip: IpAddr,
-) -> Result<Lease, AcquireError> {
+    tls: Option<Arc<Loaded>>,
+    version: UpstreamVersion,
+}
+
+impl Dial {
+    fn epoch(&self) -> u64 {
+        self.tls.as_ref().map_or(0, |t| t.epoch)
+    }
+
+    async fn open(&self, endpoint: &UpstreamEndpoint) -> io::Result<super::upstream::UpstreamIo> {
+        let tls = self.tls.as_deref().map(|t| (t, self.version));
+        self.connector.open(endpoint, self.client_ip, tls).await
+    }
+}
+
+async fn acquire_http1(cluster: &Cluster, endpoint: &Arc<UpstreamEndpoint>, dial: Dial) -> Result<Lease, AcquireError> {
     let limits = &cluster.limits;
     let settings = cluster.policy.connection_pool.as_ref();
     let max_connections = settings.and_then(|s| s.max_connections);
@@ -248,13 +278,13 @@ async fn acquire_http1(
         let released = limits.released.notified();
         tokio::pin!(released);
         released.as_mut().enable();
-        if let Some(conn) = endpoint.pool.take_idle() {
+        if let Some(conn) = endpoint.pool.take_idle(dial.epoch()) {
             return Ok(lease(conn));
         }
         if Limits::try_take(&limits.connections, max_connections) {
             let open = OpenConnection { limits: limits.clone() };
             drop(pending.take());
-            return connect_http1(endpoint, connector, client_ip, open).await.map(lease);
+            return connect_http1(endpoint, dial, open).await.map(lease);
         }
         // At the connection limit: an idle connection to another endpoint can make room.
         if cluster.endpoints.iter().any(|e| !Arc::ptr_eq(e, endpoint) && e.pool.close_one_idle()) {
@@ -274,14 +304,14 @@ async fn acquire_http1(
 /// then, the connection waits in the pool for the next one.
 async fn connect_http1(
     endpoint: &Arc<UpstreamEndpoint>,
-    connector: &Arc<Connector>,
-    client_ip: IpAddr,
+    dial: Dial,
     open: OpenConnection,
 ) -> Result<Http1Connection, AcquireError> {
     let (tx, rx) = oneshot::channel();
-    let (endpoint, connector) = (endpoint.clone(), connector.clone());
+    let endpoint = endpoint.clone();
+    let epoch = dial.epoch();
     tokio::spawn(async move {
-        let io = match connector.open(&endpoint, client_ip).await {
+        let io = match dial.open(&endpoint).await {
             Ok(io) => io,
             Err(e) => {
                 let _ = tx.send(Err(AcquireError::Connect(e)));
@@ -295,7 +325,7 @@ async fn connect_http1(
                         tracing::debug!("upstream HTTP/1.1 connection ended: {e}");
                     }
                 });
-                Ok(Http1Connection { sender, served: 0, _open: open })
+                Ok(Http1Connection { sender, served: 0, epoch, _open: open })
             }
             Err(e) => Err(AcquireError::Connect(io::Error::other(e))),
         };
@@ -310,23 +340,12 @@ async fn connect_http1(
     rx.await.unwrap_or_else(|_| Err(AcquireError::Connect(io::Error::other("the connecting task failed"))))
 }
 
-async fn acquire_http2(
-    cluster: &Cluster,
-    endpoint: &Arc<UpstreamEndpoint>,
-    connector: &Arc<Connector>,
-    client_ip: IpAddr,
-) -> Result<Lease, AcquireError> {
-    if let Some(sender) = endpoint.pool.live_http2().await {
+async fn acquire_http2(cluster: &Cluster, endpoint: &Arc<UpstreamEndpoint>, dial: Dial) -> Result<Lease, AcquireError> {
+    if let Some(sender) = endpoint.pool.live_http2(dial.epoch()).await {
         return Ok(Lease { kind: LeaseKind::Http2(sender) });
     }
     let max_connections = cluster.policy.connection_pool.as_ref().and_then(|s| s.max_connections);
-    let connecting = tokio::spawn(connect_http2(
-        endpoint.clone(),
-        cluster.limits.clone(),
-        max_connections,
-        connector.clone(),
-        client_ip,
-    ));
+    let connecting = tokio::spawn(connect_http2(endpoint.clone(), cluster.limits.clone(), max_connections, dial));
     let sender = connecting
         .await
         .unwrap_or_else(|_| Err(AcquireError::Connect(io::Error::other("the connecting task failed"))))?;
@@ -339,12 +358,13 @@ async fn connect_http2(
     endpoint: Arc<UpstreamEndpoint>,
     limits: Arc<Limits>,
     max_connections: Option<u32>,
-    connector: Arc<Connector>,
-    client_ip: IpAddr,
+    dial: Dial,
 ) -> Result<http2::SendRequest<UpstreamBody>, AcquireError> {
+    let epoch = dial.epoch();
     let mut slot = endpoint.pool.http2.lock().await;
     if let Some(conn) = slot.as_ref()
         && !conn.sender.is_closed()
+        && conn.epoch == epoch
     {
         return Ok(conn.sender.clone());
     }
@@ -353,7 +373,7 @@ async fn connect_http2(
         return Err(AcquireError::Overflow("maxConnections reached"));
     }
     let open = Arc::new(OpenConnection { limits });
-    let io = connector.open(&endpoint, client_ip).await.map_err(AcquireError::Connect)?;
+    let io = dial.open(&endpoint).await.map_err(AcquireError::Connect)?;
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
@@ -365,7 +385,7 @@ async fn connect_http2(
             tracing::debug!("upstream HTTP/2 connection ended: {e}");
         }
     });
-    *slot = Some(Http2Connection { sender: sender.clone(), _open: open });
+    *slot = Some(Http2Connection { sender: sender.clone(), epoch, _open: open });
     Ok(sender)
 }
 

@@ -28,16 +28,19 @@ use tokio::{
 
 use super::{
     lb::Balancer,
+    origination::{Loaded, Origination},
     outlier::{self, Health, TryOutcome},
-    pool::{Detached, EndpointPool},
+    pool::{Detached, EndpointPool, UpstreamVersion},
 };
 use crate::{
+    config::Resolution,
     hbone::{ConnectRequest, H2Stream, HbonePool},
     identity::Identity,
     model::{
-        AppProtocol, Model, Service, Workload,
+        AppProtocol, Model, Service, Workload, entry_workload,
         routes::{Destination, EffectivePolicy, OutlierDetection},
     },
+    node::dns::DnsCache,
     sys,
 };
 
@@ -117,8 +120,13 @@ pub struct Cluster {
     pub endpoints: Vec<Arc<UpstreamEndpoint>>,
     pub balancer: Balancer,
     pub limits: Arc<Limits>,
+    /// TLS towards endpoints outside the mesh (DestinationRule `tls` SIMPLE or MUTUAL); kept
+    /// across rebuilds while the settings stay the same, so its configs are built once.
+    pub origination: Option<Arc<Origination>>,
     /// The model generation this cluster was built from.
     generation: u64,
+    /// For a ServiceEntry of resolution DNS: the DNS answers' generation its endpoints are from.
+    dns_generation: Option<u64>,
 }
 
 impl Cluster {
@@ -152,7 +160,7 @@ impl Cluster {
 }
 
 /// Opens upstream connections: HBONE as the proxy's identity to endpoints in the mesh, plain
-/// TCP to endpoints outside it.
+/// TCP or TLS (origination, SPEC GW-3) to endpoints outside it.
 pub struct Connector {
     pub hbone: Arc<HbonePool>,
     /// The identity this proxy speaks as (the waypoint's).
@@ -161,10 +169,21 @@ pub struct Connector {
 }
 
 impl Connector {
-    pub async fn open(&self, endpoint: &UpstreamEndpoint, client_ip: IpAddr) -> io::Result<UpstreamIo> {
+    /// `tls`: originate TLS with these configs when the endpoint is outside the mesh (the mesh's
+    /// endpoints always get HBONE).
+    pub async fn open(
+        &self,
+        endpoint: &UpstreamEndpoint,
+        client_ip: IpAddr,
+        tls: Option<(&Loaded, UpstreamVersion)>,
+    ) -> io::Result<UpstreamIo> {
         let w = &endpoint.workload;
         if !w.reached_over_hbone() {
-            return Ok(UpstreamIo::Tcp(sys::connect(endpoint.addr).await?));
+            let tcp = sys::connect(endpoint.addr).await?;
+            return match tls {
+                None => Ok(UpstreamIo::Tcp(tcp)),
+                Some((loaded, version)) => Ok(UpstreamIo::Tls(Box::new(loaded.connect(version, tcp).await?))),
+            };
         }
         let request = ConnectRequest {
             source: self.identity.clone(),
@@ -181,10 +200,11 @@ impl Connector {
     }
 }
 
-/// An upstream connection: an HBONE stream or a TCP socket.
+/// An upstream connection: an HBONE stream, a TCP socket, or TLS originated over one.
 pub enum UpstreamIo {
     Hbone(Box<H2Stream>),
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl AsyncRead for UpstreamIo {
@@ -192,6 +212,7 @@ impl AsyncRead for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Hbone(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -201,6 +222,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Hbone(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -212,6 +234,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Hbone(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -223,6 +246,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Hbone(s) => Pin::new(s.as_mut()).poll_flush(cx),
             UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -230,6 +254,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Hbone(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -261,24 +286,34 @@ pub struct Upstreams {
     pub connector: Arc<Connector>,
     /// Exchanges finished in the background after their client went away.
     pub detached: Arc<Detached>,
+    /// The addresses of ServiceEntry hosts of resolution DNS (SPEC GW-3): the endpoints of
+    /// those destinations. Kept resolved by the engine's owner (`node::dns::keep_resolved`).
+    pub dns: Arc<DnsCache>,
     clusters: Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
 }
 
 impl Upstreams {
     pub fn new(connector: Connector) -> Self {
-        Self { connector: Arc::new(connector), detached: Arc::default(), clusters: Mutex::new(HashMap::new()) }
+        Self {
+            connector: Arc::new(connector),
+            detached: Arc::default(),
+            dns: Arc::default(),
+            clusters: Mutex::new(HashMap::new()),
+        }
     }
 
-    /// The cluster for `key` under `model`, built (or rebuilt for a newer model) on demand.
+    /// The cluster for `key` under `model`, built (or rebuilt for a newer model, or new DNS
+    /// answers) on demand.
     pub fn cluster(&self, model: &Model, key: &ClusterKey) -> Result<Arc<Cluster>, ClusterError> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let previous = clusters.get(key);
         if let Some(c) = previous
             && c.generation == model.generation
+            && c.dns_generation.is_none_or(|g| g == self.dns.generation())
         {
             return Ok(c.clone());
         }
-        let cluster = Arc::new(build_cluster(model, key, previous.map(Arc::as_ref))?);
+        let cluster = Arc::new(build_cluster(model, &self.dns, key, previous.map(Arc::as_ref))?);
         clusters.insert(key.clone(), cluster.clone());
         Ok(cluster)
     }
@@ -312,7 +347,9 @@ impl Upstreams {
             balancer: Balancer::new(None, &[addr]),
             endpoints: vec![endpoint],
             limits: previous.map(|c| c.limits.clone()).unwrap_or_default(),
+            origination: None,
             generation: model.generation,
+            dns_generation: None,
         });
         clusters.insert(key, cluster.clone());
         cluster
@@ -331,7 +368,12 @@ impl Upstreams {
     }
 }
 
-fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) -> Result<Cluster, ClusterError> {
+fn build_cluster(
+    model: &Model,
+    dns: &DnsCache,
+    key: &ClusterKey,
+    previous: Option<&Cluster>,
+) -> Result<Cluster, ClusterError> {
     let service = model.service_by_host(&key.host).ok_or_else(|| ClusterError::UnknownHost(key.host.clone()))?;
     let port = service.port(key.port).ok_or_else(|| ClusterError::UnknownPort(key.host.clone(), key.port))?;
     let rule = model.routing.destination_rule_for(&key.host);
@@ -345,20 +387,47 @@ fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) ->
         ),
     };
     let policy = rule.map(|r| r.policy_for(key.subset.as_deref(), key.port)).unwrap_or_default();
+    // Pools hold connections of one kind of TLS: new settings start with new endpoints.
+    let same_tls = previous.is_some_and(|c| c.policy.tls == policy.tls);
+    let origination = match previous.and_then(|c| c.origination.as_ref()) {
+        Some(kept) if same_tls => Some(kept.clone()),
+        _ => Origination::new(policy.tls.as_ref(), &key.host).map(Arc::new),
+    };
     let old: HashMap<SocketAddr, &Arc<UpstreamEndpoint>> =
-        previous.map(|c| c.endpoints.iter().map(|e| (e.addr, e)).collect()).unwrap_or_default();
-    let endpoints: Vec<Arc<UpstreamEndpoint>> = port
-        .endpoints
-        .iter()
-        .filter(|e| labels.is_none_or(|l| l.iter().all(|(k, v)| e.workload.labels.get(k) == Some(v))))
-        .map(|e| {
-            let addr = e.addr();
+        previous.filter(|_| same_tls).map(|c| c.endpoints.iter().map(|e| (e.addr, e)).collect()).unwrap_or_default();
+    // A ServiceEntry of resolution DNS: its names' addresses, as last resolved, are the
+    // endpoints, outside the mesh (SPEC GW-3). The generation is read first: answers newer than
+    // it only cause one rebuild too many.
+    let dns_generation = dns.generation();
+    let dns_entry =
+        service.entry.as_ref().filter(|e| matches!(e.resolution, Resolution::Dns | Resolution::DnsRoundRobin));
+    let resolved: Vec<(SocketAddr, Arc<Workload>)> = dns_entry
+        .map(|entry| {
+            entry
+                .dns
+                .iter()
+                .flat_map(|d| dns.addresses(&d.name).into_iter().map(move |ip| SocketAddr::new(ip, d.target(key.port))))
+                .map(|addr| {
+                    let workload = match old.get(&addr) {
+                        Some(kept) => kept.workload.clone(),
+                        None => Arc::new(entry_workload(&service.namespace, addr.ip(), Default::default(), None)),
+                    };
+                    (addr, workload)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let listed = port.endpoints.iter().map(|e| (e.addr(), e.workload.clone()));
+    let endpoints: Vec<Arc<UpstreamEndpoint>> = listed
+        .chain(resolved)
+        .filter(|(_, w)| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .map(|(addr, workload)| {
             match old.get(&addr) {
                 // Same pod, same identity: keep its health and connections.
-                Some(kept) if kept.workload == e.workload => (*kept).clone(),
+                Some(kept) if kept.workload == workload => (*kept).clone(),
                 _ => Arc::new(UpstreamEndpoint {
                     addr,
-                    workload: e.workload.clone(),
+                    workload,
                     health: Health::default(),
                     active: AtomicU32::new(0),
                     pool: EndpointPool::default(),
@@ -366,6 +435,16 @@ fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) ->
             }
         })
         .collect();
+    if let Some(o) = &origination
+        && endpoints.iter().any(|e| e.workload.reached_over_hbone())
+    {
+        // As in Istio, TLS inside the mesh's mTLS would be encrypted twice: HBONE is kept.
+        tracing::warn!(
+            cluster = %key.name(),
+            mode = ?o.settings.mode,
+            "DestinationRule tls applies to endpoints outside the mesh; endpoints in the mesh keep HBONE"
+        );
+    }
     let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
     Ok(Cluster {
         key: key.clone(),
@@ -375,6 +454,8 @@ fn build_cluster(model: &Model, key: &ClusterKey, previous: Option<&Cluster>) ->
         policy,
         endpoints,
         limits: previous.map(|c| c.limits.clone()).unwrap_or_default(),
+        origination,
         generation: model.generation,
+        dns_generation: dns_entry.map(|_| dns_generation),
     })
 }

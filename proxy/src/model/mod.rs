@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::{
     authz::{self, peer_authn::PeerAuthnChain},
-    config::{Cidr, Diagnostic, Located, OutboundMode, Origin, Resource},
+    config::{Cidr, Diagnostic, Located, Origin, OutboundMode, Resource},
     identity::Identity,
 };
 
@@ -29,6 +29,7 @@ pub mod waypoints;
 
 pub use routes::Routing;
 pub use security::{RequestAuthn, Security, SecurityParts, compile_security};
+pub(crate) use service_entries::entry_workload;
 pub use service_entries::{DnsEndpoint, ServiceEntryInfo};
 pub use services::{AppProtocol, Endpoint, Service, ServicePort};
 pub use waypoints::{Waypoint, WaypointName};
@@ -203,7 +204,10 @@ impl Model {
                     continue;
                 }
                 match self.services_by_vip.get(&block.addr()) {
-                    Some(other) if !Arc::ptr_eq(other, service) && other.entry.as_ref().is_none_or(|o| o.entry != entry.entry) => {
+                    Some(other)
+                        if !Arc::ptr_eq(other, service)
+                            && other.entry.as_ref().is_none_or(|o| o.entry != entry.entry) =>
+                    {
                         clashes.push((service.clone(), block.addr()));
                     }
                     Some(_) => {}

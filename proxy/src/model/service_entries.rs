@@ -86,7 +86,9 @@ pub fn compile_service_entries(
                     Some(w) => (*w).clone(),
                     None => made
                         .entry((namespace.to_owned(), ip))
-                        .or_insert_with(|| Arc::new(entry_workload(namespace, ip, e.labels.clone(), e.service_account.clone())))
+                        .or_insert_with(|| {
+                            Arc::new(entry_workload(namespace, ip, e.labels.clone(), e.service_account.clone()))
+                        })
                         .clone(),
                 })
                 .collect(),
@@ -189,7 +191,7 @@ fn dns_endpoints(entry: &ServiceEntry) -> Vec<DnsEndpoint> {
 
 /// The workload of a STATIC endpoint address that is no workload strait knows. Its name cannot
 /// be a pod's (a pod's name has no `/`).
-fn entry_workload(
+pub(crate) fn entry_workload(
     namespace: &str,
     ip: IpAddr,
     labels: BTreeMap<String, String>,
@@ -299,15 +301,24 @@ spec:
             ["192.0.2.20:15432", "192.0.2.21:25432", "10.1.0.9:15432"].map(|a| a.parse::<SocketAddr>().expect("addr"))
         );
         let made = model.workload_by_ip("192.0.2.20".parse().expect("ip")).expect("made workload");
-        assert_eq!((made.name.as_str(), made.protocol, made.captured), ("serviceentry/192.0.2.20", WorkloadProtocol::Tcp, false));
+        assert_eq!(
+            (made.name.as_str(), made.protocol, made.captured),
+            ("serviceentry/192.0.2.20", WorkloadProtocol::Tcp, false)
+        );
         assert_eq!(model.workload_by_ip("10.1.0.9".parse().expect("ip")).map(|w| w.name.as_str()), Some("vm-like"));
-        assert_eq!(model.service_by_endpoint("192.0.2.21".parse().expect("ip")).map(|s| s.hostname.as_str()), Some("db.example.com"));
+        assert_eq!(
+            model.service_by_endpoint("192.0.2.21".parse().expect("ip")).map(|s| s.hostname.as_str()),
+            Some("db.example.com")
+        );
 
         for host in ["api.example.com", "www.example.com"] {
             let s = model.service_by_host(host).expect(host);
             let info = s.entry.as_ref().expect("entry");
             assert_eq!(info.resolution, Resolution::Dns);
-            assert_eq!(info.dns.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["api.example.com", "www.example.com"]);
+            assert_eq!(
+                info.dns.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+                ["api.example.com", "www.example.com"]
+            );
             assert_eq!(info.dns[0].target(443), 8443);
             assert!(s.vip.is_none());
         }

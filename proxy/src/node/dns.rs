@@ -11,7 +11,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -42,11 +42,24 @@ pub struct DnsCache {
     answers: RwLock<Arc<Answers>>,
     /// Spreads connections over a name's addresses.
     next: AtomicUsize,
+    /// Counts refresh rounds that changed an answer, for state derived from the answers (the
+    /// waypoint's destinations, SPEC GW-3) to know when to rebuild.
+    generation: AtomicU64,
 }
 
 impl DnsCache {
     fn current(&self) -> Arc<Answers> {
         self.answers.read().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// The addresses `name` resolved to in the last round (none when it never resolved).
+    pub fn addresses(&self, name: &str) -> Vec<IpAddr> {
+        self.current().by_name.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Changes whenever an answer changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The ServiceEntry host (or endpoint name) that resolved to `ip`, if any.
@@ -106,9 +119,13 @@ impl DnsCache {
                 by_ip.entry(*ip).or_insert_with(|| name.clone());
             }
         }
+        let changed = previous.by_name != by_name;
         let answers = Arc::new(Answers { by_name, by_ip });
         if let Ok(mut slot) = self.answers.write() {
             *slot = answers;
+        }
+        if changed {
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
     }
 }
@@ -148,7 +165,7 @@ pub(crate) mod tests_support {
             answers.by_name.entry((*name).to_owned()).or_insert_with(Vec::new).push(ip);
             answers.by_ip.insert(ip, (*name).to_owned());
         }
-        DnsCache { answers: RwLock::new(Arc::new(answers)), next: AtomicUsize::new(0) }
+        DnsCache { answers: RwLock::new(Arc::new(answers)), next: AtomicUsize::new(0), generation: AtomicU64::new(0) }
     }
 }
 

@@ -2,7 +2,7 @@
 //! the configuration, and proxies every connection they hand it.
 
 pub(crate) mod copy;
-mod dns;
+pub(crate) mod dns;
 mod handover;
 pub(crate) mod inbound;
 mod live;

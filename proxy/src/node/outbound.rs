@@ -21,8 +21,8 @@ use tracing::debug;
 
 use super::{NodeContext, copy, dns::DnsCache, inbound};
 use crate::{
-    hbone::{self, ConnectRequest},
     config::{OutboundMode, Resolution},
+    hbone::{self, ConnectRequest},
     model::{Model, Service, WaypointName, Workload},
     sys,
     telemetry::{ConnectionRecord, DEFAULT_CLUSTER, Outcome, canonical_revision, canonical_service},
@@ -152,7 +152,10 @@ fn route(
                 // Outside the mesh: plain TCP to the endpoint, whatever it is (GW-3).
                 Resolution::Static if entry.external() => {
                     let Some(endpoint) = port.pick() else {
-                        return Route::Refuse(format!("service {} has no endpoint for port {}", service.hostname, port.port));
+                        return Route::Refuse(format!(
+                            "service {} has no endpoint for port {}",
+                            service.hostname, port.port
+                        ));
                     };
                     record.destination_workload = Some(endpoint.workload.clone());
                     return Route::Passthrough(endpoint.addr());
@@ -170,7 +173,7 @@ fn route(
     if let Some(service) = model.service_by_endpoint(addr.ip()).filter(|_| record.destination_service.is_none()) {
         record.destination_service = Some(service.clone());
     }
-    let Some(target) = target else { return outside_the_registry(model, dns, destination, record) };
+    let Some(target) = target else { return outside_the_registry(model, dns, destination, trust_domain, record) };
     // The destination's protocol decides, not whether this proxy captures it: a pod served by
     // another HBONE proxy (Istio's ztunnel on its node) is in the mesh too.
     if let (true, Some(name)) = (target.reached_over_hbone() && addr == destination, &target.waypoint) {
@@ -190,7 +193,13 @@ fn route(
 /// names resolved to it, or when an entry of resolution NONE without addresses declares its port
 /// (as Istio's sidecars match such entries); plain TCP in any case, unless the mesh is
 /// REGISTRY_ONLY and no entry claims it (L4-5).
-fn outside_the_registry(model: &Model, dns: &DnsCache, destination: SocketAddr, record: &mut ConnectionRecord) -> Route {
+fn outside_the_registry(
+    model: &Model,
+    dns: &DnsCache,
+    destination: SocketAddr,
+    trust_domain: &str,
+    record: &mut ConnectionRecord,
+) -> Route {
     let by_name = dns.name_of(destination.ip()).and_then(|name| {
         model
             .services
@@ -200,6 +209,11 @@ fn outside_the_registry(model: &Model, dns: &DnsCache, destination: SocketAddr, 
     });
     if let Some(service) = by_name.or_else(|| model.service_by_port(destination.port())) {
         record.destination_service = Some(service.clone());
+        // An egress waypoint (`istio.io/use-waypoint` on the entry or its namespace) applies
+        // its routes, TLS origination and policy (SPEC GW-3).
+        if let Some(name) = &service.waypoint {
+            return to_waypoint(model, name, destination, trust_domain, record);
+        }
         return Route::Passthrough(destination);
     }
     if model.outbound_mode == OutboundMode::RegistryOnly {
@@ -429,7 +443,11 @@ spec:
             passthrough("203.0.113.9:9000", "203.0.113.9:9000", Some("*.example.org"));
             passthrough("10.1.0.20:8080", "10.1.0.20:8080", None);
             let (route, service) = decide(&model, &dns, "240.0.0.11:443");
-            assert!(matches!(&route, Route::Resolve { name, port: 8443 } if name == "api.example.com"), "{}", kind(&route));
+            assert!(
+                matches!(&route, Route::Resolve { name, port: 8443 } if name == "api.example.com"),
+                "{}",
+                kind(&route)
+            );
             assert_eq!(service.as_deref(), Some("api.example.com"));
             let (route, service) = decide(&model, &dns, "203.0.113.9:80");
             assert_eq!(service, None);

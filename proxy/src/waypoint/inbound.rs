@@ -160,10 +160,19 @@ pub(crate) async fn handle_stream(ctx: Arc<WaypointContext>, stream: InboundStre
     }
 }
 
-/// What the CONNECT target is: a service VIP of this waypoint (with the port's protocol), or a
-/// pod that uses this waypoint.
+/// What the CONNECT target is: a service VIP of this waypoint (with the port's protocol), an
+/// address of a ServiceEntry that uses it (one of its `addresses`, or an address its host
+/// resolved to: an egress waypoint, SPEC GW-3), or a pod that uses this waypoint.
 fn target(ctx: &WaypointContext, model: &Model, addr: SocketAddr) -> Result<(Target, AppProtocol), String> {
-    if let Some(service) = model.service_by_vip(addr.ip()) {
+    let resolved = || {
+        let name = ctx.l7.upstreams.dns.name_of(addr.ip())?;
+        model
+            .services
+            .iter()
+            .filter(|s| s.port(addr.port()).is_some())
+            .find(|s| s.entry.as_ref().is_some_and(|e| e.dns.iter().any(|d| d.name == name)))
+    };
+    if let Some(service) = model.service_by_address(addr.ip()).or_else(resolved) {
         if service.waypoint.as_ref() != Some(&ctx.name) {
             return Err(format!("service {} does not use waypoint {}", service.hostname, ctx.name));
         }

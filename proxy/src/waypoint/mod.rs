@@ -167,6 +167,8 @@ impl Engine {
             }
             None => None,
         };
+        // ServiceEntry hosts of resolution DNS, resolved like the node proxy does (SPEC GW-3).
+        tokio::spawn(crate::node::dns::keep_resolved(upstreams.dns.clone(), model.clone()));
         let authn = Authn::start(model.clone(), name.clone()).await;
         let (drain_tx, drain) = tokio::sync::watch::channel(false);
         let l7 = Arc::new(L7Context {

@@ -8,11 +8,13 @@ use std::time::Duration;
 use strait_testbed::echo::abuse::{self, AbuseOptions};
 use strait_testbed::echo::client::{self, GetOptions, HttpUrl};
 use strait_testbed::echo::rapid_reset::{self, RapidResetOptions};
+use strait_testbed::echo::tls;
 use strait_testbed::echo::{ServerConfig, dns, flood, grpc, http, tcp, websocket};
 
 const USAGE: &str = "usage:
   strait-echo http PORT [--name NAME] [--delay-ms N] [--http-version 1.0|1.1]
   strait-echo grpc PORT [--name NAME] [--delay-ms N]
+  strait-echo https PORT --cert PEM --key PEM [--client-ca PEM] [--name NAME]
   strait-echo tcp PORT
   strait-echo dns PORT --record NAME=IP[,IP...]...
   strait-echo probe IP:PORT [--timeout-ms N]
@@ -63,6 +65,16 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             let port = parse(positional, "PORT")?;
             let serve = if command == "http" { http::serve } else { grpc::serve };
             Ok(serve_result(serve(port, config)))
+        }
+        "https" => {
+            let opts = Options::parse(rest, &["--name", "--cert", "--key", "--client-ca"])?;
+            let files = tls::TlsFiles {
+                cert: opts.get("--cert").ok_or("https needs --cert PEM")?.to_owned(),
+                key: opts.get("--key").ok_or("https needs --key PEM")?.to_owned(),
+                client_ca: opts.get("--client-ca").map(str::to_owned),
+            };
+            let name = opts.get("--name").unwrap_or("strait-echo").to_owned();
+            Ok(serve_result(tls::serve(parse(positional, "PORT")?, name, files)))
         }
         "tcp" => {
             Options::parse(rest, &[])?;

@@ -19,6 +19,7 @@ pub mod json;
 pub mod rapid_reset;
 pub mod sha1;
 pub mod tcp;
+pub mod tls;
 pub mod websocket;
 pub mod wire;
 

@@ -105,8 +105,10 @@ impl Check for ServiceEntrySpec {
             }
             Resolution::Dns | Resolution::DnsRoundRobin => {
                 if self.endpoints.is_empty() && self.hosts.iter().any(|h| h.starts_with("*.")) {
-                    return Err("a wildcard host cannot be resolved through DNS; give `endpoints` or use resolution NONE"
-                        .into());
+                    return Err(
+                        "a wildcard host cannot be resolved through DNS; give `endpoints` or use resolution NONE"
+                            .into(),
+                    );
                 }
                 if self.resolution == Resolution::DnsRoundRobin && self.endpoints.len() > 1 {
                     return Err("resolution DNS_ROUND_ROBIN takes at most one endpoint".into());
@@ -138,7 +140,8 @@ pub struct ServiceEntryPort {
 }
 
 /// Istio's port protocols (`protocol.Instance`), upper case.
-const PROTOCOLS: [&str; 11] = ["HTTP", "HTTPS", "HTTP2", "GRPC", "GRPC-WEB", "TCP", "TLS", "MONGO", "MYSQL", "REDIS", "UDP"];
+const PROTOCOLS: [&str; 11] =
+    ["HTTP", "HTTPS", "HTTP2", "GRPC", "GRPC-WEB", "TCP", "TLS", "MONGO", "MYSQL", "REDIS", "UDP"];
 
 fn protocol<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     scalar(d, "a port protocol", |text| {
@@ -270,7 +273,8 @@ mod tests {
     use crate::config::{Diagnostic, Resource, parse_file};
 
     fn parse(spec: &str) -> Result<super::ServiceEntrySpec, Vec<Diagnostic>> {
-        let yaml = format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: e\nspec:\n{spec}");
+        let yaml =
+            format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: e\nspec:\n{spec}");
         let (resources, diagnostics) = parse_file(Path::new("se.yaml"), &yaml);
         if diagnostics.iter().any(Diagnostic::is_error) {
             return Err(diagnostics);

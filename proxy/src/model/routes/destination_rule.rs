@@ -188,13 +188,8 @@ fn upstream_tls(cx: &mut Context, at: &str, tls: &cfg::ClientTlsSettings) -> Ups
         cfg::TlsMode::Mutual => UpstreamTlsMode::Mutual,
         cfg::TlsMode::IstioMutual => UpstreamTlsMode::IstioMutual,
     };
-    if matches!(mode, UpstreamTlsMode::Simple | UpstreamTlsMode::Mutual) {
-        cx.warning(
-            &format!("{at}.mode"),
-            "strait's waypoint does not originate TLS yet; SIMPLE and MUTUAL are accepted but traffic is sent as \
-             the client sent it",
-        );
-    }
+    // SIMPLE and MUTUAL originate TLS towards endpoints outside the mesh (SPEC GW-3,
+    // `l7::origination`); the files are read there, so that a rotation needs no new config.
     if tls.ca_crl.is_some() {
         cx.unsupported(&format!("{at}.caCrl"), "`caCrl`");
     }

@@ -34,8 +34,8 @@ use crate::{
     authz::{Policy, Scope},
     config::{Cidr, Location, Resolution},
     model::{
-        CompileOptions, DnsEndpoint, Endpoint, Model, ServiceEntryInfo, Security, SecurityParts, Service, ServicePort, WaypointName, Workload,
-        WorkloadProtocol, compile_security, routes::compile_routing, waypoints,
+        CompileOptions, DnsEndpoint, Endpoint, Model, Security, SecurityParts, Service, ServiceEntryInfo, ServicePort,
+        WaypointName, Workload, WorkloadProtocol, compile_security, routes::compile_routing, waypoints,
     },
     xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL, Received},
 };

@@ -310,12 +310,6 @@ fn references_and_semantics_are_analyzed() {
             "PASSTHROUGH (original destination) is not supported by strait; ROUND_ROBIN is used",
         ),
         (
-            "  host: reviews\n  trafficPolicy:\n    tls:\n      mode: SIMPLE",
-            Warning,
-            "spec.trafficPolicy.tls.mode",
-            "strait's waypoint does not originate TLS yet",
-        ),
-        (
             "  host: reviews\n  workloadSelector:\n    matchLabels:\n      app: productpage",
             Warning,
             "spec.workloadSelector",

@@ -353,7 +353,11 @@ spec:
         let (s, d) = (model.service_by_host(host).expect(host), decoded.service_by_host(host).expect(host));
         assert_eq!((&d.entry, d.vip), (&s.entry, s.vip), "{host}");
         let endpoints = |s: &Service| -> Vec<String> {
-            s.ports.iter().flat_map(|p| &p.endpoints).map(|e| format!("{}={}", e.workload.display_name(), e.addr())).collect()
+            s.ports
+                .iter()
+                .flat_map(|p| &p.endpoints)
+                .map(|e| format!("{}={}", e.workload.display_name(), e.addr()))
+                .collect()
         };
         assert_eq!(endpoints(d), endpoints(s), "{host}");
     }
