@@ -277,7 +277,7 @@ fn simple_without_ca_trusts_the_system_bundle() -> io::Result<()> {
     let bundle = pki.path("ca.pem");
     let args = ["waypoint", "--name", "waypoint", "--namespace", APP_NS, "--config", &config_dir, "--ca-dir", &ca_dir];
     let env = [("STRAIT_LOG", "info"), ("SSL_CERT_FILE", bundle.as_str())];
-    let wp = m.waypoint_pod.spawn("waypoint-system-roots", &bin_path("strait"), &args, &env)?;
+    let wp = m.waypoint_pod.spawn("waypoint-system-roots", bin_path("strait"), &args, &env)?;
     wp.wait_for_log("strait waypoint ready", TIMEOUT)?;
     let reply = m.client.curl(&url("/system"), TIMEOUT)?;
     assert_eq!(reply.status, 200, "{reply:?}");
@@ -381,7 +381,7 @@ fn google_apis_sample_through_the_egress_waypoint() -> io::Result<()> {
     let bundle = pki.path("ca.pem");
     let args = ["waypoint", "--name", "waypoint", "--namespace", NS, "--config", &config_dir, "--ca-dir", &ca_dir];
     let env = [("STRAIT_LOG", "info"), ("SSL_CERT_FILE", bundle.as_str())];
-    let wp = m.waypoint_pod.spawn("waypoint-googleapis", &bin_path("strait"), &args, &env)?;
+    let wp = m.waypoint_pod.spawn("waypoint-googleapis", bin_path("strait"), &args, &env)?;
     wp.wait_for_log("strait waypoint ready", TIMEOUT)?;
 
     // The node proxy resolves the entry's host every 5 s; the first round runs at start.

@@ -36,10 +36,10 @@ pub use networking::{
     LoadBalancerSettings, OutlierDetectionSettings, Percent, RetryOnToken, RouteDestination, SimpleLb, StringMatch,
     SubsetSpec, TlsMode, TrafficPolicySpec, VirtualService, VirtualServiceSpec,
 };
-pub use networking::{ServerHost, ServerPort, ServerProtocol, ServerSpec, ServerTls, ServerTlsMode, TlsVersion};
 pub use networking::{
     EntryEndpoint, EntryWorkloadSelector, Location, Resolution, ServiceEntry, ServiceEntryPort, ServiceEntrySpec,
 };
+pub use networking::{ServerHost, ServerPort, ServerProtocol, ServerSpec, ServerTls, ServerTlsMode, TlsVersion};
 pub use parse::parse_file;
 pub use positions::locate;
 pub use security::{

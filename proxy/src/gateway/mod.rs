@@ -257,7 +257,8 @@ async fn splice<I>(
         let endpoint = cluster.pick(None, Instant::now()).cloned().ok_or(format!("no endpoint of {}", key.name()))?;
         record.destination_addr = endpoint.addr;
         record.destination_workload = Some(endpoint.workload.clone());
-        let io = gw.wp.l7.upstreams.connector.open(&endpoint, client_addr.ip()).await.map_err(|e| e.to_string())?;
+        let io =
+            gw.wp.l7.upstreams.connector.open(&endpoint, client_addr.ip(), None).await.map_err(|e| e.to_string())?;
         Ok((io, key))
     }
     .await;
