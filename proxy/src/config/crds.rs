@@ -83,16 +83,6 @@ impl IstioKind {
     }
 }
 
-/// A kind strait does not read yet (it warns and ignores it): its CRD exists so that manifests
-/// written for Istio still apply, and keeps the spec as written since strait has no type for it.
-fn unread(what: &str) -> Value {
-    json!({
-        "type": "object",
-        "x-kubernetes-preserve-unknown-fields": true,
-        "description": format!("Not read by strait yet ({what}); kept as written."),
-    })
-}
-
 fn kinds() -> Vec<IstioKind> {
     let networking = "networking.istio.io";
     let security = "security.istio.io";
