@@ -169,7 +169,7 @@ where
                 debug!(port, %client, "no tcp route: closing");
                 return;
             };
-            splice(&gw, port, &vs.tcp[i].destinations, Vec::new(), io, client, "tcp").await;
+            splice(&gw, port, &vs.tcp[i].destinations, Vec::new(), io, &down(AppProtocol::Tcp), "tcp").await;
         }
         None => debug!(port, "port no longer served: closing"),
     }
@@ -216,7 +216,7 @@ where
         let Some((vs, i)) = view.tls_route(server, port, &sni) else {
             return debug!(client = %down.client_addr, sni, "TLS passthrough: no tls route matches: closing");
         };
-        return splice(gw, port, &vs.tls[i].destinations, hello.bytes, io, down.client_addr, "tls").await;
+        return splice(gw, port, &vs.tls[i].destinations, hello.bytes, io, &down, "tls").await;
     }
     let config = match gw.configs.get(server) {
         Ok(config) => config,
@@ -236,27 +236,36 @@ where
 
 /// Splices the client (after `first`, bytes already read) to a destination of a `tcp[]` or
 /// `tls[]` route: over HBONE to mesh endpoints, plain TCP otherwise (the waypoint's connector).
+/// The access line names the route's service and, over HBONE, the endpoint's identity.
 async fn splice<I>(
     gw: &Arc<Gateway>,
     port: u16,
     destinations: &[WeightedDestination],
     first: Vec<u8>,
     mut client: I,
-    client_addr: SocketAddr,
+    down: &Downstream,
     what: &'static str,
 ) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let started = Instant::now();
+    let client_addr = down.client_addr;
     let mut record = ConnectionRecord::start("gateway", client_addr, client_addr);
+    record.source_workload = down.source_workload.clone();
+    record.source_identity = down.identity.as_ref().map(ToString::to_string);
     let model = gw.wp.model.current();
     let outcome: Result<(UpstreamIo, ClusterKey), String> = async {
         let chosen = choose_weighted(destinations).ok_or("no destination with weight")?;
         let key = ClusterKey::of(&model, &chosen.destination, port);
+        record.destination_service = model.service_by_host(&key.host).cloned();
         let cluster = gw.wp.l7.upstreams.cluster(&model, &key).map_err(|e| e.to_string())?;
         let endpoint = cluster.pick(None, Instant::now()).cloned().ok_or(format!("no endpoint of {}", key.name()))?;
         record.destination_addr = endpoint.addr;
         record.destination_workload = Some(endpoint.workload.clone());
+        if endpoint.workload.reached_over_hbone() {
+            record.security = "mutual_tls";
+            record.destination_identity = Some(endpoint.workload.identity(&gw.wp.trust_domain).to_string());
+        }
         let io =
             gw.wp.l7.upstreams.connector.open(&endpoint, client_addr.ip(), None).await.map_err(|e| e.to_string())?;
         Ok((io, key))

@@ -1,0 +1,273 @@
+//! End to end: what `strait gateway` routes besides HTTP by Host (SPEC GW-1, GW-4, L7-8): TLS
+//! PASSTHROUGH by SNI to backends that terminate TLS themselves, TCP listeners, mesh backends
+//! reached over HBONE as the gateway's own identity beside plain pods, Istio's "ingress gateway
+//! as a proxy to external services" (seed 000) with our own servers standing in for httpbin.org
+//! and edition.cnn.com, and wildcard server hosts. Real sockets across network namespaces, real
+//! TLS, real curl. Needs root.
+
+mod common;
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use common::{TIMEOUT, ca_dir, start_node, wait_access_line};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use strait_testbed::{CurlResult, EchoKind, Pod, Process, Topology, bin_path, k8s};
+
+/// Starts `strait gateway --labels istio=ingressgateway` in `pod` with `extra` arguments and
+/// waits until it is ready.
+fn start_gateway(topo: &Topology, pod: &Pod, extra: &[&str]) -> io::Result<Process> {
+    let config = topo.config_dir().to_string_lossy().into_owned();
+    let ca = ca_dir(topo, "ca").to_string_lossy().into_owned();
+    let mut args = vec!["gateway", "--config", &config, "--ca-dir", &ca, "--labels", "istio=ingressgateway"];
+    args.extend_from_slice(extra);
+    let gw = pod.spawn("gateway", bin_path("strait"), &args, &[("STRAIT_LOG", "info")])?;
+    let deadline = Instant::now() + TIMEOUT;
+    while gw.count_log_lines("strait gateway ready") == 0 {
+        if Instant::now() > deadline || !gw.is_running() {
+            return Err(io::Error::other(format!("strait gateway did not become ready:\n{}", gw.log_tail())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(gw)
+}
+
+/// Warnings about configuration files in a proxy's log (a document that loads cleanly has none).
+fn config_warnings(proxy: &Process) -> Vec<String> {
+    proxy.log().lines().filter(|l| l.contains("WARN") && l.contains(".yaml")).map(str::to_owned).collect()
+}
+
+/// The gateway's connection lines (`gateway tcp ...`: passthrough and TCP) with all `needles`.
+fn gateway_line(gw: &Process, needles: &[&str]) -> io::Result<String> {
+    let mut all = vec!["gateway tcp"];
+    all.extend_from_slice(needles);
+    wait_access_line(gw, &all, TIMEOUT)
+}
+
+/// Test certificates made with rcgen: a CA and leaves it signs, in the topology's directory.
+struct Pki {
+    dir: PathBuf,
+    ca: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    /// A CA with common name `ca_name`, written to `<dir>/ca.pem`.
+    fn new(topo: &Topology, dir_name: &str, ca_name: &str) -> io::Result<Pki> {
+        let dir = topo.dir().join(dir_name);
+        fs::create_dir_all(&dir)?;
+        let key = KeyPair::generate().map_err(io::Error::other)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(io::Error::other)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, ca_name);
+        let cert = params.self_signed(&key).map_err(io::Error::other)?;
+        fs::write(dir.join("ca.pem"), cert.pem())?;
+        Ok(Pki { dir, ca: Issuer::new(params, key) })
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    /// `<name>.pem` and `<name>-key.pem`: a certificate for `hosts` (the first is its common
+    /// name) signed by the CA.
+    fn leaf(&self, name: &str, hosts: &[&str]) -> io::Result<()> {
+        let key = KeyPair::generate().map_err(io::Error::other)?;
+        let names: Vec<String> = hosts.iter().map(|h| (*h).to_owned()).collect();
+        let mut params = CertificateParams::new(names).map_err(io::Error::other)?;
+        params.distinguished_name.push(DnType::CommonName, hosts[0]);
+        let cert = params.signed_by(&key, &self.ca).map_err(io::Error::other)?;
+        fs::write(self.dir.join(format!("{name}-key.pem")), key.serialize_pem())?;
+        fs::write(self.dir.join(format!("{name}.pem")), cert.pem())
+    }
+}
+
+/// `strait-echo https PORT` in `pod` with the certificate `<cert>.pem` of `pki`, answering
+/// `hello from <name> sni=... path=...`.
+fn start_https(pod: &Pod, pki: &Pki, cert: &str, name: &str, port: u16) -> io::Result<Process> {
+    let (crt, key, port) = (pki.path(&format!("{cert}.pem")), pki.path(&format!("{cert}-key.pem")), port.to_string());
+    let server = pod.spawn(
+        &format!("https-{name}"),
+        bin_path("strait-echo"),
+        &["https", &port, "--cert", &crt, "--key", &key, "--name", name],
+        &[],
+    )?;
+    server.wait_for_log("listening on", TIMEOUT)?;
+    Ok(server)
+}
+
+/// `curl -v https://<host>:<port><path>` from `client`, resolving `host` to `ip` and trusting
+/// `cacert`: curl's `-v` output (in `stderr`) names the certificate the client saw.
+fn curl_tls(client: &Pod, host: &str, ip: impl std::fmt::Display, port: u16, path: &str, cacert: &str) -> CurlResult {
+    let resolve = format!("{host}:{port}:{ip}");
+    let url = format!("https://{host}:{port}{path}");
+    client.curl_args(&["-v", "--max-time", "5", "--resolve", &resolve, "--cacert", cacert, &url]).expect("curl runs")
+}
+
+/// What `openssl s_client` reports for a handshake with `sni` at `target`: with nothing routed,
+/// the gateway closes without a byte (`SSL handshake has read 0 bytes`).
+fn s_client(client: &Pod, target: &str, sni: &str) -> io::Result<String> {
+    let out = client.run(
+        "sh",
+        &["-c", &format!("echo | timeout 5 openssl s_client -connect {target} -servername {sni} 2>&1")],
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Connections a `strait-echo https` server accepted (one `tls peer=` line each).
+fn tls_connections(server: &Process) -> usize {
+    server.count_log_lines("tls peer=")
+}
+
+/// A plain (not enrolled) namespace's pod and its service, named `name`, with `ports`
+/// `(name, port, targetPort)`.
+fn plain_backend(ns: &str, pod: &Pod, name: &str, vip: &str, ports: &[(&str, u16, u16)]) -> String {
+    [
+        k8s::pod_yaml(pod, ns, name, &[("app", name)]),
+        k8s::named_service_yaml(name, ns, vip, ports, &[("app", name)], &[]),
+    ]
+    .concat()
+}
+
+// GW-1, L7-8: a TLS PASSTHROUGH server routes by SNI through `tls[].match[].sniHosts` (and the
+// snake_case `sni_hosts`) to backends that terminate TLS themselves: the client sees the
+// backend's own certificate (issuer: the backend's CA, which the gateway never had) and the
+// backend sees the client's SNI. An SNI that no server names, or that a server names but no
+// route matches, is closed before any backend is dialled: the client reads no byte.
+#[test]
+fn tls_passthrough_routes_by_sni() -> io::Result<()> {
+    let topo = Topology::new("gwroutes::passthrough")?;
+    let node = topo.add_node("node1")?;
+    let (gw_pod, client) = (topo.add_pod(&node, "ingress")?, topo.add_pod(&node, "client")?);
+    let (secure, legacy) = (topo.add_pod(&node, "secure")?, topo.add_pod(&node, "legacy")?);
+    let pki = Pki::new(&topo, "backend-pki", "backend ca")?;
+    pki.leaf("secure", &["secure.example.com"])?;
+    pki.leaf("legacy", &["legacy.example.com"])?;
+    let istio = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: passthrough, namespace: web}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    tls: {mode: PASSTHROUGH}
+    hosts: [secure.example.com, legacy.example.com, "*.unrouted.example"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: secure, namespace: web}
+spec:
+  hosts: [secure.example.com]
+  gateways: [passthrough]
+  tls:
+  - match: [{port: 443, sniHosts: [secure.example.com]}]
+    route: [{destination: {host: secure.web.svc.cluster.local, port: {number: 443}}}]
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: legacy, namespace: web}
+spec:
+  hosts: [legacy.example.com]
+  gateways: [web/passthrough]
+  tls:
+  - match:
+    - sni_hosts: [legacy.example.com]
+    route:
+    - destination: {host: legacy, port: {number: 443}}
+"#;
+    let config = [
+        k8s::namespace_yaml("web", &[]),
+        plain_backend("web", &secure, "secure", "10.96.0.51", &[("tls", 443, 8443)]),
+        plain_backend("web", &legacy, "legacy", "10.96.0.52", &[("tls", 443, 9443)]),
+        istio.to_owned(),
+    ]
+    .concat();
+    topo.write_config("c.yaml", &config)?;
+    let s1 = start_https(&secure, &pki, "secure", "secure-backend", 8443)?;
+    let s2 = start_https(&legacy, &pki, "legacy", "legacy-backend", 9443)?;
+    // No --credentials and no certificate in any Gateway: the gateway holds no key for these
+    // hosts, so a handshake that completes was the backend's.
+    let gw = start_gateway(&topo, &gw_pod, &["--port-map", "443=18443"])?;
+    let ip = gw_pod.ip();
+    let cacert = pki.path("ca.pem");
+
+    let r = curl_tls(&client, "secure.example.com", ip, 18443, "/status/200", &cacert);
+    assert_eq!(r.status, 200, "{r:?}\n{}", gw.log_tail());
+    assert!(r.body.contains("hello from secure-backend sni=secure.example.com"), "{}", r.body);
+    assert!(r.stderr.contains("issuer: CN=backend ca"), "curl saw another certificate:\n{}", r.stderr);
+    assert!(r.stderr.contains("subject: CN=secure.example.com"), "{}", r.stderr);
+    let r = curl_tls(&client, "legacy.example.com", ip, 18443, "/", &cacert);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("hello from legacy-backend sni=legacy.example.com"), "sni_hosts: {}", r.body);
+    assert!(r.stderr.contains("subject: CN=legacy.example.com"), "{}", r.stderr);
+    let line = gateway_line(&gw, &[&format!("dst.addr={}:8443", secure.ip()), "result=ok"])?;
+    assert!(line.contains("dst.service=secure.web.svc.cluster.local"), "{line}");
+    gateway_line(&gw, &[&format!("dst.addr={}:9443", legacy.ip()), "result=ok"])?;
+
+    let before = (tls_connections(&s1), tls_connections(&s2));
+    let target = format!("{ip}:18443");
+    for sni in ["nothing.example.org", "x.unrouted.example"] {
+        let out = s_client(&client, &target, sni)?;
+        assert!(out.contains("SSL handshake has read 0 bytes"), "{sni}: the gateway must close unanswered:\n{out}");
+        let r = curl_tls(&client, sni, ip, 18443, "/", &cacert);
+        assert_eq!(r.status, 0, "{sni}: {r:?}");
+    }
+    assert_eq!((tls_connections(&s1), tls_connections(&s2)), before, "no backend was dialled for unrouted SNIs");
+    assert!(config_warnings(&gw).is_empty(), "{:?}", config_warnings(&gw));
+    Ok(())
+}
+
+// GW-1, L7-8: a TCP server splices every connection to its `tcp[]` route's destination: bytes
+// sent come back from a TCP echo server behind the gateway, and the gateway writes an access
+// line naming the destination service with the byte counts.
+#[test]
+fn tcp_listener_splices_to_its_route() -> io::Result<()> {
+    let topo = Topology::new("gwroutes::tcp")?;
+    let node = topo.add_node("node1")?;
+    let (gw_pod, client, db) =
+        (topo.add_pod(&node, "ingress")?, topo.add_pod(&node, "client")?, topo.add_pod(&node, "db")?);
+    let istio = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: tcp-gateway, namespace: data}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 31400, name: tcp, protocol: TCP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: data}
+spec:
+  hosts: ["*"]
+  gateways: [tcp-gateway]
+  tcp:
+  - match: [{port: 31400}]
+    route: [{destination: {host: db.data.svc.cluster.local, port: {number: 5432}}}]
+"#;
+    let config = [
+        k8s::namespace_yaml("data", &[]),
+        plain_backend("data", &db, "db", "10.96.0.53", &[("tcp", 5432, 9000)]),
+        istio.to_owned(),
+    ]
+    .concat();
+    topo.write_config("c.yaml", &config)?;
+    let _echo = db.start_echo_server(EchoKind::Tcp, 9000)?;
+    let gw = start_gateway(&topo, &gw_pod, &[])?;
+
+    let target = format!("{}:31400", gw_pod.ip());
+    let out = client.run(bin_path("strait-echo"), &["send", &target, "--bytes", "100000", "--timeout-secs", "5"])?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "round trip through the gateway: {report}\n{}", gw.log_tail());
+    let line = gateway_line(&gw, &[&format!("src.addr={}:", client.ip()), &format!("dst.addr={}:9000", db.ip())])?;
+    assert!(line.contains("result=ok") && line.contains("sent=100000") && line.contains("received=100000"), "{line}");
+    assert!(line.contains("dst.service=db.data.svc.cluster.local"), "{line}");
+    assert!(config_warnings(&gw).is_empty(), "{:?}", config_warnings(&gw));
+    Ok(())
+}
