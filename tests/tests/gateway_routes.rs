@@ -9,13 +9,13 @@ mod common;
 
 use std::{
     fs, io,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use common::{TIMEOUT, ca_dir, start_node, wait_access_line};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use strait_testbed::{CurlResult, EchoKind, Pod, Process, Topology, bin_path, k8s};
+use strait_testbed::{CurlResult, EchoKind, Pod, Process, Topology, UnderlayCapture, bin_path, k8s, pcap};
 
 /// Starts `strait gateway --labels istio=ingressgateway` in `pod` with `extra` arguments and
 /// waits until it is ready.
@@ -268,6 +268,122 @@ spec:
     let line = gateway_line(&gw, &[&format!("src.addr={}:", client.ip()), &format!("dst.addr={}:9000", db.ip())])?;
     assert!(line.contains("result=ok") && line.contains("sent=100000") && line.contains("received=100000"), "{line}");
     assert!(line.contains("dst.service=db.data.svc.cluster.local"), "{line}");
+    assert!(config_warnings(&gw).is_empty(), "{:?}", config_warnings(&gw));
+    Ok(())
+}
+
+/// Istio's PeerAuthentication STRICT for namespace `ns`.
+fn strict(ns: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: {ns}}}\n\
+         spec:\n  mtls: {{mode: STRICT}}\n"
+    )
+}
+
+// GW-1 (backends), L4-1, L4-4: the gateway reaches a service whose pod is in the mesh over
+// HBONE as its own identity (the destination's node proxy reports
+// `src.identity=spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway` and mutual TLS;
+// only TLS to 15008 crosses the underlay) and a pod outside the mesh in plaintext. With
+// PeerAuthentication STRICT on the mesh namespace the gateway's requests still pass (they are
+// HBONE) while a plaintext client is refused.
+#[test]
+fn mesh_backends_over_hbone_plain_pods_in_plaintext() -> io::Result<()> {
+    let topo = Topology::new("gwroutes::hbone")?;
+    let (n1, n2) = (topo.add_node("node1")?, topo.add_node("node2")?);
+    let (gw_pod, client) = (topo.add_pod(&n1, "ingress")?, topo.add_pod(&n1, "client")?);
+    let (ratings, legacy) = (topo.add_pod(&n2, "ratings")?, topo.add_pod(&n2, "legacy")?);
+    let istio = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: web-gateway, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [ratings.example.com, legacy.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings.example.com]
+  gateways: [istio-system/web-gateway]
+  http: [{route: [{destination: {host: ratings, port: {number: 9080}}}]}]
+---
+# One request per upstream connection: each HBONE stream ends with its request, so the
+# destination's node proxy writes its access line then (a pooled stream would write it later).
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: shop}
+spec:
+  host: ratings.shop.svc.cluster.local
+  trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 1}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: legacy, namespace: plain}
+spec:
+  hosts: [legacy.example.com]
+  gateways: [istio-system/web-gateway]
+  http: [{route: [{destination: {host: legacy, port: {number: 80}}}]}]
+"#;
+    let config = [
+        k8s::namespace_yaml("istio-system", &[]),
+        k8s::namespace_yaml("shop", &[("istio.io/dataplane-mode", "ambient")]),
+        k8s::namespace_yaml("plain", &[]),
+        k8s::pod_yaml(&gw_pod, "istio-system", "istio-ingressgateway", &[("istio", "ingressgateway")]),
+        plain_backend("shop", &ratings, "ratings", "10.96.0.54", &[("http", 9080, 9080)]),
+        plain_backend("plain", &legacy, "legacy", "10.96.0.55", &[("http", 80, 80)]),
+        istio.to_owned(),
+    ]
+    .concat();
+    topo.write_config("c.yaml", &config)?;
+    let _s1 = ratings.echo_server(EchoKind::Http, 9080).name("ratings").start()?;
+    let _s2 = legacy.echo_server(EchoKind::Http, 80).name("legacy").start()?;
+    let p2 = start_node(&topo, &n2, &ca_dir(&topo, "ca"), &[])?;
+    let gw = start_gateway(&topo, &gw_pod, &["--namespace", "istio-system"])?;
+    let base = format!("http://{}", gw_pod.ip());
+    let get = |host: &str, path: &str| {
+        client.curl_args(&["--max-time", "5", "-H", &format!("Host: {host}"), &format!("{base}{path}")])
+    };
+    let gateway_id = "src.identity=spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway";
+
+    let capture = UnderlayCapture::start(&topo)?;
+    let mesh = get("ratings.example.com", "/ratings/1")?;
+    let plain = get("legacy.example.com", "/legacy/1")?;
+    let segments = capture.finish()?;
+    assert!(mesh.status == 200 && mesh.body.contains("hello from ratings"), "{mesh:?}\n{}", gw.log_tail());
+    assert!(plain.status == 200 && plain.body.contains("hello from legacy"), "{plain:?}\n{}", gw.log_tail());
+    let ratings_addr = format!("dst.addr={}:9080", ratings.ip());
+    let line = wait_access_line(&p2, &["inbound", &ratings_addr, gateway_id], TIMEOUT)?;
+    assert!(line.contains("security=mutual_tls") && line.contains("result=ok"), "{line}");
+    assert!(line.contains("dst.workload=shop/ratings"), "{line}");
+    // On the wire: the mesh request only inside TLS to 15008, the plain one in clear to port 80.
+    let to = |ip: std::net::Ipv4Addr, port: u16| -> Vec<&pcap::Segment> {
+        segments.iter().filter(|s| *s.dst.ip() == ip && s.dst.port() == port).collect()
+    };
+    assert!(!to(ratings.ip(), 15008).is_empty(), "HBONE to the mesh pod");
+    assert!(to(ratings.ip(), 9080).is_empty(), "nothing in plaintext to the mesh pod's port");
+    let all_payload: Vec<u8> = segments.iter().flat_map(|s| s.payload.clone()).collect();
+    assert!(!pcap::contains(&all_payload, b"/ratings/1"), "the mesh request never in clear");
+    assert!(
+        to(legacy.ip(), 80).iter().any(|s| pcap::contains(&s.payload, b"GET /legacy/1")),
+        "the plain pod is reached in plaintext"
+    );
+    assert!(
+        !p2.log().lines().any(|l| l.contains(&format!("dst.addr={}:80", legacy.ip()))),
+        "no proxy handles the pod outside the mesh"
+    );
+
+    // STRICT at the destination: the gateway's HBONE still passes, a plaintext client does not.
+    common::apply(&topo, &[&p2, &gw], "strict.yaml", &strict("shop"))?;
+    let mesh = get("ratings.example.com", "/strict")?;
+    assert!(mesh.status == 200 && mesh.body.contains("hello from ratings"), "{mesh:?}\n{}", gw.log_tail());
+    common::wait_access_lines(&p2, &["inbound", &ratings_addr, gateway_id, "security=mutual_tls", "result=ok"], 2, TIMEOUT)?;
+    let direct = client.curl(&format!("http://{}:9080/direct", ratings.ip()), Duration::from_secs(3))?;
+    assert_eq!(direct.status, 0, "STRICT refuses plaintext to the mesh pod: {direct:?}");
+    assert!(get("legacy.example.com", "/after")?.ok(), "the plain pod is unaffected");
     assert!(config_warnings(&gw).is_empty(), "{:?}", config_warnings(&gw));
     Ok(())
 }
