@@ -47,6 +47,21 @@ fn gateway_line(gw: &Process, needles: &[&str]) -> io::Result<String> {
     wait_access_line(gw, &all, TIMEOUT)
 }
 
+/// Waits for a request line of the gateway (`source http ...`) with all `needles`.
+fn request_line(gw: &Process, needles: &[&str]) -> io::Result<String> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let log = gw.log();
+        if let Some(line) = log.lines().find(|l| l.contains(" source http ") && needles.iter().all(|n| l.contains(n))) {
+            return Ok(line.to_owned());
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::other(format!("no request line with {needles:?}; log ends with:\n{}", gw.log_tail())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Test certificates made with rcgen: a CA and leaves it signs, in the topology's directory.
 struct Pki {
     dir: PathBuf,
@@ -385,5 +400,219 @@ spec:
     assert_eq!(direct.status, 0, "STRICT refuses plaintext to the mesh pod: {direct:?}");
     assert!(get("legacy.example.com", "/after")?.ok(), "the plain pod is unaffected");
     assert!(config_warnings(&gw).is_empty(), "{:?}", config_warnings(&gw));
+    Ok(())
+}
+
+/// Seed 000 ("Istio as a proxy to external services"), its YAML verbatim: the `proxy` Gateway
+/// (HTTP 80 for httpbin.org, TLS PASSTHROUGH 443 for edition.cnn.com), the ServiceEntries of
+/// both hosts (resolution DNS) and of `localhost.local`, its DestinationRule, and the two
+/// VirtualServices bound to `proxy` and `mesh`.
+const SEED_000: &str = r#"apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata:
+  name: proxy
+spec:
+  selector:
+    istio: ingressgateway # use istio default ingress gateway
+  servers:
+  - port:
+      number: 80
+      name: http
+      protocol: HTTP
+    hosts:
+    - httpbin.org
+  - port:
+      number: 443
+      name: tls
+      protocol: TLS
+    tls:
+      mode: PASSTHROUGH
+    hosts:
+    - edition.cnn.com
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata:
+  name: httpbin-ext
+spec:
+  hosts:
+  - httpbin.org
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata:
+  name: cnn
+spec:
+  hosts:
+  - edition.cnn.com
+  ports:
+  - number: 443
+    name: tls
+    protocol: TLS
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata:
+  name: localhost
+spec:
+  hosts:
+  - localhost.local
+  location: MESH_EXTERNAL
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  - number: 443
+    name: tls
+    protocol: TLS
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata:
+  name: localhost
+spec:
+  host: localhost.local
+  trafficPolicy:
+    tls:
+      mode: DISABLE
+      sni: localhost.local
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: httpbin
+spec:
+  hosts:
+  - httpbin.org
+  gateways:
+  - proxy
+  - mesh
+  http:
+  - match:
+    - gateways:
+      - proxy
+      port: 80
+      uri:
+        prefix: /status
+    route:
+    - destination:
+        host: httpbin.org
+        port:
+          number: 80
+  - match:
+    - gateways:
+      - mesh
+      port: 80
+    route:
+    - destination:
+        host: localhost.local
+        port:
+          number: 80
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: cnn
+spec:
+  hosts:
+  - edition.cnn.com
+  gateways:
+  - proxy
+  - mesh
+  tls:
+  - match:
+    - gateways:
+      - proxy
+      port: 443
+      sni_hosts:
+      - edition.cnn.com
+    route:
+    - destination:
+        host: edition.cnn.com
+        port:
+          number: 443
+  - match:
+    - gateways:
+      - mesh
+      port: 443
+      sni_hosts:
+      - edition.cnn.com
+    route:
+    - destination:
+        host: localhost.local
+        port:
+          number: 443
+"#;
+
+// GW-4 (seed 000), GW-1, GW-3: the ingress gateway as a proxy to external services, the seed's
+// YAML verbatim, with our servers standing in for httpbin.org (HTTP) and edition.cnn.com (TLS,
+// its own certificate), both found through DNS by the gateway itself (a resolver of ours).
+// `curl -H Host:httpbin.org gw/status/418` gets the stand-in's 418 and the gateway's request
+// line names `outbound|80||httpbin.org`; a path only the `mesh` rule matches is 404 at the
+// gateway (`match[].gateways`); `curl --resolve edition.cnn.com:443:<gw>` sees the stand-in's own
+// certificate (PASSTHROUGH) and the gateway's connection line names the host. Nothing warns.
+#[test]
+fn seed_000_ingress_as_a_proxy_to_external_services() -> io::Result<()> {
+    let topo = Topology::new("gwroutes::seed000")?;
+    let node = topo.add_node("node1")?;
+    let (gw_pod, client, resolver) =
+        (topo.add_pod(&node, "ingress")?, topo.add_pod(&node, "client")?, topo.add_pod(&node, "resolver")?);
+    // The "external" hosts: pods no configuration names.
+    let (httpbin, cnn) = (topo.add_pod(&node, "httpbin-org")?, topo.add_pod(&node, "cnn")?);
+    let pki = Pki::new(&topo, "cnn-pki", "cnn stand-in ca")?;
+    pki.leaf("cnn", &["edition.cnn.com"])?;
+    let _httpbin = httpbin.echo_server(EchoKind::Http, 80).name("httpbin-stand-in").start()?;
+    let cnn_server = start_https(&cnn, &pki, "cnn", "cnn-stand-in", 443)?;
+    let mut dns_args = vec!["dns".to_owned(), "53".to_owned()];
+    for (host, pod) in [("httpbin.org", &httpbin), ("edition.cnn.com", &cnn)] {
+        dns_args.extend(["--record".to_owned(), format!("{host}={}", pod.ip())]);
+    }
+    let dns_args: Vec<&str> = dns_args.iter().map(String::as_str).collect();
+    let dns = resolver.spawn("dns", bin_path("strait-echo"), &dns_args, &[])?;
+    dns.wait_for_log("dns serving", TIMEOUT)?;
+    gw_pod.netns().set_resolv_conf(&format!("nameserver {}\noptions timeout:1 attempts:2\n", resolver.ip()))?;
+    topo.write_config("seed-000.yaml", SEED_000)?;
+    let gw = start_gateway(&topo, &gw_pod, &[])?;
+    gw.wait_for_log("ServiceEntry host resolved", TIMEOUT)?;
+    let ip = gw_pod.ip();
+
+    let teapot = client.curl_args(&["--max-time", "5", "-H", "Host:httpbin.org", &format!("http://{ip}/status/418")])?;
+    assert_eq!(teapot.status, 418, "{teapot:?}\n{}", gw.log_tail());
+    assert_eq!(teapot.header("x-served-by"), Some("httpbin-stand-in"), "{teapot:?}");
+    let line = request_line(&gw, &["path=\"/status/418\"", "status=418"])?;
+    assert!(line.contains("authority=httpbin.org") && line.contains("cluster=outbound|80||httpbin.org"), "{line}");
+    assert!(line.contains(&format!("upstream={}:80", httpbin.ip())) && line.contains("route=default/httpbin"), "{line}");
+    // Only the `mesh` rule would take this path: at the gateway no route matches.
+    let other = client.curl_args(&["--max-time", "5", "-H", "Host:httpbin.org", &format!("http://{ip}/headers")])?;
+    assert_eq!(other.status, 404, "{other:?}");
+
+    let cacert = pki.path("ca.pem");
+    let r = curl_tls(&client, "edition.cnn.com", ip, 443, "/", &cacert);
+    assert_eq!(r.status, 200, "{r:?}\n{}", gw.log_tail());
+    assert!(r.body.contains("hello from cnn-stand-in sni=edition.cnn.com"), "{}", r.body);
+    assert!(r.stderr.contains("issuer: CN=cnn stand-in ca"), "the stand-in's own certificate:\n{}", r.stderr);
+    assert_eq!(tls_connections(&cnn_server), 1);
+    let line = gateway_line(&gw, &[&format!("dst.addr={}:443", cnn.ip())])?;
+    assert!(line.contains("dst.service=edition.cnn.com") && line.contains("result=ok"), "{line}");
+    // The gateway asked our resolver itself (the client dialled addresses only).
+    let asked = dns.log();
+    for host in ["httpbin.org", "edition.cnn.com"] {
+        assert!(
+            asked.lines().any(|l| l.contains(&format!("{host} type 1")) && l.contains(&ip.to_string())),
+            "{host}: {asked}"
+        );
+    }
+    assert!(config_warnings(&gw).is_empty(), "the seed loads without warnings: {:?}", config_warnings(&gw));
     Ok(())
 }
