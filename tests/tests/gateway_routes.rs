@@ -616,3 +616,89 @@ fn seed_000_ingress_as_a_proxy_to_external_services() -> io::Result<()> {
     assert!(config_warnings(&gw).is_empty(), "the seed loads without warnings: {:?}", config_warnings(&gw));
     Ok(())
 }
+
+// GW-1, GW-2: wildcard server hosts. On HTTP, a server for `*.example.com` takes any name under
+// it (several labels too), the VirtualService naming a host exactly wins over the wildcard one,
+// and a Host the server does not serve (the bare domain, another domain) is 404. On HTTPS, a
+// `*.secure.example` server with its certificate given as file paths (`serverCertificate`,
+// `privateKey`) answers any SNI under it with that wildcard certificate; an SNI outside it gets
+// no handshake.
+#[test]
+fn wildcard_server_hosts_and_unmatched_host() -> io::Result<()> {
+    let topo = Topology::new("gwroutes::wildcard")?;
+    let node = topo.add_node("node1")?;
+    let (gw_pod, client) = (topo.add_pod(&node, "ingress")?, topo.add_pod(&node, "client")?);
+    let (api, wild) = (topo.add_pod(&node, "api")?, topo.add_pod(&node, "wild")?);
+    let pki = Pki::new(&topo, "pki", "gateway ca")?;
+    pki.leaf("wildcard", &["*.secure.example"])?;
+    let istio = format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: wildcard, namespace: web}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: ["*.example.com"]
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    hosts: ["web/*.secure.example"]
+    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: wild, namespace: web}}
+spec:
+  hosts: ["*.example.com", "*.secure.example"]
+  gateways: [wildcard]
+  http: [{{route: [{{destination: {{host: wild, port: {{number: 80}}}}}}]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: web}}
+spec:
+  hosts: [api.example.com]
+  gateways: [wildcard]
+  http: [{{route: [{{destination: {{host: api, port: {{number: 80}}}}}}]}}]
+"#,
+        cert = pki.path("wildcard.pem"),
+        key = pki.path("wildcard-key.pem"),
+    );
+    let config = [
+        k8s::namespace_yaml("web", &[]),
+        plain_backend("web", &api, "api", "10.96.0.56", &[("http", 80, 80)]),
+        plain_backend("web", &wild, "wild", "10.96.0.57", &[("http", 80, 80)]),
+        istio,
+    ]
+    .concat();
+    topo.write_config("c.yaml", &config)?;
+    let _s1 = api.echo_server(EchoKind::Http, 80).name("api").start()?;
+    let _s2 = wild.echo_server(EchoKind::Http, 80).name("wild").start()?;
+    let gw = start_gateway(&topo, &gw_pod, &["--port-map", "80=18080,443=18443"])?;
+    let ip = gw_pod.ip();
+    let get = |host: &str| {
+        client.curl_args(&["--max-time", "5", "-H", &format!("Host: {host}"), &format!("http://{ip}:18080/x")])
+    };
+
+    for (host, served_by) in
+        [("api.example.com", "api"), ("www.example.com", "wild"), ("a.b.example.com", "wild"), ("API.Example.com", "api")]
+    {
+        let r = get(host)?;
+        assert_eq!((r.status, r.header("x-served-by")), (200, Some(served_by)), "{host}: {r:?}\n{}", gw.log_tail());
+    }
+    for host in ["example.com", "www.example.org", "x.secure.example"] {
+        let r = get(host)?;
+        assert_eq!(r.status, 404, "{host} is no host of the HTTP server: {r:?}");
+    }
+    request_line(&gw, &["authority=www.example.org", "status=404", "flags=NR"])?;
+
+    let cacert = pki.path("ca.pem");
+    let r = curl_tls(&client, "shop.secure.example", ip, 18443, "/", &cacert);
+    assert_eq!((r.status, r.header("x-served-by")), (200, Some("wild")), "{r:?}\n{}", gw.log_tail());
+    assert!(r.stderr.contains("subject: CN=*.secure.example"), "{}", r.stderr);
+    let out = s_client(&client, &format!("{ip}:18443"), "secure.example")?;
+    assert!(out.contains("SSL handshake has read 0 bytes"), "the bare domain has no server:\n{out}");
+    assert!(config_warnings(&gw).is_empty(), "{:?}", config_warnings(&gw));
+    Ok(())
+}

@@ -3,8 +3,8 @@
 //! (`gateway.networking.k8s.io`), which declares waypoints (`config::Gateway`).
 //!
 //! Rules within one object are checked as it is read (`Check`), so errors carry its line:
-//! a TLS server needs a mode, SIMPLE and MUTUAL need a certificate (files or
-//! `credentialName`), MUTUAL needs a CA. Rules across resources (which VirtualService binds,
+//! a TLS server needs a mode, SIMPLE, MUTUAL and OPTIONAL_MUTUAL need a certificate (files or
+//! `credentialName`), MUTUAL and OPTIONAL_MUTUAL need a CA. Rules across resources (which VirtualService binds,
 //! duplicate port and host) are `model::gateways`' warnings.
 
 use std::collections::BTreeMap;
@@ -161,20 +161,18 @@ impl Check for ServerTls {
     fn check(&self) -> Result<(), String> {
         let files = self.server_certificate.is_some() || self.private_key.is_some();
         match self.mode {
-            Some(ServerTlsMode::Simple | ServerTlsMode::Mutual) => {
+            Some(mode @ (ServerTlsMode::Simple | ServerTlsMode::Mutual | ServerTlsMode::OptionalMutual)) => {
                 if self.credential_name.is_some() && files {
                     return Err("set either `credentialName` or `serverCertificate`/`privateKey`, not both".into());
                 }
                 if self.credential_name.is_none() && (self.server_certificate.is_none() || self.private_key.is_none()) {
-                    return Err(
-                        "SIMPLE and MUTUAL need `credentialName`, or both `serverCertificate` and `privateKey`".into(),
-                    );
+                    return Err("SIMPLE, MUTUAL and OPTIONAL_MUTUAL need `credentialName`, or both \
+                                `serverCertificate` and `privateKey`"
+                        .into());
                 }
-                if self.mode == Some(ServerTlsMode::Mutual)
-                    && self.credential_name.is_none()
-                    && self.ca_certificates.is_none()
-                {
-                    return Err("MUTUAL needs `caCertificates` (or a `credentialName` with a CA)".into());
+                // OPTIONAL_MUTUAL verifies the certificates clients do present: it needs the CA too.
+                if mode != ServerTlsMode::Simple && self.credential_name.is_none() && self.ca_certificates.is_none() {
+                    return Err("MUTUAL and OPTIONAL_MUTUAL need `caCertificates` (or a `credentialName` with a CA)".into());
                 }
                 Ok(())
             }
@@ -362,6 +360,16 @@ mod tests {
                 "  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: \
                  {mode: MUTUAL, serverCertificate: /c, privateKey: /k}\n",
                 "caCertificates",
+            ),
+            (
+                "  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: \
+                 {mode: OPTIONAL_MUTUAL, serverCertificate: /c, privateKey: /k}\n",
+                "caCertificates",
+            ),
+            (
+                "  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: \
+                 {mode: OPTIONAL_MUTUAL}\n",
+                "credentialName",
             ),
             ("  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hostz: [\"*\"]\n", "hostz"),
             ("  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: []\n", "at least one host"),
