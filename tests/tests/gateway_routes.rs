@@ -56,7 +56,10 @@ fn request_line(gw: &Process, needles: &[&str]) -> io::Result<String> {
             return Ok(line.to_owned());
         }
         if Instant::now() > deadline {
-            return Err(io::Error::other(format!("no request line with {needles:?}; log ends with:\n{}", gw.log_tail())));
+            return Err(io::Error::other(format!(
+                "no request line with {needles:?}; log ends with:\n{}",
+                gw.log_tail()
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -124,10 +127,8 @@ fn curl_tls(client: &Pod, host: &str, ip: impl std::fmt::Display, port: u16, pat
 /// What `openssl s_client` reports for a handshake with `sni` at `target`: with nothing routed,
 /// the gateway closes without a byte (`SSL handshake has read 0 bytes`).
 fn s_client(client: &Pod, target: &str, sni: &str) -> io::Result<String> {
-    let out = client.run(
-        "sh",
-        &["-c", &format!("echo | timeout 5 openssl s_client -connect {target} -servername {sni} 2>&1")],
-    )?;
+    let out = client
+        .run("sh", &["-c", &format!("echo | timeout 5 openssl s_client -connect {target} -servername {sni} 2>&1")])?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -395,7 +396,12 @@ spec:
     common::apply(&topo, &[&p2, &gw], "strict.yaml", &strict("shop"))?;
     let mesh = get("ratings.example.com", "/strict")?;
     assert!(mesh.status == 200 && mesh.body.contains("hello from ratings"), "{mesh:?}\n{}", gw.log_tail());
-    common::wait_access_lines(&p2, &["inbound", &ratings_addr, gateway_id, "security=mutual_tls", "result=ok"], 2, TIMEOUT)?;
+    common::wait_access_lines(
+        &p2,
+        &["inbound", &ratings_addr, gateway_id, "security=mutual_tls", "result=ok"],
+        2,
+        TIMEOUT,
+    )?;
     let direct = client.curl(&format!("http://{}:9080/direct", ratings.ip()), Duration::from_secs(3))?;
     assert_eq!(direct.status, 0, "STRICT refuses plaintext to the mesh pod: {direct:?}");
     assert!(get("legacy.example.com", "/after")?.ok(), "the plain pod is unaffected");
@@ -587,12 +593,16 @@ fn seed_000_ingress_as_a_proxy_to_external_services() -> io::Result<()> {
     gw.wait_for_log("ServiceEntry host resolved", TIMEOUT)?;
     let ip = gw_pod.ip();
 
-    let teapot = client.curl_args(&["--max-time", "5", "-H", "Host:httpbin.org", &format!("http://{ip}/status/418")])?;
+    let teapot =
+        client.curl_args(&["--max-time", "5", "-H", "Host:httpbin.org", &format!("http://{ip}/status/418")])?;
     assert_eq!(teapot.status, 418, "{teapot:?}\n{}", gw.log_tail());
     assert_eq!(teapot.header("x-served-by"), Some("httpbin-stand-in"), "{teapot:?}");
     let line = request_line(&gw, &["path=\"/status/418\"", "status=418"])?;
     assert!(line.contains("authority=httpbin.org") && line.contains("cluster=outbound|80||httpbin.org"), "{line}");
-    assert!(line.contains(&format!("upstream={}:80", httpbin.ip())) && line.contains("route=default/httpbin"), "{line}");
+    assert!(
+        line.contains(&format!("upstream={}:80", httpbin.ip())) && line.contains("route=default/httpbin"),
+        "{line}"
+    );
     // Only the `mesh` rule would take this path: at the gateway no route matches.
     let other = client.curl_args(&["--max-time", "5", "-H", "Host:httpbin.org", &format!("http://{ip}/headers")])?;
     assert_eq!(other.status, 404, "{other:?}");
@@ -660,7 +670,7 @@ metadata: {{name: api, namespace: web}}
 spec:
   hosts: [api.example.com]
   gateways: [wildcard]
-  http: [{{route: [{{destination: {{host: api, port: {{number: 80}}}}}}]}}]
+  http: [{{match: [{{port: 80}}], route: [{{destination: {{host: api, port: {{number: 80}}}}}}]}}]
 "#,
         cert = pki.path("wildcard.pem"),
         key = pki.path("wildcard-key.pem"),
@@ -681,9 +691,12 @@ spec:
         client.curl_args(&["--max-time", "5", "-H", &format!("Host: {host}"), &format!("http://{ip}:18080/x")])
     };
 
-    for (host, served_by) in
-        [("api.example.com", "api"), ("www.example.com", "wild"), ("a.b.example.com", "wild"), ("API.Example.com", "api")]
-    {
+    for (host, served_by) in [
+        ("api.example.com", "api"),
+        ("www.example.com", "wild"),
+        ("a.b.example.com", "wild"),
+        ("API.Example.com", "api"),
+    ] {
         let r = get(host)?;
         assert_eq!((r.status, r.header("x-served-by")), (200, Some(served_by)), "{host}: {r:?}\n{}", gw.log_tail());
     }
@@ -699,6 +712,97 @@ spec:
     assert!(r.stderr.contains("subject: CN=*.secure.example"), "{}", r.stderr);
     let out = s_client(&client, &format!("{ip}:18443"), "secure.example")?;
     assert!(out.contains("SSL handshake has read 0 bytes"), "the bare domain has no server:\n{out}");
+    assert!(config_warnings(&gw).is_empty(), "{:?}", config_warnings(&gw));
+    Ok(())
+}
+
+// GW-1, GW-2: on a TLS port, the server the SNI chose is the only one whose VirtualServices
+// route the connection's requests: a client that opens TLS to the SIMPLE server without a
+// certificate and then asks for the MUTUAL server's host in its Host header (or its HTTP/2
+// :authority) gets 404, never the backend the MUTUAL server protects. Its own host is served.
+#[test]
+fn sni_server_bounds_the_hosts_of_its_connection() -> io::Result<()> {
+    let topo = Topology::new("gwroutes::fronting")?;
+    let node = topo.add_node("node1")?;
+    let (gw_pod, client) = (topo.add_pod(&node, "ingress")?, topo.add_pod(&node, "client")?);
+    let (open, secure) = (topo.add_pod(&node, "open")?, topo.add_pod(&node, "secure")?);
+    let pki = Pki::new(&topo, "pki", "gateway ca")?;
+    pki.leaf("open", &["open.example.com"])?;
+    pki.leaf("secure", &["secure.example.com"])?;
+    let istio = format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: two, namespace: web}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https-open, protocol: HTTPS}}
+    hosts: [open.example.com]
+    tls: {{mode: SIMPLE, serverCertificate: {open_crt}, privateKey: {open_key}}}
+  - port: {{number: 443, name: https-secure, protocol: HTTPS}}
+    hosts: [secure.example.com]
+    tls: {{mode: MUTUAL, serverCertificate: {secure_crt}, privateKey: {secure_key}, caCertificates: {ca}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: open, namespace: web}}
+spec:
+  hosts: [open.example.com]
+  gateways: [two]
+  http: [{{route: [{{destination: {{host: open, port: {{number: 80}}}}}}]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: secure, namespace: web}}
+spec:
+  hosts: [secure.example.com]
+  gateways: [two]
+  http: [{{route: [{{destination: {{host: secure, port: {{number: 80}}}}}}]}}]
+"#,
+        open_crt = pki.path("open.pem"),
+        open_key = pki.path("open-key.pem"),
+        secure_crt = pki.path("secure.pem"),
+        secure_key = pki.path("secure-key.pem"),
+        ca = pki.path("ca.pem"),
+    );
+    let config = [
+        k8s::namespace_yaml("web", &[]),
+        plain_backend("web", &open, "open", "10.96.0.58", &[("http", 80, 80)]),
+        plain_backend("web", &secure, "secure", "10.96.0.59", &[("http", 80, 80)]),
+        istio,
+    ]
+    .concat();
+    topo.write_config("c.yaml", &config)?;
+    let _s1 = open.echo_server(EchoKind::Http, 80).name("open").start()?;
+    let _s2 = secure.echo_server(EchoKind::Http, 80).name("secure").start()?;
+    let gw = start_gateway(&topo, &gw_pod, &["--port-map", "443=18443"])?;
+    let (ip, cacert) = (gw_pod.ip(), pki.path("ca.pem"));
+    let resolve = format!("open.example.com:18443:{ip}");
+    let fronted = |version: &str, host: &str| {
+        client.curl_args(&[
+            version,
+            "--max-time",
+            "5",
+            "--resolve",
+            &resolve,
+            "--cacert",
+            &cacert,
+            "-H",
+            &format!("Host: {host}"),
+            "https://open.example.com:18443/x",
+        ])
+    };
+
+    for version in ["--http1.1", "--http2"] {
+        let own = fronted(version, "open.example.com:18443")?;
+        assert_eq!((own.status, own.header("x-served-by")), (200, Some("open")), "{version}: {own:?}");
+        let other = fronted(version, "secure.example.com")?;
+        assert_eq!(other.status, 404, "{version}: the MUTUAL server's host through the SIMPLE one: {other:?}");
+        assert_ne!(other.header("x-served-by"), Some("secure"), "{other:?}");
+    }
+    request_line(&gw, &["authority=secure.example.com", "status=404", "flags=NR"])?;
     assert!(config_warnings(&gw).is_empty(), "{:?}", config_warnings(&gw));
     Ok(())
 }

@@ -153,7 +153,7 @@ where
         client_addr: client,
         identity: identity.clone(),
         source_workload: gw.wp.model.current().workload_by_ip(client.ip()).cloned(),
-        target: Target::Gateway { port, view: gw.view.clone() },
+        target: Target::Gateway { port, view: gw.view.clone(), server: None },
         protocol,
     };
     match kind {
@@ -197,7 +197,7 @@ async fn detect_http<I: AsyncRead + Unpin>(io: &mut I) -> Option<(HttpVersion, V
     }
 }
 
-async fn serve_tls<I>(gw: &Arc<Gateway>, port: u16, mut io: I, down: Downstream)
+async fn serve_tls<I>(gw: &Arc<Gateway>, port: u16, mut io: I, mut down: Downstream)
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -222,6 +222,10 @@ where
         Ok(config) => config,
         Err(e) => return warn!(gateway = %server.gateway, port, "cannot serve TLS: {e}"),
     };
+    // Requests on this connection are routed among this server's VirtualServices only.
+    if let Target::Gateway { server: chosen, .. } = &mut down.target {
+        *chosen = Some(server.id());
+    }
     drop(view);
     let stream = match tokio_rustls::TlsAcceptor::from(config).accept(io::Prefixed::new(hello.bytes, io)).await {
         Ok(stream) => stream,

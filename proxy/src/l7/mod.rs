@@ -96,8 +96,13 @@ pub enum Target {
     /// A pod's IP and port.
     Workload { workload: Arc<Workload>, port: u16 },
     /// A gateway's server port (`port.number`, GW-1): requests are routed by Host among the
-    /// VirtualServices bound to the Gateways served there, as `view` has them now.
-    Gateway { port: u16, view: tokio::sync::watch::Receiver<Arc<crate::model::gateways::GatewayView>> },
+    /// VirtualServices bound to the Gateways served there, as `view` has them now; on TLS the
+    /// server the SNI chose (`server`) bounds them (GW-2).
+    Gateway {
+        port: u16,
+        view: tokio::sync::watch::Receiver<Arc<crate::model::gateways::GatewayView>>,
+        server: Option<crate::model::gateways::ServerId>,
+    },
 }
 
 impl Target {

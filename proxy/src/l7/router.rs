@@ -274,13 +274,13 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: RequestBod
 
 /// The VirtualServices that may route the request, each with the gateway it is bound through:
 /// at a waypoint the one of the target service (`None`: there is none, go straight to the
-/// service); at a gateway those bound to the servers of the port that serve the Host (GW-1), or
-/// a 404 when none does.
+/// service); at a gateway those bound to the servers of the port that serve the Host (GW-1), of
+/// the SNI's server alone on TLS (GW-2), or a 404 when none does.
 fn candidates(x: &mut Exchange, parts: &Parts) -> Option<Vec<HttpCandidate>> {
     match &x.down.target {
-        Target::Gateway { port, view } => {
+        Target::Gateway { port, view, server } => {
             let host = host_of(authority(parts));
-            Some(view.borrow().http_candidates(*port, &host))
+            Some(view.borrow().http_candidates(*port, &host, server.as_ref()))
         }
         target => {
             let vs = target.service().and_then(|s| x.model.routing.mesh_routes_for(&s.hostname))?;

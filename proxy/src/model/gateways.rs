@@ -292,9 +292,21 @@ fn vs_keys<S: serde::Serializer>(v: &[Arc<VirtualService>], s: S) -> Result<S::O
     serde::Serialize::serialize(&v.iter().map(|vs| vs.key()).collect::<Vec<_>>(), s)
 }
 
+/// Which server of a view: its Gateway (`namespace/name`) and index in its `servers`. Kept
+/// across reloads by connections, so names rather than pointers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerId {
+    pub gateway: String,
+    pub index: usize,
+}
+
 impl BoundServer {
     pub fn server(&self) -> &Server {
         &self.resource.servers[self.index]
+    }
+
+    pub fn id(&self) -> ServerId {
+        ServerId { gateway: self.gateway.clone(), index: self.index }
     }
 
     fn serves(&self, host: &str) -> bool {
@@ -341,10 +353,14 @@ impl GatewayView {
     /// The VirtualServices that may route an HTTP request for `host` (lower case, no port) on
     /// `port`, the most specific host first: those of servers serving the host, by their own
     /// most specific host matching it (exact before wildcard, longer wildcard before shorter).
-    pub fn http_candidates(&self, port: u16, host: &str) -> Vec<HttpCandidate> {
+    /// On a connection whose TLS a server terminated (`only`, chosen by SNI), that server's
+    /// alone, as each server is a filter chain of its own in Istio: a Host header cannot reach
+    /// another server's hosts, whose TLS mode (MUTUAL) the client never satisfied.
+    pub fn http_candidates(&self, port: u16, host: &str, only: Option<&ServerId>) -> Vec<HttpCandidate> {
         let Some(servers) = self.ports.get(&port) else { return Vec::new() };
         let mut found: Vec<((bool, usize), HttpCandidate)> = Vec::new();
-        for server in servers.servers.iter().filter(|s| s.serves(host)) {
+        let chosen = |s: &&BoundServer| only.is_none_or(|id| s.gateway == id.gateway && s.index == id.index);
+        for server in servers.servers.iter().filter(chosen).filter(|s| s.serves(host)) {
             for vs in &server.virtual_services {
                 let Some(rank) = vs.hosts.iter().filter(|h| host_matches(h, host)).map(|h| host_specificity(h)).max()
                 else {

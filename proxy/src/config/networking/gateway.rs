@@ -172,7 +172,9 @@ impl Check for ServerTls {
                 }
                 // OPTIONAL_MUTUAL verifies the certificates clients do present: it needs the CA too.
                 if mode != ServerTlsMode::Simple && self.credential_name.is_none() && self.ca_certificates.is_none() {
-                    return Err("MUTUAL and OPTIONAL_MUTUAL need `caCertificates` (or a `credentialName` with a CA)".into());
+                    return Err(
+                        "MUTUAL and OPTIONAL_MUTUAL need `caCertificates` (or a `credentialName` with a CA)".into()
+                    );
                 }
                 Ok(())
             }

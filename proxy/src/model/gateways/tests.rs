@@ -77,12 +77,12 @@ fn view_selects_by_labels_and_orders_hosts() {
     assert_eq!(view.ports.keys().copied().collect::<Vec<_>>(), [80, 443]);
     assert_eq!(view.ports[&443].kind, PortKind::Tls);
     let names =
-        |host| view.http_candidates(80, host).iter().map(|c| c.virtual_service.name.clone()).collect::<Vec<_>>();
+        |host| view.http_candidates(80, host, None).iter().map(|c| c.virtual_service.name.clone()).collect::<Vec<_>>();
     assert_eq!(names("exact.example.com"), ["exact", "wild"]);
     assert_eq!(names("b.example.com"), ["wild"]);
     assert!(names("example.org").is_empty());
-    assert!(view.http_candidates(81, "exact.example.com").is_empty());
-    assert_eq!(view.http_candidates(80, "b.example.com")[0].gateway, "web/ingress");
+    assert!(view.http_candidates(81, "exact.example.com", None).is_empty());
+    assert_eq!(view.http_candidates(80, "b.example.com", None)[0].gateway, "web/ingress");
 }
 
 // GW-2: several servers on one port: the certificate and mode are chosen by SNI, the most
@@ -96,6 +96,25 @@ fn tls_server_by_sni() {
     assert_eq!(mode(Some("z.example.com")), Some(ServerTlsMode::Mutual));
     assert_eq!(mode(Some("example.org")), None);
     assert_eq!(mode(None), None);
+}
+
+// GW-2: on a connection whose TLS a server terminated, only that server's VirtualServices route:
+// the SIMPLE server of a.example.com cannot be used to reach hosts of the MUTUAL one.
+#[test]
+fn sni_server_bounds_http_candidates() {
+    let (model, _) = model_of(INGRESS);
+    let view = GatewayView::build(&model, &labels(&[("istio", "ingressgateway")]));
+    let simple = view.tls_server(443, Some("a.example.com")).map(BoundServer::id).expect("simple server");
+    let mutual = view.tls_server(443, Some("z.example.com")).map(BoundServer::id).expect("mutual server");
+    let names = |host, only| {
+        view.http_candidates(443, host, only).iter().map(|c| c.virtual_service.name.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(names("z.example.com", None), ["wild"], "any server of the port");
+    assert!(names("z.example.com", Some(&simple)).is_empty(), "not through the SIMPLE server");
+    assert_eq!(names("a.example.com", Some(&simple)), ["wild"]);
+    assert_eq!(names("z.example.com", Some(&mutual)), ["wild"]);
+    let gone = ServerId { gateway: "web/removed".into(), index: 0 };
+    assert!(names("a.example.com", Some(&gone)).is_empty(), "a server no longer served routes nothing");
 }
 
 // GW-1: what Istio would reject or ignore is reported, naming the resource and field.
@@ -137,7 +156,7 @@ spec:
     }
     // The VirtualService of another namespace's host is not bound.
     let view = GatewayView::build(&model, &labels(&[("istio", "ingressgateway")]));
-    assert!(view.http_candidates(80, "a.example.com").is_empty());
+    assert!(view.http_candidates(80, "a.example.com", None).is_empty());
 }
 
 // GW-1: passthrough routes by `sniHosts`, TCP servers by `tcp[]`, each honouring
