@@ -318,6 +318,16 @@ spec:
   servers:
   - port: {number: 80, name: http, protocol: HTTP}
     hosts: [ratings.example.com, legacy.example.com]
+  - port: {number: 31400, name: tcp, protocol: TCP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings-tcp, namespace: shop}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/web-gateway]
+  tcp: [{route: [{destination: {host: ratings, port: {number: 9000}}}]}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -349,7 +359,7 @@ spec:
         k8s::namespace_yaml("shop", &[("istio.io/dataplane-mode", "ambient")]),
         k8s::namespace_yaml("plain", &[]),
         k8s::pod_yaml(&gw_pod, "istio-system", "istio-ingressgateway", &[("istio", "ingressgateway")]),
-        plain_backend("shop", &ratings, "ratings", "10.96.0.54", &[("http", 9080, 9080)]),
+        plain_backend("shop", &ratings, "ratings", "10.96.0.54", &[("http", 9080, 9080), ("tcp", 9000, 9000)]),
         plain_backend("plain", &legacy, "legacy", "10.96.0.55", &[("http", 80, 80)]),
         istio.to_owned(),
     ]
@@ -357,6 +367,7 @@ spec:
     topo.write_config("c.yaml", &config)?;
     let _s1 = ratings.echo_server(EchoKind::Http, 9080).name("ratings").start()?;
     let _s2 = legacy.echo_server(EchoKind::Http, 80).name("legacy").start()?;
+    let _s3 = ratings.start_echo_server(EchoKind::Tcp, 9000)?;
     let p2 = start_node(&topo, &n2, &ca_dir(&topo, "ca"), &[])?;
     let gw = start_gateway(&topo, &gw_pod, &["--namespace", "istio-system"])?;
     let base = format!("http://{}", gw_pod.ip());
@@ -391,6 +402,19 @@ spec:
         !p2.log().lines().any(|l| l.contains(&format!("dst.addr={}:80", legacy.ip()))),
         "no proxy handles the pod outside the mesh"
     );
+
+    // A TCP route to the mesh pod: spliced into an HBONE stream, reported so on both sides.
+    let target = format!("{}:31400", gw_pod.ip());
+    let out = client.run(bin_path("strait-echo"), &["send", &target, "--bytes", "50000", "--timeout-secs", "5"])?;
+    assert!(out.status.success(), "{}
+{}", String::from_utf8_lossy(&out.stdout), gw.log_tail());
+    let tcp_addr = format!("dst.addr={}:9000", ratings.ip());
+    let line = gateway_line(&gw, &[&tcp_addr, "result=ok"])?;
+    assert!(line.contains("security=mutual_tls"), "{line}");
+    assert!(line.contains("dst.identity=spiffe://cluster.local/ns/shop/sa/ratings"), "{line}");
+    assert!(line.contains("dst.service=ratings.shop.svc.cluster.local") && line.contains("sent=50000"), "{line}");
+    let line = wait_access_line(&p2, &["inbound", &tcp_addr, gateway_id], TIMEOUT)?;
+    assert!(line.contains("security=mutual_tls") && line.contains("received=50000"), "{line}");
 
     // STRICT at the destination: the gateway's HBONE still passes, a plaintext client does not.
     common::apply(&topo, &[&p2, &gw], "strict.yaml", &strict("shop"))?;
