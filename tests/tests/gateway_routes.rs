@@ -406,8 +406,8 @@ spec:
     // A TCP route to the mesh pod: spliced into an HBONE stream, reported so on both sides.
     let target = format!("{}:31400", gw_pod.ip());
     let out = client.run(bin_path("strait-echo"), &["send", &target, "--bytes", "50000", "--timeout-secs", "5"])?;
-    assert!(out.status.success(), "{}
-{}", String::from_utf8_lossy(&out.stdout), gw.log_tail());
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}\n{}", gw.log_tail());
     let tcp_addr = format!("dst.addr={}:9000", ratings.ip());
     let line = gateway_line(&gw, &[&tcp_addr, "result=ok"])?;
     assert!(line.contains("security=mutual_tls"), "{line}");
