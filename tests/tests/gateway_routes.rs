@@ -729,6 +729,9 @@ spec:
         assert_eq!(r.status, 404, "{host} is no host of the HTTP server: {r:?}");
     }
     request_line(&gw, &["authority=www.example.org", "status=404", "flags=NR"])?;
+    let r =
+        client.curl_args(&["--max-time", "5", "-H", "Host: www.example.com", &format!("http://{ip}:18080/headers")])?;
+    assert!(r.status == 200 && r.body.contains("x-forwarded-proto: http\n"), "{r:?}");
 
     let cacert = pki.path("ca.pem");
     let r = curl_tls(&client, "shop.secure.example", ip, 18443, "/", &cacert);
@@ -740,10 +743,12 @@ spec:
     Ok(())
 }
 
-// GW-1, GW-2: on a TLS port, the server the SNI chose is the only one whose VirtualServices
+// GW-1, GW-2, L7-9: on a TLS port, the server the SNI chose is the only one whose VirtualServices
 // route the connection's requests: a client that opens TLS to the SIMPLE server without a
 // certificate and then asks for the MUTUAL server's host in its Host header (or its HTTP/2
-// :authority) gets 404, never the backend the MUTUAL server protects. Its own host is served.
+// :authority) gets 404, never the backend the MUTUAL server protects. Its own host is served,
+// as scheme https: a route matching `scheme: {exact: https}` takes it and the backend reads
+// `x-forwarded-proto: https`.
 #[test]
 fn sni_server_bounds_the_hosts_of_its_connection() -> io::Result<()> {
     let topo = Topology::new("gwroutes::fronting")?;
@@ -775,7 +780,9 @@ metadata: {{name: open, namespace: web}}
 spec:
   hosts: [open.example.com]
   gateways: [two]
-  http: [{{route: [{{destination: {{host: open, port: {{number: 80}}}}}}]}}]
+  http:
+  - match: [{{scheme: {{exact: https}}}}]
+    route: [{{destination: {{host: open, port: {{number: 80}}}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -827,6 +834,17 @@ spec:
         assert_ne!(other.header("x-served-by"), Some("secure"), "{other:?}");
     }
     request_line(&gw, &["authority=secure.example.com", "status=404", "flags=NR"])?;
+    // L7-9: the backend learns the client used HTTPS (the route above matched on the scheme).
+    let r = client.curl_args(&[
+        "--max-time",
+        "5",
+        "--resolve",
+        &resolve,
+        "--cacert",
+        &cacert,
+        "https://open.example.com:18443/headers",
+    ])?;
+    assert!(r.status == 200 && r.body.contains("x-forwarded-proto: https\n"), "{r:?}");
     assert!(config_warnings(&gw).is_empty(), "{:?}", config_warnings(&gw));
     Ok(())
 }

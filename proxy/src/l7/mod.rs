@@ -88,6 +88,18 @@ pub struct Downstream {
     pub protocol: AppProtocol,
 }
 
+impl Downstream {
+    /// The request scheme the client used: `https` when a gateway terminated its TLS (GW-1),
+    /// for `x-forwarded-proto` (L7-9) and `match[].scheme`; `http` otherwise (HBONE's mTLS is
+    /// the mesh's, not the application's).
+    pub fn scheme(&self) -> &'static str {
+        match self.target {
+            Target::Gateway { server: Some(_), .. } => "https",
+            _ => "http",
+        }
+    }
+}
+
 /// The destination a client addressed.
 #[derive(Debug, Clone)]
 pub enum Target {

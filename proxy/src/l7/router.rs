@@ -213,7 +213,7 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: RequestBod
         query: parts.uri.query(),
         method: parts.method.as_str(),
         authority: authority(parts),
-        scheme: "http",
+        scheme: x.down.scheme(),
         headers: &parts.headers,
         port: x.down.target.port(),
         source_labels: x.down.source_workload.as_ref().map(|w| &w.labels),
@@ -461,7 +461,7 @@ fn upstream_request(x: &Exchange, parts: &mut Parts) -> UpstreamRequest {
     let websocket = parts.version == Version::HTTP_11 && headers::is_websocket_upgrade(&parts.headers);
     let mut request_headers = std::mem::take(&mut parts.headers);
     headers::remove_hop_by_hop(&mut request_headers);
-    headers::add_forwarded(&mut request_headers, x.down.client_addr.ip(), "http");
+    headers::add_forwarded(&mut request_headers, x.down.client_addr.ip(), x.down.scheme());
     if websocket {
         request_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         request_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -502,5 +502,22 @@ mod tests {
         assert!(!rolls(Percentage(0.0)));
         let hits = (0..100_000).filter(|_| rolls(Percentage(0.1))).count();
         assert!((40..=200).contains(&hits), "{hits}");
+    }
+
+    // GW-1, L7-9: a connection whose TLS the gateway terminated is https; plain HTTP at the
+    // gateway and HBONE streams at a waypoint are http.
+    #[test]
+    fn scheme_follows_the_gateway_tls() {
+        use crate::model::gateways::{GatewayView, ServerId};
+        let (_tx, view) = tokio::sync::watch::channel(Arc::new(GatewayView::default()));
+        let down = |server: Option<ServerId>| Downstream {
+            client_addr: "10.1.0.10:40000".parse().expect("addr"),
+            identity: None,
+            source_workload: None,
+            target: Target::Gateway { port: 443, view: view.clone(), server },
+            protocol: crate::model::AppProtocol::Http,
+        };
+        assert_eq!(down(Some(ServerId { gateway: "web/gw".into(), index: 0 })).scheme(), "https");
+        assert_eq!(down(None).scheme(), "http");
     }
 }
