@@ -188,9 +188,11 @@ routing by the VirtualServices bound to them (`gateways: [name]` or `[ns/name]`,
 
 Listeners, one per server port (`port.number`, moved by --port-map):
   HTTP, HTTP2, GRPC   HTTP/1.1 and h2c; Host matched against the servers' hosts and the
-                      VirtualServices' hosts (wildcards allowed); no match -> 404
+                      VirtualServices' hosts (wildcards allowed); no match -> 404;
+                      `tls.httpsRedirect: true` -> 301 to the same URL in https
   HTTPS / TLS         the ClientHello's SNI picks the server (most specific host wins):
     SIMPLE              terminate with its certificate, ALPN h2 and http/1.1, then route
+                        among that server's VirtualServices only (scheme https)
     MUTUAL              the same, and the client must present a certificate signed by the
                         server's CA (caCertificates, or the credential's ca.crt)
     PASSTHROUGH         no termination: the bytes go to the `tls[]` route whose

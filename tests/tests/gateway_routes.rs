@@ -656,7 +656,7 @@ fn seed_000_ingress_as_a_proxy_to_external_services() -> io::Result<()> {
 // and a Host the server does not serve (the bare domain, another domain) is 404. On HTTPS, a
 // `*.secure.example` server with its certificate given as file paths (`serverCertificate`,
 // `privateKey`) answers any SNI under it with that wildcard certificate; an SNI outside it gets
-// no handshake.
+// no handshake; plain HTTP for those hosts gets a 301 to https (`tls.httpsRedirect`).
 #[test]
 fn wildcard_server_hosts_and_unmatched_host() -> io::Result<()> {
     let topo = Topology::new("gwroutes::wildcard")?;
@@ -676,6 +676,9 @@ spec:
   servers:
   - port: {{number: 80, name: http, protocol: HTTP}}
     hosts: ["*.example.com"]
+  - port: {{number: 80, name: http-redirect, protocol: HTTP}}
+    hosts: ["*.secure.example"]
+    tls: {{httpsRedirect: true}}
   - port: {{number: 443, name: https, protocol: HTTPS}}
     hosts: ["web/*.secure.example"]
     tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
@@ -724,7 +727,7 @@ spec:
         let r = get(host)?;
         assert_eq!((r.status, r.header("x-served-by")), (200, Some(served_by)), "{host}: {r:?}\n{}", gw.log_tail());
     }
-    for host in ["example.com", "www.example.org", "x.secure.example"] {
+    for host in ["example.com", "www.example.org"] {
         let r = get(host)?;
         assert_eq!(r.status, 404, "{host} is no host of the HTTP server: {r:?}");
     }
@@ -732,6 +735,11 @@ spec:
     let r =
         client.curl_args(&["--max-time", "5", "-H", "Host: www.example.com", &format!("http://{ip}:18080/headers")])?;
     assert!(r.status == 200 && r.body.contains("x-forwarded-proto: http\n"), "{r:?}");
+    // `httpsRedirect`: plain HTTP for the secure hosts is sent to https, never served.
+    let r =
+        client.curl_args(&["--max-time", "5", "-H", "Host: x.secure.example", &format!("http://{ip}:18080/a?b=1")])?;
+    assert_eq!((r.status, r.header("location")), (301, Some("https://x.secure.example/a?b=1")), "{r:?}");
+    assert_ne!(r.header("x-served-by"), Some("wild"), "{r:?}");
 
     let cacert = pki.path("ca.pem");
     let r = curl_tls(&client, "shop.secure.example", ip, 18443, "/", &cacert);

@@ -204,6 +204,9 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: RequestBod
     let jwt = authenticate(x, parts)?;
     authorize(x, parts, jwt.as_deref())?;
 
+    if let Some(redirect) = https_redirect(x, parts) {
+        return Err(redirect);
+    }
     let candidates = match candidates(x, parts) {
         Some(found) => found,
         None => return forward_default(x, parts, body).await,
@@ -287,6 +290,26 @@ fn candidates(x: &mut Exchange, parts: &Parts) -> Option<Vec<HttpCandidate>> {
             Some(vec![HttpCandidate { gateway: x.ctx.gateway.clone(), virtual_service: vs.clone() }])
         }
     }
+}
+
+/// At a gateway's HTTP server with `tls.httpsRedirect` (GW-1): 301 to the same URL in https,
+/// `:80` dropped from the host as Envoy does (another port is kept).
+fn https_redirect(x: &Exchange, parts: &Parts) -> Option<Local> {
+    let Target::Gateway { port, view, server: None } = &x.down.target else { return None };
+    let authority = authority(parts);
+    if !view.borrow().redirects_to_https(*port, &host_of(authority)) {
+        return None;
+    }
+    let host = authority.strip_suffix(":80").unwrap_or(authority);
+    let location = match parts.uri.query() {
+        Some(q) => format!("https://{host}{}?{q}", parts.uri.path()),
+        None => format!("https://{host}{}", parts.uri.path()),
+    };
+    let mut local = Local::new(StatusCode::MOVED_PERMANENTLY, "").because("httpsRedirect");
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        local.headers.push((header::LOCATION, value));
+    }
+    Some(local)
 }
 
 /// The host of a Host header, lower case, without its port.

@@ -377,6 +377,14 @@ impl GatewayView {
         found.into_iter().map(|(_, c)| c).collect()
     }
 
+    /// Whether a plain HTTP request for `host` on `port` is answered with a redirect to HTTPS:
+    /// the server naming the host most specifically sets `tls.httpsRedirect` (GW-1).
+    pub fn redirects_to_https(&self, port: u16, host: &str) -> bool {
+        let Some(servers) = self.ports.get(&port).filter(|p| p.kind == PortKind::Http) else { return false };
+        let best = servers.servers.iter().filter_map(|s| Some((s.specificity(host)?, s))).max_by_key(|(rank, _)| *rank);
+        best.is_some_and(|(_, s)| s.server().tls.as_ref().is_some_and(|t| t.https_redirect))
+    }
+
     /// The server of a TLS port a client with `sni` reaches: the one naming it most
     /// specifically; without SNI, one serving `*`.
     pub fn tls_server(&self, port: u16, sni: Option<&str>) -> Option<&BoundServer> {

@@ -228,3 +228,31 @@ status: {podIP: 10.1.0.9}
     assert!(!pod.captured);
     assert!(pod.reached_over_hbone());
 }
+
+// GW-1: `tls.httpsRedirect` on an HTTP server redirects the hosts it names most specifically;
+// a more specific server without it, another port, or a TLS port do not.
+#[test]
+fn https_redirect_by_most_specific_server() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: redirect, namespace: web}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*.example.com"]
+    tls: {httpsRedirect: true}
+  - port: {number: 80, name: http-plain, protocol: HTTP}
+    hosts: [plain.example.com]
+  - port: {number: 8080, name: http-alt, protocol: HTTP}
+    hosts: ["*"]
+"#;
+    let (model, _) = model_of(yaml);
+    let view = GatewayView::build(&model, &labels(&[("istio", "ingressgateway")]));
+    assert!(view.redirects_to_https(80, "shop.example.com"));
+    assert!(!view.redirects_to_https(80, "plain.example.com"), "the exact server has no redirect");
+    assert!(!view.redirects_to_https(80, "example.org"), "no server names it");
+    assert!(!view.redirects_to_https(8080, "shop.example.com"));
+    assert!(!view.redirects_to_https(443, "shop.example.com"));
+}
