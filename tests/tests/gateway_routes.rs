@@ -221,7 +221,10 @@ spec:
     assert!(r.body.contains("hello from legacy-backend sni=legacy.example.com"), "sni_hosts: {}", r.body);
     assert!(r.stderr.contains("subject: CN=legacy.example.com"), "{}", r.stderr);
     let line = gateway_line(&gw, &[&format!("dst.addr={}:8443", secure.ip()), "result=ok"])?;
-    assert!(line.contains("dst.service=secure.web.svc.cluster.local"), "{line}");
+    assert!(
+        line.contains("dst.service=secure.web.svc.cluster.local") && line.contains(" sni=secure.example.com"),
+        "{line}"
+    );
     gateway_line(&gw, &[&format!("dst.addr={}:9443", legacy.ip()), "result=ok"])?;
 
     let before = (tls_connections(&s1), tls_connections(&s2));
@@ -638,7 +641,7 @@ fn seed_000_ingress_as_a_proxy_to_external_services() -> io::Result<()> {
     assert!(r.stderr.contains("issuer: CN=cnn stand-in ca"), "the stand-in's own certificate:\n{}", r.stderr);
     assert_eq!(tls_connections(&cnn_server), 1);
     let line = gateway_line(&gw, &[&format!("dst.addr={}:443", cnn.ip())])?;
-    assert!(line.contains("dst.service=edition.cnn.com") && line.contains("result=ok"), "{line}");
+    assert!(line.contains("dst.service=edition.cnn.com") && line.contains("result=ok sni=edition.cnn.com"), "{line}");
     // The gateway asked our resolver itself (the client dialled addresses only).
     let asked = dns.log();
     for host in ["httpbin.org", "edition.cnn.com"] {

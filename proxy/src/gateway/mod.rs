@@ -169,7 +169,7 @@ where
                 debug!(port, %client, "no tcp route: closing");
                 return;
             };
-            splice(&gw, port, &vs.tcp[i].destinations, Vec::new(), io, &down(AppProtocol::Tcp), "tcp").await;
+            splice(&gw, port, &vs.tcp[i].destinations, Vec::new(), io, &down(AppProtocol::Tcp), None).await;
         }
         None => debug!(port, "port no longer served: closing"),
     }
@@ -216,7 +216,7 @@ where
         let Some((vs, i)) = view.tls_route(server, port, &sni) else {
             return debug!(client = %down.client_addr, sni, "TLS passthrough: no tls route matches: closing");
         };
-        return splice(gw, port, &vs.tls[i].destinations, hello.bytes, io, &down, "tls").await;
+        return splice(gw, port, &vs.tls[i].destinations, hello.bytes, io, &down, Some(sni)).await;
     }
     let config = match gw.configs.get(server) {
         Ok(config) => config,
@@ -240,7 +240,8 @@ where
 
 /// Splices the client (after `first`, bytes already read) to a destination of a `tcp[]` or
 /// `tls[]` route: over HBONE to mesh endpoints, plain TCP otherwise (the waypoint's connector).
-/// The access line names the route's service and, over HBONE, the endpoint's identity.
+/// The access line names the route's service, the SNI of a `tls[]` route and, over HBONE,
+/// the endpoint's identity.
 async fn splice<I>(
     gw: &Arc<Gateway>,
     port: u16,
@@ -248,7 +249,7 @@ async fn splice<I>(
     first: Vec<u8>,
     mut client: I,
     down: &Downstream,
-    what: &'static str,
+    sni: Option<String>,
 ) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -257,6 +258,8 @@ async fn splice<I>(
     let mut record = ConnectionRecord::start("gateway", client_addr, client_addr);
     record.source_workload = down.source_workload.clone();
     record.source_identity = down.identity.as_ref().map(ToString::to_string);
+    let what = if sni.is_some() { "tls" } else { "tcp" };
+    record.server_name = sni;
     let model = gw.wp.model.current();
     let outcome: Result<(UpstreamIo, ClusterKey), String> = async {
         let chosen = choose_weighted(destinations).ok_or("no destination with weight")?;

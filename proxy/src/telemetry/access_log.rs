@@ -60,6 +60,9 @@ pub struct ConnectionRecord {
     pub destination_service: Option<Arc<Service>>,
     /// `mutual_tls` (HBONE) or `none` (plain TCP).
     pub security: &'static str,
+    /// The SNI a gateway routed a TLS PASSTHROUGH connection by (GW-1), as Envoy's
+    /// `requested_server_name`.
+    pub server_name: Option<String>,
     /// Bytes the client sent (request direction).
     pub bytes_sent: u64,
     /// Bytes the client received (response direction).
@@ -84,6 +87,7 @@ impl ConnectionRecord {
             destination_identity: None,
             destination_service: None,
             security: "none",
+            server_name: None,
             bytes_sent: 0,
             bytes_received: 0,
             started: SystemTime::now(),
@@ -177,6 +181,9 @@ fn format_line(r: &ConnectionRecord) -> String {
         r.duration.as_millis(),
         result,
     );
+    if let Some(sni) = &r.server_name {
+        line.push_str(&format!(" sni={sni}"));
+    }
     if let Some(reason) = reason {
         line.push_str(&format!(" reason=\"{}\"", reason.replace('"', "'")));
     }
@@ -194,6 +201,8 @@ struct JsonLine<'a> {
     src: JsonEnd<'a>,
     dst: JsonEnd<'a>,
     security: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sni: Option<&'a str>,
     sent: u64,
     received: u64,
     duration_ms: u128,
@@ -230,6 +239,7 @@ fn json_line(r: &ConnectionRecord) -> String {
             identity: r.destination_identity.as_deref(),
         },
         security: r.security,
+        sni: r.server_name.as_deref(),
         sent: r.bytes_sent,
         received: r.bytes_received,
         duration_ms: r.duration.as_millis(),
@@ -311,6 +321,18 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json_line(&ok)).expect("valid JSON");
         assert!(v["reason"].is_null(), "{v}");
         assert_eq!((v["result"].as_str(), v["response_flags"].as_str()), (Some("ok"), Some("-")));
+        assert!(v.get("sni").is_none(), "{v}");
+    }
+
+    // GW-1: a passthrough connection's line names the SNI it was routed by.
+    #[test]
+    fn passthrough_lines_name_the_sni() {
+        let mut r = record();
+        r.outcome = Outcome::Completed;
+        r.server_name = Some("edition.cnn.com".into());
+        assert!(format_line(&r).ends_with(" result=ok sni=edition.cnn.com\n"), "{}", format_line(&r));
+        let v: serde_json::Value = serde_json::from_str(&json_line(&r)).expect("valid JSON");
+        assert_eq!(v["sni"], "edition.cnn.com");
     }
 
     #[test]
