@@ -651,6 +651,11 @@ fn seed_000_ingress_as_a_proxy_to_external_services() -> io::Result<()> {
         );
     }
     assert!(config_warnings(&gw).is_empty(), "the seed loads without warnings: {:?}", config_warnings(&gw));
+    // As node proxies load it too (the VirtualServices' `mesh` half).
+    let dir = topo.config_dir().to_string_lossy().into_owned();
+    let out = std::process::Command::new(bin_path("strait")).args(["ctl", "validate", &dir]).output()?;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && report.contains("7 resource(s), 0 error(s), 0 warning(s)"), "{report}");
     Ok(())
 }
 
