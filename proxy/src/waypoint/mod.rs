@@ -138,7 +138,7 @@ impl Engine {
                 slot.set(&tls.cert)?;
                 tokio::spawn(keep_client_cert(certs.clone(), identity.clone(), slot.clone()));
                 let client = control_plane.client_options(
-                    xds_node(&name),
+                    xds_node(&name, matches!(reporter, Reporter::Waypoint)),
                     &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL],
                     Some(slot),
                 );
@@ -316,17 +316,24 @@ async fn keep_client_cert(certs: Arc<CertStore>, identity: Identity, slot: Arc<C
     }
 }
 
-/// The `node` the waypoint subscribes as: Istio's id for a waypoint pod, and metadata naming the
-/// waypoint, which is what its L7 resources are chosen by.
-fn xds_node(name: &WaypointName) -> strait_proto::envoy::config::core::v3::Node {
+/// The `node` the proxy subscribes as: Istio's id for a waypoint (or gateway) pod, and metadata
+/// naming the waypoint, which is what its L7 resources are chosen by; a gateway names itself with
+/// `STRAIT_GATEWAY` instead and gets every L7 resource and Istio Gateway (GW-1), choosing by its
+/// labels as it does from a directory.
+fn xds_node(name: &WaypointName, waypoint: bool) -> strait_proto::envoy::config::core::v3::Node {
     let env = |var: &str, default: String| std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or(default);
+    let (kind, key) = if waypoint {
+        ("waypoint", crate::xds::resources::WAYPOINT_METADATA)
+    } else {
+        ("router", crate::xds::resources::GATEWAY_METADATA)
+    };
     crate::xds::client::proxy_node(
-        "waypoint",
+        kind,
         &env("INSTANCE_IP", "0.0.0.0".into()),
         &env("POD_NAME", name.name.clone()),
         &name.namespace,
         None,
-        &[(crate::xds::resources::WAYPOINT_METADATA, name.to_string())],
+        &[(key, name.to_string())],
     )
 }
 
