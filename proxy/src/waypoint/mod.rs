@@ -108,6 +108,8 @@ pub(crate) struct Engine {
     pub certs: Arc<CertStore>,
     pub identity: Identity,
     pub gate: Arc<Gate>,
+    /// A gateway's admission of client connections (`None` for a waypoint).
+    pub clients: Option<Arc<Gate>>,
     pub ready: Readiness,
     pub drain_tx: tokio::sync::watch::Sender<bool>,
     pub fd_limit: u64,
@@ -153,7 +155,15 @@ impl Engine {
         let mut metrics = MetricsRegistry::new();
         let requests = metrics.register_requests();
         let gate = Gate::new("hbone", limits.handshakes);
-        metrics.register(admission::refusal_counters(vec![gate.clone()]));
+        // A gateway's clients (GW-1): a connection holds two descriptors like an outbound one,
+        // and no limit per source, since an ingress sees many clients behind one load
+        // balancer's address.
+        let clients = (!matches!(reporter, Reporter::Waypoint)).then(|| {
+            Gate::new("gateway", admission::Limits { per_source: limits.outbound.total, total: limits.outbound.total })
+        });
+        metrics.register(admission::refusal_counters(
+            [Some(gate.clone()), clients.clone()].into_iter().flatten().collect(),
+        ));
         metrics.register(crate::hbone::server::handshake_failure_counters());
         let telemetry = Telemetry::new(access_log, metrics.traffic());
         let upstreams = Upstreams::new(Connector {
@@ -194,7 +204,7 @@ impl Engine {
         });
         tokio::spawn(forget_removed_destinations(ctx.clone()));
         let ready = serve_operator_endpoints(options, &model, &certs, metrics, &l7, xds).await?;
-        Ok(Engine { ctx, certs, identity, gate, ready, drain_tx, fd_limit })
+        Ok(Engine { ctx, certs, identity, gate, clients, ready, drain_tx, fd_limit })
     }
 
     /// Serves HBONE on `listener` (peer identity verified), each CONNECT stream to `handle`.
