@@ -1,9 +1,9 @@
 //! `strait demo` (OPS-1): a live mesh on this machine. Two nodes and their pods are built out
 //! of network namespaces, a node proxy runs on each, and each step shows one capability working
 //! with real traffic: capture, mTLS over HBONE with both identities, the original source IP,
-//! service load balancing, what stays outside the mesh, L4 policy, and through a waypoint L7
-//! routing, fault injection and mirroring. Everything is removed at the end, also when a step
-//! fails.
+//! service load balancing, what stays outside the mesh, L4 policy, through a waypoint L7
+//! routing, fault injection and mirroring, an ingress gateway, egress through ServiceEntries under
+//! REGISTRY_ONLY, and a control plane. Everything is removed at the end, also when a step fails.
 
 use std::{collections::BTreeMap, thread, time::Duration};
 
@@ -15,6 +15,12 @@ const PLAIN_NS: &str = "legacy";
 const SERVICE_VIP: &str = "10.96.0.10";
 const L7_NS: &str = "bookinfo";
 const REVIEWS_VIP: &str = "10.96.0.20";
+const GATEWAY_NS: &str = "istio-system";
+/// The ingress gateway listens on 8080 for its Gateway's port 80, as Istio's does.
+const INGRESS_PORT: u16 = 8080;
+const BOOKINFO_HOST: &str = "bookinfo.example.com";
+const PARTNER_HOST: &str = "api.partner.example";
+const UNLISTED_HOST: &str = "elsewhere.example";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run() -> anyhow::Result<()> {
@@ -28,6 +34,12 @@ pub fn run() -> anyhow::Result<()> {
     let waypoint = topo.add_pod(&node1, "waypoint")?;
     let reviews_v1 = topo.add_pod(&node2, "reviews-v1")?;
     let reviews_v2 = topo.add_pod(&node2, "reviews-v2")?;
+    let ingress = topo.add_pod(&node1, "ingress")?;
+    // Outside the cluster: a node without strait, its servers named by no configuration.
+    let internet = topo.add_node("internet")?;
+    let partner = topo.add_pod(&internet, "partner")?;
+    let elsewhere = topo.add_pod(&internet, "elsewhere")?;
+    let resolver = topo.add_pod(&internet, "dns")?;
     let pods = [
         (&sleep, MESH_NS),
         (&web_v1, MESH_NS),
@@ -36,6 +48,7 @@ pub fn run() -> anyhow::Result<()> {
         (&waypoint, L7_NS),
         (&reviews_v1, L7_NS),
         (&reviews_v2, L7_NS),
+        (&ingress, GATEWAY_NS),
     ];
     for (pod, ns) in pods {
         println!("    pod {:<19} {:<12} on {}", format!("{ns}/{}", pod.name()), pod.ip().to_string(), pod.node_name());
@@ -49,6 +62,13 @@ pub fn run() -> anyhow::Result<()> {
         k8s::pod_yaml(&legacy, PLAIN_NS, "default", &[("app", "legacy")]),
         k8s::service_yaml("web", MESH_NS, SERVICE_VIP, &[(80, 8080)], &[("app", "web")]),
         bookinfo_config(&waypoint, &reviews_v1, &reviews_v2),
+        k8s::namespace_yaml(GATEWAY_NS, &[]),
+        k8s::pod_yaml(
+            &ingress,
+            GATEWAY_NS,
+            "istio-ingressgateway",
+            &[("istio", "ingressgateway"), ("strait.io/gateway", "true")],
+        ),
     ]
     .concat();
     topo.write_config("cluster.yaml", &config)?;
@@ -60,6 +80,15 @@ pub fn run() -> anyhow::Result<()> {
         reviews_v1.echo_server(EchoKind::Http, 9080).name("reviews-v1").start()?,
     ];
     let reviews_v2_server = reviews_v2.echo_server(EchoKind::Http, 9080).name("reviews-v2").start()?;
+    let _outside = [
+        partner.echo_server(EchoKind::Http, 80).name("partner-api").start()?,
+        elsewhere.echo_server(EchoKind::Http, 80).name("elsewhere").start()?,
+        start_resolver(&resolver, &[(PARTNER_HOST, &partner), (UNLISTED_HOST, &elsewhere)])?,
+    ];
+    // The node proxy on node1 and the `sleep` pod resolve names through that resolver.
+    let resolv_conf = format!("nameserver {}\noptions timeout:1 attempts:2\n", resolver.ip());
+    node1.netns().set_resolv_conf(&resolv_conf)?;
+    sleep.netns().set_resolv_conf(&resolv_conf)?;
     let strait = bin_path("strait");
     let ca_dir = topo.dir().join("ca");
     let config_dir = topo.config_dir();
@@ -164,9 +193,12 @@ pub fn run() -> anyhow::Result<()> {
     let waypoint = start_waypoint(&waypoint, &config_dir, &ca_dir)?;
     proxies.push(waypoint);
     l7_steps(&topo, &sleep, &proxies, &reviews_v2_server)?;
+    let gateway = ingress_step(&topo, &proxies, &ingress, &legacy)?;
+    egress_step(&topo, &proxies, &sleep)?;
     control_plane_step(&topo, &mut proxies, &sleep, &url)?;
 
     say("done; removing the namespaces and processes");
+    drop(gateway);
     drop(proxies);
     drop(topo);
     Ok(())
@@ -268,11 +300,125 @@ fn l7_steps(topo: &Topology, sleep: &Pod, proxies: &[Process], mirror_target: &P
     Ok(())
 }
 
-/// Step 9: `strait control` on a node of its own; the node proxies are replaced by ones that
+/// `strait-echo dns` on port 53 of `pod`, answering each name with a pod's address.
+fn start_resolver(pod: &Pod, records: &[(&str, &Pod)]) -> anyhow::Result<Process> {
+    let records: Vec<String> = records.iter().map(|(name, p)| format!("{name}={}", p.ip())).collect();
+    let mut args = vec!["dns", "53"];
+    for record in &records {
+        args.extend(["--record", record.as_str()]);
+    }
+    let server = pod.spawn("dns", bin_path("strait-echo"), &args, &[])?;
+    server.wait_for_log("dns serving", TIMEOUT).context("the demo's DNS server did not start")?;
+    Ok(server)
+}
+
+/// Step 9: `strait gateway` as the ingress gateway: a client outside the mesh reaches `reviews`
+/// by Host through it; the gateway carries the request over HBONE as its own identity.
+fn ingress_step(topo: &Topology, proxies: &[Process], gw_pod: &Pod, outside: &Pod) -> anyhow::Result<Process> {
+    step(9, &format!("an ingress gateway: `strait gateway` serves a Gateway for {BOOKINFO_HOST} to clients outside"));
+    let routing = format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: bookinfo-gateway\n  namespace: {L7_NS}\n\
+         spec:\n  selector:\n    istio: ingressgateway\n  servers:\n  - port: {{number: 80, name: http, protocol: HTTP}}\n    \
+         hosts: [{BOOKINFO_HOST}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  \
+         name: bookinfo\n  namespace: {L7_NS}\nspec:\n  hosts: [{BOOKINFO_HOST}]\n  gateways: [bookinfo-gateway]\n  \
+         http:\n  - match:\n    - uri: {{prefix: /reviews}}\n    route:\n    - destination: {{host: reviews, subset: v1, \
+         port: {{number: 9080}}}}\n"
+    );
+    apply(topo, proxies, "ingress.yaml", &routing)?;
+    println!("{}", indent(&routing));
+    let (config_dir, ca_dir) = (topo.config_dir(), topo.dir().join("ca"));
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let port_map = format!("80={INGRESS_PORT}");
+    let args = [
+        "gateway",
+        "--config",
+        &path(&config_dir),
+        "--labels",
+        "istio=ingressgateway",
+        "--namespace",
+        GATEWAY_NS,
+        "--port-map",
+        &port_map,
+        "--ca-dir",
+        &path(&ca_dir),
+    ];
+    let gateway = gw_pod.spawn("ingressgateway", bin_path("strait"), &args, &[])?;
+    gateway.wait_for_log("strait gateway ready", TIMEOUT).context("the ingress gateway did not start")?;
+    println!(
+        "    ingress$ strait gateway --config cluster/ --labels istio=ingressgateway --namespace {GATEWAY_NS} \
+         --port-map {port_map}"
+    );
+    let base = format!("http://{}:{INGRESS_PORT}", gw_pod.ip());
+    let mut failed = false;
+    for (host, path, expected) in [
+        (BOOKINFO_HOST, "/reviews/0", 200),
+        (BOOKINFO_HOST, "/ratings/0", 404),
+        ("other.example.com", "/reviews/0", 404),
+    ] {
+        let reply = outside.curl_args(&["-H", &format!("Host: {host}"), &format!("{base}{path}")])?;
+        let answer = if reply.status == 200 { reply.body.trim().to_owned() } else { String::new() };
+        println!("    legacy$ curl -H 'Host: {host}' {base}{path}\n    -> {} {answer}", reply.status);
+        failed |= reply.status != expected;
+    }
+    if let Ok(line) = gateway.wait_for_log("/reviews/0", TIMEOUT) {
+        println!("    gateway access log: {}", line.trim());
+    }
+    if let Ok(line) = gateway.wait_for_log("HBONE connection established", TIMEOUT) {
+        let line = line.split_once("  INFO ").map_or(line.as_str(), |(_, l)| l).trim().to_owned();
+        println!("    gateway log: {line}");
+        println!(
+            "    (the gateway reached the pod over HBONE as its own SPIFFE identity; reviews saw the gateway's address)"
+        );
+    }
+    if failed {
+        bail!("step 9 failed");
+    }
+    Ok(gateway)
+}
+
+/// Step 10: egress under REGISTRY_ONLY: a ServiceEntry lets the mesh reach one external host (its
+/// name resolved through the system resolver by the node proxy too); any other is refused.
+fn egress_step(topo: &Topology, proxies: &[Process], sleep: &Pod) -> anyhow::Result<()> {
+    step(10, &format!("egress: the mesh is REGISTRY_ONLY, a ServiceEntry admits {PARTNER_HOST} and nothing else"));
+    let unlisted = format!("http://{UNLISTED_HOST}/");
+    let before = sleep.curl(&unlisted, Duration::from_secs(3))?;
+    println!("    before: sleep$ curl {unlisted}  -> {} (ALLOW_ANY, Istio's default)", before.status);
+    let egress = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |-\n    \
+         outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata:\n  name: partner-api\n  namespace: {MESH_NS}\nspec:\n  hosts: [{PARTNER_HOST}]\n  ports:\n  - \
+         {{number: 80, name: http, protocol: HTTP}}\n  resolution: DNS\n  location: MESH_EXTERNAL\n"
+    );
+    apply(topo, proxies, "egress.yaml", &egress)?;
+    println!("{}", indent(&egress));
+    proxies[0]
+        .wait_for_log("ServiceEntry host resolved", TIMEOUT)
+        .context("the node proxy did not resolve the host")?;
+    let partner = format!("http://{PARTNER_HOST}/v1/quote");
+    let reply = sleep.curl(&partner, TIMEOUT)?;
+    show_reply("sleep", &partner, &reply.status, &reply.body);
+    if let Ok(line) = proxies[0].wait_for_log(&format!("dst.service={PARTNER_HOST}"), TIMEOUT) {
+        println!("    node1 access log: {}", line.trim());
+    }
+    let refused = sleep.curl(&unlisted, Duration::from_secs(3))?;
+    println!(
+        "    sleep$ curl {unlisted}  -> {}",
+        if refused.status == 0 { "refused (connection reset)" } else { "allowed (a bug)" }
+    );
+    if let Ok(line) = proxies[0].wait_for_log("REGISTRY_ONLY", TIMEOUT) {
+        println!("    node1 access log: {}", line.trim());
+    }
+    if !reply.ok() || refused.status != 0 {
+        bail!("step 10 failed");
+    }
+    Ok(())
+}
+
+/// Step 11: `strait control` on a node of its own; the node proxies are replaced by ones that
 /// follow it (each takes the running one's listeners over, so no connection is refused), and a
 /// policy written once to the directory reaches both through it.
 fn control_plane_step(topo: &Topology, proxies: &mut [Process], sleep: &Pod, url: &str) -> anyhow::Result<()> {
-    step(9, "one control plane: `strait control` compiles the directory once and serves the node proxies over xDS");
+    step(11, "one control plane: `strait control` compiles the directory once and serves the node proxies over xDS");
     let control_node = topo.add_node("control")?;
     let (config_dir, ca_dir, tokens) = (topo.config_dir(), topo.dir().join("ca"), topo.dir().join("tokens"));
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
@@ -288,7 +434,8 @@ fn control_plane_step(topo: &Topology, proxies: &mut [Process], sleep: &Pod, url
     control.wait_for_log("strait control ready", TIMEOUT).context("the control plane did not start")?;
     println!("    control$ strait control --config cluster/ --listen {listen} --bootstrap-tokens tokens/");
     let nodes = topo.nodes();
-    for (slot, node) in nodes.iter().filter(|n| n.name() != "control").enumerate() {
+    // The nodes of the cluster (not the control plane's, nor the one standing for the internet).
+    for (slot, node) in nodes.iter().filter(|n| n.name().starts_with("node")).enumerate() {
         let token = tokens.join("nodes").join(node.name());
         std::fs::write(&token, format!("demo-token-{}-{}\n", node.name(), std::process::id()))?;
         let xds = format!("https://{listen}");

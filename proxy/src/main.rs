@@ -186,7 +186,9 @@ of every networking.istio.io Gateway whose `selector` matches --labels, from any
 routing by the VirtualServices bound to them (`gateways: [name]` or `[ns/name]`,
 `match[].gateways` honoured).
 
-Listeners, one per server port (`port.number`, moved by --port-map):
+Listeners, one per server port (`port.number`, moved by --port-map), opened and closed as
+Gateways come and go; client connections share the open-file budget (no limit per source: an
+ingress sees many clients behind one load balancer), TLS handshakes must finish in 10 s:
   HTTP, HTTP2, GRPC   HTTP/1.1 and h2c; Host matched against the servers' hosts and the
                       VirtualServices' hosts (wildcards allowed); no match -> 404;
                       `tls.httpsRedirect: true` -> 301 to the same URL in https

@@ -412,3 +412,110 @@ fn google_apis_sample_through_the_egress_waypoint() -> io::Result<()> {
     }
     Ok(())
 }
+
+// GW-3, the egress waypoint: a ServiceEntry labelled `istio.io/use-waypoint` (in a namespace
+// without the label) sends the mesh's traffic for its host through that waypoint, which applies
+// the host's VirtualService (a rewrite), DestinationRule (MUTUAL TLS origination to the STATIC
+// endpoint) and an L7 AuthorizationPolicy bound to the ServiceEntry by `targetRefs`.
+#[test]
+fn labelled_service_entry_goes_through_the_egress_waypoint() -> io::Result<()> {
+    const VIP: &str = "240.240.0.10";
+    let m = WaypointMesh::new("tls::egresswp", &["ext"])?;
+    let ext = &m.backends[0];
+    let pki = Pki::new(&m.topo)?;
+    let entry = format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: external-api
+  namespace: {APP_NS}
+  labels:
+    istio.io/use-waypoint: waypoint
+spec:
+  hosts: [api.external.test]
+  addresses: [{VIP}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports:
+  - {{number: 80, name: http, protocol: HTTP}}
+  endpoints:
+  - address: {ip}
+    ports: {{http: {HTTPS_PORT}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: external-api
+  namespace: {APP_NS}
+spec:
+  hosts: [api.external.test]
+  http:
+  - match:
+    - uri: {{prefix: /api/}}
+    rewrite: {{uri: /v2/}}
+    route:
+    - destination: {{host: api.external.test}}
+  - route:
+    - destination: {{host: api.external.test}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: external-api
+  namespace: {APP_NS}
+spec:
+  host: api.external.test
+  trafficPolicy:
+    tls:
+      mode: MUTUAL
+      caCertificates: {ca}
+      clientCertificate: {cert}
+      privateKey: {key}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: no-admin
+  namespace: {APP_NS}
+spec:
+  targetRefs:
+  - {{kind: ServiceEntry, group: networking.istio.io, name: external-api}}
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: [/admin*]
+",
+        ip = ext.ip(),
+        ca = pki.path("ca.pem"),
+        cert = pki.path("client.pem"),
+        key = pki.path("client-key.pem"),
+    );
+    let base = [
+        k8s::namespace_yaml(APP_NS, &[("istio.io/dataplane-mode", "ambient")]),
+        k8s::pod_yaml(&m.client, APP_NS, "client", &[("app", "client")]),
+        k8s::pod_yaml(&m.waypoint_pod, APP_NS, "waypoint", &[(common::WAYPOINT_POD_LABEL, "waypoint")]),
+    ]
+    .concat();
+    m.topo.write_config("c.yaml", &(base + &entry))?;
+    let server = start_https(ext, &pki, "external-api", Some("ca.pem"))?;
+    let (p1, _p2, wp) = m.start()?;
+
+    let ok = m.client.curl(&format!("http://{VIP}/api/books"), TIMEOUT)?;
+    assert_eq!(ok.status, 200, "{ok:?}\nwaypoint:\n{}", wp.log_tail());
+    assert!(ok.body.contains("hello from external-api sni=api.external.test alpn=http/1.1"), "{}", ok.body);
+    assert!(ok.body.contains("path=/v2/books") && !ok.body.contains("client_cert=-"), "{}", ok.body);
+    let line = wait_request_lines(&wp, &["path=\"/api/books\"", "status=200"], 1)?.remove(0);
+    assert!(line.contains("cluster=outbound|80||api.external.test"), "{line}");
+    assert!(line.contains(&format!("upstream={}:{HTTPS_PORT}", ext.ip())), "{line}");
+    // The node proxy sent it to the waypoint over mTLS, never to the external address itself.
+    let outbound = common::wait_access_line(&p1, &["outbound", "dst.service=api.external.test"], TIMEOUT)?;
+    assert!(outbound.contains(&format!("dst.workload={APP_NS}/waypoint")), "{outbound}");
+    assert!(outbound.contains("security=mutual_tls"), "{outbound}");
+
+    let denied = m.client.curl(&format!("http://{VIP}/admin/users"), TIMEOUT)?;
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert!(!server.log().contains("/admin/users"), "the denied request never left the waypoint");
+    Ok(())
+}

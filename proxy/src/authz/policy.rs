@@ -109,7 +109,11 @@ pub fn targets_bind_waypoint(
         let group = t.group.as_deref().unwrap_or("");
         match t.kind.as_str() {
             "Service" if matches!(group, "" | "core") => {
-                service.is_some_and(|s| s.name == t.name && s.namespace == target_namespace)
+                service.is_some_and(|s| s.entry.is_none() && s.name == t.name && s.namespace == target_namespace)
+            }
+            // An egress waypoint's ServiceEntry (SPEC GW-3).
+            "ServiceEntry" if group == "networking.istio.io" => {
+                service.is_some_and(|s| s.entry.is_some() && s.name == t.name && s.namespace == target_namespace)
             }
             "Gateway" if group == GATEWAY_API_GROUP => {
                 t.name == waypoint.name && target_namespace == waypoint.namespace

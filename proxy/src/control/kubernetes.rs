@@ -58,6 +58,10 @@ pub struct Kind {
     /// The version watched: for the Istio groups, chosen from what the server serves.
     pub version: String,
     pub kind: &'static str,
+    /// What the store keys this kind's objects by and messages call it: the kind, or
+    /// `group/kind` where two watched groups share a kind's name (Istio's and the Gateway API's
+    /// `Gateway`).
+    pub id: &'static str,
     pub plural: &'static str,
     pub namespaced: bool,
     /// A label selector the watch asks the server to apply, if any.
@@ -68,7 +72,16 @@ pub struct Kind {
 
 impl Kind {
     fn core(kind: &'static str, plural: &'static str, namespaced: bool) -> Self {
-        Self { group: "", version: "v1".into(), kind, plural, namespaced, label_selector: None, field_selector: None }
+        Self {
+            group: "",
+            version: "v1".into(),
+            kind,
+            id: kind,
+            plural,
+            namespaced,
+            label_selector: None,
+            field_selector: None,
+        }
     }
 
     /// EndpointSlices, only ever at `v1`: see [`endpoint_slices`].
@@ -77,6 +90,7 @@ impl Kind {
             group: DISCOVERY_GROUP,
             version: "v1".into(),
             kind: "EndpointSlice",
+            id: "EndpointSlice",
             plural: "endpointslices",
             namespaced: true,
             // The slices the EndpointSlice controller writes are those of Services with a
@@ -108,6 +122,7 @@ impl Kind {
             group,
             version: "v1beta1".into(),
             kind,
+            id: kind,
             plural,
             namespaced: true,
             label_selector: None,
@@ -138,6 +153,8 @@ pub fn kinds() -> Vec<Kind> {
         Kind::istio("networking.istio.io", "VirtualService", "virtualservices"),
         Kind::istio("networking.istio.io", "DestinationRule", "destinationrules"),
         Kind::istio("networking.istio.io", "ServiceEntry", "serviceentries"),
+        // Ingress and egress gateways' listeners (GW-1), forwarded to `strait gateway`.
+        Kind { id: "networking.istio.io/Gateway", ..Kind::istio("networking.istio.io", "Gateway", "gateways") },
         Kind::mesh_config(),
         // Waypoints' Gateways (L4-3): those of a waypoint class declare waypoints, others are
         // not read yet (GWAPI-1).
@@ -211,7 +228,7 @@ pub fn convert(kind: &Kind, object: &DynamicObject) -> Result<Located<Resource>,
     } else {
         None
     };
-    let origin = origin(kind.kind, namespace, name);
+    let origin = origin(kind.id, namespace, name);
     // Only what strait reads: the API's bookkeeping (managedFields, uid, ...) is left behind.
     let mut metadata = Map::new();
     metadata.insert("name".into(), name.into());
@@ -333,7 +350,7 @@ impl Store {
         Self {
             entries: BTreeMap::new(),
             synced: BTreeSet::new(),
-            expected: kinds.iter().map(|k| k.kind).collect(),
+            expected: kinds.iter().map(|k| k.id).collect(),
             relisting: BTreeMap::new(),
             rejected: BTreeMap::new(),
             rejections: Vec::new(),
@@ -343,7 +360,7 @@ impl Store {
 
     fn key(kind: &Kind, object: &DynamicObject) -> Key {
         (
-            kind.kind,
+            kind.id,
             object.metadata.namespace.clone().unwrap_or_default(),
             object.metadata.name.clone().unwrap_or_default(),
         )
@@ -373,7 +390,7 @@ impl Store {
                 Some(Entry { resource_version, located })
             }
             Err(e) => {
-                let what = origin(kind.kind, kind.namespaced.then_some(key.1.as_str()), &key.2);
+                let what = origin(kind.id, kind.namespaced.then_some(key.1.as_str()), &key.2);
                 let outcome = if previous.is_some() { "its previous version stays in force" } else { "left out" };
                 error!("{what}: {e}; {outcome}");
                 let rejection =
@@ -418,25 +435,25 @@ impl Store {
                 }
             }
             watcher::Event::Init => {
-                self.relisting.insert(kind.kind, Relist::default());
+                self.relisting.insert(kind.id, Relist::default());
             }
             watcher::Event::InitApply(object) => {
                 let key = Self::key(kind, &object);
                 let entry = self.read(kind, &key, &object);
-                let relist = self.relisting.entry(kind.kind).or_default();
+                let relist = self.relisting.entry(kind.id).or_default();
                 relist.seen.insert(key.clone());
                 if let Some(entry) = entry {
                     relist.entries.insert(key, entry);
                 }
             }
             watcher::Event::InitDone => {
-                let Relist { entries: listed, seen } = self.relisting.remove(kind.kind).unwrap_or_default();
+                let Relist { entries: listed, seen } = self.relisting.remove(kind.id).unwrap_or_default();
                 // Objects deleted while the watch was away are not rejected any more.
-                self.rejected.retain(|k, _| k.0 != kind.kind || seen.contains(k));
+                self.rejected.retain(|k, _| k.0 != kind.id || seen.contains(k));
                 let current: BTreeMap<&Key, Option<&String>> = self
                     .entries
                     .iter()
-                    .filter(|(k, _)| k.0 == kind.kind)
+                    .filter(|(k, _)| k.0 == kind.id)
                     .map(|(k, e)| (k, e.resource_version.as_ref()))
                     .collect();
                 let relisted: BTreeMap<&Key, Option<&String>> =
@@ -445,12 +462,12 @@ impl Store {
                 // nothing resent to proxies.
                 let changed = current != relisted;
                 if changed {
-                    self.entries.retain(|k, _| k.0 != kind.kind);
+                    self.entries.retain(|k, _| k.0 != kind.id);
                     self.entries.extend(listed);
                     self.touch(now);
                 }
-                if self.synced.insert(kind.kind) {
-                    info!(kind = kind.kind, "listed {}", kind.plural);
+                if self.synced.insert(kind.id) {
+                    info!(kind = kind.id, "listed {}", kind.plural);
                     self.touch(now);
                 }
             }
@@ -459,7 +476,7 @@ impl Store {
 
     /// The API of `kind` is not installed (404): nothing of it to wait for.
     pub fn absent(&mut self, kind: &Kind, now: Instant) {
-        if self.synced.insert(kind.kind) {
+        if self.synced.insert(kind.id) {
             self.touch(now);
         }
     }
@@ -690,7 +707,7 @@ mod tests {
     }
 
     fn kind(name: &str) -> Kind {
-        let mut found = kinds().into_iter().find(|k| k.kind == name).expect("a known kind");
+        let mut found = kinds().into_iter().find(|k| k.id == name).expect("a known kind");
         if name == "AuthorizationPolicy" {
             found.version = "v1".into();
         }

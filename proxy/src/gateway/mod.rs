@@ -28,7 +28,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    admission,
+    admission::{self, Gate},
     hbone::{H2Stream, server::InboundStream, server::refuse},
     identity::{Identity, credentials::Credentials},
     l7::{
@@ -98,28 +98,11 @@ pub async fn run(options: GatewayOptions) -> anyhow::Result<()> {
         port_map: options.port_map.clone(),
     });
     let (stop_accepting, accepting) = watch::channel(false);
-    let mut accepts = Vec::new();
-    let ports: Vec<(u16, PortKind)> = gw.view.borrow().ports.iter().map(|(p, s)| (*p, s.kind)).collect();
-    if ports.is_empty() {
+    if gw.view.borrow().ports.is_empty() {
         warn!("no Gateway selects labels {:?}: nothing to serve until one does", options.labels);
     }
-    // Listeners are opened for the ports known at start; a port added later needs a restart
-    // (as an Istio gateway Service's ports do).
-    for (port, kind) in ports {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, gw.listen_port(port)));
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for port {port}"))?;
-        info!(port, listen = addr.port(), ?kind, "gateway listener");
-        let (gw, accepting) = (gw.clone(), accepting.clone());
-        accepts.push(tokio::spawn(async move {
-            admission::accept_loop("gateway", &listener, None, accepting, |stream, peer, _| {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(gw.clone(), port, stream, peer, None));
-            })
-            .await;
-        }));
-    }
+    let clients = engine.clients.clone();
+    let mut accepts = vec![tokio::spawn(keep_listeners(gw.clone(), clients, accepting.clone()))];
     if options.hbone {
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, strait_ebpf_common::HBONE_PORT));
         let listener =
@@ -133,6 +116,65 @@ pub async fn run(options: GatewayOptions) -> anyhow::Result<()> {
         "strait gateway ready (open-file limit {})", engine.fd_limit
     );
     engine.run_until_signal(stop_accepting, accepts, base.drain_timeout).await
+}
+
+/// Keeps one listener open per server port of the view (GW-1): Gateways applied after the
+/// gateway started, or given new ports, are served without a restart, as an Envoy gateway's
+/// listeners follow istiod; a port no Gateway serves any more stops accepting (its open
+/// connections finish). A port that cannot be bound is retried every few seconds. Ends, with
+/// every listener, when `accepting` turns true.
+async fn keep_listeners(gw: Arc<Gateway>, clients: Option<Arc<Gate>>, mut accepting: watch::Receiver<bool>) {
+    const RETRY_BIND: Duration = Duration::from_secs(3);
+    let mut open: BTreeMap<u16, watch::Sender<bool>> = BTreeMap::new();
+    let mut view = gw.view.clone();
+    loop {
+        let ports: BTreeMap<u16, PortKind> = view.borrow_and_update().ports.iter().map(|(p, s)| (*p, s.kind)).collect();
+        open.retain(|port, stop| {
+            let keep = ports.contains_key(port);
+            if !keep {
+                let _ = stop.send(true);
+                info!(port, "gateway listener closed: no Gateway serves the port any more");
+            }
+            keep
+        });
+        let mut unbound = false;
+        let new: Vec<(u16, PortKind)> = ports.into_iter().filter(|(p, _)| !open.contains_key(p)).collect();
+        for (port, kind) in new {
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, gw.listen_port(port)));
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => listener,
+                Err(e) => {
+                    warn!(port, "cannot listen on {addr}: {e}; retrying in {RETRY_BIND:?}");
+                    unbound = true;
+                    continue;
+                }
+            };
+            info!(port, listen = addr.port(), ?kind, "gateway listener");
+            let (stop_tx, stop) = watch::channel(false);
+            open.insert(port, stop_tx);
+            let (gw, clients) = (gw.clone(), clients.clone());
+            tokio::spawn(async move {
+                admission::accept_loop("gateway", &listener, clients.as_ref(), stop, |stream, peer, pass| {
+                    let _ = stream.set_nodelay(true);
+                    let gw = gw.clone();
+                    tokio::spawn(async move {
+                        // The client's place in the gate is held for the connection's life.
+                        let _pass = pass;
+                        serve(gw, port, stream, peer, None).await;
+                    });
+                })
+                .await;
+            });
+        }
+        tokio::select! {
+            changed = view.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(RETRY_BIND), if unbound => {}
+            _ = accepting.wait_for(|stop| *stop) => break,
+        }
+    }
+    for stop in open.values() {
+        let _ = stop.send(true);
+    }
 }
 
 /// Keeps the view in step with the configuration.
@@ -227,9 +269,13 @@ where
         *chosen = Some(server.id());
     }
     drop(view);
-    let stream = match tokio_rustls::TlsAcceptor::from(config).accept(io::Prefixed::new(hello.bytes, io)).await {
-        Ok(stream) => stream,
-        Err(e) => return debug!(client = %down.client_addr, "TLS handshake failed: {e}"),
+    // The rest of the handshake gets the same time as the ClientHello: a client that stalls
+    // mid-handshake must not hold its connection and task (OPS-4).
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(io::Prefixed::new(hello.bytes, io));
+    let stream = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, accept).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return debug!(client = %down.client_addr, "TLS handshake failed: {e}"),
+        Err(_) => return debug!(client = %down.client_addr, "TLS handshake not finished in time: closing"),
     };
     let version = match stream.get_ref().1.alpn_protocol() {
         Some(b"h2") => HttpVersion::Http2,

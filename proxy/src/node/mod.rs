@@ -134,6 +134,7 @@ impl ControlPlane {
             client_cert,
             node,
             type_urls: type_urls.iter().map(|t| (*t).to_owned()).collect(),
+            optional_type_urls: Vec::new(),
         }
     }
 }
@@ -232,7 +233,14 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
                 obtain_own_certificate(ca, &options, slot.clone()).await;
             }
             let node = xds_node(&options.node_name);
-            let client = control_plane.client_options(node, &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL], own_cert);
+            // strait's L7 type brings a node proxy the mesh config (REGISTRY_ONLY, L4-5) and the
+            // `mesh` routes of ServiceEntry hosts (GW-3); istiod has neither, so it is optional.
+            let mut client = control_plane.client_options(
+                node,
+                &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, crate::xds::L7_TYPE_URL],
+                own_cert,
+            );
+            client.optional_type_urls = vec![crate::xds::L7_TYPE_URL.to_owned()];
             info!(address = %control_plane.address, "waiting for the configuration from the control plane");
             let (model, status) = crate::xds::client::follow(client, &options.trust_domain).await?;
             (model, Some(status))

@@ -108,6 +108,8 @@ pub(crate) struct Engine {
     pub certs: Arc<CertStore>,
     pub identity: Identity,
     pub gate: Arc<Gate>,
+    /// A gateway's admission of client connections (`None` for a waypoint).
+    pub clients: Option<Arc<Gate>>,
     pub ready: Readiness,
     pub drain_tx: tokio::sync::watch::Sender<bool>,
     pub fd_limit: u64,
@@ -138,7 +140,7 @@ impl Engine {
                 slot.set(&tls.cert)?;
                 tokio::spawn(keep_client_cert(certs.clone(), identity.clone(), slot.clone()));
                 let client = control_plane.client_options(
-                    xds_node(&name),
+                    xds_node(&name, matches!(reporter, Reporter::Waypoint)),
                     &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL],
                     Some(slot),
                 );
@@ -153,7 +155,15 @@ impl Engine {
         let mut metrics = MetricsRegistry::new();
         let requests = metrics.register_requests();
         let gate = Gate::new("hbone", limits.handshakes);
-        metrics.register(admission::refusal_counters(vec![gate.clone()]));
+        // A gateway's clients (GW-1): a connection holds two descriptors like an outbound one,
+        // and no limit per source, since an ingress sees many clients behind one load
+        // balancer's address.
+        let clients = (!matches!(reporter, Reporter::Waypoint)).then(|| {
+            Gate::new("gateway", admission::Limits { per_source: limits.outbound.total, total: limits.outbound.total })
+        });
+        metrics.register(admission::refusal_counters(
+            [Some(gate.clone()), clients.clone()].into_iter().flatten().collect(),
+        ));
         metrics.register(crate::hbone::server::handshake_failure_counters());
         let telemetry = Telemetry::new(access_log, metrics.traffic());
         let upstreams = Upstreams::new(Connector {
@@ -194,7 +204,7 @@ impl Engine {
         });
         tokio::spawn(forget_removed_destinations(ctx.clone()));
         let ready = serve_operator_endpoints(options, &model, &certs, metrics, &l7, xds).await?;
-        Ok(Engine { ctx, certs, identity, gate, ready, drain_tx, fd_limit })
+        Ok(Engine { ctx, certs, identity, gate, clients, ready, drain_tx, fd_limit })
     }
 
     /// Serves HBONE on `listener` (peer identity verified), each CONNECT stream to `handle`.
@@ -316,17 +326,24 @@ async fn keep_client_cert(certs: Arc<CertStore>, identity: Identity, slot: Arc<C
     }
 }
 
-/// The `node` the waypoint subscribes as: Istio's id for a waypoint pod, and metadata naming the
-/// waypoint, which is what its L7 resources are chosen by.
-fn xds_node(name: &WaypointName) -> strait_proto::envoy::config::core::v3::Node {
+/// The `node` the proxy subscribes as: Istio's id for a waypoint (or gateway) pod, and metadata
+/// naming the waypoint, which is what its L7 resources are chosen by; a gateway names itself with
+/// `STRAIT_GATEWAY` instead and gets every L7 resource and Istio Gateway (GW-1), choosing by its
+/// labels as it does from a directory.
+fn xds_node(name: &WaypointName, waypoint: bool) -> strait_proto::envoy::config::core::v3::Node {
     let env = |var: &str, default: String| std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or(default);
+    let (kind, key) = if waypoint {
+        ("waypoint", crate::xds::resources::WAYPOINT_METADATA)
+    } else {
+        ("router", crate::xds::resources::GATEWAY_METADATA)
+    };
     crate::xds::client::proxy_node(
-        "waypoint",
+        kind,
         &env("INSTANCE_IP", "0.0.0.0".into()),
         &env("POD_NAME", name.name.clone()),
         &name.namespace,
         None,
-        &[(crate::xds::resources::WAYPOINT_METADATA, name.to_string())],
+        &[(key, name.to_string())],
     )
 }
 

@@ -79,6 +79,9 @@ pub struct XdsClientOptions {
     pub node: Node,
     /// What to subscribe to, each as a wildcard.
     pub type_urls: Vec<String>,
+    /// Of those, the types that do not hold back the first configuration: strait's own types
+    /// that a node proxy takes when the control plane has them, and istiod never answers.
+    pub optional_type_urls: Vec<String>,
 }
 
 impl std::fmt::Debug for XdsClientOptions {
@@ -282,7 +285,8 @@ impl XdsClient {
             dirty |= self.apply(&response);
             answered.insert(type_url.clone());
             unacked.push((type_url, nonce));
-            if !self.options.type_urls.iter().all(|t| answered.contains(t)) {
+            let optional = &self.options.optional_type_urls;
+            if !self.options.type_urls.iter().filter(|t| !optional.contains(t)).all(|t| answered.contains(t)) {
                 continue;
             }
             let result = if dirty || synced.is_some() { sink(&self.received) } else { Ok(()) };

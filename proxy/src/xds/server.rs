@@ -433,14 +433,22 @@ pub fn subscriber_of(
     let subscriber = Subscriber { id: node.id.clone(), node_name, namespace, identity, metadata };
     // A waypoint's L7 resources go to its subscribers only: the claim must come from the
     // waypoint's own namespace, where its service account lives.
-    if let Some(waypoint) = super::resources::subscriber_waypoint(&subscriber)
-        && subscriber.identity.as_ref().is_none_or(|id| id.namespace != waypoint.namespace)
-    {
-        let who = subscriber.identity.as_ref().map_or_else(|| "an unidentified caller".to_owned(), |id| id.to_string());
-        return Err(Status::permission_denied(format!(
-            "{who} cannot subscribe as waypoint {waypoint}: only an identity of namespace {} can",
-            waypoint.namespace
-        )));
+    // The same for a gateway, which gets every L7 resource.
+    let claims = [
+        ("waypoint", super::resources::subscriber_waypoint(&subscriber)),
+        ("gateway", super::resources::subscriber_gateway(&subscriber)),
+    ];
+    for (role, claimed) in claims {
+        if let Some(name) = claimed
+            && subscriber.identity.as_ref().is_none_or(|id| id.namespace != name.namespace)
+        {
+            let who =
+                subscriber.identity.as_ref().map_or_else(|| "an unidentified caller".to_owned(), |id| id.to_string());
+            return Err(Status::permission_denied(format!(
+                "{who} cannot subscribe as {role} {name}: only an identity of namespace {} can",
+                name.namespace
+            )));
+        }
     }
     Ok(subscriber)
 }

@@ -134,10 +134,22 @@ pub(super) fn decode(received: &Received, trust_domain: &str, options: &CompileO
         security.request_authentications = compiled.request_authentications;
         (routing, Security::from_parts(security))
     };
+    let mut model = Model::from_parts(workloads, services, security, routing);
+    if !l7_resources.is_empty() {
+        // The mesh config (L4-5) and, for gateways, the Istio Gateways (GW-1).
+        model.outbound_mode = crate::model::mesh_outbound_mode(&l7_resources);
+        let mut diagnostics = Vec::new();
+        model.gateways =
+            crate::model::gateways::compile_gateways(&l7_resources, &model.routing.virtual_services, &mut diagnostics);
+        for d in diagnostics.iter().filter(|d| d.is_error()) {
+            let name = names.get(&(d.origin.file.clone(), d.origin.line)).map_or("(unknown)", String::as_str);
+            errors.push(format!("L7Resource {name}: {d}"));
+        }
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(Model::from_parts(workloads, services, security, routing))
+    Ok(model)
 }
 
 /// Address resources, checked, split into workloads (with an address) and services.

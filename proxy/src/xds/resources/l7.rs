@@ -11,7 +11,10 @@
 //! list in the resource, so `visible` needs nothing but the resource.
 //!
 //! A waypoint says which one it is with the node metadata `STRAIT_WAYPOINT=<namespace>/<name>`
-//! (or `<name>`, with the namespace from the `NAMESPACE` metadata).
+//! (or `<name>`, with the namespace from the `NAMESPACE` metadata). An ingress or egress gateway
+//! says `STRAIT_GATEWAY=<namespace>/<name>` and gets every L7 resource and every Istio
+//! `networking.istio.io` Gateway (GW-1): which Gateways it serves depends on its pods' labels,
+//! which it knows and the control plane does not, so it chooses as it does from a directory.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -34,8 +37,14 @@ use crate::{
 
 /// The node metadata a waypoint names itself with.
 pub const WAYPOINT_METADATA: &str = "STRAIT_WAYPOINT";
+/// The node metadata an ingress or egress gateway names itself with.
+pub const GATEWAY_METADATA: &str = "STRAIT_GATEWAY";
 /// The relevance entry meaning every waypoint.
 const EVERY_WAYPOINT: &str = "*";
+/// The relevance entry meaning node proxies: the mesh config (L4-5), and the VirtualServices of
+/// ServiceEntry hosts with the DestinationRules of their destinations, whose `mesh` routes a node
+/// proxy applies per connection (GW-3). No waypoint name can be this.
+const NODE_PROXIES: &str = "~nodes";
 
 /// The waypoint a subscriber runs, from its `STRAIT_WAYPOINT` metadata; `None` for node proxies
 /// and any other subscriber.
@@ -48,11 +57,28 @@ pub fn subscriber_waypoint(subscriber: &Subscriber) -> Option<WaypointName> {
     (!namespace.is_empty() && !name.is_empty()).then_some(WaypointName { namespace, name })
 }
 
+/// The gateway a subscriber runs, from its `STRAIT_GATEWAY` metadata (`<namespace>/<name>`, or
+/// `<name>` in the `NAMESPACE` metadata's namespace).
+pub fn subscriber_gateway(subscriber: &Subscriber) -> Option<WaypointName> {
+    let value = subscriber.metadata.get(GATEWAY_METADATA).filter(|v| !v.is_empty())?;
+    let (namespace, name) = match value.split_once('/') {
+        Some((namespace, name)) => (namespace.to_owned(), name.to_owned()),
+        None => (subscriber.namespace.clone()?, value.clone()),
+    };
+    (!namespace.is_empty() && !name.is_empty()).then_some(WaypointName { namespace, name })
+}
+
 /// Whether an L7 resource's relevance list names `waypoint` (or every waypoint).
 pub(super) fn relevant_to(resource: &XdsResource, waypoint: &WaypointName) -> bool {
     let Ok(l7) = L7Resource::decode(resource.body.value.as_slice()) else { return false };
     let name = waypoint.to_string();
     l7.waypoints.iter().any(|w| w == EVERY_WAYPOINT || *w == name)
+}
+
+/// Whether an L7 resource goes to node proxies (see [`NODE_PROXIES`]).
+pub(super) fn for_node_proxies(resource: &XdsResource) -> bool {
+    let Ok(l7) = L7Resource::decode(resource.body.value.as_slice()) else { return false };
+    l7.waypoints.iter().any(|w| w == NODE_PROXIES)
 }
 
 /// The xDS name of an L7 resource: `Kind/namespace/name`.
@@ -158,6 +184,17 @@ fn binds(targets: &[PolicyTargetRef], namespace: &str, waypoint: &WaypointName, 
 pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap<String, Arc<XdsResource>> {
     let waypoints = Waypoints::new(model);
     let root = waypoints.root;
+    // VirtualServices whose hosts cover a ServiceEntry host, and their destinations' hosts.
+    let entry_hosts: Vec<&str> =
+        model.services.iter().filter(|s| s.entry.is_some()).map(|s| s.hostname.as_str()).collect();
+    let mut node_routes: HashSet<(&str, &str)> = HashSet::new();
+    let mut node_destinations: HashSet<&str> = HashSet::new();
+    for vs in &model.routing.virtual_services {
+        if vs.hosts.iter().any(|pattern| entry_hosts.iter().any(|h| host_matches(pattern, h))) {
+            node_routes.insert((vs.namespace.as_str(), vs.name.as_str()));
+            node_destinations.extend(destinations(vs).map(|d| d.host.as_str()));
+        }
+    }
     let mut out = BTreeMap::new();
     for located in resources {
         let Some(document) = &located.document else { continue };
@@ -170,7 +207,10 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
                     .iter()
                     .find(|c| c.name == vs.metadata.name && c.namespace == namespace);
                 let hosts = compiled.map(|c| c.hosts.as_slice()).unwrap_or_default();
-                let relevance = waypoints.relevance(namespace, |_, served| hosts.iter().any(|h| served.covers(h)));
+                let mut relevance = waypoints.relevance(namespace, |_, served| hosts.iter().any(|h| served.covers(h)));
+                if node_routes.contains(&(namespace, vs.metadata.name.as_str())) {
+                    relevance.push(NODE_PROXIES.to_owned());
+                }
                 ("VirtualService", &vs.metadata, relevance)
             }
             Resource::DestinationRule(dr) => {
@@ -180,8 +220,11 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
                     .destination_rules
                     .iter()
                     .find(|c| c.name == dr.metadata.name && c.namespace == namespace);
-                let relevance =
+                let mut relevance =
                     waypoints.relevance(namespace, |_, served| compiled.is_some_and(|c| served.covers(&c.host)));
+                if compiled.is_some_and(|c| node_destinations.contains(c.host.as_str())) {
+                    relevance.push(NODE_PROXIES.to_owned());
+                }
                 ("DestinationRule", &dr.metadata, relevance)
             }
             Resource::AuthorizationPolicy(ap) => {
@@ -204,6 +247,9 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
                     waypoints.relevance(namespace, |name, served| binds(&targets, namespace, name, served, root));
                 ("RequestAuthentication", &ra.metadata, relevance)
             }
+            // Only gateways read them (and they see every L7 resource): no waypoint.
+            Resource::IstioGateway(gw) => ("networking.istio.io/Gateway", &gw.metadata, Vec::new()),
+            Resource::MeshConfig(mesh) => ("ConfigMap", &mesh.metadata, vec![NODE_PROXIES.to_owned()]),
             _ => continue,
         };
         let l7 = L7Resource { origin: located.origin.to_string(), document: as_json(document), waypoints: relevance };
@@ -260,7 +306,7 @@ pub(super) fn decode(
         if !located.resource.forwarded_as_written() {
             errors.push(format!(
                 "{what}: field `document`: a {} is not an L7 resource (VirtualService, DestinationRule, \
-                 AuthorizationPolicy, RequestAuthentication)",
+                 AuthorizationPolicy, RequestAuthentication, networking.istio.io Gateway)",
                 located.resource.key().map_or("resource of another kind", |k| k.0)
             ));
             continue;

@@ -32,7 +32,7 @@ use crate::{
     model::{CompileOptions, Model},
 };
 
-pub use l7::{WAYPOINT_METADATA, subscriber_waypoint};
+pub use l7::{GATEWAY_METADATA, WAYPOINT_METADATA, subscriber_gateway, subscriber_waypoint};
 
 /// Istio's cluster id of a single-cluster mesh, part of every workload uid.
 pub const CLUSTER_ID: &str = crate::telemetry::DEFAULT_CLUSTER;
@@ -66,12 +66,17 @@ pub fn snapshot(model: &Model, resources: &[Located<Resource>], trust_domain: &s
 
 /// Whether `subscriber` gets `resource` of `type_url`. Workloads, services and L4 policies go
 /// to every subscriber, as istiod sends them to every ztunnel; an L7 resource only to the
-/// waypoints it is relevant to (see `subscriber_waypoint` for how a waypoint says which it is).
+/// waypoints it is relevant to (see `subscriber_waypoint` for how a waypoint says which it is),
+/// every one to gateways (`subscriber_gateway`), and to other subscribers (node proxies) only
+/// the mesh config and the routes of ServiceEntry hosts.
 pub fn visible(subscriber: &Subscriber, type_url: &str, resource: &XdsResource) -> bool {
-    if type_url != super::L7_TYPE_URL {
+    if type_url != super::L7_TYPE_URL || subscriber_gateway(subscriber).is_some() {
         return true;
     }
-    subscriber_waypoint(subscriber).is_some_and(|waypoint| l7::relevant_to(resource, &waypoint))
+    match subscriber_waypoint(subscriber) {
+        Some(waypoint) => l7::relevant_to(resource, &waypoint),
+        None => l7::for_node_proxies(resource),
+    }
 }
 
 /// Rebuilds a model from the resources a proxy holds, with the default root namespace. On

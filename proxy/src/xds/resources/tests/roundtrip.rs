@@ -369,3 +369,111 @@ spec:
     assert_eq!(decoded.service_by_port(9000).map(|s| s.hostname.as_str()), Some("*.example.org"));
     assert_eq!(decoded.dns_names(), model.dns_names());
 }
+
+/// A gateway's subscriber, as `strait gateway` names itself.
+fn gateway_proxy(namespace: &str, name: &str) -> Subscriber {
+    let metadata = HashMap::from([(GATEWAY_METADATA.to_owned(), format!("{namespace}/{name}"))]);
+    Subscriber { id: format!("router~10.1.0.30~{name}.{namespace}"), metadata, ..Subscriber::default() }
+}
+
+// L4-5, GW-1, GW-3, CFG-2: over xDS a node proxy gets the mesh config (REGISTRY_ONLY) and the
+// routes of ServiceEntry hosts with the DestinationRules they send to, and nothing else of L7; a
+// gateway gets every L7 resource and the Istio Gateways, and builds the same gateways as from the
+// directory; a waypoint gets no Istio Gateway and no mesh config.
+#[test]
+fn mesh_config_entry_routes_and_gateways_go_where_they_are_used() {
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: v1
+kind: Service
+metadata: {name: istio-egressgateway, namespace: istio-system}
+spec:
+  clusterIP: 10.96.9.9
+  selector: {istio: egressgateway}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cnn, namespace: shop}
+spec:
+  hosts: [edition.cnn.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: egress, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [edition.cnn.com]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: egress-for-cnn, namespace: shop}
+spec:
+  host: istio-egressgateway.istio-system.svc.cluster.local
+  subsets: [{name: cnn}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: unrelated, namespace: shop}
+spec:
+  host: reviews.shop.svc.cluster.local
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cnn, namespace: shop}
+spec:
+  hosts: [edition.cnn.com]
+  gateways: [istio-system/egress, mesh]
+  http:
+  - match: [{gateways: [mesh], port: 80}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, subset: cnn, port: {number: 80}}}]
+  - match: [{gateways: [istio-system/egress], port: 80}]
+    route: [{destination: {host: edition.cnn.com, port: {number: 80}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  http: [{route: [{destination: {host: reviews.shop.svc.cluster.local}}]}]
+"#;
+    let (resources, model) = directory_from(yaml);
+    assert_eq!(model.outbound_mode, crate::config::OutboundMode::RegistryOnly);
+    assert_eq!(model.gateways.len(), 1);
+    let served = snapshot(&model, &resources, "cluster.local");
+    let names = |received: &Received| -> BTreeSet<String> { received[L7_TYPE_URL].keys().cloned().collect() };
+
+    let node = received_by(&served, &node_proxy("n1"));
+    let expected = ["ConfigMap/istio-system/istio", "DestinationRule/shop/egress-for-cnn", "VirtualService/shop/cnn"];
+    assert_eq!(names(&node), expected.iter().map(|s| s.to_string()).collect());
+    let decoded = model_from_xds(&node, "cluster.local").expect("decodes");
+    assert_eq!(decoded.outbound_mode, crate::config::OutboundMode::RegistryOnly);
+    let routes: Vec<&str> = decoded.routing.virtual_services.iter().map(|vs| vs.name.as_str()).collect();
+    assert_eq!(routes, ["cnn"], "the routes of the entry's host");
+
+    let gateway = received_by(&served, &gateway_proxy("istio-system", "egressgateway"));
+    assert_eq!(gateway[L7_TYPE_URL].len(), served[L7_TYPE_URL].len(), "a gateway gets every L7 resource");
+    let decoded = model_from_xds(&gateway, "cluster.local").expect("decodes");
+    assert_eq!(decoded.gateways.len(), 1);
+    assert_eq!(format!("{:?}", decoded.gateways[0]), format!("{:?}", model.gateways[0]));
+
+    let waypoint = received_by(&served, &waypoint_proxy("shop", "waypoint"));
+    assert!(
+        names(&waypoint).iter().all(|n| !n.starts_with("networking.istio.io/Gateway/") && !n.starts_with("ConfigMap/"))
+    );
+}
