@@ -659,9 +659,10 @@ fn seed_000_ingress_as_a_proxy_to_external_services() -> io::Result<()> {
     Ok(())
 }
 
-// GW-1, GW-2: wildcard server hosts. On HTTP, a server for `*.example.com` takes any name under
-// it (several labels too), the VirtualService naming a host exactly wins over the wildcard one,
-// and a Host the server does not serve (the bare domain, another domain) is 404. On HTTPS, a
+// GW-1, GW-2, L7-9: wildcard server hosts. On HTTP, a server for `*.example.com` takes any name
+// under it (several labels too), the VirtualService naming a host exactly wins over the wildcard
+// one, and a Host the server does not serve (the bare domain, another domain) is 404; the
+// backend reads `x-forwarded-proto: http` even when the client claimed https. On HTTPS, a
 // `*.secure.example` server with its certificate given as file paths (`serverCertificate`,
 // `privateKey`) answers any SNI under it with that wildcard certificate; an SNI outside it gets
 // no handshake; plain HTTP for those hosts gets a 301 to https (`tls.httpsRedirect`).
@@ -740,9 +741,18 @@ spec:
         assert_eq!(r.status, 404, "{host} is no host of the HTTP server: {r:?}");
     }
     request_line(&gw, &["authority=www.example.org", "status=404", "flags=NR"])?;
-    let r =
-        client.curl_args(&["--max-time", "5", "-H", "Host: www.example.com", &format!("http://{ip}:18080/headers")])?;
+    // L7-9: the gateway says the client spoke http, whatever the client claimed.
+    let r = client.curl_args(&[
+        "--max-time",
+        "5",
+        "-H",
+        "Host: www.example.com",
+        "-H",
+        "x-forwarded-proto: https",
+        &format!("http://{ip}:18080/headers"),
+    ])?;
     assert!(r.status == 200 && r.body.contains("x-forwarded-proto: http\n"), "{r:?}");
+    assert!(!r.body.contains("x-forwarded-proto: https"), "{r:?}");
     // `httpsRedirect`: plain HTTP for the secure hosts is sent to https, never served.
     let r =
         client.curl_args(&["--max-time", "5", "-H", "Host: x.secure.example", &format!("http://{ip}:18080/a?b=1")])?;

@@ -484,6 +484,11 @@ fn upstream_request(x: &Exchange, parts: &mut Parts) -> UpstreamRequest {
     let websocket = parts.version == Version::HTTP_11 && headers::is_websocket_upgrade(&parts.headers);
     let mut request_headers = std::mem::take(&mut parts.headers);
     headers::remove_hop_by_hop(&mut request_headers);
+    // A gateway is the edge: a client's own x-forwarded-proto is not believed (Envoy sanitizes it
+    // for untrusted downstreams too), the gateway says what the client used (L7-9).
+    if matches!(x.down.target, Target::Gateway { .. }) {
+        request_headers.remove(headers::X_FORWARDED_PROTO);
+    }
     headers::add_forwarded(&mut request_headers, x.down.client_addr.ip(), x.down.scheme());
     if websocket {
         request_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
