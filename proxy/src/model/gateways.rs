@@ -142,9 +142,27 @@ pub fn compile_gateways(
             origin: located.origin.clone(),
         }));
     }
+    check_unsupported(&gateways, diagnostics);
     check_conflicts(&gateways, diagnostics);
     check_bindings(&gateways, virtual_services, diagnostics);
     gateways
+}
+
+/// Settings strait reads but does not act on as Istio would: said once, where they are written.
+fn check_unsupported(gateways: &[Arc<Gateway>], diagnostics: &mut Vec<Diagnostic>) {
+    for gw in gateways {
+        for (i, server) in gw.servers.iter().enumerate() {
+            if server.tls.as_ref().is_some_and(|t| t.mode == ServerTlsMode::AutoPassthrough) {
+                diagnostics.push(Diagnostic::warning(
+                    gw.origin.clone(),
+                    Some(&format!("spec.servers[{i}].tls.mode")),
+                    "AUTO_PASSTHROUGH (east-west routing by an `outbound_.PORT_.SUBSET_.HOST` SNI) is not \
+                     supported; the server passes TLS through by its VirtualServices' tls[] routes only"
+                        .to_owned(),
+                ));
+            }
+        }
+    }
 }
 
 fn credential(tls: &crate::config::ServerTls) -> Option<CredentialSource> {

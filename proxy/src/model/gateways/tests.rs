@@ -134,6 +134,9 @@ spec:
   - port: {number: 80, name: tls, protocol: TLS}
     hosts: ["other/*"]
     tls: {mode: PASSTHROUGH}
+  - port: {number: 15443, name: tls-east-west, protocol: TLS}
+    hosts: ["*.local"]
+    tls: {mode: AUTO_PASSTHROUGH}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -147,6 +150,7 @@ spec:
     let expect = [
         ("spec.servers[1]", "already served by web/g"),
         ("spec.servers[2]", "already served as Http"),
+        ("spec.servers[3].tls.mode", "AUTO_PASSTHROUGH"),
         ("spec.gateways[0]", "no server of Gateway web/g"),
         ("spec.gateways[1]", "Gateway web/missing does not exist"),
     ];
