@@ -7,6 +7,7 @@ mod handover;
 pub(crate) mod inbound;
 mod live;
 mod outbound;
+mod peek;
 pub(crate) mod policy;
 
 use std::{
