@@ -210,7 +210,9 @@ fn forward(model: &Model, destinations: &[WeightedDestination], port: u16) -> Me
         return MeshL4::NoEndpoint(format!("service {} has no port {target_port}", d.host));
     };
     let redirect = |to| MeshL4::Redirect { service: service.clone(), to };
-    if let Some(entry) = service.entry.as_ref().filter(|e| matches!(e.resolution, Resolution::Dns | Resolution::DnsRoundRobin)) {
+    if let Some(entry) =
+        service.entry.as_ref().filter(|e| matches!(e.resolution, Resolution::Dns | Resolution::DnsRoundRobin))
+    {
         // DNS entries: one of the names in turn, resolved by the node proxy when dialling.
         return match pick(&entry.dns) {
             Some(dns) => redirect(Landing::Resolve { name: dns.name.clone(), port: dns.target(service_port.port) }),

@@ -303,7 +303,10 @@ fn the_seed_mesh_route_goes_to_the_egress_gateway() {
     assert!(!d.iter().any(|d| d.message.contains("needs HTTP")), "{d:?}");
     let sleep = m.workload_by_ip("10.1.0.10".parse().expect("ip")).cloned();
     let (host, addr) = endpoint_of(route_at_l4(&m, "edition.cnn.com", &conn(80, sleep.as_deref(), None)));
-    assert_eq!((host.as_str(), addr.as_str()), ("istio-egressgateway.istio-system.svc.cluster.local", "10.2.0.30:8080"));
+    assert_eq!(
+        (host.as_str(), addr.as_str()),
+        ("istio-egressgateway.istio-system.svc.cluster.local", "10.2.0.30:8080")
+    );
     assert!(matches!(route_at_l4(&m, "edition.cnn.com", &conn(443, sleep.as_deref(), None)), MeshL4::Unrouted));
 }
 
@@ -311,7 +314,8 @@ fn the_seed_mesh_route_goes_to_the_egress_gateway() {
 // takes only the endpoints with its labels; a subset no DestinationRule defines is told.
 #[test]
 fn sources_and_subsets() {
-    let by_label = SEED_002.replace("      - mesh\n      port: 80\n", "      - mesh\n      port: 80\n      sourceLabels: {app: sleep}\n");
+    let by_label = SEED_002
+        .replace("      - mesh\n      port: 80\n", "      - mesh\n      port: 80\n      sourceLabels: {app: sleep}\n");
     let (m, _) = model(&by_label);
     let sleep = m.workload_by_ip("10.1.0.10".parse().expect("ip")).cloned();
     assert!(matches!(route_at_l4(&m, "edition.cnn.com", &conn(80, sleep.as_deref(), None)), MeshL4::Redirect { .. }));
@@ -325,14 +329,17 @@ fn sources_and_subsets() {
     );
     let missing = SEED_002.replace("subset: cnn\n", "subset: nope\n");
     let (m, _) = model(&missing);
-    assert!(matches!(route_at_l4(&m, "edition.cnn.com", &conn(80, None, None)), MeshL4::NoEndpoint(r) if r.contains("nope")));
+    assert!(
+        matches!(route_at_l4(&m, "edition.cnn.com", &conn(80, None, None)), MeshL4::NoEndpoint(r) if r.contains("nope"))
+    );
 }
 
 // GW-3: a mesh route matching on a path needs HTTP: not applied per connection, and warned
 // about once, at the field, when no waypoint serves the host. A route with a rewrite too.
 #[test]
 fn routes_that_need_http_are_warned_about() {
-    let l7 = SEED_002.replace("      - mesh\n      port: 80\n", "      - mesh\n      port: 80\n      uri: {prefix: /politics}\n");
+    let l7 = SEED_002
+        .replace("      - mesh\n      port: 80\n", "      - mesh\n      port: 80\n      uri: {prefix: /politics}\n");
     let (m, d) = model(&l7);
     assert!(matches!(route_at_l4(&m, "edition.cnn.com", &conn(80, None, None)), MeshL4::NeedsL7));
     let warnings: Vec<&Diagnostic> = d.iter().filter(|d| d.message.contains("needs HTTP")).collect();
@@ -340,14 +347,20 @@ fn routes_that_need_http_are_warned_about() {
     assert_eq!(warnings[0].field.as_deref(), Some("spec.http[0].match[0].uri"), "{}", warnings[0]);
     assert!(warnings[0].message.contains("edition.cnn.com") && warnings[0].origin.file.ends_with("seed.yaml"));
 
-    let rewrite = SEED_002.replace("    route:\n    - destination:\n        host: istio-egressgateway", "    rewrite: {uri: /}\n    route:\n    - destination:\n        host: istio-egressgateway");
+    let rewrite = SEED_002.replace(
+        "    route:\n    - destination:\n        host: istio-egressgateway",
+        "    rewrite: {uri: /}\n    route:\n    - destination:\n        host: istio-egressgateway",
+    );
     let (m, d) = model(&rewrite);
     assert!(matches!(route_at_l4(&m, "edition.cnn.com", &conn(80, None, None)), MeshL4::NeedsL7));
     let warning = d.iter().find(|d| d.message.contains("needs HTTP")).expect("warned");
     assert_eq!(warning.field.as_deref(), Some("spec.http[0].rewrite"));
 
     // With an egress waypoint serving the host, the waypoint applies it: no warning.
-    let with_waypoint = l7.replace("  name: cnn\n  namespace: akv2k8s-test\n", "  name: cnn\n  namespace: akv2k8s-test\n  labels: {istio.io/use-waypoint: egress}\n");
+    let with_waypoint = l7.replace(
+        "  name: cnn\n  namespace: akv2k8s-test\n",
+        "  name: cnn\n  namespace: akv2k8s-test\n  labels: {istio.io/use-waypoint: egress}\n",
+    );
     let (_, d) = model(&with_waypoint);
     assert!(!d.iter().any(|d| d.message.contains("needs HTTP")), "{d:?}");
 }
@@ -391,7 +404,10 @@ fn seed_000_routes_mesh_traffic_to_localhost() {
 // GW-3: a mesh route to a DNS ServiceEntry lands on one of its names, resolved when dialling.
 #[test]
 fn a_route_to_a_dns_entry_resolves_its_name() {
-    let to_dns = SEED_000.replace("        host: localhost.local\n        port:\n          number: 80\n", "        host: edition.cnn.com\n        port:\n          number: 443\n");
+    let to_dns = SEED_000.replace(
+        "        host: localhost.local\n        port:\n          number: 80\n",
+        "        host: edition.cnn.com\n        port:\n          number: 443\n",
+    );
     let (m, _) = model(&to_dns);
     match route_at_l4(&m, "httpbin.org", &conn(80, None, None)) {
         MeshL4::Redirect { service, to: Landing::Resolve { name, port } } => {
