@@ -560,6 +560,20 @@ spec:
         assert!(matches!(decide(&model, &answers, "198.51.100.7:80").0, Route::Blocked(_)), "port not declared");
     }
 
+    // GW-3: a node proxy never dials its own host on a pod's behalf, however the address is
+    // written; other addresses pass.
+    #[test]
+    fn loopback_endpoints_are_refused() {
+        for ip in ["127.0.0.1", "127.9.8.7", "::1", "::ffff:127.0.0.1", "0.0.0.0", "::"] {
+            let addr = SocketAddr::new(ip.parse().expect("ip"), 80);
+            assert!(matches!(passthrough_to(addr, "route"), Route::Refuse(r) if r.contains("loopback")), "{ip}");
+        }
+        for ip in ["10.1.0.7", "::ffff:10.1.0.7", "2001:db8::1"] {
+            let addr = SocketAddr::new(ip.parse().expect("ip"), 80);
+            assert!(matches!(passthrough_to(addr, "route"), Route::Passthrough(a) if a == addr), "{ip}");
+        }
+    }
+
     fn kind(route: &Route) -> String {
         match route {
             Route::Mesh { addr, .. } => format!("mesh {addr}"),

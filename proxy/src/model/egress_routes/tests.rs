@@ -346,6 +346,15 @@ fn routes_that_need_http_are_warned_about() {
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert_eq!(warnings[0].field.as_deref(), Some("spec.http[0].match[0].uri"), "{}", warnings[0]);
     assert!(warnings[0].message.contains("edition.cnn.com") && warnings[0].origin.file.ends_with("seed.yaml"));
+    // As printed: the file, the line of the `uri` condition, the field.
+    let mut located = vec![(*warnings[0]).clone()];
+    crate::config::locate(&mut located, std::path::Path::new("seed.yaml"), &l7);
+    let line = l7.lines().position(|l| l.contains("uri: {prefix: /politics}")).expect("line") + 1;
+    let printed = located[0].to_string();
+    assert!(
+        printed.starts_with(&format!("seed.yaml:{line}: warning: field `spec.http[0].match[0].uri`: ")),
+        "{printed}"
+    );
 
     let rewrite = SEED_002.replace(
         "    route:\n    - destination:\n        host: istio-egressgateway",
