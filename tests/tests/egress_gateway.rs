@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TIMEOUT, ca_dir, start_node, wait_access_line};
+use common::{Control, TIMEOUT, ca_dir, start_node, wait_access_line};
 use strait_testbed::{EchoKind, Node, Pod, Process, Topology, bin_path, k8s};
 
 /// Istio's mesh configuration with the given outbound mode (L4-5), as seed 002 sets it.
@@ -59,10 +59,10 @@ fn refused_count(node: &Node) -> io::Result<u64> {
 }
 
 /// Starts `strait gateway --labels istio=egressgateway --namespace istio-system --hbone` in
-/// `pod` with the mesh's CA, and waits until it is ready.
-fn start_egress_gateway(topo: &Topology, pod: &Pod, extra: &[&str]) -> io::Result<Process> {
+/// `pod` with the mesh's CA (directory `ca`), and waits until it is ready.
+fn start_egress_gateway(topo: &Topology, pod: &Pod, ca: &Path, extra: &[&str]) -> io::Result<Process> {
     let config = topo.config_dir().to_string_lossy().into_owned();
-    let ca = ca_dir(topo, "ca").to_string_lossy().into_owned();
+    let ca = ca.to_string_lossy().into_owned();
     let mut args = vec![
         "gateway",
         "--config",
@@ -190,7 +190,18 @@ spec:
 // access line shows path and host. A host without a ServiceEntry is refused at the node.
 #[test]
 fn seed_002_egress_through_the_egress_gateway() -> io::Result<()> {
-    let topo = Topology::new("egressgw::seed002")?;
+    seed_002("egressgw::seed002", false)
+}
+
+// GW-3, CFG-3: the same with the node proxy following `strait control`: the route and the
+// subset reach it over xDS (the gateway reads the directory, with the control plane's CA).
+#[test]
+fn seed_002_with_the_node_following_the_control_plane() -> io::Result<()> {
+    seed_002("egressgw::seed002xds", true)
+}
+
+fn seed_002(test: &str, over_xds: bool) -> io::Result<()> {
+    let topo = Topology::new(test)?;
     let (n1, n2) = (topo.add_node("node1")?, topo.add_node("node2")?);
     let sleep = topo.add_pod(&n1, "sleep")?;
     let egress = topo.add_pod(&n2, "egressgateway")?;
@@ -226,8 +237,16 @@ fn seed_002_egress_through_the_egress_gateway() -> io::Result<()> {
     .concat();
     topo.write_config("cluster.yaml", &cluster)?;
     topo.write_config("seed-002.yaml", SEED_002)?;
-    let p1 = start_node(&topo, &n1, &ca_dir(&topo, "ca"), &[])?;
-    let gw = start_egress_gateway(&topo, &egress, &["--port-map", "80=8080,443=8443"])?;
+    let (_control, p1, ca) = if over_xds {
+        let control = Control::new(&topo, topo.add_node("control")?);
+        let running = control.start(&topo, &[])?;
+        let p1 = control.start_node(&topo, &n1)?;
+        (Some(running), p1, control.ca_dir.clone())
+    } else {
+        let ca = ca_dir(&topo, "ca");
+        (None, start_node(&topo, &n1, &ca, &[])?, ca)
+    };
+    let gw = start_egress_gateway(&topo, &egress, &ca, &["--port-map", "80=8080,443=8443"])?;
     p1.wait_for_log("ServiceEntry host resolved", TIMEOUT)?;
     for proxy in [&p1, &gw] {
         let log = proxy.log();

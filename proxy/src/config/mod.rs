@@ -162,11 +162,13 @@ pub enum Resource {
 }
 
 impl Resource {
-    /// Whether a control plane forwards this kind to waypoints as written (see `Located`).
+    /// Whether a control plane forwards this kind to waypoints (and, for some, node proxies) as
+    /// written (see `Located`).
     pub fn forwarded_as_written(&self) -> bool {
         matches!(
             self,
             Resource::VirtualService(_)
+                | Resource::MeshConfig(_)
                 | Resource::DestinationRule(_)
                 | Resource::AuthorizationPolicy(_)
                 | Resource::RequestAuthentication(_)

@@ -429,7 +429,7 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
 }
 
 /// `outboundTrafficPolicy.mode` from the mesh config, ALLOW_ANY without one (Istio's default).
-fn mesh_outbound_mode(resources: &[Located<Resource>]) -> OutboundMode {
+pub(crate) fn mesh_outbound_mode(resources: &[Located<Resource>]) -> OutboundMode {
     resources
         .iter()
         .find_map(|r| match &r.resource {

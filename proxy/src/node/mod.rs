@@ -45,7 +45,7 @@ use crate::{
     sys,
     telemetry::{AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, Telemetry, logging::LogControl},
     xds::{
-        ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL,
+        ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL,
         client::{SharedStatus, XdsClientOptions},
     },
 };
@@ -135,6 +135,7 @@ impl ControlPlane {
             client_cert,
             node,
             type_urls: type_urls.iter().map(|t| (*t).to_owned()).collect(),
+            optional_type_urls: Vec::new(),
         }
     }
 }
@@ -233,7 +234,10 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
                 obtain_own_certificate(ca, &options, slot.clone()).await;
             }
             let node = xds_node(&options.node_name);
-            let client = control_plane.client_options(node, &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL], own_cert);
+            let mut client = control_plane.client_options(node, &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL], own_cert);
+            // The `mesh` routes of ServiceEntry hosts (GW-3), which `strait control` serves and
+            // istiod does not.
+            client.optional_type_urls = vec![L7_TYPE_URL.to_owned()];
             info!(address = %control_plane.address, "waiting for the configuration from the control plane");
             let (model, status) = crate::xds::client::follow(client, &options.trust_domain).await?;
             (model, Some(status))

@@ -97,6 +97,7 @@ fn options(fixture: &Fixture, token: Option<&str>, node: &str) -> XdsClientOptio
         client_cert: None,
         node: proxy_node("ztunnel", "10.0.0.1", "ztunnel-x", "istio-system", Some(node), &[]),
         type_urls: vec![ADDRESS_TYPE_URL.to_owned(), AUTHORIZATION_TYPE_URL.to_owned()],
+        optional_type_urls: Vec::new(),
     }
 }
 

@@ -117,6 +117,7 @@ pub(super) fn decode(received: &Received, trust_domain: &str, options: &CompileO
     let security = security(&workloads, &received_as, policies, root);
     let l7_in = received.get(L7_TYPE_URL).unwrap_or(&empty);
     let (mut l7_resources, names) = l7::decode(l7_in, &mut errors);
+    let outbound_mode = crate::model::mesh_outbound_mode(&l7_resources);
     let (routing, security) = if l7_resources.is_empty() {
         (Default::default(), Security::from_parts(security))
     } else {
@@ -137,7 +138,9 @@ pub(super) fn decode(received: &Received, trust_domain: &str, options: &CompileO
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(Model::from_parts(workloads, services, security, routing))
+    let mut model = Model::from_parts(workloads, services, security, routing);
+    model.outbound_mode = outbound_mode;
+    Ok(model)
 }
 
 /// Address resources, checked, split into workloads (with an address) and services.

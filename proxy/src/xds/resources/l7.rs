@@ -12,6 +12,10 @@
 //!
 //! A waypoint says which one it is with the node metadata `STRAIT_WAYPOINT=<namespace>/<name>`
 //! (or `<name>`, with the namespace from the `NAMESPACE` metadata).
+//!
+//! Node proxies get the `mesh` VirtualService of each ServiceEntry host no waypoint serves, and
+//! the DestinationRules of its destinations (subsets): they apply those routes per connection
+//! (GW-3, the two-hop egress pattern); and the mesh's ConfigMap, for REGISTRY_ONLY (L4-5).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -36,6 +40,8 @@ use crate::{
 pub const WAYPOINT_METADATA: &str = "STRAIT_WAYPOINT";
 /// The relevance entry meaning every waypoint.
 const EVERY_WAYPOINT: &str = "*";
+/// The relevance entry meaning every node proxy (waypoint names hold a `/`: no clash).
+const NODE_PROXIES: &str = "node-proxies";
 
 /// The waypoint a subscriber runs, from its `STRAIT_WAYPOINT` metadata; `None` for node proxies
 /// and any other subscriber.
@@ -46,6 +52,11 @@ pub fn subscriber_waypoint(subscriber: &Subscriber) -> Option<WaypointName> {
         None => (subscriber.namespace.clone()?, value.clone()),
     };
     (!namespace.is_empty() && !name.is_empty()).then_some(WaypointName { namespace, name })
+}
+
+/// Whether an L7 resource goes to node proxies too.
+pub(super) fn relevant_to_node_proxies(resource: &XdsResource) -> bool {
+    L7Resource::decode(resource.body.value.as_slice()).is_ok_and(|l7| l7.waypoints.iter().any(|w| w == NODE_PROXIES))
 }
 
 /// Whether an L7 resource's relevance list names `waypoint` (or every waypoint).
@@ -148,6 +159,30 @@ fn destinations(vs: &crate::model::routes::VirtualService) -> impl Iterator<Item
     http.chain(tcp).chain(tls)
 }
 
+/// What node proxies apply (GW-3): the `mesh` VirtualService of each ServiceEntry host that no
+/// waypoint serves, and the DestinationRules its destinations use, by `(namespace, name)`.
+struct NodeRoutes<'a> {
+    virtual_services: HashSet<(&'a str, &'a str)>,
+    destination_rules: HashSet<(&'a str, &'a str)>,
+}
+
+impl<'a> NodeRoutes<'a> {
+    fn new(model: &'a Model) -> Self {
+        let mut virtual_services = HashSet::new();
+        let mut destination_rules = HashSet::new();
+        for service in model.services.iter().filter(|s| s.entry.is_some() && s.waypoint.is_none()) {
+            let Some(vs) = model.routing.mesh_routes_for(&service.hostname) else { continue };
+            virtual_services.insert((vs.namespace.as_str(), vs.name.as_str()));
+            for destination in destinations(vs) {
+                if let Some(rule) = model.routing.destination_rule_for(&destination.host) {
+                    destination_rules.insert((rule.namespace.as_str(), rule.name.as_str()));
+                }
+            }
+        }
+        NodeRoutes { virtual_services, destination_rules }
+    }
+}
+
 /// Whether `targets` (written in `namespace`) bind one of the waypoint's services or itself.
 fn binds(targets: &[PolicyTargetRef], namespace: &str, waypoint: &WaypointName, served: &Served, root: &str) -> bool {
     targets_bind_waypoint(targets, namespace, None, waypoint, root)
@@ -158,6 +193,7 @@ fn binds(targets: &[PolicyTargetRef], namespace: &str, waypoint: &WaypointName, 
 pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap<String, Arc<XdsResource>> {
     let waypoints = Waypoints::new(model);
     let root = waypoints.root;
+    let for_nodes = NodeRoutes::new(model);
     let mut out = BTreeMap::new();
     for located in resources {
         let Some(document) = &located.document else { continue };
@@ -170,7 +206,10 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
                     .iter()
                     .find(|c| c.name == vs.metadata.name && c.namespace == namespace);
                 let hosts = compiled.map(|c| c.hosts.as_slice()).unwrap_or_default();
-                let relevance = waypoints.relevance(namespace, |_, served| hosts.iter().any(|h| served.covers(h)));
+                let mut relevance = waypoints.relevance(namespace, |_, served| hosts.iter().any(|h| served.covers(h)));
+                if for_nodes.virtual_services.contains(&(namespace, vs.metadata.name.as_str())) {
+                    relevance.push(NODE_PROXIES.to_owned());
+                }
                 ("VirtualService", &vs.metadata, relevance)
             }
             Resource::DestinationRule(dr) => {
@@ -180,8 +219,13 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
                     .destination_rules
                     .iter()
                     .find(|c| c.name == dr.metadata.name && c.namespace == namespace);
-                let relevance =
+                let mut relevance =
                     waypoints.relevance(namespace, |_, served| compiled.is_some_and(|c| served.covers(&c.host)));
+                if compiled
+                    .is_some_and(|c| for_nodes.destination_rules.contains(&(c.namespace.as_str(), c.name.as_str())))
+                {
+                    relevance.push(NODE_PROXIES.to_owned());
+                }
                 ("DestinationRule", &dr.metadata, relevance)
             }
             Resource::AuthorizationPolicy(ap) => {
@@ -196,6 +240,8 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
                     waypoints.relevance(namespace, |name, served| binds(&targets, namespace, name, served, root));
                 ("AuthorizationPolicy", &ap.metadata, relevance)
             }
+            // The mesh's outbound traffic policy, which node proxies enforce (L4-5).
+            Resource::MeshConfig(mesh) => ("ConfigMap", &mesh.metadata, vec![NODE_PROXIES.to_owned()]),
             Resource::RequestAuthentication(ra) => {
                 let mut targets = ra.spec.target_refs.clone();
                 targets.extend(ra.spec.target_ref.clone());
@@ -260,7 +306,7 @@ pub(super) fn decode(
         if !located.resource.forwarded_as_written() {
             errors.push(format!(
                 "{what}: field `document`: a {} is not an L7 resource (VirtualService, DestinationRule, \
-                 AuthorizationPolicy, RequestAuthentication)",
+                 AuthorizationPolicy, RequestAuthentication, the mesh's ConfigMap)",
                 located.resource.key().map_or("resource of another kind", |k| k.0)
             ));
             continue;

@@ -66,12 +66,16 @@ pub fn snapshot(model: &Model, resources: &[Located<Resource>], trust_domain: &s
 
 /// Whether `subscriber` gets `resource` of `type_url`. Workloads, services and L4 policies go
 /// to every subscriber, as istiod sends them to every ztunnel; an L7 resource only to the
-/// waypoints it is relevant to (see `subscriber_waypoint` for how a waypoint says which it is).
+/// waypoints it is relevant to (see `subscriber_waypoint` for how a waypoint says which it is),
+/// and to node proxies (which name their node) when it routes a ServiceEntry host (GW-3).
 pub fn visible(subscriber: &Subscriber, type_url: &str, resource: &XdsResource) -> bool {
     if type_url != super::L7_TYPE_URL {
         return true;
     }
-    subscriber_waypoint(subscriber).is_some_and(|waypoint| l7::relevant_to(resource, &waypoint))
+    match subscriber_waypoint(subscriber) {
+        Some(waypoint) => l7::relevant_to(resource, &waypoint),
+        None => subscriber.node_name.is_some() && l7::relevant_to_node_proxies(resource),
+    }
 }
 
 /// Rebuilds a model from the resources a proxy holds, with the default root namespace. On
