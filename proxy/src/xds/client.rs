@@ -230,7 +230,9 @@ impl XdsClient {
         let address = self.options.address.clone();
         let fail = |reason: String| XdsError::Stream(format!("{address}: {reason}"));
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
-        for type_url in self.options.type_urls.iter().chain(&self.options.optional_type_urls) {
+        // Optional types first: a control plane answering in order (strait's) has them applied
+        // before the required ones complete the first state, so no proxy starts without them.
+        for type_url in self.options.optional_type_urls.iter().chain(&self.options.type_urls) {
             let initial = self.versions.get(type_url).cloned().unwrap_or_default();
             debug!(r#type = %type_url, held = initial.len(), "xDS: subscribing");
             let request = DeltaDiscoveryRequest {
