@@ -5,7 +5,7 @@
 //! sends the host's traffic to the egress gateway's service) and the blackhole of seed 000,
 //! without a waypoint. A route that needs HTTP is a waypoint's; with none, `compile` warns.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use super::{
     Endpoint, Model, Service, Workload,
@@ -14,7 +14,7 @@ use super::{
     },
     services::AppProtocol,
 };
-use crate::config::{Diagnostic, Resolution};
+use crate::config::{Cidr, Diagnostic, Resolution};
 
 /// A connection as the node proxy sees it before it is routed.
 #[derive(Debug, Clone, Copy)]
@@ -67,7 +67,7 @@ pub fn route_at_l4(model: &Model, host: &str, conn: &Connection) -> MeshL4 {
     };
     if http {
         for route in &vs.http {
-            let Some(m) = first_applying(&route.matches, |m| connection_matches(&l4_of(m), conn)) else { continue };
+            let Some(m) = first_applying(&route.matches, |m| Conditions::of_http(m).hold(conn)) else { continue };
             if m.is_some_and(has_l7_conditions) || l7_part(route).is_some() {
                 return MeshL4::NeedsL7;
             }
@@ -82,7 +82,7 @@ pub fn route_at_l4(model: &Model, host: &str, conn: &Connection) -> MeshL4 {
         for route in &vs.tls {
             let mut sni_needed = false;
             let applies = first_applying(&route.matches, |m| {
-                if !connection_matches(m, conn) {
+                if !Conditions::of_l4(m).hold(conn) {
                     return false;
                 }
                 match conn.sni {
@@ -104,7 +104,7 @@ pub fn route_at_l4(model: &Model, host: &str, conn: &Connection) -> MeshL4 {
         }
     }
     for route in &vs.tcp {
-        if first_applying(&route.matches, |m| connection_matches(m, conn)).is_some() {
+        if first_applying(&route.matches, |m| Conditions::of_l4(m).hold(conn)).is_some() {
             return forward(model, &route.destinations, conn.port);
         }
     }
@@ -129,25 +129,47 @@ fn first_applying<M>(matches: &[M], mut applies: impl FnMut(&M) -> bool) -> Opti
     matches.iter().find(|m| applies(m)).map(Some)
 }
 
-/// The connection-level conditions of an `http[]` match.
-fn l4_of(m: &RouteMatch) -> L4Match {
-    L4Match {
-        port: m.port,
-        source_labels: m.source_labels.clone(),
-        source_namespace: m.source_namespace.clone(),
-        gateways: m.gateways.clone(),
-        ..L4Match::default()
-    }
+/// The connection-level conditions of a match (`http[]`, `tcp[]` or `tls[]`), borrowed: they
+/// are checked for every connection to a routed host, so nothing is copied.
+struct Conditions<'a> {
+    port: Option<u16>,
+    gateways: &'a [String],
+    source_labels: &'a BTreeMap<String, String>,
+    source_namespace: Option<&'a str>,
+    destination_subnets: &'a [Cidr],
 }
 
-/// The conditions a node proxy checks without reading the stream (SNI aside). An empty
-/// `gateways` means the VirtualService's, which include `mesh` (only such are indexed).
-fn connection_matches(m: &L4Match, conn: &Connection) -> bool {
-    m.port.is_none_or(|p| p == conn.port)
-        && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH_GATEWAY))
-        && m.source_labels.iter().all(|(k, v)| conn.source.and_then(|s| s.labels.get(k)) == Some(v))
-        && m.source_namespace.as_deref().is_none_or(|ns| conn.source.is_some_and(|s| s.namespace == ns))
-        && (m.destination_subnets.is_empty() || m.destination_subnets.iter().any(|c| c.contains(conn.destination)))
+impl<'a> Conditions<'a> {
+    fn of_http(m: &'a RouteMatch) -> Self {
+        Conditions {
+            port: m.port,
+            gateways: &m.gateways,
+            source_labels: &m.source_labels,
+            source_namespace: m.source_namespace.as_deref(),
+            destination_subnets: &[],
+        }
+    }
+
+    fn of_l4(m: &'a L4Match) -> Self {
+        Conditions {
+            port: m.port,
+            gateways: &m.gateways,
+            source_labels: &m.source_labels,
+            source_namespace: m.source_namespace.as_deref(),
+            destination_subnets: &m.destination_subnets,
+        }
+    }
+
+    /// Whether `conn` meets them (SNI aside). An empty `gateways` means the VirtualService's,
+    /// which include `mesh` (only such are indexed for mesh traffic).
+    fn hold(&self, conn: &Connection) -> bool {
+        self.port.is_none_or(|p| p == conn.port)
+            && (self.gateways.is_empty() || self.gateways.iter().any(|g| g == MESH_GATEWAY))
+            && self.source_labels.iter().all(|(k, v)| conn.source.and_then(|s| s.labels.get(k)) == Some(v))
+            && self.source_namespace.is_none_or(|ns| conn.source.is_some_and(|s| s.namespace == ns))
+            && (self.destination_subnets.is_empty()
+                || self.destination_subnets.iter().any(|c| c.contains(conn.destination)))
+    }
 }
 
 /// The HTTP condition of a match, as its field name.
@@ -203,10 +225,11 @@ fn forward(model: &Model, destinations: &[WeightedDestination], port: u16) -> Me
     let Some(service) = model.service_by_host(&d.host) else {
         return MeshL4::NoEndpoint(format!("the route's destination {} is no service", d.host));
     };
+    // Without a port: the one the connection came on, or the service's only one (as the L7
+    // engine does).
     let target_port = d.port.unwrap_or(port);
-    let Some(service_port) =
-        service.port(target_port).or_else(|| (service.ports.len() == 1).then(|| &service.ports[0]))
-    else {
+    let single = || (d.port.is_none() && service.ports.len() == 1).then(|| &service.ports[0]);
+    let Some(service_port) = service.port(target_port).or_else(single) else {
         return MeshL4::NoEndpoint(format!("service {} has no port {target_port}", d.host));
     };
     let redirect = |to| MeshL4::Redirect { service: service.clone(), to };

@@ -425,3 +425,50 @@ fn a_route_to_a_dns_entry_resolves_its_name() {
         other => panic!("{other:?}"),
     }
 }
+
+// L7-8: `tcp[]` routes of a TCP entry by destination subnet; a destination port the service
+// lacks is told, not guessed.
+#[test]
+fn tcp_routes_by_subnet_and_missing_ports() {
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db.example.com]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: replica, namespace: shop}
+spec:
+  hosts: [replica.example.com]
+  ports: [{number: 5433, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.50}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db.example.com]
+  tcp:
+  - match: [{destinationSubnets: [203.0.113.0/24]}]
+    route: [{destination: {host: replica.example.com, port: {number: 5433}}}]
+  - match: [{destinationSubnets: [198.51.100.0/24]}]
+    route: [{destination: {host: replica.example.com, port: {number: 6000}}}]
+"#;
+    let (m, d) = model(yaml);
+    assert!(!d.iter().any(|d| d.message.contains("needs HTTP")), "{d:?}");
+    let to = |ip: &str| Connection { port: 5432, destination: ip.parse().expect("ip"), source: None, sni: None };
+    let (host, addr) = endpoint_of(route_at_l4(&m, "db.example.com", &to("203.0.113.9")));
+    assert_eq!((host.as_str(), addr.as_str()), ("replica.example.com", "192.0.2.50:5433"));
+    assert!(matches!(route_at_l4(&m, "db.example.com", &to("192.0.2.1")), MeshL4::Unrouted));
+    let missing = route_at_l4(&m, "db.example.com", &to("198.51.100.4"));
+    assert!(matches!(&missing, MeshL4::NoEndpoint(r) if r.contains("no port 6000")), "{missing:?}");
+}
