@@ -303,9 +303,10 @@ fn mesh_route(
 /// would reach the node proxy's host, its admin port and whatever listens there, not anything
 /// of the pod's. Istio's sidecar dials the pod's own loopback; the node proxy refuses.
 fn passthrough_to(addr: SocketAddr, what: &str) -> Route {
-    match node_local(addr.ip()) {
-        true => Route::Refuse(format!("{what}: {addr} is a loopback address; a node proxy never dials its own")),
-        false => Route::Passthrough(addr),
+    if node_local(addr.ip()) {
+        Route::Refuse(format!("{what}: {addr} is a loopback address; a node proxy never dials its own"))
+    } else {
+        Route::Passthrough(addr)
     }
 }
 
