@@ -4,7 +4,9 @@
 //! The destination decides the journey: a service VIP is first resolved to one endpoint
 //! (round robin, L4-3); a workload whose protocol is HBONE is reached over HBONE as the
 //! source's identity (or, when this node captures it, through the inbound logic in-process with
-//! the same checks); anything else is plain TCP passthrough (L4-5).
+//! the same checks); anything else is plain TCP passthrough (L4-5). A ServiceEntry host's
+//! `mesh` routes may send the connection elsewhere first (GW-3: to an egress gateway over HBONE,
+//! or nowhere when they name a loopback endpoint), by SNI for `tls[]` routes.
 
 use std::{
     net::SocketAddr,
