@@ -165,3 +165,45 @@ fn static_none_and_wildcard_entries() -> io::Result<()> {
     wait_access_line(&p1, &[&format!("dst.addr={}:80", far.ip()), "result=refused"], TIMEOUT)?;
     Ok(())
 }
+
+// GW-3: the `mesh` route of a VirtualService for a ServiceEntry host, decidable per connection
+// (port and gateways, a DestinationRule subset), is applied by the node proxy: the pod's
+// connection to the external host goes over HBONE to the route's destination, a mesh service
+// standing in for the egress gateway; a port the route does not match still goes out directly.
+#[test]
+fn mesh_route_of_an_external_host_redirects_to_a_mesh_service() -> io::Result<()> {
+    let t = TwoNodes::new("egress::redirect")?;
+    let external = t.topo.add_pod(&t.n2, "external")?;
+    let resolver = t.topo.add_pod(&t.n2, "resolver")?;
+    let _relay = t.server.echo_server(EchoKind::Http, 8080).name("relay-v1").start()?;
+    let _ext80 = external.echo_server(EchoKind::Http, 80).name("external-80").start()?;
+    let _ext81 = external.echo_server(EchoKind::Http, 81).name("external-81").start()?;
+    let _dns = start_dns(&resolver, &[format!("edition.cnn.com={}", external.ip())])?;
+    use_resolver(&t, &resolver)?;
+    let routing = "apiVersion: v1\nkind: Service\nmetadata: {name: relay, namespace: mesh}\nspec:\n  clusterIP: \
+                   10.96.7.7\n  selector: {app: server}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\n\
+                   apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: cnn, namespace: mesh}\n\
+                   spec:\n  hosts: [edition.cnn.com]\n  ports: [{number: 80, name: http, protocol: HTTP}, {number: 81, \
+                   name: http-alt, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: \
+                   DestinationRule\nmetadata: {name: relay, namespace: mesh}\nspec:\n  host: relay.mesh.svc.cluster.local\n  \
+                   subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n---\napiVersion: \
+                   networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: cnn, namespace: mesh}\nspec:\n  hosts: \
+                   [edition.cnn.com]\n  gateways: [mesh]\n  http:\n  - match: [{gateways: [mesh], port: 80}]\n    route:\n    \
+                   - destination: {host: relay.mesh.svc.cluster.local, subset: v1, port: {number: 80}}\n      weight: 100\n";
+    t.topo.write_config("c.yaml", &t.config("server", &[("version", "v1")]))?;
+    t.topo.write_config("routing.yaml", routing)?;
+    t.topo.write_config("meshconfig.yaml", &mesh_config("REGISTRY_ONLY"))?;
+    let (p1, p2) = t.start_proxies(&[])?;
+    p1.wait_for_log("ServiceEntry host resolved", TIMEOUT)?;
+
+    let reply = get(&t.client, "http://edition.cnn.com/politics")?;
+    assert!(reply.ok() && reply.body.contains("hello from relay-v1"), "redirected to the mesh service: {reply:?}");
+    let line = wait_access_line(&p1, &["outbound", "dst.service=relay.mesh.svc.cluster.local"], TIMEOUT)?;
+    assert!(line.contains("security=mutual_tls") && line.contains("dst.workload=mesh/server"), "{line}");
+    wait_access_line(&p2, &["inbound", "src.identity=spiffe://cluster.local/ns/mesh/sa/client"], TIMEOUT)?;
+
+    let direct = get(&t.client, "http://edition.cnn.com:81/")?;
+    assert!(direct.ok() && direct.body.contains("hello from external-81"), "no route for port 81: {direct:?}");
+    wait_access_line(&p1, &["outbound", "dst.service=edition.cnn.com", "security=none"], TIMEOUT)?;
+    Ok(())
+}

@@ -162,8 +162,8 @@ pub enum Resource {
 }
 
 impl Resource {
-    /// Whether a control plane forwards this kind to waypoints and gateways as written (see
-    /// `Located`).
+    /// Whether a control plane forwards this kind to waypoints and gateways (and, for some, node
+    /// proxies) as written (see `Located`).
     pub fn forwarded_as_written(&self) -> bool {
         matches!(
             self,

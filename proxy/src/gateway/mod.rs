@@ -9,7 +9,7 @@
 //! `strait.io/gateway` this way (two-hop egress).
 
 mod io;
-mod tls;
+pub(crate) mod tls;
 
 use std::{
     collections::BTreeMap,

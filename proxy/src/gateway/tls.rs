@@ -62,6 +62,21 @@ pub async fn read_client_hello<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<H
     }
 }
 
+/// The server name of the ClientHello at the start of `bytes`, for a reader that cannot
+/// consume them (the node proxy peeks, GW-3): `Ok(None)` while the hello is incomplete,
+/// `Ok(Some(None))` for a hello without SNI; an error when the bytes are not a ClientHello.
+pub fn client_hello_sni(mut bytes: &[u8]) -> io::Result<Option<Option<String>>> {
+    let mut acceptor = Acceptor::default();
+    while !bytes.is_empty() {
+        acceptor.read_tls(&mut bytes)?;
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => Ok(Some(accepted.client_hello().server_name().map(str::to_ascii_lowercase))),
+        Ok(None) => Ok(None),
+        Err((e, _)) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("not a TLS ClientHello: {e}"))),
+    }
+}
+
 /// The certificate of one server, whatever SNI asked for it (the server was chosen by SNI).
 #[derive(Debug)]
 struct Fixed(Arc<CertifiedKey>);

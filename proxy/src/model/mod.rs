@@ -19,6 +19,7 @@ use crate::{
     identity::Identity,
 };
 
+pub mod egress_routes;
 pub mod gateways;
 pub mod reload;
 pub mod routes;
@@ -400,6 +401,7 @@ pub fn compile_with(resources: &[Located<Resource>], options: &CompileOptions) -
     model.outbound_mode = mesh_outbound_mode(resources);
     model.routing = routes::compile_routing(resources, &model.services, &mut diagnostics);
     model.gateways = gateways::compile_gateways(resources, &model.routing.virtual_services, &mut diagnostics);
+    egress_routes::warn_l7_mesh_routes(&model, &mut diagnostics);
     model.security = security::compile_security(resources, &model.workloads, &options.root_namespace, &mut diagnostics);
     for service in &model.services {
         model.services_by_host.insert(service.hostname.clone(), service.clone());

@@ -7,6 +7,7 @@ mod handover;
 pub(crate) mod inbound;
 mod live;
 mod outbound;
+mod peek;
 pub(crate) mod policy;
 
 use std::{
@@ -44,7 +45,7 @@ use crate::{
     sys,
     telemetry::{AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, Telemetry, logging::LogControl},
     xds::{
-        ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL,
+        ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL,
         client::{SharedStatus, XdsClientOptions},
     },
 };
@@ -233,14 +234,10 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
                 obtain_own_certificate(ca, &options, slot.clone()).await;
             }
             let node = xds_node(&options.node_name);
-            // strait's L7 type brings a node proxy the mesh config (REGISTRY_ONLY, L4-5) and the
-            // `mesh` routes of ServiceEntry hosts (GW-3); istiod has neither, so it is optional.
-            let mut client = control_plane.client_options(
-                node,
-                &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, crate::xds::L7_TYPE_URL],
-                own_cert,
-            );
-            client.optional_type_urls = vec![crate::xds::L7_TYPE_URL.to_owned()];
+            let mut client = control_plane.client_options(node, &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL], own_cert);
+            // The `mesh` routes of ServiceEntry hosts (GW-3), which `strait control` serves and
+            // istiod does not.
+            client.optional_type_urls = vec![L7_TYPE_URL.to_owned()];
             info!(address = %control_plane.address, "waiting for the configuration from the control plane");
             let (model, status) = crate::xds::client::follow(client, &options.trust_domain).await?;
             (model, Some(status))

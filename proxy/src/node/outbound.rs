@@ -4,7 +4,9 @@
 //! The destination decides the journey: a service VIP is first resolved to one endpoint
 //! (round robin, L4-3); a workload whose protocol is HBONE is reached over HBONE as the
 //! source's identity (or, when this node captures it, through the inbound logic in-process with
-//! the same checks); anything else is plain TCP passthrough (L4-5).
+//! the same checks); anything else is plain TCP passthrough (L4-5). A ServiceEntry host's
+//! `mesh` routes may send the connection elsewhere first (GW-3: to an egress gateway over HBONE,
+//! or nowhere when they name a loopback endpoint), by SNI for `tls[]` routes.
 
 use std::{
     net::SocketAddr,
@@ -19,11 +21,14 @@ use strait_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{NodeContext, copy, dns::DnsCache, inbound};
+use super::{NodeContext, copy, dns::DnsCache, inbound, peek};
 use crate::{
     config::{OutboundMode, Resolution},
     hbone::{self, ConnectRequest},
-    model::{Model, Service, WaypointName, Workload},
+    model::{
+        Model, Service, WaypointName, Workload,
+        egress_routes::{self, Connection, Landing, MeshL4},
+    },
     sys,
     telemetry::{ConnectionRecord, DEFAULT_CLUSTER, Outcome, canonical_revision, canonical_service},
 };
@@ -48,7 +53,14 @@ enum Route {
     Refuse(String),
     /// Nowhere, because REGISTRY_ONLY admits only what the registry knows (L4-5).
     Blocked(String),
+    /// A `tls[]` route of the destination's host may apply: the ClientHello's SNI decides
+    /// (GW-3, L7-8); routed again once it is read.
+    ReadSni,
 }
+
+/// How long a client that a `tls[]` route may apply to has to send its ClientHello: clients
+/// of TLS speak first, at once.
+const CLIENT_HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Outbound connections refused by REGISTRY_ONLY, for `strait_outbound_refused_total`.
 static REGISTRY_ONLY_REFUSED: AtomicU64 = AtomicU64::new(0);
@@ -77,12 +89,24 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
         record.source_workload = Some(source.clone());
         record.source_identity = Some(source.identity(&ctx.trust_domain).to_string());
     }
-    let route = route(&model, &ctx.dns, destination, &ctx.trust_domain, &mut record);
+    let mut route = route(&model, &ctx.dns, destination, &ctx.trust_domain, &mut record, None);
     drop(model);
+    if matches!(route, Route::ReadSni) {
+        route = match peek::client_hello_sni(&downstream, CLIENT_HELLO_TIMEOUT).await {
+            Ok(sni) => {
+                let model = ctx.model.current();
+                let again = Some(sni.as_deref());
+                self::route(&model, &ctx.dns, destination, &ctx.trust_domain, &mut record, again)
+            }
+            Err(e) => Route::Refuse(format!("a tls route of the destination needs its SNI: {e}")),
+        };
+    }
     ctx.telemetry.opened(&mut record);
 
     match (route, source) {
         (Route::Refuse(reason), _) => record.outcome = Outcome::Refused(reason),
+        // Routed again after the SNI was read: never here.
+        (Route::ReadSni, _) => record.outcome = Outcome::Refused("routing needs the SNI".into()),
         (Route::Blocked(reason), _) => {
             REGISTRY_ONLY_REFUSED.fetch_add(1, Ordering::Relaxed);
             record.outcome = Outcome::Refused(reason);
@@ -126,6 +150,7 @@ fn route(
     destination: SocketAddr,
     trust_domain: &str,
     record: &mut ConnectionRecord,
+    sni: Option<Option<&str>>,
 ) -> Route {
     if PROXY_PORTS.contains(&destination.port()) {
         return Route::Refuse(format!("port {} is reserved for the mesh proxy", destination.port()));
@@ -139,6 +164,9 @@ fn route(
             return to_waypoint(model, name, destination, trust_domain, record);
         }
         if let Some(entry) = &service.entry {
+            if let Some(route) = mesh_route(model, service, destination, trust_domain, record, sni) {
+                return route;
+            }
             match entry.resolution {
                 // The address the client dialled is the endpoint.
                 Resolution::None => return Route::Passthrough(destination),
@@ -158,7 +186,7 @@ fn route(
                         ));
                     };
                     record.destination_workload = Some(endpoint.workload.clone());
-                    return Route::Passthrough(endpoint.addr());
+                    return passthrough_to(endpoint.addr(), &service.hostname);
                 }
                 Resolution::Static => {}
             }
@@ -173,7 +201,9 @@ fn route(
     if let Some(service) = model.service_by_endpoint(addr.ip()).filter(|_| record.destination_service.is_none()) {
         record.destination_service = Some(service.clone());
     }
-    let Some(target) = target else { return outside_the_registry(model, dns, destination, trust_domain, record) };
+    let Some(target) = target else {
+        return outside_the_registry(model, dns, destination, trust_domain, record, sni);
+    };
     // The destination's protocol decides, not whether this proxy captures it: a pod served by
     // another HBONE proxy (Istio's ztunnel on its node) is in the mesh too.
     if let (true, Some(name)) = (target.reached_over_hbone() && addr == destination, &target.waypoint) {
@@ -199,6 +229,7 @@ fn outside_the_registry(
     destination: SocketAddr,
     trust_domain: &str,
     record: &mut ConnectionRecord,
+    sni: Option<Option<&str>>,
 ) -> Route {
     let by_name = dns.name_of(destination.ip()).and_then(|name| {
         model
@@ -214,6 +245,9 @@ fn outside_the_registry(
         if let Some(name) = &service.waypoint {
             return to_waypoint(model, name, destination, trust_domain, record);
         }
+        if let Some(route) = mesh_route(model, service, destination, trust_domain, record, sni) {
+            return route;
+        }
         return Route::Passthrough(destination);
     }
     if model.outbound_mode == OutboundMode::RegistryOnly {
@@ -223,6 +257,64 @@ fn outside_the_registry(
         ));
     }
     Route::Passthrough(destination)
+}
+
+/// The `mesh` routes of a ServiceEntry host's VirtualService, where a connection can be decided
+/// by them (GW-3, L7-8): to the endpoint they choose, in the mesh over HBONE (the egress
+/// gateway's pod of the two-hop pattern) or in plain TCP, or to a DNS entry's name. `None`: no
+/// such route, or one that needs HTTP (a waypoint's; `compile` warned), and the connection goes
+/// where it was addressed.
+fn mesh_route(
+    model: &Model,
+    service: &Service,
+    destination: SocketAddr,
+    trust_domain: &str,
+    record: &mut ConnectionRecord,
+    sni: Option<Option<&str>>,
+) -> Option<Route> {
+    let source = record.source_workload.clone();
+    let conn = Connection { port: destination.port(), destination: destination.ip(), source: source.as_deref(), sni };
+    match egress_routes::route_at_l4(model, &service.hostname, &conn) {
+        MeshL4::Unrouted | MeshL4::NeedsL7 => None,
+        MeshL4::NeedsSni => Some(Route::ReadSni),
+        MeshL4::NoEndpoint(reason) => Some(Route::Refuse(format!("route of {}: {reason}", service.hostname))),
+        MeshL4::Redirect { service: to_service, to } => {
+            let sni = sni.flatten().map_or(String::new(), |s| format!(" (SNI {s})"));
+            let why = format!("the mesh route of {}{sni} to {}", service.hostname, to_service.hostname);
+            record.destination_service = Some(to_service);
+            Some(match to {
+                Landing::Resolve { name, port } => Route::Resolve { name, port },
+                Landing::Endpoint(endpoint) => {
+                    let target = endpoint.workload.clone();
+                    record.destination_workload = Some(target.clone());
+                    if target.reached_over_hbone() {
+                        record.destination_identity = Some(target.identity(trust_domain).to_string());
+                        record.security = "mutual_tls";
+                        Route::Mesh { target, addr: endpoint.addr() }
+                    } else {
+                        passthrough_to(endpoint.addr(), &why)
+                    }
+                }
+            })
+        }
+    }
+}
+
+/// Plain TCP to `addr` on a pod's behalf, unless it is the node's own: loopback and unspecified
+/// addresses (a ServiceEntry endpoint `127.0.0.1`, as seed 000 writes to blackhole a host)
+/// would reach the node proxy's host, its admin port and whatever listens there, not anything
+/// of the pod's. Istio's sidecar dials the pod's own loopback; the node proxy refuses.
+fn passthrough_to(addr: SocketAddr, what: &str) -> Route {
+    if node_local(addr.ip()) {
+        Route::Refuse(format!("{what}: {addr} is a loopback address; a node proxy never dials its own"))
+    } else {
+        Route::Passthrough(addr)
+    }
+}
+
+/// Addresses that mean "this host" wherever they are dialled from.
+fn node_local(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback() || ip.is_unspecified()
 }
 
 /// The DNS endpoint of a ServiceEntry service a new connection goes to, taking them in turn.
@@ -254,6 +346,11 @@ fn to_waypoint(
 
 async fn passthrough(downstream: &TcpStream, addr: SocketAddr, record: &mut ConnectionRecord) {
     record.destination_addr = addr;
+    // Whatever decided the address (a DNS answer, the address the pod dialled): never the node's.
+    if node_local(addr.ip()) {
+        record.outcome = Outcome::Refused(format!("{addr} is a loopback address; a node proxy never dials its own"));
+        return;
+    }
     match sys::connect_marked(addr).await {
         Ok(upstream) => {
             let (copied, error) = copy::bidirectional(downstream, &upstream).await;
@@ -351,7 +448,7 @@ mod tests {
         let decide = |to: &str| {
             let destination: SocketAddr = to.parse().expect("addr");
             let mut record = ConnectionRecord::start("outbound", "10.1.0.10:40000".parse().expect("addr"), destination);
-            let route = route(&model, &DnsCache::default(), destination, "cluster.local", &mut record);
+            let route = route(&model, &DnsCache::default(), destination, "cluster.local", &mut record, None);
             (route, record.security)
         };
         for to in ["10.3.0.5:80", "10.3.0.6:80"] {
@@ -420,7 +517,7 @@ spec:
     fn decide(model: &Model, dns: &DnsCache, to: &str) -> (Route, Option<String>) {
         let destination: SocketAddr = to.parse().expect("addr");
         let mut record = ConnectionRecord::start("outbound", "10.1.0.10:40000".parse().expect("addr"), destination);
-        let route = route(model, dns, destination, "cluster.local", &mut record);
+        let route = route(model, dns, destination, "cluster.local", &mut record, None);
         (route, record.destination_service.map(|s| s.hostname.clone()))
     }
 
@@ -466,6 +563,20 @@ spec:
         assert!(matches!(decide(&model, &answers, "198.51.100.7:80").0, Route::Blocked(_)), "port not declared");
     }
 
+    // GW-3: a node proxy never dials its own host on a pod's behalf, however the address is
+    // written; other addresses pass.
+    #[test]
+    fn loopback_endpoints_are_refused() {
+        for ip in ["127.0.0.1", "127.9.8.7", "::1", "::ffff:127.0.0.1", "0.0.0.0", "::"] {
+            let addr = SocketAddr::new(ip.parse().expect("ip"), 80);
+            assert!(matches!(passthrough_to(addr, "route"), Route::Refuse(r) if r.contains("loopback")), "{ip}");
+        }
+        for ip in ["10.1.0.7", "::ffff:10.1.0.7", "2001:db8::1"] {
+            let addr = SocketAddr::new(ip.parse().expect("ip"), 80);
+            assert!(matches!(passthrough_to(addr, "route"), Route::Passthrough(a) if a == addr), "{ip}");
+        }
+    }
+
     fn kind(route: &Route) -> String {
         match route {
             Route::Mesh { addr, .. } => format!("mesh {addr}"),
@@ -474,6 +585,7 @@ spec:
             Route::Resolve { name, port } => format!("resolve {name}:{port}"),
             Route::Refuse(r) => format!("refuse {r}"),
             Route::Blocked(r) => format!("blocked {r}"),
+            Route::ReadSni => "read sni".into(),
         }
     }
 }

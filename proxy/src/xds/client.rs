@@ -79,8 +79,8 @@ pub struct XdsClientOptions {
     pub node: Node,
     /// What to subscribe to, each as a wildcard.
     pub type_urls: Vec<String>,
-    /// Of those, the types that do not hold back the first configuration: strait's own types
-    /// that a node proxy takes when the control plane has them, and istiod never answers.
+    /// Also subscribed to, but not waited for: a control plane that does not serve them
+    /// (istiod, for strait's own types) never answers, and the proxy runs without them.
     pub optional_type_urls: Vec<String>,
 }
 
@@ -90,6 +90,7 @@ impl std::fmt::Debug for XdsClientOptions {
             .field("address", &self.address)
             .field("node", &self.node.id)
             .field("type_urls", &self.type_urls)
+            .field("optional_type_urls", &self.optional_type_urls)
             .finish_non_exhaustive()
     }
 }
@@ -229,7 +230,9 @@ impl XdsClient {
         let address = self.options.address.clone();
         let fail = |reason: String| XdsError::Stream(format!("{address}: {reason}"));
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
-        for type_url in &self.options.type_urls {
+        // Optional types first: a control plane answering in order (strait's) has them applied
+        // before the required ones complete the first state, so no proxy starts without them.
+        for type_url in self.options.optional_type_urls.iter().chain(&self.options.type_urls) {
             let initial = self.versions.get(type_url).cloned().unwrap_or_default();
             debug!(r#type = %type_url, held = initial.len(), "xDS: subscribing");
             let request = DeltaDiscoveryRequest {
@@ -277,7 +280,7 @@ impl XdsClient {
             };
             healthy = true;
             let (type_url, nonce) = (response.type_url.clone(), response.nonce.clone());
-            if !self.options.type_urls.contains(&type_url) {
+            if !self.options.type_urls.contains(&type_url) && !self.options.optional_type_urls.contains(&type_url) {
                 let error = format!("type {type_url} was not subscribed to");
                 nack(&tx, &type_url, &nonce, &error).await.map_err(|_| fail("request queue closed".into()))?;
                 continue;

@@ -3,8 +3,15 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use strait_proto::prost_types::Any;
+use strait_proto::{
+    envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+        aggregated_discovery_service_server::{AggregatedDiscoveryService, AggregatedDiscoveryServiceServer},
+    },
+    prost_types::Any,
+};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tonic::{Request, Response, Status, Streaming, codegen::tokio_stream::wrappers::ReceiverStream};
 
 use super::*;
 use crate::{
@@ -267,4 +274,68 @@ fn node_ids_and_metadata_describe_the_subscriber() {
     assert!(subscriber_of(Some(&waypoint), None, shop).is_ok());
     let refused = subscriber_of(Some(&waypoint), None, other).expect_err("another namespace");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+}
+
+/// A control plane that, like istiod with strait's own types, answers the types it knows and
+/// never the others.
+struct KnowsOnly(&'static [&'static str]);
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for KnowsOnly {
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(8);
+        let known = self.0;
+        let mut requests = request.into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(request)) = requests.message().await {
+                if request.response_nonce.is_empty() && known.contains(&request.type_url.as_str()) {
+                    let response = DeltaDiscoveryResponse {
+                        type_url: request.type_url.clone(),
+                        nonce: format!("n-{}", request.type_url),
+                        ..DeltaDiscoveryResponse::default()
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+// CFG-2: a type subscribed to as optional (strait's L7 resources, for node proxies) is not
+// waited for: against a control plane that never answers it, the client syncs on the others.
+#[tokio::test]
+async fn optional_types_are_not_waited_for() {
+    let (dir, ca) = setup("optional");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let ads = KnowsOnly(&[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL]);
+    let routes = vec![(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/",
+        GrpcService::new(AggregatedDiscoveryServiceServer::new(ads)),
+    )];
+    let tls = server_tls(ca.clone(), vec!["127.0.0.1".parse().expect("ip")]).expect("tls");
+    let server = tokio::spawn(serve(listener, tls, routes, crate::identity::NodeAccounts::default()));
+    let fixture = Fixture {
+        ca,
+        addr,
+        snapshots: tokio::sync::watch::channel(snapshot(&[], &[])).0,
+        metrics: Arc::default(),
+        task: server,
+    };
+    let mut options = options(&fixture, Some(TOKEN), "node1");
+    options.optional_type_urls = vec![crate::xds::L7_TYPE_URL.to_owned()];
+    let (mut rx, status, task) = follow(options, None).await;
+    let first = next(&mut rx).await;
+    assert!(first.contains_key(ADDRESS_TYPE_URL) && first.contains_key(AUTHORIZATION_TYPE_URL), "{first:?}");
+    assert!(!status.lock().expect("status").types.contains_key(crate::xds::L7_TYPE_URL), "never answered");
+    task.abort();
+    drop(dir);
 }

@@ -15,6 +15,10 @@
 //! says `STRAIT_GATEWAY=<namespace>/<name>` and gets every L7 resource and every Istio
 //! `networking.istio.io` Gateway (GW-1): which Gateways it serves depends on its pods' labels,
 //! which it knows and the control plane does not, so it chooses as it does from a directory.
+//!
+//! Node proxies get the `mesh` VirtualService of each ServiceEntry host no waypoint serves, and
+//! the DestinationRules of its destinations (subsets): they apply those routes per connection
+//! (GW-3, the two-hop egress pattern); and the mesh's ConfigMap, for REGISTRY_ONLY (L4-5).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -41,10 +45,8 @@ pub const WAYPOINT_METADATA: &str = "STRAIT_WAYPOINT";
 pub const GATEWAY_METADATA: &str = "STRAIT_GATEWAY";
 /// The relevance entry meaning every waypoint.
 const EVERY_WAYPOINT: &str = "*";
-/// The relevance entry meaning node proxies: the mesh config (L4-5), and the VirtualServices of
-/// ServiceEntry hosts with the DestinationRules of their destinations, whose `mesh` routes a node
-/// proxy applies per connection (GW-3). No waypoint name can be this.
-const NODE_PROXIES: &str = "~nodes";
+/// The relevance entry meaning every node proxy (waypoint names hold a `/`: no clash).
+const NODE_PROXIES: &str = "node-proxies";
 
 /// The waypoint a subscriber runs, from its `STRAIT_WAYPOINT` metadata; `None` for node proxies
 /// and any other subscriber.
@@ -68,17 +70,16 @@ pub fn subscriber_gateway(subscriber: &Subscriber) -> Option<WaypointName> {
     (!namespace.is_empty() && !name.is_empty()).then_some(WaypointName { namespace, name })
 }
 
+/// Whether an L7 resource goes to node proxies too.
+pub(super) fn relevant_to_node_proxies(resource: &XdsResource) -> bool {
+    L7Resource::decode(resource.body.value.as_slice()).is_ok_and(|l7| l7.waypoints.iter().any(|w| w == NODE_PROXIES))
+}
+
 /// Whether an L7 resource's relevance list names `waypoint` (or every waypoint).
 pub(super) fn relevant_to(resource: &XdsResource, waypoint: &WaypointName) -> bool {
     let Ok(l7) = L7Resource::decode(resource.body.value.as_slice()) else { return false };
     let name = waypoint.to_string();
     l7.waypoints.iter().any(|w| w == EVERY_WAYPOINT || *w == name)
-}
-
-/// Whether an L7 resource goes to node proxies (see [`NODE_PROXIES`]).
-pub(super) fn for_node_proxies(resource: &XdsResource) -> bool {
-    let Ok(l7) = L7Resource::decode(resource.body.value.as_slice()) else { return false };
-    l7.waypoints.iter().any(|w| w == NODE_PROXIES)
 }
 
 /// The xDS name of an L7 resource: `Kind/namespace/name`.
@@ -174,6 +175,30 @@ fn destinations(vs: &crate::model::routes::VirtualService) -> impl Iterator<Item
     http.chain(tcp).chain(tls)
 }
 
+/// What node proxies apply (GW-3): the `mesh` VirtualService of each ServiceEntry host that no
+/// waypoint serves, and the DestinationRules its destinations use, by `(namespace, name)`.
+struct NodeRoutes<'a> {
+    virtual_services: HashSet<(&'a str, &'a str)>,
+    destination_rules: HashSet<(&'a str, &'a str)>,
+}
+
+impl<'a> NodeRoutes<'a> {
+    fn new(model: &'a Model) -> Self {
+        let mut virtual_services = HashSet::new();
+        let mut destination_rules = HashSet::new();
+        for service in model.services.iter().filter(|s| s.entry.is_some() && s.waypoint.is_none()) {
+            let Some(vs) = model.routing.mesh_routes_for(&service.hostname) else { continue };
+            virtual_services.insert((vs.namespace.as_str(), vs.name.as_str()));
+            for destination in destinations(vs) {
+                if let Some(rule) = model.routing.destination_rule_for(&destination.host) {
+                    destination_rules.insert((rule.namespace.as_str(), rule.name.as_str()));
+                }
+            }
+        }
+        NodeRoutes { virtual_services, destination_rules }
+    }
+}
+
 /// Whether `targets` (written in `namespace`) bind one of the waypoint's services or itself.
 fn binds(targets: &[PolicyTargetRef], namespace: &str, waypoint: &WaypointName, served: &Served, root: &str) -> bool {
     targets_bind_waypoint(targets, namespace, None, waypoint, root)
@@ -184,17 +209,7 @@ fn binds(targets: &[PolicyTargetRef], namespace: &str, waypoint: &WaypointName, 
 pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap<String, Arc<XdsResource>> {
     let waypoints = Waypoints::new(model);
     let root = waypoints.root;
-    // VirtualServices whose hosts cover a ServiceEntry host, and their destinations' hosts.
-    let entry_hosts: Vec<&str> =
-        model.services.iter().filter(|s| s.entry.is_some()).map(|s| s.hostname.as_str()).collect();
-    let mut node_routes: HashSet<(&str, &str)> = HashSet::new();
-    let mut node_destinations: HashSet<&str> = HashSet::new();
-    for vs in &model.routing.virtual_services {
-        if vs.hosts.iter().any(|pattern| entry_hosts.iter().any(|h| host_matches(pattern, h))) {
-            node_routes.insert((vs.namespace.as_str(), vs.name.as_str()));
-            node_destinations.extend(destinations(vs).map(|d| d.host.as_str()));
-        }
-    }
+    let for_nodes = NodeRoutes::new(model);
     let mut out = BTreeMap::new();
     for located in resources {
         let Some(document) = &located.document else { continue };
@@ -208,7 +223,7 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
                     .find(|c| c.name == vs.metadata.name && c.namespace == namespace);
                 let hosts = compiled.map(|c| c.hosts.as_slice()).unwrap_or_default();
                 let mut relevance = waypoints.relevance(namespace, |_, served| hosts.iter().any(|h| served.covers(h)));
-                if node_routes.contains(&(namespace, vs.metadata.name.as_str())) {
+                if for_nodes.virtual_services.contains(&(namespace, vs.metadata.name.as_str())) {
                     relevance.push(NODE_PROXIES.to_owned());
                 }
                 ("VirtualService", &vs.metadata, relevance)
@@ -222,7 +237,9 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
                     .find(|c| c.name == dr.metadata.name && c.namespace == namespace);
                 let mut relevance =
                     waypoints.relevance(namespace, |_, served| compiled.is_some_and(|c| served.covers(&c.host)));
-                if compiled.is_some_and(|c| node_destinations.contains(c.host.as_str())) {
+                if compiled
+                    .is_some_and(|c| for_nodes.destination_rules.contains(&(c.namespace.as_str(), c.name.as_str())))
+                {
                     relevance.push(NODE_PROXIES.to_owned());
                 }
                 ("DestinationRule", &dr.metadata, relevance)
@@ -239,6 +256,8 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
                     waypoints.relevance(namespace, |name, served| binds(&targets, namespace, name, served, root));
                 ("AuthorizationPolicy", &ap.metadata, relevance)
             }
+            // The mesh's outbound traffic policy, which node proxies enforce (L4-5).
+            Resource::MeshConfig(mesh) => ("ConfigMap", &mesh.metadata, vec![NODE_PROXIES.to_owned()]),
             Resource::RequestAuthentication(ra) => {
                 let mut targets = ra.spec.target_refs.clone();
                 targets.extend(ra.spec.target_ref.clone());
@@ -249,7 +268,6 @@ pub(super) fn encode(model: &Model, resources: &[Located<Resource>]) -> BTreeMap
             }
             // Only gateways read them (and they see every L7 resource): no waypoint.
             Resource::IstioGateway(gw) => ("networking.istio.io/Gateway", &gw.metadata, Vec::new()),
-            Resource::MeshConfig(mesh) => ("ConfigMap", &mesh.metadata, vec![NODE_PROXIES.to_owned()]),
             _ => continue,
         };
         let l7 = L7Resource { origin: located.origin.to_string(), document: as_json(document), waypoints: relevance };
@@ -306,7 +324,7 @@ pub(super) fn decode(
         if !located.resource.forwarded_as_written() {
             errors.push(format!(
                 "{what}: field `document`: a {} is not an L7 resource (VirtualService, DestinationRule, \
-                 AuthorizationPolicy, RequestAuthentication, networking.istio.io Gateway)",
+                 AuthorizationPolicy, RequestAuthentication, networking.istio.io Gateway, the mesh's ConfigMap)",
                 located.resource.key().map_or("resource of another kind", |k| k.0)
             ));
             continue;

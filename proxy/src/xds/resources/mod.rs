@@ -67,15 +67,15 @@ pub fn snapshot(model: &Model, resources: &[Located<Resource>], trust_domain: &s
 /// Whether `subscriber` gets `resource` of `type_url`. Workloads, services and L4 policies go
 /// to every subscriber, as istiod sends them to every ztunnel; an L7 resource only to the
 /// waypoints it is relevant to (see `subscriber_waypoint` for how a waypoint says which it is),
-/// every one to gateways (`subscriber_gateway`), and to other subscribers (node proxies) only
-/// the mesh config and the routes of ServiceEntry hosts.
+/// every one to gateways (`subscriber_gateway`), and to node proxies (which name their node)
+/// the mesh config and the routes of ServiceEntry hosts (GW-3, L4-5).
 pub fn visible(subscriber: &Subscriber, type_url: &str, resource: &XdsResource) -> bool {
     if type_url != super::L7_TYPE_URL || subscriber_gateway(subscriber).is_some() {
         return true;
     }
     match subscriber_waypoint(subscriber) {
         Some(waypoint) => l7::relevant_to(resource, &waypoint),
-        None => l7::for_node_proxies(resource),
+        None => subscriber.node_name.is_some() && l7::relevant_to_node_proxies(resource),
     }
 }
 

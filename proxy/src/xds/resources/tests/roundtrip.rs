@@ -370,6 +370,120 @@ spec:
     assert_eq!(decoded.dns_names(), model.dns_names());
 }
 
+// GW-3, L4-5, CFG-3: node proxies get the `mesh` VirtualService of a ServiceEntry host no
+// waypoint serves, the DestinationRule of its destination's subset (seed 002's two-hop route)
+// and the mesh's REGISTRY_ONLY, and decide as from the directory; routes of mesh services stay
+// the waypoints'.
+#[test]
+fn mesh_routes_of_service_entry_hosts_reach_node_proxies() {
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: akv2k8s-test, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sleep, namespace: akv2k8s-test, labels: {app: sleep}}
+spec: {nodeName: n1}
+status: {podIP: 10.1.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: egressgateway-0, namespace: istio-system, labels: {istio: egressgateway, strait.io/gateway: "true"}}
+spec: {nodeName: n2, serviceAccountName: istio-egressgateway}
+status: {podIP: 10.2.0.30}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: istio-egressgateway, namespace: istio-system}
+spec:
+  clusterIP: 10.96.0.80
+  selector: {istio: egressgateway}
+  ports: [{name: http2, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: akv2k8s-test}
+spec: {clusterIP: 10.96.0.81, selector: {app: sleep}, ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cnn, namespace: akv2k8s-test}
+spec:
+  hosts: [edition.cnn.com]
+  ports: [{number: 80, name: http-port, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: egressgateway-for-cnn, namespace: akv2k8s-test}
+spec:
+  host: istio-egressgateway.istio-system.svc.cluster.local
+  subsets: [{name: cnn}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: direct-cnn-through-egress-gateway, namespace: akv2k8s-test}
+spec:
+  hosts: [edition.cnn.com]
+  gateways: [istio-egressgateway, mesh]
+  http:
+  - match: [{gateways: [mesh], port: 80}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, subset: cnn, port: {number: 80}}}]
+  - match: [{gateways: [istio-egressgateway], port: 80}]
+    route: [{destination: {host: edition.cnn.com, port: {number: 80}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: akv2k8s-test}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web}}], timeout: 1s}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+"#;
+    use crate::model::egress_routes::{Connection, Landing, MeshL4, route_at_l4};
+    let (resources, model) = directory_from(yaml);
+    let served = snapshot(&model, &resources, "cluster.local");
+    let received = received_by(&served, &node_proxy("n1"));
+    let names: Vec<&str> = received[L7_TYPE_URL].keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "ConfigMap/istio-system/istio",
+            "DestinationRule/akv2k8s-test/egressgateway-for-cnn",
+            "VirtualService/akv2k8s-test/direct-cnn-through-egress-gateway"
+        ]
+    );
+    assert!(received_by(&served, &waypoint_proxy("akv2k8s-test", "waypoint"))[L7_TYPE_URL].is_empty());
+    assert!(received_by(&served, &Subscriber::default())[L7_TYPE_URL].is_empty(), "only node proxies");
+    let decoded = model_from_xds(&received, "cluster.local").expect("decodes");
+    assert_eq!(decoded.outbound_mode, crate::config::OutboundMode::RegistryOnly);
+    for m in [&model, &decoded] {
+        let sleep = m.workload_by_ip("10.1.0.10".parse().expect("ip")).cloned();
+        let conn = Connection {
+            port: 80,
+            destination: "203.0.113.7".parse().expect("ip"),
+            source: sleep.as_deref(),
+            sni: None,
+        };
+        match route_at_l4(m, "edition.cnn.com", &conn) {
+            MeshL4::Redirect { service, to: Landing::Endpoint(endpoint) } => {
+                assert_eq!(service.hostname, "istio-egressgateway.istio-system.svc.cluster.local");
+                assert_eq!(endpoint.addr(), SocketAddr::from(([10, 2, 0, 30], 8080)));
+                assert!(endpoint.workload.reached_over_hbone(), "the gateway's pod terminates HBONE");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 /// A gateway's subscriber, as `strait gateway` names itself.
 fn gateway_proxy(namespace: &str, name: &str) -> Subscriber {
     let metadata = HashMap::from([(GATEWAY_METADATA.to_owned(), format!("{namespace}/{name}"))]);
