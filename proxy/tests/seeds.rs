@@ -41,13 +41,26 @@ fn blocks(source: &str, text: &str) -> Vec<Block> {
         while j < lines.len() && !end(lines[j]) {
             j += 1;
         }
-        let body = dedent(&lines[start..j.min(lines.len())]);
+        let body = expand_shell_variables(&dedent(&lines[start..j.min(lines.len())]));
         if body.lines().any(|l| l.starts_with("apiVersion:")) {
             found.push(Block { source: source.to_owned(), line: start + 1, text: body });
         }
         i = j + 1;
     }
     found
+}
+
+/// Variables the seeds' commands set before `kubectl apply -f - <<EOF`, whose shell expands them
+/// in the document before Istio (or strait) sees it: each with a value of the kind it stands for.
+const SHELL_VARIABLES: [(&str, &str); 2] = [
+    // Seed 003: `export CLUSTER2_GW_ADDR=$(kubectl get svc ... -o jsonpath=...ingress[0].ip)`,
+    // and the same for cluster 1's egress gateway.
+    ("${CLUSTER2_GW_ADDR}", "192.0.2.10"),
+    ("${CLUSTER1_EGW_ADDR}", "192.0.2.20"),
+];
+
+fn expand_shell_variables(text: &str) -> String {
+    SHELL_VARIABLES.iter().fold(text.to_owned(), |text, (variable, value)| text.replace(variable, value))
 }
 
 fn dedent(lines: &[&str]) -> String {
