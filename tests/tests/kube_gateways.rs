@@ -687,6 +687,7 @@ fn ingress_gateway_as_deployed_serves_a_mesh_pod() -> io::Result<()> {
     let control = common::Control::new(&topo, topo.add_node("control")?);
     let (gw_pod, client, backend) =
         (topo.add_pod(&n1, "ingress")?, topo.add_pod(&n1, "client")?, topo.add_pod(&n2, "httpbin")?);
+    let mesh_client = topo.add_pod(&n2, "sleep")?;
     let api = KubeApi::start_in_netns(topo.fabric().name(), FABRIC_GATEWAY)?;
 
     // deploy/gateways with the credentials patch of ingress.yaml, and the Secret it names.
@@ -714,6 +715,8 @@ fn ingress_gateway_as_deployed_serves_a_mesh_pod() -> io::Result<()> {
          selector: {app: httpbin}\n  ports: [{name: http, port: 8000, targetPort: 8000}]\n",
     )?;
     create_pod(&api, &backend, "httpbin", "web", "httpbin", &[("app".into(), "httpbin".into())])?;
+    api.apply("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sleep, namespace: web}\n")?;
+    create_pod(&api, &mesh_client, "sleep", "web", "sleep", &[("app".into(), "sleep".into())])?;
     let deployment =
         json(&api.kubectl(&["get", "deployment", "istio-ingressgateway", "-n", "istio-system", "-o", "json"])?);
     let template = &deployment["spec"]["template"];
@@ -768,6 +771,16 @@ fn ingress_gateway_as_deployed_serves_a_mesh_pod() -> io::Result<()> {
         assert!(Instant::now() < deadline, "no inbound connection from the gateway's identity:\n{metrics}");
         thread::sleep(Duration::from_millis(200));
     }
+
+    // From inside the mesh, through the Service: the node proxy of the mesh pod dials the gateway
+    // pod over HBONE (the Service's `mesh` port), as the mesh pod's identity.
+    let service =
+        json(&api.kubectl(&["get", "service", "istio-ingressgateway", "-n", "istio-system", "-o", "json"])?);
+    let vip = service["spec"]["clusterIP"].as_str().expect("a cluster IP").to_owned();
+    let r = mesh_client.curl_args(&["-H", "Host: web.example.com", &format!("http://{vip}/status/200")])?;
+    assert!(r.ok() && r.body.contains("hello from httpbin"), "{r:?}\n{}", gateway.log_tail());
+    let line = gateway.wait_for_log("src.identity=spiffe://cluster.local/ns/web/sa/sleep", common::TIMEOUT)?;
+    assert!(line.contains("path=\"/status/200\""), "{line}");
 
     // HTTPS with the certificate of the kubernetes.io/tls Secret, as the kubelet mounts it.
     let resolve = format!("web.example.com:8443:{ip}");
