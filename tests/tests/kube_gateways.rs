@@ -521,6 +521,20 @@ fn create_pod(api: &KubeApi, pod: &Pod, name: &str, ns: &str, sa: &str, labels: 
     api.set_pod_status(ns, name, &pod.ip().to_string(), &pod.node_ip().to_string())
 }
 
+/// The pod labels and service account of the Deployment `name` in istio-system: what its
+/// ReplicaSet's pods get.
+fn pod_template(api: &KubeApi, name: &str) -> io::Result<(Vec<(String, String)>, String)> {
+    let deployment = json(&api.kubectl(&["get", "deployment", name, "-n", "istio-system", "-o", "json"])?);
+    let template = &deployment["spec"]["template"];
+    let labels = template["metadata"]["labels"]
+        .as_object()
+        .expect("labels")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+        .collect();
+    Ok((labels, template["spec"]["serviceAccountName"].as_str().expect("a service account").to_owned()))
+}
+
 /// `strait control --kubernetes` on `control`'s node, with the API server's kubeconfig.
 fn start_control(topo: &Topology, control: &common::Control, api: &KubeApi) -> io::Result<Process> {
     let (ca, tokens) = (control.ca_dir.to_string_lossy(), control.tokens.to_string_lossy());
@@ -621,7 +635,8 @@ fn start_gateway_as_deployed(
         assert_eq!(field, Some("metadata.namespace"), "an env var this test does not know: {var}");
         env.push((format!("$({})", var["name"].as_str().expect("name")), "istio-system".to_owned()));
     }
-    let mut replaced = 0;
+    let mut used = vec![0; mounts.len() + env.len()];
+    let mut xds_replaced = false;
     let args: Vec<String> = container["args"]
         .as_array()
         .expect("args")
@@ -630,19 +645,20 @@ fn start_gateway_as_deployed(
             let mut arg = a.as_str().expect("a string").to_owned();
             if arg == "--xds-address=https://strait-control.strait-system.svc:15012" {
                 arg = format!("--xds-address={xds}");
-                replaced += 1;
+                xds_replaced = true;
             }
-            for (from, to) in mounts.iter().chain(&env) {
+            for (i, (from, to)) in mounts.iter().chain(&env).enumerate() {
                 if arg.contains(from.as_str()) {
                     arg = arg.replace(from.as_str(), to);
-                    replaced += 1;
+                    used[i] += 1;
                 }
             }
             arg
         })
         .collect();
-    // The control plane, the root, the token, the credentials, the namespace.
-    assert_eq!(replaced, 5, "{args:?}");
+    // Every volume and variable is used by an argument (the root, the token, the credentials,
+    // the namespace), and the control plane's address is the Service's.
+    assert!(xds_replaced && used.iter().all(|n| *n == 1), "{used:?} {mounts:?} {args:?}");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let gateway = pod.spawn(name, bin_path("strait"), &args, &[("STRAIT_LOG", "info")])?;
     gateway
@@ -679,7 +695,8 @@ spec:
 // (verified with the root certificate the control plane wrote into istio-system, authenticated
 // with its projected istio-ca token), serves a Gateway and VirtualService applied with kubectl
 // over HTTP and HTTPS (credentialName from a kubernetes.io/tls Secret), and reaches a mesh pod
-// over HBONE as istio-system/istio-ingressgateway.
+// over HBONE as istio-system/istio-ingressgateway; a mesh pod reaches it through its Service over
+// HBONE; the egress gateway's Deployment starts and gets its own identity the same way.
 #[test]
 fn ingress_gateway_as_deployed_serves_a_mesh_pod() -> io::Result<()> {
     let topo = Topology::new("kube_gateways::ingress")?;
@@ -687,7 +704,7 @@ fn ingress_gateway_as_deployed_serves_a_mesh_pod() -> io::Result<()> {
     let control = common::Control::new(&topo, topo.add_node("control")?);
     let (gw_pod, client, backend) =
         (topo.add_pod(&n1, "ingress")?, topo.add_pod(&n1, "client")?, topo.add_pod(&n2, "httpbin")?);
-    let mesh_client = topo.add_pod(&n2, "sleep")?;
+    let (mesh_client, egress_pod) = (topo.add_pod(&n2, "sleep")?, topo.add_pod(&n2, "egress")?);
     let api = KubeApi::start_in_netns(topo.fabric().name(), FABRIC_GATEWAY)?;
 
     // deploy/gateways with the credentials patch of ingress.yaml, and the Secret it names.
@@ -717,20 +734,11 @@ fn ingress_gateway_as_deployed_serves_a_mesh_pod() -> io::Result<()> {
     create_pod(&api, &backend, "httpbin", "web", "httpbin", &[("app".into(), "httpbin".into())])?;
     api.apply("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sleep, namespace: web}\n")?;
     create_pod(&api, &mesh_client, "sleep", "web", "sleep", &[("app".into(), "sleep".into())])?;
-    let deployment =
-        json(&api.kubectl(&["get", "deployment", "istio-ingressgateway", "-n", "istio-system", "-o", "json"])?);
-    let template = &deployment["spec"]["template"];
-    let labels: Vec<(String, String)> = template["metadata"]["labels"]
-        .as_object()
-        .expect("labels")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-        .collect();
     let gw_name = "istio-ingressgateway-6d4b8-x2k9q";
-    let sa = template["spec"]["serviceAccountName"].as_str().expect("a service account");
-    create_pod(&api, &gw_pod, gw_name, "istio-system", sa, &labels)?;
+    let (labels, sa) = pod_template(&api, "istio-ingressgateway")?;
+    create_pod(&api, &gw_pod, gw_name, "istio-system", &sa, &labels)?;
 
-    let _control_process = start_control(&topo, &control, &api)?;
+    let control_process = start_control(&topo, &control, &api)?;
     let root = fs::read_to_string(control.ca_dir.join("root-cert.pem"))?;
     wait_root(&api, "istio-system", &root)?;
     let _p1 = control.start_node(&topo, &n1)?;
@@ -740,6 +748,19 @@ fn ingress_gateway_as_deployed_serves_a_mesh_pod() -> io::Result<()> {
     let ip = gw_pod.ip().to_string();
     let ready = client.curl_args(&[&format!("http://{ip}:15021/healthz/ready")])?;
     assert_eq!(ready.status, 200, "{ready:?}");
+    // The egress gateway's Deployment starts as well, as its own identity (no credentials).
+    let egress_name = "istio-egressgateway-5c7d9-q8w2m";
+    let (egress_labels, egress_sa) = pod_template(&api, "istio-egressgateway")?;
+    create_pod(&api, &egress_pod, egress_name, "istio-system", &egress_sa, &egress_labels)?;
+    let egress =
+        start_gateway_as_deployed(&topo, &api, "istio-egressgateway", &egress_pod, egress_name, &control.address())?;
+    let ready = client.curl_args(&[&format!("http://{}:15021/healthz/ready", egress_pod.ip())])?;
+    assert_eq!(ready.status, 200, "{ready:?}\n{}", egress.log_tail());
+    control_process.wait_for_log(
+        "issued spiffe://cluster.local/ns/istio-system/sa/istio-egressgateway for 86400s to \
+         spiffe://cluster.local/ns/istio-system/sa/istio-egressgateway (by Kubernetes token)",
+        common::TIMEOUT,
+    )?;
 
     // The Istio resources, applied with kubectl, reach the gateway through the control plane.
     api.apply(ROUTES)?;
