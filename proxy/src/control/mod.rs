@@ -8,6 +8,7 @@ pub mod events;
 pub mod kubernetes;
 pub mod leader;
 pub mod listener;
+pub mod rootcert;
 pub mod waypoints;
 
 use std::{
@@ -104,7 +105,10 @@ fn start_waypoints(
         trust_domain: options.trust_domain.clone(),
         root_cert,
     };
-    waypoints::start(client, settings, Arc::new(move || leadership.as_ref().is_none_or(|l| l.is_leader())));
+    let leader: Arc<dyn waypoints::Leadership> = Arc::new(move || leadership.as_ref().is_none_or(|l| l.is_leader()));
+    // Gateways' root certificate (istio-ca-root-cert), as the waypoints' own.
+    rootcert::start(client.clone(), settings.root_cert.clone(), leader.clone());
+    waypoints::start(client, settings, leader);
     Ok(())
 }
 

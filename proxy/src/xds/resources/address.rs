@@ -171,8 +171,10 @@ fn encode_workload(
         canonical_revision: canonical_revision(w).to_owned(),
         workload_type: WorkloadType::Pod as i32,
         workload_name: workload_name(w).to_owned(),
-        // A waypoint terminates HBONE itself; no node proxy does it on its behalf.
-        native_tunnel: w.waypoint_role.is_some(),
+        // A waypoint, or a strait gateway pod (GW-3), terminates HBONE itself; no node proxy
+        // does it on its behalf, nor captures it.
+        native_tunnel: w.waypoint_role.is_some()
+            || w.labels.get(crate::model::gateways::GATEWAY_POD_LABEL).is_some_and(|v| !v.is_empty()),
         services,
         authorization_policies: policies,
         status: WorkloadStatus::Healthy as i32,

@@ -74,6 +74,12 @@ status: {podIP: 10.1.0.20}
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: ingress-0, namespace: shop, labels: {istio: ingressgateway, strait.io/gateway: "true"}}
+spec: {nodeName: n1, serviceAccountName: istio-ingressgateway}
+status: {podIP: 10.1.0.30}
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: ledger-1, namespace: bank, labels: {app: ledger, version: v1}}
 spec: {nodeName: n2, serviceAccountName: ledger}
 status: {podIP: 10.2.0.21}
