@@ -595,7 +595,8 @@ pub fn markdown(r: &GatewayReport) -> String {
          `strait gateway` (TLS SIMPLE terminated there, plain HTTP to the backend), and through the \
          gateway to a backend in the mesh (HBONE to its node proxy). ECDSA P-256 certificates \
          throughout; client and gateway on node 1, backends on node 2; every process shares the \
-         machine's cores.{}\n",
+         machine's cores. The gateway runs with its defaults: one worker thread, and an access line \
+         per request written to its log (that cost is in its figures).{}\n",
         if r.quick { " **Quick run**: short phases, indicative only." } else { "" }
     );
     md.push_str("| Figure |");

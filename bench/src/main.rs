@@ -75,7 +75,10 @@ fn main() -> ExitCode {
     let wanted = if cli.scenarios.is_empty() { all } else { cli.scenarios.clone() };
     for name in &wanted {
         if !scenarios::ALL.contains(&name.as_str()) {
-            eprintln!("strait-bench: unknown scenario `{name}`; choose from {}", scenarios::ALL.join(", "));
+            eprintln!(
+                "strait-bench: unknown scenario `{name}`; choose from {}, or one of control, kube, gateway alone",
+                scenarios::ALL.join(", ")
+            );
             return ExitCode::FAILURE;
         }
     }
