@@ -152,8 +152,18 @@ async fn connect_with_retry(dialer: Dialer, target: SocketAddr) -> io::Result<St
 /// Whether the peer closed or reset a held connection. The connection was idle, so readable
 /// means EOF, a reset, or data the server should not have sent (which also means it is not idle).
 fn closed_by_peer(stream: &Stream) -> bool {
-    let mut byte = [0u8; 1];
-    !matches!(stream.tcp().try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    // Bytes waiting do not mean the peer closed: over TLS 1.3 the server's session tickets arrive
+    // after the handshake. They are read and dropped (the stream is only closed after this);
+    // the end of the stream or an error is what counts.
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.tcp().try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
 }
 
 /// Writes `holding N` through a temporary file and a rename, so a reader never sees half of it.
@@ -162,4 +172,26 @@ fn write_ready_file(path: &Path, open: usize) -> io::Result<()> {
     tmp.push(".tmp");
     std::fs::write(&tmp, format!("holding {open}"))?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A peer that sent bytes and stays open is open; one that closed is closed.
+    #[tokio::test]
+    async fn bytes_from_the_peer_are_not_a_close() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let client = Stream::Plain(TcpStream::connect(addr).await.expect("connect"));
+        let (mut server, _) = listener.accept().await.expect("accept");
+        assert!(!closed_by_peer(&client));
+        server.write_all(b"a session ticket, say").await.expect("write");
+        sleep(Duration::from_millis(50)).await;
+        assert!(!closed_by_peer(&client), "data alone is not a close");
+        drop(server);
+        sleep(Duration::from_millis(50)).await;
+        assert!(closed_by_peer(&client), "a FIN is");
+    }
 }

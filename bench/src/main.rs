@@ -12,6 +12,7 @@
 
 mod chart;
 mod control;
+mod gateway;
 mod kube;
 mod report;
 mod scenarios;
@@ -36,7 +37,8 @@ struct Cli {
     soak_minutes: Option<u64>,
     /// Scenarios to run: throughput, latency, max-rps, connections, cpu, memory (default: all);
     /// or `control` alone: the control plane with a generated 10,000-pod mesh (control.md); or
-    /// `kube` alone: `strait control --kubernetes` on a real API server with 10,000 pods (kube.md).
+    /// `kube` alone: `strait control --kubernetes` on a real API server with 10,000 pods (kube.md);
+    /// or `gateway` alone: ingress HTTPS through `strait gateway` beside direct TLS (gateway.md).
     scenarios: Vec<String>,
 }
 
@@ -60,11 +62,23 @@ fn main() -> ExitCode {
             }
         };
     }
+    if cli.scenarios == ["gateway"] {
+        return match run_gateway(&cli) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strait-bench: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let all = scenarios::ALL.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let wanted = if cli.scenarios.is_empty() { all } else { cli.scenarios.clone() };
     for name in &wanted {
         if !scenarios::ALL.contains(&name.as_str()) {
-            eprintln!("strait-bench: unknown scenario `{name}`; choose from {}", scenarios::ALL.join(", "));
+            eprintln!(
+                "strait-bench: unknown scenario `{name}`; choose from {}, or one of control, kube, gateway alone",
+                scenarios::ALL.join(", ")
+            );
             return ExitCode::FAILURE;
         }
     }
@@ -94,6 +108,16 @@ fn run_kube(cli: &Cli) -> anyhow::Result<()> {
     kube::write(&cli.out, &report)?;
     println!("{}", kube::markdown(&report));
     eprintln!("strait-bench: wrote {}/kube.md and kube.json", cli.out.display());
+    Ok(())
+}
+
+/// An ingress `strait gateway` against direct TLS.
+fn run_gateway(cli: &Cli) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cli.out)?;
+    let report = gateway::run(&cli.out, cli.quick)?;
+    gateway::write(&cli.out, &report)?;
+    println!("{}", gateway::markdown(&report));
+    eprintln!("strait-bench: wrote {}/gateway.md and gateway.json", cli.out.display());
     Ok(())
 }
 

@@ -170,7 +170,7 @@ impl Bed {
 }
 
 /// Runs `strait-load <args> --target <target>` in `client`; its JSON result.
-fn run_load(client: &Pod, target: &str, args: &[&str]) -> anyhow::Result<Value> {
+pub(crate) fn run_load(client: &Pod, target: &str, args: &[&str]) -> anyhow::Result<Value> {
     let mut full: Vec<&str> = args.to_vec();
     full.extend_from_slice(&["--target", target]);
     let out = client.run(bin_path("strait-load"), &full)?;
@@ -180,7 +180,7 @@ fn run_load(client: &Pod, target: &str, args: &[&str]) -> anyhow::Result<Value> 
     serde_json::from_slice(&out.stdout).with_context(|| format!("strait-load {} printed no JSON", full.join(" ")))
 }
 
-fn start_proxy(topo: &Topology, node: &Node, ca: &std::path::Path) -> anyhow::Result<Process> {
+pub(crate) fn start_proxy(topo: &Topology, node: &Node, ca: &std::path::Path) -> anyhow::Result<Process> {
     let config = topo.config_dir();
     let pins = node.bpf_pin_dir();
     let args = [
