@@ -9,7 +9,7 @@
 //! or nowhere when they name a loopback endpoint), by SNI for `tls[]` routes.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -21,7 +21,7 @@ use strait_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{NodeContext, copy, dns::DnsCache, inbound, peek};
+use super::{HboneSource, NodeContext, copy, dns::DnsCache, inbound, peek};
 use crate::{
     config::{OutboundMode, Resolution},
     hbone::{self, ConnectRequest},
@@ -382,6 +382,7 @@ async fn over_hbone(
         authority: addr,
         client_addr: peer,
         baggage: baggage(source),
+        bind: hbone_bind(ctx.hbone_source, peer),
     };
     match ctx.pool.connect(&request).await {
         Ok(tunnel) => {
@@ -393,6 +394,16 @@ async fn over_hbone(
             }
         }
         Err(e) => record.outcome = Outcome::UpstreamConnectFailed(e.to_string()),
+    }
+}
+
+/// The address a tunnel for a connection from `peer` leaves from: the client pod's own (L4-6:
+/// peers and firewalls between nodes see the pod, as with Istio ambient) unless the node's was
+/// asked for. Only IPv4: capture and the steering of replies are IPv4.
+fn hbone_bind(source: HboneSource, peer: SocketAddr) -> Option<IpAddr> {
+    match (source, peer.ip()) {
+        (HboneSource::Pod, ip @ IpAddr::V4(_)) => Some(ip),
+        _ => None,
     }
 }
 
