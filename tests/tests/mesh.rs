@@ -64,6 +64,44 @@ fn cross_node_traffic_is_tls13_hbone_with_identities_and_source_ip() -> io::Resu
     Ok(())
 }
 
+// L4-6, L4-1: the HBONE connection of a p11 -> p21 request leaves node 1 from p11's own address,
+// as Istio ambient's do: on the underlay every segment to port 15008 goes from p11 to p21, every
+// answer from p21:15008 goes back to p11, and nothing of it carries node 1's address.
+#[test]
+fn hbone_connections_leave_from_the_client_pods_address() -> io::Result<()> {
+    let t = two_nodes("mesh::hbone_source")?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let (p1, _p2) = t.start_proxies(&[])?;
+
+    let capture = UnderlayCapture::start(&t.topo)?;
+    let reply = t.client.curl(&format!("http://{}:8080/", t.server.ip()), TIMEOUT)?;
+    let segments = capture.finish()?;
+    assert!(reply.ok(), "{reply:?}");
+    wait_access_line(&p1, &["outbound", &format!("dst.addr={}:8080", t.server.ip()), "result=ok"], TIMEOUT)?;
+
+    let (p11, p21, node1) = (t.client.ip(), t.server.ip(), t.n1.ip());
+    let requests: Vec<&pcap::Segment> = segments.iter().filter(|s| s.dst.port() == HBONE_PORT).collect();
+    let replies: Vec<&pcap::Segment> = segments.iter().filter(|s| s.src.port() == HBONE_PORT).collect();
+    assert!(requests.iter().any(|s| !s.payload.is_empty()), "the tunnel crossed the underlay: {segments:?}");
+    assert!(!replies.is_empty(), "its answers too: {segments:?}");
+    for s in &requests {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (p11, p21), "to :15008 from the client pod's address: {s:?}");
+        assert_ne!(s.src.port(), HBONE_PORT, "{s:?}");
+    }
+    for s in &replies {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (p21, p11), "answers go back to the client pod's address: {s:?}");
+    }
+    assert!(
+        segments.iter().all(|s| *s.src.ip() != node1 && *s.dst.ip() != node1),
+        "nothing on the underlay names node 1 ({node1}): {:?}",
+        segments.iter().filter(|s| *s.src.ip() == node1 || *s.dst.ip() == node1).collect::<Vec<_>>()
+    );
+    // The peer's answers reached the proxy's socket through the capture program.
+    assert!(common::stat(&t.n1, "hbone_client_reply") > 0, "{:?}", common::capture_stats(&t.n1)?);
+    Ok(())
+}
+
 // ID-3 (secure naming): a server presenting another identity than the destination's is refused
 // by the client, and nothing reaches the server pod.
 #[test]
