@@ -255,8 +255,9 @@ fn strict_client_pods_get_their_tunnel_replies_past_the_xdp_guard() -> io::Resul
         "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-server\n  namespace: mesh\nspec:\n  selector:\n    matchLabels: {{app: client}}\n  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{}/32\"]\n",
         t.server.ip()
     );
-    let config = [t.config("server", &[]), k8s::pod_yaml(&outsider, PLAIN, "outsider", &[]), strict.into(), deny_server]
-        .concat();
+    let config =
+        [t.config("server", &[]), k8s::pod_yaml(&outsider, PLAIN, "outsider", &[]), strict.into(), deny_server]
+            .concat();
     t.topo.write_config("c.yaml", &config)?;
     let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
     let _client_http = t.client.start_echo_server(EchoKind::Http, 8080)?;

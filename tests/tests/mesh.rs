@@ -58,7 +58,7 @@ fn cross_node_traffic_is_tls13_hbone_with_identities_and_source_ip() -> io::Resu
     assert_eq!(&client_hello.payload[..1], [0x16], "a TLS handshake record");
     assert!(pcap::contains(&client_hello.payload, b"\x02h2"), "ALPN h2 offered");
     let server_hello = with_payload.iter().find(|s| s.src.port() == HBONE_PORT).expect("a ServerHello");
-    assert_eq!(server_hello.payload.get(5), Some(&0x02), "ServerHello");
+    assert_eq!(server_hello.payload.get(5), Some(&0x02), "ServerHello (segments seen: {:?})", summary(&segments));
     // supported_versions (43) = TLS 1.3 (0x0304) in the ServerHello: the negotiated version.
     assert!(pcap::contains(&server_hello.payload, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]), "TLS 1.3 negotiated");
     Ok(())
@@ -100,6 +100,39 @@ fn hbone_connections_leave_from_the_client_pods_address() -> io::Result<()> {
     // The peer's answers reached the proxy's socket through the capture program.
     assert!(common::stat(&t.n1, "hbone_client_reply") > 0, "{:?}", common::capture_stats(&t.n1)?);
     Ok(())
+}
+
+// L4-6: `--hbone-source node` keeps the tunnels on the node's address (for platforms that drop
+// host-sent packets with a pod's source); the server still sees the client's own address,
+// which travels in `forwarded`.
+#[test]
+fn hbone_source_node_keeps_the_old_behaviour() -> io::Result<()> {
+    let t = two_nodes("mesh::hbone_source_node")?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let (_p1, _p2) = t.start_proxies(&["--hbone-source", "node"])?;
+
+    let capture = UnderlayCapture::start(&t.topo)?;
+    let reply = t.client.curl(&format!("http://{}:8080/", t.server.ip()), TIMEOUT)?;
+    let segments = capture.finish()?;
+    assert!(reply.ok(), "{reply:?}");
+    assert!(reply.body.contains(&format!("peer={}:", t.client.ip())), "source IP preserved: {}", reply.body);
+
+    let requests: Vec<&pcap::Segment> = segments.iter().filter(|s| s.dst.port() == HBONE_PORT).collect();
+    assert!(requests.iter().any(|s| !s.payload.is_empty()), "{segments:?}");
+    for s in &requests {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (t.n1.ip(), t.server.ip()), "from node 1's address: {s:?}");
+    }
+    assert_eq!(common::stat(&t.n1, "hbone_client_reply"), 0);
+    Ok(())
+}
+
+/// Each segment's addresses, payload length and first bytes, for failure messages.
+fn summary(segments: &[pcap::Segment]) -> Vec<String> {
+    segments
+        .iter()
+        .map(|s| format!("{} > {} {}B {:02x?}", s.src, s.dst, s.payload.len(), &s.payload[..s.payload.len().min(6)]))
+        .collect()
 }
 
 // ID-3 (secure naming): a server presenting another identity than the destination's is refused
