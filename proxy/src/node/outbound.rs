@@ -442,6 +442,18 @@ mod tests {
         })
     }
 
+    // L4-6: tunnels leave from the client pod's IPv4 address unless the node's is asked for;
+    // IPv6 clients' always leave from the node (capture and reply steering are IPv4).
+    #[test]
+    fn tunnels_are_bound_to_the_client_pods_ipv4_address() {
+        let v4: SocketAddr = "10.1.0.10:41000".parse().expect("addr");
+        let v6: SocketAddr = "[fd00::10]:41000".parse().expect("addr");
+        assert_eq!(hbone_bind(HboneSource::Pod, v4), Some(v4.ip()));
+        assert_eq!(hbone_bind(HboneSource::Node, v4), None);
+        assert_eq!(hbone_bind(HboneSource::Pod, v6), None);
+        assert_eq!(HboneSource::default(), HboneSource::Pod);
+    }
+
     // L4-1, CFG-2: a destination whose protocol is HBONE is reached over HBONE whoever serves it (a
     // pod on a node run by Istio's ztunnel, a pod terminating HBONE itself); TCP is passthrough.
     #[test]
