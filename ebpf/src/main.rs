@@ -8,10 +8,12 @@
 //!   captured pods arriving from other nodes (CAP-2).
 //! - `uplink_guard`, XDP on the uplink, drops before any allocation what policy already denies
 //!   without needing an identity: plaintext to a STRICT pod, and sources a DENY policy names by
-//!   address and port (CAP-4).
+//!   address and port (CAP-4). The peers' answers on the HBONE connections the proxy opened
+//!   from a captured pod's address (from port 15008, to a socket the node holds) pass.
 //!
 //! Later packets of every steered flow go to the socket that owns it (`bpf_skc_lookup_tcp`),
-//! including a pod's replies to connections the proxy opened from the client's own address. All
+//! including a pod's replies to connections the proxy opened from the client's own address,
+//! and the answers to the HBONE connections it opened from a client pod's address (L4-6). All
 //! decisions come from maps the proxy keeps in step with its model; maps and programs are pinned
 //! so a proxy restart changes nothing for traffic (CAP-6).
 #![no_std]
