@@ -191,4 +191,11 @@ mod tests {
         assert_eq!(mem::size_of::<DiagRequest>(), 56);
         assert_eq!(mem::size_of::<Request>(), 72);
     }
+
+    #[test]
+    fn a_stop_reaps_every_state_but_listen() {
+        // ESTABLISHED (1) to CLOSING (11), LISTEN (10) left out.
+        assert_eq!(ALL_BUT_LISTEN, 0b1011_1111_1110);
+        assert_ne!(ALL_BUT_LISTEN & (1 << TCP_TIME_WAIT), 0);
+    }
 }
