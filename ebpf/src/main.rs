@@ -403,7 +403,7 @@ fn guard(ctx: &XdpContext) -> Option<u32> {
         // HBONE carries the real client inside TLS: the proxy decides on it.
         return None;
     }
-    if u16::from_be(sport) == HBONE_PORT && tunnel_reply(ctx, saddr, daddr, sport, dport)? {
+    if u16::from_be(sport) == HBONE_PORT && tunnel_reply(ctx, ihl, saddr, daddr, sport, dport)? {
         // The peer's side of an HBONE connection the proxy opened from this pod's address
         // (L4-6): TC hands it to the proxy's socket, never to the pod.
         return None;
@@ -435,9 +435,8 @@ fn guard(ctx: &XdpContext) -> Option<u32> {
 /// port of a STRICT pod, or past a DENY policy naming them. The lookup only runs for packets
 /// from port 15008 to a captured pod, and TC makes the same lookup for them right after.
 #[inline(always)]
-fn tunnel_reply(ctx: &XdpContext, saddr: u32, daddr: u32, sport: u16, dport: u16) -> Option<bool> {
-    let vihl: u8 = xdp_load(ctx, ETH_HLEN)?;
-    let flags: u8 = xdp_load(ctx, ETH_HLEN + usize::from(vihl & 0x0f) * 4 + 13)?;
+fn tunnel_reply(ctx: &XdpContext, ihl: usize, saddr: u32, daddr: u32, sport: u16, dport: u16) -> Option<bool> {
+    let flags: u8 = xdp_load(ctx, ETH_HLEN + ihl + 13)?;
     if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 {
         return Some(false);
     }
