@@ -72,6 +72,10 @@ pub struct ConnectRequest {
     /// The original client's address, sent in `forwarded` (port 0 when it is not one client's).
     pub client_addr: SocketAddr,
     pub baggage: String,
+    /// The address the HBONE TCP connection is bound to (transparent bind in the node netns);
+    /// `None` = the socket's default source (waypoint/gateway pods, which already dial from
+    /// their own netns).
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// An open CONNECT stream. Dropping it ends the stream; the pooled connection stays.
@@ -227,8 +231,15 @@ impl HbonePool {
         let addr = request.connect_addr;
         let tls_settings =
             self.certs.get(&request.source).await.map_err(|e| HboneError::Certificate(request.source.clone(), e))?;
-        let tcp = if self.mark_sockets { sys::connect_marked(addr).await } else { sys::connect(addr).await }
-            .map_err(|e| HboneError::Connect(addr, e))?;
+        // From the source pod's own address when asked (L4-6): the node's capture programs hand
+        // the replies to this socket, as they do for inbound delivery from a client's address.
+        let tcp = match (request.bind, self.mark_sockets) {
+            (Some(source), true) => sys::connect_transparent(source, addr).await,
+            (_, true) => sys::connect_marked(addr).await,
+            // Unmarked pools dial from their own pod's netns: its address is the source already.
+            (_, false) => sys::connect(addr).await,
+        }
+        .map_err(|e| HboneError::Connect(addr, e))?;
         // The name is not checked: peers are verified by SPIFFE identity below.
         let name = ServerName::IpAddress(addr.ip().into());
         let tls = TlsConnector::from(tls_settings.client.clone())

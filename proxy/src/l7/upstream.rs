@@ -194,6 +194,9 @@ impl Connector {
             // A pooled upstream connection carries many clients' requests: the IP only.
             client_addr: SocketAddr::new(client_ip, 0),
             baggage: String::new(),
+            // This socket is made in the waypoint's (or gateway's) own pod: it leaves from that
+            // pod's address already (L4-6).
+            bind: None,
         };
         let tunnel = self.hbone.connect(&request).await.map_err(io::Error::other)?;
         Ok(UpstreamIo::Hbone(Box::new(tunnel.into_stream())))
