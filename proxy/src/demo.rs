@@ -121,6 +121,9 @@ pub fn run() -> anyhow::Result<()> {
     let segments = capture.finish()?;
     let hbone_packets = segments.iter().filter(|s| s.src.port() == 15008 || s.dst.port() == 15008).count();
     let plaintext_seen = segments.iter().any(|s| pcap::contains(&s.payload, b"GET / HTTP"));
+    // L4-6: the tunnel leaves node1 from the client pod's own address, as Istio ambient's do.
+    let tunnel_sources: std::collections::BTreeSet<_> =
+        segments.iter().filter(|s| s.dst.port() == 15008).map(|s| *s.src.ip()).collect();
     show_reply("sleep", &url, &reply.status, &reply.body);
     let outbound = proxies[0].wait_for_log(&format!("dst.addr={}:8080", web_v1.ip()), TIMEOUT)?;
     let inbound = proxies[1].wait_for_log("inbound tcp", TIMEOUT)?;
@@ -135,7 +138,13 @@ pub fn run() -> anyhow::Result<()> {
         hbone_packets,
         if plaintext_seen { "SEEN (this is a bug)" } else { "never" }
     );
-    if !reply.ok() || plaintext_seen {
+    let sources: Vec<String> = tunnel_sources.iter().map(ToString::to_string).collect();
+    println!(
+        "    the tunnel's TCP source on the wire: {} (the sleep pod's own address, not node1's {})",
+        sources.join(", "),
+        node1.ip()
+    );
+    if !reply.ok() || plaintext_seen || tunnel_sources.is_empty() || tunnel_sources.iter().any(|ip| *ip != sleep.ip()) {
         bail!("step 1 failed");
     }
 
