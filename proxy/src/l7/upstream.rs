@@ -190,6 +190,8 @@ impl Connector {
             destination: w.identity(&self.trust_domain),
             destination_node: w.node.clone().unwrap_or_default(),
             connect_addr: SocketAddr::new(w.ip, HBONE_PORT),
+            // The socket is in the waypoint's own namespace: its source is the waypoint pod.
+            bind: None,
             authority: endpoint.addr,
             // A pooled upstream connection carries many clients' requests: the IP only.
             client_addr: SocketAddr::new(client_ip, 0),

@@ -379,6 +379,9 @@ async fn over_hbone(
         destination: target.identity(&ctx.trust_domain),
         destination_node: target.node.clone().unwrap_or_default(),
         connect_addr: SocketAddr::new(target.ip, HBONE_PORT),
+        // The client pod's own address (L4-6): the pool keys on it, so no other pod's streams
+        // ride this pod's connections.
+        bind: Some(peer.ip()),
         authority: addr,
         client_addr: peer,
         baggage: baggage(source),
