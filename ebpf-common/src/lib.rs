@@ -96,6 +96,9 @@ pub mod stat {
     pub const TIME_WAIT_SYN: u32 = 13;
     /// Listener lookups the sk_lookup program answered with one of the proxy's listeners.
     pub const LOOKUP_ASSIGNED: u32 = 14;
+    /// Packets from port 15008 handed to an HBONE connection the proxy opened from a pod's
+    /// address: the peer's replies on the tunnels of this node's client pods (L4-6).
+    pub const HBONE_CLIENT_REPLY: u32 = 15;
     /// Number of counters; the size of the `STATS` map (room left for new ones).
     pub const COUNT: u32 = 16;
 
@@ -116,7 +119,7 @@ pub mod stat {
         "tc_drop_deny_policy",
         "time_wait_syn",
         "lookup_assigned",
-        "reserved_15",
+        "hbone_client_reply",
     ];
 }
 

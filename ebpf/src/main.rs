@@ -8,10 +8,12 @@
 //!   captured pods arriving from other nodes (CAP-2).
 //! - `uplink_guard`, XDP on the uplink, drops before any allocation what policy already denies
 //!   without needing an identity: plaintext to a STRICT pod, and sources a DENY policy names by
-//!   address and port (CAP-4).
+//!   address and port (CAP-4). The peers' answers on the HBONE connections the proxy opened
+//!   from a captured pod's address (from port 15008, to a socket the node holds) pass.
 //!
 //! Later packets of every steered flow go to the socket that owns it (`bpf_skc_lookup_tcp`),
-//! including a pod's replies to connections the proxy opened from the client's own address. All
+//! including a pod's replies to connections the proxy opened from the client's own address,
+//! and the answers to the HBONE connections it opened from a client pod's address (L4-6). All
 //! decisions come from maps the proxy keeps in step with its model; maps and programs are pinned
 //! so a proxy restart changes nothing for traffic (CAP-6).
 #![no_std]
@@ -211,6 +213,10 @@ fn inbound(ctx: &TcContext, pkt: &TcpPacket) -> i32 {
         return TCX_NEXT;
     };
     if let Some(verdict) = assign_established(ctx, pkt) {
+        if verdict == TCX_NEXT && u16::from_be(pkt.sport) == HBONE_PORT {
+            // A peer's answer on a tunnel the proxy opened from this pod's address (L4-6).
+            bump(stat::HBONE_CLIENT_REPLY);
+        }
         return verdict;
     }
     if !pkt.is_syn() || state & POD_CAPTURED == 0 {
@@ -390,10 +396,16 @@ fn guard(ctx: &XdpContext) -> Option<u32> {
     let ihl = usize::from(vihl & 0x0f) * 4;
     let saddr: u32 = xdp_load(ctx, ETH_HLEN + 12)?;
     let daddr: u32 = xdp_load(ctx, ETH_HLEN + 16)?;
+    let sport: u16 = xdp_load(ctx, ETH_HLEN + ihl)?;
     let dport: u16 = xdp_load(ctx, ETH_HLEN + ihl + 2)?;
     let state = pod_state(daddr)?;
     if state & POD_CAPTURED == 0 || u16::from_be(dport) == HBONE_PORT {
         // HBONE carries the real client inside TLS: the proxy decides on it.
+        return None;
+    }
+    if u16::from_be(sport) == HBONE_PORT && tunnel_reply(ctx, ihl, saddr, daddr, sport, dport)? {
+        // The peer's side of an HBONE connection the proxy opened from this pod's address
+        // (L4-6): TC hands it to the proxy's socket, never to the pod.
         return None;
     }
     let port_key = PortKey { ip: daddr, port: dport, _pad: 0 };
@@ -411,6 +423,39 @@ fn guard(ctx: &XdpContext) -> Option<u32> {
         return Some(xdp_action::XDP_DROP);
     }
     None
+}
+
+/// Whether a packet from port 15008 belongs to a connection the proxy opened: not a new
+/// connection (SYN without ACK), and the node holds a socket for its 4-tuple that is not a
+/// listener (SYN_SENT, established, closing or TIME_WAIT).
+///
+/// Passing every non-SYN packet from port 15008 would be cheaper and safe today (a captured
+/// pod never keeps a connection to port 15008: the outbound path refuses the proxy's ports),
+/// but would let anyone off the node send ACKs and data from port 15008 past the guard to any
+/// port of a STRICT pod, or past a DENY policy naming them. The lookup only runs for packets
+/// from port 15008 to a captured pod, and TC makes the same lookup for them right after.
+#[inline(always)]
+fn tunnel_reply(ctx: &XdpContext, ihl: usize, saddr: u32, daddr: u32, sport: u16, dport: u16) -> Option<bool> {
+    let flags: u8 = xdp_load(ctx, ETH_HLEN + ihl + 13)?;
+    if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 {
+        return Some(false);
+    }
+    // SAFETY: an all-zero bpf_sock_tuple is a valid value; the ipv4 arm is filled below.
+    let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = saddr;
+    tuple.__bindgen_anon_1.ipv4.daddr = daddr;
+    tuple.__bindgen_anon_1.ipv4.sport = sport;
+    tuple.__bindgen_anon_1.ipv4.dport = dport;
+    let tuple_len = mem::size_of::<[u32; 3]>() as u32; // sizeof(tuple->ipv4)
+    // SAFETY: helper call with a valid context and tuple; the result is released below.
+    let sk = unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0) };
+    if sk.is_null() {
+        return Some(false);
+    }
+    // SAFETY: sk is a non-null socket reference returned by the lookup helper; released here.
+    let state = unsafe { (*sk).state };
+    unsafe { bpf_sk_release(sk.cast()) };
+    Some(state != BPF_TCP_LISTEN)
 }
 
 #[cfg(not(test))]

@@ -128,6 +128,12 @@ struct NodeArgs {
     /// Data-plane worker threads (default: half the CPUs, at least one).
     #[arg(long)]
     workers: Option<usize>,
+    /// Source address of outbound HBONE connections: `pod` (the client pod's own address, as
+    /// Istio ambient; replies are steered back by the capture programs) or `node` (the node's
+    /// address, for platforms that drop or SNAT host-sent packets with pod sources). IPv6
+    /// connections always leave from the node.
+    #[arg(long, value_enum, default_value = "pod")]
+    hbone_source: strait::node::HboneSource,
 }
 
 /// Limits every HBONE listener has (OPS-4).
@@ -515,6 +521,7 @@ fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
         max_open_files: args.limits.max_open_files,
         drain_timeout: args.drain_timeout,
         handover_socket: args.handover_socket,
+        hbone_source: args.hbone_source,
     }))
 }
 

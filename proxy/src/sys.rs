@@ -56,8 +56,6 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<std::net::TcpListene
     Ok(socket.into())
 }
 
-/// Connects to `addr` from a socket carrying the proxy's mark, so that its packets are never
-/// captured again.
 /// Connects to `addr` with Nagle off, for proxies whose sockets need no mark.
 pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::connect(addr).await?;
@@ -65,6 +63,8 @@ pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// Connects to `addr` from a socket carrying the proxy's mark, so that its packets are never
+/// captured again.
 pub async fn connect_marked(addr: SocketAddr) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_mark(PROXY_MARK)?;
@@ -84,11 +84,33 @@ pub async fn connect_transparent(source: std::net::IpAddr, addr: SocketAddr) -> 
     socket.set_mark(PROXY_MARK)?;
     socket.set_ip_transparent_v4(true)?;
     socket.set_nonblocking(true)?;
+    // Without this, bind() picks the ephemeral port for the source IP alone and keeps it from
+    // every other connection from that IP, whatever the destination: many HBONE tunnels and
+    // inbound deliveries share one pod's address as source, and would exhaust its port range.
+    // With it, the port is picked at connect(), per 4-tuple.
+    set_bind_address_no_port(&socket)?;
     socket.bind(&SocketAddr::new(source, 0).into())?;
     let socket = TcpSocket::from_std_stream(socket.into());
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a bind to port 0 defers choosing the port to connect().
+fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on an open socket with a pointer to a local int and its size.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::addr_of!(on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Raises the open-file limit as far as allowed, or sets it to `wanted`: a node proxy holds two

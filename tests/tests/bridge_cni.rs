@@ -9,7 +9,7 @@ mod common;
 
 use std::{io, thread, time::Duration};
 
-use common::{MESH, PLAIN, TIMEOUT, ca_dir, start_node, wait_access_line};
+use common::{APP_NS, MESH, PLAIN, TIMEOUT, WaypointMesh, ca_dir, start_node, wait_access_line, wait_request_lines};
 use strait_testbed::{EchoKind, Pod, Process, Topology, k8s};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/mesh/sa/client";
@@ -129,5 +129,54 @@ fn plaintext_to_a_strict_pod_on_the_same_bridge_is_refused() -> io::Result<()> {
     assert!(line.contains(&format!("src.identity={CLIENT_ID}")) && line.contains("security=mutual_tls"), "{line}");
     let refusal = wait_access_line(&proxy, &["inbound", "src.workload=plain/outsider"], TIMEOUT)?;
     assert!(refusal.contains("result=refused"), "{refusal}");
+    Ok(())
+}
+
+// L4-6, L4-1, CAP-2: on bridge nodes the client pod's tunnels leave from its own address, and
+// their answers reach the node proxy's socket: from a pod of the other node (over the uplink),
+// and from a waypoint on the client's own bridge, which answers the client's MAC directly (the
+// bridge would switch that frame to the client's port; the capture program takes it up to the
+// proxy instead).
+#[test]
+fn tunnel_replies_reach_the_proxy_on_bridge_nodes() -> io::Result<()> {
+    let topo = Topology::new("bridge::tunnel_replies")?;
+    let (n1, n2) = (topo.add_bridge_node("node1")?, topo.add_bridge_node("node2")?);
+    let client = topo.add_pod(&n1, "client")?;
+    let waypoint_pod = topo.add_pod(&n1, "waypoint")?;
+    let backends = vec![topo.add_pod(&n2, "web-1")?];
+    // Outside the waypoint's namespace: reached straight over HBONE.
+    let remote = topo.add_pod(&n2, "remote")?;
+    let ca = ca_dir(&topo, "ca");
+    let m = WaypointMesh { topo, n1, n2, client, waypoint_pod, backends, ca };
+    let web = &m.backends[0];
+    let config = [
+        m.base_config(),
+        k8s::namespace_yaml(MESH, &[("istio.io/dataplane-mode", "ambient")]),
+        k8s::pod_yaml(&remote, MESH, "remote", &[("app", "remote")]),
+        k8s::pod_yaml(web, APP_NS, "web", &[("app", "web")]),
+        k8s::named_service_yaml("web", APP_NS, "10.96.0.20", &[("http", 80, 8080)], &[("app", "web")], &[]),
+    ]
+    .concat();
+    m.topo.write_config("c.yaml", &config)?;
+    let _servers = [web.start_echo_server(EchoKind::Http, 8080)?, remote.start_echo_server(EchoKind::Http, 8080)?];
+    let (p1, p2, wp) = m.start()?;
+    wait_captured(&p1, &[&m.client, &m.waypoint_pod])?;
+    wait_captured(&p2, &[web, &remote])?;
+
+    // Pod to pod across nodes: the answers come in over the uplink.
+    let replies = common::stat(&m.n1, "hbone_client_reply");
+    let reply = m.client.curl(&format!("http://{}:8080/", remote.ip()), TIMEOUT)?;
+    assert!(reply.ok() && reply.body.contains(&format!("peer={}:", m.client.ip())), "{reply:?}");
+    assert!(common::stat(&m.n1, "hbone_client_reply") > replies, "answers from the other node");
+
+    // Pod to the waypoint on the same bridge: the waypoint holds a tunnel from the client's
+    // address, and its answers went to the proxy.
+    let replies = common::stat(&m.n1, "hbone_client_reply");
+    let reply = m.client.curl("http://10.96.0.20/", TIMEOUT)?;
+    assert!(reply.ok(), "{reply:?}");
+    wait_request_lines(&wp, &["status=200"], 1)?;
+    assert!(common::stat(&m.n1, "hbone_client_reply") > replies, "answers from the waypoint's bridge port");
+    let tunnels = m.waypoint_pod.run_ok("ss", &["-Htn", "state", "established", "( sport = :15008 )"])?;
+    assert!(tunnels.contains(&format!(" {}:", m.client.ip())), "the waypoint's peer is the client pod: {tunnels}");
     Ok(())
 }

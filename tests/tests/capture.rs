@@ -240,3 +240,43 @@ fn bad_yaml_is_reported_and_the_last_good_config_stays() -> io::Result<()> {
     proxy.wait_for_log("configuration applied", TIMEOUT)?;
     Ok(())
 }
+
+// L4-6, L4-1, CAP-4: a STRICT client pod's HBONE connections leave from its own address, so the
+// peer's answers (from port 15008, to an ephemeral port of the pod) arrive on the uplink
+// addressed to a STRICT pod. The XDP guard lets them through to the proxy's socket, even with a
+// DENY policy naming the peer's address, while it still drops plaintext sent to the pod.
+#[test]
+fn strict_client_pods_get_their_tunnel_replies_past_the_xdp_guard() -> io::Result<()> {
+    let t = common::TwoNodes::new("capture::strict_client")?;
+    let outsider = t.topo.add_pod(&t.n2, "outsider")?;
+    let strict = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: mtls\n  namespace: mesh\nspec:\n  mtls: {mode: STRICT}\n";
+    // The client refuses anything from the server's address (a DENY the guard enforces too).
+    let deny_server = format!(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-server\n  namespace: mesh\nspec:\n  selector:\n    matchLabels: {{app: client}}\n  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{}/32\"]\n",
+        t.server.ip()
+    );
+    let config =
+        [t.config("server", &[]), k8s::pod_yaml(&outsider, PLAIN, "outsider", &[]), strict.into(), deny_server]
+            .concat();
+    t.topo.write_config("c.yaml", &config)?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let _client_http = t.client.start_echo_server(EchoKind::Http, 8080)?;
+    let (p1, _p2) = t.start_proxies(&[])?;
+    p1.wait_for_log("XDP guard attached", TIMEOUT)?;
+
+    let (drops, replies) = (stat(&t.n1, "xdp_drop_strict_plaintext"), stat(&t.n1, "hbone_client_reply"));
+    for _ in 0..3 {
+        let reply = t.client.curl(&format!("http://{}:8080/", t.server.ip()), TIMEOUT)?;
+        assert!(reply.ok() && reply.body.starts_with("hello from server"), "{reply:?}");
+    }
+    wait_access_lines(&p1, &["outbound", &format!("dst.addr={}:8080", t.server.ip()), "result=ok"], 3, TIMEOUT)?;
+    assert_eq!(stat(&t.n1, "xdp_drop_strict_plaintext"), drops, "no tunnel reply was taken for plaintext");
+    assert_eq!(stat(&t.n1, "xdp_drop_deny_policy"), 0, "nor for the denied source");
+    assert!(stat(&t.n1, "hbone_client_reply") > replies, "the replies went to the proxy's socket");
+
+    // The guard still does its job for the STRICT pod.
+    let plaintext = outsider.curl(&format!("http://{}:8080/", t.client.ip()), Duration::from_secs(2))?;
+    assert_eq!(plaintext.status, 0, "plaintext to a STRICT pod: {plaintext:?}");
+    assert!(stat(&t.n1, "xdp_drop_strict_plaintext") > drops, "dropped by the XDP guard");
+    Ok(())
+}

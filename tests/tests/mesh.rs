@@ -58,10 +58,81 @@ fn cross_node_traffic_is_tls13_hbone_with_identities_and_source_ip() -> io::Resu
     assert_eq!(&client_hello.payload[..1], [0x16], "a TLS handshake record");
     assert!(pcap::contains(&client_hello.payload, b"\x02h2"), "ALPN h2 offered");
     let server_hello = with_payload.iter().find(|s| s.src.port() == HBONE_PORT).expect("a ServerHello");
-    assert_eq!(server_hello.payload.get(5), Some(&0x02), "ServerHello");
+    assert_eq!(server_hello.payload.get(5), Some(&0x02), "ServerHello (segments seen: {:?})", summary(&segments));
     // supported_versions (43) = TLS 1.3 (0x0304) in the ServerHello: the negotiated version.
     assert!(pcap::contains(&server_hello.payload, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]), "TLS 1.3 negotiated");
     Ok(())
+}
+
+// L4-6, L4-1: the HBONE connection of a p11 -> p21 request leaves node 1 from p11's own address,
+// as Istio ambient's do: on the underlay every segment to port 15008 goes from p11 to p21, every
+// answer from p21:15008 goes back to p11, and nothing of it carries node 1's address.
+#[test]
+fn hbone_connections_leave_from_the_client_pods_address() -> io::Result<()> {
+    let t = two_nodes("mesh::hbone_source")?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let (p1, _p2) = t.start_proxies(&[])?;
+
+    let capture = UnderlayCapture::start(&t.topo)?;
+    let reply = t.client.curl(&format!("http://{}:8080/", t.server.ip()), TIMEOUT)?;
+    let segments = capture.finish()?;
+    assert!(reply.ok(), "{reply:?}");
+    wait_access_line(&p1, &["outbound", &format!("dst.addr={}:8080", t.server.ip()), "result=ok"], TIMEOUT)?;
+
+    let (p11, p21, node1) = (t.client.ip(), t.server.ip(), t.n1.ip());
+    let requests: Vec<&pcap::Segment> = segments.iter().filter(|s| s.dst.port() == HBONE_PORT).collect();
+    let replies: Vec<&pcap::Segment> = segments.iter().filter(|s| s.src.port() == HBONE_PORT).collect();
+    assert!(requests.iter().any(|s| !s.payload.is_empty()), "the tunnel crossed the underlay: {segments:?}");
+    assert!(!replies.is_empty(), "its answers too: {segments:?}");
+    for s in &requests {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (p11, p21), "to :15008 from the client pod's address: {s:?}");
+        assert_ne!(s.src.port(), HBONE_PORT, "{s:?}");
+    }
+    for s in &replies {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (p21, p11), "answers go back to the client pod's address: {s:?}");
+    }
+    assert!(
+        segments.iter().all(|s| *s.src.ip() != node1 && *s.dst.ip() != node1),
+        "nothing on the underlay names node 1 ({node1}): {:?}",
+        segments.iter().filter(|s| *s.src.ip() == node1 || *s.dst.ip() == node1).collect::<Vec<_>>()
+    );
+    // The peer's answers reached the proxy's socket through the capture program.
+    assert!(common::stat(&t.n1, "hbone_client_reply") > 0, "{:?}", common::capture_stats(&t.n1)?);
+    Ok(())
+}
+
+// L4-6: `--hbone-source node` keeps the tunnels on the node's address (for platforms that drop
+// host-sent packets with a pod's source); the server still sees the client's own address,
+// which travels in `forwarded`.
+#[test]
+fn hbone_source_node_keeps_the_old_behaviour() -> io::Result<()> {
+    let t = two_nodes("mesh::hbone_source_node")?;
+    t.topo.write_config("c.yaml", &t.config("server", &[]))?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let (_p1, _p2) = t.start_proxies(&["--hbone-source", "node"])?;
+
+    let capture = UnderlayCapture::start(&t.topo)?;
+    let reply = t.client.curl(&format!("http://{}:8080/", t.server.ip()), TIMEOUT)?;
+    let segments = capture.finish()?;
+    assert!(reply.ok(), "{reply:?}");
+    assert!(reply.body.contains(&format!("peer={}:", t.client.ip())), "source IP preserved: {}", reply.body);
+
+    let requests: Vec<&pcap::Segment> = segments.iter().filter(|s| s.dst.port() == HBONE_PORT).collect();
+    assert!(requests.iter().any(|s| !s.payload.is_empty()), "{segments:?}");
+    for s in &requests {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (t.n1.ip(), t.server.ip()), "from node 1's address: {s:?}");
+    }
+    assert_eq!(common::stat(&t.n1, "hbone_client_reply"), 0);
+    Ok(())
+}
+
+/// Each segment's addresses, payload length and first bytes, for failure messages.
+fn summary(segments: &[pcap::Segment]) -> Vec<String> {
+    segments
+        .iter()
+        .map(|s| format!("{} > {} {}B {:02x?}", s.src, s.dst, s.payload.len(), &s.payload[..s.payload.len().min(6)]))
+        .collect()
 }
 
 // ID-3 (secure naming): a server presenting another identity than the destination's is refused
@@ -345,11 +416,6 @@ fn second_proxy_gets_certificates_from_the_first_ones_ca_api() -> io::Result<()>
     Ok(())
 }
 
-/// Whether outbound HBONE sockets are bound to the source pod's address (the transparent bind
-/// of L4-6). Until that lands, the pool keys on the pod's address but the socket leaves from
-/// the node's: set to `true` with it, and the tests below check the addresses too.
-const HBONE_SOCKETS_LEAVE_FROM_THE_POD: bool = false;
-
 /// Node 1's pooled outbound HBONE connections, from the admin API's `/hbone`.
 fn pooled_hbone(node: &strait_testbed::Node) -> io::Result<Vec<serde_json::Value>> {
     let body = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15000/hbone"])?;
@@ -361,6 +427,11 @@ fn pooled_hbone(node: &strait_testbed::Node) -> io::Result<Vec<serde_json::Value
 fn hbone_sockets(node: &strait_testbed::Node) -> io::Result<Vec<String>> {
     let out = node.run_ok("ss", &["-Htn", "state", "established", "( dport = :15008 )"])?;
     Ok(out.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect())
+}
+
+/// The IP of an `ip:port`.
+fn ip_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(ip, _)| ip)
 }
 
 fn field<'a>(c: &'a serde_json::Value, key: &str) -> &'a str {
@@ -409,12 +480,9 @@ fn client_pods_of_one_identity_never_share_an_hbone_connection() -> io::Result<(
     assert_eq!(binds, pods, "keyed on each client pod's address: {pooled:#?}");
     let locals: Vec<&str> = pooled.iter().map(|c| field(c, "local")).collect();
     assert_ne!(locals[0], locals[1], "two sockets: {pooled:#?}");
-    if HBONE_SOCKETS_LEAVE_FROM_THE_POD {
-        let mut local_ips: Vec<String> =
-            locals.iter().map(|l| l.rsplit_once(':').map_or(*l, |(ip, _)| ip).to_owned()).collect();
-        local_ips.sort();
-        assert_eq!(local_ips, pods, "each connection leaves from its pod's own address: {pooled:#?}");
-    }
+    let mut local_ips: Vec<&str> = locals.iter().map(|l| ip_of(l)).collect();
+    local_ips.sort_unstable();
+    assert_eq!(local_ips, pods, "each connection leaves from its pod's own address: {pooled:#?}");
 
     // The kernel's view in node 1's namespace: exactly those two connections.
     let sockets = hbone_sockets(&t.n1)?;
@@ -453,6 +521,7 @@ fn a_connection_to_one_pod_is_not_reused_for_another_pod_of_the_same_identity() 
     assert_eq!(peers, expected, "{pooled:#?}");
     for c in &pooled {
         assert_eq!(field(c, "bind"), t.client.ip().to_string(), "{c}");
+        assert_eq!(ip_of(field(c, "local")), t.client.ip().to_string(), "from the client pod's address: {c}");
         assert_eq!(field(c, "destination_identity"), "spiffe://cluster.local/ns/mesh/sa/server", "{c}");
     }
     let sockets = hbone_sockets(&t.n1)?;

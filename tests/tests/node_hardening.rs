@@ -412,3 +412,22 @@ fn access_lines_name_the_clients_port_on_both_sides() -> io::Result<()> {
     assert!(inbound.contains("security=mutual_tls"), "{inbound}");
     Ok(())
 }
+
+// CAP-6, L4-6: the HBONE connections the proxy opened from a client pod's address leave no
+// socket with that address behind when it stops: none may claim the pod's later packets.
+#[test]
+fn pooled_tunnels_leave_no_socket_with_the_pods_address_when_the_proxy_stops() -> io::Result<()> {
+    let (t, _http) = time_wait_mesh("node::tunnel_timewait")?;
+    let (p1, _p2) = t.start_proxies(&[])?;
+    let reply = t.client.curl(&format!("http://{}:{ECHO_PORT}/", t.server.ip()), TIMEOUT)?;
+    assert!(reply.ok(), "{reply:?}");
+    let filter = format!("src {} and dport = :15008", t.client.ip());
+    let tunnels = t.n1.run_ok("ss", &["-Htan", &filter])?;
+    assert!(!tunnels.trim().is_empty(), "a pooled tunnel from the pod's address is open");
+    p1.terminate(libc::SIGTERM)?;
+    assert!(p1.wait_exit(Duration::from_secs(10)).is_some(), "node 1 stopped:\n{}", p1.log_tail());
+    thread::sleep(Duration::from_millis(500));
+    let left = t.n1.run_ok("ss", &["-Htan", &filter])?;
+    assert!(left.trim().is_empty(), "sockets left with the pod's address:\n{left}");
+    Ok(())
+}

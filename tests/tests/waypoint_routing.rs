@@ -1,6 +1,7 @@
 //! End to end: request routing through a waypoint (SPEC L4-3, L7-2, L7-3, CFG-1):
 //! node proxies send a service's traffic to the namespace's waypoint over HBONE, and the
-//! waypoint routes each request by the VirtualService in force. The scenarios are the seed's
+//! waypoint routes each request by the VirtualService in force; both legs' tunnels leave from
+//! their pods' own addresses (L4-6). The scenarios are the seed's
 //! traffic-management tasks with our own servers standing in for Bookinfo. Needs root.
 
 mod common;
@@ -8,7 +9,7 @@ mod common;
 use std::{io, thread, time::Duration};
 
 use common::{APP_NS, WaypointMesh, apply, reviews_config, start_backends, wait_request_lines};
-use strait_testbed::{EchoKind, k8s};
+use strait_testbed::{EchoKind, Topology, UnderlayCapture, k8s, pcap};
 
 const REVIEWS: &str = "http://10.96.0.30:9080";
 
@@ -160,5 +161,101 @@ fn route_change_applies_quickly_without_dropping_requests() -> io::Result<()> {
     assert_eq!(during.errors, 0, "no request failed while the route changed: {during:?}");
     assert_eq!(during.status(200), 3000, "{during:?}");
     assert!(during.served("reviews-v1") > 0 && during.served("reviews-v2") > 0, "{during:?}");
+    Ok(())
+}
+
+/// The `web` service (VIP 10.96.0.20, port 80 -> 8080) on `m`'s first backend, behind the
+/// namespace's waypoint.
+fn web_config(m: &WaypointMesh) -> String {
+    [
+        m.base_config(),
+        k8s::pod_yaml(&m.backends[0], APP_NS, "web", &[("app", "web"), ("version", "v1")]),
+        k8s::named_service_yaml("web", APP_NS, "10.96.0.20", &[("http", 80, 8080)], &[("app", "web")], &[]),
+    ]
+    .concat()
+}
+
+/// The HBONE connections the waypoint's pod holds on port 15008: (peer, local) addresses.
+fn waypoint_tunnels(m: &WaypointMesh) -> io::Result<Vec<(String, String)>> {
+    let out = m.waypoint_pod.run_ok("ss", &["-Htn", "state", "established", "( sport = :15008 )"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace().rev();
+            let peer = cols.next()?.to_owned();
+            Some((peer, cols.next()?.to_owned()))
+        })
+        .collect())
+}
+
+// L4-6, L4-1: with the waypoint on the client's node, the client's tunnel to it leaves from the
+// client pod's address (its answers come back over the waypoint's veth to the proxy's socket),
+// and the waypoint's tunnel to the backend on the other node leaves from the waypoint pod's own
+// address: the underlay sees only waypoint -> backend, never node 1.
+#[test]
+fn pod_to_waypoint_on_the_same_node_and_waypoint_to_pod_leave_from_the_pods() -> io::Result<()> {
+    let m = WaypointMesh::new("wp::src_same_node", &["web-1"])?;
+    m.topo.write_config("c.yaml", &web_config(&m))?;
+    let server = m.backends[0].echo_server(EchoKind::Http, 8080).name("web-v1").start()?;
+    let (_p1, _p2, wp) = m.start()?;
+
+    let capture = UnderlayCapture::start(&m.topo)?;
+    let reply = m.client.curl("http://10.96.0.20/hello", Duration::from_secs(10))?;
+    let segments = capture.finish()?;
+    assert!(reply.ok(), "{reply:?}");
+    wait_request_lines(&wp, &["path=\"/hello\"", "status=200"], 1)?;
+
+    let (client, waypoint, web) = (m.client.ip(), m.waypoint_pod.ip(), m.backends[0].ip());
+    let tunnels = waypoint_tunnels(&m)?;
+    assert!(!tunnels.is_empty(), "the client's tunnel is open at the waypoint");
+    for (peer, local) in &tunnels {
+        assert!(peer.starts_with(&format!("{client}:")), "the waypoint's peer is the client pod: {tunnels:?}");
+        assert_eq!(local, &format!("{waypoint}:15008"), "{tunnels:?}");
+    }
+    assert!(common::stat(&m.n1, "hbone_client_reply") > 0, "answers over the waypoint's veth reached the proxy");
+
+    let to_hbone: Vec<&pcap::Segment> = segments.iter().filter(|s| s.dst.port() == 15008).collect();
+    assert!(to_hbone.iter().any(|s| !s.payload.is_empty()), "the waypoint's tunnel crossed the underlay: {segments:?}");
+    for s in &to_hbone {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (waypoint, web), "from the waypoint pod's address: {s:?}");
+    }
+    let node1 = m.n1.ip();
+    assert!(segments.iter().all(|s| *s.src.ip() != node1 && *s.dst.ip() != node1), "{segments:?}");
+    assert!(server.log().contains(&format!("request peer={waypoint}:")), "{}", server.log());
+    Ok(())
+}
+
+// L4-6, L4-1: with the waypoint on the other node, the client's tunnel to it crosses the
+// underlay from the client pod's address to the waypoint's, and nothing names node 1.
+#[test]
+fn pod_to_waypoint_on_another_node_leaves_from_the_pod() -> io::Result<()> {
+    let topo = Topology::new("wp::src_other_node")?;
+    let (n1, n2) = (topo.add_node("node1")?, topo.add_node("node2")?);
+    let client = topo.add_pod(&n1, "client")?;
+    let waypoint_pod = topo.add_pod(&n2, "waypoint")?;
+    let backends = vec![topo.add_pod(&n2, "web-1")?];
+    let ca = common::ca_dir(&topo, "ca");
+    let m = WaypointMesh { topo, n1, n2, client, waypoint_pod, backends, ca };
+    m.topo.write_config("c.yaml", &web_config(&m))?;
+    let _server = m.backends[0].echo_server(EchoKind::Http, 8080).name("web-v1").start()?;
+    let (_p1, _p2, wp) = m.start()?;
+
+    let capture = UnderlayCapture::start(&m.topo)?;
+    let reply = m.client.curl("http://10.96.0.20/hello", Duration::from_secs(10))?;
+    let segments = capture.finish()?;
+    assert!(reply.ok(), "{reply:?}");
+    wait_request_lines(&wp, &["path=\"/hello\"", "status=200"], 1)?;
+
+    let (client, waypoint, node1) = (m.client.ip(), m.waypoint_pod.ip(), m.n1.ip());
+    let to_hbone: Vec<&pcap::Segment> = segments.iter().filter(|s| s.dst.port() == 15008).collect();
+    assert!(to_hbone.iter().any(|s| !s.payload.is_empty()), "the tunnel crossed the underlay: {segments:?}");
+    for s in &to_hbone {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (client, waypoint), "from the client pod's address: {s:?}");
+    }
+    for s in segments.iter().filter(|s| s.src.port() == 15008) {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (waypoint, client), "{s:?}");
+    }
+    assert!(segments.iter().all(|s| *s.src.ip() != node1 && *s.dst.ip() != node1), "{segments:?}");
+    assert!(common::stat(&m.n1, "hbone_client_reply") > 0);
     Ok(())
 }

@@ -365,7 +365,7 @@ impl Capture {
         let mut pods = std::mem::take(&mut self.left_capture);
         pods.extend(draining);
         self.last_reap = Instant::now();
-        reap_time_waits(&pods);
+        reap_time_waits(&pods, false);
     }
 
     fn write_policy(&mut self, policy: &KernelPolicy) {
@@ -512,11 +512,13 @@ impl Capture {
     /// keeps its treatment until the next run takes over (CAP-6); with `detach`, all of it is
     /// removed and the node's traffic flows as without a mesh. With `reap`, the TIME_WAIT
     /// sockets of the pods' proxied connections go too, since no proxy holds the pods' flows
-    /// any more (not after a handover: the successor does).
+    /// any more (not after a handover: the successor does), and so do the proxy's sockets with
+    /// pods' addresses still open (pooled HBONE connections from pods' addresses, whatever the
+    /// drain left), which would otherwise linger closing after the exit.
     pub fn release(&mut self, detach: bool, reap: bool) {
         self.released = true;
         if reap {
-            reap_time_waits(&self.states.keys().copied().collect());
+            reap_time_waits(&self.states.keys().copied().collect(), true);
         }
         let links = std::mem::take(&mut self.pod_links)
             .into_values()
@@ -540,8 +542,8 @@ impl Capture {
     }
 }
 
-fn reap_time_waits(pods: &HashSet<Ipv4Addr>) {
-    match timewait::reap(pods) {
+fn reap_time_waits(pods: &HashSet<Ipv4Addr>, stopping: bool) {
+    match timewait::reap(pods, stopping) {
         Ok(0) => {}
         Ok(n) => info!(sockets = n, "reaped TIME_WAIT sockets of pods no longer proxied"),
         Err(e) => warn!("cannot reap TIME_WAIT sockets of pods no longer proxied: {e}"),

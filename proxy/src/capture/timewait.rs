@@ -18,6 +18,9 @@ use super::netlink::{NETLINK_SOCK_DIAG, NlMsgHdr, as_bytes, messages, netlink_er
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const TCP_TIME_WAIT: u32 = 6;
+const TCP_LISTEN: u32 = 10;
+/// Every TCP state but LISTEN (states 1 to 11 of `include/net/tcp_states.h`), as a state mask.
+const ALL_BUT_LISTEN: u32 = ((1 << 12) - 2) & !(1 << TCP_LISTEN);
 /// Destroy requests sent per `sendmsg`: the kernel handles every message of a buffer in turn.
 const BATCH: usize = 128;
 
@@ -65,14 +68,19 @@ struct Request {
 
 /// Destroys the TIME_WAIT sockets of the current network namespace that carry one of `pods`
 /// at either end and whose local address is not one of this host's (so only the proxy's
-/// transparent sockets, never the node's own connections). Returns how many were destroyed.
-pub fn reap(pods: &HashSet<Ipv4Addr>) -> io::Result<usize> {
+/// transparent sockets, never the node's own connections). With `stopping`, the proxy's other
+/// such sockets too, in any state but LISTEN: the HBONE connections it pooled from pods'
+/// addresses (L4-6) and what the drain left, which would otherwise close after the process
+/// exits and linger as FIN_WAIT or TIME_WAIT (their peers get a reset instead of a FIN).
+/// Returns how many were destroyed.
+pub fn reap(pods: &HashSet<Ipv4Addr>, stopping: bool) -> io::Result<usize> {
     if pods.is_empty() {
         return Ok(0);
     }
     let host = host_addresses();
     let socket = super::netlink::open(NETLINK_SOCK_DIAG)?;
-    let found: Vec<SockId> = dump_time_wait(&socket)?
+    let states = if stopping { ALL_BUT_LISTEN } else { 1 << TCP_TIME_WAIT };
+    let found: Vec<SockId> = dump_sockets(&socket, states)?
         .into_iter()
         .filter(|id| {
             let (local, remote) = (ipv4(id.src[0]), ipv4(id.dst[0]));
@@ -94,20 +102,17 @@ fn request(kind: u16, flags: u16, seq: u32, body: DiagRequest) -> Request {
     Request { header: NlMsgHdr { len: mem::size_of::<Request>() as u32, kind, flags, seq, pid: 0 }, body }
 }
 
-fn dump_time_wait(socket: &OwnedFd) -> io::Result<Vec<SockId>> {
-    let body = DiagRequest {
-        family: libc::AF_INET as u8,
-        protocol: libc::IPPROTO_TCP as u8,
-        states: 1 << TCP_TIME_WAIT,
-        ..Default::default()
-    };
+/// The IPv4 TCP sockets in one of `states` (a mask of `1 << state`).
+fn dump_sockets(socket: &OwnedFd, states: u32) -> io::Result<Vec<SockId>> {
+    let body =
+        DiagRequest { family: libc::AF_INET as u8, protocol: libc::IPPROTO_TCP as u8, states, ..Default::default() };
     let answers = super::netlink::dump(socket, SOCK_DIAG_BY_FAMILY, as_bytes(&body))?;
     Ok(answers
         .iter()
         .filter(|payload| payload.len() >= mem::size_of::<DiagMessage>())
         // SAFETY: length checked; read_unaligned copes with any alignment.
         .map(|payload| unsafe { std::ptr::read_unaligned::<DiagMessage>(payload.as_ptr().cast()) })
-        .filter(|msg| u32::from(msg.state) == TCP_TIME_WAIT && i32::from(msg.family) == libc::AF_INET)
+        .filter(|msg| states & (1 << u32::from(msg.state).min(31)) != 0 && i32::from(msg.family) == libc::AF_INET)
         .map(|msg| msg.id)
         .collect())
 }
@@ -120,7 +125,7 @@ fn destroy(socket: &OwnedFd, ids: &[SockId]) -> io::Result<usize> {
         let body = DiagRequest {
             family: libc::AF_INET as u8,
             protocol: libc::IPPROTO_TCP as u8,
-            states: 1 << TCP_TIME_WAIT,
+            states: ALL_BUT_LISTEN,
             id: *id,
             ..Default::default()
         };
@@ -142,9 +147,7 @@ fn destroy(socket: &OwnedFd, ids: &[SockId]) -> io::Result<usize> {
                 Some(e) => {
                     return Err(io::Error::new(
                         e.kind(),
-                        format!(
-                            "cannot destroy a TIME_WAIT socket (needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY): {e}"
-                        ),
+                        format!("cannot destroy a socket (needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY): {e}"),
                     ));
                 }
             }
@@ -187,5 +190,12 @@ mod tests {
         assert_eq!(mem::size_of::<SockId>(), 48);
         assert_eq!(mem::size_of::<DiagRequest>(), 56);
         assert_eq!(mem::size_of::<Request>(), 72);
+    }
+
+    #[test]
+    fn a_stop_reaps_every_state_but_listen() {
+        // ESTABLISHED (1) to CLOSING (11), LISTEN (10) left out.
+        assert_eq!(ALL_BUT_LISTEN, 0b1011_1111_1110);
+        assert_ne!(ALL_BUT_LISTEN & (1 << TCP_TIME_WAIT), 0);
     }
 }

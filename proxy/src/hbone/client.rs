@@ -71,13 +71,15 @@ pub struct ConnectRequest {
     pub destination_node: String,
     /// Where to open the TLS connection if the pool has none: the pod's IP and port 15008.
     pub connect_addr: SocketAddr,
-    /// The address the HBONE TCP connection is bound to (transparent bind in the node netns); `None` = the socket's default source.
-    pub bind: Option<IpAddr>,
     /// The CONNECT target: the pod's `ip:port` (or a service VIP:port via a waypoint).
     pub authority: SocketAddr,
     /// The original client's address, sent in `forwarded` (port 0 when it is not one client's).
     pub client_addr: SocketAddr,
     pub baggage: String,
+    /// The address the HBONE TCP connection is bound to (transparent bind in the node netns);
+    /// `None` = the socket's default source (waypoint/gateway pods, which already dial from
+    /// their own netns).
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// An open CONNECT stream. Dropping it ends the stream; the pooled connection stays.
@@ -246,8 +248,15 @@ impl HbonePool {
         let addr = request.connect_addr;
         let tls_settings =
             self.certs.get(&request.source).await.map_err(|e| HboneError::Certificate(request.source.clone(), e))?;
-        let tcp = if self.mark_sockets { sys::connect_marked(addr).await } else { sys::connect(addr).await }
-            .map_err(|e| HboneError::Connect(addr, e))?;
+        // From the source pod's own address when asked (L4-6): the node's capture programs hand
+        // the replies to this socket, as they do for inbound delivery from a client's address.
+        let tcp = match (request.bind, self.mark_sockets) {
+            (Some(source), true) => sys::connect_transparent(source, addr).await,
+            (_, true) => sys::connect_marked(addr).await,
+            // Unmarked pools dial from their own pod's netns: its address is the source already.
+            (_, false) => sys::connect(addr).await,
+        }
+        .map_err(|e| HboneError::Connect(addr, e))?;
         let local = tcp.local_addr().ok();
         // The name is not checked: peers are verified by SPIFFE identity below.
         let name = ServerName::IpAddress(addr.ip().into());

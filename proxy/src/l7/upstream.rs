@@ -190,12 +190,13 @@ impl Connector {
             destination: w.identity(&self.trust_domain),
             destination_node: w.node.clone().unwrap_or_default(),
             connect_addr: SocketAddr::new(w.ip, HBONE_PORT),
-            // The socket is in the waypoint's own namespace: its source is the waypoint pod.
-            bind: None,
             authority: endpoint.addr,
             // A pooled upstream connection carries many clients' requests: the IP only.
             client_addr: SocketAddr::new(client_ip, 0),
             baggage: String::new(),
+            // This socket is made in the waypoint's (or gateway's) own pod: it leaves from that
+            // pod's address already (L4-6).
+            bind: None,
         };
         let tunnel = self.hbone.connect(&request).await.map_err(io::Error::other)?;
         Ok(UpstreamIo::Hbone(Box::new(tunnel.into_stream())))

@@ -87,6 +87,20 @@ pub struct NodeOptions {
     pub drain_timeout: Duration,
     /// Unix socket a successor takes the listening sockets over from (OPS-3).
     pub handover_socket: PathBuf,
+    /// The source address of outbound HBONE connections.
+    pub hbone_source: HboneSource,
+}
+
+/// The source address outbound HBONE connections leave from (L4-6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum HboneSource {
+    /// The client pod's own address (transparent bind; IPv4 only, IPv6 leaves from the node),
+    /// as Istio ambient does: peers and firewalls between nodes see the pod.
+    #[default]
+    Pod,
+    /// The node's address, for platforms that drop or rewrite host-sent packets with a pod's
+    /// source.
+    Node,
 }
 
 /// Where a proxy's configuration comes from (CFG-1, CFG-2).
@@ -182,6 +196,8 @@ pub struct NodeContext {
     pub draining: watch::Receiver<bool>,
     /// What ServiceEntry hosts of resolution DNS resolve to (GW-3).
     pub dns: Arc<dns::DnsCache>,
+    /// The source address of outbound HBONE connections.
+    pub hbone_source: HboneSource,
 }
 
 /// Counts one connection as in flight while it lives.
@@ -296,6 +312,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
         in_flight: Arc::default(),
         draining,
         dns: Arc::default(),
+        hbone_source: options.hbone_source,
     });
     tokio::spawn(recheck_on_change(ctx.clone()));
     tokio::spawn(dns::keep_resolved(ctx.dns.clone(), ctx.model.clone()));

@@ -9,7 +9,7 @@
 //! or nowhere when they name a loopback endpoint), by SNI for `tls[]` routes.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -21,7 +21,7 @@ use strait_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{NodeContext, copy, dns::DnsCache, inbound, peek};
+use super::{HboneSource, NodeContext, copy, dns::DnsCache, inbound, peek};
 use crate::{
     config::{OutboundMode, Resolution},
     hbone::{self, ConnectRequest},
@@ -379,12 +379,10 @@ async fn over_hbone(
         destination: target.identity(&ctx.trust_domain),
         destination_node: target.node.clone().unwrap_or_default(),
         connect_addr: SocketAddr::new(target.ip, HBONE_PORT),
-        // The client pod's own address (L4-6): the pool keys on it, so no other pod's streams
-        // ride this pod's connections.
-        bind: Some(peer.ip()),
         authority: addr,
         client_addr: peer,
         baggage: baggage(source),
+        bind: hbone_bind(ctx.hbone_source, peer),
     };
     match ctx.pool.connect(&request).await {
         Ok(tunnel) => {
@@ -396,6 +394,16 @@ async fn over_hbone(
             }
         }
         Err(e) => record.outcome = Outcome::UpstreamConnectFailed(e.to_string()),
+    }
+}
+
+/// The address a tunnel for a connection from `peer` leaves from: the client pod's own (L4-6:
+/// peers and firewalls between nodes see the pod, as with Istio ambient) unless the node's was
+/// asked for. Only IPv4: capture and the steering of replies are IPv4.
+fn hbone_bind(source: HboneSource, peer: SocketAddr) -> Option<IpAddr> {
+    match (source, peer.ip()) {
+        (HboneSource::Pod, ip @ IpAddr::V4(_)) => Some(ip),
+        _ => None,
     }
 }
 
@@ -432,6 +440,18 @@ mod tests {
             waypoint_role: None,
             protocol,
         })
+    }
+
+    // L4-6: tunnels leave from the client pod's IPv4 address unless the node's is asked for;
+    // IPv6 clients' always leave from the node (capture and reply steering are IPv4).
+    #[test]
+    fn tunnels_are_bound_to_the_client_pods_ipv4_address() {
+        let v4: SocketAddr = "10.1.0.10:41000".parse().expect("addr");
+        let v6: SocketAddr = "[fd00::10]:41000".parse().expect("addr");
+        assert_eq!(hbone_bind(HboneSource::Pod, v4), Some(v4.ip()));
+        assert_eq!(hbone_bind(HboneSource::Node, v4), None);
+        assert_eq!(hbone_bind(HboneSource::Pod, v6), None);
+        assert_eq!(HboneSource::default(), HboneSource::Pod);
     }
 
     // L4-1, CFG-2: a destination whose protocol is HBONE is reached over HBONE whoever serves it (a
