@@ -12,6 +12,7 @@
 
 mod chart;
 mod control;
+mod fanout;
 mod gateway;
 mod kube;
 mod report;
@@ -38,8 +39,12 @@ struct Cli {
     /// Scenarios to run: throughput, latency, max-rps, connections, cpu, memory (default: all);
     /// or `control` alone: the control plane with a generated 10,000-pod mesh (control.md); or
     /// `kube` alone: `strait control --kubernetes` on a real API server with 10,000 pods (kube.md);
-    /// or `gateway` alone: ingress HTTPS through `strait gateway` beside direct TLS (gateway.md).
+    /// or `gateway` alone: ingress HTTPS through `strait gateway` beside direct TLS (gateway.md);
+    /// or `fanout` alone: many client pods of one identity through the HBONE pool (fanout.md).
     scenarios: Vec<String>,
+    /// Client pods of the `fanout` scenario.
+    #[arg(long, default_value_t = 20)]
+    fanout_clients: usize,
 }
 
 fn main() -> ExitCode {
@@ -71,12 +76,21 @@ fn main() -> ExitCode {
             }
         };
     }
+    if cli.scenarios == ["fanout"] {
+        return match run_fanout(&cli) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strait-bench: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let all = scenarios::ALL.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let wanted = if cli.scenarios.is_empty() { all } else { cli.scenarios.clone() };
     for name in &wanted {
         if !scenarios::ALL.contains(&name.as_str()) {
             eprintln!(
-                "strait-bench: unknown scenario `{name}`; choose from {}, or one of control, kube, gateway alone",
+                "strait-bench: unknown scenario `{name}`; choose from {}, or one of control, kube, gateway, fanout alone",
                 scenarios::ALL.join(", ")
             );
             return ExitCode::FAILURE;
@@ -118,6 +132,17 @@ fn run_gateway(cli: &Cli) -> anyhow::Result<()> {
     gateway::write(&cli.out, &report)?;
     println!("{}", gateway::markdown(&report));
     eprintln!("strait-bench: wrote {}/gateway.md and gateway.json", cli.out.display());
+    Ok(())
+}
+
+/// Many client pods of one identity through the node proxies' HBONE pool.
+fn run_fanout(cli: &Cli) -> anyhow::Result<()> {
+    fanout::check_clients(cli.fanout_clients)?;
+    std::fs::create_dir_all(&cli.out)?;
+    let report = fanout::run(cli.quick, cli.fanout_clients)?;
+    fanout::write(&cli.out, &report)?;
+    println!("{}", fanout::markdown(&report));
+    eprintln!("strait-bench: wrote {}/fanout.md and fanout.json", cli.out.display());
     Ok(())
 }
 

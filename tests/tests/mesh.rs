@@ -415,3 +415,119 @@ fn second_proxy_gets_certificates_from_the_first_ones_ca_api() -> io::Result<()>
     assert!(line.to_lowercase().contains("unauthenticated") || line.contains("token"), "{line}");
     Ok(())
 }
+
+/// Node 1's pooled outbound HBONE connections, from the admin API's `/hbone`.
+fn pooled_hbone(node: &strait_testbed::Node) -> io::Result<Vec<serde_json::Value>> {
+    let body = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15000/hbone"])?;
+    let list: serde_json::Value = serde_json::from_str(&body).map_err(|e| io::Error::other(format!("{e}: {body}")))?;
+    list.as_array().cloned().ok_or_else(|| io::Error::other(format!("not a list: {body}")))
+}
+
+/// The established connections to port 15008 in a node's namespace, as `ss` sees them.
+fn hbone_sockets(node: &strait_testbed::Node) -> io::Result<Vec<String>> {
+    let out = node.run_ok("ss", &["-Htn", "state", "established", "( dport = :15008 )"])?;
+    Ok(out.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect())
+}
+
+/// The IP of an `ip:port`.
+fn ip_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(ip, _)| ip)
+}
+
+fn field<'a>(c: &'a serde_json::Value, key: &str) -> &'a str {
+    c.get(key).and_then(serde_json::Value::as_str).unwrap_or_default()
+}
+
+/// The `strait_hbone_pool_connections` gauge of a node proxy.
+fn pool_gauge(node: &strait_testbed::Node) -> io::Result<Option<u64>> {
+    let text = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])?;
+    Ok(text.lines().find_map(|l| l.strip_prefix("strait_hbone_pool_connections ")).and_then(|v| v.trim().parse().ok()))
+}
+
+// L4-1, L4-6: two client pods of one identity on one node each get their own pooled HBONE
+// connection to the same server pod; the admin API, the gauge and the kernel agree on two.
+#[test]
+fn client_pods_of_one_identity_never_share_an_hbone_connection() -> io::Result<()> {
+    let t = two_nodes("mesh::pool_per_pod")?;
+    let other = t.topo.add_pod(&t.n1, "client2")?;
+    let config = [t.config("server", &[]), k8s::pod_yaml(&other, MESH, "client", &[("app", "client")])].concat();
+    t.topo.write_config("c.yaml", &config)?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let (_p1, _p2) = t.start_proxies(&[])?;
+
+    let url = format!("http://{}:8080/", t.server.ip());
+    // Two requests each: the second of a pod reuses its connection, never the other pod's.
+    for pod in [&t.client, &other, &t.client, &other] {
+        let reply = pod.curl(&url, TIMEOUT)?;
+        assert!(reply.ok(), "{reply:?}");
+        assert!(reply.body.contains(&format!("peer={}:", pod.ip())), "source IP preserved: {}", reply.body);
+    }
+
+    let pooled = pooled_hbone(&t.n1)?;
+    assert_eq!(pooled.len(), 2, "one pooled connection per client pod: {pooled:#?}");
+    let peer = format!("{}:{HBONE_PORT}", t.server.ip());
+    for c in &pooled {
+        assert_eq!(field(c, "source_identity"), "spiffe://cluster.local/ns/mesh/sa/client", "{c}");
+        assert_eq!(field(c, "destination_identity"), "spiffe://cluster.local/ns/mesh/sa/server", "{c}");
+        assert_eq!(field(c, "peer"), peer, "{c}");
+        assert_eq!(c.get("streams").and_then(serde_json::Value::as_u64), Some(0), "requests done: {c}");
+        assert!(c.get("idle_s").and_then(serde_json::Value::as_u64).is_some_and(|s| s < 60), "{c}");
+    }
+    let mut binds: Vec<&str> = pooled.iter().map(|c| field(c, "bind")).collect();
+    binds.sort_unstable();
+    let mut pods = vec![t.client.ip().to_string(), other.ip().to_string()];
+    pods.sort();
+    assert_eq!(binds, pods, "keyed on each client pod's address: {pooled:#?}");
+    let locals: Vec<&str> = pooled.iter().map(|c| field(c, "local")).collect();
+    assert_ne!(locals[0], locals[1], "two sockets: {pooled:#?}");
+    let mut local_ips: Vec<&str> = locals.iter().map(|l| ip_of(l)).collect();
+    local_ips.sort_unstable();
+    assert_eq!(local_ips, pods, "each connection leaves from its pod's own address: {pooled:#?}");
+
+    // The kernel's view in node 1's namespace: exactly those two connections.
+    let sockets = hbone_sockets(&t.n1)?;
+    assert_eq!(sockets.len(), 2, "{sockets:#?}");
+    for local in &locals {
+        assert!(sockets.iter().any(|s| s.contains(local)), "{local} not in {sockets:#?}");
+    }
+    assert_eq!(pool_gauge(&t.n1)?, Some(2));
+    Ok(())
+}
+
+// L4-1, L4-2: a connection dialled to one server pod never carries streams for another pod of
+// the same identity on the same node (a peer may check the tunnel's address against the
+// CONNECT target): one client talking to both gets two connections, one per address.
+#[test]
+fn a_connection_to_one_pod_is_not_reused_for_another_pod_of_the_same_identity() -> io::Result<()> {
+    let t = two_nodes("mesh::pool_per_dest")?;
+    let server2 = t.topo.add_pod(&t.n2, "server2")?;
+    let config = [t.config("server", &[]), k8s::pod_yaml(&server2, MESH, "server", &[("app", "server")])].concat();
+    t.topo.write_config("c.yaml", &config)?;
+    let _http = t.server.start_echo_server(EchoKind::Http, 8080)?;
+    let _http2 = server2.start_echo_server(EchoKind::Http, 8080)?;
+    let (_p1, _p2) = t.start_proxies(&[])?;
+
+    for server in [&t.server, &server2, &t.server, &server2] {
+        let reply = t.client.curl(&format!("http://{}:8080/", server.ip()), TIMEOUT)?;
+        assert!(reply.ok(), "{reply:?}");
+    }
+
+    let pooled = pooled_hbone(&t.n1)?;
+    assert_eq!(pooled.len(), 2, "one pooled connection per destination pod: {pooled:#?}");
+    let mut peers: Vec<&str> = pooled.iter().map(|c| field(c, "peer")).collect();
+    peers.sort_unstable();
+    let mut expected = vec![format!("{}:{HBONE_PORT}", t.server.ip()), format!("{}:{HBONE_PORT}", server2.ip())];
+    expected.sort();
+    assert_eq!(peers, expected, "{pooled:#?}");
+    for c in &pooled {
+        assert_eq!(field(c, "bind"), t.client.ip().to_string(), "{c}");
+        assert_eq!(ip_of(field(c, "local")), t.client.ip().to_string(), "from the client pod's address: {c}");
+        assert_eq!(field(c, "destination_identity"), "spiffe://cluster.local/ns/mesh/sa/server", "{c}");
+    }
+    let sockets = hbone_sockets(&t.n1)?;
+    assert_eq!(sockets.len(), 2, "{sockets:#?}");
+    for peer in &expected {
+        assert!(sockets.iter().any(|s| s.contains(peer.as_str())), "{peer} not in {sockets:#?}");
+    }
+    Ok(())
+}

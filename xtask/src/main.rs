@@ -8,7 +8,7 @@
 //! - `demo`: setup, build, then `strait demo`.
 //! - `bench [SCENARIO...]`: setup, release build, then `strait-bench`, which measures strait
 //!   against direct traffic and writes `target/bench/report.{md,json}` and `chart.png`
-//!   (`control`, `kube` and `gateway` run alone and write `<name>.md` and `<name>.json`).
+//!   (`control`, `kube`, `gateway` and `fanout` run alone and write `<name>.md` and `<name>.json`).
 //! - `soak [--minutes N]`: setup, release build, then N minutes (default 30) at 1,000 req/s
 //!   through the node proxies and a waypoint with connection churn; fails on any error, a
 //!   proxy's RSS changing by more than 5 % or its descriptors growing. Not part of `test`.
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
 
 fn usage() -> String {
     format!(
-        "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO... | control | kube | gateway] | \
+        "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO... | control | kube | gateway | fanout [--fanout-clients N]] | \
          soak [--minutes N] | fuzz [TARGET] [SECONDS] | gen-crds [--check]>\n\
          fuzz targets: {}",
         fuzz::TARGETS.join(", ")

@@ -45,6 +45,10 @@ const ADMIN_ENDPOINTS: &[(&str, &str)] = &[
     ("/certs", "certificates held: identity, serial, validity, chain and roots; ?all adds pending ones (JSON)"),
     ("/clusters", "destinations of the L7 engine, endpoints with health and outlier status (JSON)"),
     ("/config_dump", "the compiled configuration in force (JSON)"),
+    (
+        "/hbone",
+        "the node proxy's pooled outbound HBONE connections: local and peer address, identities, streams, idle s (JSON)",
+    ),
     ("/healthz/ready", "200 once the proxy is ready"),
     ("/logging", "the log filter; ?level=<filter> (GET or POST) changes it"),
     ("/policies", "authorization, peer and request authentication policies, and what they apply to here (JSON)"),
@@ -147,6 +151,8 @@ pub struct AdminState {
     pub capture: Option<Arc<Mutex<Capture>>>,
     /// `/clusters`, when the proxy has an L7 engine.
     pub clusters: Option<View>,
+    /// `/hbone`, when the proxy pools outbound HBONE connections per source pod (a node proxy).
+    pub hbone: Option<View>,
     pub certs: Arc<CertStore>,
     /// The node a node proxy serves (empty in a waypoint).
     pub node_name: String,
@@ -231,6 +237,10 @@ fn admin(state: &AdminState, endpoints: &OperatorEndpoints, request: &Request<In
         "/clusters" if get => match &state.clusters {
             Some(view) => Reply::json(view()),
             None => Reply::text(StatusCode::NOT_FOUND, "this proxy has no L7 destinations (it is a node proxy)\n"),
+        },
+        "/hbone" if get => match &state.hbone {
+            Some(view) => Reply::json(view()),
+            None => Reply::text(StatusCode::NOT_FOUND, "this proxy lists no HBONE pool (it is not a node proxy)\n"),
         },
         "/routes" if get => match &state.waypoint {
             Some(waypoint) => Reply::json(routes::routes(&state.model.current(), waypoint)),

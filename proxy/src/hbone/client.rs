@@ -1,13 +1,16 @@
 //! The HBONE client: a pool of mutual-TLS HTTP/2 connections and CONNECT streams over them.
 //!
-//! Connections are keyed by (source identity, destination identity, destination node): every
-//! stream on a connection is sent as one workload to workloads of one identity behind one node
-//! proxy, which is exactly what one TLS session proves (L4-2). Many streams share a connection;
-//! a connection with no stream for `IDLE_TIMEOUT` is closed.
+//! Connections are keyed by (source address, source identity, destination identity,
+//! destination address): every stream on a connection is sent by one pod as one identity to
+//! one pod (or waypoint) address of one identity, which is what one TLS session proves (L4-2)
+//! and what its TCP addresses show to the peer and to the network between (L4-1, L4-6). A peer
+//! that checks the tunnel's destination address against the CONNECT target, as ztunnel does,
+//! therefore never sees a stream for another pod on a connection dialled to this one. Many
+//! streams share a connection; a connection with no stream for `IDLE_TIMEOUT` is closed.
 
 use std::{
-    collections::HashMap,
-    net::SocketAddr,
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -20,6 +23,7 @@ use bytes::Bytes;
 use h2::{RecvStream, SendStream, client::SendRequest};
 use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
+use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_rustls::TlsConnector;
@@ -63,7 +67,7 @@ pub enum HboneError {
 pub struct ConnectRequest {
     pub source: Identity,
     pub destination: Identity,
-    /// The node the destination runs on; part of the pool key.
+    /// The node the destination runs on, for logs.
     pub destination_node: String,
     /// Where to open the TLS connection if the pool has none: the pod's IP and port 15008.
     pub connect_addr: SocketAddr,
@@ -94,17 +98,34 @@ impl Tunnel {
     }
 }
 
+/// What a pooled connection may carry: streams from one source address and identity to one
+/// destination address of one identity (L4-1, L4-2, L4-6).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
+    bind: Option<IpAddr>,
     source: Identity,
     destination: Identity,
-    node: String,
+    addr: SocketAddr,
+}
+
+impl PoolKey {
+    fn of(request: &ConnectRequest) -> Self {
+        Self {
+            bind: request.bind,
+            source: request.source.clone(),
+            destination: request.destination.clone(),
+            addr: request.connect_addr,
+        }
+    }
 }
 
 struct PooledConnection {
     sender: SendRequest<Bytes>,
     peer: Identity,
     addr: SocketAddr,
+    /// The socket's own address (the pod's, once bound to it), for `/hbone`; `None` if the
+    /// kernel could not say.
+    local: Option<SocketAddr>,
     /// When the client certificate this connection proved expires: no new streams after it.
     expires: std::time::SystemTime,
     active: Arc<AtomicUsize>,
@@ -156,11 +177,7 @@ impl HbonePool {
     /// to a successor, OPS-3) refuses the stream without having seen it; the stream is then
     /// opened once more, on a fresh connection.
     pub async fn connect(&self, request: &ConnectRequest) -> Result<Tunnel, HboneError> {
-        let key = PoolKey {
-            source: request.source.clone(),
-            destination: request.destination.clone(),
-            node: request.destination_node.clone(),
-        };
+        let key = PoolKey::of(request);
         let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
         let mut retried = false;
         loop {
@@ -240,6 +257,7 @@ impl HbonePool {
             (_, false) => sys::connect(addr).await,
         }
         .map_err(|e| HboneError::Connect(addr, e))?;
+        let local = tcp.local_addr().ok();
         // The name is not checked: peers are verified by SPIFFE identity below.
         let name = ServerName::IpAddress(addr.ip().into());
         let tls = TlsConnector::from(tls_settings.client.clone())
@@ -270,11 +288,19 @@ impl HbonePool {
                 debug!(%addr, "HBONE connection ended: {e}");
             }
         });
-        info!(%addr, source = %request.source, destination = %peer, "HBONE connection established");
+        info!(
+            %addr,
+            local = ?local,
+            source = %request.source,
+            destination = %peer,
+            node = %request.destination_node,
+            "HBONE connection established"
+        );
         Ok(Arc::new(PooledConnection {
             sender,
             peer,
             addr,
+            local,
             expires: tls_settings.cert.not_after,
             active: Arc::new(AtomicUsize::new(0)),
             idle_since: Mutex::new(Instant::now()),
@@ -322,6 +348,76 @@ impl HbonePool {
     }
 }
 
+impl HbonePool {
+    /// Forgets the pooled connections bound to an address that is not in `sources` (this
+    /// node's captured pods): a pod that left the mesh or the node, whose address may come back
+    /// as another workload's, keeps no proxy socket on it (L4-6). Idle connections close now;
+    /// streams still open on one finish first, and no new stream is ever put on it. Connections
+    /// with no bound address (a waypoint's or gateway's own) are kept.
+    pub fn retain_sources(&self, sources: &HashSet<IpAddr>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|key, _| {
+            let keep = key.bind.is_none_or(|ip| sources.contains(&ip));
+            if !keep {
+                debug!(bind = ?key.bind, destination = %key.addr, "dropping pooled HBONE connections of a pod no longer captured here");
+            }
+            keep
+        });
+    }
+
+    /// The pooled connections, for the admin API's `/hbone`; those whose slot is busy opening a
+    /// connection right now are left out of this look.
+    pub fn connections(&self) -> Vec<PooledView> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (key, slot) in slots.iter() {
+            let Ok(held) = slot.try_lock() else { continue };
+            for c in held.iter() {
+                let streams = c.active.load(Ordering::Acquire);
+                let idle = if streams == 0 {
+                    c.idle_since.lock().unwrap_or_else(|p| p.into_inner()).elapsed().as_secs()
+                } else {
+                    0
+                };
+                out.push(PooledView {
+                    local: c.local.map(|a| a.to_string()),
+                    peer: c.addr.to_string(),
+                    bind: key.bind,
+                    source_identity: key.source.to_string(),
+                    destination_identity: c.peer.to_string(),
+                    streams,
+                    idle_s: idle,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.local, &a.peer).cmp(&(&b.local, &b.peer)));
+        out
+    }
+
+    /// How many connections are pooled, for the `strait_hbone_pool_connections` gauge.
+    pub fn connection_count(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.values().map(|slot| slot.try_lock().map_or(0, |held| held.len())).sum()
+    }
+}
+
+/// One pooled connection as `/hbone` lists it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PooledView {
+    /// The connection's own address, `ip:port`.
+    pub local: Option<String>,
+    /// The peer's `ip:15008`.
+    pub peer: String,
+    /// The address the pool keys the connection on (the source pod's), if any.
+    pub bind: Option<IpAddr>,
+    pub source_identity: String,
+    pub destination_identity: String,
+    /// CONNECT streams open on it now.
+    pub streams: usize,
+    /// Seconds without a stream (0 while it carries one).
+    pub idle_s: u64,
+}
+
 /// Whether the peer refused a stream before handling it, so opening it elsewhere is safe: it
 /// went away (GOAWAY) or refused the stream (REFUSED_STREAM), per RFC 9113 §8.7.
 fn refused_unseen(e: &h2::Error) -> bool {
@@ -333,5 +429,79 @@ async fn close_idle(pool: std::sync::Weak<HbonePool>) {
         tokio::time::sleep(IDLE_TIMEOUT / 4).await;
         let Some(pool) = pool.upgrade() else { return };
         pool.close_idle_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{BoxFuture, CertificateProvider, IssuedCert};
+
+    /// No certificate is ever issued: these tests look at the pool's keys only.
+    struct NoCa;
+
+    impl CertificateProvider for NoCa {
+        fn issue<'a>(&'a self, _: &'a Identity, _: Duration) -> BoxFuture<'a, Result<IssuedCert, IdentityError>> {
+            Box::pin(async { Err(IdentityError::CaRequest("no CA in this test".into())) })
+        }
+    }
+
+    fn request(bind: Option<&str>, connect: &str) -> ConnectRequest {
+        ConnectRequest {
+            source: Identity::new("cluster.local", "a", "client"),
+            destination: Identity::new("cluster.local", "b", "server"),
+            destination_node: "node2".into(),
+            connect_addr: connect.parse().expect("addr"),
+            bind: bind.map(|ip| ip.parse().expect("ip")),
+            authority: "10.2.0.5:8080".parse().expect("addr"),
+            client_addr: "10.1.0.5:40000".parse().expect("addr"),
+            baggage: String::new(),
+        }
+    }
+
+    // L4-1, L4-6: two pods of one identity, or one pod to two pods of one identity on one node,
+    // never share a pool key; one pod to one address does.
+    #[test]
+    fn pool_keys_tell_source_pods_and_destination_addresses_apart() {
+        let p11 = PoolKey::of(&request(Some("10.1.0.11"), "10.2.0.21:15008"));
+        let p12 = PoolKey::of(&request(Some("10.1.0.12"), "10.2.0.21:15008"));
+        let p11_to_p22 = PoolKey::of(&request(Some("10.1.0.11"), "10.2.0.22:15008"));
+        assert_ne!(p11, p12);
+        assert_ne!(p11, p11_to_p22);
+        let mut again = request(Some("10.1.0.11"), "10.2.0.21:15008");
+        again.authority = "10.2.0.21:9090".parse().expect("addr");
+        again.client_addr = "10.1.0.11:50000".parse().expect("addr");
+        assert_eq!(p11, PoolKey::of(&again), "another stream of the same pod to the same address reuses");
+    }
+
+    // L4-6: pooled connections of a pod that is no longer captured here are dropped; those of
+    // captured pods and those with no bound address (a waypoint's) stay.
+    #[tokio::test]
+    async fn retain_sources_drops_the_connections_of_pods_gone_from_the_node() {
+        let pool = HbonePool::new(CertStore::new(Arc::new(NoCa), Duration::from_secs(3600)));
+        let keys = [
+            PoolKey::of(&request(Some("10.1.0.11"), "10.2.0.21:15008")),
+            PoolKey::of(&request(Some("10.1.0.12"), "10.2.0.21:15008")),
+            PoolKey::of(&request(Some("10.1.0.12"), "10.2.0.22:15008")),
+            PoolKey::of(&request(None, "10.2.0.21:15008")),
+        ];
+        for key in &keys {
+            pool.slots.lock().expect("slots").insert(key.clone(), Slot::default());
+        }
+        let captured: HashSet<IpAddr> = ["10.1.0.11".parse().expect("ip"), "10.1.0.99".parse().expect("ip")].into();
+        pool.retain_sources(&captured);
+        let slots = pool.slots.lock().expect("slots");
+        let mut left: Vec<_> = slots.keys().map(|k| (k.bind, k.addr)).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![(None, keys[3].addr), (Some("10.1.0.11".parse().expect("ip")), keys[0].addr)],
+            "p12's two keys are gone"
+        );
+        drop(slots);
+        pool.retain_sources(&HashSet::new());
+        assert_eq!(pool.slots.lock().expect("slots").len(), 1, "only the unbound key stays");
+        assert_eq!(pool.connection_count(), 0);
+        assert!(pool.connections().is_empty());
     }
 }

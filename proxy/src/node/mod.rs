@@ -43,7 +43,9 @@ use crate::{
     },
     model::{self, Model, ModelHandle},
     sys,
-    telemetry::{AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, Telemetry, logging::LogControl},
+    telemetry::{
+        AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, ScrapedGauge, Telemetry, logging::LogControl,
+    },
     xds::{
         ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL,
         client::{SharedStatus, XdsClientOptions},
@@ -282,6 +284,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     reconcile(&capture, &model.current(), &options.node_name);
     prefetch_certificates(&certs, &model.current(), &options.node_name, &options.trust_domain);
 
+    let pool = HbonePool::new(certs.clone());
     // Turns true once a successor has the listeners: this process then only drains.
     let (handed_over_tx, handed_over) = watch::channel(false);
     tokio::spawn(keep_capture_in_step(
@@ -289,19 +292,21 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
         model.clone(),
         options.node_name.clone(),
         certs.clone(),
+        pool.clone(),
         options.trust_domain.clone(),
         handed_over.clone(),
     ));
     let gates = Gates::new(&limits);
     let (drain_tx, draining) = watch::channel(false);
-    let (telemetry, ready, serving) = serve_operator_endpoints(&options, &model, &capture, &certs, &gates, xds).await?;
+    let (telemetry, ready, serving) =
+        serve_operator_endpoints(&options, &model, &capture, &certs, &pool, &gates, xds).await?;
 
     let ctx = Arc::new(NodeContext {
         model,
         telemetry,
         node_name: options.node_name.clone(),
         trust_domain: options.trust_domain.clone(),
-        pool: HbonePool::new(certs.clone()),
+        pool,
         certs,
         live: Arc::default(),
         in_flight: Arc::default(),
@@ -596,6 +601,7 @@ async fn serve_operator_endpoints(
     model: &ModelHandle,
     capture: &Arc<Mutex<Capture>>,
     certs: &Arc<CertStore>,
+    pool: &Arc<HbonePool>,
     gates: &Gates,
     xds: Option<SharedStatus>,
 ) -> anyhow::Result<(Telemetry, Readiness, admin::Serving)> {
@@ -619,12 +625,22 @@ async fn serve_operator_endpoints(
     metrics.register(admission::refusal_counters(gates.to_vec()));
     metrics.register(crate::hbone::server::handshake_failure_counters());
     metrics.register(outbound::refusal_counters());
+    let reader = pool.clone();
+    metrics.register_gauge(ScrapedGauge::new(
+        "strait_hbone_pool_connections",
+        "Outbound HBONE connections pooled by this node proxy (one per source pod and destination address, L4-6)",
+        move || i64::try_from(reader.connection_count()).unwrap_or(i64::MAX),
+    ));
     let telemetry = Telemetry::new(access_log, metrics.traffic());
     let ready = Readiness::default();
     let state = AdminState {
         model: model.clone(),
         capture: Some(capture.clone()),
         clusters: None,
+        hbone: {
+            let pool = pool.clone();
+            Some(Arc::new(move || serde_json::to_string(&pool.connections()).unwrap_or_else(|_| "[]".into())))
+        },
         certs: certs.clone(),
         node_name: options.node_name.clone(),
         waypoint: None,
@@ -648,6 +664,7 @@ async fn keep_capture_in_step(
     mut model: ModelHandle,
     node: String,
     certs: Arc<CertStore>,
+    pool: Arc<HbonePool>,
     trust_domain: String,
     mut handed_over: watch::Receiver<bool>,
 ) {
@@ -661,7 +678,9 @@ async fn keep_capture_in_step(
             // The successor keeps capture in step from now on.
             _ = handed_over.wait_for(|h| *h) => return,
         }
-        reconcile(&capture, &model.current(), &node);
+        let current = model.current();
+        reconcile(&capture, &current, &node);
+        pool.retain_sources(&current.workloads_on(&node).filter(|w| w.captured).map(|w| w.ip).collect());
     }
 }
 

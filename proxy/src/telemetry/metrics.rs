@@ -17,7 +17,7 @@ use std::{borrow::Cow, fmt};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{MetricType, counter::ConstCounter, counter::Counter, family::Family},
+    metrics::{MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge},
     registry::Registry,
 };
 
@@ -194,6 +194,32 @@ impl Collector for ScrapedCounters {
     }
 }
 
+/// A gauge read when Prometheus scrapes, from state that lives elsewhere (a pool's size).
+pub struct ScrapedGauge {
+    name: String,
+    help: String,
+    read: Box<dyn Fn() -> i64 + Send + Sync>,
+}
+
+impl ScrapedGauge {
+    pub fn new(name: &str, help: &str, read: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Self { name: name.to_owned(), help: help.to_owned(), read: Box::new(read) }
+    }
+}
+
+impl fmt::Debug for ScrapedGauge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScrapedGauge").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Collector for ScrapedGauge {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let metric = encoder.encode_descriptor(&self.name, &self.help, None, MetricType::Gauge)?;
+        ConstGauge::new((self.read)()).encode(metric)
+    }
+}
+
 /// A counter name as a metric name: Prometheus allows `[a-zA-Z0-9_]` only.
 fn metric_name(counter: &str) -> Cow<'_, str> {
     if counter.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -257,6 +283,11 @@ impl MetricsRegistry {
     /// Adds counters read at every scrape (see `ScrapedCounters`).
     pub fn register(&mut self, counters: ScrapedCounters) {
         self.registry.register_collector(Box::new(counters));
+    }
+
+    /// Adds a gauge read at every scrape (see `ScrapedGauge`).
+    pub fn register_gauge(&mut self, gauge: ScrapedGauge) {
+        self.registry.register_collector(Box::new(gauge));
     }
 
     /// Every metric, in `format`.

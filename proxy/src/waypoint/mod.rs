@@ -369,6 +369,7 @@ async fn serve_operator_endpoints(
         model: model.clone(),
         capture: None,
         clusters: Some(Arc::new(move || admin_views::clusters(&engine))),
+        hbone: None,
         certs: certs.clone(),
         node_name: String::new(),
         waypoint: Some(l7.waypoint.clone()),
