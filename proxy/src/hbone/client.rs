@@ -74,6 +74,19 @@ pub struct ConnectRequest {
     pub baggage: String,
 }
 
+/// The CONNECT request of one tunnel (L4-1). `baggage` is left out when there is none to send
+/// (a waypoint's pooled upstream speaks for many clients): an empty header says nothing.
+fn connect_head(authority: SocketAddr, client_addr: SocketAddr, baggage: &str) -> Result<Request<()>, HboneError> {
+    let mut head = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .header(FORWARDED, forwarded_for(client_addr));
+    if !baggage.is_empty() {
+        head = head.header(BAGGAGE, baggage);
+    }
+    head.header(TRACEPARENT, new_traceparent()).body(()).map_err(|e| HboneError::BadRequest(e.to_string()))
+}
+
 /// An open CONNECT stream. Dropping it ends the stream; the pooled connection stays.
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
@@ -278,14 +291,7 @@ impl HbonePool {
         let addr = connection.addr;
         let h2 = |e| HboneError::Http2(addr, e);
         let mut sender = connection.sender.clone().ready().await.map_err(h2)?;
-        let connect = Request::builder()
-            .method(Method::CONNECT)
-            .uri(request.authority.to_string())
-            .header(FORWARDED, forwarded_for(request.client_addr))
-            .header(BAGGAGE, request.baggage.as_str())
-            .header(TRACEPARENT, new_traceparent())
-            .body(())
-            .map_err(|e| HboneError::BadRequest(e.to_string()))?;
+        let connect = connect_head(request.authority, request.client_addr, &request.baggage)?;
         let (response, send) = sender.send_request(connect, false).map_err(h2)?;
         let response = response.await.map_err(h2)?;
         if response.status() != StatusCode::OK {
@@ -322,5 +328,24 @@ async fn close_idle(pool: std::sync::Weak<HbonePool>) {
         tokio::time::sleep(IDLE_TIMEOUT / 4).await;
         let Some(pool) = pool.upgrade() else { return };
         pool.close_idle_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_head_omits_empty_baggage() {
+        let authority: SocketAddr = "10.1.2.21:9080".parse().expect("addr");
+        let client: SocketAddr = "10.1.1.11:0".parse().expect("addr");
+        let head = connect_head(authority, client, "").expect("head");
+        assert_eq!(head.method(), Method::CONNECT);
+        assert_eq!(head.uri().to_string(), "10.1.2.21:9080");
+        assert_eq!(head.headers().get(FORWARDED).and_then(|v| v.to_str().ok()), Some("for=10.1.1.11"));
+        assert!(head.headers().get(BAGGAGE).is_none(), "empty baggage is sent");
+        assert!(head.headers().contains_key(TRACEPARENT));
+        let head = connect_head(authority, client, "k8s.pod.name=p11").expect("head");
+        assert_eq!(head.headers().get(BAGGAGE).and_then(|v| v.to_str().ok()), Some("k8s.pod.name=p11"));
     }
 }
