@@ -116,12 +116,14 @@ fn an_underlay_firewall_sees_pod_addresses() -> io::Result<()> {
            set ok {{ type ipv4_addr; elements = {{ {}, {} }} }}\n\
            chain input {{\n\
              type filter hook input priority 0; policy accept;\n\
+             tcp dport 15008 ip saddr {} counter comment \"from node 1\"\n\
              tcp dport 15008 ip saddr @ok counter accept comment \"admitted\"\n\
              tcp dport 15008 counter reject with tcp reset comment \"refused\"\n\
            }}\n\
          }}\n",
         b.p11.ip(),
-        b.p12.ip()
+        b.p12.ip(),
+        b.n1.ip()
     );
     let file = b.n2.netns().dir().join("firewall.nft");
     std::fs::write(&file, rules)?;
@@ -130,6 +132,7 @@ fn an_underlay_firewall_sees_pod_addresses() -> io::Result<()> {
 
     let (ok, took) = b.reaches(&b.p11)?;
     let after_p11 = ruleset()?;
+    assert_eq!(counted(&after_p11, "from node 1"), 0, "tunnels leave from node 1's address:\n{after_p11}");
     assert!(ok, "p11 (namespace a) is let through in {took:?}; firewall:\n{after_p11}\nnode 1:\n{}", p1.log_tail());
     assert!(counted(&after_p11, "admitted") > 0, "the input hook saw p11's tunnel:\n{after_p11}");
     assert_eq!(counted(&after_p11, "refused"), 0, "nothing was refused:\n{after_p11}");
