@@ -63,7 +63,9 @@ impl Bed {
 }
 
 // L4-6 with AUTHZ-1 `ipBlocks`: the server's node proxy takes the client for the pod it is, not
-// for its node nor for another pod of the same identity; the access line names that pod.
+// for its node nor for another pod of the same identity; the access line names that pod. It also
+// guards the pool key (L4-2): were p12's stream to ride p11's pooled connection, its TCP source
+// would be p11's address and it would be taken for p11.
 #[test]
 fn ip_blocks_at_the_destination_tell_pods_of_one_identity_apart() -> io::Result<()> {
     let b = bed("hbsrc::ipblocks")?;

@@ -76,7 +76,7 @@ pub struct ConnectRequest {
 
 /// The CONNECT request of one tunnel (L4-1). `baggage` is left out when there is none to send
 /// (a waypoint's pooled upstream speaks for many clients): an empty header says nothing.
-fn connect_head(authority: SocketAddr, client_addr: SocketAddr, baggage: &str) -> Result<Request<()>, HboneError> {
+fn connect_head(authority: SocketAddr, client_addr: SocketAddr, baggage: &str) -> Result<Request<()>, http::Error> {
     let mut head = Request::builder()
         .method(Method::CONNECT)
         .uri(authority.to_string())
@@ -84,7 +84,7 @@ fn connect_head(authority: SocketAddr, client_addr: SocketAddr, baggage: &str) -
     if !baggage.is_empty() {
         head = head.header(BAGGAGE, baggage);
     }
-    head.header(TRACEPARENT, new_traceparent()).body(()).map_err(|e| HboneError::BadRequest(e.to_string()))
+    head.header(TRACEPARENT, new_traceparent()).body(())
 }
 
 /// An open CONNECT stream. Dropping it ends the stream; the pooled connection stays.
@@ -291,7 +291,8 @@ impl HbonePool {
         let addr = connection.addr;
         let h2 = |e| HboneError::Http2(addr, e);
         let mut sender = connection.sender.clone().ready().await.map_err(h2)?;
-        let connect = connect_head(request.authority, request.client_addr, &request.baggage)?;
+        let connect = connect_head(request.authority, request.client_addr, &request.baggage)
+            .map_err(|e| HboneError::BadRequest(e.to_string()))?;
         let (response, send) = sender.send_request(connect, false).map_err(h2)?;
         let response = response.await.map_err(h2)?;
         if response.status() != StatusCode::OK {
