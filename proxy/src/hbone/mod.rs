@@ -154,6 +154,21 @@ mod tests {
         assert_eq!(client_address(None, node, owned), None);
     }
 
+    // L4-1: a CONNECT carries `forwarded` and `traceparent`, and `baggage` only when there is some.
+    #[test]
+    fn connect_head_omits_empty_baggage() {
+        let authority: SocketAddr = "10.1.2.21:9080".parse().expect("addr");
+        let client: SocketAddr = "10.1.1.11:0".parse().expect("addr");
+        let head = client::connect_head(authority, client, "").expect("head");
+        assert_eq!(head.method(), http::Method::CONNECT);
+        assert_eq!(head.uri().to_string(), "10.1.2.21:9080");
+        assert_eq!(head.headers().get(FORWARDED).and_then(|v| v.to_str().ok()), Some("for=10.1.1.11"));
+        assert!(head.headers().get(BAGGAGE).is_none(), "empty baggage is sent");
+        assert!(head.headers().contains_key(TRACEPARENT));
+        let head = client::connect_head(authority, client, "k8s.pod.name=p11").expect("head");
+        assert_eq!(head.headers().get(BAGGAGE).and_then(|v| v.to_str().ok()), Some("k8s.pod.name=p11"));
+    }
+
     #[test]
     fn traceparent_is_w3c_shaped() {
         let t = new_traceparent();
