@@ -83,12 +83,13 @@ pub fn run() -> anyhow::Result<()> {
     let _outside = [
         partner.echo_server(EchoKind::Http, 80).name("partner-api").start()?,
         elsewhere.echo_server(EchoKind::Http, 80).name("elsewhere").start()?,
-        start_resolver(&resolver, &[(PARTNER_HOST, &partner), (UNLISTED_HOST, &elsewhere)])?,
+        resolver
+            .start_dns(&[format!("{PARTNER_HOST}={}", partner.ip()), format!("{UNLISTED_HOST}={}", elsewhere.ip())])
+            .context("the demo's DNS server did not start")?,
     ];
     // The node proxy on node1 and the `sleep` pod resolve names through that resolver.
-    let resolv_conf = format!("nameserver {}\noptions timeout:1 attempts:2\n", resolver.ip());
-    node1.netns().set_resolv_conf(&resolv_conf)?;
-    sleep.netns().set_resolv_conf(&resolv_conf)?;
+    node1.netns().use_resolver(resolver.ip())?;
+    sleep.netns().use_resolver(resolver.ip())?;
     let strait = bin_path("strait");
     let ca_dir = topo.dir().join("ca");
     let config_dir = topo.config_dir();
@@ -298,18 +299,6 @@ fn l7_steps(topo: &Topology, sleep: &Pod, proxies: &[Process], mirror_target: &P
         summary.served("reviews-v1")
     );
     Ok(())
-}
-
-/// `strait-echo dns` on port 53 of `pod`, answering each name with a pod's address.
-fn start_resolver(pod: &Pod, records: &[(&str, &Pod)]) -> anyhow::Result<Process> {
-    let records: Vec<String> = records.iter().map(|(name, p)| format!("{name}={}", p.ip())).collect();
-    let mut args = vec!["dns", "53"];
-    for record in &records {
-        args.extend(["--record", record.as_str()]);
-    }
-    let server = pod.spawn("dns", bin_path("strait-echo"), &args, &[])?;
-    server.wait_for_log("dns serving", TIMEOUT).context("the demo's DNS server did not start")?;
-    Ok(server)
 }
 
 /// Step 9: `strait gateway` as the ingress gateway: a client outside the mesh reaches `reviews`

@@ -122,6 +122,15 @@ fn quote(value: &str) -> String {
     out
 }
 
+/// Istio's mesh configuration (the `istio` ConfigMap of `istio-system`) with
+/// `outboundTrafficPolicy.mode` set to `mode` (`REGISTRY_ONLY` or `ALLOW_ANY`).
+pub fn mesh_config_yaml(mode: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |-\n    \
+         accessLogFile: /dev/stdout\n    outboundTrafficPolicy:\n      mode: {mode}\n"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

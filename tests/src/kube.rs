@@ -637,6 +637,96 @@ pub fn kube_apiserver_path() -> io::Result<PathBuf> {
     }
 }
 
+/// Checks test clusters use on the project's manifests and RBAC.
+impl KubeApi {
+    /// `kubectl auth can-i VERB RESOURCE -n NAMESPACE --as USER`; `RESOURCE` is
+    /// `resource[/name]`, or `resource#subresource`.
+    pub fn can_i(&self, user: &str, verb: &str, resource: &str, namespace: &str) -> io::Result<bool> {
+        let mut args = vec!["auth", "can-i", verb, "-n", namespace, "--as", user];
+        match resource.split_once('#') {
+            Some((resource, subresource)) => args.extend([resource, "--subresource", subresource]),
+            None => args.push(resource),
+        }
+        let out = self.kubectl_command(&args).output()?;
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        match answer.as_str() {
+            "yes" => Ok(true),
+            "no" => Ok(false),
+            _ => Err(io::Error::other(format!(
+                "kubectl auth can-i {verb} {resource}: {answer} {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))),
+        }
+    }
+
+    /// kubectl as the holder of `token` (its `--token` replaces the admin's), `stdin` piped in
+    /// when given: whether it succeeded, and its stdout and stderr.
+    pub fn kubectl_as(&self, token: &str, args: &[&str], stdin: Option<&str>) -> io::Result<(bool, String)> {
+        let mut all = vec!["--token", token];
+        all.extend_from_slice(args);
+        let mut child =
+            self.kubectl_command(&all).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let mut input = child.stdin.take().ok_or_else(|| io::Error::other("no stdin"))?;
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes())?;
+        }
+        drop(input);
+        let out = child.wait_with_output()?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        Ok((out.status.success(), text))
+    }
+
+    /// A kubeconfig (in this server's directory, named after `name`) with this API server and
+    /// `token` as the user.
+    pub fn token_kubeconfig(&self, token: &str, name: &str) -> io::Result<PathBuf> {
+        let path = self.dir().join(format!("{name}.kubeconfig"));
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: \
+             {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: \
+             u\ncurrent-context: c\n",
+            self.server_url(),
+            self.ca_cert().display()
+        );
+        fs::write(&path, config)?;
+        Ok(path)
+    }
+}
+
+/// `kubectl kustomize DIR`: the manifests an overlay renders.
+pub fn kustomize(dir: &Path) -> io::Result<String> {
+    let out = Command::new("kubectl").arg("kustomize").arg(dir).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "kubectl kustomize {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// kubernetes-validate (strict: unknown fields are errors) on `yaml` for Kubernetes `version`,
+/// from the venv `cargo xtask setup` installs it into (xtask/src/kube.rs); the manifests are
+/// written to `dir`. Whether they passed, and what it said.
+pub fn kubernetes_validate(yaml: &str, version: &str, dir: &Path) -> io::Result<(bool, String)> {
+    let cache = match std::env::var_os("STRAIT_CACHE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => match std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+            Some(dir) => PathBuf::from(dir).join("strait"),
+            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/strait"),
+        },
+    };
+    let bin = cache.join("kubernetes-validate/bin/kubernetes-validate");
+    if !bin.is_file() {
+        return Err(io::Error::other(format!("{} is missing: run `cargo xtask setup`", bin.display())));
+    }
+    let file = dir.join(format!("rendered-{version}.yaml"));
+    fs::write(&file, yaml)?;
+    let out = Command::new(bin).args(["--strict", "--quiet", "-k", version]).arg(&file).output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success() && !text.contains("ERROR"), text))
+}
+
 fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file()))
@@ -644,7 +734,7 @@ fn which(program: &str) -> Option<PathBuf> {
 
 /// A port free on 127.0.0.1 right now. Another process may take it before our server binds it;
 /// `start` retries when that happens.
-fn free_port() -> io::Result<u16> {
+pub fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }
 

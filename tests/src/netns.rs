@@ -161,6 +161,13 @@ impl Netns {
         std::fs::write(&path, content).map_err(context(format!("writing {}", path.display())))
     }
 
+    /// Points this namespace at the resolver at `nameserver` (see [`Netns::set_resolv_conf`]),
+    /// giving up on it quickly: a test waits seconds, not the libc default of 5 s × 2.
+    pub fn use_resolver(&self, nameserver: impl Into<std::net::IpAddr>) -> io::Result<()> {
+        let nameserver = nameserver.into();
+        self.set_resolv_conf(&format!("nameserver {nameserver}\noptions timeout:1 attempts:2\n"))
+    }
+
     fn resolv_conf_path(&self) -> Option<PathBuf> {
         Some(etc_dir(&self.name).join("resolv.conf"))
     }

@@ -155,6 +155,18 @@ const DEFAULT_CURL_TIMEOUT: &str = "10";
 const ECHO_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Pod {
+    /// Starts `strait-echo dns` on port 53 of the pod, answering each `name=ip` of `records`
+    /// (the stand-in for a cluster's or the Internet's DNS), once it serves.
+    pub fn start_dns(&self, records: &[String]) -> io::Result<Process> {
+        let mut args = vec!["dns", "53"];
+        for record in records {
+            args.extend(["--record", record.as_str()]);
+        }
+        let server = self.spawn("dns", require_bin("strait-echo")?, &args, &[])?;
+        server.wait_for_log("dns serving", ECHO_START_TIMEOUT)?;
+        Ok(server)
+    }
+
     /// `curl -sS --max-time <timeout> <url>` from inside the pod.
     pub fn curl(&self, url: &str, timeout: Duration) -> io::Result<CurlResult> {
         self.curl_args(&["--max-time", &format!("{:.3}", timeout.as_secs_f64()), url])

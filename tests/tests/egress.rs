@@ -9,16 +9,8 @@ mod common;
 
 use std::{io, time::Duration};
 
-use common::{MESH, TIMEOUT, TwoNodes, apply, ca_dir, start_node, wait_access_line};
-use strait_testbed::{CurlResult, EchoKind, Node, Pod, Process, bin_path, k8s};
-
-/// Istio's mesh configuration with the given outbound mode (L4-5).
-fn mesh_config(mode: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |-\n    \
-         accessLogFile: /dev/stdout\n    outboundTrafficPolicy:\n      mode: {mode}\n"
-    )
-}
+use common::{MESH, TIMEOUT, TwoNodes, apply, ca_dir, registry_only_refusals, start_node, wait_access_line};
+use strait_testbed::{CurlResult, EchoKind, Pod, bin_path, k8s};
 
 /// The mesh namespace and its client pod.
 fn mesh(t: &TwoNodes) -> String {
@@ -27,33 +19,6 @@ fn mesh(t: &TwoNodes) -> String {
         k8s::pod_yaml(&t.client, MESH, "client", &[]),
     ]
     .concat()
-}
-
-/// Starts `strait-echo dns` on port 53 of `pod` with `records` (`name=ip`).
-fn start_dns(pod: &Pod, records: &[String]) -> io::Result<Process> {
-    let mut args = vec!["dns", "53"];
-    for record in records {
-        args.extend(["--record", record.as_str()]);
-    }
-    let server = pod.spawn("dns", bin_path("strait-echo"), &args, &[])?;
-    server.wait_for_log("dns serving", TIMEOUT)?;
-    Ok(server)
-}
-
-/// Points the node (its proxy, started afterwards) and the client pod at the resolver in `dns`.
-fn use_resolver(t: &TwoNodes, dns: &Pod) -> io::Result<()> {
-    let conf = format!("nameserver {}\noptions timeout:1 attempts:2\n", dns.ip());
-    t.n1.netns().set_resolv_conf(&conf)?;
-    t.client.netns().set_resolv_conf(&conf)
-}
-
-fn refused_count(node: &Node) -> io::Result<u64> {
-    let text = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("strait_outbound_refused_total{reason=\"registry_only\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0))
 }
 
 fn get(client: &Pod, url: &str) -> io::Result<CurlResult> {
@@ -78,18 +43,18 @@ fn dns_service_entry_and_registry_only_switched_on_reload() -> io::Result<()> {
     let resolver = t.topo.add_pod(&t.n2, "resolver")?;
     let _cnn = t.server.echo_server(EchoKind::Http, 80).name("cnn-stand-in").start()?;
     let _other = other.echo_server(EchoKind::Http, 80).name("unlisted-server").start()?;
-    let _dns = start_dns(
-        &resolver,
-        &[format!("edition.cnn.com={}", t.server.ip()), format!("unlisted.example.com={}", other.ip())],
-    )?;
-    use_resolver(&t, &resolver)?;
+    let _dns = resolver
+        .start_dns(&[format!("edition.cnn.com={}", t.server.ip()), format!("unlisted.example.com={}", other.ip())])?;
+    for netns in [t.n1.netns(), t.client.netns()] {
+        netns.use_resolver(resolver.ip())?;
+    }
     // The seed's ServiceEntry, verbatim (seed 002).
     let entry = "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\nmetadata:\n  name: cnn\n  namespace: mesh\n\
                  spec:\n  hosts:\n  - edition.cnn.com\n  ports:\n  - number: 80\n    name: http-port\n    protocol: HTTP\n  \
                  - number: 443\n    name: https\n    protocol: HTTPS\n  resolution: DNS\n";
     t.topo.write_config("mesh.yaml", &mesh(&t))?;
     t.topo.write_config("entry.yaml", entry)?;
-    t.topo.write_config("meshconfig.yaml", &mesh_config("REGISTRY_ONLY"))?;
+    t.topo.write_config("meshconfig.yaml", &k8s::mesh_config_yaml("REGISTRY_ONLY"))?;
     let p1 = start_node(&t.topo, &t.n1, &ca_dir(&t.topo, "ca"), &[])?;
     p1.wait_for_log("ServiceEntry host resolved", TIMEOUT)?;
 
@@ -103,17 +68,17 @@ fn dns_service_entry_and_registry_only_switched_on_reload() -> io::Result<()> {
     let other_addr = format!("dst.addr={}:80", other.ip());
     let line = wait_access_line(&p1, &["outbound", &other_addr, "result=refused"], TIMEOUT)?;
     assert!(line.contains("REGISTRY_ONLY"), "{line}");
-    assert_eq!(refused_count(&t.n1)?, 1);
+    assert_eq!(registry_only_refusals(&t.n1)?, 1);
 
-    apply(&t.topo, &[&p1], "meshconfig.yaml", &mesh_config("ALLOW_ANY"))?;
+    apply(&t.topo, &[&p1], "meshconfig.yaml", &k8s::mesh_config_yaml("ALLOW_ANY"))?;
     let reply = get(&t.client, "http://unlisted.example.com/")?;
     assert!(reply.ok() && reply.body.contains("hello from unlisted-server"), "ALLOW_ANY: {reply:?}");
     assert!(get(&t.client, "http://edition.cnn.com/")?.ok(), "the entry's host still works");
 
-    apply(&t.topo, &[&p1], "meshconfig.yaml", &mesh_config("REGISTRY_ONLY"))?;
+    apply(&t.topo, &[&p1], "meshconfig.yaml", &k8s::mesh_config_yaml("REGISTRY_ONLY"))?;
     assert_eq!(get(&t.client, "http://unlisted.example.com/")?.status, 0, "REGISTRY_ONLY again");
     assert!(get(&t.client, "http://edition.cnn.com/")?.ok());
-    assert_eq!(refused_count(&t.n1)?, 2);
+    assert_eq!(registry_only_refusals(&t.n1)?, 2);
     // The resolver was asked by the node proxy, not only by the app (it knows the host's address).
     assert!(_dns.log().lines().any(|l| l.contains("edition.cnn.com type 1") && l.contains(&t.n1.ip().to_string())));
     Ok(())
@@ -144,7 +109,7 @@ fn static_none_and_wildcard_entries() -> io::Result<()> {
     );
     t.topo.write_config("mesh.yaml", &mesh(&t))?;
     t.topo.write_config("entries.yaml", &entries)?;
-    t.topo.write_config("meshconfig.yaml", &mesh_config("REGISTRY_ONLY"))?;
+    t.topo.write_config("meshconfig.yaml", &k8s::mesh_config_yaml("REGISTRY_ONLY"))?;
     let p1 = start_node(&t.topo, &t.n1, &ca_dir(&t.topo, "ca"), &[])?;
 
     let reply = get(&t.client, "http://240.240.0.10/")?;
@@ -178,8 +143,10 @@ fn mesh_route_of_an_external_host_redirects_to_a_mesh_service() -> io::Result<()
     let _relay = t.server.echo_server(EchoKind::Http, 8080).name("relay-v1").start()?;
     let _ext80 = external.echo_server(EchoKind::Http, 80).name("external-80").start()?;
     let _ext81 = external.echo_server(EchoKind::Http, 81).name("external-81").start()?;
-    let _dns = start_dns(&resolver, &[format!("edition.cnn.com={}", external.ip())])?;
-    use_resolver(&t, &resolver)?;
+    let _dns = resolver.start_dns(&[format!("edition.cnn.com={}", external.ip())])?;
+    for netns in [t.n1.netns(), t.client.netns()] {
+        netns.use_resolver(resolver.ip())?;
+    }
     let routing = "apiVersion: v1\nkind: Service\nmetadata: {name: relay, namespace: mesh}\nspec:\n  clusterIP: \
                    10.96.7.7\n  selector: {app: server}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\n\
                    apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: cnn, namespace: mesh}\n\
@@ -192,7 +159,7 @@ fn mesh_route_of_an_external_host_redirects_to_a_mesh_service() -> io::Result<()
                    - destination: {host: relay.mesh.svc.cluster.local, subset: v1, port: {number: 80}}\n      weight: 100\n";
     t.topo.write_config("c.yaml", &t.config("server", &[("version", "v1")]))?;
     t.topo.write_config("routing.yaml", routing)?;
-    t.topo.write_config("meshconfig.yaml", &mesh_config("REGISTRY_ONLY"))?;
+    t.topo.write_config("meshconfig.yaml", &k8s::mesh_config_yaml("REGISTRY_ONLY"))?;
     let (p1, p2) = t.start_proxies(&[])?;
     p1.wait_for_log("ServiceEntry host resolved", TIMEOUT)?;
 

@@ -13,13 +13,6 @@ use std::{
 use common::{Control, MESH, TwoNodes, wait_access_line};
 use strait_testbed::{EchoKind, Pod, k8s};
 
-fn mesh_config(mode: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |-\n    \
-         outboundTrafficPolicy:\n      mode: {mode}\n"
-    )
-}
-
 /// Whether `client` gets an answer from `url` within a second or two.
 fn answered(client: &Pod, url: &str) -> io::Result<bool> {
     Ok(client.curl(url, Duration::from_secs(2))?.ok())
@@ -46,7 +39,7 @@ fn registry_only_reaches_node_proxies_over_xds() -> io::Result<()> {
     ]
     .concat();
     t.topo.write_config("mesh.yaml", &base)?;
-    t.topo.write_config("meshconfig.yaml", &mesh_config("REGISTRY_ONLY"))?;
+    t.topo.write_config("meshconfig.yaml", &k8s::mesh_config_yaml("REGISTRY_ONLY"))?;
     let _ctl = control.start(&t.topo, &[])?;
     let p1 = control.start_node(&t.topo, &t.n1)?;
 
@@ -63,7 +56,7 @@ fn registry_only_reaches_node_proxies_over_xds() -> io::Result<()> {
     wait_access_line(&p1, &["dst.service=api.partner.example", "result=ok"], common::TIMEOUT)?;
 
     // ALLOW_ANY written to the control plane's directory reaches the node proxy.
-    t.topo.write_config("meshconfig.yaml", &mesh_config("ALLOW_ANY"))?;
+    t.topo.write_config("meshconfig.yaml", &k8s::mesh_config_yaml("ALLOW_ANY"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !answered(&t.client, &elsewhere_url)? {
         assert!(Instant::now() < deadline, "ALLOW_ANY never reached the node proxy:\n{}", p1.log_tail());

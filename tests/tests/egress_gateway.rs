@@ -7,181 +7,17 @@
 
 mod common;
 
-use std::{
-    fs, io,
-    path::Path,
-    process::Command,
-    time::{Duration, Instant},
+use std::{fs, io, path::Path, process::Command, time::Duration};
+
+use common::{
+    Control, TIMEOUT, ca_dir, registry_only_refusals, start_egress_gateway, start_node, wait_access_line, wait_log_line,
 };
-
-use common::{Control, TIMEOUT, ca_dir, start_node, wait_access_line};
-use strait_testbed::{EchoKind, Node, Pod, Process, Topology, bin_path, k8s};
-
-/// Istio's mesh configuration with the given outbound mode (L4-5), as seed 002 sets it.
-fn mesh_config(mode: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |-\n    \
-         accessLogFile: /dev/stdout\n    outboundTrafficPolicy:\n      mode: {mode}\n"
-    )
-}
-
-/// Starts `strait-echo dns` on port 53 of `pod` with `records` (`name=ip`).
-fn start_dns(pod: &Pod, records: &[String]) -> io::Result<Process> {
-    let mut args = vec!["dns", "53"];
-    for record in records {
-        args.extend(["--record", record.as_str()]);
-    }
-    let server = pod.spawn("dns", bin_path("strait-echo"), &args, &[])?;
-    server.wait_for_log("dns serving", TIMEOUT)?;
-    Ok(server)
-}
-
-/// Points the network namespaces of `nodes` and `pods` at the resolver in `dns` (a proxy
-/// started afterwards reads it).
-fn use_resolver(dns: &Pod, nodes: &[&Node], pods: &[&Pod]) -> io::Result<()> {
-    let conf = format!("nameserver {}\noptions timeout:1 attempts:2\n", dns.ip());
-    for node in nodes {
-        node.netns().set_resolv_conf(&conf)?;
-    }
-    for pod in pods {
-        pod.netns().set_resolv_conf(&conf)?;
-    }
-    Ok(())
-}
-
-fn refused_count(node: &Node) -> io::Result<u64> {
-    let text = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("strait_outbound_refused_total{reason=\"registry_only\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0))
-}
-
-/// Starts `strait gateway --labels istio=egressgateway --namespace istio-system --hbone` in
-/// `pod` with the mesh's CA (directory `ca`), and waits until it is ready.
-fn start_egress_gateway(topo: &Topology, pod: &Pod, ca: &Path, extra: &[&str]) -> io::Result<Process> {
-    let config = topo.config_dir().to_string_lossy().into_owned();
-    let ca = ca.to_string_lossy().into_owned();
-    let mut args = vec![
-        "gateway",
-        "--config",
-        &config,
-        "--ca-dir",
-        &ca,
-        "--labels",
-        "istio=egressgateway",
-        "--namespace",
-        "istio-system",
-        "--hbone",
-    ];
-    args.extend_from_slice(extra);
-    let gw = pod.spawn("egressgateway", bin_path("strait"), &args, &[("STRAIT_LOG", "info")])?;
-    let deadline = Instant::now() + TIMEOUT;
-    while gw.count_log_lines("strait gateway ready") == 0 {
-        if Instant::now() > deadline || !gw.is_running() {
-            return Err(io::Error::other(format!("strait gateway did not become ready:\n{}", gw.log_tail())));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(gw)
-}
-
-/// Waits for a line of `process`'s log containing all `needles`.
-fn wait_line(process: &Process, needles: &[&str]) -> io::Result<String> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(line) = process.log().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-            return Ok(line.to_owned());
-        }
-        if Instant::now() > deadline {
-            return Err(io::Error::other(format!("no line with {needles:?}; log ends with:\n{}", process.log_tail())));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use strait_testbed::{EchoKind, Process, Topology, bin_path, k8s};
 
 /// Seed 002's resources, verbatim: the ServiceEntry, the Gateway selecting the egress gateway,
 /// the DestinationRule with the `cnn` subset of the egress gateway's service, and the
 /// VirtualService bound to `mesh` and the Gateway.
-const SEED_002: &str = r#"---
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: cnn
-  namespace: akv2k8s-test
-spec:
-  hosts:
-  - edition.cnn.com
-  ports:
-  - number: 80
-    name: http-port
-    protocol: HTTP
-  - number: 443
-    name: https
-    protocol: HTTPS
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1alpha3
-kind: Gateway
-metadata:
-  name: istio-egressgateway
-  namespace: akv2k8s-test
-spec:
-  selector:
-    istio: egressgateway
-  servers:
-  - port:
-      number: 80
-      name: http
-      protocol: HTTP
-    hosts:
-    - edition.cnn.com
----
-apiVersion: networking.istio.io/v1alpha3
-kind: DestinationRule
-metadata:
-  name: egressgateway-for-cnn
-  namespace: akv2k8s-test
-spec:
-  host: istio-egressgateway.istio-system.svc.cluster.local
-  subsets:
-  - name: cnn
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: direct-cnn-through-egress-gateway
-  namespace: akv2k8s-test
-spec:
-  hosts:
-  - edition.cnn.com
-  gateways:
-  - istio-egressgateway
-  - mesh
-  http:
-  - match:
-    - gateways:
-      - mesh
-      port: 80
-    route:
-    - destination:
-        host: istio-egressgateway.istio-system.svc.cluster.local
-        subset: cnn
-        port:
-          number: 80
-      weight: 100
-  - match:
-    - gateways:
-      - istio-egressgateway
-      port: 80
-    route:
-    - destination:
-        host: edition.cnn.com
-        port:
-          number: 80
-      weight: 100
-"#;
+const SEED_002: &str = include_str!("../../proxy/tests/fixtures/samples/seed-002-egress-gateway.yaml");
 
 // GW-3, GW-4 (seed 002), L4-5: under REGISTRY_ONLY, the sleep pod's `curl
 // http://edition.cnn.com/politics` leaves its node over HBONE (mutual TLS) to the egress
@@ -209,11 +45,11 @@ fn seed_002(test: &str, over_xds: bool) -> io::Result<()> {
         (topo.add_pod(&n2, "cnn")?, topo.add_pod(&n2, "unlisted")?, topo.add_pod(&n2, "resolver")?);
     let _cnn = cnn.echo_server(EchoKind::Http, 80).name("cnn-stand-in").start()?;
     let _unlisted = unlisted.echo_server(EchoKind::Http, 80).name("unlisted-server").start()?;
-    let _dns = start_dns(
-        &resolver,
-        &[format!("edition.cnn.com={}", cnn.ip()), format!("unlisted.example.com={}", unlisted.ip())],
-    )?;
-    use_resolver(&resolver, &[&n1], &[&sleep, &egress])?;
+    let _dns = resolver
+        .start_dns(&[format!("edition.cnn.com={}", cnn.ip()), format!("unlisted.example.com={}", unlisted.ip())])?;
+    for netns in [n1.netns(), sleep.netns(), egress.netns()] {
+        netns.use_resolver(resolver.ip())?;
+    }
     let cluster = [
         k8s::namespace_yaml("akv2k8s-test", &[("istio-injection", "enabled"), ("istio.io/dataplane-mode", "ambient")]),
         k8s::namespace_yaml("istio-system", &[]),
@@ -232,7 +68,7 @@ fn seed_002(test: &str, over_xds: bool) -> io::Result<()> {
             &[("istio", "egressgateway")],
             &[],
         ),
-        mesh_config("REGISTRY_ONLY"),
+        k8s::mesh_config_yaml("REGISTRY_ONLY"),
     ]
     .concat();
     topo.write_config("cluster.yaml", &cluster)?;
@@ -277,7 +113,7 @@ fn seed_002(test: &str, over_xds: bool) -> io::Result<()> {
     }
     // The egress gateway: the request by path and host, from the pod's identity, to the
     // external host's service through the Gateway-bound route.
-    let line = wait_line(&gw, &[" http ", "path=\"/politics\""])?;
+    let line = wait_log_line(&gw, &[" http ", "path=\"/politics\""])?;
     for want in [
         "authority=edition.cnn.com",
         "status=200",
@@ -295,161 +131,14 @@ fn seed_002(test: &str, over_xds: bool) -> io::Result<()> {
     let line =
         wait_access_line(&p1, &["outbound", &format!("dst.addr={}:80", unlisted.ip()), "result=refused"], TIMEOUT)?;
     assert!(line.contains("REGISTRY_ONLY"), "{line}");
-    assert_eq!(refused_count(&n1)?, 1);
+    assert_eq!(registry_only_refusals(&n1)?, 1);
     assert!(!_unlisted.log().contains("peer="), "nothing reached the unlisted server: {}", _unlisted.log());
     Ok(())
 }
 
 /// Seed 000's ServiceEntries, DestinationRule, Gateway and VirtualServices, verbatim (namespace
 /// `default`, as `kubectl apply` without `-n` puts them).
-const SEED_000: &str = r#"---
-apiVersion: networking.istio.io/v1alpha3
-kind: Gateway
-metadata:
-  name: proxy
-spec:
-  selector:
-    istio: ingressgateway # use istio default ingress gateway
-  servers:
-  - port:
-      number: 80
-      name: http
-      protocol: HTTP
-    hosts:
-    - httpbin.org
-  - port:
-      number: 443
-      name: tls
-      protocol: TLS
-    tls:
-      mode: PASSTHROUGH
-    hosts:
-    - edition.cnn.com
----
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: httpbin-ext
-spec:
-  hosts:
-  - httpbin.org
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  resolution: DNS
-  location: MESH_EXTERNAL
----
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: cnn
-spec:
-  hosts:
-  - edition.cnn.com
-  ports:
-  - number: 443
-    name: tls
-    protocol: TLS
-  resolution: DNS
-  location: MESH_EXTERNAL
----
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: localhost
-spec:
-  hosts:
-  - localhost.local
-  location: MESH_EXTERNAL
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  - number: 443
-    name: tls
-    protocol: TLS
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
----
-apiVersion: networking.istio.io/v1alpha3
-kind: DestinationRule
-metadata:
-  name: localhost
-spec:
-  host: localhost.local
-  trafficPolicy:
-    tls:
-      mode: DISABLE
-      sni: localhost.local
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: httpbin
-spec:
-  hosts:
-  - httpbin.org
-  gateways:
-  - proxy
-  - mesh
-  http:
-  - match:
-    - gateways:
-      - proxy
-      port: 80
-      uri:
-        prefix: /status
-    route:
-    - destination:
-        host: httpbin.org
-        port:
-          number: 80
-  - match:
-    - gateways:
-      - mesh
-      port: 80
-    route:
-    - destination:
-        host: localhost.local
-        port:
-          number: 80
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: cnn
-spec:
-  hosts:
-  - edition.cnn.com
-  gateways:
-  - proxy
-  - mesh
-  tls:
-  - match:
-    - gateways:
-      - proxy
-      port: 443
-      sni_hosts:
-      - edition.cnn.com
-    route:
-    - destination:
-        host: edition.cnn.com
-        port:
-          number: 443
-  - match:
-    - gateways:
-      - mesh
-      port: 443
-      sni_hosts:
-      - edition.cnn.com
-    route:
-    - destination:
-        host: localhost.local
-        port:
-          number: 443
-"#;
+const SEED_000: &str = include_str!("../../proxy/tests/fixtures/samples/seed-000-proxy-external.yaml");
 
 /// A self-signed certificate for `host`, as `<dir>/<host>.crt|key`.
 fn self_signed(dir: &Path, host: &str) -> io::Result<(String, String)> {
@@ -506,8 +195,10 @@ fn seed_000_mesh_calls_are_blackholed() -> io::Result<()> {
     let trap_tls =
         start_https(|n, a| n1.spawn(n, bin_path("strait-echo"), a, &[]), "443", &other_cert, "node-loopback-tls")?;
     let _dns =
-        start_dns(&resolver, &[format!("httpbin.org={}", httpbin.ip()), format!("edition.cnn.com={}", cnn.ip())])?;
-    use_resolver(&resolver, &[&n1], &[&sleep])?;
+        resolver.start_dns(&[format!("httpbin.org={}", httpbin.ip()), format!("edition.cnn.com={}", cnn.ip())])?;
+    for netns in [n1.netns(), sleep.netns()] {
+        netns.use_resolver(resolver.ip())?;
+    }
     let cluster = [
         k8s::namespace_yaml("default", &[("istio.io/dataplane-mode", "ambient")]),
         k8s::pod_yaml(&sleep, "default", "sleep", &[("app", "sleep")]),

@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Control, TIMEOUT};
-use strait_testbed::{EchoKind, Pod, Process, Topology, bin_path, k8s};
+use common::{Control, TIMEOUT, spawn_gateway};
+use strait_testbed::{EchoKind, Pod, Process, Topology, k8s};
 
 const ROUTES: &str = r#"
 ---
@@ -35,21 +35,12 @@ spec:
     route: [{destination: {host: backend, port: {number: 8000}}}]
 "#;
 
-/// `strait gateway` in `pod` following `control`, as `istio-system/istio-ingressgateway`.
 fn start_gateway(control: &Control, pod: &Pod) -> io::Result<Process> {
     let token = control.token("serviceaccounts/istio-system/istio-ingressgateway")?;
     let follow = control.follow_args(&token);
-    let mut args: Vec<&str> = vec!["gateway", "--labels", "istio=ingressgateway", "--port-map", "80=18080"];
+    let mut args: Vec<&str> = vec!["--labels", "istio=ingressgateway", "--port-map", "80=18080"];
     args.extend(follow.iter().map(String::as_str));
-    let gw = pod.spawn("gateway", bin_path("strait"), &args, &[("STRAIT_LOG", "info")])?;
-    let deadline = Instant::now() + TIMEOUT;
-    while gw.count_log_lines("strait gateway ready") == 0 {
-        if Instant::now() > deadline || !gw.is_running() {
-            return Err(io::Error::other(format!("strait gateway did not become ready:\n{}", gw.log_tail())));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(gw)
+    spawn_gateway(pod, "gateway", &args)
 }
 
 // GW-1, CFG-2: the gateway gets its Gateways and routes from the control plane; a Gateway

@@ -12,8 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TIMEOUT, ca_dir};
-use strait_testbed::{EchoKind, Pod, Process, Topology, bin_path, k8s};
+use common::{TIMEOUT, start_ingress_gateway};
+use strait_testbed::{EchoKind, Pod, Topology, k8s};
 
 /// Istio's `samples/bookinfo/networking/bookinfo-gateway.yaml`, verbatim.
 const BOOKINFO_GATEWAY: &str = r#"apiVersion: networking.istio.io/v1alpha3
@@ -61,24 +61,6 @@ spec:
           number: 9080
 "#;
 
-/// Starts `strait gateway --labels istio=ingressgateway` in `pod` with `extra` arguments and
-/// waits until it is ready.
-fn start_gateway(topo: &Topology, pod: &Pod, extra: &[&str]) -> io::Result<Process> {
-    let config = topo.config_dir().to_string_lossy().into_owned();
-    let ca = ca_dir(topo, "ca").to_string_lossy().into_owned();
-    let mut args = vec!["gateway", "--config", &config, "--ca-dir", &ca, "--labels", "istio=ingressgateway"];
-    args.extend_from_slice(extra);
-    let gw = pod.spawn("gateway", bin_path("strait"), &args, &[("STRAIT_LOG", "info")])?;
-    let deadline = Instant::now() + TIMEOUT;
-    while gw.count_log_lines("strait gateway ready") == 0 {
-        if Instant::now() > deadline || !gw.is_running() {
-            return Err(io::Error::other(format!("strait gateway did not become ready:\n{}", gw.log_tail())));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(gw)
-}
-
 /// A plain (not enrolled) namespace with one backend pod and its service.
 fn backend_config(ns: &str, pod: &Pod, service: &str, vip: &str, port: u16) -> String {
     [
@@ -101,7 +83,7 @@ fn bookinfo_gateway_sample_verbatim() -> io::Result<()> {
         backend_config("default", &productpage, "productpage", "10.96.0.40", 9080) + "---\n" + BOOKINFO_GATEWAY;
     topo.write_config("c.yaml", &config)?;
     let _server = productpage.echo_server(EchoKind::Http, 9080).name("productpage").start()?;
-    let gw = start_gateway(&topo, &gw_pod, &["--port-map", "8080=18080"])?;
+    let gw = start_ingress_gateway(&topo, &gw_pod, &["--port-map", "8080=18080"])?;
     let base = format!("http://{}:18080", gw_pod.ip());
 
     for path in ["/productpage", "/static/x.css", "/login", "/logout", "/api/v1/products/1"] {
@@ -170,7 +152,7 @@ spec:
     topo.write_config("c.yaml", &config)?;
     let _s1 = httpbin.echo_server(EchoKind::Http, 8000).name("httpbin").start()?;
     let _s2 = nginx.echo_server(EchoKind::Http, 80).name("nginx").start()?;
-    let gw = start_gateway(&topo, &gw_pod, &["--port-map", "80=18081"])?;
+    let gw = start_ingress_gateway(&topo, &gw_pod, &["--port-map", "80=18081"])?;
     let base = format!("http://{}:18081", gw_pod.ip());
     let get = |host: &str, path: &str| client.curl_args(&["-H", &format!("Host: {host}"), &format!("{base}{path}")]);
 
@@ -337,7 +319,7 @@ spec:
     topo.write_config("c.yaml", &(backend_config("web", &httpbin, "httpbin", "10.96.0.43", 8000) + istio))?;
     let _s = httpbin.echo_server(EchoKind::Http, 8000).name("httpbin").start()?;
     let creds_arg = creds.to_string_lossy().into_owned();
-    let gw = start_gateway(&topo, &gw_pod, &["--port-map", "443=18443", "--credentials", &creds_arg])?;
+    let gw = start_ingress_gateway(&topo, &gw_pod, &["--port-map", "443=18443", "--credentials", &creds_arg])?;
     let ip = gw_pod.ip();
     let cacert = pki.join("ca.crt").to_string_lossy().into_owned();
     let https = |host: &str, extra: &[&str]| {

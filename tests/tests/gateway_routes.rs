@@ -13,27 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TIMEOUT, ca_dir, start_node, wait_access_line};
+use common::{TIMEOUT, ca_dir, start_ingress_gateway, start_node, wait_access_line};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use strait_testbed::{CurlResult, EchoKind, Pod, Process, Topology, UnderlayCapture, bin_path, k8s, pcap};
-
-/// Starts `strait gateway --labels istio=ingressgateway` in `pod` with `extra` arguments and
-/// waits until it is ready.
-fn start_gateway(topo: &Topology, pod: &Pod, extra: &[&str]) -> io::Result<Process> {
-    let config = topo.config_dir().to_string_lossy().into_owned();
-    let ca = ca_dir(topo, "ca").to_string_lossy().into_owned();
-    let mut args = vec!["gateway", "--config", &config, "--ca-dir", &ca, "--labels", "istio=ingressgateway"];
-    args.extend_from_slice(extra);
-    let gw = pod.spawn("gateway", bin_path("strait"), &args, &[("STRAIT_LOG", "info")])?;
-    let deadline = Instant::now() + TIMEOUT;
-    while gw.count_log_lines("strait gateway ready") == 0 {
-        if Instant::now() > deadline || !gw.is_running() {
-            return Err(io::Error::other(format!("strait gateway did not become ready:\n{}", gw.log_tail())));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(gw)
-}
 
 /// Warnings about configuration files in a proxy's log (a document that loads cleanly has none).
 fn config_warnings(proxy: &Process) -> Vec<String> {
@@ -207,7 +189,7 @@ spec:
     let s2 = start_https(&legacy, &pki, "legacy", "legacy-backend", 9443)?;
     // No --credentials and no certificate in any Gateway: the gateway holds no key for these
     // hosts, so a handshake that completes was the backend's.
-    let gw = start_gateway(&topo, &gw_pod, &["--port-map", "443=18443"])?;
+    let gw = start_ingress_gateway(&topo, &gw_pod, &["--port-map", "443=18443"])?;
     let ip = gw_pod.ip();
     let cacert = pki.path("ca.pem");
 
@@ -278,7 +260,7 @@ spec:
     .concat();
     topo.write_config("c.yaml", &config)?;
     let _echo = db.start_echo_server(EchoKind::Tcp, 9000)?;
-    let gw = start_gateway(&topo, &gw_pod, &[])?;
+    let gw = start_ingress_gateway(&topo, &gw_pod, &[])?;
 
     let target = format!("{}:31400", gw_pod.ip());
     let out = client.run(bin_path("strait-echo"), &["send", &target, "--bytes", "100000", "--timeout-secs", "5"])?;
@@ -372,7 +354,7 @@ spec:
     let _s2 = legacy.echo_server(EchoKind::Http, 80).name("legacy").start()?;
     let _s3 = ratings.start_echo_server(EchoKind::Tcp, 9000)?;
     let p2 = start_node(&topo, &n2, &ca_dir(&topo, "ca"), &[])?;
-    let gw = start_gateway(&topo, &gw_pod, &["--namespace", "istio-system"])?;
+    let gw = start_ingress_gateway(&topo, &gw_pod, &["--namespace", "istio-system"])?;
     let base = format!("http://{}", gw_pod.ip());
     let get = |host: &str, path: &str| {
         client.curl_args(&["--max-time", "5", "-H", &format!("Host: {host}"), &format!("{base}{path}")])
@@ -440,153 +422,7 @@ spec:
 /// (HTTP 80 for httpbin.org, TLS PASSTHROUGH 443 for edition.cnn.com), the ServiceEntries of
 /// both hosts (resolution DNS) and of `localhost.local`, its DestinationRule, and the two
 /// VirtualServices bound to `proxy` and `mesh`.
-const SEED_000: &str = r#"apiVersion: networking.istio.io/v1alpha3
-kind: Gateway
-metadata:
-  name: proxy
-spec:
-  selector:
-    istio: ingressgateway # use istio default ingress gateway
-  servers:
-  - port:
-      number: 80
-      name: http
-      protocol: HTTP
-    hosts:
-    - httpbin.org
-  - port:
-      number: 443
-      name: tls
-      protocol: TLS
-    tls:
-      mode: PASSTHROUGH
-    hosts:
-    - edition.cnn.com
----
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: httpbin-ext
-spec:
-  hosts:
-  - httpbin.org
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  resolution: DNS
-  location: MESH_EXTERNAL
----
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: cnn
-spec:
-  hosts:
-  - edition.cnn.com
-  ports:
-  - number: 443
-    name: tls
-    protocol: TLS
-  resolution: DNS
-  location: MESH_EXTERNAL
----
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: localhost
-spec:
-  hosts:
-  - localhost.local
-  location: MESH_EXTERNAL
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  - number: 443
-    name: tls
-    protocol: TLS
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
----
-apiVersion: networking.istio.io/v1alpha3
-kind: DestinationRule
-metadata:
-  name: localhost
-spec:
-  host: localhost.local
-  trafficPolicy:
-    tls:
-      mode: DISABLE
-      sni: localhost.local
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: httpbin
-spec:
-  hosts:
-  - httpbin.org
-  gateways:
-  - proxy
-  - mesh
-  http:
-  - match:
-    - gateways:
-      - proxy
-      port: 80
-      uri:
-        prefix: /status
-    route:
-    - destination:
-        host: httpbin.org
-        port:
-          number: 80
-  - match:
-    - gateways:
-      - mesh
-      port: 80
-    route:
-    - destination:
-        host: localhost.local
-        port:
-          number: 80
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: cnn
-spec:
-  hosts:
-  - edition.cnn.com
-  gateways:
-  - proxy
-  - mesh
-  tls:
-  - match:
-    - gateways:
-      - proxy
-      port: 443
-      sni_hosts:
-      - edition.cnn.com
-    route:
-    - destination:
-        host: edition.cnn.com
-        port:
-          number: 443
-  - match:
-    - gateways:
-      - mesh
-      port: 443
-      sni_hosts:
-      - edition.cnn.com
-    route:
-    - destination:
-        host: localhost.local
-        port:
-          number: 443
-"#;
+const SEED_000: &str = include_str!("../../proxy/tests/fixtures/samples/seed-000-proxy-external.yaml");
 
 // GW-4 (seed 000), GW-1, GW-3: the ingress gateway as a proxy to external services, the seed's
 // YAML verbatim, with our servers standing in for httpbin.org (HTTP) and edition.cnn.com (TLS,
@@ -607,16 +443,12 @@ fn seed_000_ingress_as_a_proxy_to_external_services() -> io::Result<()> {
     pki.leaf("cnn", &["edition.cnn.com"])?;
     let _httpbin = httpbin.echo_server(EchoKind::Http, 80).name("httpbin-stand-in").start()?;
     let cnn_server = start_https(&cnn, &pki, "cnn", "cnn-stand-in", 443)?;
-    let mut dns_args = vec!["dns".to_owned(), "53".to_owned()];
-    for (host, pod) in [("httpbin.org", &httpbin), ("edition.cnn.com", &cnn)] {
-        dns_args.extend(["--record".to_owned(), format!("{host}={}", pod.ip())]);
-    }
-    let dns_args: Vec<&str> = dns_args.iter().map(String::as_str).collect();
-    let dns = resolver.spawn("dns", bin_path("strait-echo"), &dns_args, &[])?;
-    dns.wait_for_log("dns serving", TIMEOUT)?;
-    gw_pod.netns().set_resolv_conf(&format!("nameserver {}\noptions timeout:1 attempts:2\n", resolver.ip()))?;
+    let records =
+        [("httpbin.org", &httpbin), ("edition.cnn.com", &cnn)].map(|(host, pod)| format!("{host}={}", pod.ip()));
+    let dns = resolver.start_dns(&records)?;
+    gw_pod.netns().use_resolver(resolver.ip())?;
     topo.write_config("seed-000.yaml", SEED_000)?;
-    let gw = start_gateway(&topo, &gw_pod, &[])?;
+    let gw = start_ingress_gateway(&topo, &gw_pod, &[])?;
     gw.wait_for_log("ServiceEntry host resolved", TIMEOUT)?;
     let ip = gw_pod.ip();
 
@@ -721,7 +553,7 @@ spec:
     topo.write_config("c.yaml", &config)?;
     let _s1 = api.echo_server(EchoKind::Http, 80).name("api").start()?;
     let _s2 = wild.echo_server(EchoKind::Http, 80).name("wild").start()?;
-    let gw = start_gateway(&topo, &gw_pod, &["--port-map", "80=18080,443=18443"])?;
+    let gw = start_ingress_gateway(&topo, &gw_pod, &["--port-map", "80=18080,443=18443"])?;
     let ip = gw_pod.ip();
     let get = |host: &str| {
         client.curl_args(&["--max-time", "5", "-H", &format!("Host: {host}"), &format!("http://{ip}:18080/x")])
@@ -834,7 +666,7 @@ spec:
     topo.write_config("c.yaml", &config)?;
     let _s1 = open.echo_server(EchoKind::Http, 80).name("open").start()?;
     let _s2 = secure.echo_server(EchoKind::Http, 80).name("secure").start()?;
-    let gw = start_gateway(&topo, &gw_pod, &["--port-map", "443=18443"])?;
+    let gw = start_ingress_gateway(&topo, &gw_pod, &["--port-map", "443=18443"])?;
     let (ip, cacert) = (gw_pod.ip(), pki.path("ca.pem"));
     let resolve = format!("open.example.com:18443:{ip}");
     let fronted = |version: &str, host: &str| {

@@ -359,12 +359,9 @@ fn google_apis_sample_through_the_egress_waypoint() -> io::Result<()> {
     m.topo.write_config("base.yaml", &base)?;
     m.topo.write_config("googleapis.yaml", GOOGLE_APIS_SAMPLE)?;
 
-    let record = format!("www.googleapis.com={}", google.ip());
-    let dns = resolver.spawn("dns", bin_path("strait-echo"), &["dns", "53", "--record", &record], &[])?;
-    dns.wait_for_log("dns serving", TIMEOUT)?;
-    let conf = format!("nameserver {}\noptions timeout:1 attempts:2\n", resolver.ip());
+    let _dns = resolver.start_dns(&[format!("www.googleapis.com={}", google.ip())])?;
     for netns in [m.n1.netns(), m.client.netns(), m.waypoint_pod.netns()] {
-        netns.set_resolv_conf(&conf)?;
+        netns.use_resolver(resolver.ip())?;
     }
     let (cert, key) = (pki.path("googleapis.pem"), pki.path("googleapis-key.pem"));
     let https = google.spawn(

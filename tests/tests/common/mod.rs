@@ -461,3 +461,74 @@ pub fn certificate_text(pem: &str) -> String {
     let _ = std::fs::remove_file(&path);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Starts `strait gateway` in `pod` as process `name`, with `args` (after `gateway`), and waits
+/// until it is ready.
+pub fn spawn_gateway(pod: &Pod, name: &str, args: &[&str]) -> io::Result<Process> {
+    let mut all = vec!["gateway"];
+    all.extend_from_slice(args);
+    let gw = pod.spawn(name, bin_path("strait"), &all, &[("STRAIT_LOG", "info")])?;
+    let deadline = Instant::now() + TIMEOUT;
+    while gw.count_log_lines("strait gateway ready") == 0 {
+        if Instant::now() > deadline || !gw.is_running() {
+            return Err(io::Error::other(format!("strait gateway did not become ready:\n{}", gw.log_tail())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(gw)
+}
+
+/// `strait gateway --labels istio=ingressgateway` reading the topology's directory, with the CA
+/// of `ca_dir(topo, "ca")` and `extra` arguments.
+pub fn start_ingress_gateway(topo: &Topology, pod: &Pod, extra: &[&str]) -> io::Result<Process> {
+    let config = topo.config_dir().to_string_lossy().into_owned();
+    let ca = ca_dir(topo, "ca").to_string_lossy().into_owned();
+    let mut args = vec!["--config", &config, "--ca-dir", &ca, "--labels", "istio=ingressgateway"];
+    args.extend_from_slice(extra);
+    spawn_gateway(pod, "gateway", &args)
+}
+
+/// Connections a node proxy refused under REGISTRY_ONLY (`strait_outbound_refused_total`).
+pub fn registry_only_refusals(node: &Node) -> io::Result<u64> {
+    let text = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("strait_outbound_refused_total{reason=\"registry_only\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// Starts `strait gateway --labels istio=egressgateway --namespace istio-system --hbone` in
+/// `pod` reading the topology's directory, with the mesh's CA (directory `ca`) and `extra`
+/// arguments.
+pub fn start_egress_gateway(topo: &Topology, pod: &Pod, ca: &Path, extra: &[&str]) -> io::Result<Process> {
+    let config = topo.config_dir().to_string_lossy().into_owned();
+    let ca = ca.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--config",
+        &config,
+        "--ca-dir",
+        &ca,
+        "--labels",
+        "istio=egressgateway",
+        "--namespace",
+        "istio-system",
+        "--hbone",
+    ];
+    args.extend_from_slice(extra);
+    spawn_gateway(pod, "egressgateway", &args)
+}
+
+/// Waits for a line of `process`'s log containing all `needles` (any line, not only access lines).
+pub fn wait_log_line(process: &Process, needles: &[&str]) -> io::Result<String> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(line) = process.log().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return Ok(line.to_owned());
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::other(format!("no line with {needles:?}; log ends with:\n{}", process.log_tail())));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -6,7 +6,8 @@ use crate::model::compile;
 
 /// Seed 002's resources (ServiceEntry, Gateway, DestinationRule, VirtualService verbatim), with
 /// the sleep pod, the egress gateway's pod and Service.
-const SEED_002: &str = r#"
+const SEED_002: &str = concat!(
+    r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: istio-system}
@@ -35,87 +36,14 @@ spec:
   selector: {istio: egressgateway}
   ports: [{name: http2, port: 80, targetPort: 8080}, {name: https, port: 443, targetPort: 8443}]
 ---
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: cnn
-  namespace: akv2k8s-test
-spec:
-  hosts:
-  - edition.cnn.com
-  ports:
-  - number: 80
-    name: http-port
-    protocol: HTTP
-  - number: 443
-    name: https
-    protocol: HTTPS
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1alpha3
-kind: Gateway
-metadata:
-  name: istio-egressgateway
-  namespace: akv2k8s-test
-spec:
-  selector:
-    istio: egressgateway
-  servers:
-  - port:
-      number: 80
-      name: http
-      protocol: HTTP
-    hosts:
-    - edition.cnn.com
----
-apiVersion: networking.istio.io/v1alpha3
-kind: DestinationRule
-metadata:
-  name: egressgateway-for-cnn
-  namespace: akv2k8s-test
-spec:
-  host: istio-egressgateway.istio-system.svc.cluster.local
-  subsets:
-  - name: cnn
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: direct-cnn-through-egress-gateway
-  namespace: akv2k8s-test
-spec:
-  hosts:
-  - edition.cnn.com
-  gateways:
-  - istio-egressgateway
-  - mesh
-  http:
-  - match:
-    - gateways:
-      - mesh
-      port: 80
-    route:
-    - destination:
-        host: istio-egressgateway.istio-system.svc.cluster.local
-        subset: cnn
-        port:
-          number: 80
-      weight: 100
-  - match:
-    - gateways:
-      - istio-egressgateway
-      port: 80
-    route:
-    - destination:
-        host: edition.cnn.com
-        port:
-          number: 80
-      weight: 100
-"#;
+"#,
+    include_str!("../../../tests/fixtures/samples/seed-002-egress-gateway.yaml")
+);
 
 /// Seed 000's entries, DestinationRule and VirtualServices (verbatim, in namespace `default`),
 /// with a mesh pod.
-const SEED_000: &str = r#"
+const SEED_000: &str = concat!(
+    r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
@@ -126,153 +54,9 @@ metadata: {name: sleep, namespace: default}
 spec: {nodeName: n1}
 status: {podIP: 10.1.0.11}
 ---
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: httpbin-ext
-spec:
-  hosts:
-  - httpbin.org
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  resolution: DNS
-  location: MESH_EXTERNAL
----
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: cnn
-spec:
-  hosts:
-  - edition.cnn.com
-  ports:
-  - number: 443
-    name: tls
-    protocol: TLS
-  resolution: DNS
-  location: MESH_EXTERNAL
----
-apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: localhost
-spec:
-  hosts:
-  - localhost.local
-  location: MESH_EXTERNAL
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  - number: 443
-    name: tls
-    protocol: TLS
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
----
-apiVersion: networking.istio.io/v1alpha3
-kind: DestinationRule
-metadata:
-  name: localhost
-spec:
-  host: localhost.local
-  trafficPolicy:
-    tls:
-      mode: DISABLE
-      sni: localhost.local
----
-apiVersion: networking.istio.io/v1alpha3
-kind: Gateway
-metadata:
-  name: proxy
-spec:
-  selector:
-    istio: ingressgateway
-  servers:
-  - port:
-      number: 80
-      name: http
-      protocol: HTTP
-    hosts:
-    - httpbin.org
-  - port:
-      number: 443
-      name: tls
-      protocol: TLS
-    tls:
-      mode: PASSTHROUGH
-    hosts:
-    - edition.cnn.com
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: httpbin
-spec:
-  hosts:
-  - httpbin.org
-  gateways:
-  - proxy
-  - mesh
-  http:
-  - match:
-    - gateways:
-      - proxy
-      port: 80
-      uri:
-        prefix: /status
-    route:
-    - destination:
-        host: httpbin.org
-        port:
-          number: 80
-  - match:
-    - gateways:
-      - mesh
-      port: 80
-    route:
-    - destination:
-        host: localhost.local
-        port:
-          number: 80
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: cnn
-spec:
-  hosts:
-  - edition.cnn.com
-  gateways:
-  - proxy
-  - mesh
-  tls:
-  - match:
-    - gateways:
-      - proxy
-      port: 443
-      sni_hosts:
-      - edition.cnn.com
-    route:
-    - destination:
-        host: edition.cnn.com
-        port:
-          number: 443
-  - match:
-    - gateways:
-      - mesh
-      port: 443
-      sni_hosts:
-      - edition.cnn.com
-    route:
-    - destination:
-        host: localhost.local
-        port:
-          number: 443
-"#;
+"#,
+    include_str!("../../../tests/fixtures/samples/seed-000-proxy-external.yaml")
+);
 
 fn model(yaml: &str) -> (Model, Vec<Diagnostic>) {
     let (resources, d) = crate::config::parse_file(std::path::Path::new("seed.yaml"), yaml);

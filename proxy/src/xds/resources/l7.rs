@@ -51,18 +51,18 @@ const NODE_PROXIES: &str = "node-proxies";
 /// The waypoint a subscriber runs, from its `STRAIT_WAYPOINT` metadata; `None` for node proxies
 /// and any other subscriber.
 pub fn subscriber_waypoint(subscriber: &Subscriber) -> Option<WaypointName> {
-    let value = subscriber.metadata.get(WAYPOINT_METADATA).filter(|v| !v.is_empty())?;
-    let (namespace, name) = match value.split_once('/') {
-        Some((namespace, name)) => (namespace.to_owned(), name.to_owned()),
-        None => (subscriber.namespace.clone()?, value.clone()),
-    };
-    (!namespace.is_empty() && !name.is_empty()).then_some(WaypointName { namespace, name })
+    named_in_metadata(subscriber, WAYPOINT_METADATA)
 }
 
 /// The gateway a subscriber runs, from its `STRAIT_GATEWAY` metadata (`<namespace>/<name>`, or
 /// `<name>` in the `NAMESPACE` metadata's namespace).
 pub fn subscriber_gateway(subscriber: &Subscriber) -> Option<WaypointName> {
-    let value = subscriber.metadata.get(GATEWAY_METADATA).filter(|v| !v.is_empty())?;
+    named_in_metadata(subscriber, GATEWAY_METADATA)
+}
+
+/// `<namespace>/<name>` (or `<name>` in the subscriber's namespace) from metadata `key`.
+fn named_in_metadata(subscriber: &Subscriber, key: &str) -> Option<WaypointName> {
+    let value = subscriber.metadata.get(key).filter(|v| !v.is_empty())?;
     let (namespace, name) = match value.split_once('/') {
         Some((namespace, name)) => (namespace.to_owned(), name.to_owned()),
         None => (subscriber.namespace.clone()?, value.clone()),
