@@ -41,6 +41,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "tcpdump",
+    // The underlay firewall test (L4-6): nftables rules in a node namespace.
+    "nftables",
     "openssl",
     "util-linux",
     "fonts-dejavu-core",

@@ -82,6 +82,23 @@ pub struct ConnectRequest {
     pub bind: Option<std::net::IpAddr>,
 }
 
+/// The CONNECT request of one tunnel (L4-1). `baggage` is left out when there is none to send
+/// (a waypoint's pooled upstream speaks for many clients): an empty header says nothing.
+pub(super) fn connect_head(
+    authority: SocketAddr,
+    client_addr: SocketAddr,
+    baggage: &str,
+) -> Result<Request<()>, http::Error> {
+    let mut head = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .header(FORWARDED, forwarded_for(client_addr));
+    if !baggage.is_empty() {
+        head = head.header(BAGGAGE, baggage);
+    }
+    head.header(TRACEPARENT, new_traceparent()).body(())
+}
+
 /// An open CONNECT stream. Dropping it ends the stream; the pooled connection stays.
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
@@ -315,13 +332,7 @@ impl HbonePool {
         let addr = connection.addr;
         let h2 = |e| HboneError::Http2(addr, e);
         let mut sender = connection.sender.clone().ready().await.map_err(h2)?;
-        let connect = Request::builder()
-            .method(Method::CONNECT)
-            .uri(request.authority.to_string())
-            .header(FORWARDED, forwarded_for(request.client_addr))
-            .header(BAGGAGE, request.baggage.as_str())
-            .header(TRACEPARENT, new_traceparent())
-            .body(())
+        let connect = connect_head(request.authority, request.client_addr, &request.baggage)
             .map_err(|e| HboneError::BadRequest(e.to_string()))?;
         let (response, send) = sender.send_request(connect, false).map_err(h2)?;
         let response = response.await.map_err(h2)?;

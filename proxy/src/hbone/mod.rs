@@ -12,6 +12,8 @@ pub mod stream;
 
 use std::net::{IpAddr, SocketAddr};
 
+use crate::{identity::Identity, model::Model};
+
 pub use client::{ConnectRequest, HbonePool, Tunnel};
 pub use io::H2Stream;
 
@@ -73,6 +75,37 @@ pub fn parse_forwarded_for(value: &str) -> Option<SocketAddr> {
     host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0))
 }
 
+/// Who the client of an inbound CONNECT stream is (L4-6), from what the peer proved: `peer_addr`
+/// is the TLS connection's TCP source, `forwarded` the address its `forwarded` header claims,
+/// `owned(ip)` whether the peer's certificate identity owns that IP.
+///
+/// - The TCP source, when the peer's identity owns it: a peer that dials from the client pod's
+///   own address (strait, Istio's in-pod ztunnel) or a waypoint's pod. The port of `forwarded`
+///   is kept when it names the same IP with a port, so access lines name the client's own
+///   connection rather than the tunnel's.
+/// - Else `forwarded`, when owned: a peer that dials from its node's address (older strait,
+///   `--hbone-source node`, a node-level ztunnel).
+/// - Else none: nothing the peer proved names a client.
+///
+/// When both are owned and differ, the TCP source wins: it is what firewalls and the peer's
+/// policy see, and `forwarded` adds nothing to it.
+pub fn client_address(
+    forwarded: Option<SocketAddr>,
+    peer_addr: SocketAddr,
+    owned: impl Fn(IpAddr) -> bool,
+) -> Option<SocketAddr> {
+    if owned(peer_addr.ip()) {
+        return Some(forwarded.filter(|f| f.ip() == peer_addr.ip() && f.port() != 0).unwrap_or(peer_addr));
+    }
+    forwarded.filter(|f| owned(f.ip()))
+}
+
+/// Whether `identity` owns `ip`: a workload of the mesh with that address runs as it. A peer may
+/// only be taken for (or claim) addresses of its own identity.
+pub(crate) fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &Identity) -> bool {
+    model.workload_by_ip(ip).is_some_and(|w| &w.identity(trust_domain) == identity)
+}
+
 /// A fresh W3C `traceparent` with random trace and span ids, sampled.
 pub fn new_traceparent() -> String {
     let mut ids = [0u8; 24];
@@ -100,6 +133,40 @@ mod tests {
         assert_eq!(parse_forwarded_for("by=10.0.0.1"), None);
         assert_eq!(parse_forwarded_for("for=unknown"), None);
         assert_eq!(parse_forwarded_for("for=\"_hidden\""), None);
+    }
+
+    #[test]
+    fn client_address_prefers_an_owned_tcp_source() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let (p11, p12, node) = (addr("10.1.1.11:40000"), addr("10.1.1.12:41000"), addr("10.200.0.1:52000"));
+        let pods: [IpAddr; 2] = [p11.ip(), p12.ip()];
+        let owned = |ip: IpAddr| pods.contains(&ip);
+        // TCP source owned: it is the client; `forwarded` of the same IP lends its port.
+        assert_eq!(client_address(None, p11, owned), Some(p11));
+        assert_eq!(client_address(Some(addr("10.1.1.11:0")), p11, owned), Some(p11));
+        assert_eq!(client_address(Some(addr("10.1.1.11:35000")), p11, owned), Some(addr("10.1.1.11:35000")));
+        // Only `forwarded` owned (a peer dialling from its node's address): today's rule.
+        assert_eq!(client_address(Some(p12), node, owned), Some(p12));
+        // Both owned and different: the TCP source wins, with its own port.
+        assert_eq!(client_address(Some(p12), p11, owned), Some(p11));
+        // Neither owned: no client.
+        assert_eq!(client_address(Some(addr("10.9.9.9:1")), node, owned), None);
+        assert_eq!(client_address(None, node, owned), None);
+    }
+
+    // L4-1: a CONNECT carries `forwarded` and `traceparent`, and `baggage` only when there is some.
+    #[test]
+    fn connect_head_omits_empty_baggage() {
+        let authority: SocketAddr = "10.1.2.21:9080".parse().expect("addr");
+        let client: SocketAddr = "10.1.1.11:0".parse().expect("addr");
+        let head = client::connect_head(authority, client, "").expect("head");
+        assert_eq!(head.method(), http::Method::CONNECT);
+        assert_eq!(head.uri().to_string(), "10.1.2.21:9080");
+        assert_eq!(head.headers().get(FORWARDED).and_then(|v| v.to_str().ok()), Some("for=10.1.1.11"));
+        assert!(head.headers().get(BAGGAGE).is_none(), "empty baggage is sent");
+        assert!(head.headers().contains_key(TRACEPARENT));
+        let head = client::connect_head(authority, client, "k8s.pod.name=p11").expect("head");
+        assert_eq!(head.headers().get(BAGGAGE).and_then(|v| v.to_str().ok()), Some("k8s.pod.name=p11"));
     }
 
     #[test]

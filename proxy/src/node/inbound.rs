@@ -167,8 +167,8 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
 pub(crate) struct StreamDecision {
     /// The pod it reaches, once the target checked out.
     pub workload: Option<Arc<Workload>>,
-    /// The original client, when the peer proved it (its `forwarded` address, owned by its
-    /// identity, or the peer's own address).
+    /// The original client, when the peer proved it (its own TCP source, or its `forwarded`
+    /// address, owned by its identity: `hbone::client_address`).
     pub client: Option<SocketAddr>,
     /// The pod's address to dial, or the status to refuse the stream with and why.
     pub verdict: Result<SocketAddr, (StatusCode, String)>,
@@ -198,11 +198,9 @@ pub(crate) fn decide_stream<B>(
         Ok(found) => found,
         Err(refused) => return StreamDecision { workload: None, client: None, verdict: Err(refused) },
     };
-    // The client's own address when its identity owns it; else the peer's (a waypoint's or a
-    // gateway's pod) when that identity owns the peer address: never an address it cannot prove.
+    // Never an address the peer's identity cannot prove (L4-6): see `hbone::client_address`.
     let claimed = request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
-    let owned = |addr: &SocketAddr| owns_ip(model, trust_domain, addr.ip(), peer_identity);
-    let client = claimed.filter(owned).or_else(|| Some(peer_addr).filter(owned));
+    let client = hbone::client_address(claimed, peer_addr, |ip| hbone::owns_ip(model, trust_domain, ip, peer_identity));
     let source_ip = client.map_or(peer_addr.ip(), |addr| addr.ip());
     let decision = policy::authorize(model, &workload, Some(peer_identity), source_ip, target);
     let verdict = if decision.allowed { Ok(target) } else { Err((StatusCode::UNAUTHORIZED, decision.denial_reason())) };
@@ -232,11 +230,6 @@ pub(crate) fn check_target(
         ));
     }
     Ok(workload.clone())
-}
-
-/// A client may only claim a source IP of a workload running as the identity it proved.
-pub(crate) fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &Identity) -> bool {
-    model.workload_by_ip(ip).is_some_and(|w| &w.identity(trust_domain) == identity)
 }
 
 async fn dial_pod(client_ip: Option<IpAddr>, target: SocketAddr) -> std::io::Result<TcpStream> {
@@ -392,4 +385,78 @@ where
 /// Makes the socket's close an RST, so the peer sees the connection cut, not finished.
 fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{config::parse_file, model::compile};
+
+    const TD: &str = "cluster.local";
+
+    /// `server` (10.1.0.10) on n1 admits only 10.1.1.11 by `ipBlocks`; `p11` (10.1.1.11) and
+    /// `p12` (10.1.1.12) run as `client`, `other` (10.1.1.13) as `other`.
+    fn model() -> Model {
+        let pod = |name: &str, account: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{app: {name}}}\n\
+                 spec:\n  nodeName: n1\n  serviceAccountName: {account}\nstatus:\n  podIP: {ip}\n---\n"
+            )
+        };
+        let yaml = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {{istio.io/dataplane-mode: ambient}}\n---\n\
+             {}{}{}{}\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p11-only\n  namespace: shop\nspec:\n  \
+             selector:\n    matchLabels: {{app: server}}\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        ipBlocks: [10.1.1.11/32]\n",
+            pod("server", "server", "10.1.0.10"),
+            pod("p11", "client", "10.1.1.11"),
+            pod("p12", "client", "10.1.1.12"),
+            pod("other", "other", "10.1.1.13"),
+        );
+        let (resources, d) = parse_file(Path::new("t.yaml"), &yaml);
+        assert!(d.is_empty(), "{d:?}");
+        let (m, d) = compile(&resources);
+        assert!(d.iter().all(|d| !d.is_error()), "{d:?}");
+        m
+    }
+
+    /// The client `decide_stream` names and whether policy admits it, for a stream to the server
+    /// from a peer proving `client`'s identity at TCP source `peer`, claiming `forwarded`.
+    fn decide(model: &Model, peer: &str, forwarded: Option<&str>) -> (Option<String>, bool) {
+        let mut request = http::Request::builder().method(Method::CONNECT).uri("10.1.0.10:8080");
+        if let Some(f) = forwarded {
+            request = request.header(FORWARDED, f);
+        }
+        let request = request.body(()).expect("request");
+        let served = Identity::new(TD, "shop", "server");
+        let peer_identity = Identity::new(TD, "shop", "client");
+        let peer = peer.parse().expect("peer");
+        let decided = decide_stream(model, "n1", TD, &served, &request, &peer_identity, peer);
+        assert!(decided.workload.is_some(), "the target checks out");
+        (decided.client.map(|c| c.to_string()), decided.verdict.is_ok())
+    }
+
+    // L4-6: the client is an address the peer's identity owns, the TCP source first; policy
+    // (`ipBlocks`) sees that address.
+    #[test]
+    fn decide_stream_takes_the_client_the_peer_proves() {
+        let m = model();
+        let client = |c: &str| Some(c.to_owned());
+        // TCP source owned (a peer dialling from the client pod): the client, keeping the
+        // `forwarded` port when it names the same pod.
+        assert_eq!(decide(&m, "10.1.1.11:40000", None), (client("10.1.1.11:40000"), true));
+        assert_eq!(decide(&m, "10.1.1.11:40000", Some("for=\"10.1.1.11:3456\"")), (client("10.1.1.11:3456"), true));
+        assert_eq!(decide(&m, "10.1.1.12:40000", None), (client("10.1.1.12:40000"), false));
+        // Only `forwarded` owned (a peer dialling from its node's address): today's rule.
+        assert_eq!(decide(&m, "10.200.0.1:50000", Some("for=\"10.1.1.11:3456\"")), (client("10.1.1.11:3456"), true));
+        assert_eq!(decide(&m, "10.200.0.1:50000", Some("for=10.1.1.12")), (client("10.1.1.12:0"), false));
+        // Both owned and different: the TCP source wins, so p12 cannot pass as p11.
+        assert_eq!(decide(&m, "10.1.1.12:40000", Some("for=\"10.1.1.11:3456\"")), (client("10.1.1.12:40000"), false));
+        // Neither owned (`other` is another identity's pod): no client; policy sees the TCP
+        // source, which no rule admits.
+        assert_eq!(decide(&m, "10.200.0.1:50000", Some("for=10.1.1.13")), (None, false));
+        assert_eq!(decide(&m, "10.200.0.1:50000", None), (None, false));
+    }
 }

@@ -2,10 +2,10 @@
 //! and for each stream the decision what it carries (HTTP/1.1, HTTP/2, or TCP) and for whom.
 //!
 //! A stream must target a service or pod that uses this waypoint (400 otherwise); the client's
-//! address comes from `forwarded` only when the client's identity owns it, as at the node.
+//! address is one the peer's identity owns (its TCP source, or else `forwarded`), as at the node.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -111,10 +111,10 @@ pub(crate) async fn handle_stream(ctx: Arc<WaypointContext>, stream: InboundStre
         }
     };
     let claimed = request.headers().get(FORWARDED).and_then(|v| v.to_str().ok()).and_then(hbone::parse_forwarded_for);
-    // The client's own address (with its port, from a strait peer) when the peer's identity
-    // owns it; else the peer is the client.
-    let client_addr =
-        claimed.filter(|addr| owns_ip(&model, &ctx.trust_domain, addr.ip(), &peer_identity)).unwrap_or(peer_addr);
+    // The client the peer's identity proves (L4-6: `hbone::client_address`); else the peer is
+    // the client.
+    let owned = |ip| hbone::owns_ip(&model, &ctx.trust_domain, ip, &peer_identity);
+    let client_addr = hbone::client_address(claimed, peer_addr, owned).unwrap_or(peer_addr);
     let down = Downstream {
         client_addr,
         source_workload: model.workload_by_ip(client_addr.ip()).cloned(),
@@ -188,11 +188,6 @@ fn target(ctx: &WaypointContext, model: &Model, addr: SocketAddr) -> Result<(Tar
         return Ok((Target::Workload { workload: workload.clone(), port: addr.port() }, AppProtocol::Unknown));
     }
     Err(format!("{addr} is neither a service nor a pod of the mesh"))
-}
-
-/// A client may only claim the address of a workload running as the identity it proved.
-fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &Identity) -> bool {
-    model.workload_by_ip(ip).is_some_and(|w| &w.identity(trust_domain) == identity)
 }
 
 /// How long protocol detection waits for a client: for its first byte, and for the rest of
