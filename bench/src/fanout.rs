@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 use strait_testbed::{Node, Pod, Process, Topology, bin_path, k8s};
 
+use crate::report::{cell, mib};
 use crate::scenarios::{procfs, run_load, start_proxy};
 
 const PORT: u16 = 8080;
@@ -305,17 +306,6 @@ impl Merged {
             // A hair of slack for the six-decimal rounding of the chart's fractions.
             share / total >= q - 1e-9
         })
-    }
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-fn cell(v: Option<f64>, decimals: usize) -> String {
-    match v {
-        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
-        _ => "—".into(),
     }
 }
 

@@ -37,6 +37,7 @@ use serde::Serialize;
 use serde_json::Value;
 use strait_testbed::{Pod, Process, Topology, bin_path, k8s};
 
+use crate::report::{cell, mib};
 use crate::scenarios::{procfs, run_load, start_proxy};
 
 /// The gateway's HTTPS server port (listened on as is: the pod has its own namespace).
@@ -569,18 +570,6 @@ fn errors_note(v: &Value, what: &str) -> Option<String> {
     let good = v.get("requests").or_else(|| v.get("connections")).and_then(Value::as_u64).unwrap_or(0);
     let first = v.get("first_error").and_then(Value::as_str).unwrap_or("not reported");
     Some(format!("{errors} of {} {what} failed; first: {first}", errors + good))
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// A cell: the value with `decimals`, or "—" when not measured.
-fn cell(v: Option<f64>, decimals: usize) -> String {
-    match v {
-        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
-        _ => "—".into(),
-    }
 }
 
 /// Reads one figure of a route, for a row of the table.

@@ -190,6 +190,19 @@ pub fn write(dir: &Path, results: &Results) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bytes in MiB, for the memory figures.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// A table cell: the value with `decimals`, or "—" when it was not measured.
+pub fn cell(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
+        _ => "—".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

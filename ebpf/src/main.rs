@@ -403,26 +403,27 @@ fn guard(ctx: &XdpContext) -> Option<u32> {
         // HBONE carries the real client inside TLS: the proxy decides on it.
         return None;
     }
-    if u16::from_be(sport) == HBONE_PORT && tunnel_reply(ctx, ihl, saddr, daddr, sport, dport)? {
-        // The peer's side of an HBONE connection the proxy opened from this pod's address
-        // (L4-6): TC hands it to the proxy's socket, never to the pod.
-        return None;
-    }
     let port_key = PortKey { ip: daddr, port: dport, _pad: 0 };
     // SAFETY: plain lookup, value copied out.
     let strict = match unsafe { PORT_MTLS.get(&port_key) }.copied() {
         Some(mode) => mode == MTLS_STRICT,
         None => state & POD_STRICT != 0,
     };
-    if strict {
-        bump(stat::XDP_DROP_STRICT_PLAINTEXT);
-        return Some(xdp_action::XDP_DROP);
+    let drop = if strict {
+        stat::XDP_DROP_STRICT_PLAINTEXT
+    } else if denied_source(daddr, dport, saddr) {
+        stat::XDP_DROP_DENY_POLICY
+    } else {
+        return None;
+    };
+    // Only a packet about to be dropped pays for the socket lookup.
+    if u16::from_be(sport) == HBONE_PORT && tunnel_reply(ctx, ihl, saddr, daddr, sport, dport)? {
+        // The peer's side of an HBONE connection the proxy opened from this pod's address
+        // (L4-6): TC hands it to the proxy's socket, never to the pod.
+        return None;
     }
-    if denied_source(daddr, dport, saddr) {
-        bump(stat::XDP_DROP_DENY_POLICY);
-        return Some(xdp_action::XDP_DROP);
-    }
-    None
+    bump(drop);
+    Some(xdp_action::XDP_DROP)
 }
 
 /// Whether a packet from port 15008 belongs to a connection the proxy opened: not a new
@@ -433,7 +434,7 @@ fn guard(ctx: &XdpContext) -> Option<u32> {
 /// pod never keeps a connection to port 15008: the outbound path refuses the proxy's ports),
 /// but would let anyone off the node send ACKs and data from port 15008 past the guard to any
 /// port of a STRICT pod, or past a DENY policy naming them. The lookup only runs for packets
-/// from port 15008 to a captured pod, and TC makes the same lookup for them right after.
+/// from port 15008 that the guard would otherwise drop (TC makes the same lookup right after).
 #[inline(always)]
 fn tunnel_reply(ctx: &XdpContext, ihl: usize, saddr: u32, daddr: u32, sport: u16, dport: u16) -> Option<bool> {
     let flags: u8 = xdp_load(ctx, ETH_HLEN + ihl + 13)?;

@@ -659,6 +659,42 @@ impl KubeApi {
         }
     }
 
+    /// An hour's API token of strait's control plane (`strait-system/strait-control`, audience
+    /// the API server), as its Deployment gets one.
+    pub fn control_plane_token(&self) -> io::Result<String> {
+        self.service_account_token(
+            "strait-system",
+            "strait-control",
+            "https://kubernetes.default.svc.cluster.local",
+            None,
+            3600,
+        )
+    }
+
+    /// Polls `get` (a kubectl command printing JSON) until `done` holds for its object, for up
+    /// to `timeout`; the object, or an error naming `what` and the last answer.
+    pub fn wait_json(
+        &self,
+        get: &[&str],
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> io::Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.kubectl(get).and_then(|text| serde_json::from_str(&text).map_err(io::Error::other));
+            if let Ok(object) = &last
+                && done(object)
+            {
+                return Ok(object.clone());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!("{what}: not after {timeout:?}; last: {last:?}")));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// kubectl as the holder of `token` (its `--token` replaces the admin's), `stdin` piped in
     /// when given: whether it succeeded, and its stdout and stderr.
     pub fn kubectl_as(&self, token: &str, args: &[&str], stdin: Option<&str>) -> io::Result<(bool, String)> {
@@ -689,6 +725,81 @@ impl KubeApi {
         );
         fs::write(&path, config)?;
         Ok(path)
+    }
+}
+
+/// `strait control --kubernetes` run on the test's host against a [`KubeApi`] with the given
+/// kubeconfig, as one leader-election replica named `identity`; killed when dropped.
+pub struct KubeControl {
+    child: Option<Child>,
+    log: PathBuf,
+    ca: PathBuf,
+}
+
+impl KubeControl {
+    pub fn start(api: &KubeApi, kubeconfig: &Path, identity: &str) -> io::Result<KubeControl> {
+        let strait = crate::require_bin("strait")?;
+        let log = api.dir().join(format!("control-{identity}.log"));
+        let out = fs::File::create(&log)?;
+        let ca = api.dir().join(format!("ca-{identity}"));
+        let child = Command::new(strait)
+            .args(["control", "--kubernetes", "--ca-dir"])
+            .arg(&ca)
+            .arg(format!("--listen=127.0.0.1:{}", free_port()?))
+            .arg(format!("--metrics-addr=127.0.0.1:{}", free_port()?))
+            .args(["--leader-election-namespace=strait-system", "--leader-election-identity", identity])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        Ok(KubeControl { child: Some(child), log, ca })
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until its log contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> io::Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Err(io::Error::other(format!("no `{needle}` in {:?}; log:\n{}", timeout, self.log())))
+    }
+
+    /// The mesh root certificate it wrote into its CA directory.
+    pub fn root(&self) -> io::Result<String> {
+        fs::read_to_string(self.ca.join("root-cert.pem"))
+    }
+
+    pub fn signal(&mut self, signal: i32) {
+        if let Some(child) = &self.child {
+            let Ok(pid) = i32::try_from(child.id()) else { return };
+            // SAFETY: signalling our own child, not yet reaped.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
+    /// Waits for it to exit (after [`KubeControl::signal`]).
+    pub fn wait(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for KubeControl {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

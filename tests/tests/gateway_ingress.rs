@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TIMEOUT, start_ingress_gateway};
+use common::{TIMEOUT, make_ca, make_leaf, start_ingress_gateway};
 use strait_testbed::{EchoKind, Pod, Topology, k8s};
 
 /// Istio's `samples/bookinfo/networking/bookinfo-gateway.yaml`, verbatim.
@@ -181,91 +181,6 @@ spec:
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(get("anything.example.org", "/headers")?.status, 404);
-    Ok(())
-}
-
-/// openssl, run in `dir`; fails the test when it fails.
-fn openssl(dir: &Path, args: &[&str]) -> io::Result<()> {
-    let out = Command::new("openssl").args(args).current_dir(dir).output()?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr))));
-    }
-    Ok(())
-}
-
-/// A test CA `<name>.crt|key` in `dir`.
-fn make_ca(dir: &Path, name: &str) -> io::Result<()> {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-        ],
-    )
-}
-
-/// A leaf for `host` signed by CA `ca`, written to `out_dir/tls.crt|tls.key`.
-fn make_leaf(dir: &Path, ca: &str, host: &str, out_dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(out_dir)?;
-    let (key, csr, crt, ext) =
-        (format!("{host}.key"), format!("{host}.csr"), format!("{host}.crt"), format!("{host}.ext"));
-    fs::write(dir.join(&ext), format!("subjectAltName=DNS:{host}\nextendedKeyUsage=serverAuth,clientAuth\n"))?;
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            &format!("/CN={host}"),
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-        ],
-    )?;
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &format!("{ca}.crt"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-            "-out",
-            &crt,
-        ],
-    )?;
-    // Written whole then renamed, as a secret volume swaps its files.
-    for (from, to) in [(&crt, "tls.crt"), (&key, "tls.key")] {
-        let tmp = out_dir.join(format!(".{to}.tmp"));
-        fs::copy(dir.join(from), &tmp)?;
-        fs::rename(&tmp, out_dir.join(to))?;
-    }
     Ok(())
 }
 

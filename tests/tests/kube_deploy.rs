@@ -14,12 +14,12 @@ mod common;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use strait_testbed::kube::{self, KubeApi, workspace_dir};
+use strait_testbed::kube::{self, KubeApi, KubeControl, workspace_dir};
 use strait_testbed::{EchoKind, Node, Process};
 
 const CONTROL_SA: &str = "system:serviceaccount:strait-system:strait-control";
@@ -198,7 +198,7 @@ fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec:\n  containers: [{name: web, image: \
          example.invalid/web:1}]\n",
     )?;
-    let control = token(&api, "strait-control", "https://kubernetes.default.svc.cluster.local")?;
+    let control = api.control_plane_token()?;
     let node = token(&api, "strait-node", "istio-ca")?;
     let (ok, text) = api.kubectl_as(&control, &["get", "pods", "-A"], None)?;
     assert!(ok && text.contains("web"), "control cannot list pods: {text}");
@@ -236,7 +236,7 @@ fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
     // `strait control --kubernetes` with only the control plane's token: it lists and watches
     // everything it reads (it is ready only then) and takes the Lease.
     let kubeconfig = api.token_kubeconfig(&control, "control")?;
-    let a = Control::start(&api, &kubeconfig, "replica-a")?;
+    let a = KubeControl::start(&api, &kubeconfig, "replica-a")?;
     a.wait_for("strait control ready", READY_TIMEOUT)?;
     a.wait_for("leader election: leading", READY_TIMEOUT)?;
     assert_eq!(lease_holder(&api)?, "replica-a");
@@ -251,72 +251,6 @@ fn apply_k_installs_and_rbac_is_least_privilege() -> io::Result<()> {
 fn lease_holder(api: &KubeApi) -> io::Result<String> {
     let lease = json(&api.kubectl(&["get", "lease", "strait-control", "-n", "strait-system", "-o", "json"])?);
     Ok(lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string())
-}
-
-/// One `strait control --kubernetes` replica on loopback; killed on drop.
-struct Control {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Control {
-    fn start(api: &KubeApi, kubeconfig: &Path, identity: &str) -> io::Result<Control> {
-        let strait = strait_testbed::require_bin("strait")?;
-        let log = api.dir().join(format!("control-{identity}.log"));
-        let out = fs::File::create(&log)?;
-        let ca = api.dir().join(format!("ca-{identity}"));
-        let child = Command::new(strait)
-            .args(["control", "--kubernetes", "--ca-dir"])
-            .arg(&ca)
-            .arg(format!("--listen=127.0.0.1:{}", kube::free_port()?))
-            .arg(format!("--metrics-addr=127.0.0.1:{}", kube::free_port()?))
-            .args(["--leader-election-namespace=strait-system", "--leader-election-identity", identity])
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()?;
-        Ok(Control { child: Some(child), log })
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for(&self, needle: &str, timeout: Duration) -> io::Result<()> {
-        let started = Instant::now();
-        while started.elapsed() < timeout {
-            if self.log().contains(needle) {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        Err(io::Error::other(format!("no `{needle}` in {:?}; log:\n{}", timeout, self.log())))
-    }
-
-    fn signal(&mut self, signal: i32) {
-        if let Some(child) = &self.child {
-            let pid = i32::try_from(child.id()).expect("pid fits i32");
-            // SAFETY: signalling our own child, not yet reaped.
-            unsafe { libc::kill(pid, signal) };
-        }
-    }
-
-    fn wait(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// Waits until the Lease names `holder`; how long it took.
@@ -338,11 +272,11 @@ fn wait_for_holder(api: &KubeApi, holder: &str, timeout: Duration) -> io::Result
 fn control_replicas_elect_one_leader_and_fail_over() -> io::Result<()> {
     let api = KubeApi::start_without_crds()?;
     api.install_deploy()?;
-    let control = token(&api, "strait-control", "https://kubernetes.default.svc.cluster.local")?;
+    let control = api.control_plane_token()?;
     let kubeconfig = api.token_kubeconfig(&control, "control")?;
-    let mut a = Control::start(&api, &kubeconfig, "replica-a")?;
+    let mut a = KubeControl::start(&api, &kubeconfig, "replica-a")?;
     a.wait_for("leader election: leading", READY_TIMEOUT)?;
-    let mut b = Control::start(&api, &kubeconfig, "replica-b")?;
+    let mut b = KubeControl::start(&api, &kubeconfig, "replica-b")?;
     b.wait_for("strait control ready", READY_TIMEOUT)?;
     // Several renewals later, still one leader: a keeps the Lease, b never leads.
     thread::sleep(Duration::from_secs(6));
@@ -360,7 +294,7 @@ fn control_replicas_elect_one_leader_and_fail_over() -> io::Result<()> {
     // A leader that dies without a word: c takes over once the lease has run out. c reads the
     // mesh CA from a read-only directory, as the control Deployment mounts the `cacerts` Secret.
     let read_only_ca = ReadOnlyMount::new(&api.dir().join("ca-replica-a"), &api.dir().join("ca-replica-c"))?;
-    let c = Control::start(&api, &kubeconfig, "replica-c")?;
+    let c = KubeControl::start(&api, &kubeconfig, "replica-c")?;
     c.wait_for("strait control ready", READY_TIMEOUT)?;
     assert_eq!(lease_holder(&api)?, "replica-b");
     b.signal(libc::SIGKILL);

@@ -15,13 +15,12 @@ mod common;
 use std::{
     fs, io,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use strait_testbed::kube::{self, KubeApi, workspace_dir};
+use strait_testbed::kube::{self, KubeApi, KubeControl, workspace_dir};
 use strait_testbed::{EchoKind, FABRIC_GATEWAY, Pod, Process, Topology, bin_path};
 
 const CONTROL_SA: &str = "system:serviceaccount:strait-system:strait-control";
@@ -37,85 +36,12 @@ fn gateways_dir() -> PathBuf {
     workspace_dir().join("deploy/gateways")
 }
 
-/// Polls `get` (a kubectl command's JSON) until `done` holds; the last object.
-fn wait_json(api: &KubeApi, get: &[&str], what: &str, done: impl Fn(&Value) -> bool) -> io::Result<Value> {
-    let deadline = Instant::now() + common::TIMEOUT;
-    loop {
-        let last = api.kubectl(get).map(|text| json(&text));
-        if let Ok(object) = &last
-            && done(object)
-        {
-            return Ok(object.clone());
-        }
-        if Instant::now() > deadline {
-            return Err(io::Error::other(format!("{what}: not after {:?}; last: {last:?}", common::TIMEOUT)));
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The root certificate of the ConfigMap `istio-ca-root-cert` in `namespace`, once it is `root`.
 fn wait_root(api: &KubeApi, namespace: &str, root: &str) -> io::Result<Value> {
     let get = ["get", "configmap", ROOT_CONFIG_MAP, "-n", namespace, "-o", "json"];
-    wait_json(api, &get, &format!("{namespace}/{ROOT_CONFIG_MAP}"), |cm| cm["data"]["root-cert.pem"] == root)
-}
-
-/// `strait control --kubernetes` on loopback as `kube_deploy.rs` runs it (its own token); killed
-/// on drop.
-struct KubeControl {
-    child: Option<Child>,
-    log: PathBuf,
-    ca: PathBuf,
-}
-
-impl KubeControl {
-    fn start(api: &KubeApi, kubeconfig: &Path) -> io::Result<KubeControl> {
-        let strait = strait_testbed::require_bin("strait")?;
-        let log = api.dir().join("control.log");
-        let out = fs::File::create(&log)?;
-        let ca = api.dir().join("control-ca");
-        let child = Command::new(strait)
-            .args(["control", "--kubernetes", "--ca-dir"])
-            .arg(&ca)
-            .arg(format!("--listen=127.0.0.1:{}", kube::free_port()?))
-            .arg(format!("--metrics-addr=127.0.0.1:{}", kube::free_port()?))
-            .args(["--leader-election-namespace=strait-system", "--leader-election-identity=replica-a"])
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()?;
-        Ok(KubeControl { child: Some(child), log, ca })
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for(&self, needle: &str, timeout: Duration) -> io::Result<()> {
-        let started = Instant::now();
-        while started.elapsed() < timeout {
-            if self.log().contains(needle) {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        Err(io::Error::other(format!("no `{needle}` in {:?}; log:\n{}", timeout, self.log())))
-    }
-
-    fn root(&self) -> io::Result<String> {
-        fs::read_to_string(self.ca.join("root-cert.pem"))
-    }
-}
-
-impl Drop for KubeControl {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+    api.wait_json(&get, &format!("{namespace}/{ROOT_CONFIG_MAP}"), common::TIMEOUT, |cm| {
+        cm["data"]["root-cert.pem"] == root
+    })
 }
 
 // GW-1, GW-2, OPS-2: deploy/gateways renders Istio's two gateways, passes kubernetes-validate,
@@ -243,13 +169,7 @@ fn gateways_apply_validate_and_hold_no_api_rights() -> io::Result<()> {
 
     // Real calls: a gateway's API token is refused everything; its istio-ca token (what the
     // Deployment projects) is reviewed by the control plane's account as the gateway.
-    let control = api.service_account_token(
-        "strait-system",
-        "strait-control",
-        "https://kubernetes.default.svc.cluster.local",
-        None,
-        3600,
-    )?;
+    let control = api.control_plane_token()?;
     for sa in GATEWAY_SAS {
         let api_token =
             api.service_account_token("istio-system", sa, "https://kubernetes.default.svc.cluster.local", None, 3600)?;
@@ -282,16 +202,10 @@ fn gateways_apply_validate_and_hold_no_api_rights() -> io::Result<()> {
 fn control_writes_the_root_certificate_where_gateways_run() -> io::Result<()> {
     let api = KubeApi::start_without_crds()?;
     api.install_deploy()?;
-    let token = api.service_account_token(
-        "strait-system",
-        "strait-control",
-        "https://kubernetes.default.svc.cluster.local",
-        None,
-        3600,
-    )?;
+    let token = api.control_plane_token()?;
     let kubeconfig = api.token_kubeconfig(&token, "control")?;
     // Before istio-system exists: nothing to write there yet, and no retrying meanwhile.
-    let control = KubeControl::start(&api, &kubeconfig)?;
+    let control = KubeControl::start(&api, &kubeconfig, "replica-a")?;
     control.wait_for("strait control ready", READY_TIMEOUT)?;
     control.wait_for("namespace istio-system does not exist (yet)", READY_TIMEOUT)?;
     let root = control.root()?;
@@ -344,51 +258,6 @@ fn control_writes_the_root_certificate_where_gateways_run() -> io::Result<()> {
     Ok(())
 }
 
-/// openssl, run in `dir`.
-fn openssl(dir: &Path, args: &[&str]) -> io::Result<()> {
-    let out = Command::new("openssl").args(args).current_dir(dir).output()?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr))));
-    }
-    Ok(())
-}
-
-/// A test CA `ca.crt|key` and a leaf for `host` (`host.crt|key`) signed by it, in `dir`.
-fn make_certificates(dir: &Path, host: &str) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
-    let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.crt"];
-    ca.extend(p256);
-    openssl(dir, &ca)?;
-    let subject = format!("/CN={host}");
-    let (key, csr, crt, ext) =
-        (format!("{host}.key"), format!("{host}.csr"), format!("{host}.crt"), format!("{host}.ext"));
-    fs::write(dir.join(&ext), format!("subjectAltName=DNS:{host}\nextendedKeyUsage=serverAuth\n"))?;
-    let mut req = vec!["req", "-subj", &subject, "-keyout", &key, "-out", &csr];
-    req.extend(p256);
-    openssl(dir, &req)?;
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-            "-out",
-            &crt,
-        ],
-    )
-}
-
 /// The kustomize patch ingress.yaml's comment documents for credentialName, as written there.
 fn documented_credentials_patch() -> io::Result<String> {
     let ingress = fs::read_to_string(gateways_dir().join("ingress.yaml"))?;
@@ -419,17 +288,6 @@ fn credentials_overlay(dir: &Path, secret: &str) -> io::Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// A pod for the API server: created on `pod`'s node, then given `pod`'s IP as a kubelet would.
-fn create_pod(api: &KubeApi, pod: &Pod, name: &str, ns: &str, sa: &str, labels: &[(String, String)]) -> io::Result<()> {
-    let labels: String = labels.iter().map(|(k, v)| format!("\n    {k}: \"{v}\"")).collect();
-    api.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\nspec:\n  \
-         nodeName: {}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    image: example.invalid/app:1\n",
-        pod.node_name()
-    ))?;
-    api.set_pod_status(ns, name, &pod.ip().to_string(), &pod.node_ip().to_string())
-}
-
 /// The pod labels and service account of the Deployment `name` in istio-system: what its
 /// ReplicaSet's pods get.
 fn pod_template(api: &KubeApi, name: &str) -> io::Result<(Vec<(String, String)>, String)> {
@@ -442,32 +300,6 @@ fn pod_template(api: &KubeApi, name: &str) -> io::Result<(Vec<(String, String)>,
         .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
         .collect();
     Ok((labels, template["spec"]["serviceAccountName"].as_str().expect("a service account").to_owned()))
-}
-
-/// `strait control --kubernetes` on `control`'s node, with the API server's kubeconfig.
-fn start_control(topo: &Topology, control: &common::Control, api: &KubeApi) -> io::Result<Process> {
-    let (ca, tokens) = (control.ca_dir.to_string_lossy(), control.tokens.to_string_lossy());
-    let listen = format!("{}:15012", control.node.ip());
-    let args = [
-        "control",
-        "--kubernetes",
-        "--listen",
-        &listen,
-        "--ca-dir",
-        &ca,
-        "--bootstrap-tokens",
-        &tokens,
-        "--leader-election-namespace",
-        "default",
-    ];
-    let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
-    let env = [("STRAIT_LOG", "info"), ("KUBECONFIG", kubeconfig.as_str())];
-    let process = control.node.spawn("strait-control", bin_path("strait"), &args, &env)?;
-    process
-        .wait_for_log("strait control ready", common::TIMEOUT)
-        .map_err(|e| io::Error::other(format!("{e}: {}\n{}", process.log_tail(), topo.dir().display())))?;
-    process.wait_for_log("leader election: leading", common::TIMEOUT)?;
-    Ok(process)
 }
 
 /// A Secret's key, decoded.
@@ -620,8 +452,10 @@ fn ingress_gateway_as_deployed_serves_a_mesh_pod() -> io::Result<()> {
     let overlay = credentials_overlay(&topo.dir().join("gateways-overlay"), "web-credential")?;
     api.kubectl(&["apply", "--server-side", "-k", &overlay.to_string_lossy()])?;
     let certs = topo.dir().join("certs");
-    make_certificates(&certs, "web.example.com")?;
-    let (crt, key) = (certs.join("web.example.com.crt"), certs.join("web.example.com.key"));
+    fs::create_dir_all(&certs)?;
+    common::make_ca(&certs, "ca")?;
+    common::make_leaf(&certs, "ca", "web.example.com", &certs.join("web"))?;
+    let (crt, key) = (certs.join("web/tls.crt"), certs.join("web/tls.key"));
     api.kubectl(&[
         "create",
         "secret",
@@ -640,14 +474,14 @@ fn ingress_gateway_as_deployed_serves_a_mesh_pod() -> io::Result<()> {
          apiVersion: v1\nkind: Service\nmetadata: {name: httpbin, namespace: web}\nspec:\n  clusterIP: 10.96.0.61\n  \
          selector: {app: httpbin}\n  ports: [{name: http, port: 8000, targetPort: 8000}]\n",
     )?;
-    create_pod(&api, &backend, "httpbin", "web", "httpbin", &[("app".into(), "httpbin".into())])?;
+    common::create_kube_pod(&api, &backend, "httpbin", "web", "httpbin", &[("app", "httpbin")])?;
     api.apply("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sleep, namespace: web}\n")?;
-    create_pod(&api, &mesh_client, "sleep", "web", "sleep", &[("app".into(), "sleep".into())])?;
+    common::create_kube_pod(&api, &mesh_client, "sleep", "web", "sleep", &[("app", "sleep")])?;
     let gw_name = "istio-ingressgateway-6d4b8-x2k9q";
     let (labels, sa) = pod_template(&api, "istio-ingressgateway")?;
-    create_pod(&api, &gw_pod, gw_name, "istio-system", &sa, &labels)?;
+    common::create_kube_pod(&api, &gw_pod, gw_name, "istio-system", &sa, &labels)?;
 
-    let control_process = start_control(&topo, &control, &api)?;
+    let control_process = control.start_kubernetes(&topo, &api, &[])?;
     let root = fs::read_to_string(control.ca_dir.join("root-cert.pem"))?;
     wait_root(&api, "istio-system", &root)?;
     let _p1 = control.start_node(&topo, &n1)?;
@@ -660,7 +494,7 @@ fn ingress_gateway_as_deployed_serves_a_mesh_pod() -> io::Result<()> {
     // The egress gateway's Deployment starts as well, as its own identity (no credentials).
     let egress_name = "istio-egressgateway-5c7d9-q8w2m";
     let (egress_labels, egress_sa) = pod_template(&api, "istio-egressgateway")?;
-    create_pod(&api, &egress_pod, egress_name, "istio-system", &egress_sa, &egress_labels)?;
+    common::create_kube_pod(&api, &egress_pod, egress_name, "istio-system", &egress_sa, &egress_labels)?;
     let egress =
         start_gateway_as_deployed(&topo, &api, "istio-egressgateway", &egress_pod, egress_name, &control.address())?;
     let ready = client.curl_args(&[&format!("http://{}:15021/healthz/ready", egress_pod.ip())])?;

@@ -26,48 +26,12 @@ fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-/// A pod for the API server: created on `pod`'s node, then given `pod`'s IP as a kubelet would.
-fn create_pod(api: &KubeApi, pod: &Pod, name: &str, ns: &str, sa: &str, labels: &[(&str, &str)]) -> io::Result<()> {
-    let labels: String = labels.iter().map(|(k, v)| format!("\n    {k}: \"{v}\"")).collect();
-    api.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\nspec:\n  \
-         nodeName: {}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    image: example.invalid/app:1\n",
-        pod.node_name()
-    ))?;
-    api.set_pod_status(ns, name, &pod.ip().to_string(), &pod.node_ip().to_string())
-}
-
-/// `strait control --kubernetes` on `control`'s node, with the API server's kubeconfig.
+/// `strait control --kubernetes` that also runs the waypoint reconciler.
 fn start_control(topo: &Topology, control: &Control, api: &KubeApi) -> io::Result<Process> {
-    let (ca, tokens) = (control.ca_dir.to_string_lossy(), control.tokens.to_string_lossy());
-    let listen = format!("{}:15012", control.node.ip());
     let xds = control.address();
-    let args = [
-        "control",
-        "--kubernetes",
-        "--listen",
-        &listen,
-        "--ca-dir",
-        &ca,
-        "--bootstrap-tokens",
-        &tokens,
-        "--waypoint-image",
-        "example.invalid/strait:test",
-        "--waypoint-xds-address",
-        &xds,
-        // Only the leader writes (the reconciler included): the Lease goes in a namespace that
-        // exists here, as the pod's own does in a cluster.
-        "--leader-election-namespace",
-        "default",
-    ];
-    let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
-    let env = [("STRAIT_LOG", "info"), ("KUBECONFIG", kubeconfig.as_str())];
-    let process = control.node.spawn("strait-control", bin_path("strait"), &args, &env)?;
-    process
-        .wait_for_log("strait control ready", TIMEOUT)
-        .map_err(|e| io::Error::other(format!("{e}: {}\n{}", process.log_tail(), topo.dir().display())))?;
+    let extra = ["--waypoint-image", "example.invalid/strait:test", "--waypoint-xds-address", &xds];
+    let process = control.start_kubernetes(topo, api, &extra)?;
     process.wait_for_log("waypoints: reconciling Gateways", TIMEOUT)?;
-    process.wait_for_log("leader election: leading", TIMEOUT)?;
     Ok(process)
 }
 
@@ -78,23 +42,6 @@ fn ctl(node: &Node, api: &KubeApi, args: &[&str]) -> io::Result<String> {
     let mut full = vec![kubeconfig.as_str(), strait.as_str(), "ctl"];
     full.extend_from_slice(args);
     node.run_ok("env", &full)
-}
-
-/// Polls `get` (a kubectl command's JSON) until `done` holds; the last object.
-fn wait_json(api: &KubeApi, get: &[&str], what: &str, done: impl Fn(&Value) -> bool) -> io::Result<Value> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let last = api.kubectl(get).map(|text| json(&text));
-        if let Ok(object) = &last
-            && done(object)
-        {
-            return Ok(object.clone());
-        }
-        if Instant::now() > deadline {
-            return Err(io::Error::other(format!("{what}: not after {TIMEOUT:?}; last: {last:?}")));
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// `strait waypoint` in `pod` with the arguments of the reconciler's Deployment, the files a
@@ -157,9 +104,16 @@ fn setup(api: &KubeApi, client: &Pod, reviews_v1: &Pod, reviews_v2: &Pod) -> io:
          apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: shop}\n\
          spec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n",
     )?;
-    create_pod(api, client, "client", "mesh", "client", &[("app", "client")])?;
-    create_pod(api, reviews_v1, "reviews-v1", "shop", "reviews", &[("app", "reviews"), ("version", "v1")])?;
-    create_pod(api, reviews_v2, "reviews-v2", "shop", "reviews", &[("app", "reviews"), ("version", "v2")])
+    common::create_kube_pod(api, client, "client", "mesh", "client", &[("app", "client")])?;
+    common::create_kube_pod(
+        api,
+        reviews_v1,
+        "reviews-v1",
+        "shop",
+        "reviews",
+        &[("app", "reviews"), ("version", "v1")],
+    )?;
+    common::create_kube_pod(api, reviews_v2, "reviews-v2", "shop", "reviews", &[("app", "reviews"), ("version", "v2")])
 }
 
 // L4-3, CFG-3: ctl waypoint apply -> Gateway -> the reconciler's objects, owned by it -> ready
@@ -206,7 +160,7 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
     let mut created_after = None;
     for kind in ["deployment", "service", "serviceaccount", "configmap"] {
         let name = if kind == "configmap" { "waypoint-strait-root" } else { "waypoint" };
-        let object = wait_json(&api, &["get", kind, "-n", "shop", name, "-o", "json"], kind, |_| true)?;
+        let object = api.wait_json(&["get", kind, "-n", "shop", name, "-o", "json"], kind, TIMEOUT, |_| true)?;
         created_after.get_or_insert_with(|| applied.elapsed());
         let owners = object["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();
         assert_eq!(owners.len(), 1, "{kind}: {owners:?}");
@@ -228,8 +182,9 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
 
     // Not ready yet: Accepted, not Programmed.
     let get_gateway = ["get", "gateway.gateway.networking.k8s.io", "-n", "shop", "waypoint", "-o", "json"];
-    let pending =
-        wait_json(&api, &get_gateway, "Accepted", |g| condition(g, "Accepted").is_some_and(|c| c["status"] == "True"))?;
+    let pending = api.wait_json(&get_gateway, "Accepted", TIMEOUT, |g| {
+        condition(g, "Accepted").is_some_and(|c| c["status"] == "True")
+    })?;
     let programmed = condition(&pending, "Programmed").expect("Programmed told");
     assert_eq!(
         (programmed["status"].as_str(), programmed["reason"].as_str()),
@@ -259,7 +214,7 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
         status,
     ])?;
     let deployment_ready = Instant::now();
-    create_pod(
+    common::create_kube_pod(
         &api,
         &waypoint_pod,
         "waypoint-5d8f7-abcde",
@@ -267,7 +222,7 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
         "waypoint",
         &[("gateway.networking.k8s.io/gateway-name", "waypoint")],
     )?;
-    let ready = wait_json(&api, &get_gateway, "Programmed", |g| {
+    let ready = api.wait_json(&get_gateway, "Programmed", TIMEOUT, |g| {
         condition(g, "Programmed").is_some_and(|c| c["status"] == "True")
     })?;
     eprintln!(
@@ -357,7 +312,7 @@ fn gateways_it_cannot_run_are_told_and_others_left_alone() -> io::Result<()> {
          spec:\n  gatewayClassName: nginx\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n",
     )?;
     let get = ["get", "gateway.gateway.networking.k8s.io", "-n", "shop", "my.waypoint", "-o", "json"];
-    let refused = wait_json(&api, &get, "Accepted", |g| condition(g, "Accepted").is_some())?;
+    let refused = api.wait_json(&get, "Accepted", TIMEOUT, |g| condition(g, "Accepted").is_some())?;
     let accepted = condition(&refused, "Accepted").expect("Accepted");
     assert_eq!((accepted["status"].as_str(), accepted["reason"].as_str()), (Some("False"), Some("Invalid")));
     assert!(accepted["message"].as_str().is_some_and(|m| m.starts_with("metadata.name: `my.waypoint`")), "{accepted}");

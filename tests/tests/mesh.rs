@@ -81,17 +81,7 @@ fn hbone_connections_leave_from_the_client_pods_address() -> io::Result<()> {
     wait_access_line(&p1, &["outbound", &format!("dst.addr={}:8080", t.server.ip()), "result=ok"], TIMEOUT)?;
 
     let (p11, p21, node1) = (t.client.ip(), t.server.ip(), t.n1.ip());
-    let requests: Vec<&pcap::Segment> = segments.iter().filter(|s| s.dst.port() == HBONE_PORT).collect();
-    let replies: Vec<&pcap::Segment> = segments.iter().filter(|s| s.src.port() == HBONE_PORT).collect();
-    assert!(requests.iter().any(|s| !s.payload.is_empty()), "the tunnel crossed the underlay: {segments:?}");
-    assert!(!replies.is_empty(), "its answers too: {segments:?}");
-    for s in &requests {
-        assert_eq!((*s.src.ip(), *s.dst.ip()), (p11, p21), "to :15008 from the client pod's address: {s:?}");
-        assert_ne!(s.src.port(), HBONE_PORT, "{s:?}");
-    }
-    for s in &replies {
-        assert_eq!((*s.src.ip(), *s.dst.ip()), (p21, p11), "answers go back to the client pod's address: {s:?}");
-    }
+    common::assert_tunnels_between(&segments, p11, p21);
     assert!(
         segments.iter().all(|s| *s.src.ip() != node1 && *s.dst.ip() != node1),
         "nothing on the underlay names node 1 ({node1}): {:?}",
@@ -118,11 +108,7 @@ fn hbone_source_node_keeps_the_old_behaviour() -> io::Result<()> {
     assert!(reply.ok(), "{reply:?}");
     assert!(reply.body.contains(&format!("peer={}:", t.client.ip())), "source IP preserved: {}", reply.body);
 
-    let requests: Vec<&pcap::Segment> = segments.iter().filter(|s| s.dst.port() == HBONE_PORT).collect();
-    assert!(requests.iter().any(|s| !s.payload.is_empty()), "{segments:?}");
-    for s in &requests {
-        assert_eq!((*s.src.ip(), *s.dst.ip()), (t.n1.ip(), t.server.ip()), "from node 1's address: {s:?}");
-    }
+    common::assert_tunnels_between(&segments, t.n1.ip(), t.server.ip());
     assert_eq!(common::stat(&t.n1, "hbone_client_reply"), 0);
     Ok(())
 }

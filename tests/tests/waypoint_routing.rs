@@ -9,7 +9,7 @@ mod common;
 use std::{io, thread, time::Duration};
 
 use common::{APP_NS, WaypointMesh, apply, reviews_config, start_backends, wait_request_lines};
-use strait_testbed::{EchoKind, Topology, UnderlayCapture, k8s, pcap};
+use strait_testbed::{EchoKind, Topology, UnderlayCapture, k8s};
 
 const REVIEWS: &str = "http://10.96.0.30:9080";
 
@@ -214,11 +214,7 @@ fn pod_to_waypoint_on_the_same_node_and_waypoint_to_pod_leave_from_the_pods() ->
     }
     assert!(common::stat(&m.n1, "hbone_client_reply") > 0, "answers over the waypoint's veth reached the proxy");
 
-    let to_hbone: Vec<&pcap::Segment> = segments.iter().filter(|s| s.dst.port() == 15008).collect();
-    assert!(to_hbone.iter().any(|s| !s.payload.is_empty()), "the waypoint's tunnel crossed the underlay: {segments:?}");
-    for s in &to_hbone {
-        assert_eq!((*s.src.ip(), *s.dst.ip()), (waypoint, web), "from the waypoint pod's address: {s:?}");
-    }
+    common::assert_tunnels_between(&segments, waypoint, web);
     let node1 = m.n1.ip();
     assert!(segments.iter().all(|s| *s.src.ip() != node1 && *s.dst.ip() != node1), "{segments:?}");
     assert!(server.log().contains(&format!("request peer={waypoint}:")), "{}", server.log());
@@ -247,14 +243,7 @@ fn pod_to_waypoint_on_another_node_leaves_from_the_pod() -> io::Result<()> {
     wait_request_lines(&wp, &["path=\"/hello\"", "status=200"], 1)?;
 
     let (client, waypoint, node1) = (m.client.ip(), m.waypoint_pod.ip(), m.n1.ip());
-    let to_hbone: Vec<&pcap::Segment> = segments.iter().filter(|s| s.dst.port() == 15008).collect();
-    assert!(to_hbone.iter().any(|s| !s.payload.is_empty()), "the tunnel crossed the underlay: {segments:?}");
-    for s in &to_hbone {
-        assert_eq!((*s.src.ip(), *s.dst.ip()), (client, waypoint), "from the client pod's address: {s:?}");
-    }
-    for s in segments.iter().filter(|s| s.src.port() == 15008) {
-        assert_eq!((*s.src.ip(), *s.dst.ip()), (waypoint, client), "{s:?}");
-    }
+    common::assert_tunnels_between(&segments, client, waypoint);
     assert!(segments.iter().all(|s| *s.src.ip() != node1 && *s.dst.ip() != node1), "{segments:?}");
     assert!(common::stat(&m.n1, "hbone_client_reply") > 0);
     Ok(())

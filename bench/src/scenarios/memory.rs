@@ -10,11 +10,7 @@ use anyhow::bail;
 use strait_testbed::{Process, bin_path};
 
 use super::{Bed, PORT, TIMEOUT, procfs};
-use crate::report::{Better, Figure, Results, Target};
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
+use crate::report::{Better, Figure, Results, Target, mib};
 
 pub(super) fn memory(bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
     for (i, idle) in bed.idle_rss.iter().enumerate() {

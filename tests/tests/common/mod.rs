@@ -5,8 +5,9 @@
 
 use std::{
     collections::HashMap,
-    io,
+    fs, io,
     path::{Path, PathBuf},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -384,6 +385,32 @@ impl Control {
         Ok(control)
     }
 
+    /// Starts `strait control --kubernetes` against `api` (its admin kubeconfig) with `extra`
+    /// arguments, the Lease in namespace `default`, and waits until it is ready and leads.
+    pub fn start_kubernetes(
+        &self,
+        topo: &Topology,
+        api: &strait_testbed::kube::KubeApi,
+        extra: &[&str],
+    ) -> io::Result<Process> {
+        let (ca, tokens) = (self.ca_dir.to_string_lossy(), self.tokens.to_string_lossy());
+        let listen = format!("{}:15012", self.node.ip());
+        let mut args =
+            vec!["control", "--kubernetes", "--listen", &listen, "--ca-dir", &ca, "--bootstrap-tokens", &tokens];
+        // Only the leader writes: the Lease goes in a namespace that exists here, as the pod's
+        // own does in a cluster.
+        args.extend_from_slice(&["--leader-election-namespace", "default"]);
+        args.extend_from_slice(extra);
+        let kubeconfig = api.kubeconfig().to_string_lossy().into_owned();
+        let env = [("STRAIT_LOG", "info"), ("KUBECONFIG", kubeconfig.as_str())];
+        let process = self.node.spawn("strait-control", bin_path("strait"), &args, &env)?;
+        process
+            .wait_for_log("strait control ready", TIMEOUT)
+            .map_err(|e| io::Error::other(format!("{e}: {}\n{}", process.log_tail(), topo.dir().display())))?;
+        process.wait_for_log("leader election: leading", TIMEOUT)?;
+        Ok(process)
+    }
+
     /// Writes a bootstrap token for `holder` (`nodes/<node>` or `serviceaccounts/<ns>/<sa>`);
     /// returns the file, which the proxy reads too (--ca-token-file).
     pub fn token(&self, holder: &str) -> io::Result<PathBuf> {
@@ -531,4 +558,129 @@ pub fn wait_log_line(process: &Process, needles: &[&str]) -> io::Result<String> 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// openssl, run in `dir`; fails the test when it fails.
+pub fn openssl(dir: &Path, args: &[&str]) -> io::Result<()> {
+    let out = Command::new("openssl").args(args).current_dir(dir).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(())
+}
+
+/// A test CA `<name>.crt|key` in `dir`.
+pub fn make_ca(dir: &Path, name: &str) -> io::Result<()> {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    )
+}
+
+/// A leaf for `host` signed by CA `ca`, written to `out_dir/tls.crt|tls.key`.
+pub fn make_leaf(dir: &Path, ca: &str, host: &str, out_dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(out_dir)?;
+    let (key, csr, crt, ext) =
+        (format!("{host}.key"), format!("{host}.csr"), format!("{host}.crt"), format!("{host}.ext"));
+    fs::write(dir.join(&ext), format!("subjectAltName=DNS:{host}\nextendedKeyUsage=serverAuth,clientAuth\n"))?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN={host}"),
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ],
+    )?;
+    // Written whole then renamed, as a secret volume swaps its files.
+    for (from, to) in [(&crt, "tls.crt"), (&key, "tls.key")] {
+        let tmp = out_dir.join(format!(".{to}.tmp"));
+        fs::copy(dir.join(from), &tmp)?;
+        fs::rename(&tmp, out_dir.join(to))?;
+    }
+    Ok(())
+}
+
+/// Checks the HBONE tunnels a capture of the underlay saw (L4-6): at least one segment to port
+/// 15008 carries data, every segment to port 15008 goes from `from` to `to`, and every answer
+/// from port 15008 from `to` back to `from`.
+pub fn assert_tunnels_between(
+    segments: &[strait_testbed::pcap::Segment],
+    from: std::net::Ipv4Addr,
+    to: std::net::Ipv4Addr,
+) {
+    let to_hbone: Vec<_> = segments.iter().filter(|s| s.dst.port() == 15008).collect();
+    assert!(to_hbone.iter().any(|s| !s.payload.is_empty()), "no tunnel crossed the underlay: {segments:?}");
+    for s in &to_hbone {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (from, to), "a tunnel segment from {from} to {to}:15008: {s:?}");
+        assert_ne!(s.src.port(), 15008, "{s:?}");
+    }
+    let answers: Vec<_> = segments.iter().filter(|s| s.src.port() == 15008).collect();
+    assert!(!answers.is_empty(), "no answer from {to}:15008 crossed the underlay: {segments:?}");
+    for s in &answers {
+        assert_eq!((*s.src.ip(), *s.dst.ip()), (to, from), "answers go back to {from}: {s:?}");
+    }
+}
+
+/// A pod for the API server: created on `pod`'s node with `labels` and service account `sa`,
+/// then given `pod`'s IP as a kubelet would.
+pub fn create_kube_pod(
+    api: &strait_testbed::kube::KubeApi,
+    pod: &Pod,
+    name: &str,
+    ns: &str,
+    sa: &str,
+    labels: &[(impl AsRef<str>, impl AsRef<str>)],
+) -> io::Result<()> {
+    let labels: String = labels.iter().map(|(k, v)| format!("\n    {}: \"{}\"", k.as_ref(), v.as_ref())).collect();
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\nspec:\n  \
+         nodeName: {}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    image: example.invalid/app:1\n",
+        pod.node_name()
+    ))?;
+    api.set_pod_status(ns, name, &pod.ip().to_string(), &pod.node_ip().to_string())
 }
