@@ -658,5 +658,8 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = workers.unwrap_or(cpus / 2).max(1);
+    if workers == 1 && std::env::var_os("STRAIT_EXPERIMENT_MULTI").is_none() {
+        return Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?);
+    }
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?)
 }

@@ -278,7 +278,7 @@ impl HbonePool {
         // The name is not checked: peers are verified by SPIFFE identity below.
         let name = ServerName::IpAddress(addr.ip().into());
         let tls = TlsConnector::from(tls_settings.client.clone())
-            .connect(name, tcp)
+            .connect(name, super::socket::Socket::new(tcp))
             .await
             .map_err(|e| HboneError::Tls(addr, e))?;
         let peer = peer_identity(tls.get_ref().1.peer_certificates());

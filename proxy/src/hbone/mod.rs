@@ -8,6 +8,7 @@
 pub mod client;
 pub mod io;
 pub mod server;
+pub mod socket;
 pub mod stream;
 
 use std::net::{IpAddr, SocketAddr};
@@ -106,13 +107,28 @@ pub(crate) fn owns_ip(model: &Model, trust_domain: &str, ip: IpAddr, identity: &
     model.workload_by_ip(ip).is_some_and(|w| &w.identity(trust_domain) == identity)
 }
 
-/// A fresh W3C `traceparent` with random trace and span ids, sampled.
+/// A fresh W3C `traceparent` with random trace and span ids, sampled. The ids only need to be
+/// unique, not secret: they come from fastrand's per-thread generator (seeded from the OS), so
+/// a connection costs no `getrandom` call and one allocation for them.
 pub fn new_traceparent() -> String {
-    let mut ids = [0u8; 24];
-    // A failure leaves zeros, which only makes the trace id less useful, never unsafe.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut ids);
-    let hex: String = ids.iter().map(|b| format!("{b:02x}")).collect();
-    format!("00-{}-{}-01", &hex[..32], &hex[32..])
+    // A W3C id of all zeros is invalid.
+    let trace = fastrand::u128(1..);
+    let span = fastrand::u64(1..);
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    push_hex(&mut out, trace, 32);
+    out.push('-');
+    push_hex(&mut out, u128::from(span), 16);
+    out.push_str("-01");
+    out
+}
+
+/// Appends the low `digits` hex digits of `value`, most significant first.
+fn push_hex(out: &mut String, value: u128, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..digits).rev() {
+        out.push(char::from(HEX[((value >> (4 * i)) & 0xf) as usize]));
+    }
 }
 
 #[cfg(test)]

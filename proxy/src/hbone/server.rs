@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 
 use super::{
     CONNECTION_WINDOW, LOCAL_ERROR_RESETS, MAX_CONCURRENT_STREAMS, MAX_FRAME, REMEMBERED_RESETS, STREAM_WINDOW,
+    socket::Socket,
 };
 use crate::{
     admission::Pass,
@@ -223,8 +224,8 @@ where
 async fn handshake(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Identity), ServeError> {
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
+) -> Result<(tokio_rustls::server::TlsStream<Socket>, Identity), ServeError> {
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(Socket::new(tcp)))
         .await
         .map_err(|_| ServeError::Timeout)?
         .map_err(ServeError::Tls)?;

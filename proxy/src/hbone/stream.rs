@@ -13,6 +13,7 @@ use h2::{RecvStream, SendStream};
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
+use super::socket;
 use crate::node::copy::{Copied, write_all};
 
 const FIRST_BUFFER: usize = 16 * 1024;
@@ -40,18 +41,24 @@ async fn tcp_to_stream(tcp: &TcpStream, mut send: SendStream<Bytes>) -> (u64, Op
         if buffer.capacity() < size / 2 {
             buffer.reserve(size);
         }
-        match tcp.try_read_buf(&mut buffer) {
-            Ok(0) => {
+        match socket::read_buf(tcp, &mut buffer) {
+            Ok((0, _)) => {
                 // End of the client's data: END_STREAM half-closes the tunnel.
                 let result = send.send_data(Bytes::new(), true).err().map(h2_error);
                 return (total, result);
             }
-            Ok(n) => {
+            Ok((n, drained)) => {
                 total += n as u64;
-                if buffer.len() == buffer.capacity() && size < MAX_BUFFER {
+                if !drained && size < MAX_BUFFER {
                     size *= 2;
                 }
                 let data = buffer.split().freeze();
+                if drained {
+                    // The socket is empty: an idle connection holds no buffer (its spare
+                    // capacity would otherwise stay allocated for the connection's life).
+                    buffer = BytesMut::new();
+                    size = FIRST_BUFFER;
+                }
                 if let Err(e) = send_all(&mut send, data).await {
                     // The peer is gone: stop reading from the client too.
                     let _ = SockRef::from(tcp).shutdown(std::net::Shutdown::Both);
@@ -59,8 +66,7 @@ async fn tcp_to_stream(tcp: &TcpStream, mut send: SendStream<Bytes>) -> (u64, Op
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Idle: hand the buffer back, so an idle connection holds none (its spare
-                // capacity would otherwise stay allocated for the life of the connection).
+                // Readiness was stale: idle, so hand the buffer back.
                 buffer = BytesMut::new();
                 size = FIRST_BUFFER;
             }

@@ -67,7 +67,12 @@ pub async fn serve_hbone(ctx: Arc<NodeContext>, tcp: TcpStream, peer: SocketAddr
         peer,
         settings.server.clone(),
         admission,
-        move |stream| handle_stream(stream_ctx.clone(), identity.clone(), stream),
+        move |stream| {
+            let fut = handle_stream(stream_ctx.clone(), identity.clone(), stream);
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| tracing::warn!("EXPERIMENT inbound stream future {} bytes", std::mem::size_of_val(&fut)));
+            fut
+        },
         drain,
     )
     .await;

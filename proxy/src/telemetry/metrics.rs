@@ -61,10 +61,12 @@ pub struct TrafficMetrics {
     sent_bytes: Family<TrafficLabels, Counter>,
 }
 
-/// The counters of one connection's label set, resolved when it opened.
+/// The counters of one connection's label set, resolved when it opened. The label set itself
+/// is not kept: it is a score of strings, and an open connection holding its own copy was a
+/// good part of the proxy's memory per idle connection; the rare close with response flags
+/// builds it again.
 #[derive(Debug, Clone)]
 pub struct ConnectionCounters {
-    labels: TrafficLabels,
     closed: Counter,
     received_bytes: Counter,
     sent_bytes: Counter,
@@ -72,29 +74,30 @@ pub struct ConnectionCounters {
 
 impl TrafficMetrics {
     /// Counts a connection as opened and resolves the counters it will update on close.
-    pub fn open(&self, labels: TrafficLabels) -> ConnectionCounters {
-        self.opened.get_or_create(&labels).inc();
+    pub fn open(&self, labels: &TrafficLabels) -> ConnectionCounters {
+        self.opened.get_or_create(labels).inc();
         ConnectionCounters {
-            closed: self.closed.get_or_create_owned(&labels),
-            received_bytes: self.received_bytes.get_or_create_owned(&labels),
-            sent_bytes: self.sent_bytes.get_or_create_owned(&labels),
-            labels,
+            closed: self.closed.get_or_create_owned(labels),
+            received_bytes: self.received_bytes.get_or_create_owned(labels),
+            sent_bytes: self.sent_bytes.get_or_create_owned(labels),
         }
     }
 
     /// Counts a connection as closed. As ztunnel does, the closed counter carries the final
-    /// response flags while the byte counters keep the labels the connection opened with.
+    /// response flags while the byte counters keep the labels the connection opened with (whose
+    /// flags are always `-`); `labels` gives the label set again when the flags differ.
     pub fn close(
         &self,
         counters: &ConnectionCounters,
         response_flags: &'static str,
+        labels: impl FnOnce() -> TrafficLabels,
         client_bytes: u64,
         server_bytes: u64,
     ) {
-        if response_flags == counters.labels.response_flags {
+        if response_flags == super::labels::NO_FLAGS {
             counters.closed.inc();
         } else {
-            let flagged = TrafficLabels { response_flags, ..counters.labels.clone() };
+            let flagged = TrafficLabels { response_flags, ..labels() };
             self.closed.get_or_create(&flagged).inc();
         }
         counters.received_bytes.inc_by(client_bytes);
@@ -354,10 +357,10 @@ mod tests {
     fn counts_connections_and_bytes_by_label_set() {
         let registry = MetricsRegistry::new();
         let traffic = registry.traffic();
-        let first = traffic.open(labels());
-        traffic.close(&first, "-", 100, 2000);
-        let second = traffic.open(labels());
-        traffic.close(&second, "DENY", 0, 0);
+        let first = traffic.open(&labels());
+        traffic.close(&first, "-", labels, 100, 2000);
+        let second = traffic.open(&labels());
+        traffic.close(&second, "DENY", labels, 0, 0);
         let text = registry.encode(Exposition::OpenMetrics);
 
         let opened = sample(&text, "istio_tcp_connections_opened_total{");
@@ -377,7 +380,7 @@ mod tests {
     fn prometheus_text_types_counters_under_their_total_name() {
         let registry = MetricsRegistry::new();
         let traffic = registry.traffic();
-        traffic.close(&traffic.open(labels()), "-", 1, 2);
+        traffic.close(&traffic.open(&labels()), "-", labels, 1, 2);
         let text = registry.encode(Exposition::Prometheus);
         assert!(text.contains("# HELP istio_tcp_sent_bytes_total The size of total bytes sent"), "{text}");
         assert!(text.contains("\n# TYPE istio_tcp_sent_bytes_total counter\nistio_tcp_sent_bytes_total{"), "{text}");

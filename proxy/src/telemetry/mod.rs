@@ -36,7 +36,7 @@ impl Telemetry {
     /// the connection is accepted and its source and destination are known: the label set is
     /// resolved here, once, and kept in the record for `closed`.
     pub fn opened(&self, record: &mut ConnectionRecord) {
-        record.counters = Some(self.metrics.open(TrafficLabels::of(record)));
+        record.counters = Some(self.metrics.open(&TrafficLabels::of(record)));
     }
 
     /// Writes the access line and counts the connection as closed, with its bytes. Call once,
@@ -48,12 +48,18 @@ impl Telemetry {
         let counters = match &record.counters {
             Some(c) => c,
             None => {
-                opened = self.metrics.open(TrafficLabels::of(record));
+                opened = self.metrics.open(&TrafficLabels::of(record));
                 &opened
             }
         };
         // Istio counts request bytes as "received" and response bytes as "sent", whoever reports.
-        self.metrics.close(counters, record.outcome.response_flags(), record.bytes_sent, record.bytes_received);
+        self.metrics.close(
+            counters,
+            record.outcome.response_flags(),
+            || TrafficLabels::of(record),
+            record.bytes_sent,
+            record.bytes_received,
+        );
     }
 }
 
