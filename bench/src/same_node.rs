@@ -1,4 +1,4 @@
-//! `strait-bench same-node` (L4-2, OPS-1): same-node pod → pod through the node proxy, whose
+//! `strait-bench same-node` (CAP-1, OPS-1): same-node pod → pod through the node proxy, whose
 //! admitted plain TCP moves in the kernel (splice) unless `--fast-path off`.
 //!
 //! One node: an enrolled client and server, and a client and server outside the mesh beside

@@ -1,7 +1,7 @@
-//! End to end: the kernel fast path of the node proxy (SPEC L4-2, L4-4, L4-7, OBS-1): same-node
-//! pod → pod and PERMISSIVE plaintext connections are moved with splice(2) once admitted, and
-//! still arrive intact, half-close, are counted in the access lines and are closed by a policy
-//! that denies them later. Needs root.
+//! End to end: the kernel fast path of the node proxy (SPEC CAP-1, CAP-2, L4-4, L4-7, OBS-1,
+//! OBS-2): same-node pod → pod and PERMISSIVE plaintext connections are moved with splice(2)
+//! once admitted, and still arrive intact, half-close, are counted in the access lines and are
+//! closed by a policy that denies them later. Needs root.
 
 mod common;
 
@@ -148,7 +148,7 @@ fn late_rejection_closes(b: &Bed, proxy: &Process, from: &Pod, policy: &str) -> 
     Ok(())
 }
 
-// L4-2, OBS-1, L4-7: same-node pod → pod (no waypoint, policy allows) moves in the kernel.
+// CAP-1, OBS-1, OBS-2, L4-7: same-node pod → pod (no waypoint, policy allows) moves in the kernel.
 #[test]
 fn same_node_connections_take_the_fast_path() -> io::Result<()> {
     let b = bed("fast_path::same_node")?;
@@ -158,7 +158,7 @@ fn same_node_connections_take_the_fast_path() -> io::Result<()> {
     late_rejection_closes(&b, &p1, &b.client, &policy)
 }
 
-// L4-4, OBS-1, L4-7: PERMISSIVE plaintext from outside the mesh moves in the kernel too.
+// CAP-2, L4-4, OBS-1, OBS-2, L4-7: PERMISSIVE plaintext from outside the mesh moves in the kernel too.
 #[test]
 fn permissive_plaintext_takes_the_fast_path() -> io::Result<()> {
     let b = bed("fast_path::plaintext")?;
