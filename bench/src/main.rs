@@ -16,6 +16,7 @@ mod fanout;
 mod gateway;
 mod kube;
 mod report;
+mod same_node;
 mod scenarios;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -40,7 +41,9 @@ struct Cli {
     /// or `control` alone: the control plane with a generated 10,000-pod mesh (control.md); or
     /// `kube` alone: `strait control --kubernetes` on a real API server with 10,000 pods (kube.md);
     /// or `gateway` alone: ingress HTTPS through `strait gateway` beside direct TLS (gateway.md);
-    /// or `fanout` alone: many client pods of one identity through the HBONE pool (fanout.md).
+    /// or `fanout` alone: many client pods of one identity through the HBONE pool (fanout.md);
+    /// or `same-node` alone: pod to pod on one node, userspace copy against the kernel fast path
+    /// (same-node.md).
     scenarios: Vec<String>,
     /// Client pods of the `fanout` scenario.
     #[arg(long, default_value_t = 20)]
@@ -85,12 +88,21 @@ fn main() -> ExitCode {
             }
         };
     }
+    if cli.scenarios == ["same-node"] {
+        return match run_same_node(&cli) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strait-bench: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let all = scenarios::ALL.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let wanted = if cli.scenarios.is_empty() { all } else { cli.scenarios.clone() };
     for name in &wanted {
         if !scenarios::ALL.contains(&name.as_str()) {
             eprintln!(
-                "strait-bench: unknown scenario `{name}`; choose from {}, or one of control, kube, gateway, fanout alone",
+                "strait-bench: unknown scenario `{name}`; choose from {}, or one of control, kube, gateway, fanout, same-node alone",
                 scenarios::ALL.join(", ")
             );
             return ExitCode::FAILURE;
@@ -143,6 +155,16 @@ fn run_fanout(cli: &Cli) -> anyhow::Result<()> {
     fanout::write(&cli.out, &report)?;
     println!("{}", fanout::markdown(&report));
     eprintln!("strait-bench: wrote {}/fanout.md and fanout.json", cli.out.display());
+    Ok(())
+}
+
+/// Same-node pod to pod: the userspace copy and the kernel fast path, beside direct.
+fn run_same_node(cli: &Cli) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cli.out)?;
+    let report = same_node::run(cli.quick)?;
+    same_node::write(&cli.out, &report)?;
+    println!("{}", same_node::markdown(&report));
+    eprintln!("strait-bench: wrote {}/same-node.md and same-node.json", cli.out.display());
     Ok(())
 }
 

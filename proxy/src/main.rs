@@ -134,6 +134,10 @@ struct NodeArgs {
     /// connections always leave from the node.
     #[arg(long, value_enum, default_value = "pod")]
     hbone_source: strait::node::HboneSource,
+    /// Move admitted plain TCP connections (same-node pod to pod, PERMISSIVE plaintext,
+    /// passthrough) in the kernel with splice(2): `on`, or `off` to copy in user space.
+    #[arg(long, value_enum, default_value = "on")]
+    fast_path: strait::node::FastPath,
 }
 
 /// Limits every HBONE listener has (OPS-4).
@@ -522,6 +526,7 @@ fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         handover_socket: args.handover_socket,
         hbone_source: args.hbone_source,
+        fast_path: args.fast_path,
     }))
 }
 

@@ -80,7 +80,7 @@ fn main() -> ExitCode {
 
 fn usage() -> String {
     format!(
-        "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO... | control | kube | gateway | fanout [--fanout-clients N]] | \
+        "usage: cargo xtask <setup | test [TEST-FILTER...] | demo | bench [--quick] [SCENARIO... | control | kube | gateway | fanout [--fanout-clients N] | same-node] | \
          soak [--minutes N] | fuzz [TARGET] [SECONDS] | gen-crds [--check]>\n\
          fuzz targets: {}",
         fuzz::TARGETS.join(", ")

@@ -181,9 +181,19 @@ pub(crate) fn run_load(client: &Pod, target: &str, args: &[&str]) -> anyhow::Res
 }
 
 pub(crate) fn start_proxy(topo: &Topology, node: &Node, ca: &std::path::Path) -> anyhow::Result<Process> {
+    start_proxy_with(topo, node, ca, &[])
+}
+
+/// `start_proxy` with `extra` arguments for `strait node`.
+pub(crate) fn start_proxy_with(
+    topo: &Topology,
+    node: &Node,
+    ca: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<Process> {
     let config = topo.config_dir();
     let pins = node.bpf_pin_dir();
-    let args = [
+    let mut args = vec![
         "node",
         "--config",
         config.to_str().unwrap_or_default(),
@@ -195,6 +205,7 @@ pub(crate) fn start_proxy(topo: &Topology, node: &Node, ca: &std::path::Path) ->
         pins.to_str().unwrap_or_default(),
         "--detach-on-exit",
     ];
+    args.extend_from_slice(extra);
     let proxy = node.spawn(&format!("strait-{}", node.name()), bin_path("strait"), &args, &[("STRAIT_LOG", "warn")])?;
     // At warn level the ready line is not logged: wait for the admin endpoint instead.
     let deadline = Instant::now() + TIMEOUT;

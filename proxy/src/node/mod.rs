@@ -2,6 +2,7 @@
 //! the configuration, and proxies every connection they hand it.
 
 pub(crate) mod copy;
+pub use copy::FastPath;
 pub(crate) mod dns;
 mod handover;
 pub(crate) mod inbound;
@@ -89,6 +90,8 @@ pub struct NodeOptions {
     pub handover_socket: PathBuf,
     /// The source address of outbound HBONE connections.
     pub hbone_source: HboneSource,
+    /// Whether admitted plain TCP connections are moved in the kernel (splice).
+    pub fast_path: FastPath,
 }
 
 /// The source address outbound HBONE connections leave from (L4-6).
@@ -237,6 +240,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     sys::check_node_privileges().map_err(|e| anyhow!(e))?;
     let fd_limit = sys::set_fd_limit(options.max_open_files);
     let limits = options.limits.resolve(fd_limit);
+    copy::set_fast_path(options.fast_path);
 
     // The proxy's own certificate, once it has one, authenticates it to the control plane.
     let own_cert = matches!(options.source, ConfigSource::ControlPlane(_)).then(|| Arc::new(ClientCertSlot::default()));
@@ -628,6 +632,7 @@ async fn serve_operator_endpoints(
     metrics.register(admission::refusal_counters(gates.to_vec()));
     metrics.register(crate::hbone::server::handshake_failure_counters());
     metrics.register(outbound::refusal_counters());
+    metrics.register(copy::fast_path_counters());
     let reader = pool.clone();
     metrics.register_gauge(ScrapedGauge::new(
         "strait_hbone_pool_connections",
