@@ -663,7 +663,13 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = workers.unwrap_or(cpus / 2).max(1);
-    if workers == 1 && std::env::var_os("STRAIT_EXPERIMENT_MULTI").is_none() {
+    if workers == 1 {
+        // One worker: a current-thread runtime, where the data path and the main task share one
+        // thread (a multi-thread runtime with one worker runs them on two, and each thread that
+        // allocates gets its own malloc arena). Measured side by side on the bench machine with
+        // 1,000 idle connections held: 5.5 / 3.6 KiB per connection on the two node proxies
+        // against 7.5 / 5.4 with the multi-thread runtime; latency and CPU at 1,000 req/s were
+        // the same within the runs' spread.
         return Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?);
     }
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?)

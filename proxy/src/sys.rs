@@ -66,9 +66,8 @@ pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 /// Connects to `addr` from a socket carrying the proxy's mark, so that its packets are never
 /// captured again.
 pub async fn connect_marked(addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = upstream_socket(addr)?;
     socket.set_mark(PROXY_MARK)?;
-    socket.set_nonblocking(true)?;
     let socket = TcpSocket::from_std_stream(socket.into());
     let stream = socket.connect(addr).await?;
     // Proxied traffic is mostly request/response: never hold a small write back.
@@ -80,10 +79,9 @@ pub async fn connect_marked(addr: SocketAddr) -> io::Result<TcpStream> {
 /// sees the original client's IP (L4-6). Replies come back through the capture program, which
 /// hands them to this socket.
 pub async fn connect_transparent(source: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = upstream_socket(addr)?;
     socket.set_mark(PROXY_MARK)?;
     socket.set_ip_transparent_v4(true)?;
-    socket.set_nonblocking(true)?;
     // Without this, bind() picks the ephemeral port for the source IP alone and keeps it from
     // every other connection from that IP, whatever the destination: many HBONE tunnels and
     // inbound deliveries share one pod's address as source, and would exhaust its port range.
@@ -94,6 +92,13 @@ pub async fn connect_transparent(source: std::net::IpAddr, addr: SocketAddr) -> 
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// A non-blocking TCP socket for `addr`'s family, made so by `socket(2)` itself: two `fcntl`
+/// calls fewer per upstream connection than setting it afterwards (measured: 2 of the node
+/// proxy's 20 system calls per new inbound connection).
+fn upstream_socket(addr: SocketAddr) -> io::Result<Socket> {
+    Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))
 }
 
 /// `IP_BIND_ADDRESS_NO_PORT`: a bind to port 0 defers choosing the port to connect().

@@ -103,8 +103,8 @@ pub(super) fn connect_head(
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
-    /// The identity the server proved in TLS.
-    pub peer: Identity,
+    /// Counts the stream on its connection (and through it, the identity the server proved in
+    /// TLS); nothing else is kept per tunnel, since it lives as long as the proxied connection.
     _active: ActiveGuard,
 }
 
@@ -201,7 +201,7 @@ impl HbonePool {
             let (connection, fresh) = self.connection(&slot, request).await?;
             let guard = ActiveGuard(connection.clone());
             match self.open_stream(&connection, request).await {
-                Ok((send, recv)) => return Ok(Tunnel { send, recv, peer: connection.peer.clone(), _active: guard }),
+                Ok((send, recv)) => return Ok(Tunnel { send, recv, _active: guard }),
                 Err(HboneError::Http2(addr, e)) if !fresh && !retried && refused_unseen(&e) => {
                     debug!(%addr, "pooled HBONE connection refused a new stream ({e}); opening another");
                     slot.lock().await.retain(|c| !Arc::ptr_eq(c, &connection));

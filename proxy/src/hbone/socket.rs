@@ -10,8 +10,9 @@
 //! that arrives while the read is under way raises a new readiness event, which tokio keeps
 //! (it clears only the event the read started from), so nothing is ever left unread.
 //!
-//! Measured on the 2-core bench machine at 1,000 req/s through both node proxies: the empty
-//! reads were a quarter of the proxies' read calls on the mesh path.
+//! Measured with `perf stat` on both node proxies during `strait-bench --quick sequential`
+//! (3,000 requests over one connection): `recvfrom` went from 3.0 to 2.0 per request and per
+//! proxy, all system calls from 7.4 to 6.3.
 
 use std::{
     io,

@@ -95,8 +95,7 @@ fn refused_connection(ctx: &NodeContext, peer: SocketAddr, local: SocketAddr, re
 async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundStream) {
     let clock = Instant::now();
     let InboundStream { request, mut respond, peer_identity, peer_addr } = stream;
-    let authority = request.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-    let target: Option<SocketAddr> = authority.parse().ok();
+    let target: Option<SocketAddr> = request.uri().authority().and_then(|a| a.as_str().parse().ok());
     let mut record = ConnectionRecord::start("inbound", peer_addr, target.unwrap_or(peer_addr));
     record.security = "mutual_tls";
     record.source_identity = Some(peer_identity.to_string());
@@ -113,6 +112,11 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
         record.source_workload = model.workload_by_ip(addr.ip()).cloned();
     }
     drop(model);
+    // What the connection no longer needs is let go before it starts: an idle proxied
+    // connection keeps only what its access line, metrics and late rejection use (OPS-1).
+    drop(served);
+    // Only the body (the stream's data) is needed from here on: the head's headers go now.
+    let body = request.into_body();
     let client_ip = decided.client.map(|addr| addr.ip());
     let source_ip = || client_ip.unwrap_or(peer_addr.ip());
     let target = match decided.verdict {
@@ -145,11 +149,14 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
         }
     };
     let mut registration = ctx.live.register(Admitted {
-        source: Some(peer_identity.clone()),
+        source: Some(peer_identity),
         source_ip: source_ip(),
         destination: target,
     });
-    match until_rejected(hbone::stream::copy(&upstream, send, request.into_body()), &mut registration).await {
+    let fut = until_rejected(hbone::stream::copy(&upstream, send, body), &mut registration);
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| tracing::warn!("EXPERIMENT inbound until_rejected copy future {} bytes", std::mem::size_of_val(&fut)));
+    match fut.await {
         Ok((copied, error)) => {
             // Seen from the client: what it sent went into the stream, what it received came out.
             record.bytes_sent = copied.b_to_a;
@@ -239,8 +246,9 @@ pub(crate) fn check_target(
 
 async fn dial_pod(client_ip: Option<IpAddr>, target: SocketAddr) -> std::io::Result<TcpStream> {
     match client_ip {
-        Some(ip) => sys::connect_transparent(ip, target).await,
-        None => sys::connect_marked(target).await,
+        // Boxed: a step of the connection's setup, not kept in its task (see outbound).
+        Some(ip) => Box::pin(sys::connect_transparent(ip, target)).await,
+        None => Box::pin(sys::connect_marked(target)).await,
     }
 }
 
