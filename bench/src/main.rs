@@ -13,8 +13,10 @@
 mod chart;
 mod control;
 mod fanout;
+mod flame;
 mod gateway;
 mod kube;
+mod profile;
 mod report;
 mod scenarios;
 
@@ -42,6 +44,10 @@ struct Cli {
     /// or `gateway` alone: ingress HTTPS through `strait gateway` beside direct TLS (gateway.md);
     /// or `fanout` alone: many client pods of one identity through the HBONE pool (fanout.md).
     scenarios: Vec<String>,
+    /// Record `perf` on each proxy during extra 1,000 req/s runs of the latency scenario (node
+    /// path, waypoint path) and write flame graphs (flame-*.svg, flame-*.folded) beside report.md.
+    #[arg(long, conflicts_with = "soak_minutes")]
+    profile: bool,
     /// Client pods of the `fanout` scenario.
     #[arg(long, default_value_t = 20)]
     fanout_clients: usize,
@@ -148,7 +154,10 @@ fn run_fanout(cli: &Cli) -> anyhow::Result<()> {
 
 fn run(cli: &Cli, wanted: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.out)?;
-    let bed = scenarios::Bed::build(cli.quick)?;
+    let mut bed = scenarios::Bed::build(cli.quick)?;
+    if cli.profile {
+        bed.profile_into(cli.out.clone());
+    }
     if let Some(minutes) = cli.soak_minutes {
         eprintln!("strait-bench: soak for {minutes} min");
         let report = scenarios::soak::run(&bed, minutes)?;
@@ -163,6 +172,10 @@ fn run(cli: &Cli, wanted: &[String]) -> anyhow::Result<()> {
     for name in wanted {
         eprintln!("strait-bench: running {name}");
         scenarios::run(&bed, name, &mut results)?;
+    }
+    if cli.profile && results.profiles.is_none() {
+        let why = "profiles are recorded during the latency scenario, which did not run".to_owned();
+        results.profiles = Some(profile::Profiles { problems: vec![why], ..Default::default() });
     }
     drop(bed);
     report::write(&cli.out, &results)?;
