@@ -27,6 +27,9 @@ const HZ: u32 = 999;
 const CALL_GRAPH: &str = "dwarf,16384";
 /// How long perf may take to write its data after SIGINT.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `perf script` may take before it is run again without resolving inlined frames
+/// (which it does by asking an `addr2line` process about every address; see [`Symbolizer`]).
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Functions listed per profile in the report.
 const TOP: usize = 10;
 
@@ -159,49 +162,105 @@ pub fn settle(recordings: &mut Vec<Recording>) -> Vec<String> {
 
 impl Recording {
     /// Stops perf (SIGINT, as at a terminal: it writes its data and exits) and waits for it.
-    /// Returns the run's length.
-    fn stop(&mut self) -> Result<Duration, String> {
+    /// Every recording of a run is stopped before any is processed, so none goes on sampling
+    /// an idle proxy while `perf script` runs for another.
+    pub fn stop(mut self) -> Result<Stopped, String> {
         let elapsed = self.started.elapsed();
         if self.child.try_wait().ok().flatten().is_none() {
             // SAFETY: a signal to our own child, not yet reaped (try_wait saw it running).
             unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
         }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => return Ok(elapsed),
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return Err(format!("perf record for {} did not finish writing within 60 s", self.title));
-                }
+        let stopped = Stopped {
+            label: self.label.clone(),
+            title: self.title.clone(),
+            data: self.data.clone(),
+            log: self.log.clone(),
+            elapsed,
+        };
+        match wait(&mut self.child, STOP_TIMEOUT) {
+            Some(_) => Ok(stopped),
+            None => Err(format!("perf record for {} did not finish writing within 60 s", self.title)),
+        }
+    }
+}
+
+/// Waits up to `timeout` for `child`; kills it if it has not exited by then (`None`).
+fn wait(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
             }
         }
     }
+}
 
+/// A finished recording, its data not yet read.
+pub struct Stopped {
+    label: String,
+    title: String,
+    data: PathBuf,
+    log: PathBuf,
+    /// How long perf recorded.
+    elapsed: Duration,
+}
+
+impl Stopped {
     fn log_tail(&self) -> String {
         let log = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(3)..].join(" / ")
     }
 
-    /// Stops perf and turns its data into the profile's files, then removes the data (tens of
-    /// MB per run: the folded stacks keep what the report uses).
-    pub fn finish(mut self, dir: &Path, symbolizer: Option<&Path>) -> Result<Profile, String> {
-        let elapsed = self.stop()?;
+    /// `perf script` of the data, with inlined frames when `inline`; `None` if it did not end
+    /// within [`SCRIPT_TIMEOUT`]. Its output goes to a file, not a pipe: tens of MB.
+    fn script(&self, symbolizer: Option<&Path>, inline: bool) -> Result<Option<String>, String> {
+        let text = self.data.with_extension("script");
+        let io = |e: std::io::Error| format!("perf script for {}: {e}", self.title);
+        let out = fs::File::create(&text).map_err(io)?;
+        let err = fs::OpenOptions::new().append(true).create(true).open(&self.log).map_err(io)?;
         let mut command = Command::new("perf");
-        command.args(["script", "-i"]).arg(&self.data).stdin(Stdio::null());
+        command.args(["script", "-i"]).arg(&self.data).stdin(Stdio::null()).stdout(out).stderr(err);
+        if !inline {
+            command.arg("--no-inline");
+        }
         if let Some(bin) = symbolizer {
             command.env("PATH", path_with(bin));
         }
-        let out = command.output().map_err(|e| format!("cannot run perf script for {}: {e}", self.title))?;
-        let _ = fs::remove_file(&self.data);
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            return Err(format!("perf script for {} failed: {} ({})", self.title, why.trim(), self.log_tail()));
+        let mut child = command.spawn().map_err(io)?;
+        let status = wait(&mut child, SCRIPT_TIMEOUT);
+        let output = fs::read(&text).map_err(io);
+        let _ = fs::remove_file(&text);
+        match status {
+            None => Ok(None),
+            Some(status) if status.success() => Ok(Some(String::from_utf8_lossy(&output?).into_owned())),
+            Some(status) => Err(format!("perf script for {} failed ({status}): {}", self.title, self.log_tail())),
         }
-        let folded = flame::fold(&String::from_utf8_lossy(&out.stdout));
+    }
+
+    /// Turns the data into the profile's files, then removes it (tens of MB per run: the folded
+    /// stacks keep what the report uses).
+    pub fn finish(self, dir: &Path, symbolizer: Option<&Path>) -> Result<Profile, String> {
+        let mut notes = Vec::new();
+        let script = match self.script(symbolizer, true) {
+            Ok(Some(text)) => Ok(text),
+            Ok(None) => {
+                notes.push(format!(
+                    "inlined frames not resolved (perf script took over {} s with them)",
+                    SCRIPT_TIMEOUT.as_secs()
+                ));
+                self.script(symbolizer, false)
+                    .and_then(|t| t.ok_or_else(|| format!("perf script for {} timed out", self.title)))
+            }
+            Err(e) => Err(e),
+        };
+        let _ = fs::remove_file(&self.data);
+        let folded = flame::fold(&script?);
         let samples = folded.samples();
         if samples == 0 {
             return Err(format!("perf recorded no samples of {} ({})", self.title, self.log_tail()));
@@ -216,9 +275,8 @@ impl Recording {
         let (inclusive, leaf) = folded.top(TOP);
         let areas = folded.areas().into_iter().map(|(name, n)| (name.to_owned(), n)).collect();
         // perf's own words on the recording: lost samples are the one thing that skews it.
-        let said =
-            format!("{}\n{}", fs::read_to_string(&self.log).unwrap_or_default(), String::from_utf8_lossy(&out.stderr));
-        let warning = said.lines().find(|l| l.to_lowercase().contains("lost")).map(|l| l.trim().to_owned());
+        let said = fs::read_to_string(&self.log).unwrap_or_default();
+        notes.extend(said.lines().find(|l| l.to_lowercase().contains("lost")).map(|l| l.trim().to_owned()));
         let _ = fs::remove_file(&self.log);
         Ok(Profile {
             label: self.label.clone(),
@@ -226,12 +284,20 @@ impl Recording {
             svg,
             folded: folded_name,
             samples,
-            vcpu: samples as f64 / f64::from(HZ) / elapsed.as_secs_f64(),
+            vcpu: samples as f64 / f64::from(HZ) / self.elapsed.as_secs_f64(),
             top_inclusive: share(inclusive),
             top_self: share(leaf),
             areas: share(areas),
-            warning,
+            warning: (!notes.is_empty()).then(|| notes.join("; ")),
         })
+    }
+}
+
+impl Recording {
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(3)..].join(" / ")
     }
 }
 
@@ -245,27 +311,28 @@ impl Drop for Recording {
 }
 
 /// A directory whose `addr2line` is LLVM's, for `perf script`: this perf (6.1, no libbfd)
-/// resolves inlined frames by talking to an `addr2line` process, and with binutils' it took
-/// 42 s for 562 samples of the proxy (mostly waiting on replies), with llvm-addr2line 7 s for
-/// the same output. `None` (binutils' then) when LLVM's is not installed.
+/// resolves inlined frames by asking an `addr2line` process about each address and waiting for
+/// its reply. On 562 samples of a node proxy: binutils' 42 s (mostly waiting), llvm-addr2line
+/// 14 over 100 s (killed), llvm-addr2line 22 1.3 s, same output. So the newest LLVM's, and
+/// `None` (binutils' then) when there is none; [`SCRIPT_TIMEOUT`] covers a slow one.
 pub struct Symbolizer {
     dir: PathBuf,
 }
 
 impl Symbolizer {
     pub fn find(dir: &Path) -> Option<Symbolizer> {
-        let llvm = ["/usr/bin/llvm-addr2line", "/usr/local/bin/llvm-addr2line"]
+        let version = |p: &Path| -> u32 {
+            let digits: String = p.to_string_lossy().chars().filter(char::is_ascii_digit).collect();
+            digits.parse().unwrap_or(0)
+        };
+        let llvm = fs::read_dir("/usr/lib")
             .into_iter()
-            .map(PathBuf::from)
-            .chain(
-                fs::read_dir("/usr/lib")
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| e.path().join("bin/llvm-addr2line"))
-                    .filter(|p| p.to_string_lossy().contains("llvm-")),
-            )
-            .find(|p| p.exists())?;
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+            .map(|e| e.path().join("bin/llvm-addr2line"))
+            .filter(|p| p.exists())
+            .max_by_key(|p| version(p))?;
         let dir = dir.join(".addr2line");
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).ok()?;

@@ -145,8 +145,9 @@ fn profiled(bed: &Bed, dir: &std::path::Path, secs: &str) -> Profiles {
             }),
             Err(e) => section.problems.push(format!("the profiled {name} run failed: {e:#}")),
         }
-        for recording in recordings {
-            match recording.finish(dir, symbolizer.as_ref().map(profile::Symbolizer::dir)) {
+        let stopped: Vec<_> = recordings.into_iter().map(profile::Recording::stop).collect();
+        for recording in stopped {
+            match recording.and_then(|r| r.finish(dir, symbolizer.as_ref().map(profile::Symbolizer::dir))) {
                 Ok(p) => section.profiles.push(p),
                 Err(why) => section.problems.push(why),
             }
