@@ -134,13 +134,15 @@ impl Folded {
 
     /// The `n` functions with the most samples anywhere on the stack (inclusive, each counted
     /// once per sample however often it recurs), and the `n` with the most samples as the leaf
-    /// (self). The thread name at the root is not a function and is left out of both.
+    /// (self). The thread name at the root is not a function and is left out of both; so are,
+    /// from the inclusive list, the runtime's plumbing ([`PLUMBING`]) under every task, which
+    /// would fill it at 60–100 % and say nothing.
     pub fn top(&self, n: usize) -> (Vec<(String, u64)>, Vec<(String, u64)>) {
         let mut inclusive = BTreeMap::<&str, u64>::new();
         let mut leaf = BTreeMap::<&str, u64>::new();
         for (stack, count) in &self.stacks {
             let frames: Vec<&str> = stack.split(';').skip(1).collect();
-            for f in frames.iter().copied().collect::<HashSet<_>>() {
+            for f in frames.iter().copied().filter(|f| !plumbing(f)).collect::<HashSet<_>>() {
                 *inclusive.entry(f).or_default() += count;
             }
             *leaf.entry(frames.last().copied().unwrap_or("[no frames]")).or_default() += count;
@@ -159,6 +161,35 @@ impl Folded {
         }
         AREAS.iter().copied().zip(counts).collect()
     }
+}
+
+/// Frames every task or thread passes through: thread start, panic catching, closures called
+/// through `FnOnce`, the tokio task harness and worker loop, `poll_fn` and `MaybeDone`
+/// adapters. Prefixes, matched after any leading `<` or `&`.
+pub const PLUMBING: [&str; 18] = [
+    "core::panic::",
+    "std::panic",
+    "core::ops::function::",
+    "alloc::boxed::Box<dyn core::ops::function::",
+    "core::future::poll_fn::",
+    "tokio::future::maybe_done::",
+    "tokio::loom::",
+    "tokio::runtime::task::",
+    "tokio::runtime::context::",
+    "tokio::runtime::scheduler::multi_thread::worker::",
+    "tokio::runtime::blocking::",
+    "tokio::task::coop::",
+    "std::thread::",
+    "std::sys::backtrace::",
+    "std::sys::thread::",
+    "start_thread",
+    "__GI___clone3",
+    "clone3",
+];
+
+fn plumbing(frame: &str) -> bool {
+    let f = frame.trim_start_matches(['<', '&']);
+    PLUMBING.iter().any(|p| f.starts_with(p))
 }
 
 /// The areas [`Folded::areas`] sorts samples into.
@@ -403,6 +434,13 @@ strait 11 3.0: 1 cpu-clock:
         assert_eq!(clean_symbol("<T as h2::X>::poll::h0123456789abcdef"), "<T as h2::X>::poll");
         let (inclusive, leaf) = folded.top(4);
         let names: Vec<(&str, u64)> = inclusive.iter().map(|(f, n)| (f.as_str(), *n)).collect();
+        assert!(plumbing(
+            "<core::panic::unwind_safe::AssertUnwindSafe<F> as core::ops::function::FnOnce<()>>::call_once"
+        ));
+        assert!(
+            plumbing("tokio::runtime::task::harness::poll_future")
+                && !plumbing("tokio::runtime::io::driver::Driver::turn")
+        );
         // Most samples first, ties by name; the thread's name is not a function.
         let syscall = "entry_SYSCALL_64_after_hwframe_[k]";
         assert_eq!(names, [(syscall, 2), ("main", 2), ("std::io::Write::write_all", 2), ("[libc.so.6]", 1)]);

@@ -21,10 +21,11 @@ const HZ: u32 = 999;
 /// perf records the call stack by copying this many bytes of each sampled thread's stack and
 /// unwinding them with the binary's DWARF tables afterwards. Release builds have `debug = 1`
 /// and no frame pointers: with `-g` (frame pointers) every Rust stack measured here ended one
-/// frame above the leaf (`strait::hbone::stream::copy::{{closure}}` then garbage), while
-/// `dwarf,16384` unwound tokio worker stacks to `clone3`, inlined frames included, at 1.1 MB
-/// per 100 samples and no perf CPU worth measuring at 70 samples/s.
-const CALL_GRAPH: &str = "dwarf,16384";
+/// frame above the leaf (`strait::hbone::stream::copy::{{closure}}` then garbage). With DWARF,
+/// 16 KiB reached the thread's start (`clone3`) in 27 % of a node proxy's samples (h2 and
+/// rustls frames are large), 32 KiB in all of them, inlined frames included: 15 MB of data per
+/// 500 samples, `perf script` 1.2 s, and perf's own CPU too small to see at 70–150 samples/s.
+const CALL_GRAPH: &str = "dwarf,32768";
 /// How long perf may take to write its data after SIGINT.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `perf script` may take before it is run again without resolving inlined frames
@@ -394,7 +395,9 @@ pub fn markdown(section: &Profiles) -> String {
         let areas: Vec<String> =
             p.areas.iter().filter(|(_, s)| *s > 0.0).map(|(name, s)| format!("{name} {:.1} %", 100.0 * s)).collect();
         let _ = writeln!(out, "Samples by area: {}.\n", areas.join("; "));
-        out.push_str("| # | Inclusive | Share | Self (leaf) | Share |\n|---:|---|---:|---|---:|\n");
+        out.push_str(
+            "| # | Inclusive (runtime plumbing left out) | Share | Self (leaf) | Share |\n|---:|---|---:|---|---:|\n",
+        );
         for i in 0..p.top_inclusive.len().max(p.top_self.len()) {
             let cell = |list: &[(String, f64)]| {
                 list.get(i).map_or(("".into(), "".into()), |(name, s)| {
