@@ -14,6 +14,9 @@ pub struct Folded {
     pub stacks: BTreeMap<String, u64>,
 }
 
+/// Functions and their samples, most first.
+pub type Ranking = Vec<(String, u64)>;
+
 /// Frames whose name ends with this ran in the kernel (the suffix other flame graph tools use).
 const KERNEL: &str = "_[k]";
 
@@ -137,7 +140,7 @@ impl Folded {
     /// (self). The thread name at the root is not a function and is left out of both; so are,
     /// from the inclusive list, the runtime's plumbing ([`PLUMBING`]) under every task, which
     /// would fill it at 60–100 % and say nothing.
-    pub fn top(&self, n: usize) -> (Vec<(String, u64)>, Vec<(String, u64)>) {
+    pub fn top(&self, n: usize) -> (Ranking, Ranking) {
         let mut inclusive = BTreeMap::<&str, u64>::new();
         let mut leaf = BTreeMap::<&str, u64>::new();
         for (stack, count) in &self.stacks {
@@ -241,7 +244,7 @@ fn area(stack: &str) -> usize {
     8
 }
 
-fn largest(counts: BTreeMap<&str, u64>, n: usize) -> Vec<(String, u64)> {
+fn largest(counts: BTreeMap<&str, u64>, n: usize) -> Ranking {
     let mut all: Vec<(String, u64)> = counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     all.truncate(n);
