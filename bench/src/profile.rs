@@ -22,10 +22,12 @@ const HZ: u32 = 999;
 /// unwinding them with the binary's DWARF tables afterwards. Release builds have `debug = 1`
 /// and no frame pointers: with `-g` (frame pointers) every Rust stack measured here ended one
 /// frame above the leaf (`strait::hbone::stream::copy::{{closure}}` then garbage). With DWARF,
-/// 16 KiB reached the thread's start (`clone3`) in 27 % of a node proxy's samples (h2 and
-/// rustls frames are large), 32 KiB in all of them, inlined frames included: 15 MB of data per
-/// 500 samples, `perf script` 1.2 s, and perf's own CPU too small to see at 70–150 samples/s.
-const CALL_GRAPH: &str = "dwarf,32768";
+/// the share of samples unwound to the thread's start (`clone3`), node 1 / node 2 proxy: 16 KiB
+/// 27 % of node 2's; 32 KiB 100 % / 54 % (the HBONE server's h2 and rustls frames are large),
+/// the waypoint 48 %; 65,528 bytes (perf's most) 100 % of node 2's. That costs 30 MB of data
+/// per 500 samples, removed once folded, and perf's own CPU is too small to see at 70–200
+/// samples/s; a stack cut short would draw its frames as a second tower beside the first.
+const CALL_GRAPH: &str = "dwarf,65528";
 /// How long perf may take to write its data after SIGINT.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `perf script` may take before it is run again without resolving inlined frames
