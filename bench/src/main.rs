@@ -13,8 +13,10 @@
 mod chart;
 mod control;
 mod fanout;
+mod flame;
 mod gateway;
 mod kube;
+mod profile;
 mod report;
 mod same_node;
 mod scenarios;
@@ -45,6 +47,10 @@ struct Cli {
     /// or `same-node` alone: pod to pod on one node, userspace copy against the kernel fast path
     /// (same-node.md).
     scenarios: Vec<String>,
+    /// Record `perf` on each proxy during extra 1,000 req/s runs of the latency scenario (node
+    /// path, waypoint path) and write flame graphs (flame-*.svg, flame-*.folded) beside report.md.
+    #[arg(long, conflicts_with = "soak_minutes")]
+    profile: bool,
     /// Client pods of the `fanout` scenario.
     #[arg(long, default_value_t = 20)]
     fanout_clients: usize,
@@ -170,7 +176,10 @@ fn run_same_node(cli: &Cli) -> anyhow::Result<()> {
 
 fn run(cli: &Cli, wanted: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.out)?;
-    let bed = scenarios::Bed::build(cli.quick)?;
+    let mut bed = scenarios::Bed::build(cli.quick)?;
+    if cli.profile {
+        bed.profile_into(cli.out.clone());
+    }
     if let Some(minutes) = cli.soak_minutes {
         eprintln!("strait-bench: soak for {minutes} min");
         let report = scenarios::soak::run(&bed, minutes)?;
@@ -185,6 +194,10 @@ fn run(cli: &Cli, wanted: &[String]) -> anyhow::Result<()> {
     for name in wanted {
         eprintln!("strait-bench: running {name}");
         scenarios::run(&bed, name, &mut results)?;
+    }
+    if cli.profile && results.profiles.is_none() {
+        let why = "profiles are recorded during the latency scenario, which did not run".to_owned();
+        results.profiles = Some(profile::Profiles { problems: vec![why], ..Default::default() });
     }
     drop(bed);
     report::write(&cli.out, &results)?;

@@ -88,6 +88,9 @@ pub struct Results {
     pub machine: String,
     pub figures: Vec<Figure>,
     pub latency: Vec<Distribution>,
+    /// `--profile`: the flame graphs recorded, or why there are none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profiles: Option<crate::profile::Profiles>,
 }
 
 impl Results {
@@ -169,6 +172,9 @@ pub fn markdown(results: &Results) -> String {
             None => "—",
         };
         let _ = writeln!(out, "| {} | {} | {direct} | {strait} | {versus} | {target} | {met} |", f.scenario, f.name);
+    }
+    if let Some(profiles) = &results.profiles {
+        out.push_str(&crate::profile::markdown(profiles));
     }
     out
 }

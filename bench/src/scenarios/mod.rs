@@ -53,6 +53,8 @@ pub struct Bed {
     /// The 1,000 req/s run through the waypoint (by latency or cpu, whichever runs first), or
     /// why it failed.
     waypoint_load: RefCell<Option<Result<WaypointLoad, String>>>,
+    /// `--profile`: where the latency scenario writes its flame graphs.
+    profile: Option<std::path::PathBuf>,
 }
 
 /// Which path a workload takes.
@@ -116,6 +118,7 @@ impl Bed {
             waypoint: Err("not started".into()),
             cpu_per_krps: RefCell::new(None),
             waypoint_load: RefCell::new(None),
+            profile: None,
         };
         // One request each way warms certificates and the HBONE pool.
         for path in [Path::Direct, Path::Mesh] {
@@ -131,6 +134,11 @@ impl Bed {
             why
         });
         Ok(bed)
+    }
+
+    /// Profiles the proxies during the latency scenario, into `dir`.
+    pub fn profile_into(&mut self, dir: std::path::PathBuf) {
+        self.profile = Some(dir);
     }
 
     /// The pod a path's workload runs in, and the address it sends to.

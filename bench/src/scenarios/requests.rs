@@ -6,7 +6,10 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::{Bed, Path, errors_of, f, thousands, waypoint};
-use crate::report::{Better, Distribution, Figure, Results, Target};
+use crate::{
+    profile::{self, ProfiledRun, Profiles},
+    report::{Better, Distribution, Figure, Results, Target},
+};
 
 /// Open loop at 1,000 req/s, 8 keep-alive connections, 1 KiB bodies (BENCHMARKS.md).
 pub(super) fn rate_run(bed: &Bed, path: Path, rps: u32, secs: &str, connections: &str) -> anyhow::Result<Value> {
@@ -35,6 +38,9 @@ pub(super) fn latency(bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
     let via_waypoint = waypoint::measured_load(bed, &secs);
     if let Err(why) = &via_waypoint {
         eprintln!("strait-bench: latency through the waypoint not measured: {why}");
+    }
+    if let Some(dir) = &bed.profile {
+        results.profiles = Some(profiled(bed, dir, &secs));
     }
     for (key, label, target) in PERCENTILES {
         results.add(Figure {
@@ -83,6 +89,74 @@ pub(super) fn latency(bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
     }
     add_cpu(bed, results);
     Ok(())
+}
+
+/// `--profile`: the node path's and the waypoint path's 1,000 req/s runs again, each with perf
+/// on every proxy on the path. Extra runs after the measured ones, so perf's cost (its sampling
+/// in the proxies, its own process on the shared cores) stays out of the published figures and
+/// shows in the profiled runs' own latency instead.
+fn profiled(bed: &Bed, dir: &std::path::Path, secs: &str) -> Profiles {
+    let mut section = Profiles::default();
+    if let Err(why) = profile::check() {
+        eprintln!("strait-bench: no profiles: {why}");
+        section.problems.push(why);
+        return section;
+    }
+    profile::clear(dir);
+    let _kernel_symbols = profile::KernelSymbols::visible();
+    let symbolizer = profile::Symbolizer::find(dir);
+    let (node1, node2) = (bed.proxies[0].pid(), bed.proxies[1].pid());
+    let mut plans = vec![(
+        Path::Mesh,
+        "node path",
+        vec![("node1-mesh", "node 1 proxy, node path", node1), ("node2-mesh", "node 2 proxy, node path", node2)],
+    )];
+    match bed.waypoint() {
+        Ok(w) => plans.push((
+            Path::Waypoint,
+            "waypoint path",
+            vec![
+                ("node1-waypoint", "node 1 proxy, waypoint path", node1),
+                ("waypoint", "waypoint, waypoint path", w.process.pid()),
+                ("node2-waypoint", "node 2 proxy, waypoint path", node2),
+            ],
+        )),
+        Err(e) => section.problems.push(format!("the waypoint path was not profiled: {e:#}")),
+    }
+    for (path, name, processes) in plans {
+        eprintln!("strait-bench: profiling the {name}");
+        let mut recordings = Vec::new();
+        for (label, title, pid) in processes {
+            match profile::start(dir, label, title, pid) {
+                Ok(r) => recordings.push(r),
+                Err(why) => section.problems.push(why),
+            }
+        }
+        section.problems.extend(profile::settle(&mut recordings));
+        if recordings.is_empty() {
+            continue;
+        }
+        match rate_run(bed, path, 1000, secs, "8") {
+            Ok(v) => section.runs.push(ProfiledRun {
+                path: name.into(),
+                p50_us: f(&v, "p50_us"),
+                p99_us: f(&v, "p99_us"),
+                achieved_rps: f(&v, "achieved_rps"),
+            }),
+            Err(e) => section.problems.push(format!("the profiled {name} run failed: {e:#}")),
+        }
+        let stopped: Vec<_> = recordings.into_iter().map(profile::Recording::stop).collect();
+        for recording in stopped {
+            match recording.and_then(|r| r.finish(dir, symbolizer.as_ref().map(profile::Symbolizer::dir))) {
+                Ok(p) => section.profiles.push(p),
+                Err(why) => section.problems.push(why),
+            }
+        }
+    }
+    for why in &section.problems {
+        eprintln!("strait-bench: profile: {why}");
+    }
+    section
 }
 
 fn add_cpu(bed: &Bed, results: &mut Results) {
