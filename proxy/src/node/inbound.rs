@@ -67,12 +67,7 @@ pub async fn serve_hbone(ctx: Arc<NodeContext>, tcp: TcpStream, peer: SocketAddr
         peer,
         settings.server.clone(),
         admission,
-        move |stream| {
-            let fut = handle_stream(stream_ctx.clone(), identity.clone(), stream);
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| tracing::warn!("EXPERIMENT inbound stream future {} bytes", std::mem::size_of_val(&fut)));
-            fut
-        },
+        move |stream| handle_stream(stream_ctx.clone(), identity.clone(), stream),
         drain,
     )
     .await;
@@ -148,15 +143,9 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
             return;
         }
     };
-    let mut registration = ctx.live.register(Admitted {
-        source: Some(peer_identity),
-        source_ip: source_ip(),
-        destination: target,
-    });
-    let fut = until_rejected(hbone::stream::copy(&upstream, send, body), &mut registration);
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| tracing::warn!("EXPERIMENT inbound until_rejected copy future {} bytes", std::mem::size_of_val(&fut)));
-    match fut.await {
+    let mut registration =
+        ctx.live.register(Admitted { source: Some(peer_identity), source_ip: source_ip(), destination: target });
+    match until_rejected(hbone::stream::copy(&upstream, send, body), &mut registration).await {
         Ok((copied, error)) => {
             // Seen from the client: what it sent went into the stream, what it received came out.
             record.bytes_sent = copied.b_to_a;

@@ -411,13 +411,10 @@ fn accept_all(
         admission::accept_loop("outbound", &outbound, Some(&gate), stop, |stream, peer, pass| {
             let flight = InFlight::new(&c.in_flight);
             let c = c.clone();
-            let fut = async move {
+            tokio::spawn(async move {
                 outbound::handle(c, stream, peer).await;
                 drop((pass, flight));
-            };
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| tracing::warn!("EXPERIMENT outbound future {} bytes", std::mem::size_of_val(&fut)));
-            tokio::spawn(fut);
+            });
         })
         .await;
     });

@@ -395,10 +395,7 @@ async fn over_hbone(
     };
     match tunnel {
         Ok(tunnel) => {
-            let fut = hbone::stream::copy(downstream, tunnel.send, tunnel.recv);
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| tracing::warn!("EXPERIMENT hbone copy future {} bytes", std::mem::size_of_val(&fut)));
-            let (copied, error) = fut.await;
+            let (copied, error) = hbone::stream::copy(downstream, tunnel.send, tunnel.recv).await;
             record.bytes_sent = copied.a_to_b;
             record.bytes_received = copied.b_to_a;
             if let Some(e) = error {
