@@ -16,14 +16,13 @@ use std::{fmt::Write as _, fs, path::Path as FsPath, thread, time::Duration};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use serde_json::Value;
-use strait_testbed::{Node, Pod, Process, Topology, bin_path, k8s};
+use strait_testbed::{Node, Pod, Process, Topology, k8s};
 
 use crate::report::{cell, mib};
-use crate::scenarios::{procfs, run_load, start_proxy};
+use crate::scenarios::{procfs, run_load, start_load_servers, start_proxy};
 
 const PORT: u16 = 8080;
 const MESH_NS: &str = "fanout";
-const TIMEOUT: Duration = Duration::from_secs(20);
 const HBONE_PORT: u16 = 15008;
 /// The fixed total rate the latency figures are taken at.
 const RATE: u32 = 1000;
@@ -183,14 +182,7 @@ fn build(clients: usize) -> anyhow::Result<Bed> {
         config.push_str(&k8s::pod_yaml(pod, MESH_NS, "server", &[("app", "server")]));
     }
     topo.write_config("fanout.yaml", &config)?;
-    let load = bin_path("strait-load");
-    let mut server_processes = Vec::new();
-    for pod in &servers {
-        let process =
-            pod.spawn(&format!("load-server-{}", pod.name()), &load, &["server", "--port", &PORT.to_string()], &[])?;
-        process.wait_for_log("listening on", TIMEOUT)?;
-        server_processes.push(process);
-    }
+    let server_processes = start_load_servers(&servers.iter().collect::<Vec<_>>(), PORT)?;
     let ca = topo.dir().join("ca");
     let proxies = vec![start_proxy(&topo, &n1, &ca)?, start_proxy(&topo, &n2, &ca)?];
     let bed = Bed { nodes: [n1, n2], clients, servers, proxies, _servers: server_processes, _topo: topo };

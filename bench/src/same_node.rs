@@ -13,14 +13,13 @@ use std::{fmt::Write as _, fs, path::Path as FsPath, thread, time::Duration, tim
 use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::Value;
-use strait_testbed::{Pod, Process, Topology, bin_path, k8s};
+use strait_testbed::{Pod, Process, Topology, k8s};
 
 use crate::report::cell;
-use crate::scenarios::{procfs, run_load, start_proxy_with};
+use crate::scenarios::{procfs, run_load, start_load_servers, start_proxy_with};
 
 const PORT: u16 = 8080;
 const MESH_NS: &str = "same-node";
-const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One way of reaching the server.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -62,17 +61,7 @@ pub fn run(quick: bool) -> anyhow::Result<SameNodeReport> {
     ]
     .concat();
     topo.write_config("bench.yaml", &config)?;
-    let mut servers: Vec<Process> = Vec::new();
-    for pod in [&server, &server_direct] {
-        let process = pod.spawn(
-            &format!("load-server-{}", pod.name()),
-            bin_path("strait-load"),
-            &["server", "--port", &PORT.to_string()],
-            &[],
-        )?;
-        process.wait_for_log("listening on", TIMEOUT)?;
-        servers.push(process);
-    }
+    let servers = start_load_servers(&[&server, &server_direct], PORT)?;
     let ca = topo.dir().join("ca");
     let mut report = SameNodeReport {
         quick,

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TIMEOUT, apply, ca_dir, start_node, wait_access_line};
+use common::{TIMEOUT, apply, ca_dir, proxy_metric, start_node, wait_access_line};
 use strait_testbed::{EchoKind, Node, Pod, Process, Topology, bin_path, k8s};
 
 /// Bytes of the bulk transfer: big enough to take many pipe fills each way.
@@ -85,12 +85,7 @@ fn bed(name: &str) -> io::Result<Bed> {
 
 /// `strait_fast_path_connections_total` of node 1's proxy.
 fn fast_path_connections(node: &Node) -> io::Result<u64> {
-    let text = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("strait_fast_path_connections_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0))
+    Ok(proxy_metric(node, "strait_fast_path_connections_total")?.unwrap_or(0))
 }
 
 /// The fast path's checks from `from`: a 64 MiB echo arrives intact and both access-line counts

@@ -426,8 +426,7 @@ fn field<'a>(c: &'a serde_json::Value, key: &str) -> &'a str {
 
 /// The `strait_hbone_pool_connections` gauge of a node proxy.
 fn pool_gauge(node: &strait_testbed::Node) -> io::Result<Option<u64>> {
-    let text = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])?;
-    Ok(text.lines().find_map(|l| l.strip_prefix("strait_hbone_pool_connections ")).and_then(|v| v.trim().parse().ok()))
+    common::proxy_metric(node, "strait_hbone_pool_connections")
 }
 
 // L4-1, L4-6: two client pods of one identity on one node each get their own pooled HBONE

@@ -88,18 +88,7 @@ impl Bed {
         ]
         .concat();
         topo.write_config("bench.yaml", &config)?;
-        let load = bin_path("strait-load");
-        let mut servers = Vec::new();
-        for pod in [&server, &server_direct, &server_behind_waypoint] {
-            let process = pod.spawn(
-                &format!("load-server-{}", pod.name()),
-                &load,
-                &["server", "--port", &PORT.to_string()],
-                &[],
-            )?;
-            process.wait_for_log("listening on", TIMEOUT)?;
-            servers.push(process);
-        }
+        let servers = start_load_servers(&[&server, &server_direct, &server_behind_waypoint], PORT)?;
         let ca = topo.dir().join("ca");
         let mut proxies = Vec::new();
         for node in [&n1, &n2] {
@@ -175,6 +164,23 @@ impl Bed {
     fn secs(&self, full: u64, quick: u64) -> String {
         (if self.quick { quick } else { full }).to_string()
     }
+}
+
+/// `strait-load server --port <port>` in each of `pods`, each listening before this returns.
+pub(crate) fn start_load_servers(pods: &[&Pod], port: u16) -> anyhow::Result<Vec<Process>> {
+    let port = port.to_string();
+    let mut servers = Vec::new();
+    for pod in pods {
+        let process = pod.spawn(
+            &format!("load-server-{}", pod.name()),
+            bin_path("strait-load"),
+            &["server", "--port", &port],
+            &[],
+        )?;
+        process.wait_for_log("listening on", TIMEOUT)?;
+        servers.push(process);
+    }
+    Ok(servers)
 }
 
 /// Runs `strait-load <args> --target <target>` in `client`; its JSON result.

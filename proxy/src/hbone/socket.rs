@@ -35,19 +35,12 @@ impl Socket {
     pub fn new(tcp: TcpStream) -> Self {
         Self(tcp)
     }
-
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.0
-    }
 }
 
-/// One `recv` into `buf`; a read shorter than `buf` is reported as `Drained(n)`.
-enum Read {
-    Full(usize),
-    Drained(usize),
-}
-
-fn read_once(tcp: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Result<Read> {
+/// One `recv` into `buf`: the bytes read (0 at end of stream), and whether the read was short,
+/// which means the socket is drained and tokio was told so. `WouldBlock` when readiness was
+/// stale (now cleared).
+fn read_once(tcp: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Result<(usize, bool)> {
     let wanted = buf.len();
     let mut got = 0;
     let result = tcp.try_io(Interest::READABLE, || {
@@ -58,8 +51,8 @@ fn read_once(tcp: &TcpStream, buf: &mut [MaybeUninit<u8>]) -> io::Result<Read> {
         if n > 0 && n < wanted { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(n) }
     });
     match result {
-        Ok(n) => Ok(Read::Full(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(Read::Drained(got)),
+        Ok(n) => Ok((n, false)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok((got, true)),
         Err(e) => Err(e),
     }
 }
@@ -76,7 +69,7 @@ impl AsyncRead for Socket {
             // initialised and filled below, as `ReadBuf::assume_init` requires.
             let unfilled = unsafe { buf.unfilled_mut() };
             match read_once(tcp, unfilled) {
-                Ok(Read::Full(n) | Read::Drained(n)) => {
+                Ok((n, _)) => {
                     // SAFETY: the kernel wrote `n` bytes at the start of the unfilled part.
                     unsafe { buf.assume_init(n) };
                     buf.advance(n);
@@ -120,12 +113,7 @@ impl AsyncWrite for Socket {
 /// of bytes read (0 at end of stream), and whether the read was short, which means the socket
 /// is drained and `tcp` no longer reports readiness. `WouldBlock` when readiness was stale.
 pub fn read_buf(tcp: &TcpStream, buffer: &mut bytes::BytesMut) -> io::Result<(usize, bool)> {
-    let spare = buffer.spare_capacity_mut();
-    let read = read_once(tcp, spare)?;
-    let (n, drained) = match read {
-        Read::Full(n) => (n, false),
-        Read::Drained(n) => (n, true),
-    };
+    let (n, drained) = read_once(tcp, buffer.spare_capacity_mut())?;
     // SAFETY: the kernel wrote `n` bytes at the start of the spare capacity.
     unsafe { buffer.set_len(buffer.len() + n) };
     Ok((n, drained))

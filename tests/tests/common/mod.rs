@@ -515,14 +515,17 @@ pub fn start_ingress_gateway(topo: &Topology, pod: &Pod, extra: &[&str]) -> io::
     spawn_gateway(pod, "gateway", &args)
 }
 
+/// The value of one sample of a node proxy's `/metrics`, `sample` being its name and labels as
+/// written (`strait_hbone_pool_connections`, `name_total{reason="x"}`); `None` when absent.
+pub fn proxy_metric(node: &Node, sample: &str) -> io::Result<Option<u64>> {
+    let text = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])?;
+    let prefix = format!("{sample} ");
+    Ok(text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()))
+}
+
 /// Connections a node proxy refused under REGISTRY_ONLY (`strait_outbound_refused_total`).
 pub fn registry_only_refusals(node: &Node) -> io::Result<u64> {
-    let text = node.run_ok("curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("strait_outbound_refused_total{reason=\"registry_only\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0))
+    Ok(proxy_metric(node, "strait_outbound_refused_total{reason=\"registry_only\"}")?.unwrap_or(0))
 }
 
 /// Starts `strait gateway --labels istio=egressgateway --namespace istio-system --hbone` in
