@@ -37,6 +37,11 @@ use crate::{
 /// read, and larger bodies stream through it.
 const READ_BUF: usize = 64 * 1024;
 
+/// The timeline of slow requests is kept in slots this long, by due time.
+const SLOT: Duration = Duration::from_millis(100);
+/// A request slower than this counts as slow in the timeline: the bench's p99 bound.
+const SLOW: Duration = Duration::from_millis(10);
+
 /// A `rate` run as the command line describes it.
 #[derive(Clone, Debug)]
 pub struct RateConfig {
@@ -87,6 +92,22 @@ pub struct RateReport {
     pub send_lag_max_us: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// The measured window's 100 ms slots (by due time) that held a request slower than 10 ms:
+    /// a stall shows as a few slots, saturation as most of them, later ones worse.
+    pub slow_slots: Vec<SlowSlot>,
+    /// Slots in the measured window.
+    pub slots: u64,
+}
+
+/// One 100 ms slot of the measured window with slow requests.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SlowSlot {
+    /// Start of the slot, ms after the measured window's start.
+    pub at_ms: u64,
+    /// Requests due in it that took longer than 10 ms.
+    pub slow: u64,
+    /// The slowest of them, µs.
+    pub max_us: u64,
 }
 
 /// Runs the schedule and reports on its measured window; fails if no request in it succeeded.
@@ -144,6 +165,7 @@ pub async fn run(config: RateConfig) -> anyhow::Result<RateReport> {
         );
     }
     let lag = latency::percentiles(&total.send_lag);
+    let slots = schedule.end().saturating_sub(schedule.measured_start()).as_millis().div_ceil(SLOT.as_millis());
     Ok(RateReport {
         mode: "rate",
         target_rps: config.rps,
@@ -159,6 +181,8 @@ pub async fn run(config: RateConfig) -> anyhow::Result<RateReport> {
         send_lag_p99_us: lag.p99_us,
         send_lag_max_us: lag.max_us,
         first_error: total.first_error,
+        slow_slots: total.slow_slots.into_iter().filter(|s| s.slow > 0).collect(),
+        slots: u64::try_from(slots).unwrap_or(u64::MAX),
     })
 }
 
@@ -189,6 +213,7 @@ impl Connection {
         deadline: Instant,
     ) -> Outcome {
         let mut outcome = Outcome::new(t0);
+        let window_start = t0 + schedule.measured_start();
         // When the previous request really finished: until then this connection cannot send.
         let mut free_at = t0;
         let mut ideal = IdealTimeline::default();
@@ -221,6 +246,9 @@ impl Connection {
             match result {
                 Ok(()) => {
                     latency::record(&mut outcome.latency, latency);
+                    if latency > SLOW {
+                        outcome.note_slow(due.saturating_duration_since(window_start), latency);
+                    }
                     if lagging_timer {
                         latency::record(&mut outcome.send_lag, sent - due);
                     }
@@ -268,6 +296,8 @@ struct Outcome {
     first_error: Option<String>,
     /// When the last successful measured response completed.
     last_done: Instant,
+    /// Slow requests by 100 ms slot of the measured window (grown as slow ones come).
+    slow_slots: Vec<SlowSlot>,
 }
 
 impl Outcome {
@@ -280,7 +310,20 @@ impl Outcome {
             reconnects: 0,
             first_error: None,
             last_done: t0,
+            slow_slots: Vec::new(),
         }
+    }
+
+    /// Counts a slow request due `since` after the window's start.
+    fn note_slow(&mut self, since: Duration, latency: Duration) {
+        let index = usize::try_from(since.as_millis() / SLOT.as_millis()).unwrap_or(usize::MAX).min(100_000);
+        if self.slow_slots.len() <= index {
+            self.slow_slots.resize_with(index + 1, SlowSlot::default);
+        }
+        let slot = &mut self.slow_slots[index];
+        slot.at_ms = u64::try_from(index as u128 * SLOT.as_millis()).unwrap_or(u64::MAX);
+        slot.slow += 1;
+        slot.max_us = slot.max_us.max(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
     }
 
     fn merge(&mut self, other: Outcome) -> anyhow::Result<()> {
@@ -293,6 +336,16 @@ impl Outcome {
             self.first_error = other.first_error;
         }
         self.last_done = self.last_done.max(other.last_done);
+        if self.slow_slots.len() < other.slow_slots.len() {
+            self.slow_slots.resize_with(other.slow_slots.len(), SlowSlot::default);
+        }
+        for (mine, theirs) in self.slow_slots.iter_mut().zip(other.slow_slots) {
+            if theirs.slow > 0 {
+                mine.at_ms = theirs.at_ms;
+                mine.slow += theirs.slow;
+                mine.max_us = mine.max_us.max(theirs.max_us);
+            }
+        }
         Ok(())
     }
 }

@@ -83,8 +83,10 @@ fn bridged_pods_are_captured_across_nodes_and_on_one_bridge() -> io::Result<()> 
     assert!(!p1.log().contains("capture detached"), "{}", p1.log_tail());
     let reply = client.curl(&format!("http://{}:8080/", neighbour.ip()), TIMEOUT)?;
     assert!(reply.ok(), "after the tables forgot the pods: {reply:?}");
-    let count = |proxy: &Process| common::access_lines(proxy, &["outbound", "security=mutual_tls"]).len();
-    assert_eq!(count(&p1), 3, "{}", p1.log_tail());
+    let needles = ["outbound", "security=mutual_tls"];
+    common::wait_access_lines(&p1, &needles, 3, TIMEOUT)?;
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(common::access_lines(&p1, &needles).len(), 3, "{}", p1.log_tail());
     Ok(())
 }
 

@@ -166,6 +166,7 @@ spec:
     let r = get("simple.baihl.io", "/simple/nginx")?;
     assert!(r.status == 200 && r.body.contains("hello from nginx"), "{r:?}");
     // The access line says which route took the request.
+    common::wait_log_line(&gw, &["path=\"/headers\"", "flags=NR"])?;
     let log = gw.log();
     assert!(log.lines().any(|l| l.contains("route=web/httpbin") && l.contains("status=418")), "{log}");
     assert!(log.lines().any(|l| l.contains("path=\"/headers\"") && l.contains("flags=NR")), "{log}");

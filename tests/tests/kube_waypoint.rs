@@ -260,6 +260,8 @@ fn a_gateway_becomes_a_waypoint_that_routes() -> io::Result<()> {
         client.echo_get(&url, 1, &[])?;
         thread::sleep(Duration::from_millis(100));
     }
+    // The lines of the probes above are written within the access log's flush interval.
+    thread::sleep(Duration::from_millis(300));
     let before = common::request_lines(&waypoint, &["route=shop/reviews"]).len();
     let routed = client.echo_get(&url, 10, &[("x-version", "v2")])?;
     assert_eq!(routed.served("reviews-v2"), 10, "{routed:?}\n{}", waypoint.log_tail());

@@ -351,6 +351,7 @@ fn garbage_on_the_hbone_port_is_refused_without_harm() -> io::Result<()> {
     let reply = outsider.curl_args(&["-k", "--http2", "--cert", &cert, "--key", &key, &format!("https://{hbone}/")])?;
     assert_eq!(reply.status, 400, "{reply:?}");
 
+    wait_access_line(&p2, &["inbound", "result=refused", "is not CONNECT"], TIMEOUT)?;
     let refusals = access_lines(&p2, &["inbound", "result=refused"]);
     assert!(handshake_failures(&t.n2, "tls") >= 2, "{}", p2.log_tail());
     assert!(refusals.iter().any(|l| l.contains("is not CONNECT")), "{refusals:#?}");

@@ -40,3 +40,32 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
 pub(crate) fn open_fds(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
+
+/// The whole box's CPU time from /proc/stat: busy, idle and stolen (by the hypervisor), in
+/// ticks of all CPUs together.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct BoxCpu {
+    busy: u64,
+    idle: u64,
+    steal: u64,
+}
+
+impl BoxCpu {
+    pub(crate) fn now() -> Self {
+        let Ok(stat) = fs::read_to_string("/proc/stat") else { return Self::default() };
+        let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return Self::default() };
+        // user nice system idle iowait irq softirq steal (guest time is within user).
+        let v: Vec<u64> = line.split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        Self { busy: at(0) + at(1) + at(2) + at(5) + at(6), idle: at(3) + at(4), steal: at(7) }
+    }
+
+    /// Busy and stolen shares of the time since `earlier`, percent.
+    pub(crate) fn since(&self, earlier: &BoxCpu) -> (f64, f64) {
+        let busy = self.busy.saturating_sub(earlier.busy) as f64;
+        let idle = self.idle.saturating_sub(earlier.idle) as f64;
+        let steal = self.steal.saturating_sub(earlier.steal) as f64;
+        let all = (busy + idle + steal).max(1.0);
+        (100.0 * busy / all, 100.0 * steal / all)
+    }
+}

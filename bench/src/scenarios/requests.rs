@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::{Bed, Path, errors_of, f, thousands, waypoint};
+use super::{Bed, Path, errors_of, f, procfs::BoxCpu, thousands, waypoint};
 use crate::{
     profile::{self, ProfiledRun, Profiles},
     report::{Better, Distribution, Figure, Results, Target},
@@ -318,7 +318,10 @@ fn attempt(bed: &Bed, path: Path, secs: &str, rate: u32) -> anyhow::Result<Optio
     let args =
         ["rate", "--rps", &rps, "--duration", secs, "--warmup", "1", "--connections", "8", "--path", "/bytes/1024"];
     let log_from = if path == Path::Waypoint { waypoint::log_mark(bed) } else { None };
+    let (box_before, proxies_before, started) = (BoxCpu::now(), bed.proxy_cpu_seconds(), Instant::now());
     let v = bed.load(path, &args)?;
+    let (busy, steal) = BoxCpu::now().since(&box_before);
+    let proxies = (bed.proxy_cpu_seconds() - proxies_before) / started.elapsed().as_secs_f64();
     let (p99, achieved) = (f(&v, "p99_us"), f(&v, "achieved_rps"));
     let (errors, errors_note) = errors_of(&v);
     if p99 < 10_000.0 && achieved >= 0.95 * f64::from(rate) && errors == Some(0) {
@@ -334,9 +337,35 @@ fn attempt(bed: &Bed, path: Path, secs: &str, rate: u32) -> anyhow::Result<Optio
         Some(note) => format!("{missed}, {note}"),
         None => format!("{missed}, {} errors", errors.map_or("unknown".into(), thousands)),
     };
+    if let Some(when) = slow_timeline(&v) {
+        missed = format!("{missed}; {when}");
+    }
+    missed = format!("{missed}; box CPU {busy:.0} % busy, {steal:.0} % stolen; node proxies {proxies:.2} vCPU");
     // Through the waypoint, also what it logged about the failed requests, and if it is gone.
     Ok(Some(match (log_from, &bed.waypoint) {
         (Some(from), Ok(w)) => waypoint::explain(w, missed, from),
         _ => missed,
     }))
+}
+
+/// When in the window a missed rung's slow requests (over 10 ms) were due, from the load
+/// generator's 100 ms slots, and how late its timer sent: a stall of the path (or of the box)
+/// fills a few slots, saturation most of them, and a generator short of CPU shows in its lag.
+fn slow_timeline(v: &Value) -> Option<String> {
+    let slots = v.get("slow_slots")?.as_array()?;
+    let total = v.get("slots")?.as_u64()?;
+    let field = |slot: &Value, name: &str| slot.get(name).and_then(Value::as_u64).unwrap_or(0);
+    let worst = slots.iter().max_by_key(|slot| field(slot, "slow"))?;
+    let first = slots.first()?;
+    Some(format!(
+        "slow requests in {} of {total} 100 ms slots, the first at {:.1} s, the worst at {:.1} s ({} over 10 ms, \
+         slowest {} ms); generator send lag p99 {} µs, max {} µs",
+        slots.len(),
+        field(first, "at_ms") as f64 / 1000.0,
+        field(worst, "at_ms") as f64 / 1000.0,
+        field(worst, "slow"),
+        field(worst, "max_us") / 1000,
+        thousands(field(v, "send_lag_p99_us")),
+        thousands(field(v, "send_lag_max_us")),
+    ))
 }

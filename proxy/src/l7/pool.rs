@@ -13,17 +13,20 @@
 //! (`too_many_resets`), failing every request on it. An abandoned connection joins the pool.
 
 use std::{
+    future::{Future, poll_fn},
     io,
     net::IpAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use http_body_util::BodyExt as _;
-use tokio::{sync::oneshot, task::AbortHandle};
+use tokio::sync::oneshot;
 
 use hyper::{
     Request, Response,
@@ -395,51 +398,95 @@ pub struct Detached {
     count: AtomicUsize,
 }
 
-/// Where a request's exchange stands, for its detachment.
-enum Fate {
-    Attached,
-    Detached,
-    Done,
-}
+/// A request on its way upstream: the send, and the lease it holds.
+type Sending = Pin<Box<dyn Future<Output = (Result<Response<Incoming>, hyper::Error>, Lease)> + Send>>;
 
 /// Sends `request` on `lease` and returns the response head with the lease. The exchange runs
-/// in a task of its own: when the request is cancelled (its client reset it or went away), a
-/// request already sent whole is finished in the background and its response read and
-/// discarded, so the connection is reused instead of reset (OPS-4). Resetting it would put a
-/// RST_STREAM on a shared upstream connection for every cancelled request, which the upstream's
-/// HTTP/2 server answers, past a limit, by closing that connection for everyone.
+/// in the requester's task, without a hop: when the request is cancelled (its client reset it
+/// or went away), the exchange moves to a task of its own, where a request already sent whole
+/// is finished and its response read and discarded, so the connection is reused instead of
+/// reset (OPS-4). Resetting it would put a RST_STREAM on a shared upstream connection for every
+/// cancelled request, which the upstream's HTTP/2 server answers, past a limit, by closing that
+/// connection for everyone.
+///
+/// Until 2026-12-07 every exchange had its own task and answered through a channel, a task
+/// and a wake-up more per request for what only a cancelled request needs.
 pub async fn exchange(
     lease: Lease,
     request: Request<UpstreamBody>,
     detached: &Arc<Detached>,
 ) -> Result<(Response<Incoming>, Lease), String> {
-    let fate = Arc::new(Mutex::new(Fate::Attached));
-    let (tx, rx) = oneshot::channel();
-    let done = DoneGuard { fate: fate.clone(), detached: detached.clone() };
-    let task = tokio::spawn(async move {
-        let _done = done;
+    let sending: Sending = Box::pin(async move {
         let mut lease = lease;
-        match lease.send(request).await {
-            Ok(response) => {
-                if let Err(Ok((response, lease))) = tx.send(Ok((response, lease))) {
-                    let complete = http_body_util::Limited::new(response.into_body(), DETACHED_DRAIN_LIMIT)
-                        .collect()
-                        .await
-                        .is_ok();
-                    lease.release(complete);
-                }
-            }
-            Err(e) => {
-                lease.release(false);
-                let _ = tx.send(Err(with_causes(&e)));
-            }
-        }
+        let response = lease.send(request).await;
+        (response, lease)
     });
-    let mut cancelled =
-        DetachOnDrop { task: Some(task.abort_handle()), fate, detached: detached.clone(), sent: Instant::now() };
-    let result = rx.await;
-    cancelled.task = None;
-    result.unwrap_or_else(|_| Err("the upstream exchange ended without an answer".to_owned()))
+    let mut exchange = Exchange { sending: Some(sending), detached: detached.clone(), sent: Instant::now() };
+    let Some((response, lease)) = exchange.answer().await else {
+        return Err("the upstream exchange ended without an answer".to_owned());
+    };
+    match response {
+        Ok(response) => Ok((response, lease)),
+        Err(e) => {
+            lease.release(false);
+            Err(with_causes(&e))
+        }
+    }
+}
+
+/// An exchange in its requester; detached if dropped before the answer came.
+struct Exchange {
+    /// `None` once answered.
+    sending: Option<Sending>,
+    detached: Arc<Detached>,
+    sent: Instant,
+}
+
+impl Exchange {
+    /// The answer; `None` if asked twice.
+    async fn answer(&mut self) -> Option<(Result<Response<Incoming>, hyper::Error>, Lease)> {
+        let answer = poll_fn(|cx| match self.sending.as_mut() {
+            Some(sending) => sending.as_mut().poll(cx).map(Some),
+            None => Poll::Ready(None),
+        })
+        .await;
+        self.sending = None;
+        answer
+    }
+}
+
+impl Drop for Exchange {
+    /// Detaches the exchange if there is room, else lets it run until it is `RESET_GRACE` old.
+    fn drop(&mut self) {
+        let Some(sending) = self.sending.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let room = self
+            .detached
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_DETACHED).then_some(n + 1))
+            .is_ok();
+        let until = self.sent + if room { DETACHED_TIMEOUT } else { RESET_GRACE };
+        let detached = room.then(|| self.detached.clone());
+        runtime.spawn(async move {
+            let finish = async {
+                let (response, lease) = sending.await;
+                match response {
+                    Ok(response) => {
+                        let complete = http_body_util::Limited::new(response.into_body(), DETACHED_DRAIN_LIMIT)
+                            .collect()
+                            .await
+                            .is_ok();
+                        lease.release(complete);
+                    }
+                    Err(_) => lease.release(false),
+                }
+            };
+            let _ = tokio::time::timeout_at(until.into(), finish).await;
+            if let Some(detached) = detached {
+                detached.count.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+    }
 }
 
 /// An error and what caused it, as one line (hyper's own message is often just the kind).
@@ -452,54 +499,4 @@ fn with_causes(error: &dyn std::error::Error) -> String {
         cause = e.source();
     }
     text
-}
-
-/// In the exchange's task: counts a detached exchange out when it ends, however it ends.
-struct DoneGuard {
-    fate: Arc<Mutex<Fate>>,
-    detached: Arc<Detached>,
-}
-
-impl Drop for DoneGuard {
-    fn drop(&mut self) {
-        let mut fate = self.fate.lock().unwrap_or_else(|p| p.into_inner());
-        if matches!(*fate, Fate::Detached) {
-            self.detached.count.fetch_sub(1, Ordering::AcqRel);
-        }
-        *fate = Fate::Done;
-    }
-}
-
-/// In the requester: when dropped before the answer came, detaches the exchange if there is
-/// room, else cuts it off once it is `RESET_GRACE` old.
-struct DetachOnDrop {
-    task: Option<AbortHandle>,
-    fate: Arc<Mutex<Fate>>,
-    detached: Arc<Detached>,
-    sent: Instant,
-}
-
-impl Drop for DetachOnDrop {
-    fn drop(&mut self) {
-        let Some(task) = self.task.take() else { return };
-        let mut fate = self.fate.lock().unwrap_or_else(|p| p.into_inner());
-        if matches!(*fate, Fate::Done) {
-            return;
-        }
-        let room = self
-            .detached
-            .count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_DETACHED).then_some(n + 1))
-            .is_ok();
-        let until = if room {
-            *fate = Fate::Detached;
-            self.sent + DETACHED_TIMEOUT
-        } else {
-            self.sent + RESET_GRACE
-        };
-        tokio::spawn(async move {
-            tokio::time::sleep_until(until.into()).await;
-            task.abort();
-        });
-    }
 }

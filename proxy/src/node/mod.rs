@@ -364,6 +364,7 @@ pub async fn run(options: NodeOptions) -> anyhow::Result<()> {
     } else {
         drop(routing);
     }
+    ctx.telemetry.flush();
     info!("stopped");
     Ok(())
 }

@@ -39,6 +39,11 @@ impl Telemetry {
         record.counters = Some(self.metrics.open(&TrafficLabels::of(record)));
     }
 
+    /// Writes the queued access lines now (the proxy is stopping).
+    pub fn flush(&self) {
+        self.access_log.flush();
+    }
+
     /// Writes the access line and counts the connection as closed, with its bytes. Call once,
     /// when the connection is over. A connection refused before `opened` is counted as opened
     /// here too, so that opened ≥ closed always holds.

@@ -269,6 +269,7 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         info!(left = active(), "shutting down");
+        self.ctx.telemetry.flush();
         Ok(())
     }
 }
