@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use super::{
     AccessLog, AccessLogFormat,
+    envoy_format::{EnvoyFormat, request_line},
     labels::{PeerLabels, Reporter, UNKNOWN, endpoint_labels},
     rfc3339,
 };
@@ -63,6 +64,8 @@ pub struct RequestRecord {
     /// `http` or `grpc`, the metrics' `request_protocol`.
     pub request_protocol: &'static str,
     pub user_agent: Option<String>,
+    /// The client's `x-forwarded-for`, as it arrived.
+    pub forwarded_for: Option<String>,
     pub request_id: String,
     pub status: u16,
     pub grpc_status: Option<u32>,
@@ -99,6 +102,7 @@ impl RequestRecord {
             protocol: "HTTP/1.1",
             request_protocol: "http",
             user_agent: None,
+            forwarded_for: None,
             request_id: String::new(),
             status: 0,
             grpc_status: None,
@@ -167,6 +171,8 @@ impl RequestTelemetry {
         let line = match self.access_log.format() {
             AccessLogFormat::Text => text_line(record),
             AccessLogFormat::Json => json_line(record),
+            AccessLogFormat::Envoy => request_line(record, EnvoyFormat::Envoy),
+            AccessLogFormat::Istio => request_line(record, EnvoyFormat::Istio),
         };
         self.access_log.write_line(&line);
         self.metrics.observe(record);
