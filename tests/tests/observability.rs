@@ -221,6 +221,9 @@ fn envoy_and_istio_format_lines_parse_with_the_documented_format_strings() -> io
 
     // The waypoint's request lines, in Envoy's format.
     let requests = wait_parsed_lines(&wp_log, ENVOY_DEFAULT_FORMAT, 2)?;
+    for (name, path) in [("waypoint, envoy", &wp_log), ("node 1, istio", &n1_log), ("node 2, envoy", &n2_log)] {
+        eprintln!("observability: {name}:\n{}", std::fs::read_to_string(path).unwrap_or_default().trim_end());
+    }
     let served = requests.iter().find(|f| f["RESPONSE_CODE"] == "200").expect("the 200's line");
     assert_eq!(served["REQ(:METHOD)"], "GET", "{served:?}");
     assert_eq!(served["REQ(X-ENVOY-ORIGINAL-PATH?:PATH)"], "/reviews/1?q=a", "{served:?}");

@@ -115,6 +115,7 @@ fn check_istio_queries(prom: &Prometheus) -> io::Result<()> {
         );
     }
     assert_eq!(rates.len(), 3, "one series per service and code: {rates:?}");
+    eprintln!("prometheus: requests per second by service and code over 1m: {rates:?}");
 
     // Success rate (non-5xx) per service, as the dashboards compute it.
     let success = prom.query(
@@ -134,6 +135,7 @@ fn check_istio_queries(prom: &Prometheus) -> io::Result<()> {
     let ratings = value(&p99, &[("destination_service", RATINGS)])?;
     assert!((250.0..=1000.0).contains(&ratings), "ratings p99 {ratings} ms: {p99:?}");
     let reviews = value(&p99, &[("destination_service", REVIEWS)])?;
+    eprintln!("prometheus: success rate {success:?}; p99 ratings {ratings:.1} ms, reviews {reviews:.1} ms");
     assert!(reviews < ratings, "reviews p99 {reviews} ms is not below ratings' {ratings} ms: {p99:?}");
 
     // TCP connections by workloads, in mutual TLS: each counted by both node proxies.

@@ -177,7 +177,7 @@ fn setup() -> Result {
     progress.run("Python prometheus_client", |step| ensure_python_module(step, "prometheus_client", "prometheus-client"))?;
     progress.run("rustup", |step| {
         if !have("rustup") {
-            return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".into());
+            return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".to_owned());
         }
         step.outcome("present");
         Ok(())
