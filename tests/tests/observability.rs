@@ -281,11 +281,7 @@ fn number(fields: &BTreeMap<String, String>, name: &str) -> u64 {
 }
 
 /// Reads an access-log file until it has `count` lines; every line must parse with `format`.
-fn wait_parsed_lines(
-    path: &std::path::Path,
-    format: &str,
-    count: usize,
-) -> io::Result<Vec<BTreeMap<String, String>>> {
+fn wait_parsed_lines(path: &std::path::Path, format: &str, count: usize) -> io::Result<Vec<BTreeMap<String, String>>> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();

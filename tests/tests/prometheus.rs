@@ -9,8 +9,7 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    io,
-    thread,
+    io, thread,
     time::{Duration, Instant},
 };
 
@@ -83,13 +82,11 @@ fn a_real_prometheus_answers_istios_dashboards_and_straits_own() -> io::Result<(
         }
     };
     prom.wait_until("sum(istio_requests_total{reporter=\"waypoint\"}) by (destination_service, response_code)", |r| {
-        r.iter().all(|(l, v)| *v >= total(label(l, "destination_service"), label(l, "response_code")))
-            && r.len() == 3
+        r.iter().all(|(l, v)| *v >= total(label(l, "destination_service"), label(l, "response_code"))) && r.len() == 3
     })?;
-    prom.wait_until(
-        "sum(istio_tcp_connections_opened_total{destination_workload=\"db\"})",
-        |r| r.first().is_some_and(|(_, v)| *v >= 2.0 * DB_CONNECTIONS as f64),
-    )?;
+    prom.wait_until("sum(istio_tcp_connections_opened_total{destination_workload=\"db\"})", |r| {
+        r.first().is_some_and(|(_, v)| *v >= 2.0 * DB_CONNECTIONS as f64)
+    })?;
     thread::sleep(SAMPLED_FOR.saturating_sub(sampled_since.elapsed()));
 
     check_istio_queries(&prom)?;
@@ -101,7 +98,8 @@ fn a_real_prometheus_answers_istios_dashboards_and_straits_own() -> io::Result<(
 /// The brief's own list: rates by service and code, success rate, p99, TCP connections.
 fn check_istio_queries(prom: &Prometheus) -> io::Result<()> {
     // Requests per second over the last minute, times 60: the requests of that minute.
-    let rates = prom.query("sum(rate(istio_requests_total{reporter=\"waypoint\"}[1m])) by (destination_service, response_code)")?;
+    let rates = prom
+        .query("sum(rate(istio_requests_total{reporter=\"waypoint\"}[1m])) by (destination_service, response_code)")?;
     for (service, code, measured) in
         [(REVIEWS, "200", REVIEWS_OK), (REVIEWS, "503", REVIEWS_ABORTED), (RATINGS, "200", RATINGS_SLOW)]
     {
@@ -190,14 +188,22 @@ fn check_istio_dashboards(prom: &Prometheus) -> io::Result<()> {
     ))?;
     assert_eq!(labels_of(&by_source, "response_code"), ["200", "503"], "{by_source:?}");
     assert!(
-        by_source.iter().all(|(l, _)| label(l, "source_workload") == "client" && label(l, "source_workload_namespace") == APP_NS),
+        by_source
+            .iter()
+            .all(|(l, _)| label(l, "source_workload") == "client" && label(l, "source_workload_namespace") == APP_NS),
         "{by_source:?}"
     );
     // Istio Workload Dashboard for reviews-v1: requests seen by the waypoint, TCP by its node.
     let workload = |expr: &str| expr.replace("$namespace", APP_NS).replace("$workload", "reviews-v1");
     for (reporter, panel) in [
-        ("waypoint", "round(sum(irate(istio_requests_total{reporter=\"$qrep\",destination_workload_namespace=~\"$namespace\",destination_workload=~\"$workload\"}[5m])), 0.001)"),
-        ("destination", "sum(irate(istio_tcp_sent_bytes_total{reporter=\"$qrep\", destination_workload_namespace=~\"$namespace\", destination_workload=~\"$workload\"}[1m])) + sum(irate(istio_tcp_received_bytes_total{reporter=\"$qrep\", destination_workload_namespace=~\"$namespace\", destination_workload=~\"$workload\"}[1m]))"),
+        (
+            "waypoint",
+            "round(sum(irate(istio_requests_total{reporter=\"$qrep\",destination_workload_namespace=~\"$namespace\",destination_workload=~\"$workload\"}[5m])), 0.001)",
+        ),
+        (
+            "destination",
+            "sum(irate(istio_tcp_sent_bytes_total{reporter=\"$qrep\", destination_workload_namespace=~\"$namespace\", destination_workload=~\"$workload\"}[1m])) + sum(irate(istio_tcp_received_bytes_total{reporter=\"$qrep\", destination_workload_namespace=~\"$namespace\", destination_workload=~\"$workload\"}[1m]))",
+        ),
     ] {
         let expr = workload(panel).replace("$qrep", reporter);
         assert!(!prom.query(&expr)?.is_empty(), "no data for {expr}");
@@ -316,12 +322,15 @@ impl Prometheus {
     fn start(m: &WaypointMesh, targets: &[(&str, Vec<String>)]) -> io::Result<Prometheus> {
         let binary = "/usr/bin/prometheus";
         if !std::path::Path::new(binary).exists() {
-            return Err(io::Error::other(format!("{binary} is missing: run `cargo xtask setup` (Debian's prometheus)")));
+            return Err(io::Error::other(format!(
+                "{binary} is missing: run `cargo xtask setup` (Debian's prometheus)"
+            )));
         }
         let dir = m.topo.dir().join("prometheus");
         std::fs::create_dir_all(dir.join("data"))?;
-        let mut config =
-            String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nscrape_configs:\n");
+        let mut config = String::from(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
+        );
         for (job, hosts) in targets {
             let hosts: Vec<String> = hosts.iter().map(|h| format!("'{h}'")).collect();
             config.push_str(&format!("- job_name: {job}\n  static_configs:\n  - targets: [{}]\n", hosts.join(", ")));
@@ -337,9 +346,8 @@ impl Prometheus {
         let process = m.n1.spawn("prometheus", binary, &args, &[])?;
         let prom = Prometheus { node: m.n1.clone(), process };
         let count: usize = targets.iter().map(|(_, hosts)| hosts.len()).sum();
-        prom.wait_until("up == 1", |r| r.len() == count).map_err(|e| {
-            io::Error::other(format!("{e}\nprometheus log:\n{}", prom.process.log_tail()))
-        })?;
+        prom.wait_until("up == 1", |r| r.len() == count)
+            .map_err(|e| io::Error::other(format!("{e}\nprometheus log:\n{}", prom.process.log_tail())))?;
         Ok(prom)
     }
 

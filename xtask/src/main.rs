@@ -170,14 +170,15 @@ fn setup() -> Result {
     })?;
     progress.run(&format!("bpf-linker {BPF_LINKER_VERSION}"), ensure_bpf_linker)?;
     progress.run(&format!("kube-apiserver {}", kube::KUBE_APISERVER_VERSION), kube::ensure_kube_apiserver)?;
-    progress.run(
-        &format!("kubernetes-validate {}", kube::KUBERNETES_VALIDATE_VERSION),
-        kube::ensure_kubernetes_validate,
-    )?;
-    progress.run("Python prometheus_client", |step| ensure_python_module(step, "prometheus_client", "prometheus-client"))?;
+    progress
+        .run(&format!("kubernetes-validate {}", kube::KUBERNETES_VALIDATE_VERSION), kube::ensure_kubernetes_validate)?;
+    progress
+        .run("Python prometheus_client", |step| ensure_python_module(step, "prometheus_client", "prometheus-client"))?;
     progress.run("rustup", |step| {
         if !have("rustup") {
-            return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".to_owned());
+            return Err(
+                "rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".to_owned()
+            );
         }
         step.outcome("present");
         Ok(())
@@ -267,7 +268,16 @@ fn test(filters: &[String]) -> Result {
     progress.run("cargo clippy -D warnings", |step| {
         step.start("checking every crate");
         run(
-            cargo().args(["clippy", "--workspace", "--exclude", "strait-ebpf", "--all-targets", "--", "-D", "warnings"]),
+            cargo().args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "strait-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
             "clippy",
         )
     })?;

@@ -204,10 +204,7 @@ fn addr(value: Option<SocketAddr>) -> String {
 /// A reason as an Envoy details token: words joined by `_`, as Envoy writes
 /// `upstream_reset_before_response_started{connection_failure}`.
 fn token(reason: &str) -> String {
-    let joined: String = reason
-        .chars()
-        .map(|c| if c.is_whitespace() || c == '"' { '_' } else { c })
-        .collect();
+    let joined: String = reason.chars().map(|c| if c.is_whitespace() || c == '"' { '_' } else { c }).collect();
     if joined.is_empty() { "-".to_owned() } else { joined }
 }
 

@@ -441,9 +441,12 @@ mod tests {
     #[test]
     fn scraped_gauges_carry_their_label() {
         let mut registry = MetricsRegistry::new();
-        registry.register_gauges(ScrapedGauges::by_label("strait_certificate_expiry_timestamp_seconds", "Expiry", "identity", || {
-            vec![("spiffe://cluster.local/ns/a/sa/b".to_owned(), 1_795_321_845)]
-        }));
+        registry.register_gauges(ScrapedGauges::by_label(
+            "strait_certificate_expiry_timestamp_seconds",
+            "Expiry",
+            "identity",
+            || vec![("spiffe://cluster.local/ns/a/sa/b".to_owned(), 1_795_321_845)],
+        ));
         let text = registry.encode(Exposition::Prometheus);
         assert!(text.contains("# TYPE strait_certificate_expiry_timestamp_seconds gauge\n"), "{text}");
         assert!(
