@@ -7,6 +7,9 @@
 //! Results go to `report.md`, `report.json` and `chart.png` in the output directory;
 //! `--soak-minutes N` runs the soak instead (`soak.md`, `soak.json`).
 //!
+//! Each step (the test bed, every scenario, the report) writes a progress line on stderr when it
+//! starts and when it ends, with its time.
+//!
 //! Benchmarks, not tests: nothing here fails because the machine is slow; a missed target is a
 //! figure in the report.
 
