@@ -402,7 +402,8 @@ struct OperatorArgs {
     /// Readiness probe (/healthz/ready answers 200 once the proxy is ready).
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
-    /// Access line format: Envoy-like `key=value` text, or one JSON object per line.
+    /// Access line format: `key=value` text, one JSON object per line, Envoy's default format
+    /// string, or Istio's default text format (Envoy's plus cluster and addresses).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     access_log_format: LogFormat,
     /// Append access lines to this file instead of writing them to stdout.
@@ -419,6 +420,8 @@ impl OperatorArgs {
         match self.access_log_format {
             LogFormat::Text => AccessLogFormat::Text,
             LogFormat::Json => AccessLogFormat::Json,
+            LogFormat::Envoy => AccessLogFormat::Envoy,
+            LogFormat::Istio => AccessLogFormat::Istio,
         }
     }
 }
@@ -472,6 +475,8 @@ impl IdentityArgs {
 enum LogFormat {
     Text,
     Json,
+    Envoy,
+    Istio,
 }
 
 fn main() -> ExitCode {

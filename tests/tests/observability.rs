@@ -1,8 +1,9 @@
 //! End to end: what node proxies tell their operator (SPEC OBS-1, OBS-2, OBS-3). Istio's TCP
 //! metrics are scraped from :15020 and read with Prometheus's own Python parser (the
 //! `prometheus-client` package, installed with pip when missing), access lines are written as
-//! JSON to a file, and the admin API on :15000 and readiness on :15021 are queried in the node's
-//! namespace. Needs root.
+//! JSON to a file, or in Envoy's and Istio's default text formats and read back with a parser
+//! driven by those documented format strings, and the admin API on :15000 and readiness on
+//! :15021 are queried in the node's namespace. Needs root.
 
 mod common;
 
@@ -15,7 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{MESH, TIMEOUT, TwoNodes, ca_dir, start_node, wait_access_line};
+use common::{
+    MESH, REVIEWS_VIP, TIMEOUT, TwoNodes, WaypointMesh, apply, ca_dir, reviews_config, start_backends, start_node,
+    start_waypoint_with, wait_access_line,
+};
 use serde_json::Value;
 use strait_testbed::{EchoKind, Node};
 
@@ -165,6 +169,174 @@ fn admin_api_shows_certs_and_workloads_and_changes_the_log_level() -> io::Result
     assert_eq!(http(&t.n1, "GET", &admin("/logging?level=info"))?, (200, "info\n".to_owned()));
     assert_eq!(http(&t.n1, "GET", &admin("/logging"))?.1, "info\n");
     Ok(())
+}
+
+/// Envoy's default access-log format string, as Envoy's documentation gives it.
+const ENVOY_DEFAULT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+/// Istio's default text format (mesh config `accessLogFormat` unset), as Istio documents it.
+const ISTIO_DEFAULT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
+
+// OBS-2: `--access-log-format envoy` writes Envoy's default format and `istio` Istio's, for
+// requests (the waypoint) and connections (node proxies, `- - -` and code 0 as Envoy's TCP
+// proxy writes them): every line parses with a parser driven by the documented format string,
+// and the fields hold what happened (codes, flags, bytes, durations, addresses).
+#[test]
+fn envoy_and_istio_format_lines_parse_with_the_documented_format_strings() -> io::Result<()> {
+    let m = WaypointMesh::new("obs::envoy-format", &["reviews-v1"])?;
+    let spec = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\nspec:\n  hosts: [reviews]\n  http:\n  - match:\n    - headers:\n        x-fail: {exact: \"yes\"}\n    fault:\n      abort:\n        httpStatus: 503\n        percentage: {value: 100}\n    route:\n    - destination: {host: reviews}\n  - route:\n    - destination: {host: reviews}\n";
+    // `db`, in an ambient namespace without a waypoint: connections to it close at once, so
+    // both node proxies write their lines (the waypoint's upstream connections stay pooled).
+    let db = m.topo.add_pod(&m.n2, "db")?;
+    let db_config = [
+        strait_testbed::k8s::namespace_yaml("data", &[("istio.io/dataplane-mode", "ambient")]),
+        strait_testbed::k8s::pod_yaml(&db, "data", "db", &[("app", "db")]),
+    ]
+    .concat();
+    m.topo.write_config("c.yaml", &(reviews_config(&m) + &db_config))?;
+    let _servers = start_backends(&m, 9080)?;
+    let _db = db.echo_server(EchoKind::Http, 8080).name("db").start()?;
+    let file = |name: &str| m.topo.dir().join(name);
+    let (n1_log, n2_log, wp_log) = (file("node1.log"), file("node2.log"), file("waypoint.log"));
+    let arg = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let p1 = start_node(&m.topo, &m.n1, &m.ca, &["--access-log-format", "istio", "--access-log", &arg(&n1_log)])?;
+    let p2 = start_node(&m.topo, &m.n2, &m.ca, &["--access-log-format", "envoy", "--access-log", &arg(&n2_log)])?;
+    let wp = start_waypoint_with(
+        &m.topo,
+        &m.waypoint_pod,
+        &m.ca,
+        "waypoint",
+        common::APP_NS,
+        &["--access-log-format", "envoy", "--access-log", &arg(&wp_log)],
+    )?;
+    apply(&m.topo, &[&p1, &p2, &wp], "vs.yaml", spec)?;
+
+    let url = format!("http://{REVIEWS_VIP}:9080/reviews/1?q=a");
+    let ok = m.client.curl_args(&["-H", "x-forwarded-for: 192.0.2.7", "-A", "strait test/1.0", &url])?;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let aborted = m.client.curl_args(&["-H", "x-fail: yes", &url])?;
+    assert_eq!(aborted.status, 503, "{aborted:?}");
+    let direct = m.client.curl(&format!("http://{}:8080/", db.ip()), TIMEOUT)?;
+    assert_eq!(direct.status, 200, "{direct:?}");
+    let backend = format!("{}:9080", m.backends[0].ip());
+
+    // The waypoint's request lines, in Envoy's format.
+    let requests = wait_parsed_lines(&wp_log, ENVOY_DEFAULT_FORMAT, 2)?;
+    for (name, path) in [("waypoint, envoy", &wp_log), ("node 1, istio", &n1_log), ("node 2, envoy", &n2_log)] {
+        eprintln!("observability: {name}:\n{}", std::fs::read_to_string(path).unwrap_or_default().trim_end());
+    }
+    let served = requests.iter().find(|f| f["RESPONSE_CODE"] == "200").expect("the 200's line");
+    assert_eq!(served["REQ(:METHOD)"], "GET", "{served:?}");
+    assert_eq!(served["REQ(X-ENVOY-ORIGINAL-PATH?:PATH)"], "/reviews/1?q=a", "{served:?}");
+    assert_eq!(served["PROTOCOL"], "HTTP/1.1", "{served:?}");
+    assert_eq!(served["RESPONSE_FLAGS"], "-", "{served:?}");
+    assert_eq!(served["BYTES_RECEIVED"], "0", "a GET has no body: {served:?}");
+    assert_eq!(served["BYTES_SENT"].parse::<usize>().ok(), Some(ok.body_bytes.len()), "{served:?}");
+    let duration = number(served, "DURATION");
+    let upstream_time = number(served, "RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)");
+    assert!(upstream_time <= duration && duration < 5_000, "{served:?}");
+    assert_eq!(served["REQ(X-FORWARDED-FOR)"], "192.0.2.7", "{served:?}");
+    assert_eq!(served["REQ(USER-AGENT)"], "strait test/1.0", "{served:?}");
+    assert!(served["REQ(X-REQUEST-ID)"].len() >= 16, "{served:?}");
+    assert_eq!(served["REQ(:AUTHORITY)"], format!("{REVIEWS_VIP}:9080"), "{served:?}");
+    assert_eq!(served["UPSTREAM_HOST"], backend, "{served:?}");
+    let fault = requests.iter().find(|f| f["RESPONSE_CODE"] == "503").expect("the abort's line");
+    assert_eq!(fault["RESPONSE_FLAGS"], "FI", "{fault:?}");
+    assert_eq!(fault["RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)"], "-", "never sent upstream: {fault:?}");
+    assert_eq!(fault["UPSTREAM_HOST"], "-", "{fault:?}");
+    assert!(fault["REQ(USER-AGENT)"].starts_with("curl/"), "{fault:?}");
+
+    // Node 2's line for the connection to db, in Envoy's format: a TCP proxy's line.
+    let db_addr = format!("{}:8080", db.ip());
+    let connections = wait_parsed_lines(&n2_log, ENVOY_DEFAULT_FORMAT, 1)?;
+    let inbound = connections.iter().find(|f| f["UPSTREAM_HOST"] == db_addr).expect("a line to db");
+    for (field, tcp) in [("REQ(:METHOD)", "-"), ("PROTOCOL", "-"), ("RESPONSE_CODE", "0"), ("RESPONSE_FLAGS", "-")] {
+        assert_eq!(inbound[field], tcp, "{inbound:?}");
+    }
+    assert!(number(inbound, "BYTES_RECEIVED") > 50, "the request: {inbound:?}");
+    let sent = usize::try_from(number(inbound, "BYTES_SENT")).unwrap_or(usize::MAX);
+    assert!(sent > direct.body_bytes.len(), "the response, head and body: {inbound:?}");
+    assert!(number(inbound, "DURATION") < 5_000, "{inbound:?}");
+
+    // Node 1's lines (the client to the service's VIP, and to db), in Istio's format.
+    let outbound = wait_parsed_lines(&n1_log, ISTIO_DEFAULT_FORMAT, 3)?;
+    let vip = format!("{REVIEWS_VIP}:9080");
+    let to_vip = outbound.iter().filter(|f| f["DOWNSTREAM_LOCAL_ADDRESS"] == vip).count();
+    assert_eq!(to_vip, 2, "one per curl: {outbound:?}");
+    let client = outbound.iter().find(|f| f["DOWNSTREAM_LOCAL_ADDRESS"] == db_addr).expect("a line to db");
+    assert!(client["DOWNSTREAM_REMOTE_ADDRESS"].starts_with(&format!("{}:", m.client.ip())), "{client:?}");
+    assert_eq!((client["RESPONSE_CODE"].as_str(), client["RESPONSE_FLAGS"].as_str()), ("0", "-"), "{client:?}");
+    assert_eq!(client["CONNECTION_TERMINATION_DETAILS"], "-", "{client:?}");
+    assert_eq!(client["UPSTREAM_HOST"], db_addr, "{client:?}");
+    assert_eq!(
+        (number(client, "BYTES_RECEIVED"), number(client, "BYTES_SENT")),
+        (number(inbound, "BYTES_RECEIVED"), number(inbound, "BYTES_SENT")),
+        "both ends counted the same bytes"
+    );
+    Ok(())
+}
+
+/// A numeric field of a parsed line (fails the test otherwise).
+fn number(fields: &BTreeMap<String, String>, name: &str) -> u64 {
+    fields[name].parse().unwrap_or_else(|_| panic!("{name} is not a number: {fields:?}"))
+}
+
+/// Reads an access-log file until it has `count` lines; every line must parse with `format`.
+fn wait_parsed_lines(path: &std::path::Path, format: &str, count: usize) -> io::Result<Vec<BTreeMap<String, String>>> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines = text
+            .split_inclusive('\n')
+            // A line being written has no end yet.
+            .filter(|line| line.ends_with('\n'))
+            .map(|line| {
+                parse_access_line(format, line)
+                    .ok_or_else(|| io::Error::other(format!("{} does not parse with {format:?}", line.trim_end())))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        if lines.len() >= count || Instant::now() > deadline {
+            return Ok(lines);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads `line` with an Envoy format string: text outside `%OPERATOR%` must appear as written,
+/// and each operator's value runs up to the text that follows it (Envoy writes no escapes, so
+/// that text must not occur inside the value). `None` when the line does not fit the format.
+fn parse_access_line(format: &str, line: &str) -> Option<BTreeMap<String, String>> {
+    let mut fields = BTreeMap::new();
+    let mut rest = line;
+    let mut parts = format.split('%').enumerate().peekable();
+    while let Some((i, part)) = parts.next() {
+        if i % 2 == 0 {
+            rest = rest.strip_prefix(part)?;
+            continue;
+        }
+        // An operator: its value ends where the next literal text begins.
+        let next = parts.peek().map_or("", |(_, text)| *text);
+        let end = if next.is_empty() { rest.len() } else { rest.find(next)? };
+        let value = &rest[..end];
+        if value.is_empty() {
+            return None;
+        }
+        fields.insert(part.to_owned(), value.to_owned());
+        rest = &rest[end..];
+    }
+    rest.is_empty().then_some(fields)
+}
+
+#[test]
+fn the_format_parser_reads_envoys_documented_example_and_refuses_others() {
+    // Envoy's documentation's example of its default format.
+    let example = "[2016-04-15T20:17:00.310Z] \"POST /api/v1/locations HTTP/2\" 204 - 154 0 226 100 \"10.0.35.28\" \"nsq2http\" \"cc21d9b0-cf5c-432b-8c7e-98aeb7988cd2\" \"locations\" \"tcp://10.0.2.1:80\"\n";
+    let fields = parse_access_line(ENVOY_DEFAULT_FORMAT, example).expect("parses");
+    assert_eq!(fields["REQ(:METHOD)"], "POST");
+    assert_eq!(fields["RESPONSE_CODE"], "204");
+    assert_eq!(fields["RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)"], "100");
+    assert_eq!(fields["UPSTREAM_HOST"], "tcp://10.0.2.1:80");
+    assert!(parse_access_line(ENVOY_DEFAULT_FORMAT, "[x] outbound tcp src.addr=1\n").is_none());
+    assert!(parse_access_line(ISTIO_DEFAULT_FORMAT, example).is_none(), "Istio's has more fields");
 }
 
 /// `curl` in the node's namespace: (status, body).

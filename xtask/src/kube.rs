@@ -8,9 +8,9 @@
 //! Idempotent: a cached binary that reports the right version means nothing to do. The script
 //! builds in a scratch directory and renames it into place only when the build succeeded.
 
-use std::{env, path::PathBuf, process::Command, time::Instant};
+use std::{env, io, path::PathBuf, process::Command};
 
-use crate::{Result, apt_install, is_root, missing_of, run};
+use crate::{Result, apt_install, is_root, missing_of, progress::Step, run};
 
 /// The version Debian bookworm's source package builds (`1.20.5+really1.20.2`). Keep in step with
 /// `KUBE_APISERVER_VERSION` in `tests/src/kube.rs` and `DEB_VERSION` in the script.
@@ -37,10 +37,11 @@ fn cached_version_ok(binary: &std::path::Path) -> bool {
     })
 }
 
-pub fn ensure_kube_apiserver() -> Result {
+pub fn ensure_kube_apiserver(step: &mut Step<'_, io::Stderr>) -> Result {
     let dest = cache_root().join("kube-apiserver").join(KUBE_APISERVER_VERSION);
     let binary = dest.join("kube-apiserver");
     if cached_version_ok(&binary) {
+        step.outcome("present");
         return Ok(());
     }
     let missing = missing_of(BUILD_PACKAGES)?;
@@ -51,20 +52,19 @@ pub fn ensure_kube_apiserver() -> Result {
                 missing.join(" ")
             ));
         }
+        step.start(&format!("installing what its build needs: {}", missing.join(" ")));
         apt_install(&missing)?;
     }
-    println!(
-        "xtask: building kube-apiserver {KUBE_APISERVER_VERSION} from Debian's source package into {} \
-         (once per machine; about 5 minutes, 1.5 GB of memory)",
+    step.start(&format!(
+        "building it from Debian's source package into {} (once per machine; about 5 minutes, 1.5 GB of memory)",
         dest.display()
-    );
-    let started = Instant::now();
+    ));
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kube-apiserver.sh");
     run(Command::new("bash").arg(&script).arg(KUBE_APISERVER_VERSION).arg(&dest), "building kube-apiserver")?;
     if !cached_version_ok(&binary) {
         return Err(format!("{} was built but does not report v{KUBE_APISERVER_VERSION}", binary.display()));
     }
-    println!("xtask: kube-apiserver built in {:.0}s", started.elapsed().as_secs_f64());
+    step.outcome("built");
     Ok(())
 }
 
@@ -73,16 +73,17 @@ pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 /// `kubernetes-validate` (PyPI), which checks manifests against the schemas of many Kubernetes
 /// releases, in its own venv under the cache (`tests/tests/kube_deploy.rs` runs it from there).
-pub fn ensure_kubernetes_validate() -> Result {
+pub fn ensure_kubernetes_validate(step: &mut Step<'_, io::Stderr>) -> Result {
     let venv = cache_root().join("kubernetes-validate");
     let bin = venv.join("bin").join("kubernetes-validate");
     let installed = Command::new(&bin).arg("--version").output();
     if installed
         .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == KUBERNETES_VALIDATE_VERSION)
     {
+        step.outcome("present");
         return Ok(());
     }
-    println!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}", venv.display());
+    step.start(&format!("installing it into {}", venv.display()));
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv")?;
     run(
         Command::new(venv.join("bin").join("pip")).args([
@@ -91,5 +92,7 @@ pub fn ensure_kubernetes_validate() -> Result {
             &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
         ]),
         "pip install kubernetes-validate",
-    )
+    )?;
+    step.outcome("installed");
+    Ok(())
 }

@@ -16,18 +16,24 @@
 //! - `gen-crds [--check]`: writes `deploy/crds` from strait's configuration types (with
 //!   `--check`, fails if the committed files differ); `test` runs the check.
 //!
+//! Long commands write a numbered progress line per step with its time (`progress.rs`).
+//!
 //! std only: this crate is the first thing compiled on a fresh machine.
 
 mod fuzz;
 mod kube;
+mod progress;
 
 use std::{
     env,
     ffi::OsString,
+    io,
     path::{Path, PathBuf},
     process::{Command, ExitCode},
     time::Instant,
 };
+
+use progress::Progress;
 
 /// Debian packages the build and the tests need. rustc-web/cargo-web provide Debian's rustc
 /// with LLVM 22, libstd-rust-web-dev-bpf a prebuilt `core` for bpfel-unknown-none, llvm-22-dev
@@ -50,6 +56,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // venv for kubernetes-validate.
     "etcd-server",
     "python3-venv",
+    // The Prometheus test (OBS-5) runs Debian's Prometheus server against the proxies.
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -136,8 +144,13 @@ fn have(program: &str) -> bool {
 
 fn setup() -> Result {
     let started = Instant::now();
-    let missing = missing_packages()?;
-    if !missing.is_empty() {
+    let mut progress = Progress::new("setup", 6, io::stderr());
+    progress.run("Debian packages", |step| {
+        let missing = missing_packages()?;
+        if missing.is_empty() {
+            step.outcome(format!("all {} present", DEBIAN_PACKAGES.len()));
+            return Ok(());
+        }
         if !have("apt-get") {
             return Err(format!(
                 "this machine has no apt-get; install these Debian packages (or their equivalents) by hand: {}",
@@ -150,15 +163,26 @@ fn setup() -> Result {
                 missing.join(" ")
             ));
         }
+        step.start(&format!("installing {}", missing.join(" ")));
         apt_install(&missing)?;
-    }
-    ensure_bpf_linker()?;
-    kube::ensure_kube_apiserver()?;
-    kube::ensure_kubernetes_validate()?;
-    ensure_python_module("prometheus_client", "prometheus-client")?;
-    if !have("rustup") {
-        return Err("rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".into());
-    }
+        step.outcome(format!("installed {}", missing.len()));
+        Ok(())
+    })?;
+    progress.run(&format!("bpf-linker {BPF_LINKER_VERSION}"), ensure_bpf_linker)?;
+    progress.run(&format!("kube-apiserver {}", kube::KUBE_APISERVER_VERSION), kube::ensure_kube_apiserver)?;
+    progress
+        .run(&format!("kubernetes-validate {}", kube::KUBERNETES_VALIDATE_VERSION), kube::ensure_kubernetes_validate)?;
+    progress
+        .run("Python prometheus_client", |step| ensure_python_module(step, "prometheus_client", "prometheus-client"))?;
+    progress.run("rustup", |step| {
+        if !have("rustup") {
+            return Err(
+                "rustup is not on PATH; aya-build runs `rustup run /usr cargo` to build the eBPF programs".to_owned()
+            );
+        }
+        step.outcome("present");
+        Ok(())
+    })?;
     println!("xtask: setup complete ({:.1}s)", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -166,7 +190,6 @@ fn setup() -> Result {
 /// `apt-get update` and `install`; waits up to 10 minutes for another apt (e.g. a parallel setup)
 /// to release the dpkg lock instead of failing at once.
 fn apt_install(packages: &[String]) -> Result {
-    println!("xtask: installing Debian packages: {}", packages.join(" "));
     run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-q"]), "apt-get update")?;
     run(
         Command::new("apt-get")
@@ -201,22 +224,26 @@ fn missing_of(packages: &[&str]) -> Result<Vec<String>> {
 }
 
 /// The observability test checks `/metrics` with a real Prometheus parser, Python's.
-fn ensure_python_module(module: &str, package: &str) -> Result {
+fn ensure_python_module(step: &mut progress::Step<'_, io::Stderr>, module: &str, package: &str) -> Result {
     let present = Command::new("python3").args(["-c", &format!("import {module}")]).output();
     if present.is_ok_and(|o| o.status.success()) {
+        step.outcome("present");
         return Ok(());
     }
-    println!("xtask: installing the Python package {package}");
-    run(Command::new("python3").args(["-m", "pip", "install", "-q", package]), "pip install")
+    step.start(&format!("pip install {package}"));
+    run(Command::new("python3").args(["-m", "pip", "install", "-q", package]), "pip install")?;
+    step.outcome("installed");
+    Ok(())
 }
 
-fn ensure_bpf_linker() -> Result {
+fn ensure_bpf_linker(step: &mut progress::Step<'_, io::Stderr>) -> Result {
     let linker = cargo_home().join("bin").join("bpf-linker");
     let version = Command::new(&linker).arg("--version").output();
     if version.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)) {
+        step.outcome("present");
         return Ok(());
     }
-    println!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a minute or two)");
+    step.start("building it against LLVM 22 (a minute or two)");
     run(
         cargo()
             .args(["install", "--locked", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
@@ -224,7 +251,9 @@ fn ensure_bpf_linker() -> Result {
             // Without it bpf-linker's build finds the system's older LLVM and fails to link.
             .env("LLVM_PREFIX", LLVM_PREFIX),
         "cargo install bpf-linker",
-    )
+    )?;
+    step.outcome("built");
+    Ok(())
 }
 
 fn test(filters: &[String]) -> Result {
@@ -232,19 +261,39 @@ fn test(filters: &[String]) -> Result {
         return Err("the end-to-end tests build network namespaces and load eBPF programs: run as root".into());
     }
     let started = Instant::now();
-    println!("xtask: cargo fmt --check");
-    run(cargo().args(["fmt", "--all", "--", "--check"]), "formatting check (run `cargo fmt --all`)")?;
-    println!("xtask: cargo clippy -D warnings");
-    run(
-        cargo().args(["clippy", "--workspace", "--exclude", "strait-ebpf", "--all-targets", "--", "-D", "warnings"]),
-        "clippy",
-    )?;
-    fuzz::regression()?;
-    gen_crds(&["--check".to_owned()])?;
-    println!("xtask: building binaries");
-    run(cargo().args(["build", "--bins"]), "build")?;
-    println!("xtask: running unit and end-to-end tests");
-    run(cargo().args(["test", "--workspace", "--exclude", "strait-ebpf", "--"]).args(filters), "tests")?;
+    let mut progress = Progress::new("test", 6, io::stderr());
+    progress.run("cargo fmt --check", |_| {
+        run(cargo().args(["fmt", "--all", "--", "--check"]), "formatting check (run `cargo fmt --all`)")
+    })?;
+    progress.run("cargo clippy -D warnings", |step| {
+        step.start("checking every crate");
+        run(
+            cargo().args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "strait-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+            "clippy",
+        )
+    })?;
+    progress.run("fuzz corpus replay", |step| {
+        step.start("building the fuzz targets and replaying each corpus");
+        fuzz::regression()
+    })?;
+    progress.run("gen-crds --check", |_| gen_crds(&["--check".to_owned()]))?;
+    progress.run("cargo build --bins", |step| {
+        step.start("building");
+        run(cargo().args(["build", "--bins"]), "build")
+    })?;
+    progress.run("unit and end-to-end tests", |step| {
+        step.start("running (several minutes; cargo's own lines follow)");
+        run(cargo().args(["test", "--workspace", "--exclude", "strait-ebpf", "--"]).args(filters), "tests")
+    })?;
     println!("xtask: all checks passed in {:.0}s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -280,7 +329,7 @@ fn bench(args: &[String]) -> Result {
     if !is_root() {
         return Err("the benchmark builds network namespaces and loads eBPF programs: run as root".into());
     }
-    run(cargo().args(["build", "--release", "--bins"]), "release build")?;
+    release_build()?;
     let root = workspace_root();
     let bench = root.join("target").join("release").join("strait-bench");
     run(
@@ -291,6 +340,14 @@ fn bench(args: &[String]) -> Result {
             .env("PATH", path_with_cargo_bin()),
         "strait-bench",
     )
+}
+
+/// The release binaries the benchmark and the soak run (minutes when the code changed).
+fn release_build() -> Result {
+    Progress::new("build", 1, io::stderr()).run("release binaries", |step| {
+        step.start("cargo build --release --bins");
+        run(cargo().args(["build", "--release", "--bins"]), "release build")
+    })
 }
 
 /// The soak's length from `[--minutes N]`; 30 minutes by default.
@@ -306,7 +363,7 @@ fn soak(minutes: u64) -> Result {
     if !is_root() {
         return Err("the soak builds network namespaces and loads eBPF programs: run as root".into());
     }
-    run(cargo().args(["build", "--release", "--bins"]), "release build")?;
+    release_build()?;
     let root = workspace_root();
     let bench = root.join("target").join("release").join("strait-bench");
     run(

@@ -156,6 +156,31 @@ impl CertStore {
         slots.iter().filter_map(|s| s.try_lock().ok().and_then(|held| held.settings.clone())).collect()
     }
 
+    /// When each certificate held expires, as a gauge family read at every scrape
+    /// (`strait_certificate_expiry_timestamp_seconds{identity}`, Unix seconds): a renewal that
+    /// keeps failing shows as an expiry coming closer instead of moving on at half life.
+    pub fn expiry_gauges(self: &Arc<Self>) -> crate::telemetry::ScrapedGauges {
+        let store = Arc::downgrade(self);
+        crate::telemetry::ScrapedGauges::by_label(
+            "strait_certificate_expiry_timestamp_seconds",
+            "When the workload certificate held for an identity expires (Unix time, seconds)",
+            "identity",
+            move || {
+                let Some(store) = store.upgrade() else { return Vec::new() };
+                let mut expiries: Vec<(String, i64)> = store
+                    .held()
+                    .iter()
+                    .map(|s| {
+                        let at = s.cert.not_after.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                        (s.cert.identity.to_string(), i64::try_from(at.as_secs()).unwrap_or(i64::MAX))
+                    })
+                    .collect();
+                expiries.sort();
+                expiries
+            },
+        )
+    }
+
     /// Identities asked for that have no valid certificate now: being issued, or failing (for
     /// the admin API, as istioctl shows `Initializing` and `Unavailable` certificates).
     pub fn pending(&self) -> Vec<PendingCert> {

@@ -116,6 +116,7 @@ impl Exchange {
             parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         r.request_protocol = if grpc { "grpc" } else { "http" };
         r.user_agent = parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        r.forwarded_for = parts.headers.get(headers::X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).map(str::to_owned);
     }
 
     /// Sends the proxy's own answer.

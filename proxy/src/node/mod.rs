@@ -637,6 +637,7 @@ async fn serve_operator_endpoints(
         "Outbound HBONE connections pooled by this node proxy (one per source pod and destination address, L4-6)",
         move || i64::try_from(reader.connection_count()).unwrap_or(i64::MAX),
     ));
+    metrics.register_gauges(certs.expiry_gauges());
     let telemetry = Telemetry::new(access_log, metrics.traffic());
     let ready = Readiness::default();
     let state = AdminState {

@@ -2,7 +2,8 @@
 //!
 //! The text format follows the spirit of Envoy's default: a timestamp, then `key=value` fields
 //! an operator can grep. Workloads are named `namespace/name`; `-` stands for unknown. The JSON
-//! format carries the same fields, one object per line, for log pipelines that parse.
+//! format carries the same fields, one object per line, for log pipelines that parse; the
+//! `envoy` and `istio` formats are Envoy's and Istio's own default text (`envoy_format`).
 
 use std::{
     fs::File,
@@ -15,7 +16,11 @@ use std::{
 
 use serde::Serialize;
 
-use super::{metrics::ConnectionCounters, rfc3339};
+use super::{
+    envoy_format::{EnvoyFormat, connection_line},
+    metrics::ConnectionCounters,
+    rfc3339,
+};
 use crate::model::{Service, Workload};
 
 /// How a connection ended.
@@ -106,6 +111,10 @@ pub enum AccessLogFormat {
     Text,
     /// One JSON object per line.
     Json,
+    /// Envoy's default format string.
+    Envoy,
+    /// Istio's default text format (Envoy's, with details, cluster and addresses).
+    Istio,
 }
 
 /// Lines wait in memory at most this long before they are written. One `write(2)` per line
@@ -152,6 +161,8 @@ impl AccessLog {
         let line = match self.format {
             AccessLogFormat::Text => format_line(r),
             AccessLogFormat::Json => json_line(r),
+            AccessLogFormat::Envoy => connection_line(r, EnvoyFormat::Envoy),
+            AccessLogFormat::Istio => connection_line(r, EnvoyFormat::Istio),
         };
         self.write_line(&line);
     }

@@ -223,6 +223,43 @@ impl Collector for ScrapedGauge {
     }
 }
 
+/// A gauge family read when Prometheus scrapes, one sample per value of its label, from state
+/// that lives elsewhere (`strait_certificate_expiry_timestamp_seconds{identity="..."}`).
+pub struct ScrapedGauges {
+    name: String,
+    help: String,
+    label: &'static str,
+    read: Box<dyn Fn() -> Vec<(String, i64)> + Send + Sync>,
+}
+
+impl ScrapedGauges {
+    pub fn by_label(
+        name: &str,
+        help: &str,
+        label: &'static str,
+        read: impl Fn() -> Vec<(String, i64)> + Send + Sync + 'static,
+    ) -> Self {
+        Self { name: name.to_owned(), help: help.to_owned(), label, read: Box::new(read) }
+    }
+}
+
+impl fmt::Debug for ScrapedGauges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScrapedGauges").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Collector for ScrapedGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut metric = encoder.encode_descriptor(&self.name, &self.help, None, MetricType::Gauge)?;
+        for (value_of_label, value) in (self.read)() {
+            let labels = [(self.label, value_of_label.as_str())];
+            metric.encode_family(&labels).and_then(|m| ConstGauge::new(value).encode(m))?;
+        }
+        Ok(())
+    }
+}
+
 /// A counter name as a metric name: Prometheus allows `[a-zA-Z0-9_]` only.
 fn metric_name(counter: &str) -> Cow<'_, str> {
     if counter.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -291,6 +328,11 @@ impl MetricsRegistry {
     /// Adds a gauge read at every scrape (see `ScrapedGauge`).
     pub fn register_gauge(&mut self, gauge: ScrapedGauge) {
         self.registry.register_collector(Box::new(gauge));
+    }
+
+    /// Adds a labelled gauge family read at every scrape (see `ScrapedGauges`).
+    pub fn register_gauges(&mut self, gauges: ScrapedGauges) {
+        self.registry.register_collector(Box::new(gauges));
     }
 
     /// Every metric, in `format`.
@@ -394,6 +436,25 @@ mod tests {
         assert_eq!(Exposition::negotiate(Some("text/plain;version=0.0.4")), Exposition::Prometheus);
         let prometheus = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
         assert_eq!(Exposition::negotiate(Some(prometheus)), Exposition::OpenMetrics);
+    }
+
+    #[test]
+    fn scraped_gauges_carry_their_label() {
+        let mut registry = MetricsRegistry::new();
+        registry.register_gauges(ScrapedGauges::by_label(
+            "strait_certificate_expiry_timestamp_seconds",
+            "Expiry",
+            "identity",
+            || vec![("spiffe://cluster.local/ns/a/sa/b".to_owned(), 1_795_321_845)],
+        ));
+        let text = registry.encode(Exposition::Prometheus);
+        assert!(text.contains("# TYPE strait_certificate_expiry_timestamp_seconds gauge\n"), "{text}");
+        assert!(
+            text.contains(
+                "\nstrait_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/a/sa/b\"} 1795321845\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! run-time log filter, fed by one `ConnectionRecord` per connection.
 
 mod access_log;
+mod envoy_format;
 mod labels;
 pub mod logging;
 mod metrics;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 pub use access_log::{AccessLog, AccessLogFormat, ConnectionRecord, Outcome};
 pub use labels::{DEFAULT_CLUSTER, Reporter, TrafficLabels, canonical_revision, canonical_service, workload_name};
-pub use metrics::{Exposition, MetricsRegistry, ScrapedCounters, ScrapedGauge, TrafficMetrics};
+pub use metrics::{Exposition, MetricsRegistry, ScrapedCounters, ScrapedGauge, ScrapedGauges, TrafficMetrics};
 pub use requests::{RequestMetrics, RequestRecord, RequestTelemetry};
 
 /// Where connection handlers report: `opened` once a connection's ends are known, `closed`

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use super::{
     AccessLog, AccessLogFormat,
+    envoy_format::{EnvoyFormat, request_line},
     labels::{PeerLabels, Reporter, UNKNOWN, endpoint_labels},
     rfc3339,
 };
@@ -63,6 +64,8 @@ pub struct RequestRecord {
     /// `http` or `grpc`, the metrics' `request_protocol`.
     pub request_protocol: &'static str,
     pub user_agent: Option<String>,
+    /// The client's `x-forwarded-for`, as it arrived.
+    pub forwarded_for: Option<String>,
     pub request_id: String,
     pub status: u16,
     pub grpc_status: Option<u32>,
@@ -99,6 +102,7 @@ impl RequestRecord {
             protocol: "HTTP/1.1",
             request_protocol: "http",
             user_agent: None,
+            forwarded_for: None,
             request_id: String::new(),
             status: 0,
             grpc_status: None,
@@ -167,6 +171,8 @@ impl RequestTelemetry {
         let line = match self.access_log.format() {
             AccessLogFormat::Text => text_line(record),
             AccessLogFormat::Json => json_line(record),
+            AccessLogFormat::Envoy => request_line(record, EnvoyFormat::Envoy),
+            AccessLogFormat::Istio => request_line(record, EnvoyFormat::Istio),
         };
         self.access_log.write_line(&line);
         self.metrics.observe(record);
@@ -210,12 +216,16 @@ impl EncodeLabelSet for RequestLabels {
         let shared = endpoint_labels(self.reporter, &self.source, &self.destination, &self.destination_service);
         let code = self.response_code.to_string();
         let grpc = self.grpc_response_status.map_or_else(String::new, |g| g.to_string());
+        // As Istio documents the label: `unknown` when the source reports (a gateway cannot
+        // tell how its clients' connections were secured); a waypoint's requests arrive over
+        // HBONE, always mutual TLS.
+        let security = if self.reporter == Reporter::Source { UNKNOWN } else { "mutual_tls" };
         let own = [
             ("request_protocol", self.request_protocol),
             ("response_code", code.as_str()),
             ("grpc_response_status", grpc.as_str()),
             ("response_flags", &self.response_flags),
-            ("connection_security_policy", "mutual_tls"),
+            ("connection_security_policy", security),
         ];
         for label in shared.into_iter().chain(own) {
             label.encode(encoder.encode_label())?;
@@ -383,5 +393,18 @@ mod tests {
         }
         assert!(text.contains("istio_request_duration_milliseconds_bucket{"), "{text}");
         assert!(text.contains("istio_response_bytes_count{"), "{text}");
+        assert!(sample.contains("connection_security_policy=\"mutual_tls\""), "{sample}");
+    }
+
+    // OBS-1: a gateway reports as the source, which Istio's label says cannot know the policy.
+    #[test]
+    fn source_reported_requests_have_an_unknown_security_policy() {
+        let mut registry = crate::telemetry::MetricsRegistry::new();
+        let metrics = registry.register_requests();
+        metrics.observe(&RequestRecord { reporter: Reporter::Source, ..record() });
+        let text = registry.encode(Exposition::Prometheus);
+        let sample = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap_or_default();
+        assert!(sample.contains("reporter=\"source\""), "{sample}");
+        assert!(sample.contains("connection_security_policy=\"unknown\""), "{sample}");
     }
 }

@@ -165,6 +165,7 @@ impl Engine {
             [Some(gate.clone()), clients.clone()].into_iter().flatten().collect(),
         ));
         metrics.register(crate::hbone::server::handshake_failure_counters());
+        metrics.register_gauges(certs.expiry_gauges());
         let telemetry = Telemetry::new(access_log, metrics.traffic());
         let upstreams = Upstreams::new(Connector {
             hbone: HbonePool::unmarked(certs.clone()),
