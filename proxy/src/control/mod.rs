@@ -196,7 +196,7 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(options.metrics)
         .await
         .with_context(|| format!("cannot listen for metrics on {}", options.metrics))?;
-    tokio::spawn(crate::admin::serve_metrics(metrics_listener, Arc::new(registry)));
+    tokio::spawn(crate::admin::serve_metrics(metrics_listener, Arc::new(registry), None));
 
     info!(
         listen = %options.listen,

@@ -42,11 +42,26 @@ pub(super) struct Local {
     pub flags: ResponseFlags,
     pub reason: Option<String>,
     pub headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// A policy refused the request (the mesh map shows it as a denial, OBS-6).
+    pub denied: bool,
 }
 
 impl Local {
     pub fn new(status: StatusCode, body: impl Into<String>) -> Self {
-        Self { status, body: body.into(), flags: ResponseFlags::default(), reason: None, headers: Vec::new() }
+        Self {
+            status,
+            body: body.into(),
+            flags: ResponseFlags::default(),
+            reason: None,
+            headers: Vec::new(),
+            denied: false,
+        }
+    }
+
+    /// Marks the answer as a policy's refusal.
+    pub fn denying(mut self) -> Self {
+        self.denied = true;
+        self
     }
 
     pub fn flagged(mut self, flags: ResponseFlags) -> Self {
@@ -130,6 +145,7 @@ impl Exchange {
         let mut x = self;
         x.record.flags.insert(local.flags);
         x.record.reason = local.reason;
+        x.record.denied = local.denied;
         x.finish_on_end(response, None)
     }
 
@@ -179,7 +195,7 @@ impl Exchange {
                 lease.release(end.complete);
                 drop(guard);
             }
-            ctx.telemetry.finish(&record);
+            ctx.telemetry.finish(record);
         });
         response
     }
@@ -355,7 +371,7 @@ fn authenticate(x: &mut Exchange, parts: &mut Parts) -> Result<Option<Box<Valida
     match jwt::authenticate(&providers, &request, SystemTime::now()) {
         JwtOutcome::NoToken => Ok(None),
         JwtOutcome::Invalid(reason) => {
-            Err(Local::new(StatusCode::UNAUTHORIZED, jwt::UNAUTHORIZED_BODY).because(reason))
+            Err(Local::new(StatusCode::UNAUTHORIZED, jwt::UNAUTHORIZED_BODY).because(reason).denying())
         }
         JwtOutcome::Valid(token) => {
             if !token.forward_original_token {
@@ -415,7 +431,7 @@ fn authorize(x: &mut Exchange, parts: &Parts, jwt: Option<&ValidatedJwt>) -> Res
     if decision.allowed {
         return Ok(());
     }
-    Err(Local::new(StatusCode::FORBIDDEN, "RBAC: access denied").because(decision.denial_reason()))
+    Err(Local::new(StatusCode::FORBIDDEN, "RBAC: access denied").because(decision.denial_reason()).denying())
 }
 
 /// Fault injection (L7-6): a delay first, then an abort, each for its share of requests; an

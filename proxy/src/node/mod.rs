@@ -45,7 +45,8 @@ use crate::{
     model::{self, Model, ModelHandle},
     sys,
     telemetry::{
-        AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, ScrapedGauge, Telemetry, logging::LogControl,
+        AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, ScrapedGauge, Telemetry, TrafficMap,
+        logging::LogControl,
     },
     xds::{
         ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL,
@@ -636,7 +637,8 @@ async fn serve_operator_endpoints(
         "Outbound HBONE connections pooled by this node proxy (one per source pod and destination address, L4-6)",
         move || i64::try_from(reader.connection_count()).unwrap_or(i64::MAX),
     ));
-    let telemetry = Telemetry::new(access_log, metrics.traffic());
+    let map = Arc::new(TrafficMap::new(format!("node {}", options.node_name)));
+    let telemetry = Telemetry::new(access_log, metrics.traffic(), map.clone());
     let ready = Readiness::default();
     let state = AdminState {
         model: model.clone(),
@@ -646,6 +648,7 @@ async fn serve_operator_endpoints(
             let pool = pool.clone();
             Some(Arc::new(move || serde_json::to_string(&pool.connections()).unwrap_or_else(|_| "[]".into())))
         },
+        map: Some(Arc::new(move || map.json())),
         certs: certs.clone(),
         node_name: options.node_name.clone(),
         waypoint: None,

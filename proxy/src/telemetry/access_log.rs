@@ -32,7 +32,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn fields(&self) -> (&'static str, Option<&str>) {
+    pub(super) fn fields(&self) -> (&'static str, Option<&str>) {
         match self {
             Outcome::Completed => ("ok", None),
             Outcome::Broken(r) => ("broken", Some(r)),

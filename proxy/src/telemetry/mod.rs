@@ -4,6 +4,7 @@
 mod access_log;
 mod labels;
 pub mod logging;
+pub mod map;
 mod metrics;
 mod requests;
 
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 pub use access_log::{AccessLog, AccessLogFormat, ConnectionRecord, Outcome};
 pub use labels::{DEFAULT_CLUSTER, Reporter, TrafficLabels, canonical_revision, canonical_service, workload_name};
+pub use map::TrafficMap;
 pub use metrics::{Exposition, MetricsRegistry, ScrapedCounters, ScrapedGauge, TrafficMetrics};
 pub use requests::{RequestMetrics, RequestRecord, RequestTelemetry};
 
@@ -20,16 +22,22 @@ pub use requests::{RequestMetrics, RequestRecord, RequestTelemetry};
 pub struct Telemetry {
     access_log: Arc<AccessLog>,
     metrics: Arc<TrafficMetrics>,
+    map: Arc<TrafficMap>,
 }
 
 impl Telemetry {
-    pub fn new(access_log: AccessLog, metrics: Arc<TrafficMetrics>) -> Self {
-        Self { access_log: Arc::new(access_log), metrics }
+    pub fn new(access_log: AccessLog, metrics: Arc<TrafficMetrics>, map: Arc<TrafficMap>) -> Self {
+        Self { access_log: Arc::new(access_log), metrics, map }
     }
 
     /// The access log, shared with request telemetry.
     pub fn access_log(&self) -> Arc<AccessLog> {
         self.access_log.clone()
+    }
+
+    /// The mesh map's edge table, shared with request telemetry.
+    pub fn map(&self) -> Arc<TrafficMap> {
+        self.map.clone()
     }
 
     /// Counts the connection as opened (`istio_tcp_connections_opened_total`). Call once, when
@@ -60,6 +68,36 @@ impl Telemetry {
             record.bytes_sent,
             record.bytes_received,
         );
+        self.map.observe(map_observation(record));
+    }
+}
+
+/// What the mesh map keeps of a connection (OBS-6): a refusal by the mesh counts as denied.
+fn map_observation(record: &ConnectionRecord) -> map::Observation<'_> {
+    let reporter = TrafficLabels::reporter_of(record).as_str();
+    let (result, reason) = record.outcome.fields();
+    let mut event = map::MapEvent::new(reporter, record.started, record.duration);
+    event.result = std::borrow::Cow::Borrowed(result);
+    event.flags = std::borrow::Cow::Borrowed(record.outcome.response_flags());
+    event.sent = record.bytes_sent;
+    event.received = record.bytes_received;
+    event.reason = reason.map(str::to_owned);
+    map::Observation {
+        reporter,
+        protocol: "tcp",
+        source: map::End::workload(record.source_workload.as_deref()),
+        destination: map::End::destination(
+            record.destination_workload.as_deref(),
+            record.destination_service.as_deref(),
+        ),
+        security: record.security,
+        verdict: match record.outcome {
+            Outcome::Completed => map::Verdict::Ok,
+            Outcome::Refused(_) => map::Verdict::Denied,
+            Outcome::Broken(_) | Outcome::UpstreamConnectFailed(_) => map::Verdict::Error,
+        },
+        duration: record.duration,
+        event,
     }
 }
 
@@ -112,8 +150,11 @@ mod tests {
     fn opened_and_closed_balance() {
         let path = std::env::temp_dir().join(format!("strait-telemetry-{}.log", std::process::id()));
         let registry = MetricsRegistry::new();
-        let telemetry =
-            Telemetry::new(AccessLog::new(AccessLogFormat::Text, Some(&path)).expect("log"), registry.traffic());
+        let telemetry = Telemetry::new(
+            AccessLog::new(AccessLogFormat::Text, Some(&path)).expect("log"),
+            registry.traffic(),
+            Arc::new(TrafficMap::new("node test")),
+        );
         let start =
             || ConnectionRecord::start("outbound", "10.1.0.1:1".parse().expect("a"), "10.2.0.1:2".parse().expect("a"));
         let mut served = start();

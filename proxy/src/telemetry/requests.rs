@@ -21,8 +21,9 @@ use prometheus_client::{
 use serde::Serialize;
 
 use super::{
-    AccessLog, AccessLogFormat,
+    AccessLog, AccessLogFormat, TrafficMap,
     labels::{PeerLabels, Reporter, UNKNOWN, endpoint_labels},
+    map::{self, End, MapEvent, Observation, Verdict},
     rfc3339,
 };
 use crate::{
@@ -78,6 +79,8 @@ pub struct RequestRecord {
     pub reason: Option<String>,
     /// Tries made upstream (1 without retries).
     pub attempts: u32,
+    /// Refused by policy: L7 authorization (403) or a bad token (401).
+    pub denied: bool,
 }
 
 impl RequestRecord {
@@ -110,6 +113,7 @@ impl RequestRecord {
             route: None,
             reason: None,
             attempts: 0,
+            denied: false,
         }
     }
 }
@@ -156,20 +160,58 @@ impl RequestMetrics {
 pub struct RequestTelemetry {
     access_log: Arc<AccessLog>,
     metrics: Arc<RequestMetrics>,
+    map: Arc<TrafficMap>,
 }
 
 impl RequestTelemetry {
-    pub fn new(access_log: Arc<AccessLog>, metrics: Arc<RequestMetrics>) -> Self {
-        Self { access_log, metrics }
+    pub fn new(access_log: Arc<AccessLog>, metrics: Arc<RequestMetrics>, map: Arc<TrafficMap>) -> Self {
+        Self { access_log, metrics, map }
     }
 
-    pub fn finish(&self, record: &RequestRecord) {
+    /// Writes the access line, counts the request, and hands the record to the mesh map
+    /// (which keeps its method, path and reason).
+    pub fn finish(&self, record: RequestRecord) {
         let line = match self.access_log.format() {
-            AccessLogFormat::Text => text_line(record),
-            AccessLogFormat::Json => json_line(record),
+            AccessLogFormat::Text => text_line(&record),
+            AccessLogFormat::Json => json_line(&record),
         };
         self.access_log.write_line(&line);
-        self.metrics.observe(record);
+        self.metrics.observe(&record);
+        self.observe_on_map(record);
+    }
+
+    /// OBS-6: a policy refusal counts as denied, a 5xx (or no answer) as an error.
+    fn observe_on_map(&self, r: RequestRecord) {
+        let reporter = r.reporter.as_str();
+        let verdict = match r.status {
+            _ if r.denied => Verdict::Denied,
+            0 | 500.. => Verdict::Error,
+            _ => Verdict::Ok,
+        };
+        let mut event = MapEvent::new(reporter, r.start_time, r.duration);
+        event.status = r.status;
+        event.result = Cow::Borrowed(match verdict {
+            Verdict::Ok => "ok",
+            Verdict::Error => "error",
+            Verdict::Denied => "denied",
+        });
+        event.flags = r.flags.label();
+        event.sent = r.request_bytes;
+        event.received = r.response_bytes;
+        event.method = r.method;
+        event.path = map::trim_path(r.path);
+        event.reason = r.reason;
+        self.map.observe(Observation {
+            reporter,
+            protocol: "http",
+            source: End::workload(r.source_workload.as_deref()),
+            destination: End::destination(r.destination_workload.as_deref(), r.destination_service.as_deref()),
+            // Requests reach a waypoint over HBONE, as the request metrics say too.
+            security: "mutual_tls",
+            verdict,
+            duration: r.duration,
+            event,
+        });
     }
 }
 

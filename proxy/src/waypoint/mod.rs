@@ -39,7 +39,8 @@ use crate::{
     node::{CaSource, ConfigSource},
     sys,
     telemetry::{
-        AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, logging::LogControl,
+        AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, TrafficMap,
+        logging::LogControl,
     },
     xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL},
 };
@@ -165,7 +166,9 @@ impl Engine {
             [Some(gate.clone()), clients.clone()].into_iter().flatten().collect(),
         ));
         metrics.register(crate::hbone::server::handshake_failure_counters());
-        let telemetry = Telemetry::new(access_log, metrics.traffic());
+        let role = if matches!(reporter, Reporter::Waypoint) { "waypoint" } else { "gateway" };
+        let telemetry =
+            Telemetry::new(access_log, metrics.traffic(), Arc::new(TrafficMap::new(format!("{role} {name}"))));
         let upstreams = Upstreams::new(Connector {
             hbone: HbonePool::unmarked(certs.clone()),
             identity: identity.clone(),
@@ -185,7 +188,7 @@ impl Engine {
             model: model.clone(),
             upstreams,
             authn,
-            telemetry: RequestTelemetry::new(telemetry.access_log(), requests),
+            telemetry: RequestTelemetry::new(telemetry.access_log(), requests, telemetry.map()),
             reporter,
             gateway,
             waypoint: name.clone(),
@@ -203,7 +206,8 @@ impl Engine {
             active_streams: Arc::default(),
         });
         tokio::spawn(forget_removed_destinations(ctx.clone()));
-        let ready = serve_operator_endpoints(options, &model, &certs, metrics, &l7, xds).await?;
+        let map = ctx.telemetry.map();
+        let ready = serve_operator_endpoints(options, &model, &certs, metrics, &l7, map, xds).await?;
         Ok(Engine { ctx, certs, identity, gate, clients, ready, drain_tx, fd_limit })
     }
 
@@ -361,6 +365,7 @@ async fn serve_operator_endpoints(
     certs: &Arc<CertStore>,
     metrics: MetricsRegistry,
     l7: &Arc<L7Context>,
+    map: Arc<TrafficMap>,
     xds: Option<crate::xds::client::SharedStatus>,
 ) -> anyhow::Result<Readiness> {
     let ready = Readiness::default();
@@ -370,6 +375,7 @@ async fn serve_operator_endpoints(
         capture: None,
         clusters: Some(Arc::new(move || admin_views::clusters(&engine))),
         hbone: None,
+        map: Some(Arc::new(move || map.json())),
         certs: certs.clone(),
         node_name: String::new(),
         waypoint: Some(l7.waypoint.clone()),
