@@ -310,9 +310,13 @@ struct ControlArgs {
     /// Where delta ADS and the CA API are served (TLS; client certificates optional).
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
-    /// Prometheus metrics (`strait_xds_*`), on istiod's monitoring port.
+    /// Prometheus metrics (`strait_xds_*`), on istiod's monitoring port, and the mesh-wide map
+    /// (`/map`, `/map.json`) merged from the proxies that follow this control plane.
     #[arg(long, default_value = "0.0.0.0:15014")]
     metrics_addr: SocketAddr,
+    /// The proxies' metrics port, where the mesh map reads each one's `/map.json`.
+    #[arg(long, default_value_t = 15020)]
+    map_proxy_port: u16,
     /// Directory of the mesh CA (Istio's plug-in CA layout); created if empty. Proxies verify
     /// the control plane against its root-cert.pem (--ca-root).
     #[arg(long, default_value = "/var/lib/strait/ca")]
@@ -608,6 +612,7 @@ fn run_control(args: ControlArgs) -> anyhow::Result<()> {
         empty_config_hold: args.empty_config_hold,
         listen: args.listen,
         metrics: args.metrics_addr,
+        map_proxy_port: args.map_proxy_port,
         ca_dir: args.ca_dir,
         trust_domain: args.trust_domain,
         cert_ttl: args.cert_ttl,

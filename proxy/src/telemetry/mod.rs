@@ -2,6 +2,7 @@
 //! run-time log filter, fed by one `ConnectionRecord` per connection.
 
 mod access_log;
+pub mod http;
 mod labels;
 pub mod logging;
 pub mod map;
