@@ -6,6 +6,7 @@ pub mod http;
 mod labels;
 pub mod logging;
 pub mod map;
+pub mod trace;
 mod metrics;
 mod requests;
 
