@@ -87,6 +87,8 @@ struct NodeArgs {
     #[command(flatten)]
     operator: OperatorArgs,
     #[command(flatten)]
+    tracing: TracingArgs,
+    #[command(flatten)]
     identity: IdentityArgs,
     /// Also serve the built-in CA over Istio's CA API on this address (e.g. 0.0.0.0:15012).
     #[arg(long, conflicts_with_all = ["ca_address", "xds_address"])]
@@ -174,6 +176,8 @@ struct WaypointArgs {
     #[command(flatten)]
     operator: OperatorArgs,
     #[command(flatten)]
+    tracing: TracingArgs,
+    #[command(flatten)]
     identity: IdentityArgs,
     /// `server` header set on responses that carry none; an empty value sets none.
     #[arg(long, default_value = "istio-envoy")]
@@ -256,6 +260,8 @@ struct GatewayArgs {
     hbone: bool,
     #[command(flatten)]
     operator: OperatorArgs,
+    #[command(flatten)]
+    tracing: TracingArgs,
     #[command(flatten)]
     identity: IdentityArgs,
     /// `server` header set on responses that carry none; an empty value sets none.
@@ -427,6 +433,28 @@ impl OperatorArgs {
     }
 }
 
+/// Spans over OTLP (OBS-7).
+#[derive(Args)]
+struct TracingArgs {
+    /// Send spans to this OTLP/HTTP collector (JSON encoding, `/v1/traces` added to a bare
+    /// address), e.g. http://otel-collector.observability:4318. A node proxy makes a span per
+    /// tunnelled connection, a waypoint or gateway one per request, joined to the incoming
+    /// `traceparent`. Without it nothing is traced.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// Percent of new traces sampled (Istio's default 1); a request that arrives with a
+    /// `traceparent` follows its sampled flag instead.
+    #[arg(long, default_value_t = 1.0, requires = "otlp_endpoint")]
+    trace_sampling: f64,
+}
+
+impl TracingArgs {
+    fn options(&self) -> Option<strait::telemetry::TracingOptions> {
+        let endpoint = self.otlp_endpoint.clone()?;
+        Some(strait::telemetry::TracingOptions { endpoint, sampling: self.trace_sampling })
+    }
+}
+
 /// Where a proxy's certificates come from.
 #[derive(Args)]
 struct IdentityArgs {
@@ -531,6 +559,7 @@ fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
         handover_socket: args.handover_socket,
         hbone_source: args.hbone_source,
         fast_path: args.fast_path,
+        tracing: args.tracing.options(),
     }))
 }
 
@@ -561,6 +590,7 @@ fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
         },
         max_open_files: args.limits.max_open_files,
         http_limits: args.http_limits.limits(),
+        tracing: args.tracing.options(),
     }))
 }
 
@@ -592,6 +622,7 @@ fn run_gateway(args: GatewayArgs, logging: LogControl) -> anyhow::Result<()> {
         },
         max_open_files: args.limits.max_open_files,
         http_limits: args.http_limits.limits(),
+        tracing: args.tracing.options(),
     };
     rt.block_on(strait::gateway::run(strait::gateway::GatewayOptions {
         base,

@@ -32,7 +32,7 @@ use crate::{
         gateways::HttpCandidate,
         routes::{AbortStatus, Destination, HttpRoute, Percentage, RouteAction},
     },
-    telemetry::RequestRecord,
+    telemetry::{RequestRecord, TraceContext, Traced},
 };
 
 /// What the proxy answers itself, and why.
@@ -216,6 +216,16 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: RequestBod
         return Err(Local::new(StatusCode::UPGRADE_REQUIRED, "HTTP/1.0 is not supported; use HTTP/1.1 or HTTP/2\n"));
     }
     x.record.request_id = headers::ensure_request_id(&mut parts.headers);
+    if let Some(tracer) = x.ctx.telemetry.tracer() {
+        // OBS-7: the request's own trace if it has one (then the tunnel's is a link), else the
+        // trace of the tunnel it came through.
+        let incoming = parts.headers.get(headers::TRACEPARENT).and_then(|v| TraceContext::parse(v.as_bytes()));
+        let parent = incoming.or(x.down.tunnel_trace);
+        let context = tracer.child(parent.as_ref());
+        headers::set_trace_context(&mut parts.headers, &context);
+        let link = incoming.and(x.down.tunnel_trace);
+        x.record.trace = Some(Box::new(Traced { context, parent, link }));
+    }
     headers::ensure_trace_context(&mut parts.headers);
     let jwt = authenticate(x, parts)?;
     authorize(x, parts, jwt.as_deref())?;
@@ -560,6 +570,7 @@ mod tests {
             source_workload: None,
             target: Target::Gateway { port: 443, view: view.clone(), server },
             protocol: crate::model::AppProtocol::Http,
+            tunnel_trace: None,
         };
         assert_eq!(down(Some(ServerId { gateway: "web/gw".into(), index: 0 })).scheme(), "https");
         assert_eq!(down(None).scheme(), "http");

@@ -45,7 +45,8 @@ use crate::{
     model::{self, Model, ModelHandle},
     sys,
     telemetry::{
-        AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, ScrapedGauge, Telemetry, TrafficMap,
+        AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, ScrapedGauge, Telemetry, TracingOptions,
+        TrafficMap,
         logging::LogControl,
     },
     xds::{
@@ -93,6 +94,8 @@ pub struct NodeOptions {
     pub hbone_source: HboneSource,
     /// Whether admitted plain TCP connections are moved in the kernel (splice).
     pub fast_path: FastPath,
+    /// Spans of tunnelled connections over OTLP (OBS-7); none when `None`.
+    pub tracing: Option<TracingOptions>,
 }
 
 /// The source address outbound HBONE connections leave from (L4-6).
@@ -638,7 +641,11 @@ async fn serve_operator_endpoints(
         move || i64::try_from(reader.connection_count()).unwrap_or(i64::MAX),
     ));
     let map = Arc::new(TrafficMap::new(format!("node {}", options.node_name)));
-    let telemetry = Telemetry::new(access_log, metrics.traffic(), map.clone());
+    let tracer = match &options.tracing {
+        Some(tracing) => Some(tracing.start("strait-node".into(), options.node_name.clone(), &mut metrics).map_err(|e| anyhow!(e))?),
+        None => None,
+    };
+    let telemetry = Telemetry::new(access_log, metrics.traffic(), map.clone()).with_tracer(tracer);
     let ready = Readiness::default();
     let state = AdminState {
         model: model.clone(),

@@ -72,6 +72,9 @@ pub struct ConnectionRecord {
     pub outcome: Outcome,
     /// Metric handles resolved when the connection was counted as opened.
     pub(super) counters: Option<ConnectionCounters>,
+    /// The connection's span, when the proxy traces (OBS-7); boxed, so that a connection of a
+    /// proxy that does not trace holds one pointer for it.
+    pub trace: Option<Box<super::trace::Traced>>,
 }
 
 impl ConnectionRecord {
@@ -94,6 +97,7 @@ impl ConnectionRecord {
             duration: Duration::ZERO,
             outcome: Outcome::Completed,
             counters: None,
+            trace: None,
         }
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 pub use access_log::{AccessLog, AccessLogFormat, ConnectionRecord, Outcome};
 pub use labels::{DEFAULT_CLUSTER, Reporter, TrafficLabels, canonical_revision, canonical_service, workload_name};
 pub use map::TrafficMap;
+pub use trace::{TraceContext, Traced, Tracer, TracingOptions};
 pub use metrics::{Exposition, MetricsRegistry, ScrapedCounters, ScrapedGauge, TrafficMetrics};
 pub use requests::{RequestMetrics, RequestRecord, RequestTelemetry};
 
@@ -25,11 +26,32 @@ pub struct Telemetry {
     access_log: Arc<AccessLog>,
     metrics: Arc<TrafficMetrics>,
     map: Arc<TrafficMap>,
+    /// Set when spans are exported (`--otlp-endpoint`).
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl Telemetry {
     pub fn new(access_log: AccessLog, metrics: Arc<TrafficMetrics>, map: Arc<TrafficMap>) -> Self {
-        Self { access_log: Arc::new(access_log), metrics, map }
+        Self { access_log: Arc::new(access_log), metrics, map, tracer: None }
+    }
+
+    /// Exports a span per traced connection to `tracer`.
+    pub fn with_tracer(mut self, tracer: Option<Arc<Tracer>>) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
+    /// The tracer, when the proxy exports spans.
+    pub fn tracer(&self) -> Option<&Arc<Tracer>> {
+        self.tracer.as_ref()
+    }
+
+    /// The span of a connection, child of what `parent` reads (the incoming `traceparent`), or
+    /// `None` when the proxy does not trace: then `parent` is not even called.
+    pub fn trace(&self, parent: impl FnOnce() -> Option<TraceContext>) -> Option<Box<Traced>> {
+        let tracer = self.tracer.as_ref()?;
+        let parent = parent();
+        Some(Box::new(Traced { context: tracer.child(parent.as_ref()), parent, link: None }))
     }
 
     /// The access log, shared with request telemetry.
@@ -71,7 +93,44 @@ impl Telemetry {
             record.bytes_received,
         );
         self.map.observe(map_observation(record));
+        if let (Some(tracer), Some(traced)) = (&self.tracer, &record.trace) {
+            tracer.export(connection_span(record, traced));
+        }
     }
+}
+
+/// A connection's span (OBS-7): the client side of the tunnel at the source's proxy, the server
+/// side at the destination's.
+fn connection_span(record: &ConnectionRecord, traced: &Traced) -> trace::Span {
+    let kind = if record.direction == "inbound" { trace::SpanKind::Server } else { trace::SpanKind::Client };
+    let name = format!("{} tcp", record.direction);
+    let mut span = trace::Span::new(traced.context, traced.parent, name, kind, record.started, record.duration);
+    span.link = traced.link;
+    let workload = |w: &Option<Arc<crate::model::Workload>>| w.as_ref().map(|w| w.display_name());
+    if let Some(w) = workload(&record.source_workload) {
+        span.attr("source.workload", w);
+    }
+    if let Some(id) = &record.source_identity {
+        span.attr("source.principal", id.as_str());
+    }
+    if let Some(w) = workload(&record.destination_workload) {
+        span.attr("destination.workload", w);
+    }
+    if let Some(s) = &record.destination_service {
+        span.attr("destination.service", s.hostname.as_str());
+    }
+    span.attr("destination.address", record.destination_addr.to_string());
+    span.attr("connection.security_policy", record.security);
+    let (result, reason) = record.outcome.fields();
+    span.attr("strait.result", result);
+    span.attr("response_flags", record.outcome.response_flags());
+    if let Some(reason) = reason {
+        span.attr("strait.reason", reason);
+    }
+    span.int("strait.bytes_sent", record.bytes_sent);
+    span.int("strait.bytes_received", record.bytes_received);
+    span.error = record.outcome != Outcome::Completed;
+    span
 }
 
 /// What the mesh map keeps of a connection (OBS-6): a refusal by the mesh counts as denied.

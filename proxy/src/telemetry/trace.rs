@@ -40,6 +40,31 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most one warning per this long while exports fail.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
+/// Where spans go and how many new traces are sampled (`--otlp-endpoint`, `--trace-sampling`).
+#[derive(Debug, Clone)]
+pub struct TracingOptions {
+    /// `http://host:port` of an OTLP/HTTP collector.
+    pub endpoint: String,
+    /// Percent of new traces sampled (Istio's `sampling`).
+    pub sampling: f64,
+}
+
+impl TracingOptions {
+    /// Starts the tracer of a proxy named `service` (OTLP's `service.name`), `instance` being
+    /// this one of them; registers its counters.
+    pub fn start(
+        &self,
+        service: String,
+        instance: String,
+        metrics: &mut super::MetricsRegistry,
+    ) -> Result<Arc<Tracer>, String> {
+        let tracer = Tracer::start(&self.endpoint, self.sampling, service, instance)
+            .map_err(|e| format!("--otlp-endpoint {}: {e}", self.endpoint))?;
+        metrics.register(tracer.counters());
+        Ok(tracer)
+    }
+}
+
 /// A W3C trace context: the trace, the span that is the parent of the next hop, and whether
 /// the trace is sampled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +107,15 @@ impl TraceContext {
     pub fn span_hex(&self) -> String {
         format!("{:016x}", self.span_id)
     }
+}
+
+/// The span of something in progress: its own context and its parent's.
+#[derive(Debug, Clone, Copy)]
+pub struct Traced {
+    pub context: TraceContext,
+    pub parent: Option<TraceContext>,
+    /// The tunnel a request came through, when the request's own trace is another one.
+    pub link: Option<TraceContext>,
 }
 
 /// What a span is, in OTLP's terms.

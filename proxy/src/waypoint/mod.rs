@@ -39,8 +39,8 @@ use crate::{
     node::{CaSource, ConfigSource},
     sys,
     telemetry::{
-        AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, TrafficMap,
-        logging::LogControl,
+        AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, TracingOptions,
+        TrafficMap, logging::LogControl,
     },
     xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL},
 };
@@ -71,6 +71,8 @@ pub struct WaypointOptions {
     pub max_open_files: Option<u64>,
     /// Client-side timeouts and the buffered-body budget of the HTTP listener (OPS-4).
     pub http_limits: HttpLimits,
+    /// Spans of requests over OTLP (OBS-7); none when `None`.
+    pub tracing: Option<TracingOptions>,
 }
 
 /// What each HBONE stream handler needs.
@@ -169,6 +171,15 @@ impl Engine {
         let role = if matches!(reporter, Reporter::Waypoint) { "waypoint" } else { "gateway" };
         let telemetry =
             Telemetry::new(access_log, metrics.traffic(), Arc::new(TrafficMap::new(format!("{role} {name}"))));
+        // Istio names a waypoint's spans' service `<name>.<namespace>`.
+        let tracer = match &options.tracing {
+            Some(tracing) => Some(
+                tracing
+                    .start(format!("{}.{}", name.name, name.namespace), name.to_string(), &mut metrics)
+                    .map_err(|e| anyhow!(e))?,
+            ),
+            None => None,
+        };
         let upstreams = Upstreams::new(Connector {
             hbone: HbonePool::unmarked(certs.clone()),
             identity: identity.clone(),
@@ -188,7 +199,7 @@ impl Engine {
             model: model.clone(),
             upstreams,
             authn,
-            telemetry: RequestTelemetry::new(telemetry.access_log(), requests, telemetry.map()),
+            telemetry: RequestTelemetry::new(telemetry.access_log(), requests, telemetry.map()).with_tracer(tracer),
             reporter,
             gateway,
             waypoint: name.clone(),
