@@ -50,6 +50,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // venv for kubernetes-validate.
     "etcd-server",
     "python3-venv",
+    // The mesh map's test (OBS-6): the page loaded in headless Chromium.
+    "chromium",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
