@@ -88,7 +88,7 @@ impl MapCollector {
 /// One proxy's map; one naming it unreachable, with the reason, when it cannot be read.
 async fn fetch(id: &str, ip: IpAddr, port: u16) -> MeshMap {
     let addr = SocketAddr::new(ip, port);
-    let result = match format!("http://{addr}/map.json").parse() {
+    let result = match format!("http://{addr}/map.json").parse::<http::Uri>() {
         Ok(uri) => exchange(Method::GET, &uri, None, Bytes::new(), FETCH_TIMEOUT).await,
         Err(e) => Err(format!("{addr}: {e}")),
     };

@@ -265,20 +265,25 @@ fn build_edge(
     reports.sort_by(|a, b| preference(&a.reporter).cmp(&preference(&b.reporter)).then(a.proxy.cmp(&b.proxy)));
     // Several proxies of one kind (two waypoint replicas) each saw part of the traffic: add
     // their counts up; success and p99 stay the busiest one's.
-    let best = reports.first();
-    let same: Vec<&Report> = reports.iter().filter(|r| best.is_some_and(|b| b.reporter == r.reporter)).collect();
-    let busiest = same.iter().max_by_key(|r| r.count).copied();
+    let reporter = reports.first().map(|b| b.reporter.clone()).unwrap_or_default();
+    let same: Vec<&Report> = reports.iter().filter(|r| r.reporter == reporter).collect();
+    let rate = same.iter().map(|r| r.rate).sum();
+    let busiest = same.iter().max_by_key(|r| r.count);
+    let (success, p99_ms) = (busiest.and_then(|r| r.success), busiest.and_then(|r| r.p99_ms));
+    let security = busiest.map(|r| r.security.clone()).unwrap_or_default();
+    let denied = reports.iter().map(|r| r.denied).max().unwrap_or(0);
+    let denied_total = reports.iter().map(|r| r.denied_total).max().unwrap_or(0);
     recent.sort_by(|a, b| b.time_ms.cmp(&a.time_ms));
     recent.truncate(RECENT);
     MapEdge {
         id: format!("{source}->{destination}"),
-        reporter: best.map(|b| b.reporter.clone()).unwrap_or_default(),
-        rate: same.iter().map(|r| r.rate).sum(),
-        success: busiest.and_then(|r| r.success),
-        p99_ms: busiest.and_then(|r| r.p99_ms),
-        security: busiest.map(|r| r.security.clone()).unwrap_or_default(),
-        denied: reports.iter().map(|r| r.denied).max().unwrap_or(0),
-        denied_total: reports.iter().map(|r| r.denied_total).max().unwrap_or(0),
+        reporter,
+        rate,
+        success,
+        p99_ms,
+        security,
+        denied,
+        denied_total,
         source,
         destination,
         protocol,
@@ -316,6 +321,17 @@ struct Edge {
 }
 
 impl Edge {
+    /// One more connection or request, in slot `i`.
+    fn count(&mut self, i: usize, security: &str) {
+        self.total += 1;
+        if security == "mutual_tls" {
+            self.mutual_tls += 1;
+        } else {
+            self.plaintext += 1;
+        }
+        self.slots[i].count = self.slots[i].count.saturating_add(1);
+    }
+
     fn matches(&self, reporter: &str, protocol: &str, source: &End<'_>, destination: &End<'_>) -> bool {
         let same = |node: &MapNode, end: &End<'_>| {
             node.kind == end.kind && node.namespace == end.namespace && node.name == end.name
@@ -397,6 +413,8 @@ pub struct Observation<'a> {
     pub security: &'static str,
     pub verdict: Verdict,
     pub duration: Duration,
+    /// Already counted by `opened`.
+    pub counted: bool,
     pub event: MapEvent,
 }
 
@@ -405,9 +423,50 @@ impl TrafficMap {
         Self { proxy: proxy.into(), started: Instant::now(), edges: Mutex::new(HashMap::new()) }
     }
 
+    /// Counts a connection as it opens, so that a long-lived one shows while it lasts;
+    /// `observe` with `counted` set then adds only how it ended.
+    pub fn opened(&self, reporter: &'static str, source: End<'_>, destination: End<'_>, security: &'static str) {
+        self.update(reporter, "tcp", &source, &destination, |edge, slot| edge.count(slot, security));
+    }
+
     /// Counts one finished connection or request.
     pub fn observe(&self, o: Observation<'_>) {
-        let key = edge_key(o.reporter, o.protocol, &o.source, &o.destination);
+        let Observation { reporter, protocol, source, destination, security, verdict, duration, counted, event } = o;
+        self.update(reporter, protocol, &source, &destination, |edge, i| {
+            if !counted {
+                edge.count(i, security);
+            }
+            let slot = &mut edge.slots[i];
+            match verdict {
+                Verdict::Ok => {}
+                Verdict::Error => slot.errors = slot.errors.saturating_add(1),
+                Verdict::Denied => {
+                    slot.denied = slot.denied.saturating_add(1);
+                    edge.denied_total += 1;
+                }
+            }
+            let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+            slot.max_ms = slot.max_ms.max(ms);
+            let bucket = BUCKETS_MS.iter().position(|bound| ms < *bound).unwrap_or(BUCKETS_MS.len());
+            slot.latency[bucket] = slot.latency[bucket].saturating_add(1);
+            if edge.recent.len() == RECENT {
+                edge.recent.pop_back();
+            }
+            edge.recent.push_front(event);
+        });
+    }
+
+    /// Runs `f` on the edge (made if new) and the index of the window's current slot (cleared
+    /// if it held an older slot's counts), under the table's lock.
+    fn update(
+        &self,
+        reporter: &'static str,
+        protocol: &'static str,
+        source: &End<'_>,
+        destination: &End<'_>,
+        f: impl FnOnce(&mut Edge, usize),
+    ) {
+        let key = edge_key(reporter, protocol, source, destination);
         let now = Instant::now();
         let epoch = now.duration_since(self.started).as_secs() / SLOT_SECONDS;
         let mut edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
@@ -418,10 +477,10 @@ impl TrafficMap {
             }
         }
         let edge = edges.entry(key).or_insert_with(|| Edge {
-            reporter: o.reporter,
-            protocol: o.protocol,
-            source: o.source.owned(),
-            destination: o.destination.owned(),
+            reporter,
+            protocol,
+            source: source.owned(),
+            destination: destination.owned(),
             total: 0,
             denied_total: 0,
             mutual_tls: 0,
@@ -432,37 +491,15 @@ impl TrafficMap {
         });
         // Two ends whose names hash alike (odds of 2^-64 per pair): the later one is not counted
         // rather than counted on the wrong edge.
-        if !edge.matches(o.reporter, o.protocol, &o.source, &o.destination) {
+        if !edge.matches(reporter, protocol, source, destination) {
             return;
         }
         edge.last_seen = now;
-        edge.total += 1;
-        if o.security == "mutual_tls" {
-            edge.mutual_tls += 1;
-        } else {
-            edge.plaintext += 1;
+        let i = (epoch % SLOTS as u64) as usize;
+        if edge.slots[i].epoch != epoch {
+            edge.slots[i] = Slot { epoch, ..Slot::default() };
         }
-        let slot = &mut edge.slots[(epoch % SLOTS as u64) as usize];
-        if slot.epoch != epoch {
-            *slot = Slot { epoch, ..Slot::default() };
-        }
-        slot.count = slot.count.saturating_add(1);
-        match o.verdict {
-            Verdict::Ok => {}
-            Verdict::Error => slot.errors = slot.errors.saturating_add(1),
-            Verdict::Denied => {
-                slot.denied = slot.denied.saturating_add(1);
-                edge.denied_total += 1;
-            }
-        }
-        let ms = u64::try_from(o.duration.as_millis()).unwrap_or(u64::MAX);
-        slot.max_ms = slot.max_ms.max(ms);
-        let bucket = BUCKETS_MS.iter().position(|bound| ms < *bound).unwrap_or(BUCKETS_MS.len());
-        slot.latency[bucket] = slot.latency[bucket].saturating_add(1);
-        if edge.recent.len() == RECENT {
-            edge.recent.pop_back();
-        }
-        edge.recent.push_front(o.event);
+        f(edge, i);
     }
 
     /// The table as a map, reporters of one edge merged.
@@ -564,6 +601,7 @@ mod tests {
             security: "mutual_tls",
             verdict,
             duration: Duration::from_millis(ms),
+            counted: false,
             event: event(reporter),
         });
     }
@@ -590,6 +628,32 @@ mod tests {
         assert_eq!(edge.security, "mutual_tls");
         assert_eq!(edge.recent.len(), RECENT);
         assert_eq!(snapshot.nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["mesh/client", "mesh/server"]);
+    }
+
+    // A connection shows while it is open, and counts once when it closes.
+    #[test]
+    fn open_connections_count_once() {
+        let (client, server) = (workload("mesh", "client"), workload("mesh", "server"));
+        let map = TrafficMap::new("node node1");
+        map.opened("source", End::workload(Some(&client)), End::workload(Some(&server)), "mutual_tls");
+        let open = map.snapshot();
+        assert_eq!((open.edges.len(), open.edges[0].reports[0].total), (1, 1), "{open:?}");
+        assert!(open.edges[0].recent.is_empty());
+        map.observe(Observation {
+            reporter: "source",
+            protocol: "tcp",
+            source: End::workload(Some(&client)),
+            destination: End::workload(Some(&server)),
+            security: "mutual_tls",
+            verdict: Verdict::Ok,
+            duration: Duration::from_millis(40),
+            counted: true,
+            event: event("source"),
+        });
+        let closed = map.snapshot();
+        let report = &closed.edges[0].reports[0];
+        assert_eq!((report.total, report.count, report.p99_ms), (1, 1, Some(40.0)), "{report:?}");
+        assert_eq!(closed.edges[0].recent.len(), 1);
     }
 
     #[test]

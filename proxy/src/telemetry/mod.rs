@@ -69,6 +69,12 @@ impl Telemetry {
     /// resolved here, once, and kept in the record for `closed`.
     pub fn opened(&self, record: &mut ConnectionRecord) {
         record.counters = Some(self.metrics.open(&TrafficLabels::of(record)));
+        self.map.opened(
+            TrafficLabels::reporter_of(record).as_str(),
+            map::End::workload(record.source_workload.as_deref()),
+            map::End::destination(record.destination_workload.as_deref(), record.destination_service.as_deref()),
+            record.security,
+        );
     }
 
     /// Writes the access line and counts the connection as closed, with its bytes. Call once,
@@ -158,6 +164,8 @@ fn map_observation(record: &ConnectionRecord) -> map::Observation<'_> {
             Outcome::Broken(_) | Outcome::UpstreamConnectFailed(_) => map::Verdict::Error,
         },
         duration: record.duration,
+        // Counted when it opened (`opened` resolved its metric handles then).
+        counted: record.counters.is_some(),
         event,
     }
 }

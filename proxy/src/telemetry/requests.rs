@@ -229,6 +229,7 @@ impl RequestTelemetry {
             security: "mutual_tls",
             verdict,
             duration: r.duration,
+            counted: false,
             event,
         });
     }
