@@ -151,7 +151,9 @@ fn control_plane_map_shows_workloads_edges_and_denials_in_chromium() -> io::Resu
     let out = output_dir()?;
     let profile = topo.dir().join("chromium-profile");
     let profile_arg = format!("--user-data-dir={}", profile.display());
-    let page = "http://127.0.0.1:15014/map";
+    // Linked to the denied edge, so its recent requests are listed beside the map as a click
+    // would list them.
+    let page = "http://127.0.0.1:15014/map#edge=shop%2Fintruder-%3Eshop%2Freviews.shop.svc.cluster.local";
     let chromium = |extra: &[&str]| -> io::Result<std::process::Output> {
         let mut args = vec![
             "--headless",
@@ -190,6 +192,8 @@ fn control_plane_map_shows_workloads_edges_and_denials_in_chromium() -> io::Resu
     assert!(dom.contains("DENIED 5"), "the denial is written on the edge:\n{dom}");
     assert!(dom.contains("100%") && dom.contains("mTLS"), "success and mTLS on the labels:\n{dom}");
     assert!(dom.contains("from 3 proxies"), "the status line counts the proxies:\n{dom}");
+    let panel = dom.split("id=\"recent\"").nth(1).unwrap_or_else(|| panic!("the recent lines:\n{dom}"));
+    assert!(panel.contains("403 GET /reviews/1") && panel.contains("deny-intruder"), "{panel}");
 
     let screenshot = out.join("mesh-map.png");
     let _ = std::fs::remove_file(&screenshot);
