@@ -403,10 +403,11 @@ impl HttpLimitArgs {
 #[derive(Args)]
 struct OperatorArgs {
     /// Admin API (/config_dump, /workloads, /services, /policies, /certs, /routes, /clusters,
-    /// /stats, /logging, /server_info, /healthz/ready); `strait ctl proxy-config` reads it.
+    /// /stats, /logging, /server_info, /map, /healthz/ready); `strait ctl proxy-config` reads it.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
-    /// Prometheus metrics (/metrics), with Istio's names and labels.
+    /// Prometheus metrics (/metrics), with Istio's names and labels, and the mesh map's
+    /// /map.json for the control plane.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
     /// Readiness probe (/healthz/ready answers 200 once the proxy is ready).
