@@ -23,10 +23,8 @@ const DENIED_EDGE: &str = "shop/intruder->shop/reviews.shop.svc.cluster.local";
 const WAYPOINT_EDGE: &str = "shop/waypoint->shop/reviews-v1";
 
 fn config(pods: &[(&strait_testbed::Pod, &str, &[(&str, &str)])]) -> String {
-    let mut yaml = k8s::namespace_yaml(
-        APP_NS,
-        &[("istio.io/dataplane-mode", "ambient"), ("istio.io/use-waypoint", "waypoint")],
-    );
+    let mut yaml =
+        k8s::namespace_yaml(APP_NS, &[("istio.io/dataplane-mode", "ambient"), ("istio.io/use-waypoint", "waypoint")]);
     for (pod, sa, labels) in pods {
         yaml.push_str(&k8s::pod_yaml(pod, APP_NS, sa, labels));
     }
@@ -91,9 +89,9 @@ fn control_plane_map_shows_workloads_edges_and_denials_in_chromium() -> io::Resu
     let waypoint_pod = topo.add_pod(&n1, "waypoint")?;
     let reviews = topo.add_pod(&n2, "reviews-v1")?;
     let yaml = config(&[
-            (&client, "client", &[("app", "client")]),
-            (&intruder, "intruder", &[("app", "intruder")]),
-            (&waypoint_pod, "waypoint", &[(WAYPOINT_POD_LABEL, "waypoint")]),
+        (&client, "client", &[("app", "client")]),
+        (&intruder, "intruder", &[("app", "intruder")]),
+        (&waypoint_pod, "waypoint", &[(WAYPOINT_POD_LABEL, "waypoint")]),
         (&reviews, "reviews", &[("app", "reviews"), ("version", "v1")]),
     ]);
     topo.write_config("c.yaml", &yaml)?;

@@ -123,7 +123,10 @@ fn string_attributes(attributes: &Value) -> BTreeMap<String, String> {
         .flatten()
         .filter_map(|a| {
             let value = &a["value"];
-            let text = value["stringValue"].as_str().map(str::to_owned).or_else(|| value["intValue"].as_str().map(str::to_owned))?;
+            let text = value["stringValue"]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| value["intValue"].as_str().map(str::to_owned))?;
             Some((a["key"].as_str()?.to_owned(), text))
         })
         .collect()
@@ -209,9 +212,8 @@ fn spans_of_one_request_chain_through_node_waypoint_node() -> std::io::Result<()
     // The waypoint's upstream connections close when it stops: node 2's spans come then.
     std::thread::sleep(Duration::from_secs(1));
     wp.terminate(libc::SIGTERM)?;
-    let spans = receiver.wait("node 2 spans of both upstream connections", |s| {
-        s.iter().filter(|s| s.instance == "node2").count() >= 2
-    });
+    let spans = receiver
+        .wait("node 2 spans of both upstream connections", |s| s.iter().filter(|s| s.instance == "node2").count() >= 2);
 
     let node1: Vec<&Received> = spans.iter().filter(|s| s.instance == "node1").collect();
     let node2: Vec<&Received> = spans.iter().filter(|s| s.instance == "node2").collect();
@@ -247,5 +249,11 @@ fn spans_of_one_request_chain_through_node_waypoint_node() -> std::io::Result<()
 
     // C: not sampled by the client, so not by the waypoint.
     assert!(waypoint_span(&spans, "/c").is_none(), "{spans:#?}");
+    for (case, span, parent, child) in [("A", a, a_parent.span.as_str(), a_child), ("B", b, CLIENT_SPAN, b_child)] {
+        println!(
+            "{case}: trace {} node1/client {parent} -> waypoint {} -> node2 {}",
+            span.trace, span.span, child.span
+        );
+    }
     Ok(())
 }

@@ -320,8 +320,14 @@ async fn splice<I>(
             record.security = "mutual_tls";
             record.destination_identity = Some(endpoint.workload.identity(&gw.wp.trust_domain).to_string());
         }
-        let io =
-            gw.wp.l7.upstreams.connector.open(&endpoint, client_addr.ip(), None, None).await.map_err(|e| e.to_string())?;
+        let io = gw
+            .wp
+            .l7
+            .upstreams
+            .connector
+            .open(&endpoint, client_addr.ip(), None, None)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok((io, key))
     }
     .await;

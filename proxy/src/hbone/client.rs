@@ -340,8 +340,9 @@ impl HbonePool {
         let addr = connection.addr;
         let h2 = |e| HboneError::Http2(addr, e);
         let mut sender = connection.sender.clone().ready().await.map_err(h2)?;
-        let connect = connect_head(request.authority, request.client_addr, &request.baggage, request.traceparent.as_deref())
-            .map_err(|e| HboneError::BadRequest(e.to_string()))?;
+        let connect =
+            connect_head(request.authority, request.client_addr, &request.baggage, request.traceparent.as_deref())
+                .map_err(|e| HboneError::BadRequest(e.to_string()))?;
         let (response, send) = sender.send_request(connect, false).map_err(h2)?;
         let response = response.await.map_err(h2)?;
         if response.status() != StatusCode::OK {

@@ -46,8 +46,7 @@ use crate::{
     sys,
     telemetry::{
         AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, ScrapedGauge, Telemetry, TracingOptions,
-        TrafficMap,
-        logging::LogControl,
+        TrafficMap, logging::LogControl,
     },
     xds::{
         ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL,
@@ -642,7 +641,9 @@ async fn serve_operator_endpoints(
     ));
     let map = Arc::new(TrafficMap::new(format!("node {}", options.node_name)));
     let tracer = match &options.tracing {
-        Some(tracing) => Some(tracing.start("strait-node".into(), options.node_name.clone(), &mut metrics).map_err(|e| anyhow!(e))?),
+        Some(tracing) => {
+            Some(tracing.start("strait-node".into(), options.node_name.clone(), &mut metrics).map_err(|e| anyhow!(e))?)
+        }
         None => None,
     };
     let telemetry = Telemetry::new(access_log, metrics.traffic(), map.clone()).with_tracer(tracer);

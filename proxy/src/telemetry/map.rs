@@ -222,7 +222,8 @@ impl MeshMap {
     pub fn merge(maps: Vec<MeshMap>) -> MeshMap {
         let mut nodes = BTreeMap::new();
         let mut edges: BTreeMap<(String, String, String), (Vec<Report>, Vec<MapEvent>)> = BTreeMap::new();
-        let mut merged = MeshMap { window_seconds: WINDOW_SECONDS, generated: rfc3339(SystemTime::now()), ..Default::default() };
+        let mut merged =
+            MeshMap { window_seconds: WINDOW_SECONDS, generated: rfc3339(SystemTime::now()), ..Default::default() };
         for map in maps {
             merged.proxies.extend(map.proxies);
             merged.unreachable.extend(map.unreachable);
@@ -370,7 +371,8 @@ impl Edge {
             denied,
             rate: count as f64 / covered,
             success: (count > 0).then(|| (count - errors - denied) as f64 / count as f64),
-            p99_ms: p99(&latency, count, max_ms),
+            // Connections still open are counted but have no duration yet.
+            p99_ms: p99(&latency, latency.iter().sum(), max_ms),
             security: security.to_owned(),
         }
     }
@@ -638,6 +640,7 @@ mod tests {
         map.opened("source", End::workload(Some(&client)), End::workload(Some(&server)), "mutual_tls");
         let open = map.snapshot();
         assert_eq!((open.edges.len(), open.edges[0].reports[0].total), (1, 1), "{open:?}");
+        assert_eq!(open.edges[0].p99_ms, None, "no duration while it is open");
         assert!(open.edges[0].recent.is_empty());
         map.observe(Observation {
             reporter: "source",

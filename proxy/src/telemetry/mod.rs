@@ -6,18 +6,18 @@ pub mod http;
 mod labels;
 pub mod logging;
 pub mod map;
-pub mod trace;
 mod metrics;
 mod requests;
+pub mod trace;
 
 use std::sync::Arc;
 
 pub use access_log::{AccessLog, AccessLogFormat, ConnectionRecord, Outcome};
 pub use labels::{DEFAULT_CLUSTER, Reporter, TrafficLabels, canonical_revision, canonical_service, workload_name};
 pub use map::TrafficMap;
-pub use trace::{TraceContext, Traced, Tracer, TracingOptions};
 pub use metrics::{Exposition, MetricsRegistry, ScrapedCounters, ScrapedGauge, TrafficMetrics};
 pub use requests::{RequestMetrics, RequestRecord, RequestTelemetry};
+pub use trace::{TraceContext, Traced, Tracer, TracingOptions};
 
 /// Where connection handlers report: `opened` once a connection's ends are known, `closed`
 /// when it is over. Cheap to clone.

@@ -279,7 +279,9 @@ async fn export(uri: Uri, service: String, instance: String, mut spans: mpsc::Re
                 };
                 if last_warning.is_none_or(|t| t.elapsed() > WARN_EVERY) {
                     last_warning = Some(std::time::Instant::now());
-                    warn!("cannot export spans to the OTLP collector (dropped, counted in strait_trace_spans_dropped_total): {reason}");
+                    warn!(
+                        "cannot export spans to the OTLP collector (dropped, counted in strait_trace_spans_dropped_total): {reason}"
+                    );
                 }
             }
         }

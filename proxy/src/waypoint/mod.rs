@@ -39,8 +39,8 @@ use crate::{
     node::{CaSource, ConfigSource},
     sys,
     telemetry::{
-        AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, TracingOptions,
-        TrafficMap, logging::LogControl,
+        AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, TracingOptions, TrafficMap,
+        logging::LogControl,
     },
     xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL},
 };
