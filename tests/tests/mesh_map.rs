@@ -22,12 +22,12 @@ const CLIENT_EDGE: &str = "shop/client->shop/reviews-v1";
 const DENIED_EDGE: &str = "shop/intruder->shop/reviews.shop.svc.cluster.local";
 const WAYPOINT_EDGE: &str = "shop/waypoint->shop/reviews-v1";
 
-fn config(pods: &[(&strait_testbed::Pod, &str, &[(&str, &str)])]) -> String {
+/// The namespace behind the waypoint with `pods` (their YAML), the `reviews` service, and a
+/// policy refusing the intruder.
+fn config(pods: &[String]) -> String {
     let mut yaml =
         k8s::namespace_yaml(APP_NS, &[("istio.io/dataplane-mode", "ambient"), ("istio.io/use-waypoint", "waypoint")]);
-    for (pod, sa, labels) in pods {
-        yaml.push_str(&k8s::pod_yaml(pod, APP_NS, sa, labels));
-    }
+    yaml.push_str(&pods.concat());
     yaml.push_str(&k8s::named_service_yaml(
         "reviews",
         APP_NS,
@@ -89,10 +89,10 @@ fn control_plane_map_shows_workloads_edges_and_denials_in_chromium() -> io::Resu
     let waypoint_pod = topo.add_pod(&n1, "waypoint")?;
     let reviews = topo.add_pod(&n2, "reviews-v1")?;
     let yaml = config(&[
-        (&client, "client", &[("app", "client")]),
-        (&intruder, "intruder", &[("app", "intruder")]),
-        (&waypoint_pod, "waypoint", &[(WAYPOINT_POD_LABEL, "waypoint")]),
-        (&reviews, "reviews", &[("app", "reviews"), ("version", "v1")]),
+        k8s::pod_yaml(&client, APP_NS, "client", &[("app", "client")]),
+        k8s::pod_yaml(&intruder, APP_NS, "intruder", &[("app", "intruder")]),
+        k8s::pod_yaml(&waypoint_pod, APP_NS, "waypoint", &[(WAYPOINT_POD_LABEL, "waypoint")]),
+        k8s::pod_yaml(&reviews, APP_NS, "reviews", &[("app", "reviews"), ("version", "v1")]),
     ]);
     topo.write_config("c.yaml", &yaml)?;
     let _server = reviews.echo_server(EchoKind::Http, 9080).name("reviews-v1").start()?;

@@ -221,7 +221,7 @@ impl MeshMap {
     /// taken from the preferred reporter again; recent events are interleaved, newest first.
     pub fn merge(maps: Vec<MeshMap>) -> MeshMap {
         let mut nodes = BTreeMap::new();
-        let mut edges: BTreeMap<(String, String, String), (Vec<Report>, Vec<MapEvent>)> = BTreeMap::new();
+        let mut edges: BTreeMap<EdgeId, Gathered> = BTreeMap::new();
         let mut merged =
             MeshMap { window_seconds: WINDOW_SECONDS, generated: rfc3339(SystemTime::now()), ..Default::default() };
         for map in maps {
@@ -232,17 +232,12 @@ impl MeshMap {
             }
             for edge in map.edges {
                 let entry = edges.entry((edge.source, edge.destination, edge.protocol)).or_default();
-                entry.0.extend(edge.reports);
-                entry.1.extend(edge.recent);
+                entry.reports.extend(edge.reports);
+                entry.recent.extend(edge.recent);
             }
         }
         merged.nodes = nodes.into_values().collect();
-        merged.edges = edges
-            .into_iter()
-            .map(|((source, destination, protocol), (reports, recent))| {
-                build_edge(source, destination, protocol, reports, recent)
-            })
-            .collect();
+        merged.edges = edges.into_iter().map(|(id, gathered)| build_edge(id, gathered)).collect();
         merged
     }
 }
@@ -256,13 +251,18 @@ fn preference(reporter: &str) -> u8 {
     }
 }
 
-fn build_edge(
-    source: String,
-    destination: String,
-    protocol: String,
-    mut reports: Vec<Report>,
-    mut recent: Vec<MapEvent>,
-) -> MapEdge {
+/// Source, destination and protocol: what makes an edge of the map.
+type EdgeId = (String, String, String);
+
+/// An edge's reports and recent events from every reporter, before they are merged.
+#[derive(Default)]
+struct Gathered {
+    reports: Vec<Report>,
+    recent: Vec<MapEvent>,
+}
+
+fn build_edge((source, destination, protocol): EdgeId, gathered: Gathered) -> MapEdge {
+    let Gathered { mut reports, mut recent } = gathered;
     reports.sort_by(|a, b| preference(&a.reporter).cmp(&preference(&b.reporter)).then(a.proxy.cmp(&b.proxy)));
     // Several proxies of one kind (two waypoint replicas) each saw part of the traffic: add
     // their counts up; success and p99 stay the busiest one's.
@@ -274,7 +274,7 @@ fn build_edge(
     let security = busiest.map(|r| r.security.clone()).unwrap_or_default();
     let denied = reports.iter().map(|r| r.denied).max().unwrap_or(0);
     let denied_total = reports.iter().map(|r| r.denied_total).max().unwrap_or(0);
-    recent.sort_by(|a, b| b.time_ms.cmp(&a.time_ms));
+    recent.sort_by_key(|e| std::cmp::Reverse(e.time_ms));
     recent.truncate(RECENT);
     MapEdge {
         id: format!("{source}->{destination}"),
@@ -512,7 +512,7 @@ impl TrafficMap {
         let covered = elapsed.as_secs_f64().clamp(1.0, WINDOW_SECONDS as f64);
         let edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
         let mut nodes = BTreeMap::new();
-        let mut grouped: BTreeMap<(String, String, String), (Vec<Report>, Vec<MapEvent>)> = BTreeMap::new();
+        let mut grouped: BTreeMap<EdgeId, Gathered> = BTreeMap::new();
         for edge in edges.values() {
             for node in [&edge.source, &edge.destination] {
                 nodes.entry(node.id.clone()).or_insert_with(|| node.clone());
@@ -520,8 +520,8 @@ impl TrafficMap {
             let entry = grouped
                 .entry((edge.source.id.clone(), edge.destination.id.clone(), edge.protocol.to_owned()))
                 .or_default();
-            entry.0.push(edge.report(&self.proxy, epoch, covered));
-            entry.1.extend(edge.recent.iter().cloned());
+            entry.reports.push(edge.report(&self.proxy, epoch, covered));
+            entry.recent.extend(edge.recent.iter().cloned());
         }
         drop(edges);
         MeshMap {
@@ -530,12 +530,7 @@ impl TrafficMap {
             proxies: vec![self.proxy.clone()],
             unreachable: Vec::new(),
             nodes: nodes.into_values().collect(),
-            edges: grouped
-                .into_iter()
-                .map(|((source, destination, protocol), (reports, recent))| {
-                    build_edge(source, destination, protocol, reports, recent)
-                })
-                .collect(),
+            edges: grouped.into_iter().map(|(id, gathered)| build_edge(id, gathered)).collect(),
         }
     }
 
