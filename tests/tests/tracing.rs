@@ -250,10 +250,7 @@ fn spans_of_one_request_chain_through_node_waypoint_node() -> std::io::Result<()
     // C: not sampled by the client, so not by the waypoint.
     assert!(waypoint_span(&spans, "/c").is_none(), "{spans:#?}");
     for (case, span, parent, child) in [("A", a, a_parent.span.as_str(), a_child), ("B", b, CLIENT_SPAN, b_child)] {
-        println!(
-            "{case}: trace {} node1/client {parent} -> waypoint {} -> node2 {}",
-            span.trace, span.span, child.span
-        );
+        println!("{case}: trace {}, parent {parent} -> waypoint {} -> node 2 {}", span.trace, span.span, child.span);
     }
     Ok(())
 }
