@@ -87,6 +87,8 @@ struct NodeArgs {
     #[command(flatten)]
     operator: OperatorArgs,
     #[command(flatten)]
+    tracing: TracingArgs,
+    #[command(flatten)]
     identity: IdentityArgs,
     /// Also serve the built-in CA over Istio's CA API on this address (e.g. 0.0.0.0:15012).
     #[arg(long, conflicts_with_all = ["ca_address", "xds_address"])]
@@ -174,6 +176,8 @@ struct WaypointArgs {
     #[command(flatten)]
     operator: OperatorArgs,
     #[command(flatten)]
+    tracing: TracingArgs,
+    #[command(flatten)]
     identity: IdentityArgs,
     /// `server` header set on responses that carry none; an empty value sets none.
     #[arg(long, default_value = "istio-envoy")]
@@ -257,6 +261,8 @@ struct GatewayArgs {
     #[command(flatten)]
     operator: OperatorArgs,
     #[command(flatten)]
+    tracing: TracingArgs,
+    #[command(flatten)]
     identity: IdentityArgs,
     /// `server` header set on responses that carry none; an empty value sets none.
     #[arg(long, default_value = "istio-envoy")]
@@ -310,9 +316,13 @@ struct ControlArgs {
     /// Where delta ADS and the CA API are served (TLS; client certificates optional).
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
-    /// Prometheus metrics (`strait_xds_*`), on istiod's monitoring port.
+    /// Prometheus metrics (`strait_xds_*`), on istiod's monitoring port, and the mesh-wide map
+    /// (`/map`, `/map.json`) merged from the proxies that follow this control plane.
     #[arg(long, default_value = "0.0.0.0:15014")]
     metrics_addr: SocketAddr,
+    /// The proxies' metrics port, where the mesh map reads each one's `/map.json`.
+    #[arg(long, default_value_t = 15020)]
+    map_proxy_port: u16,
     /// Directory of the mesh CA (Istio's plug-in CA layout); created if empty. Proxies verify
     /// the control plane against its root-cert.pem (--ca-root).
     #[arg(long, default_value = "/var/lib/strait/ca")]
@@ -393,10 +403,11 @@ impl HttpLimitArgs {
 #[derive(Args)]
 struct OperatorArgs {
     /// Admin API (/config_dump, /workloads, /services, /policies, /certs, /routes, /clusters,
-    /// /stats, /logging, /server_info, /healthz/ready); `strait ctl proxy-config` reads it.
+    /// /stats, /logging, /server_info, /map, /healthz/ready); `strait ctl proxy-config` reads it.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
-    /// Prometheus metrics (/metrics), with Istio's names and labels.
+    /// Prometheus metrics (/metrics), with Istio's names and labels, and the mesh map's
+    /// /map.json for the control plane.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
     /// Readiness probe (/healthz/ready answers 200 once the proxy is ready).
@@ -423,6 +434,28 @@ impl OperatorArgs {
             LogFormat::Envoy => AccessLogFormat::Envoy,
             LogFormat::Istio => AccessLogFormat::Istio,
         }
+    }
+}
+
+/// Spans over OTLP (OBS-7).
+#[derive(Args)]
+struct TracingArgs {
+    /// Send spans to this OTLP/HTTP collector (JSON encoding, `/v1/traces` added to a bare
+    /// address), e.g. http://otel-collector.observability:4318. A node proxy makes a span per
+    /// tunnelled connection, a waypoint or gateway one per request, joined to the incoming
+    /// `traceparent`. Without it nothing is traced.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// Percent of new traces sampled (Istio's default 1); a request that arrives with a
+    /// `traceparent` follows its sampled flag instead.
+    #[arg(long, default_value_t = 1.0, requires = "otlp_endpoint")]
+    trace_sampling: f64,
+}
+
+impl TracingArgs {
+    fn options(&self) -> Option<strait::telemetry::TracingOptions> {
+        let endpoint = self.otlp_endpoint.clone()?;
+        Some(strait::telemetry::TracingOptions { endpoint, sampling: self.trace_sampling })
     }
 }
 
@@ -532,6 +565,7 @@ fn run_node(args: NodeArgs, logging: LogControl) -> anyhow::Result<()> {
         handover_socket: args.handover_socket,
         hbone_source: args.hbone_source,
         fast_path: args.fast_path,
+        tracing: args.tracing.options(),
     }))
 }
 
@@ -562,6 +596,7 @@ fn run_waypoint(args: WaypointArgs, logging: LogControl) -> anyhow::Result<()> {
         },
         max_open_files: args.limits.max_open_files,
         http_limits: args.http_limits.limits(),
+        tracing: args.tracing.options(),
     }))
 }
 
@@ -593,6 +628,7 @@ fn run_gateway(args: GatewayArgs, logging: LogControl) -> anyhow::Result<()> {
         },
         max_open_files: args.limits.max_open_files,
         http_limits: args.http_limits.limits(),
+        tracing: args.tracing.options(),
     };
     rt.block_on(strait::gateway::run(strait::gateway::GatewayOptions {
         base,
@@ -613,6 +649,7 @@ fn run_control(args: ControlArgs) -> anyhow::Result<()> {
         empty_config_hold: args.empty_config_hold,
         listen: args.listen,
         metrics: args.metrics_addr,
+        map_proxy_port: args.map_proxy_port,
         ca_dir: args.ca_dir,
         trust_domain: args.trust_domain,
         cert_ttl: args.cert_ttl,

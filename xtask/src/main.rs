@@ -58,6 +58,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-venv",
     // The Prometheus test (OBS-5) runs Debian's Prometheus server against the proxies.
     "prometheus",
+    // The mesh map's test (OBS-6): the page loaded in headless Chromium.
+    "chromium",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

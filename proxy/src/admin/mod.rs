@@ -51,6 +51,8 @@ const ADMIN_ENDPOINTS: &[(&str, &str)] = &[
     ),
     ("/healthz/ready", "200 once the proxy is ready"),
     ("/logging", "the log filter; ?level=<filter> (GET or POST) changes it"),
+    ("/map", "the live mesh map of this proxy's traffic (HTML, polls /map.json)"),
+    ("/map.json", "edges this proxy reported: rate, success, p99, mTLS, denials, recent events (JSON)"),
     ("/policies", "authorization, peer and request authentication policies, and what they apply to here (JSON)"),
     ("/routes", "the waypoint's HTTP and TCP routes, by service port (JSON)"),
     ("/server_info", "what this proxy is: strait, its version, role, node or waypoint, listeners (JSON)"),
@@ -61,7 +63,13 @@ const ADMIN_ENDPOINTS: &[(&str, &str)] = &[
 const METRICS_ENDPOINTS: &[(&str, &str)] = &[
     ("/metrics", "Prometheus metrics (OpenMetrics text)"),
     ("/stats/prometheus", "the same, where Istio's sidecars serve it"),
+    ("/map", "the live mesh map (HTML)"),
+    ("/map.json", "the mesh map's edges, for the page and the control plane (JSON)"),
 ];
+
+/// The mesh map's page (OBS-6): one file, its script and styles inline, so the binary serves it
+/// whole on a machine without internet.
+const MAP_PAGE: &str = include_str!("map.html");
 const READINESS_ENDPOINTS: &[(&str, &str)] = &[("/healthz/ready", "200 once the proxy is ready")];
 
 /// Where a proxy serves its operator endpoints (Istio's layout: 15000, 15020, 15021).
@@ -104,8 +112,8 @@ pub async fn start(
     let readiness_listener = bind(endpoints.readiness, "readiness")?;
     Ok(Serving(vec![
         tokio::spawn(serve_readiness(readiness_listener, state.ready.clone())),
+        tokio::spawn(serve_metrics(metrics_listener, Arc::new(metrics), state.map.clone())),
         tokio::spawn(serve_admin(admin_listener, state, *endpoints)),
-        tokio::spawn(serve_metrics(metrics_listener, Arc::new(metrics))),
     ]))
 }
 
@@ -153,6 +161,8 @@ pub struct AdminState {
     pub clusters: Option<View>,
     /// `/hbone`, when the proxy pools outbound HBONE connections per source pod (a node proxy).
     pub hbone: Option<View>,
+    /// `/map.json`: the edges of the traffic this proxy reported (OBS-6).
+    pub map: Option<View>,
     pub certs: Arc<CertStore>,
     /// The node a node proxy serves (empty in a waypoint).
     pub node_name: String,
@@ -182,6 +192,17 @@ impl Reply {
         Self { status: StatusCode::OK, content_type: "application/json", body }
     }
 
+    /// `/map` and `/map.json`, where a map is kept.
+    fn map(path: &str, map: Option<&View>) -> Self {
+        match (path, map) {
+            ("/map", Some(_)) => {
+                Self { status: StatusCode::OK, content_type: "text/html; charset=utf-8", body: MAP_PAGE.to_owned() }
+            }
+            (_, Some(view)) => Self::json(view()),
+            (_, None) => Self::text(StatusCode::NOT_FOUND, "this proxy keeps no mesh map\n"),
+        }
+    }
+
     fn not_found(path: &str, endpoints: &[(&str, &str)]) -> Self {
         let mut body = format!("no endpoint {path}; try:\n");
         for (path, what) in endpoints {
@@ -206,8 +227,11 @@ pub async fn serve_admin(listener: TcpListener, state: AdminState, endpoints: Op
 }
 
 /// Serves `/metrics` in the format the scraper asks for; the registry is read-only from here on.
-pub async fn serve_metrics(listener: TcpListener, metrics: Arc<MetricsRegistry>) {
+/// The mesh map is served here too, where the control plane can read it (the admin port is the
+/// proxy's localhost only).
+pub async fn serve_metrics(listener: TcpListener, metrics: Arc<MetricsRegistry>, map: Option<View>) {
     serve(listener, "metrics", move |request| match (request.method(), request.uri().path()) {
+        (&Method::GET, path @ ("/map" | "/map.json")) => Reply::map(path, map.as_ref()),
         (&Method::GET, "/metrics" | "/stats/prometheus") => {
             let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
             let format = Exposition::negotiate(accept);
@@ -233,6 +257,7 @@ fn admin(state: &AdminState, endpoints: &OperatorEndpoints, request: &Request<In
     let get = method == Method::GET;
     match path {
         "/logging" if get || method == Method::POST => views::logging(state.logging.as_ref(), query),
+        "/map" | "/map.json" if get => Reply::map(path, state.map.as_ref()),
         "/stats" if get => Reply::text(StatusCode::OK, views::stats(state.capture.as_deref())),
         "/clusters" if get => match &state.clusters {
             Some(view) => Reply::json(view()),

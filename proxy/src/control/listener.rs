@@ -79,7 +79,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, routes
                     Err(e) => return warn!("control plane: refused {peer}: {e}"),
                 },
             };
-            let router = Router { routes, caller };
+            let router = Router { routes, caller, peer };
             if let Err(e) = crate::grpc::serve_connection(tls, router).await {
                 debug!("control plane: connection from {peer} ended: {e}");
             }
@@ -92,6 +92,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, routes
 struct Router {
     routes: Arc<Routes>,
     caller: Option<PeerCertificate>,
+    peer: std::net::SocketAddr,
 }
 
 impl Service<Request<Incoming>> for Router {
@@ -107,6 +108,7 @@ impl Service<Request<Incoming>> for Router {
         if let Some(caller) = &self.caller {
             request.extensions_mut().insert(caller.clone());
         }
+        request.extensions_mut().insert(crate::xds::server::PeerAddr(self.peer));
         let path = request.uri().path();
         match self.routes.iter().find(|(prefix, _)| path.starts_with(prefix)) {
             Some((_, service)) => service.call(request),

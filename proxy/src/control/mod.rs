@@ -8,6 +8,7 @@ pub mod events;
 pub mod kubernetes;
 pub mod leader;
 pub mod listener;
+pub mod map;
 pub mod rootcert;
 pub mod waypoints;
 
@@ -67,8 +68,10 @@ pub struct ControlOptions {
     pub empty_config_hold: Duration,
     /// The one TLS port of delta ADS and the CA API.
     pub listen: SocketAddr,
-    /// Prometheus metrics (`strait_xds_*`).
+    /// Prometheus metrics (`strait_xds_*`), and the mesh-wide map (`/map`, `/map.json`).
     pub metrics: SocketAddr,
+    /// The port of the proxies' metrics endpoint, where their mesh maps are read (OBS-6).
+    pub map_proxy_port: u16,
     /// The mesh CA (Istio's plug-in CA layout).
     pub ca_dir: PathBuf,
     pub trust_domain: String,
@@ -171,6 +174,7 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
     let authenticator = Arc::new(authenticator);
     let metrics = Arc::new(AdsMetrics::default());
     let ads = AdsServer::new(snapshots, Arc::new(resources::visible), authenticator.clone(), metrics.clone());
+    let collector = map::MapCollector::start(ads.connected(), options.map_proxy_port);
     let trust_domain = options.trust_domain.clone();
     let pods_on_node = move |node: &str, identity: &crate::identity::Identity| {
         model.current().workloads_on(node).any(|w| w.identity(&trust_domain) == *identity)
@@ -196,12 +200,13 @@ pub async fn run(options: ControlOptions) -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(options.metrics)
         .await
         .with_context(|| format!("cannot listen for metrics on {}", options.metrics))?;
-    tokio::spawn(crate::admin::serve_metrics(metrics_listener, Arc::new(registry)));
+    let map_view: crate::admin::View = Arc::new(move || collector.json());
+    tokio::spawn(crate::admin::serve_metrics(metrics_listener, Arc::new(registry), Some(map_view)));
 
     info!(
         listen = %options.listen,
         config = %options.source,
-        "strait control ready: delta ADS and the CA API on {}, metrics on {}",
+        "strait control ready: delta ADS and the CA API on {}, metrics and the mesh map (/map) on {}",
         options.listen,
         options.metrics
     );

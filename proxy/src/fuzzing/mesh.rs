@@ -22,7 +22,9 @@ use crate::{
         upstream::{Connector, Upstreams},
     },
     model::{self, ModelHandle, ModelPublisher, WaypointName, routes::MESH_GATEWAY},
-    telemetry::{AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestMetrics, RequestTelemetry, Telemetry},
+    telemetry::{
+        AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestMetrics, RequestTelemetry, Telemetry, TrafficMap,
+    },
     waypoint::WaypointContext,
 };
 
@@ -118,7 +120,7 @@ pub fn mesh() -> &'static Mesh {
             model: handle,
             _publisher: publisher,
             authn,
-            telemetry: Telemetry::new(access_log, metrics.traffic()),
+            telemetry: Telemetry::new(access_log, metrics.traffic(), Arc::new(TrafficMap::new("waypoint fuzzing"))),
             requests,
         }
     })
@@ -164,7 +166,7 @@ pub fn l7_context() -> Arc<L7Context> {
     Arc::new(L7Context {
         model: mesh.model.clone(),
         upstreams: Upstreams::new(connector),
-        telemetry: RequestTelemetry::new(mesh.telemetry.access_log(), mesh.requests.clone()),
+        telemetry: RequestTelemetry::new(mesh.telemetry.access_log(), mesh.requests.clone(), mesh.telemetry.map()),
         reporter: Reporter::Waypoint,
         gateway: MESH_GATEWAY.to_owned(),
         waypoint: waypoint_name(),

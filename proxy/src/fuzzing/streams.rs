@@ -176,6 +176,7 @@ where
         source_workload: model.workload_by_ip(setup.peer.addr().ip()).cloned(),
         target: Target::Service { service, port },
         protocol,
+        tunnel_trace: None,
     };
     serve_http(mesh::l7_context(), Arc::new(down), io, version, false).await;
 }

@@ -197,6 +197,7 @@ where
         source_workload: gw.wp.model.current().workload_by_ip(client.ip()).cloned(),
         target: Target::Gateway { port, view: gw.view.clone(), server: None },
         protocol,
+        tunnel_trace: None,
     };
     match kind {
         Some(PortKind::Http) => {
@@ -319,8 +320,14 @@ async fn splice<I>(
             record.security = "mutual_tls";
             record.destination_identity = Some(endpoint.workload.identity(&gw.wp.trust_domain).to_string());
         }
-        let io =
-            gw.wp.l7.upstreams.connector.open(&endpoint, client_addr.ip(), None).await.map_err(|e| e.to_string())?;
+        let io = gw
+            .wp
+            .l7
+            .upstreams
+            .connector
+            .open(&endpoint, client_addr.ip(), None, None)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok((io, key))
     }
     .await;

@@ -80,6 +80,9 @@ pub struct ConnectRequest {
     /// `None` = the socket's default source (waypoint/gateway pods, which already dial from
     /// their own netns).
     pub bind: Option<std::net::IpAddr>,
+    /// The `traceparent` naming the sender's span as the tunnel's parent, when the sender
+    /// traces (OBS-7); else a fresh one, as Istio's ztunnel sends.
+    pub traceparent: Option<String>,
 }
 
 /// The CONNECT request of one tunnel (L4-1). `baggage` is left out when there is none to send
@@ -88,6 +91,7 @@ pub(super) fn connect_head(
     authority: SocketAddr,
     client_addr: SocketAddr,
     baggage: &str,
+    traceparent: Option<&str>,
 ) -> Result<Request<()>, http::Error> {
     let mut head = Request::builder()
         .method(Method::CONNECT)
@@ -96,7 +100,11 @@ pub(super) fn connect_head(
     if !baggage.is_empty() {
         head = head.header(BAGGAGE, baggage);
     }
-    head.header(TRACEPARENT, new_traceparent()).body(())
+    match traceparent {
+        Some(traceparent) => head.header(TRACEPARENT, traceparent),
+        None => head.header(TRACEPARENT, new_traceparent()),
+    }
+    .body(())
 }
 
 /// An open CONNECT stream. Dropping it ends the stream; the pooled connection stays.
@@ -332,8 +340,9 @@ impl HbonePool {
         let addr = connection.addr;
         let h2 = |e| HboneError::Http2(addr, e);
         let mut sender = connection.sender.clone().ready().await.map_err(h2)?;
-        let connect = connect_head(request.authority, request.client_addr, &request.baggage)
-            .map_err(|e| HboneError::BadRequest(e.to_string()))?;
+        let connect =
+            connect_head(request.authority, request.client_addr, &request.baggage, request.traceparent.as_deref())
+                .map_err(|e| HboneError::BadRequest(e.to_string()))?;
         let (response, send) = sender.send_request(connect, false).map_err(h2)?;
         let response = response.await.map_err(h2)?;
         if response.status() != StatusCode::OK {
@@ -467,6 +476,7 @@ mod tests {
             authority: "10.2.0.5:8080".parse().expect("addr"),
             client_addr: "10.1.0.5:40000".parse().expect("addr"),
             baggage: String::new(),
+            traceparent: None,
         }
     }
 

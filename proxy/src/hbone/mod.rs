@@ -175,13 +175,14 @@ mod tests {
     fn connect_head_omits_empty_baggage() {
         let authority: SocketAddr = "10.1.2.21:9080".parse().expect("addr");
         let client: SocketAddr = "10.1.1.11:0".parse().expect("addr");
-        let head = client::connect_head(authority, client, "").expect("head");
+        let head = client::connect_head(authority, client, "", None).expect("head");
         assert_eq!(head.method(), http::Method::CONNECT);
         assert_eq!(head.uri().to_string(), "10.1.2.21:9080");
         assert_eq!(head.headers().get(FORWARDED).and_then(|v| v.to_str().ok()), Some("for=10.1.1.11"));
         assert!(head.headers().get(BAGGAGE).is_none(), "empty baggage is sent");
         assert!(head.headers().contains_key(TRACEPARENT));
-        let head = client::connect_head(authority, client, "k8s.pod.name=p11").expect("head");
+        let head = client::connect_head(authority, client, "k8s.pod.name=p11", Some("00-1-2-01")).expect("head");
+        assert_eq!(head.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()), Some("00-1-2-01"));
         assert_eq!(head.headers().get(BAGGAGE).and_then(|v| v.to_str().ok()), Some("k8s.pod.name=p11"));
     }
 

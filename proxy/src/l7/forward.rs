@@ -438,7 +438,9 @@ async fn one_try(
     request: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, Lease), TryError> {
     let upstreams = &x.ctx.upstreams;
-    let lease = pool::acquire(cluster, endpoint, version, &upstreams.connector, x.down.client_addr.ip())
+    // A connection opened for this request names its span as the tunnel's parent (OBS-7).
+    let traceparent = x.record.trace.as_ref().map(|t| t.context.header());
+    let lease = pool::acquire(cluster, endpoint, version, &upstreams.connector, x.down.client_addr.ip(), traceparent)
         .await
         .map_err(|e| match e {
             AcquireError::Overflow(why) => TryError::Overflow(why),
@@ -501,7 +503,7 @@ pub fn mirror(
         let Some(endpoint) = cluster.pick(None, Instant::now()).cloned() else { return };
         let send = async {
             let mut lease =
-                pool::acquire(&cluster, &endpoint, version, &ctx.upstreams.connector, client_ip).await.ok()?;
+                pool::acquire(&cluster, &endpoint, version, &ctx.upstreams.connector, client_ip, None).await.ok()?;
             let body = body.map_or(UpstreamBody::Empty, UpstreamBody::full);
             let response = lease.send(build(&mut shadow, version, body, false)).await.ok()?;
             let complete = response.into_body().collect().await.is_ok();

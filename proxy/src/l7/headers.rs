@@ -114,6 +114,28 @@ pub fn ensure_trace_context(headers: &mut HeaderMap) {
     }
 }
 
+/// Names `context` as the next hop's parent (OBS-7): `traceparent` is replaced (same trace,
+/// this proxy's span), and a request without B3 headers gets them for the same trace, as
+/// `ensure_trace_context` gives them.
+pub fn set_trace_context(headers: &mut HeaderMap, context: &crate::telemetry::TraceContext) {
+    if let Ok(value) = HeaderValue::from_str(&context.header()) {
+        headers.insert(TRACEPARENT, value);
+    }
+    if headers.contains_key(B3_TRACE_ID) || headers.contains_key(B3_SINGLE) {
+        return;
+    }
+    let values = [
+        (B3_TRACE_ID, context.trace_hex()),
+        (B3_SPAN_ID, context.span_hex()),
+        (B3_SAMPLED, if context.sampled { "1" } else { "0" }.to_owned()),
+    ];
+    for (name, value) in values {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+}
+
 /// Appends the client's address to `x-forwarded-for` and sets `x-forwarded-proto` when absent.
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &str) {
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {

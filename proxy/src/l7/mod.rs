@@ -86,6 +86,9 @@ pub struct Downstream {
     pub target: Target,
     /// What the destination port declares.
     pub protocol: AppProtocol,
+    /// The `traceparent` of the HBONE tunnel the client came through, read only when the
+    /// proxy traces: a request without a trace of its own joins the tunnel's (OBS-7).
+    pub tunnel_trace: Option<crate::telemetry::TraceContext>,
 }
 
 impl Downstream {

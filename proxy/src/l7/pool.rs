@@ -234,6 +234,7 @@ pub async fn acquire(
     version: UpstreamVersion,
     connector: &Arc<Connector>,
     client_ip: IpAddr,
+    traceparent: Option<String>,
 ) -> Result<Lease, AcquireError> {
     let tls = match &cluster.origination {
         Some(o) if !endpoint.workload.reached_over_hbone() => Some(
@@ -241,7 +242,7 @@ pub async fn acquire(
         ),
         _ => None,
     };
-    let dial = Dial { connector: connector.clone(), client_ip, tls, version };
+    let dial = Dial { connector: connector.clone(), client_ip, tls, version, traceparent };
     match version {
         UpstreamVersion::Http1 => acquire_http1(cluster, endpoint, dial).await,
         UpstreamVersion::Http2 => acquire_http2(cluster, endpoint, dial).await,
@@ -255,6 +256,8 @@ struct Dial {
     client_ip: IpAddr,
     tls: Option<Arc<Loaded>>,
     version: UpstreamVersion,
+    /// The request's span, for the tunnel of a connection opened for it.
+    traceparent: Option<String>,
 }
 
 impl Dial {
@@ -264,7 +267,7 @@ impl Dial {
 
     async fn open(&self, endpoint: &UpstreamEndpoint) -> io::Result<super::upstream::UpstreamIo> {
         let tls = self.tls.as_deref().map(|t| (t, self.version));
-        self.connector.open(endpoint, self.client_ip, tls).await
+        self.connector.open(endpoint, self.client_ip, tls, self.traceparent.as_deref()).await
     }
 }
 

@@ -32,7 +32,7 @@ use crate::{
         gateways::HttpCandidate,
         routes::{AbortStatus, Destination, HttpRoute, Percentage, RouteAction},
     },
-    telemetry::RequestRecord,
+    telemetry::{RequestRecord, TraceContext, Traced},
 };
 
 /// What the proxy answers itself, and why.
@@ -42,11 +42,26 @@ pub(super) struct Local {
     pub flags: ResponseFlags,
     pub reason: Option<String>,
     pub headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// A policy refused the request (the mesh map shows it as a denial, OBS-6).
+    pub denied: bool,
 }
 
 impl Local {
     pub fn new(status: StatusCode, body: impl Into<String>) -> Self {
-        Self { status, body: body.into(), flags: ResponseFlags::default(), reason: None, headers: Vec::new() }
+        Self {
+            status,
+            body: body.into(),
+            flags: ResponseFlags::default(),
+            reason: None,
+            headers: Vec::new(),
+            denied: false,
+        }
+    }
+
+    /// Marks the answer as a policy's refusal.
+    pub fn denying(mut self) -> Self {
+        self.denied = true;
+        self
     }
 
     pub fn flagged(mut self, flags: ResponseFlags) -> Self {
@@ -131,6 +146,7 @@ impl Exchange {
         let mut x = self;
         x.record.flags.insert(local.flags);
         x.record.reason = local.reason;
+        x.record.denied = local.denied;
         x.finish_on_end(response, None)
     }
 
@@ -180,7 +196,7 @@ impl Exchange {
                 lease.release(end.complete);
                 drop(guard);
             }
-            ctx.telemetry.finish(&record);
+            ctx.telemetry.finish(record);
         });
         response
     }
@@ -201,6 +217,16 @@ async fn route_and_forward(x: &mut Exchange, parts: &mut Parts, body: RequestBod
         return Err(Local::new(StatusCode::UPGRADE_REQUIRED, "HTTP/1.0 is not supported; use HTTP/1.1 or HTTP/2\n"));
     }
     x.record.request_id = headers::ensure_request_id(&mut parts.headers);
+    if let Some(tracer) = x.ctx.telemetry.tracer() {
+        // OBS-7: the request's own trace if it has one (then the tunnel's is a link), else the
+        // trace of the tunnel it came through.
+        let incoming = parts.headers.get(headers::TRACEPARENT).and_then(|v| TraceContext::parse(v.as_bytes()));
+        let parent = incoming.or(x.down.tunnel_trace);
+        let context = tracer.child(parent.as_ref());
+        headers::set_trace_context(&mut parts.headers, &context);
+        let link = incoming.and(x.down.tunnel_trace);
+        x.record.trace = Some(Box::new(Traced { context, parent, link }));
+    }
     headers::ensure_trace_context(&mut parts.headers);
     let jwt = authenticate(x, parts)?;
     authorize(x, parts, jwt.as_deref())?;
@@ -356,7 +382,7 @@ fn authenticate(x: &mut Exchange, parts: &mut Parts) -> Result<Option<Box<Valida
     match jwt::authenticate(&providers, &request, SystemTime::now()) {
         JwtOutcome::NoToken => Ok(None),
         JwtOutcome::Invalid(reason) => {
-            Err(Local::new(StatusCode::UNAUTHORIZED, jwt::UNAUTHORIZED_BODY).because(reason))
+            Err(Local::new(StatusCode::UNAUTHORIZED, jwt::UNAUTHORIZED_BODY).because(reason).denying())
         }
         JwtOutcome::Valid(token) => {
             if !token.forward_original_token {
@@ -416,7 +442,7 @@ fn authorize(x: &mut Exchange, parts: &Parts, jwt: Option<&ValidatedJwt>) -> Res
     if decision.allowed {
         return Ok(());
     }
-    Err(Local::new(StatusCode::FORBIDDEN, "RBAC: access denied").because(decision.denial_reason()))
+    Err(Local::new(StatusCode::FORBIDDEN, "RBAC: access denied").because(decision.denial_reason()).denying())
 }
 
 /// Fault injection (L7-6): a delay first, then an abort, each for its share of requests; an
@@ -545,6 +571,7 @@ mod tests {
             source_workload: None,
             target: Target::Gateway { port: 443, view: view.clone(), server },
             protocol: crate::model::AppProtocol::Http,
+            tunnel_trace: None,
         };
         assert_eq!(down(Some(ServerId { gateway: "web/gw".into(), index: 0 })).scheme(), "https");
         assert_eq!(down(None).scheme(), "http");

@@ -176,6 +176,7 @@ impl Connector {
         endpoint: &UpstreamEndpoint,
         client_ip: IpAddr,
         tls: Option<(&Loaded, UpstreamVersion)>,
+        traceparent: Option<&str>,
     ) -> io::Result<UpstreamIo> {
         let w = &endpoint.workload;
         if !w.reached_over_hbone() {
@@ -197,6 +198,7 @@ impl Connector {
             // This socket is made in the waypoint's (or gateway's) own pod: it leaves from that
             // pod's address already (L4-6).
             bind: None,
+            traceparent: traceparent.map(str::to_owned),
         };
         let tunnel = self.hbone.connect(&request).await.map_err(io::Error::other)?;
         Ok(UpstreamIo::Hbone(Box::new(tunnel.into_stream())))

@@ -95,6 +95,10 @@ async fn handle_stream(ctx: Arc<NodeContext>, served: Identity, stream: InboundS
     record.security = "mutual_tls";
     record.source_identity = Some(peer_identity.to_string());
     record.destination_identity = Some(served.to_string());
+    // OBS-7: the stream's span is a child of the sender's (the CONNECT's `traceparent`).
+    record.trace = ctx.telemetry.trace(|| {
+        request.headers().get(hbone::TRACEPARENT).and_then(|v| crate::telemetry::TraceContext::parse(v.as_bytes()))
+    });
 
     let model = ctx.model.current();
     let decided =

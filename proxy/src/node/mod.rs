@@ -45,7 +45,8 @@ use crate::{
     model::{self, Model, ModelHandle},
     sys,
     telemetry::{
-        AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, ScrapedGauge, Telemetry, logging::LogControl,
+        AccessLog, AccessLogFormat, MetricsRegistry, ScrapedCounters, ScrapedGauge, Telemetry, TracingOptions,
+        TrafficMap, logging::LogControl,
     },
     xds::{
         ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL,
@@ -92,6 +93,8 @@ pub struct NodeOptions {
     pub hbone_source: HboneSource,
     /// Whether admitted plain TCP connections are moved in the kernel (splice).
     pub fast_path: FastPath,
+    /// Spans of tunnelled connections over OTLP (OBS-7); none when `None`.
+    pub tracing: Option<TracingOptions>,
 }
 
 /// The source address outbound HBONE connections leave from (L4-6).
@@ -638,7 +641,14 @@ async fn serve_operator_endpoints(
         move || i64::try_from(reader.connection_count()).unwrap_or(i64::MAX),
     ));
     metrics.register_gauges(certs.expiry_gauges());
-    let telemetry = Telemetry::new(access_log, metrics.traffic());
+    let map = Arc::new(TrafficMap::new(format!("node {}", options.node_name)));
+    let tracer = match &options.tracing {
+        Some(tracing) => {
+            Some(tracing.start("strait-node".into(), options.node_name.clone(), &mut metrics).map_err(|e| anyhow!(e))?)
+        }
+        None => None,
+    };
+    let telemetry = Telemetry::new(access_log, metrics.traffic(), map.clone()).with_tracer(tracer);
     let ready = Readiness::default();
     let state = AdminState {
         model: model.clone(),
@@ -648,6 +658,7 @@ async fn serve_operator_endpoints(
             let pool = pool.clone();
             Some(Arc::new(move || serde_json::to_string(&pool.connections()).unwrap_or_else(|_| "[]".into())))
         },
+        map: Some(Arc::new(move || map.json())),
         certs: certs.clone(),
         node_name: options.node_name.clone(),
         waypoint: None,

@@ -84,6 +84,8 @@ pub async fn handle(ctx: Arc<NodeContext>, downstream: TcpStream, peer: SocketAd
     let _ = downstream.set_nodelay(true);
     let model = ctx.model.current();
     let mut record = ConnectionRecord::start("outbound", peer, destination);
+    // A node proxy sees no request, so its span starts a trace (OBS-7); the tunnel names it.
+    record.trace = ctx.telemetry.trace(|| None);
     let source = model.workload_by_ip(peer.ip()).cloned();
     if let Some(source) = &source {
         record.source_workload = Some(source.clone());
@@ -386,6 +388,7 @@ async fn over_hbone(
             client_addr: peer,
             baggage: baggage(source),
             bind: hbone_bind(ctx.hbone_source, peer),
+            traceparent: record.trace.as_ref().map(|t| t.context.header()),
         };
         // Boxed, like every step that runs once per connection before its bytes flow: a task's
         // future is allocated at its largest for the connection's whole life, and opening a

@@ -37,7 +37,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn fields(&self) -> (&'static str, Option<&str>) {
+    pub(super) fn fields(&self) -> (&'static str, Option<&str>) {
         match self {
             Outcome::Completed => ("ok", None),
             Outcome::Broken(r) => ("broken", Some(r)),
@@ -77,6 +77,9 @@ pub struct ConnectionRecord {
     pub outcome: Outcome,
     /// Metric handles resolved when the connection was counted as opened.
     pub(super) counters: Option<ConnectionCounters>,
+    /// The connection's span, when the proxy traces (OBS-7); boxed, so that a connection of a
+    /// proxy that does not trace holds one pointer for it.
+    pub trace: Option<Box<super::trace::Traced>>,
 }
 
 impl ConnectionRecord {
@@ -99,6 +102,7 @@ impl ConnectionRecord {
             duration: Duration::ZERO,
             outcome: Outcome::Completed,
             counters: None,
+            trace: None,
         }
     }
 }

@@ -90,11 +90,7 @@ impl TrafficLabels {
     /// Labels for `record` as its connection opens: response flags `-` (the closed counter
     /// gets the final ones).
     pub fn of(record: &ConnectionRecord) -> Self {
-        let reporter = match record.direction {
-            "inbound" => Reporter::Destination,
-            "waypoint" => Reporter::Waypoint,
-            _ => Reporter::Source,
-        };
+        let reporter = Self::reporter_of(record);
         let destination_service = match &record.destination_service {
             Some(s) => service_labels(s),
             None => [UNKNOWN.to_owned(), UNKNOWN.to_owned(), UNKNOWN.to_owned()],
@@ -109,6 +105,17 @@ impl TrafficLabels {
             destination_service,
             response_flags: NO_FLAGS,
             security_policy: record.security,
+        }
+    }
+}
+
+impl TrafficLabels {
+    /// Who reports a connection: the destination's proxy for inbound ones.
+    pub fn reporter_of(record: &ConnectionRecord) -> Reporter {
+        match record.direction {
+            "inbound" => Reporter::Destination,
+            "waypoint" => Reporter::Waypoint,
+            _ => Reporter::Source,
         }
     }
 }

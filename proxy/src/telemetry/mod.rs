@@ -3,17 +3,22 @@
 
 mod access_log;
 mod envoy_format;
+pub mod http;
 mod labels;
 pub mod logging;
+pub mod map;
 mod metrics;
 mod requests;
+pub mod trace;
 
 use std::sync::Arc;
 
 pub use access_log::{AccessLog, AccessLogFormat, ConnectionRecord, Outcome};
 pub use labels::{DEFAULT_CLUSTER, Reporter, TrafficLabels, canonical_revision, canonical_service, workload_name};
+pub use map::TrafficMap;
 pub use metrics::{Exposition, MetricsRegistry, ScrapedCounters, ScrapedGauge, ScrapedGauges, TrafficMetrics};
 pub use requests::{RequestMetrics, RequestRecord, RequestTelemetry};
+pub use trace::{TraceContext, Traced, Tracer, TracingOptions};
 
 /// Where connection handlers report: `opened` once a connection's ends are known, `closed`
 /// when it is over. Cheap to clone.
@@ -21,11 +26,33 @@ pub use requests::{RequestMetrics, RequestRecord, RequestTelemetry};
 pub struct Telemetry {
     access_log: Arc<AccessLog>,
     metrics: Arc<TrafficMetrics>,
+    map: Arc<TrafficMap>,
+    /// Set when spans are exported (`--otlp-endpoint`).
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl Telemetry {
-    pub fn new(access_log: AccessLog, metrics: Arc<TrafficMetrics>) -> Self {
-        Self { access_log: Arc::new(access_log), metrics }
+    pub fn new(access_log: AccessLog, metrics: Arc<TrafficMetrics>, map: Arc<TrafficMap>) -> Self {
+        Self { access_log: Arc::new(access_log), metrics, map, tracer: None }
+    }
+
+    /// Exports a span per traced connection to `tracer`.
+    pub fn with_tracer(mut self, tracer: Option<Arc<Tracer>>) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
+    /// The tracer, when the proxy exports spans.
+    pub fn tracer(&self) -> Option<&Arc<Tracer>> {
+        self.tracer.as_ref()
+    }
+
+    /// The span of a connection, child of what `parent` reads (the incoming `traceparent`), or
+    /// `None` when the proxy does not trace: then `parent` is not even called.
+    pub fn trace(&self, parent: impl FnOnce() -> Option<TraceContext>) -> Option<Box<Traced>> {
+        let tracer = self.tracer.as_ref()?;
+        let parent = parent();
+        Some(Box::new(Traced { context: tracer.child(parent.as_ref()), parent, link: None }))
     }
 
     /// The access log, shared with request telemetry.
@@ -33,11 +60,22 @@ impl Telemetry {
         self.access_log.clone()
     }
 
+    /// The mesh map's edge table, shared with request telemetry.
+    pub fn map(&self) -> Arc<TrafficMap> {
+        self.map.clone()
+    }
+
     /// Counts the connection as opened (`istio_tcp_connections_opened_total`). Call once, when
     /// the connection is accepted and its source and destination are known: the label set is
     /// resolved here, once, and kept in the record for `closed`.
     pub fn opened(&self, record: &mut ConnectionRecord) {
         record.counters = Some(self.metrics.open(&TrafficLabels::of(record)));
+        self.map.opened(
+            TrafficLabels::reporter_of(record).as_str(),
+            map::End::workload(record.source_workload.as_deref()),
+            map::End::destination(record.destination_workload.as_deref(), record.destination_service.as_deref()),
+            record.security,
+        );
     }
 
     /// Writes the queued access lines now (the proxy is stopping).
@@ -66,6 +104,75 @@ impl Telemetry {
             record.bytes_sent,
             record.bytes_received,
         );
+        self.map.observe(map_observation(record));
+        if let (Some(tracer), Some(traced)) = (&self.tracer, &record.trace) {
+            tracer.export(connection_span(record, traced));
+        }
+    }
+}
+
+/// A connection's span (OBS-7): the client side of the tunnel at the source's proxy, the server
+/// side at the destination's.
+fn connection_span(record: &ConnectionRecord, traced: &Traced) -> trace::Span {
+    let kind = if record.direction == "inbound" { trace::SpanKind::Server } else { trace::SpanKind::Client };
+    let name = format!("{} tcp", record.direction);
+    let mut span = trace::Span::new(traced.context, traced.parent, name, kind, record.started, record.duration);
+    span.link = traced.link;
+    let workload = |w: &Option<Arc<crate::model::Workload>>| w.as_ref().map(|w| w.display_name());
+    if let Some(w) = workload(&record.source_workload) {
+        span.attr("source.workload", w);
+    }
+    if let Some(id) = &record.source_identity {
+        span.attr("source.principal", id.as_str());
+    }
+    if let Some(w) = workload(&record.destination_workload) {
+        span.attr("destination.workload", w);
+    }
+    if let Some(s) = &record.destination_service {
+        span.attr("destination.service", s.hostname.as_str());
+    }
+    span.attr("destination.address", record.destination_addr.to_string());
+    span.attr("connection.security_policy", record.security);
+    let (result, reason) = record.outcome.fields();
+    span.attr("strait.result", result);
+    span.attr("response_flags", record.outcome.response_flags());
+    if let Some(reason) = reason {
+        span.attr("strait.reason", reason);
+    }
+    span.int("strait.bytes_sent", record.bytes_sent);
+    span.int("strait.bytes_received", record.bytes_received);
+    span.error = record.outcome != Outcome::Completed;
+    span
+}
+
+/// What the mesh map keeps of a connection (OBS-6): a refusal by the mesh counts as denied.
+fn map_observation(record: &ConnectionRecord) -> map::Observation<'_> {
+    let reporter = TrafficLabels::reporter_of(record).as_str();
+    let (result, reason) = record.outcome.fields();
+    let mut event = map::MapEvent::new(reporter, record.started, record.duration);
+    event.result = std::borrow::Cow::Borrowed(result);
+    event.flags = std::borrow::Cow::Borrowed(record.outcome.response_flags());
+    event.sent = record.bytes_sent;
+    event.received = record.bytes_received;
+    event.reason = reason.map(str::to_owned);
+    map::Observation {
+        reporter,
+        protocol: "tcp",
+        source: map::End::workload(record.source_workload.as_deref()),
+        destination: map::End::destination(
+            record.destination_workload.as_deref(),
+            record.destination_service.as_deref(),
+        ),
+        security: record.security,
+        verdict: match record.outcome {
+            Outcome::Completed => map::Verdict::Ok,
+            Outcome::Refused(_) => map::Verdict::Denied,
+            Outcome::Broken(_) | Outcome::UpstreamConnectFailed(_) => map::Verdict::Error,
+        },
+        duration: record.duration,
+        // Counted when it opened (`opened` resolved its metric handles then).
+        counted: record.counters.is_some(),
+        event,
     }
 }
 
@@ -118,8 +225,11 @@ mod tests {
     fn opened_and_closed_balance() {
         let path = std::env::temp_dir().join(format!("strait-telemetry-{}.log", std::process::id()));
         let registry = MetricsRegistry::new();
-        let telemetry =
-            Telemetry::new(AccessLog::new(AccessLogFormat::Text, Some(&path)).expect("log"), registry.traffic());
+        let telemetry = Telemetry::new(
+            AccessLog::new(AccessLogFormat::Text, Some(&path)).expect("log"),
+            registry.traffic(),
+            Arc::new(TrafficMap::new("node test")),
+        );
         let start =
             || ConnectionRecord::start("outbound", "10.1.0.1:1".parse().expect("a"), "10.2.0.1:2".parse().expect("a"));
         let mut served = start();

@@ -21,10 +21,12 @@ use prometheus_client::{
 use serde::Serialize;
 
 use super::{
-    AccessLog, AccessLogFormat,
+    AccessLog, AccessLogFormat, TrafficMap,
     envoy_format::{EnvoyFormat, request_line},
     labels::{PeerLabels, Reporter, UNKNOWN, endpoint_labels},
+    map::{self, End, MapEvent, Observation, Verdict},
     rfc3339,
+    trace::{Span, SpanKind, Traced, Tracer},
 };
 use crate::{
     l7::flags::ResponseFlags,
@@ -81,6 +83,10 @@ pub struct RequestRecord {
     pub reason: Option<String>,
     /// Tries made upstream (1 without retries).
     pub attempts: u32,
+    /// Refused by policy: L7 authorization (403) or a bad token (401).
+    pub denied: bool,
+    /// The request's span, when the proxy traces (OBS-7).
+    pub trace: Option<Box<Traced>>,
 }
 
 impl RequestRecord {
@@ -114,6 +120,8 @@ impl RequestRecord {
             route: None,
             reason: None,
             attempts: 0,
+            denied: false,
+            trace: None,
         }
     }
 }
@@ -160,22 +168,76 @@ impl RequestMetrics {
 pub struct RequestTelemetry {
     access_log: Arc<AccessLog>,
     metrics: Arc<RequestMetrics>,
+    map: Arc<TrafficMap>,
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl RequestTelemetry {
-    pub fn new(access_log: Arc<AccessLog>, metrics: Arc<RequestMetrics>) -> Self {
-        Self { access_log, metrics }
+    pub fn new(access_log: Arc<AccessLog>, metrics: Arc<RequestMetrics>, map: Arc<TrafficMap>) -> Self {
+        Self { access_log, metrics, map, tracer: None }
     }
 
-    pub fn finish(&self, record: &RequestRecord) {
+    /// Exports a span per request to `tracer`.
+    pub fn with_tracer(mut self, tracer: Option<Arc<Tracer>>) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
+    /// The tracer, when the proxy exports spans.
+    pub fn tracer(&self) -> Option<&Arc<Tracer>> {
+        self.tracer.as_ref()
+    }
+
+    /// Writes the access line, counts the request, and hands the record to the mesh map
+    /// (which keeps its method, path and reason).
+    pub fn finish(&self, record: RequestRecord) {
         let line = match self.access_log.format() {
-            AccessLogFormat::Text => text_line(record),
-            AccessLogFormat::Json => json_line(record),
-            AccessLogFormat::Envoy => request_line(record, EnvoyFormat::Envoy),
-            AccessLogFormat::Istio => request_line(record, EnvoyFormat::Istio),
+            AccessLogFormat::Text => text_line(&record),
+            AccessLogFormat::Json => json_line(&record),
+            AccessLogFormat::Envoy => request_line(&record, EnvoyFormat::Envoy),
+            AccessLogFormat::Istio => request_line(&record, EnvoyFormat::Istio),
         };
         self.access_log.write_line(&line);
-        self.metrics.observe(record);
+        self.metrics.observe(&record);
+        if let (Some(tracer), Some(traced)) = (&self.tracer, &record.trace) {
+            tracer.export(request_span(&record, traced));
+        }
+        self.observe_on_map(record);
+    }
+
+    /// OBS-6: a policy refusal counts as denied, a 5xx (or no answer) as an error.
+    fn observe_on_map(&self, r: RequestRecord) {
+        let reporter = r.reporter.as_str();
+        let verdict = match r.status {
+            _ if r.denied => Verdict::Denied,
+            0 | 500.. => Verdict::Error,
+            _ => Verdict::Ok,
+        };
+        let mut event = MapEvent::new(reporter, r.start_time, r.duration);
+        event.status = r.status;
+        event.result = Cow::Borrowed(match verdict {
+            Verdict::Ok => "ok",
+            Verdict::Error => "error",
+            Verdict::Denied => "denied",
+        });
+        event.flags = r.flags.label();
+        event.sent = r.request_bytes;
+        event.received = r.response_bytes;
+        event.method = r.method;
+        event.path = map::trim_path(r.path);
+        event.reason = r.reason;
+        self.map.observe(Observation {
+            reporter,
+            protocol: "http",
+            source: End::workload(r.source_workload.as_deref()),
+            destination: End::destination(r.destination_workload.as_deref(), r.destination_service.as_deref()),
+            // Requests reach a waypoint over HBONE, as the request metrics say too.
+            security: "mutual_tls",
+            verdict,
+            duration: r.duration,
+            counted: false,
+            event,
+        });
     }
 }
 
@@ -232,6 +294,38 @@ impl EncodeLabelSet for RequestLabels {
         }
         Ok(())
     }
+}
+
+/// A request's span (OBS-7): the server side, at the waypoint or gateway, named as Envoy names
+/// its spans (the authority and path), with the two workloads and the answer.
+fn request_span(r: &RequestRecord, traced: &Traced) -> Span {
+    let name = format!("{}{}", r.authority, r.path.split('?').next().unwrap_or_default());
+    let mut span = Span::new(traced.context, traced.parent, name, SpanKind::Server, r.start_time, r.duration);
+    span.link = traced.link;
+    let workload = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.display_name());
+    if let Some(w) = workload(&r.source_workload) {
+        span.attr("source.workload", w);
+    }
+    if let Some(id) = &r.source_identity {
+        span.attr("source.principal", id.as_str());
+    }
+    if let Some(w) = workload(&r.destination_workload) {
+        span.attr("destination.workload", w);
+    }
+    if let Some(s) = &r.destination_service {
+        span.attr("destination.service", s.hostname.as_str());
+    }
+    if let Some(addr) = r.upstream_addr {
+        span.attr("upstream.address", addr.to_string());
+    }
+    span.attr("http.request.method", r.method.as_str());
+    span.attr("url.path", r.path.split('?').next().unwrap_or_default());
+    span.attr("http.protocol", r.protocol);
+    span.int("http.response.status_code", u64::from(r.status));
+    span.attr("response_flags", r.flags.label());
+    span.attr("x-request-id", r.request_id.as_str());
+    span.error = r.status == 0 || r.status >= 500;
+    span
 }
 
 fn text_line(r: &RequestRecord) -> String {

@@ -121,6 +121,9 @@ pub(crate) async fn handle_stream(ctx: Arc<WaypointContext>, stream: InboundStre
         identity: Some(peer_identity),
         target,
         protocol,
+        tunnel_trace: ctx.l7.telemetry.tracer().and_then(|_| {
+            request.headers().get(hbone::TRACEPARENT).and_then(|v| crate::telemetry::TraceContext::parse(v.as_bytes()))
+        }),
     };
     if protocol == AppProtocol::Tcp {
         tcp::serve(ctx, model, down, request, respond).await;

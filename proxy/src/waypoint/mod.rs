@@ -39,7 +39,8 @@ use crate::{
     node::{CaSource, ConfigSource},
     sys,
     telemetry::{
-        AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, logging::LogControl,
+        AccessLog, AccessLogFormat, MetricsRegistry, Reporter, RequestTelemetry, Telemetry, TracingOptions, TrafficMap,
+        logging::LogControl,
     },
     xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_TYPE_URL},
 };
@@ -70,6 +71,8 @@ pub struct WaypointOptions {
     pub max_open_files: Option<u64>,
     /// Client-side timeouts and the buffered-body budget of the HTTP listener (OPS-4).
     pub http_limits: HttpLimits,
+    /// Spans of requests over OTLP (OBS-7); none when `None`.
+    pub tracing: Option<TracingOptions>,
 }
 
 /// What each HBONE stream handler needs.
@@ -166,7 +169,18 @@ impl Engine {
         ));
         metrics.register(crate::hbone::server::handshake_failure_counters());
         metrics.register_gauges(certs.expiry_gauges());
-        let telemetry = Telemetry::new(access_log, metrics.traffic());
+        let role = if matches!(reporter, Reporter::Waypoint) { "waypoint" } else { "gateway" };
+        let telemetry =
+            Telemetry::new(access_log, metrics.traffic(), Arc::new(TrafficMap::new(format!("{role} {name}"))));
+        // Istio names a waypoint's spans' service `<name>.<namespace>`.
+        let tracer = match &options.tracing {
+            Some(tracing) => Some(
+                tracing
+                    .start(format!("{}.{}", name.name, name.namespace), name.to_string(), &mut metrics)
+                    .map_err(|e| anyhow!(e))?,
+            ),
+            None => None,
+        };
         let upstreams = Upstreams::new(Connector {
             hbone: HbonePool::unmarked(certs.clone()),
             identity: identity.clone(),
@@ -186,7 +200,7 @@ impl Engine {
             model: model.clone(),
             upstreams,
             authn,
-            telemetry: RequestTelemetry::new(telemetry.access_log(), requests),
+            telemetry: RequestTelemetry::new(telemetry.access_log(), requests, telemetry.map()).with_tracer(tracer),
             reporter,
             gateway,
             waypoint: name.clone(),
@@ -204,7 +218,8 @@ impl Engine {
             active_streams: Arc::default(),
         });
         tokio::spawn(forget_removed_destinations(ctx.clone()));
-        let ready = serve_operator_endpoints(options, &model, &certs, metrics, &l7, xds).await?;
+        let map = ctx.telemetry.map();
+        let ready = serve_operator_endpoints(options, &model, &certs, metrics, &l7, map, xds).await?;
         Ok(Engine { ctx, certs, identity, gate, clients, ready, drain_tx, fd_limit })
     }
 
@@ -363,6 +378,7 @@ async fn serve_operator_endpoints(
     certs: &Arc<CertStore>,
     metrics: MetricsRegistry,
     l7: &Arc<L7Context>,
+    map: Arc<TrafficMap>,
     xds: Option<crate::xds::client::SharedStatus>,
 ) -> anyhow::Result<Readiness> {
     let ready = Readiness::default();
@@ -372,6 +388,7 @@ async fn serve_operator_endpoints(
         capture: None,
         clusters: Some(Arc::new(move || admin_views::clusters(&engine))),
         hbone: None,
+        map: Some(Arc::new(move || map.json())),
         certs: certs.clone(),
         node_name: String::new(),
         waypoint: Some(l7.waypoint.clone()),

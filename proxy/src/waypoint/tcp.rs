@@ -174,7 +174,7 @@ async fn connect(
         return Err(format!("circuit breaker: maxConnections of {} reached", cluster.key.name()));
     }
     let held = Held(cluster.limits.clone());
-    match ctx.l7.upstreams.connector.open(&endpoint, down.client_addr.ip(), None).await {
+    match ctx.l7.upstreams.connector.open(&endpoint, down.client_addr.ip(), None, None).await {
         Ok(io) => {
             cluster.record(&endpoint, TryOutcome::Status(200));
             Ok((io, held))

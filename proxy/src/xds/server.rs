@@ -139,12 +139,45 @@ fn short_type(type_url: &str) -> &str {
     type_url.rsplit(['/', '.']).next().unwrap_or(type_url)
 }
 
+/// The address a connection to the control plane comes from, set on each request by the
+/// listener.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// The proxies following the control plane now, by subscriber id, with the address each
+/// connected from: where the control plane reads their mesh maps (OBS-6).
+#[derive(Debug, Default)]
+pub struct ConnectedProxies {
+    next: AtomicU64,
+    streams: Mutex<BTreeMap<u64, (String, std::net::IpAddr)>>,
+}
+
+impl ConnectedProxies {
+    fn add(&self, id: &str, ip: std::net::IpAddr) -> u64 {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (id.to_owned(), ip));
+        key
+    }
+
+    fn remove(&self, key: u64) {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    }
+
+    /// Each connected subscriber once (a proxy reconnecting may briefly hold two streams).
+    pub fn list(&self) -> Vec<(String, std::net::IpAddr)> {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let unique: BTreeMap<&String, std::net::IpAddr> = streams.values().map(|(id, ip)| (id, *ip)).collect();
+        unique.into_iter().map(|(id, ip)| (id.clone(), ip)).collect()
+    }
+}
+
 /// The ADS service; cheap to clone into a gRPC server.
 pub struct AdsServer {
     published: watch::Receiver<Arc<Published>>,
     visible: Visibility,
     authenticator: Arc<dyn Authenticate>,
     metrics: Arc<AdsMetrics>,
+    connected: Arc<ConnectedProxies>,
 }
 
 impl AdsServer {
@@ -169,7 +202,12 @@ impl AdsServer {
                 previous = next;
             }
         });
-        Self { published, visible, authenticator, metrics }
+        Self { published, visible, authenticator, metrics, connected: Arc::default() }
+    }
+
+    /// The proxies connected now.
+    pub fn connected(&self) -> Arc<ConnectedProxies> {
+        self.connected.clone()
     }
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
@@ -194,7 +232,10 @@ impl AggregatedDiscoveryService for AdsServer {
             }
         };
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let peer = request.extensions().get::<PeerAddr>().map(|p| p.0.ip());
         let stream = Stream {
+            peer,
+            connected: self.connected.clone(),
             published: self.published.clone(),
             visible: self.visible.clone(),
             metrics: self.metrics.clone(),
@@ -212,6 +253,9 @@ impl AggregatedDiscoveryService for AdsServer {
 
 /// One subscriber's stream.
 struct Stream {
+    /// Where the subscriber connected from, when the listener said.
+    peer: Option<std::net::IpAddr>,
+    connected: Arc<ConnectedProxies>,
     published: watch::Receiver<Arc<Published>>,
     visible: Visibility,
     metrics: Arc<AdsMetrics>,
@@ -253,6 +297,7 @@ impl Stream {
         }
         info!(subscriber = %self.subscriber.id, caller = %self.by, "ADS: subscriber connected");
         self.metrics.streams_opened.fetch_add(1, Ordering::Relaxed);
+        let listed = self.peer.map(|ip| self.connected.add(&self.subscriber.id, ip));
         let mut current = self.published.borrow_and_update().clone();
         let mut outcome = self.on_request(&current, first).await;
         while outcome.is_ok() {
@@ -276,6 +321,9 @@ impl Stream {
             }
         }
         self.metrics.streams_closed.fetch_add(1, Ordering::Relaxed);
+        if let Some(key) = listed {
+            self.connected.remove(key);
+        }
         info!(subscriber = %self.subscriber.id, "ADS: subscriber disconnected");
     }
 
