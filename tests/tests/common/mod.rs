@@ -420,6 +420,10 @@ impl Control {
         }
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         std::fs::write(&path, format!("{}-{}-{nanos}\n", holder.replace('/', "-"), std::process::id()))?;
+        // The control plane re-reads its token directory on a miss at most every 100 ms
+        // (`TOKENS_REFRESH_ON_MISS`): a token presented sooner after another proxy's lookup is
+        // refused, and a waypoint refused its first certificate exits.
+        std::thread::sleep(Duration::from_millis(150));
         Ok(path)
     }
 
