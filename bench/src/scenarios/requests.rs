@@ -245,7 +245,8 @@ pub(super) fn max_rps(bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
         better: Better::Higher,
         target: Some(Target::Absolute(15000.0)),
         errors: None,
-        note: None,
+        // What stopped the climb, with the slow-request timeline: a stall or saturation.
+        note: mesh.stopped,
     });
     // No target: the 15,000 req/s above is the node path's (against ztunnel), and the waypoint's
     // issue sets none for rate; the note says what stopped the climb.
