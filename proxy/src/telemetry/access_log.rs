@@ -358,19 +358,7 @@ mod tests {
             "10.1.0.10:40000".parse().expect("addr"),
             "10.2.0.10:80".parse().expect("addr"),
         );
-        r.source_workload = Some(Arc::new(Workload {
-            name: "client".into(),
-            namespace: "mesh".into(),
-            service_account: "client".into(),
-            node: None,
-            ip: "10.1.0.10".parse().expect("ip"),
-            labels: Default::default(),
-            host_network: false,
-            captured: true,
-            waypoint: None,
-            waypoint_role: None,
-            protocol: crate::model::WorkloadProtocol::Hbone,
-        }));
+        r.source_workload = Some(Arc::new(crate::telemetry::test_workload("mesh", "client")));
         r.source_identity = Some("spiffe://cluster.local/ns/mesh/sa/client".into());
         r.bytes_sent = 78;
         r.bytes_received = 300;

@@ -226,17 +226,10 @@ mod tests {
 
     fn pod(name: &str, labels: Labels) -> Workload {
         Workload {
-            name: name.into(),
-            namespace: "shop".into(),
             service_account: "web".into(),
             node: Some("node1".into()),
-            ip: "10.1.0.10".parse().expect("ip"),
             labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            host_network: false,
-            captured: true,
-            waypoint: None,
-            waypoint_role: None,
-            protocol: crate::model::WorkloadProtocol::Hbone,
+            ..crate::telemetry::test_workload("shop", name)
         }
     }
 

@@ -325,10 +325,11 @@ impl Edge {
     /// One more connection or request, in slot `i`.
     fn count(&mut self, i: usize, security: &str) {
         self.total += 1;
-        if security == "mutual_tls" {
-            self.mutual_tls += 1;
-        } else {
-            self.plaintext += 1;
+        // `unknown` (a gateway's clients) counts as neither.
+        match security {
+            "mutual_tls" => self.mutual_tls += 1,
+            "none" => self.plaintext += 1,
+            _ => {}
         }
         self.slots[i].count = self.slots[i].count.saturating_add(1);
     }
@@ -357,6 +358,7 @@ impl Edge {
             }
         }
         let security = match (self.mutual_tls, self.plaintext) {
+            (0, 0) => "unknown",
             (_, 0) => "mutual_tls",
             (0, _) => "none",
             _ => "mixed",
@@ -570,19 +572,7 @@ mod tests {
     use super::*;
 
     fn workload(ns: &str, name: &str) -> Workload {
-        Workload {
-            name: name.into(),
-            namespace: ns.into(),
-            service_account: name.into(),
-            node: None,
-            ip: "10.1.0.10".parse().expect("ip"),
-            labels: Default::default(),
-            host_network: false,
-            captured: true,
-            waypoint: None,
-            waypoint_role: None,
-            protocol: crate::model::WorkloadProtocol::Hbone,
-        }
+        crate::telemetry::test_workload(ns, name)
     }
 
     fn event(reporter: &'static str) -> MapEvent {

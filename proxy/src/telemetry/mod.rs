@@ -118,19 +118,12 @@ fn connection_span(record: &ConnectionRecord, traced: &Traced) -> trace::Span {
     let name = format!("{} tcp", record.direction);
     let mut span = trace::Span::new(traced.context, traced.parent, name, kind, record.started, record.duration);
     span.link = traced.link;
-    let workload = |w: &Option<Arc<crate::model::Workload>>| w.as_ref().map(|w| w.display_name());
-    if let Some(w) = workload(&record.source_workload) {
-        span.attr("source.workload", w);
-    }
-    if let Some(id) = &record.source_identity {
-        span.attr("source.principal", id.as_str());
-    }
-    if let Some(w) = workload(&record.destination_workload) {
-        span.attr("destination.workload", w);
-    }
-    if let Some(s) = &record.destination_service {
-        span.attr("destination.service", s.hostname.as_str());
-    }
+    span.ends(
+        record.source_workload.as_deref(),
+        record.source_identity.as_deref(),
+        record.destination_workload.as_deref(),
+        record.destination_service.as_deref(),
+    );
     span.attr("destination.address", record.destination_addr.to_string());
     span.attr("connection.security_policy", record.security);
     let (result, reason) = record.outcome.fields();
@@ -203,6 +196,25 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+/// A captured pod `namespace/name` (its service account named the same), for the tests of
+/// telemetry's parts.
+#[cfg(test)]
+pub(crate) fn test_workload(namespace: &str, name: &str) -> crate::model::Workload {
+    crate::model::Workload {
+        name: name.into(),
+        namespace: namespace.into(),
+        service_account: name.into(),
+        node: None,
+        ip: std::net::IpAddr::from([10, 1, 0, 10]),
+        labels: Default::default(),
+        host_network: false,
+        captured: true,
+        waypoint: None,
+        waypoint_role: None,
+        protocol: crate::model::WorkloadProtocol::Hbone,
+    }
 }
 
 #[cfg(test)]

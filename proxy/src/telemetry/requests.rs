@@ -231,8 +231,7 @@ impl RequestTelemetry {
             protocol: "http",
             source: End::workload(r.source_workload.as_deref()),
             destination: End::destination(r.destination_workload.as_deref(), r.destination_service.as_deref()),
-            // Requests reach a waypoint over HBONE, as the request metrics say too.
-            security: "mutual_tls",
+            security: request_security(r.reporter),
             verdict,
             duration: r.duration,
             counted: false,
@@ -273,15 +272,19 @@ impl RequestLabels {
     }
 }
 
+/// How a request's connection was secured, as Istio documents `connection_security_policy`:
+/// `unknown` when the source reports (a gateway cannot tell how its clients' connections were
+/// secured); a waypoint's requests arrive over HBONE, always mutual TLS.
+fn request_security(reporter: Reporter) -> &'static str {
+    if reporter == Reporter::Source { UNKNOWN } else { "mutual_tls" }
+}
+
 impl EncodeLabelSet for RequestLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
         let shared = endpoint_labels(self.reporter, &self.source, &self.destination, &self.destination_service);
         let code = self.response_code.to_string();
         let grpc = self.grpc_response_status.map_or_else(String::new, |g| g.to_string());
-        // As Istio documents the label: `unknown` when the source reports (a gateway cannot
-        // tell how its clients' connections were secured); a waypoint's requests arrive over
-        // HBONE, always mutual TLS.
-        let security = if self.reporter == Reporter::Source { UNKNOWN } else { "mutual_tls" };
+        let security = request_security(self.reporter);
         let own = [
             ("request_protocol", self.request_protocol),
             ("response_code", code.as_str()),
@@ -302,19 +305,12 @@ fn request_span(r: &RequestRecord, traced: &Traced) -> Span {
     let name = format!("{}{}", r.authority, r.path.split('?').next().unwrap_or_default());
     let mut span = Span::new(traced.context, traced.parent, name, SpanKind::Server, r.start_time, r.duration);
     span.link = traced.link;
-    let workload = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.display_name());
-    if let Some(w) = workload(&r.source_workload) {
-        span.attr("source.workload", w);
-    }
-    if let Some(id) = &r.source_identity {
-        span.attr("source.principal", id.as_str());
-    }
-    if let Some(w) = workload(&r.destination_workload) {
-        span.attr("destination.workload", w);
-    }
-    if let Some(s) = &r.destination_service {
-        span.attr("destination.service", s.hostname.as_str());
-    }
+    span.ends(
+        r.source_workload.as_deref(),
+        r.source_identity.as_deref(),
+        r.destination_workload.as_deref(),
+        r.destination_service.as_deref(),
+    );
     if let Some(addr) = r.upstream_addr {
         span.attr("upstream.address", addr.to_string());
     }

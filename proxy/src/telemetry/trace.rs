@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::{ScrapedCounters, http::exchange};
+use crate::model::{Service, Workload};
 
 /// Spans waiting to be sent; more are dropped.
 const QUEUE: usize = 4096;
@@ -173,6 +174,29 @@ impl Span {
 
     pub fn attr(&mut self, key: &'static str, value: impl Into<String>) {
         self.attributes.push((key, Value::Str(value.into())));
+    }
+
+    /// The two ends, as far as they are known: source workload and principal, destination
+    /// workload and service.
+    pub fn ends(
+        &mut self,
+        source: Option<&Workload>,
+        principal: Option<&str>,
+        destination: Option<&Workload>,
+        service: Option<&Service>,
+    ) {
+        if let Some(w) = source {
+            self.attr("source.workload", w.display_name());
+        }
+        if let Some(id) = principal {
+            self.attr("source.principal", id);
+        }
+        if let Some(w) = destination {
+            self.attr("destination.workload", w.display_name());
+        }
+        if let Some(s) = service {
+            self.attr("destination.service", s.hostname.as_str());
+        }
     }
 
     pub fn int(&mut self, key: &'static str, value: u64) {
